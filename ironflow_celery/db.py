@@ -1,0 +1,87 @@
+"""Engines: one pooled SQLAlchemy engine over psycopg 3 per process and URL.
+
+URLs may be given as ``postgresql://``, ``postgres://`` or ``postgresql+psycopg://``;
+they are normalised to the psycopg 3 driver. Engines are disposed after a fork (Celery's
+prefork pool) so no child reuses its parent's sockets.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine, make_url
+
+from .errors import ConfigurationError
+
+DATABASE_URL_ENV = "IRONFLOW_DATABASE_URL"
+
+_engines: dict[tuple[str, int], Engine] = {}
+_lock = threading.Lock()
+
+
+def normalize_url(url: str) -> str:
+    """The same URL with the psycopg 3 driver named (``postgresql+psycopg://``)."""
+    if url.startswith("postgres://"):
+        url = "postgresql://" + url[len("postgres://") :]
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "postgresql":
+        raise ConfigurationError(f"not a PostgreSQL URL: {parsed.render_as_string()}")
+    if parsed.drivername != "postgresql+psycopg":
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed.render_as_string(hide_password=False)
+
+
+def database_url_from_env() -> str:
+    """``IRONFLOW_DATABASE_URL``, or a clear error when it is not set."""
+    url = os.environ.get(DATABASE_URL_ENV)
+    if not url:
+        raise ConfigurationError(
+            f"{DATABASE_URL_ENV} is not set: point it at PostgreSQL, "
+            "e.g. postgresql://postgres@127.0.0.1:5432/app"
+        )
+    return url
+
+
+def create_engine(url: str, *, pool_size: int = 5, max_overflow: int = 10, **kwargs: Any) -> Engine:
+    """A new pooled engine: pre-ping on checkout, short connect timeout, app name set."""
+    connect_args = {"connect_timeout": 5, "application_name": "ironflow_celery"}
+    connect_args.update(kwargs.pop("connect_args", {}))
+    return sa.create_engine(
+        normalize_url(url),
+        pool_size=pool_size,
+        max_overflow=max_overflow,
+        pool_pre_ping=True,
+        pool_recycle=1800,
+        connect_args=connect_args,
+        **kwargs,
+    )
+
+
+def get_engine(url: str) -> Engine:
+    """The shared engine of this process for `url` (created on first use)."""
+    key = (normalize_url(url), os.getpid())
+    engine = _engines.get(key)
+    if engine is None:
+        with _lock:
+            engine = _engines.get(key)
+            if engine is None:
+                engine = create_engine(url)
+                _engines[key] = engine
+    return engine
+
+
+def dispose_after_fork() -> None:
+    """Forget engines inherited from a parent process without closing its sockets."""
+    pid = os.getpid()
+    with _lock:
+        for key, engine in list(_engines.items()):
+            if key[1] != pid:
+                engine.dispose(close=False)
+                del _engines[key]
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=dispose_after_fork)

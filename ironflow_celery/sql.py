@@ -1,0 +1,322 @@
+"""Every SQL statement the engine runs, in one readable place.
+
+Times that decide leases, backoff and ``fire_at`` are PostgreSQL's ``now()``; intervals
+are passed as float seconds. Statements that finish or fail a claimed row carry the
+lease-token guard ``locked_by = :token``: a stale worker changes nothing.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import text
+
+# -- channels -----------------------------------------------------------------------
+EFFECTS_CHANNEL = "ironflow_effects"
+TIMERS_CHANNEL = "ironflow_timers"
+
+# -- unit of work -------------------------------------------------------------------
+
+LOCK_INSTANCE = text("""
+    SELECT completed_at IS NOT NULL AS completed
+    FROM ironflow.workflow_instances
+    WHERE workflow_type = :wt AND workflow_id = :wid
+    FOR UPDATE
+""")
+
+INSERT_INSTANCE = text("""
+    INSERT INTO ironflow.workflow_instances (workflow_type, workflow_id, unique_key)
+    VALUES (:wt, :wid, :unique_key)
+    ON CONFLICT (workflow_type, workflow_id) DO NOTHING
+    RETURNING true
+""")
+
+DELETE_NEW_INSTANCE = text("""
+    DELETE FROM ironflow.workflow_instances
+    WHERE workflow_type = :wt AND workflow_id = :wid AND event_count = 0
+""")
+
+LOAD_EVENTS = text("""
+    SELECT sequence, payload
+    FROM ironflow.events
+    WHERE workflow_type = :wt AND workflow_id = :wid
+    ORDER BY sequence
+""")
+
+# One round trip for a decision's events, effects, instance counters and wake-up. Each
+# event's commit_horizon is taken after its global_sequence is drawn (see migration 0004).
+WRITE_DECISION = text("""
+    WITH ev AS (
+        INSERT INTO ironflow.events
+            (global_sequence, workflow_type, workflow_id, sequence, payload, commit_horizon)
+        SELECT g, :wt, :wid, s, CAST(p AS jsonb), ironflow.event_horizon(g)
+        FROM (
+            SELECT nextval('ironflow.events_global_sequence_seq') AS g, s, p
+            FROM unnest(CAST(:seqs AS bigint[]), CAST(:events AS text[])) AS u(s, p)
+        ) AS drawn
+        RETURNING 1
+    ), ob AS (
+        INSERT INTO ironflow.outbox (workflow_type, workflow_id, payload)
+        SELECT :wt, :wid, CAST(p AS jsonb)
+        FROM unnest(CAST(:effects AS text[])) AS u(p)
+        RETURNING 1
+    ), inst AS (
+        UPDATE ironflow.workflow_instances
+        SET event_count = event_count + :n_events,
+            last_event_at = CASE WHEN :n_events > 0 THEN now() ELSE last_event_at END,
+            completed_at = CASE WHEN :completed THEN now() ELSE completed_at END
+        WHERE workflow_type = :wt AND workflow_id = :wid AND (:n_events > 0 OR :completed)
+        RETURNING 1
+    )
+    SELECT (SELECT count(*) FROM ev) AS events,
+           (SELECT count(*) FROM ob) AS effects,
+           (SELECT count(*) FROM inst) AS instances,
+           CASE WHEN cardinality(CAST(:effects AS text[])) > 0
+                THEN pg_notify('ironflow_effects', :wt) END AS notified
+""")
+
+CANCEL_TIMERS = text("""
+    UPDATE ironflow.timers
+    SET processed_at = now(), locked_until = NULL, locked_by = NULL
+    WHERE workflow_type = :wt AND workflow_id = :wid
+      AND processed_at IS NULL AND key = ANY(CAST(:keys AS text[]))
+""")
+
+# Keyed timers replace the pending timer with the same key (same row, retry state reset);
+# un-keyed timers never conflict.
+SCHEDULE_TIMERS = text("""
+    WITH t AS (
+        INSERT INTO ironflow.timers (workflow_type, workflow_id, fire_at, input, key)
+        SELECT :wt, :wid, now() + make_interval(secs => d), CAST(i AS jsonb), k
+        FROM unnest(CAST(:delays AS float8[]), CAST(:inputs AS text[]), CAST(:keys AS text[]))
+             AS u(d, i, k)
+        ON CONFLICT (workflow_type, workflow_id, key) WHERE key IS NOT NULL AND processed_at IS NULL
+        DO UPDATE SET fire_at = EXCLUDED.fire_at, input = EXCLUDED.input, created_at = now(),
+                      attempts = 0, last_error = NULL, locked_until = NULL, locked_by = NULL,
+                      dead_lettered_at = NULL
+        RETURNING 1
+    )
+    SELECT (SELECT count(*) FROM t) AS scheduled, pg_notify('ironflow_timers', :wt) AS notified
+""")
+
+INSERT_OBSERVATION = text("""
+    INSERT INTO ironflow.input_observations
+        (workflow_type, workflow_id, input_type, payload, outcome, rejection_payload)
+    VALUES (:wt, :wid, :input_type, CAST(:payload AS jsonb), :outcome,
+            CAST(:rejection AS jsonb))
+""")
+
+# -- queries ------------------------------------------------------------------------
+
+LIST_WORKFLOWS = text("""
+    SELECT workflow_type, workflow_id, created_at, event_count, last_event_at, completed_at
+    FROM ironflow.workflow_instances
+    WHERE (CAST(:wt AS text) IS NULL OR workflow_type = :wt)
+    ORDER BY last_event_at DESC NULLS LAST, created_at DESC
+    LIMIT :limit OFFSET :offset
+""")
+
+FETCH_WORKFLOW_EVENTS = text("""
+    SELECT global_sequence, workflow_type, workflow_id, sequence, payload, created_at
+    FROM ironflow.events
+    WHERE workflow_type = :wt AND workflow_id = :wid
+    ORDER BY sequence
+""")
+
+# -- effect relay -------------------------------------------------------------------
+
+CLAIM_EFFECTS = text("""
+    UPDATE ironflow.outbox
+    SET locked_until = now() + make_interval(secs => :lease), locked_by = :token
+    WHERE id IN (
+        SELECT id FROM ironflow.outbox
+        WHERE processed_at IS NULL
+          AND dead_lettered_at IS NULL
+          AND attempts < :max_attempts
+          AND (locked_until IS NULL OR locked_until < now())
+          AND workflow_type = ANY(CAST(:types AS text[]))
+        ORDER BY created_at, id
+        LIMIT :limit
+        FOR UPDATE SKIP LOCKED
+    )
+    RETURNING id, workflow_type, workflow_id, attempts, created_at
+""")
+
+RELEASE_EFFECTS = text("""
+    UPDATE ironflow.outbox SET locked_until = NULL, locked_by = NULL
+    WHERE id = ANY(CAST(:ids AS uuid[])) AND locked_by = :token AND processed_at IS NULL
+""")
+
+# Start guard: the row is still held by the claim's token. It moves to a per-delivery run
+# token (so a duplicate broker delivery finds the claim token gone), renews the lease and
+# loads the payload, in one round trip.
+START_EFFECT = text("""
+    UPDATE ironflow.outbox
+    SET locked_by = :run_token, locked_until = now() + make_interval(secs => :lease)
+    WHERE id = :id AND locked_by = :token AND processed_at IS NULL
+    RETURNING workflow_type, workflow_id, payload, attempts, created_at
+""")
+
+MARK_EFFECT_PROCESSED = text("""
+    UPDATE ironflow.outbox
+    SET processed_at = now(), locked_until = NULL, locked_by = NULL
+    WHERE id = :id AND locked_by = :token
+""")
+
+MARK_EFFECTS_PROCESSED = text("""
+    UPDATE ironflow.outbox AS o
+    SET processed_at = now(), locked_until = NULL, locked_by = NULL
+    FROM unnest(CAST(:ids AS uuid[]), CAST(:tokens AS text[])) AS a(id, token)
+    WHERE o.id = a.id AND o.locked_by = a.token
+    RETURNING o.id
+""")
+
+RECORD_EFFECT_FAILURE = text("""
+    UPDATE ironflow.outbox
+    SET attempts = attempts + 1, last_error = :error, locked_by = NULL,
+        locked_until = now() + make_interval(secs => :backoff)
+    WHERE id = :id AND locked_by = :token
+    RETURNING attempts
+""")
+
+DEAD_LETTER_EFFECT = text("""
+    UPDATE ironflow.outbox
+    SET attempts = GREATEST(attempts + 1, :max_attempts), last_error = :error,
+        locked_until = NULL, locked_by = NULL, dead_lettered_at = now()
+    WHERE id = :id AND locked_by = :token
+    RETURNING attempts
+""")
+
+RENEW_EFFECT_LEASES = text("""
+    UPDATE ironflow.outbox AS o
+    SET locked_until = now() + make_interval(secs => :lease)
+    FROM unnest(CAST(:ids AS uuid[]), CAST(:tokens AS text[])) AS a(id, token)
+    WHERE o.id = a.id AND o.locked_by = a.token AND o.processed_at IS NULL
+    RETURNING o.id
+""")
+
+EFFECTS_STILL_IN_FLIGHT = text("""
+    SELECT id FROM ironflow.outbox
+    WHERE id = ANY(CAST(:ids AS uuid[])) AND processed_at IS NULL
+      AND locked_by IS NOT NULL AND locked_until > now()
+""")
+
+# -- timer relay --------------------------------------------------------------------
+
+CLAIM_TIMERS = text("""
+    UPDATE ironflow.timers
+    SET locked_until = now() + make_interval(secs => :lease), locked_by = :token
+    WHERE id IN (
+        SELECT id FROM ironflow.timers
+        WHERE fire_at <= now()
+          AND processed_at IS NULL
+          AND dead_lettered_at IS NULL
+          AND attempts < :max_attempts
+          AND (locked_until IS NULL OR locked_until < now())
+          AND workflow_type = ANY(CAST(:types AS text[]))
+        ORDER BY fire_at, id
+        LIMIT :limit
+        FOR UPDATE SKIP LOCKED
+    )
+    RETURNING id, workflow_type, workflow_id, attempts, created_at, fire_at
+""")
+
+RELEASE_TIMERS = text("""
+    UPDATE ironflow.timers SET locked_until = NULL, locked_by = NULL
+    WHERE id = ANY(CAST(:ids AS uuid[])) AND locked_by = :token AND processed_at IS NULL
+""")
+
+# Seconds until the next timer can be claimed: the earliest free due time, or the end of
+# the earliest backoff/lease among due timers. NULL when nothing is pending.
+NEXT_TIMER_DUE = text("""
+    SELECT EXTRACT(EPOCH FROM (LEAST(
+        (SELECT fire_at FROM ironflow.timers
+          WHERE processed_at IS NULL AND dead_lettered_at IS NULL
+            AND attempts < :max_attempts AND locked_until IS NULL
+            AND workflow_type = ANY(CAST(:types AS text[]))
+          ORDER BY fire_at LIMIT 1),
+        (SELECT min(GREATEST(fire_at, locked_until)) FROM ironflow.timers
+          WHERE processed_at IS NULL AND dead_lettered_at IS NULL
+            AND attempts < :max_attempts AND locked_until IS NOT NULL
+            AND fire_at <= now() + interval '1 hour'
+            AND workflow_type = ANY(CAST(:types AS text[])))
+    ) - now())) AS seconds
+""")
+
+START_TIMER = text("""
+    UPDATE ironflow.timers
+    SET locked_by = :run_token, locked_until = now() + make_interval(secs => :lease)
+    WHERE id = :id AND locked_by = :token AND processed_at IS NULL
+    RETURNING workflow_type, workflow_id, input, attempts, created_at, fire_at, key
+""")
+
+LOCK_TIMER = text("""
+    SELECT 1 FROM ironflow.timers
+    WHERE id = :id AND locked_by = :token AND processed_at IS NULL
+    FOR UPDATE
+""")
+
+# A no-op when the timer's own execution re-armed the same key (the upsert cleared
+# locked_by): the re-armed timer stays pending.
+MARK_TIMER_PROCESSED = text("""
+    UPDATE ironflow.timers
+    SET processed_at = now(), locked_until = NULL, locked_by = NULL
+    WHERE id = :id AND locked_by = :token
+""")
+
+RECORD_TIMER_FAILURE = text("""
+    UPDATE ironflow.timers
+    SET attempts = attempts + 1, last_error = :error, locked_by = NULL,
+        locked_until = now() + make_interval(secs => :backoff)
+    WHERE id = :id AND locked_by = :token
+    RETURNING attempts
+""")
+
+DEAD_LETTER_TIMER = text("""
+    UPDATE ironflow.timers
+    SET attempts = GREATEST(attempts + 1, :max_attempts), last_error = :error,
+        locked_until = NULL, locked_by = NULL, dead_lettered_at = now()
+    WHERE id = :id AND locked_by = :token
+    RETURNING attempts
+""")
+
+RENEW_TIMER_LEASES = text("""
+    UPDATE ironflow.timers AS t
+    SET locked_until = now() + make_interval(secs => :lease)
+    FROM unnest(CAST(:ids AS uuid[]), CAST(:tokens AS text[])) AS a(id, token)
+    WHERE t.id = a.id AND t.locked_by = a.token AND t.processed_at IS NULL
+    RETURNING t.id
+""")
+
+TIMERS_STILL_IN_FLIGHT = text("""
+    SELECT id FROM ironflow.timers
+    WHERE id = ANY(CAST(:ids AS uuid[])) AND processed_at IS NULL
+      AND locked_by IS NOT NULL AND locked_until > now()
+""")
+
+# -- projections ---------------------------------------------------------------------
+
+FETCH_EVENTS_SINCE = text("""
+    SELECT global_sequence, workflow_type, workflow_id, sequence, payload, created_at
+    FROM ironflow.events
+    WHERE global_sequence > :after
+    ORDER BY global_sequence
+    LIMIT :limit
+""")
+
+ENSURE_PROJECTION_POSITION = text("""
+    INSERT INTO ironflow.projection_positions (projection_name) VALUES (:name)
+    ON CONFLICT (projection_name) DO NOTHING
+""")
+
+LOAD_PROJECTION_POSITION = text("""
+    SELECT last_sequence FROM ironflow.projection_positions WHERE projection_name = :name
+""")
+
+# Positions only move forward (ironflow's plain UPDATE can move them backwards).
+STORE_PROJECTION_POSITION = text("""
+    INSERT INTO ironflow.projection_positions (projection_name, last_sequence, updated_at)
+    VALUES (:name, :seq, now())
+    ON CONFLICT (projection_name) DO UPDATE
+    SET last_sequence = GREATEST(ironflow.projection_positions.last_sequence,
+                                 EXCLUDED.last_sequence),
+        updated_at = now()
+""")

@@ -1,0 +1,669 @@
+"""PostgreSQL storage: the unit of work per input, and the outbox/timer/query operations.
+
+SQLAlchemy Core over psycopg 3 on a pooled engine; statements live in `ironflow_celery.sql`.
+A `UnitOfWork` holds the instance's row lock (``SELECT … FOR UPDATE``) for one input,
+buffers what the decision writes and flushes it in as few round trips as possible at
+`commit`.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from . import sql
+from .db import create_engine
+from .errors import DatabaseUnavailable, StorageError, UniqueKeyConflict
+
+UNIQUE_KEY_INDEX = "idx_workflow_instances_active_unique_key"
+
+
+def dumps(value: Any) -> str:
+    """Compact JSON for jsonb parameters."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+@contextmanager
+def storage_errors() -> Iterator[None]:
+    """Translate driver errors into `StorageError` / `DatabaseUnavailable`."""
+    try:
+        yield
+    except sa.exc.DBAPIError as exc:
+        if exc.connection_invalidated or isinstance(exc, sa.exc.OperationalError):
+            raise DatabaseUnavailable(f"PostgreSQL is unavailable: {exc.orig}") from exc
+        raise StorageError(f"postgres error: {exc.orig}") from exc
+    except sa.exc.SQLAlchemyError as exc:
+        raise StorageError(f"postgres error: {exc}") from exc
+
+
+# -- rows ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    """An event as stored: global and per-instance sequence, raw JSON payload."""
+
+    global_sequence: int
+    workflow_type: str
+    workflow_id: str
+    sequence: int
+    payload: Any
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class WorkflowInstanceSummary:
+    """One row of ``list_workflows``."""
+
+    workflow_type: str
+    workflow_id: str
+    created_at: datetime
+    event_count: int
+    last_event_at: datetime | None
+    completed_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class TimerSpec:
+    """A timer ready to persist: delay in seconds, JSON input, optional key."""
+
+    delay_seconds: float
+    input: Any
+    key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedRow:
+    """An outbox or timer row claimed by a relay under `token`."""
+
+    id: uuid.UUID
+    workflow_type: str
+    workflow_id: str
+    attempts: int
+    created_at: datetime
+    token: str
+    fire_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StartedRow:
+    """A claimed row that passed its start guard: payload loaded, lease renewed."""
+
+    id: uuid.UUID
+    workflow_type: str
+    workflow_id: str
+    payload: Any
+    attempts: int
+    created_at: datetime
+    token: str
+    key: str | None = None
+
+
+# -- unit of work -------------------------------------------------------------------
+
+
+@dataclass
+class UnitOfWork:
+    """One input's transaction on one instance: lock held, events loaded, writes buffered.
+
+    Leaving it without `commit` rolls everything back (a brand-new instance row and its
+    unique-key reservation included). When it runs inside a caller's transaction
+    (``connection=`` given to `PostgresStore.begin`), `commit` flushes the writes and
+    leaves committing to the caller.
+    """
+
+    conn: Connection
+    workflow_type: str
+    workflow_id: str
+    completed: bool
+    events: list[Any]
+    created_instance: bool
+    owns_transaction: bool
+    _transaction: Any = None
+    _events: list[str] = field(default_factory=list)
+    _effects: list[str] = field(default_factory=list)
+    _cancel_keys: list[str] = field(default_factory=list)
+    _timers: list[TimerSpec] = field(default_factory=list)
+    _mark_completed: bool = False
+    _finished: bool = False
+
+    @property
+    def next_sequence(self) -> int:
+        return len(self.events) + len(self._events) + 1
+
+    def append_events(self, payloads: Sequence[Any]) -> int:
+        """Buffer events (JSON); sequences continue from the stored ones."""
+        self._events.extend(dumps(p) for p in payloads)
+        return len(payloads)
+
+    def enqueue_effects(self, payloads: Sequence[Any]) -> None:
+        """Buffer effects (JSON) for the outbox, in decision order."""
+        self._effects.extend(dumps(p) for p in payloads)
+
+    def cancel_timers(self, keys: Sequence[str]) -> None:
+        """Cancel this instance's pending timers with these keys (before scheduling)."""
+        self._cancel_keys.extend(keys)
+
+    def schedule_timers(self, timers: Sequence[TimerSpec]) -> None:
+        """Buffer timers; a keyed one replaces the pending timer with the same key."""
+        self._timers.extend(timers)
+
+    def mark_completed(self) -> None:
+        """Mark the instance terminal when the unit of work commits."""
+        self._mark_completed = True
+
+    def record_input_observation(
+        self, input_type: str, payload: Any, outcome: str = "accepted", rejection: Any = None
+    ) -> None:
+        """Write an input observation inside this transaction."""
+        with storage_errors():
+            self.conn.execute(
+                sql.INSERT_OBSERVATION,
+                {
+                    "wt": self.workflow_type,
+                    "wid": self.workflow_id,
+                    "input_type": input_type,
+                    "payload": dumps(payload),
+                    "outcome": outcome,
+                    "rejection": None if rejection is None else dumps(rejection),
+                },
+            )
+
+    def flush(self) -> int:
+        """Write everything buffered; returns the number of events appended."""
+        key = {"wt": self.workflow_type, "wid": self.workflow_id}
+        n_events = len(self._events)
+        first = len(self.events) + 1
+        with storage_errors():
+            if n_events or self._effects or self._mark_completed:
+                self.conn.execute(
+                    sql.WRITE_DECISION,
+                    {
+                        **key,
+                        "seqs": list(range(first, first + n_events)),
+                        "events": self._events,
+                        "effects": self._effects,
+                        "n_events": n_events,
+                        "completed": self._mark_completed,
+                    },
+                )
+            if self._cancel_keys:
+                self.conn.execute(sql.CANCEL_TIMERS, {**key, "keys": self._cancel_keys})
+            if self._timers:
+                # Within one decision the last timer with a key wins (one pending row per key).
+                last_by_key: dict[str | None, int] = {}
+                for i, t in enumerate(self._timers):
+                    if t.key is not None:
+                        last_by_key[t.key] = i
+                timers = [
+                    t
+                    for i, t in enumerate(self._timers)
+                    if t.key is None or last_by_key[t.key] == i
+                ]
+                self.conn.execute(
+                    sql.SCHEDULE_TIMERS,
+                    {
+                        **key,
+                        "delays": [t.delay_seconds for t in timers],
+                        "inputs": [dumps(t.input) for t in timers],
+                        "keys": [t.key for t in timers],
+                    },
+                )
+        self.events.extend(self._events)
+        self._events, self._effects, self._cancel_keys, self._timers = [], [], [], []
+        return n_events
+
+    def commit(self) -> int:
+        """Flush and commit (or only flush inside a caller's transaction)."""
+        n = self.flush()
+        if self.owns_transaction:
+            with storage_errors():
+                self._transaction.commit()
+                self.conn.close()
+        self._finished = True
+        return n
+
+    def rollback(self) -> None:
+        """Drop everything this unit of work did (a new instance row included)."""
+        if self._finished:
+            return
+        self._finished = True
+        if self.owns_transaction:
+            try:
+                self._transaction.rollback()
+            finally:
+                self.conn.close()
+        elif self.created_instance:
+            with storage_errors():
+                self.conn.execute(
+                    sql.DELETE_NEW_INSTANCE, {"wt": self.workflow_type, "wid": self.workflow_id}
+                )
+
+    def __enter__(self) -> UnitOfWork:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self._finished:
+            self.rollback()
+
+
+# -- the store ------------------------------------------------------------------------
+
+
+class PostgresStore:
+    """PostgreSQL persistence for workflows, the outbox, timers and projections."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    @classmethod
+    def from_url(cls, url: str, **engine_kwargs: Any) -> PostgresStore:
+        """A store on a new pooled engine for `url`."""
+        return cls(create_engine(url, **engine_kwargs))
+
+    def dispose(self) -> None:
+        """Close the pool's connections."""
+        self.engine.dispose()
+
+    @contextmanager
+    def transaction(self) -> Iterator[Connection]:
+        """A connection in a transaction that commits on success, rolls back on error."""
+        with storage_errors(), self.engine.begin() as conn:
+            yield conn
+
+    def _run(self, statement: Any, params: dict[str, Any] | None = None) -> sa.CursorResult[Any]:
+        with storage_errors(), self.engine.begin() as conn:
+            result = conn.execute(statement, params or {})
+            if result.returns_rows:
+                rows = result.fetchall()
+                return _Buffered(rows, result.rowcount)  # type: ignore[return-value]
+            return _Buffered([], result.rowcount)  # type: ignore[return-value]
+
+    # -- unit of work ---------------------------------------------------------------
+    def begin(
+        self,
+        workflow_type: str,
+        workflow_id: str,
+        unique_key: str | None = None,
+        *,
+        connection: Connection | None = None,
+    ) -> UnitOfWork:
+        """Open a unit of work: ensure the instance row, lock it, load its events.
+
+        Raises `UniqueKeyConflict` when a new instance's key is held by another active
+        instance of the same type.
+        """
+        owns = connection is None
+        conn = self.engine.connect() if owns else connection
+        assert conn is not None
+        transaction = None
+        key = {"wt": workflow_type, "wid": workflow_id}
+        try:
+            with storage_errors():
+                if owns:
+                    transaction = conn.begin()
+                created = False
+                row = conn.execute(sql.LOCK_INSTANCE, key).first()
+                if row is None:
+                    try:
+                        created = (
+                            conn.execute(
+                                sql.INSERT_INSTANCE, {**key, "unique_key": unique_key}
+                            ).first()
+                            is not None
+                        )
+                    except sa.exc.IntegrityError as exc:
+                        constraint = getattr(getattr(exc.orig, "diag", None), "constraint_name", "")
+                        if constraint == UNIQUE_KEY_INDEX and unique_key is not None:
+                            raise UniqueKeyConflict(workflow_type, unique_key) from None
+                        raise
+                    completed = False
+                    if not created:  # lost a race: someone else inserted it first
+                        row = conn.execute(sql.LOCK_INSTANCE, key).first()
+                        completed = bool(row and row.completed)
+                else:
+                    completed = bool(row.completed)
+                events: list[Any] = []
+                if not completed:
+                    events = [r.payload for r in conn.execute(sql.LOAD_EVENTS, key)]
+        except BaseException:
+            if owns:
+                if transaction is not None:
+                    transaction.rollback()
+                conn.close()
+            raise
+        uow = UnitOfWork(
+            conn=conn,
+            workflow_type=workflow_type,
+            workflow_id=workflow_id,
+            completed=completed,
+            events=events,
+            created_instance=created,
+            owns_transaction=owns,
+            _transaction=transaction,
+        )
+        if completed:
+            uow.rollback()
+        return uow
+
+    def record_observation(
+        self,
+        workflow_type: str,
+        workflow_id: str,
+        input_type: str,
+        payload: Any,
+        outcome: str,
+        rejection: Any = None,
+        *,
+        connection: Connection | None = None,
+    ) -> None:
+        """Write one input observation (own statement, or in the caller's transaction)."""
+        params = {
+            "wt": workflow_type,
+            "wid": workflow_id,
+            "input_type": input_type,
+            "payload": dumps(payload),
+            "outcome": outcome,
+            "rejection": None if rejection is None else dumps(rejection),
+        }
+        if connection is not None:
+            with storage_errors():
+                connection.execute(sql.INSERT_OBSERVATION, params)
+        else:
+            self._run(sql.INSERT_OBSERVATION, params)
+
+    # -- queries ----------------------------------------------------------------------
+    def list_workflows(
+        self, workflow_type: str | None = None, limit: int = 100, offset: int = 0
+    ) -> list[WorkflowInstanceSummary]:
+        """Instances, most recently active first."""
+        rows = self._run(
+            sql.LIST_WORKFLOWS, {"wt": workflow_type, "limit": limit, "offset": offset}
+        )
+        return [WorkflowInstanceSummary(*row) for row in rows]
+
+    def fetch_workflow_events(self, workflow_type: str, workflow_id: str) -> list[StoredEvent]:
+        """An instance's events in sequence order."""
+        rows = self._run(sql.FETCH_WORKFLOW_EVENTS, {"wt": workflow_type, "wid": workflow_id})
+        return [StoredEvent(*row) for row in rows]
+
+    # -- effects -------------------------------------------------------------------------
+    def claim_effects(
+        self,
+        token: str,
+        workflow_types: Sequence[str],
+        *,
+        lease_seconds: float,
+        max_attempts: int,
+        limit: int = 1,
+    ) -> list[ClaimedRow]:
+        """Claim up to `limit` due effects of registered types (SKIP LOCKED), oldest first."""
+        if not workflow_types or limit <= 0:
+            return []
+        rows = self._run(
+            sql.CLAIM_EFFECTS,
+            {
+                "token": token,
+                "types": list(workflow_types),
+                "lease": float(lease_seconds),
+                "max_attempts": max_attempts,
+                "limit": limit,
+            },
+        )
+        claimed = [ClaimedRow(r.id, r.workflow_type, r.workflow_id, r.attempts, r.created_at,
+                              token) for r in rows]
+        claimed.sort(key=lambda c: (c.created_at, c.id))
+        return claimed
+
+    def release_effects(self, ids: Sequence[uuid.UUID], token: str) -> int:
+        """Give claimed effects back at once (a publish failed)."""
+        if not ids:
+            return 0
+        return self._run(sql.RELEASE_EFFECTS, {"ids": list(ids), "token": token}).rowcount
+
+    def start_effect(
+        self, effect_id: uuid.UUID, token: str, run_token: str, *, lease_seconds: float
+    ) -> StartedRow | None:
+        """Start guard: None when the row is no longer held by `token` (stale)."""
+        row = self._run(
+            sql.START_EFFECT,
+            {"id": effect_id, "token": token, "run_token": run_token,
+             "lease": float(lease_seconds)},
+        ).first()
+        if row is None:
+            return None
+        return StartedRow(effect_id, row.workflow_type, row.workflow_id, row.payload,
+                          row.attempts, row.created_at, run_token)
+
+    def mark_processed(
+        self, effect_id: uuid.UUID, token: str, *, connection: Connection | None = None
+    ) -> bool:
+        """Mark an effect processed if `token` still holds it."""
+        params = {"id": effect_id, "token": token}
+        if connection is not None:
+            with storage_errors():
+                return connection.execute(sql.MARK_EFFECT_PROCESSED, params).rowcount == 1
+        return self._run(sql.MARK_EFFECT_PROCESSED, params).rowcount == 1
+
+    def mark_many_processed(self, items: Sequence[tuple[uuid.UUID, str]]) -> set[uuid.UUID]:
+        """Mark several effects processed in one statement; returns those still held."""
+        if not items:
+            return set()
+        rows = self._run(
+            sql.MARK_EFFECTS_PROCESSED,
+            {"ids": [i for i, _ in items], "tokens": [t for _, t in items]},
+        )
+        return {r.id for r in rows}
+
+    def record_failure(
+        self,
+        effect_id: uuid.UUID,
+        token: str,
+        error: str,
+        *,
+        backoff_seconds: float,
+        connection: Connection | None = None,
+    ) -> int | None:
+        """attempts+1, last_error, backoff in locked_until; None when stale."""
+        params = {"id": effect_id, "token": token, "error": error,
+                  "backoff": float(backoff_seconds)}
+        return self._scalar_or_none(sql.RECORD_EFFECT_FAILURE, params, connection)
+
+    def record_permanent_failure(
+        self,
+        effect_id: uuid.UUID,
+        token: str,
+        error: str,
+        *,
+        max_attempts: int,
+        connection: Connection | None = None,
+    ) -> int | None:
+        """Dead-letter an effect now; None when stale."""
+        params = {"id": effect_id, "token": token, "error": error, "max_attempts": max_attempts}
+        return self._scalar_or_none(sql.DEAD_LETTER_EFFECT, params, connection)
+
+    def renew_leases(
+        self, kind: str, items: Sequence[tuple[uuid.UUID, str]], *, lease_seconds: float
+    ) -> set[uuid.UUID]:
+        """Extend the leases of running rows still held by their tokens."""
+        if not items:
+            return set()
+        statement = sql.RENEW_EFFECT_LEASES if kind == "effect" else sql.RENEW_TIMER_LEASES
+        rows = self._run(
+            statement,
+            {"ids": [i for i, _ in items], "tokens": [t for _, t in items],
+             "lease": float(lease_seconds)},
+        )
+        return {r.id for r in rows}
+
+    def still_in_flight(self, kind: str, ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
+        """Which of these dispatched rows are still leased and unfinished."""
+        if not ids:
+            return set()
+        statement = sql.EFFECTS_STILL_IN_FLIGHT if kind == "effect" else sql.TIMERS_STILL_IN_FLIGHT
+        return {r.id for r in self._run(statement, {"ids": list(ids)})}
+
+    # -- timers ----------------------------------------------------------------------------
+    def claim_timers(
+        self,
+        token: str,
+        workflow_types: Sequence[str],
+        *,
+        lease_seconds: float,
+        max_attempts: int,
+        limit: int = 1,
+    ) -> list[ClaimedRow]:
+        """Claim up to `limit` due timers of registered types, earliest first."""
+        if not workflow_types or limit <= 0:
+            return []
+        rows = self._run(
+            sql.CLAIM_TIMERS,
+            {
+                "token": token,
+                "types": list(workflow_types),
+                "lease": float(lease_seconds),
+                "max_attempts": max_attempts,
+                "limit": limit,
+            },
+        )
+        claimed = [ClaimedRow(r.id, r.workflow_type, r.workflow_id, r.attempts, r.created_at,
+                              token, r.fire_at) for r in rows]
+        claimed.sort(key=lambda c: (c.fire_at, c.id))
+        return claimed
+
+    def release_timers(self, ids: Sequence[uuid.UUID], token: str) -> int:
+        """Give claimed timers back at once (a publish failed)."""
+        if not ids:
+            return 0
+        return self._run(sql.RELEASE_TIMERS, {"ids": list(ids), "token": token}).rowcount
+
+    def seconds_until_next_timer(
+        self, workflow_types: Sequence[str], *, max_attempts: int
+    ) -> float | None:
+        """Seconds until a timer can next be claimed (negative when overdue), or None."""
+        if not workflow_types:
+            return None
+        value = self._run(
+            sql.NEXT_TIMER_DUE, {"types": list(workflow_types), "max_attempts": max_attempts}
+        ).scalar()
+        return None if value is None else float(value)
+
+    def start_timer(
+        self, timer_id: uuid.UUID, token: str, run_token: str, *, lease_seconds: float
+    ) -> StartedRow | None:
+        """Start guard for a timer; None when stale."""
+        row = self._run(
+            sql.START_TIMER,
+            {"id": timer_id, "token": token, "run_token": run_token,
+             "lease": float(lease_seconds)},
+        ).first()
+        if row is None:
+            return None
+        return StartedRow(timer_id, row.workflow_type, row.workflow_id, row.input,
+                          row.attempts, row.created_at, run_token, row.key)
+
+    def lock_timer(self, connection: Connection, timer_id: uuid.UUID, token: str) -> bool:
+        """Row-lock a timer still held by `token` inside the caller's transaction."""
+        with storage_errors():
+            return connection.execute(
+                sql.LOCK_TIMER, {"id": timer_id, "token": token}
+            ).first() is not None
+
+    def mark_timer_processed(
+        self, timer_id: uuid.UUID, token: str, *, connection: Connection | None = None
+    ) -> bool:
+        """Mark a timer processed if `token` still holds it (no-op when re-armed by key)."""
+        params = {"id": timer_id, "token": token}
+        if connection is not None:
+            with storage_errors():
+                return connection.execute(sql.MARK_TIMER_PROCESSED, params).rowcount == 1
+        return self._run(sql.MARK_TIMER_PROCESSED, params).rowcount == 1
+
+    def record_timer_failure(
+        self,
+        timer_id: uuid.UUID,
+        token: str,
+        error: str,
+        *,
+        backoff_seconds: float,
+        connection: Connection | None = None,
+    ) -> int | None:
+        """attempts+1, last_error, backoff; None when stale."""
+        params = {"id": timer_id, "token": token, "error": error,
+                  "backoff": float(backoff_seconds)}
+        return self._scalar_or_none(sql.RECORD_TIMER_FAILURE, params, connection)
+
+    def dead_letter_timer(
+        self,
+        timer_id: uuid.UUID,
+        token: str,
+        error: str,
+        *,
+        max_attempts: int,
+        connection: Connection | None = None,
+    ) -> int | None:
+        """Dead-letter a timer now; None when stale."""
+        params = {"id": timer_id, "token": token, "error": error, "max_attempts": max_attempts}
+        return self._scalar_or_none(sql.DEAD_LETTER_TIMER, params, connection)
+
+    # -- projections -------------------------------------------------------------------------
+    def fetch_events_since(self, after: int, limit: int = 100) -> list[StoredEvent]:
+        """Events with ``global_sequence > after`` in global order (ironflow's reader)."""
+        rows = self._run(sql.FETCH_EVENTS_SINCE, {"after": after, "limit": limit})
+        return [StoredEvent(*row) for row in rows]
+
+    def load_projection_position(self, name: str) -> int:
+        """A projection's stored position (0 for a new one)."""
+        with storage_errors(), self.engine.begin() as conn:
+            conn.execute(sql.ENSURE_PROJECTION_POSITION, {"name": name})
+            return int(conn.execute(sql.LOAD_PROJECTION_POSITION, {"name": name}).scalar_one())
+
+    def store_projection_position(
+        self, name: str, sequence: int, *, connection: Connection | None = None
+    ) -> None:
+        """Move a projection's position forward (never backwards)."""
+        params = {"name": name, "seq": sequence}
+        if connection is not None:
+            with storage_errors():
+                connection.execute(sql.STORE_PROJECTION_POSITION, params)
+        else:
+            self._run(sql.STORE_PROJECTION_POSITION, params)
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _scalar_or_none(
+        self, statement: Any, params: dict[str, Any], connection: Connection | None
+    ) -> Any:
+        if connection is not None:
+            with storage_errors():
+                row = connection.execute(statement, params).first()
+        else:
+            row = self._run(statement, params).first()
+        return None if row is None else row[0]
+
+
+class _Buffered:
+    """Rows fetched inside a finished transaction, with the statement's rowcount."""
+
+    def __init__(self, rows: list[Any], rowcount: int) -> None:
+        self._rows = rows
+        self.rowcount = rowcount
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._rows)
+
+    def first(self) -> Any:
+        return self._rows[0] if self._rows else None
+
+    def scalar(self) -> Any:
+        return self._rows[0][0] if self._rows else None
+
+    def all(self) -> list[Any]:
+        return self._rows

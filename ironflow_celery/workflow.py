@@ -1,0 +1,392 @@
+"""The workflow model: `Workflow`, `Decision`, `Timer`, `ExecuteOutcome`, `EffectContext`.
+
+A workflow is a class of pure functions. ``evolve(state, event)`` folds stored events into
+state; ``decide(now, state, input)`` answers an input with a `Decision`: accept it with
+events (and effects, timers, timer cancellations) or reject it with a payload. The engine
+persists everything a decision says in one transaction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, ClassVar, Generic, Literal, TypeVar
+
+from .errors import InvalidWorkflowDefinition
+from .messages import Message, TaggedUnion, ValueCodec, union_members
+
+R = TypeVar("R")
+S = TypeVar("S")
+
+
+@dataclass(frozen=True, slots=True)
+class WorkflowRef:
+    """A workflow instance: its type and its id. Displays as ``type:id``."""
+
+    workflow_type: str
+    workflow_id: str
+
+    def __str__(self) -> str:
+        return f"{self.workflow_type}:{self.workflow_id}"
+
+    @classmethod
+    def parse(cls, text: str) -> WorkflowRef:
+        """Parse ``type:id`` (the id may itself contain colons)."""
+        workflow_type, sep, workflow_id = text.partition(":")
+        if not sep or not workflow_type or not workflow_id:
+            raise ValueError(f"expected 'workflow_type:workflow_id', got {text!r}")
+        return cls(workflow_type, workflow_id)
+
+
+def _as_timedelta(delay: timedelta | float | int) -> timedelta:
+    if isinstance(delay, timedelta):
+        value = delay
+    elif isinstance(delay, (int, float)) and not isinstance(delay, bool):
+        value = timedelta(seconds=delay)
+    else:
+        raise TypeError(f"a timer delay is a timedelta or seconds, got {type(delay).__name__}")
+    if value < timedelta(0):
+        raise ValueError(f"a timer delay cannot be negative ({value})")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Timer:
+    """An input delivered to its workflow after `delay` (fire time = database now() + delay).
+
+    A keyed timer replaces the pending timer with the same key on the same instance, and
+    can be cancelled by key. Timers carry no absolute time: ``decide`` computes the delay
+    from its ``now`` argument when it needs one.
+    """
+
+    delay: timedelta
+    input: Any
+    key: str | None = None
+
+    @classmethod
+    def after(cls, delay: timedelta | float, input: Any, key: str | None = None) -> Timer:
+        """A timer that fires `delay` (a timedelta or seconds) after the decision commits."""
+        return cls(_as_timedelta(delay), input, key)
+
+    def with_key(self, key: str) -> Timer:
+        """The same timer with a replacement/cancellation key."""
+        return dataclasses.replace(self, key=key)
+
+    def to_json(self) -> dict[str, Any]:
+        """ironflow's JSON form: ``delay`` as serde's Duration, ``key`` omitted when unset."""
+        total_us = (
+            self.delay.days * 86_400_000_000 + self.delay.seconds * 1_000_000
+            + self.delay.microseconds
+        )
+        body: dict[str, Any] = {
+            "delay": {"secs": total_us // 1_000_000, "nanos": (total_us % 1_000_000) * 1000},
+            "input": self.input.to_json() if isinstance(self.input, Message) else self.input,
+        }
+        if self.key is not None:
+            body["key"] = self.key
+        return body
+
+
+_NO_REJECTION = object()
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What ``decide`` answers: Accept (one or more events, plus effects, timers and timer
+    cancellations) or Reject (a rejection payload).
+
+    The ``with_*`` and ``cancel_*`` builders return a new Decision and are silent no-ops
+    on a rejection, so ``Decision.reject(r).with_effect(e)`` is still just a rejection.
+    """
+
+    events: tuple[Any, ...] = ()
+    effects: tuple[Any, ...] = ()
+    timers: tuple[Timer, ...] = ()
+    cancel_timer_keys: tuple[str, ...] = ()
+    rejection: Any = field(default=_NO_REJECTION)
+
+    # -- constructors -------------------------------------------------------------
+    @classmethod
+    def accept(cls, event: Any, *more: Any) -> Decision:
+        """Accept the input with one event (or several, in order)."""
+        return cls(events=(event, *more))
+
+    @classmethod
+    def accept_events(cls, events: Iterable[Any]) -> Decision:
+        """Accept with a non-empty sequence of events; an empty one is a programming error."""
+        evs = tuple(events)
+        if not evs:
+            raise ValueError("Decision.accept_events needs at least one event")
+        return cls(events=evs)
+
+    @classmethod
+    def try_accept(cls, events: Iterable[Any]) -> Decision | None:
+        """Accept with these events, or None when there are none."""
+        evs = tuple(events)
+        return cls(events=evs) if evs else None
+
+    @classmethod
+    def reject(cls, reason: Any) -> Decision:
+        """Reject the input: nothing is written and the caller gets ``Rejected(reason)``."""
+        return cls(rejection=reason)
+
+    # -- predicates ---------------------------------------------------------------
+    @property
+    def is_accept(self) -> bool:
+        return self.rejection is _NO_REJECTION
+
+    @property
+    def is_reject(self) -> bool:
+        return self.rejection is not _NO_REJECTION
+
+    # -- fluent builders (no-ops on Reject) ----------------------------------------
+    def _extend(self, **changes: tuple[Any, ...]) -> Decision:
+        if self.is_reject:
+            return self
+        return dataclasses.replace(
+            self, **{name: getattr(self, name) + extra for name, extra in changes.items()}
+        )
+
+    def with_effect(self, effect: Any) -> Decision:
+        return self._extend(effects=(effect,))
+
+    def with_effects(self, effects: Iterable[Any]) -> Decision:
+        return self._extend(effects=tuple(effects))
+
+    def with_timer(self, timer: Timer) -> Decision:
+        return self._extend(timers=(timer,))
+
+    def with_timers(self, timers: Iterable[Timer]) -> Decision:
+        return self._extend(timers=tuple(timers))
+
+    def with_timer_after(
+        self, delay: timedelta | float, input: Any, key: str | None = None
+    ) -> Decision:
+        return self._extend(timers=(Timer.after(delay, input, key),))
+
+    def cancel_timer(self, key: str) -> Decision:
+        return self._extend(cancel_timer_keys=(key,))
+
+    def cancel_timers(self, keys: Iterable[str]) -> Decision:
+        return self._extend(cancel_timer_keys=tuple(keys))
+
+    def __repr__(self) -> str:
+        if self.is_reject:
+            return f"Decision.reject({self.rejection!r})"
+        return (
+            f"Decision.accept(events={list(self.events)!r}, effects={list(self.effects)!r}, "
+            f"timers={list(self.timers)!r}, cancel_timer_keys={list(self.cancel_timer_keys)!r})"
+        )
+
+
+# -- outcomes -----------------------------------------------------------------------
+
+
+class ExecuteOutcome(Generic[R]):
+    """What executing one input did: `Accepted`, `Rejected` or `AlreadyCompleted`."""
+
+    kind: ClassVar[str]
+
+    def map(self, fn: Callable[[R], Any]) -> ExecuteOutcome[Any]:
+        """Transform the rejection payload; other outcomes pass through unchanged."""
+        return self
+
+    @property
+    def is_accepted(self) -> bool:
+        return self.kind == "accepted"
+
+    @property
+    def is_rejected(self) -> bool:
+        return self.kind == "rejected"
+
+    @property
+    def is_already_completed(self) -> bool:
+        return self.kind == "already_completed"
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted(ExecuteOutcome[Any]):
+    """The input was accepted; `events_appended` events were written."""
+
+    events_appended: int
+    kind: ClassVar[str] = "accepted"
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected(ExecuteOutcome[R]):
+    """The workflow rejected the input; nothing was written. `reason` is its payload."""
+
+    reason: R
+    kind: ClassVar[str] = "rejected"
+
+    def map(self, fn: Callable[[R], Any]) -> ExecuteOutcome[Any]:
+        return Rejected(fn(self.reason))
+
+
+@dataclass(frozen=True, slots=True)
+class AlreadyCompleted(ExecuteOutcome[Any]):
+    """The instance is terminal; ``decide`` was not called and nothing was written."""
+
+    kind: ClassVar[str] = "already_completed"
+
+
+# -- effect handlers ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class EffectContext:
+    """What an effect handler knows about the effect it runs."""
+
+    effect_id: uuid.UUID
+    workflow: WorkflowRef
+    attempt: int
+    created_at: datetime
+
+    @property
+    def idempotency_key(self) -> str:
+        """``type:id:effect_id``: stable across retries, unique per effect."""
+        return f"{self.workflow.workflow_type}:{self.workflow.workflow_id}:{self.effect_id}"
+
+    @property
+    def is_retry(self) -> bool:
+        return self.attempt > 1
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterNotice:
+    """Given to ``Workflow.on_dead_letter`` when one of its effects or timers dead-letters."""
+
+    kind: Literal["effect", "timer"]
+    row_id: uuid.UUID
+    workflow: WorkflowRef
+    payload: Any
+    """The stored JSON (the effect, or the timer's input)."""
+    decoded: Any
+    """The payload decoded into its Message class, or None when it does not validate."""
+    attempts: int
+    last_error: str
+
+
+# -- the workflow contract ------------------------------------------------------------
+
+
+class Workflow:
+    """Base class of a workflow: a namespace of pure functions and the types they use.
+
+    Subclasses set ``type`` (a stable string: it routes every row), ``State`` (a class
+    whose no-argument constructor is the initial state, e.g. a pydantic model),
+    ``Input``, ``Event`` and optionally ``Effect`` (Message classes or unions of them), and
+    define ``evolve`` and ``decide``. ``Rejection`` (default ``str``) types what
+    ``Decision.reject`` carries. Methods may be plain functions, staticmethods or
+    classmethods.
+    """
+
+    type: ClassVar[str]
+    State: ClassVar[Any]
+    Input: ClassVar[Any]
+    Event: ClassVar[Any]
+    Effect: ClassVar[Any] = None
+    Rejection: ClassVar[Any] = str
+    id_field: ClassVar[str] = "id"
+    """The input field that holds the workflow id (override ``workflow_id`` for more)."""
+
+    inputs: ClassVar[TaggedUnion]
+    events: ClassVar[TaggedUnion]
+    effects: ClassVar[TaggedUnion]
+    state_codec: ClassVar[ValueCodec]
+    rejection_codec: ClassVar[ValueCodec]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "type" not in cls.__dict__:
+            return  # an abstract intermediate base
+        wf_type = cls.__dict__["type"]
+        if not isinstance(wf_type, str) or not wf_type.strip():
+            raise InvalidWorkflowDefinition(f"{cls.__qualname__}.type must be a non-empty string")
+        for member in ("State", "Input", "Event"):
+            if getattr(cls, member, None) is None:
+                raise InvalidWorkflowDefinition(f"workflow '{wf_type}' must declare {member}")
+        for fn in ("evolve", "decide"):
+            if getattr(cls, fn) is getattr(Workflow, fn):
+                raise InvalidWorkflowDefinition(f"workflow '{wf_type}' must define {fn}()")
+        cls.inputs = TaggedUnion(wf_type, "input", union_members(cls.Input))
+        cls.events = TaggedUnion(wf_type, "event", union_members(cls.Event))
+        cls.effects = TaggedUnion(wf_type, "effect", union_members(cls.Effect))
+        if not cls.inputs or not cls.events:
+            raise InvalidWorkflowDefinition(f"workflow '{wf_type}' needs input and event types")
+        cls.state_codec = ValueCodec(wf_type, "state", cls.State)
+        cls.rejection_codec = ValueCodec(wf_type, "rejection", cls.Rejection)
+
+    # -- the functions a workflow defines ---------------------------------------------
+    @classmethod
+    def initial_state(cls) -> Any:
+        """The state before any event (``State()`` unless overridden)."""
+        return cls.State()
+
+    @staticmethod
+    def evolve(state: Any, event: Any) -> Any:
+        """Fold one event into the state; pure and deterministic."""
+        raise NotImplementedError
+
+    @staticmethod
+    def decide(now: datetime, state: Any, input: Any) -> Decision:
+        """Answer an input; pure (``now`` is the engine's UTC clock)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def is_terminal(state: Any) -> bool:
+        """True once the instance is finished; it then accepts no more inputs."""
+        return False
+
+    @staticmethod
+    def unique_key(input: Any) -> str | None:
+        """At most one active instance per key and type (needs ``is_terminal`` to release)."""
+        return None
+
+    @classmethod
+    def workflow_id(cls, input: Any) -> str:
+        """The instance an input belongs to: by default its ``id_field`` attribute."""
+        try:
+            value = getattr(input, cls.id_field)
+        except AttributeError:
+            raise InvalidWorkflowDefinition(
+                f"input {type(input).__qualname__} of workflow '{cls.type}' has no "
+                f"'{cls.id_field}' field; set id_field or override workflow_id()"
+            ) from None
+        return str(value)
+
+    @staticmethod
+    def on_dead_letter(notice: DeadLetterNotice) -> Any | None:
+        """The input this workflow receives when one of its effects or timers is
+        dead-lettered (executed in the same transaction), or None."""
+        return None
+
+    @classmethod
+    def state_machine(cls) -> Any | None:
+        """An optional `StateMachineDefinition` describing states and transitions."""
+        return None
+
+    # -- helpers used by the engine -----------------------------------------------------
+    @classmethod
+    def replay(cls, events: Iterable[Any]) -> Any:
+        """Fold decoded events into a fresh state."""
+        state = cls.initial_state()
+        for event in events:
+            state = cls.evolve(state, event)
+        return state
+
+    @classmethod
+    def has_effects(cls) -> bool:
+        return bool(cls.effects)
+
+    @classmethod
+    def ref(cls, workflow_id: str) -> WorkflowRef:
+        return WorkflowRef(cls.type, workflow_id)
+
+
+EffectHandler = Callable[[Any, EffectContext], Any]
+"""``handler(effect, ctx) -> input | None``: run an effect; raise to fail (retryable), or
+raise `PermanentEffectError` to dead-letter at once."""
