@@ -1,5 +1,8 @@
 """ironflow_celery: durable, event-sourced workflows on PostgreSQL, executed by Celery."""
 
+from typing import TYPE_CHECKING, Any
+
+from .config import RetryPolicy, RuntimeConfig
 from .errors import (
     ConfigurationError,
     DatabaseUnavailable,
@@ -15,6 +18,7 @@ from .errors import (
     UnknownWorkflowType,
 )
 from .messages import Message
+from .runtime import WorkflowBuilder, WorkflowRuntime
 from .service import Registry, WorkflowService, WorkflowServiceConfig
 from .store import PostgresStore, StoredEvent, WorkflowInstanceSummary
 from .workflow import (
@@ -29,6 +33,29 @@ from .workflow import (
     Workflow,
     WorkflowRef,
 )
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+    app: Celery
+
+
+def install(app: Any, workflows: Any = (), **kwargs: Any) -> WorkflowRuntime:
+    """Add ironflow to an existing Celery app (see `ironflow_celery.celery_app.install`)."""
+    from .celery_app import install as _install
+
+    return _install(app, workflows, **kwargs)
+
+
+def __getattr__(name: str) -> Any:
+    # The package's Celery app, created on first access so that importing the package
+    # has no side effects; ``celery -A ironflow_celery worker`` finds it here.
+    if name in ("app", "celery"):
+        from .celery_app import default_app
+
+        return default_app()
+    raise AttributeError(f"module 'ironflow_celery' has no attribute {name!r}")
+
 
 __all__ = [
     "Accepted",
@@ -50,14 +77,19 @@ __all__ = [
     "PostgresStore",
     "Registry",
     "Rejected",
+    "RetryPolicy",
+    "RuntimeConfig",
     "StorageError",
     "StoredEvent",
     "Timer",
     "UniqueKeyConflict",
     "UnknownWorkflowType",
     "Workflow",
+    "WorkflowBuilder",
     "WorkflowInstanceSummary",
     "WorkflowRef",
+    "WorkflowRuntime",
     "WorkflowService",
     "WorkflowServiceConfig",
+    "install",
 ]

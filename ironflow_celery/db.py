@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 from typing import Any
 
 import sqlalchemy as sa
@@ -19,6 +20,7 @@ from .errors import ConfigurationError
 DATABASE_URL_ENV = "IRONFLOW_DATABASE_URL"
 
 _engines: dict[tuple[str, int], Engine] = {}
+_all_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
 _lock = threading.Lock()
 
 
@@ -49,7 +51,7 @@ def create_engine(url: str, *, pool_size: int = 5, max_overflow: int = 10, **kwa
     """A new pooled engine: pre-ping on checkout, short connect timeout, app name set."""
     connect_args = {"connect_timeout": 5, "application_name": "ironflow_celery"}
     connect_args.update(kwargs.pop("connect_args", {}))
-    return sa.create_engine(
+    engine = sa.create_engine(
         normalize_url(url),
         pool_size=pool_size,
         max_overflow=max_overflow,
@@ -58,6 +60,8 @@ def create_engine(url: str, *, pool_size: int = 5, max_overflow: int = 10, **kwa
         connect_args=connect_args,
         **kwargs,
     )
+    _all_engines.add(engine)
+    return engine
 
 
 def get_engine(url: str) -> Engine:
@@ -74,13 +78,12 @@ def get_engine(url: str) -> Engine:
 
 
 def dispose_after_fork() -> None:
-    """Forget engines inherited from a parent process without closing its sockets."""
+    """Drop pooled connections inherited from the parent without closing its sockets."""
+    for engine in list(_all_engines):
+        engine.dispose(close=False)
     pid = os.getpid()
-    with _lock:
-        for key, engine in list(_engines.items()):
-            if key[1] != pid:
-                engine.dispose(close=False)
-                del _engines[key]
+    for key in [k for k in _engines if k[1] != pid]:
+        del _engines[key]
 
 
 if hasattr(os, "register_at_fork"):

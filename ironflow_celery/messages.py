@@ -71,9 +71,7 @@ def union_members(declared: Any) -> tuple[type[Message], ...]:
         return tuple(members)
     if isinstance(declared, type) and issubclass(declared, Message):
         return (declared,)
-    raise InvalidWorkflowDefinition(
-        f"{declared!r} is not a Message subclass (or a union of them)"
-    )
+    raise InvalidWorkflowDefinition(f"{declared!r} is not a Message subclass (or a union of them)")
 
 
 class TaggedUnion:

@@ -250,7 +250,11 @@ class WorkflowService:
             if uow.completed:
                 if observe:
                     self.store.record_observation(
-                        wf.type, workflow_id, input_type, payload, "already_completed",
+                        wf.type,
+                        workflow_id,
+                        input_type,
+                        payload,
+                        "already_completed",
                         connection=connection,
                     )
                 return AlreadyCompleted()
@@ -267,7 +271,12 @@ class WorkflowService:
                 uow.rollback()
                 if observe:
                     self.store.record_observation(
-                        wf.type, workflow_id, input_type, payload, "rejected", rejection_json,
+                        wf.type,
+                        workflow_id,
+                        input_type,
+                        payload,
+                        "rejected",
+                        rejection_json,
                         connection=connection,
                     )
                 return Rejected(decision.rejection)

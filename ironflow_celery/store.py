@@ -418,8 +418,10 @@ class PostgresStore:
                 "limit": limit,
             },
         )
-        claimed = [ClaimedRow(r.id, r.workflow_type, r.workflow_id, r.attempts, r.created_at,
-                              token) for r in rows]
+        claimed = [
+            ClaimedRow(r.id, r.workflow_type, r.workflow_id, r.attempts, r.created_at, token)
+            for r in rows
+        ]
         claimed.sort(key=lambda c: (c.created_at, c.id))
         return claimed
 
@@ -435,13 +437,24 @@ class PostgresStore:
         """Start guard: None when the row is no longer held by `token` (stale)."""
         row = self._run(
             sql.START_EFFECT,
-            {"id": effect_id, "token": token, "run_token": run_token,
-             "lease": float(lease_seconds)},
+            {
+                "id": effect_id,
+                "token": token,
+                "run_token": run_token,
+                "lease": float(lease_seconds),
+            },
         ).first()
         if row is None:
             return None
-        return StartedRow(effect_id, row.workflow_type, row.workflow_id, row.payload,
-                          row.attempts, row.created_at, run_token)
+        return StartedRow(
+            effect_id,
+            row.workflow_type,
+            row.workflow_id,
+            row.payload,
+            row.attempts,
+            row.created_at,
+            run_token,
+        )
 
     def mark_processed(
         self, effect_id: uuid.UUID, token: str, *, connection: Connection | None = None
@@ -473,8 +486,12 @@ class PostgresStore:
         connection: Connection | None = None,
     ) -> int | None:
         """attempts+1, last_error, backoff in locked_until; None when stale."""
-        params = {"id": effect_id, "token": token, "error": error,
-                  "backoff": float(backoff_seconds)}
+        params = {
+            "id": effect_id,
+            "token": token,
+            "error": error,
+            "backoff": float(backoff_seconds),
+        }
         return self._scalar_or_none(sql.RECORD_EFFECT_FAILURE, params, connection)
 
     def record_permanent_failure(
@@ -499,8 +516,11 @@ class PostgresStore:
         statement = sql.RENEW_EFFECT_LEASES if kind == "effect" else sql.RENEW_TIMER_LEASES
         rows = self._run(
             statement,
-            {"ids": [i for i, _ in items], "tokens": [t for _, t in items],
-             "lease": float(lease_seconds)},
+            {
+                "ids": [i for i, _ in items],
+                "tokens": [t for _, t in items],
+                "lease": float(lease_seconds),
+            },
         )
         return {r.id for r in rows}
 
@@ -534,8 +554,12 @@ class PostgresStore:
                 "limit": limit,
             },
         )
-        claimed = [ClaimedRow(r.id, r.workflow_type, r.workflow_id, r.attempts, r.created_at,
-                              token, r.fire_at) for r in rows]
+        claimed = [
+            ClaimedRow(
+                r.id, r.workflow_type, r.workflow_id, r.attempts, r.created_at, token, r.fire_at
+            )
+            for r in rows
+        ]
         claimed.sort(key=lambda c: (c.fire_at, c.id))
         return claimed
 
@@ -562,20 +586,28 @@ class PostgresStore:
         """Start guard for a timer; None when stale."""
         row = self._run(
             sql.START_TIMER,
-            {"id": timer_id, "token": token, "run_token": run_token,
-             "lease": float(lease_seconds)},
+            {"id": timer_id, "token": token, "run_token": run_token, "lease": float(lease_seconds)},
         ).first()
         if row is None:
             return None
-        return StartedRow(timer_id, row.workflow_type, row.workflow_id, row.input,
-                          row.attempts, row.created_at, run_token, row.key)
+        return StartedRow(
+            timer_id,
+            row.workflow_type,
+            row.workflow_id,
+            row.input,
+            row.attempts,
+            row.created_at,
+            run_token,
+            row.key,
+        )
 
     def lock_timer(self, connection: Connection, timer_id: uuid.UUID, token: str) -> bool:
         """Row-lock a timer still held by `token` inside the caller's transaction."""
         with storage_errors():
-            return connection.execute(
-                sql.LOCK_TIMER, {"id": timer_id, "token": token}
-            ).first() is not None
+            return (
+                connection.execute(sql.LOCK_TIMER, {"id": timer_id, "token": token}).first()
+                is not None
+            )
 
     def mark_timer_processed(
         self, timer_id: uuid.UUID, token: str, *, connection: Connection | None = None
@@ -597,8 +629,7 @@ class PostgresStore:
         connection: Connection | None = None,
     ) -> int | None:
         """attempts+1, last_error, backoff; None when stale."""
-        params = {"id": timer_id, "token": token, "error": error,
-                  "backoff": float(backoff_seconds)}
+        params = {"id": timer_id, "token": token, "error": error, "backoff": float(backoff_seconds)}
         return self._scalar_or_none(sql.RECORD_TIMER_FAILURE, params, connection)
 
     def dead_letter_timer(

@@ -78,7 +78,8 @@ class Timer:
     def to_json(self) -> dict[str, Any]:
         """ironflow's JSON form: ``delay`` as serde's Duration, ``key`` omitted when unset."""
         total_us = (
-            self.delay.days * 86_400_000_000 + self.delay.seconds * 1_000_000
+            self.delay.days * 86_400_000_000
+            + self.delay.seconds * 1_000_000
             + self.delay.microseconds
         )
         body: dict[str, Any] = {

@@ -1,0 +1,287 @@
+"""Celery glue: `install(app, ...)` adds ironflow to an existing Celery app, and the
+package's own app serves ``celery -A ironflow_celery worker``.
+
+`install` registers the per-workflow-type tasks and the dead-letter tasks, and adds a
+worker bootstep that runs the relays inside ``celery worker`` (off with
+``--without-ironflow-relay`` or ``ironflow_relay_enabled = False``). Under the prefork
+pool the relays run in a child process of the worker, as Celery's embedded beat does, so
+the pool never forks a process with relay threads in it.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import threading
+from collections.abc import Iterable
+from typing import Any
+
+import click
+from celery import Celery, bootsteps, signals
+from celery.app.defaults import DEFAULTS
+
+from .config import runtime_config_from, setting
+from .db import DATABASE_URL_ENV
+from .runtime import WorkflowRuntime, WorkflowSpec
+from .service import WorkflowServiceConfig
+
+log = logging.getLogger(__name__)
+
+APP_ATTRIBUTE = "ironflow"
+
+
+def runtime_of(app: Any) -> WorkflowRuntime:
+    """The runtime `install` attached to `app`."""
+    runtime = getattr(app, APP_ATTRIBUTE, None)
+    if runtime is None:
+        raise LookupError("ironflow is not installed on this Celery app: call install(app)")
+    return runtime
+
+
+def install(
+    app: Celery,
+    workflows: Iterable[WorkflowSpec] = (),
+    *,
+    database_url: str | None = None,
+    runtime: WorkflowRuntime | None = None,
+) -> WorkflowRuntime:
+    """Add ironflow to a Celery app: tasks, relay bootstep, settings. Returns the runtime.
+
+    `workflows` are Workflow classes, ``(class, handler)`` pairs, or module names
+    (``"myapp.workflows"`` registers every Workflow it defines; ``"mod:Class"`` one).
+    Module names in the ``ironflow_workflows`` setting / ``IRONFLOW_WORKFLOWS`` (comma
+    separated) are added too, and imported when the worker loads its modules.
+    """
+    conf = app.conf
+    if runtime is None:
+        runtime = WorkflowRuntime(
+            config=runtime_config_from(conf),
+            service_config=WorkflowServiceConfig(
+                record_input_observations=setting(conf, "record_input_observations", bool, False)
+            ),
+            database_url=database_url or setting(conf, "database_url"),
+            app=app,
+        )
+    else:
+        runtime.app = app
+    specs: list[WorkflowSpec] = list(workflows)
+    configured = setting(conf, "workflows")
+    if isinstance(configured, str):
+        specs.extend(m.strip() for m in configured.split(",") if m.strip())
+    elif configured:
+        specs.extend(configured)
+    runtime.add_workflow_specs(specs)
+    # Classes are registered (with their tasks) now; module names once the worker has
+    # imported its modules (or at first use), so a workflow module may import this package.
+    if not any(isinstance(s, str) for s in specs):
+        runtime.load_workflows()
+    setattr(app, APP_ATTRIBUTE, runtime)
+
+    _install_routing(app)
+    _install_dead_letter_tasks(app, runtime)
+    app.steps["worker"].add(RelayStep)
+    app.user_options["worker"].add(
+        click.Option(
+            ["--without-ironflow-relay"],
+            is_flag=True,
+            default=False,
+            help="Do not run ironflow's effect and timer relays in this worker.",
+        )
+    )
+
+    def _load(sender: Any = None, **kwargs: Any) -> None:
+        if sender is None or sender is app:
+            runtime.load_workflows()
+
+    signals.import_modules.connect(_load, weak=False)
+    return runtime
+
+
+def _install_routing(app: Celery) -> None:
+    """``ironflow_queue_per_workflow_type``: route ``ironflow.<type>.*`` to ``ironflow.<type>``;
+    ``ironflow_task_queue``: route every ironflow task to one queue."""
+    per_type = setting(app.conf, "queue_per_workflow_type", bool, False)
+    single = setting(app.conf, "task_queue")
+    if not per_type and not single:
+        return
+
+    def route(name: str, args: Any, kwargs: Any, options: Any, task: Any = None, **kw: Any):
+        if not name.startswith("ironflow."):
+            return None
+        parts = name.split(".")
+        if per_type and len(parts) >= 3 and parts[-1] in ("effect", "timer"):
+            return {"queue": "ironflow." + ".".join(parts[1:-1])}
+        return {"queue": single} if single else None
+
+    routes = app.conf.task_routes
+    if routes is None:
+        app.conf.task_routes = (route,)
+    elif isinstance(routes, (list, tuple)):
+        app.conf.task_routes = (route, *routes)
+    else:
+        app.conf.task_routes = (route, routes)
+
+
+def _install_dead_letter_tasks(app: Celery, runtime: WorkflowRuntime) -> None:
+    try:
+        from .dead_letters import register_dead_letter_tasks
+    except ImportError:  # pragma: no cover - module lands with the operations work
+        return
+    register_dead_letter_tasks(app, runtime)
+
+
+# -- the worker bootstep -----------------------------------------------------------------
+
+
+class _RelayProcess(multiprocessing.Process):
+    """The relays in a child process of a prefork worker; exits when its parent dies."""
+
+    def __init__(self, runtime: WorkflowRuntime) -> None:
+        super().__init__(name="ironflow-relay", daemon=True)
+        self.runtime = runtime
+        self.stop_event = multiprocessing.Event()
+
+    def run(self) -> None:
+        from .db import dispose_after_fork
+
+        dispose_after_fork()
+        parent = os.getppid()
+
+        def watch_parent() -> None:
+            while not self.stop_event.wait(1.0):
+                if os.getppid() != parent:
+                    log.warning("ironflow relay: worker process gone; stopping")
+                    self.stop_event.set()
+
+        threading.Thread(target=watch_parent, daemon=True).start()
+        self.runtime.run(self.stop_event)
+
+    def stop(self, timeout: float) -> None:
+        self.stop_event.set()
+        self.join(timeout)
+        if self.is_alive():
+            self.terminate()
+
+
+class _RelayThread:
+    """The relays as threads of the worker process (solo, threads, gevent pools)."""
+
+    def __init__(self, runtime: WorkflowRuntime) -> None:
+        self.runtime = runtime
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(
+            target=runtime.run, args=(self.stop_event,), name="ironflow-relays", daemon=True
+        )
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self, timeout: float) -> None:
+        self.stop_event.set()
+        self.thread.join(timeout)
+
+
+class RelayStep(bootsteps.StartStopStep):
+    """Runs ironflow's relays inside ``celery worker``."""
+
+    label = "ironflow relay"
+
+    def __init__(self, worker: Any, without_ironflow_relay: bool = False, **kwargs: Any) -> None:
+        super().__init__(worker, **kwargs)
+        self.enabled = not without_ironflow_relay and setting(
+            worker.app.conf, "relay_enabled", bool, True
+        )
+        self.service: Any = None
+
+    def create(self, worker: Any) -> Any:
+        return self
+
+    def start(self, worker: Any) -> None:
+        runtime = runtime_of(worker.app)
+        runtime.load_workflows()
+        pool = getattr(worker, "pool_cls", None)
+        pool_name = getattr(pool, "__module__", "") + "." + getattr(pool, "__name__", str(pool))
+        if "prefork" in pool_name:
+            self.service = _RelayProcess(runtime)
+        else:
+            self.service = _RelayThread(runtime)
+        self.service.start()
+        log.info(
+            "ironflow relay started (%s) for %s",
+            "process" if isinstance(self.service, _RelayProcess) else "thread",
+            ", ".join(runtime.registry.types) or "no workflow types",
+        )
+
+    def stop(self, worker: Any) -> None:
+        if self.service is not None:
+            self.service.stop(runtime_of(worker.app).config.shutdown_timeout)
+            self.service = None
+
+    def shutdown(self, worker: Any) -> None:
+        self.stop(worker)
+
+
+# -- the package's own app ------------------------------------------------------------------
+
+_CELERY_ENV_PREFIX = "CELERY_"
+
+
+def settings_from_env(environ: dict[str, str] | None = None) -> dict[str, Any]:
+    """Celery settings from ``CELERY_<SETTING>`` variables (e.g. ``CELERY_BROKER_URL``)."""
+    environ = dict(os.environ if environ is None else environ)
+    known = {key.lower(): value for key, value in DEFAULTS.items()}
+    found: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.startswith(_CELERY_ENV_PREFIX):
+            continue
+        key = name[len(_CELERY_ENV_PREFIX) :].lower()
+        if key not in known:
+            continue
+        default = known[key]
+        value: Any = raw
+        if isinstance(default, bool):
+            value = raw.strip().lower() in ("1", "true", "yes", "on")
+        elif isinstance(default, int):
+            try:
+                value = int(raw)
+            except ValueError:
+                value = raw
+        elif isinstance(default, float):
+            try:
+                value = float(raw)
+            except ValueError:
+                value = raw
+        found[key] = value
+    return found
+
+
+def create_app(main: str = "ironflow_celery", **settings: Any) -> Celery:
+    """A Celery app configured from the environment with ironflow installed."""
+    app = Celery(main)
+    app.conf.update(
+        broker_url="redis://127.0.0.1:6379/0",
+        broker_connection_retry_on_startup=True,
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        worker_hijack_root_logger=True,
+    )
+    app.conf.update(settings_from_env())
+    app.conf.update(settings)
+    install(app, database_url=os.environ.get(DATABASE_URL_ENV))
+    return app
+
+
+_default_app: Celery | None = None
+_default_lock = threading.Lock()
+
+
+def default_app() -> Celery:
+    """The package's app (``ironflow_celery.app``), created on first use."""
+    global _default_app
+    if _default_app is None:
+        with _default_lock:
+            if _default_app is None:
+                _default_app = create_app()
+    return _default_app

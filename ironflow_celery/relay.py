@@ -1,0 +1,336 @@
+"""Relays: claim due effects and timers with ``FOR UPDATE SKIP LOCKED`` and publish them as
+Celery tasks, one task per row, ``task_id`` = the row id.
+
+A relay claims in batches under a fresh lease token, wakes on ``LISTEN/NOTIFY`` (the
+decision transaction notifies) with a polling fallback, and stops claiming while its
+dispatched-but-unfinished rows reach ``max_in_flight`` (back-pressure), so a large backlog
+never floods the broker nor lets leases expire in it. A publish that fails gives its
+unpublished claims back at once. Any number of relays may share one database.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import psycopg
+
+from . import sql
+from .config import RuntimeConfig
+from .errors import StorageError
+from .store import ClaimedRow, PostgresStore
+
+log = logging.getLogger(__name__)
+
+Kind = Literal["effect", "timer"]
+
+
+def task_name(workflow_type: str, kind: Kind) -> str:
+    """The Celery task of a workflow type: ``ironflow.<type>.effect`` / ``.timer``."""
+    return f"ironflow.{workflow_type}.{kind}"
+
+
+class PublishError(Exception):
+    """Publishing a batch failed after `published` rows went out."""
+
+    def __init__(self, published: list[uuid.UUID], cause: BaseException) -> None:
+        self.published = published
+        self.cause = cause
+        super().__init__(f"publish failed after {len(published)} messages: {cause!r}")
+
+
+Publisher = Callable[[Kind, Sequence[ClaimedRow]], list[uuid.UUID]]
+
+
+def celery_publisher(app: Any) -> Publisher:
+    """Publish claimed rows as Celery tasks on `app`, reusing one producer per batch."""
+    retry_policy = {
+        "max_retries": 2,
+        "interval_start": 0,
+        "interval_step": 0.5,
+        "interval_max": 1.0,
+    }
+
+    def publish(kind: Kind, rows: Sequence[ClaimedRow]) -> list[uuid.UUID]:
+        published: list[uuid.UUID] = []
+        try:
+            with app.producer_or_acquire() as producer:
+                for row in rows:
+                    app.send_task(
+                        task_name(row.workflow_type, kind),
+                        args=[
+                            f"{row.workflow_type}:{row.workflow_id}",
+                            str(row.id),
+                            row.attempts + 1,
+                        ],
+                        kwargs={"lease": row.token},
+                        task_id=str(row.id),
+                        producer=producer,
+                        ignore_result=True,
+                        retry=True,
+                        retry_policy=retry_policy,
+                    )
+                    published.append(row.id)
+        except Exception as exc:
+            raise PublishError(published, exc) from exc
+        return published
+
+    return publish
+
+
+class Waker:
+    """One LISTEN connection that wakes the effect and timer relays on NOTIFY.
+
+    It reconnects after a database outage; relays fall back to polling meanwhile.
+    """
+
+    def __init__(self, conninfo: str, stop: threading.Event) -> None:
+        self.conninfo = conninfo
+        self.stop = stop
+        self.events: dict[str, threading.Event] = {
+            sql.EFFECTS_CHANNEL: threading.Event(),
+            sql.TIMERS_CHANNEL: threading.Event(),
+        }
+        self._thread = threading.Thread(target=self._run, name="ironflow-waker", daemon=True)
+
+    def event(self, kind: Kind) -> threading.Event:
+        return self.events[sql.EFFECTS_CHANNEL if kind == "effect" else sql.TIMERS_CHANNEL]
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+
+    def wake_all(self) -> None:
+        for event in self.events.values():
+            event.set()
+
+    def _run(self) -> None:
+        delay = 0.5
+        while not self.stop.is_set():
+            try:
+                with psycopg.connect(self.conninfo, autocommit=True, connect_timeout=5) as conn:
+                    for channel in self.events:
+                        conn.execute(f"LISTEN {channel}")
+                    delay = 0.5
+                    self.wake_all()  # anything committed while we were not listening
+                    while not self.stop.is_set():
+                        for notify in conn.notifies(timeout=0.5):
+                            event = self.events.get(notify.channel)
+                            if event is not None:
+                                event.set()
+            except psycopg.Error as exc:
+                if self.stop.is_set():
+                    break
+                log.warning("ironflow: LISTEN connection lost (%s); retrying in %.1fs", exc, delay)
+                self.stop.wait(delay)
+                delay = min(delay * 2, 5.0)
+
+
+class Relay:
+    """One claimer: claims a batch of due rows of one kind and publishes them."""
+
+    def __init__(
+        self,
+        kind: Kind,
+        store: PostgresStore,
+        workflow_types: Sequence[str],
+        config: RuntimeConfig,
+        publish: Publisher,
+        *,
+        name: str,
+        wake: threading.Event,
+        stop: threading.Event,
+        on_claimed: Callable[[Kind, int], None] | None = None,
+    ) -> None:
+        self.kind: Kind = kind
+        self.store = store
+        self.workflow_types = list(workflow_types)
+        self.config = config
+        self.publish = publish
+        self.name = name
+        self.wake = wake
+        self.stop = stop
+        self.on_claimed = on_claimed
+        self.in_flight: set[uuid.UUID] = set()
+        self._batches = itertools.count(1)
+        self._refreshed_at = 0.0
+        self._lease = (
+            config.effect_lock_duration if kind == "effect" else config.timer_lock_duration
+        )
+        self._poll = config.effect_poll_interval if kind == "effect" else config.timer_poll_interval
+        self.claimed_total = 0
+        self.published_total = 0
+
+    # -- loop ----------------------------------------------------------------------------
+    def run(self) -> None:
+        """Claim and publish until `stop` is set."""
+        if not self.workflow_types:
+            log.warning("ironflow %s relay %s: no workflow types registered", self.kind, self.name)
+        failures = 0
+        while not self.stop.is_set():
+            try:
+                self.wake.clear()
+                progressed = self.step()
+                failures = 0
+            except StorageError as exc:
+                failures += 1
+                delay = min(0.2 * 2 ** min(failures, 5), 5.0)
+                log.warning(
+                    "ironflow %s relay: database error (%s); retrying in %.1fs",
+                    self.kind,
+                    exc,
+                    delay,
+                )
+                self.stop.wait(delay)
+                continue
+            except PublishError as exc:
+                log.warning("ironflow %s relay: %s; claims released", self.kind, exc)
+                self.stop.wait(self.config.publish_retry_delay)
+                continue
+            except Exception:  # a bug must not kill the relay silently
+                log.exception("ironflow %s relay: unexpected error", self.kind)
+                self.stop.wait(1.0)
+                continue
+            if not progressed:
+                self.idle_wait()
+
+    def step(self) -> bool:
+        """One claim-and-publish round; False when there was nothing to do."""
+        capacity = self.capacity()
+        if capacity <= 0:
+            return False
+        token = f"{self.name}#{next(self._batches)}"
+        claim = self.store.claim_effects if self.kind == "effect" else self.store.claim_timers
+        rows = claim(
+            token,
+            self.workflow_types,
+            lease_seconds=self._lease,
+            max_attempts=self.config.retry_policy.max_attempts,
+            limit=min(self.config.claim_batch_size, capacity),
+        )
+        if not rows:
+            return False
+        self.claimed_total += len(rows)
+        if self.on_claimed is not None:
+            self.on_claimed(self.kind, len(rows))
+        try:
+            published = self.publish(self.kind, rows)
+        except PublishError as exc:
+            self.in_flight.update(exc.published)
+            sent = set(exc.published)
+            unsent = [r.id for r in rows if r.id not in sent]
+            release = (
+                self.store.release_effects if self.kind == "effect" else (self.store.release_timers)
+            )
+            try:
+                release(unsent, token)
+            except StorageError:
+                log.warning(
+                    "ironflow: could not release %d claims; their leases will expire", len(unsent)
+                )
+            self.published_total += len(exc.published)
+            raise
+        self.in_flight.update(published)
+        self.published_total += len(published)
+        return True
+
+    def capacity(self) -> int:
+        """Rows this relay may still claim before back-pressure stops it."""
+        now = time.monotonic()
+        free = self.config.max_in_flight - len(self.in_flight)
+        if self.in_flight and (free < self.config.claim_batch_size or now - self._refreshed_at > 1):
+            self.in_flight = self.store.still_in_flight(self.kind, list(self.in_flight))
+            self._refreshed_at = now
+            free = self.config.max_in_flight - len(self.in_flight)
+        return free
+
+    def idle_wait(self) -> None:
+        """Sleep until a NOTIFY, the poll interval, or (timers) the next due time."""
+        timeout = self._poll
+        if self.len_in_flight_at_limit():
+            timeout = min(timeout, 0.05)
+        elif self.kind == "timer":
+            try:
+                due = self.store.seconds_until_next_timer(
+                    self.workflow_types, max_attempts=self.config.retry_policy.max_attempts
+                )
+            except StorageError:
+                due = None
+            if due is not None:
+                timeout = min(timeout, max(due, 0.005))
+        self.wake.wait(timeout)
+
+    def len_in_flight_at_limit(self) -> bool:
+        return len(self.in_flight) >= self.config.max_in_flight
+
+
+class RelayGroup:
+    """The effect and timer relays of one process, with their waker, as threads."""
+
+    def __init__(
+        self,
+        store: PostgresStore,
+        workflow_types: Sequence[str],
+        config: RuntimeConfig,
+        publish: Publisher,
+        *,
+        worker_id: str,
+        effects: bool = True,
+        timers: bool = True,
+        on_claimed: Callable[[Kind, int], None] | None = None,
+    ) -> None:
+        self.stop_event = threading.Event()
+        url = store.engine.url.set(drivername="postgresql")
+        self.waker = Waker(url.render_as_string(hide_password=False), self.stop_event)
+        self.relays: list[Relay] = []
+        for kind, enabled, count in (
+            ("effect", effects, config.effect_workers),
+            ("timer", timers, config.timer_workers),
+        ):
+            if not enabled:
+                continue
+            for i in range(count):
+                name = f"{worker_id}-{kind}" if count == 1 else f"{worker_id}-{kind}-{i}"
+                self.relays.append(
+                    Relay(
+                        kind,
+                        store,
+                        workflow_types,
+                        config,
+                        publish,
+                        name=name,  # type: ignore[arg-type]
+                        wake=self.waker.event(kind),
+                        stop=self.stop_event,  # type: ignore[arg-type]
+                        on_claimed=on_claimed,
+                    )
+                )
+        self._threads = [
+            threading.Thread(target=r.run, name=f"ironflow-relay-{r.name}", daemon=True)
+            for r in self.relays
+        ]
+
+    def start(self) -> None:
+        self.waker.start()
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self, timeout: float = 30.0) -> bool:
+        """Stop claiming, let a batch being published finish; True if all stopped in time."""
+        self.stop_event.set()
+        self.waker.wake_all()
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        self.waker.join(max(0.0, deadline - time.monotonic()))
+        return not any(t.is_alive() for t in self._threads)
+
+    @property
+    def in_flight(self) -> int:
+        return sum(len(r.in_flight) for r in self.relays)

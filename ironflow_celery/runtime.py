@@ -1,0 +1,343 @@
+"""`WorkflowRuntime`: the registry, store, service and relays of one deployment, and the
+dead-letter operations, behind ironflow's builder API.
+
+``WorkflowRuntime.builder(store, service_config).register(W, handler).config(cfg)
+.build_runtime()`` gives a runtime whose `run` claims and publishes effects and timers in
+this process until a shutdown event; Celery workers of the same app run the handlers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import inspect
+import logging
+import threading
+import uuid
+from collections.abc import Awaitable, Iterable
+from functools import cached_property
+from types import ModuleType
+from typing import Any
+
+from .config import RuntimeConfig
+from .errors import ConfigurationError, InvalidWorkflowDefinition
+from .metrics import Metrics
+from .relay import RelayGroup, celery_publisher
+from .service import Registration, Registry, WorkflowService, WorkflowServiceConfig
+from .store import PostgresStore
+from .workflow import EffectHandler, Workflow
+
+log = logging.getLogger(__name__)
+
+WorkflowSpec = type[Workflow] | tuple[type[Workflow], EffectHandler | None] | str | ModuleType
+
+
+def workflows_in(module: ModuleType) -> list[type[Workflow]]:
+    """The concrete Workflow classes a module defines (not those it imports)."""
+    found = []
+    for _, obj in inspect.getmembers(module, inspect.isclass):
+        if (
+            issubclass(obj, Workflow)
+            and obj.__module__ == module.__name__
+            and "type" in obj.__dict__
+        ):
+            found.append(obj)
+    return found
+
+
+def resolve_workflow_specs(specs: Iterable[WorkflowSpec]) -> list[tuple[type[Workflow], Any]]:
+    """Turn classes, (class, handler) pairs, ``module`` and ``module:Class`` names into pairs."""
+    pairs: list[tuple[type[Workflow], Any]] = []
+    for spec in specs:
+        if isinstance(spec, tuple):
+            pairs.append((spec[0], spec[1]))
+        elif isinstance(spec, type):
+            pairs.append((spec, None))
+        elif isinstance(spec, ModuleType):
+            pairs.extend((w, None) for w in workflows_in(spec))
+        elif isinstance(spec, str):
+            module_name, _, attr = spec.strip().partition(":")
+            try:
+                module = importlib.import_module(module_name)
+            except ImportError as exc:
+                raise ConfigurationError(
+                    f"cannot import workflow module {module_name!r}: {exc}"
+                ) from exc
+            if attr:
+                obj = getattr(module, attr, None)
+                if obj is None:
+                    raise ConfigurationError(f"{module_name!r} has no attribute {attr!r}")
+                pairs.extend(resolve_workflow_specs([obj]))
+            else:
+                found = workflows_in(module)
+                if not found:
+                    raise ConfigurationError(f"module {module_name!r} defines no Workflow class")
+                pairs.extend((w, None) for w in found)
+        else:
+            raise ConfigurationError(f"cannot read a workflow from {spec!r}")
+    return pairs
+
+
+def handler_of(workflow: type[Workflow], handler: Any) -> Any:
+    """The explicit handler, else the workflow's own ``handle_effect``."""
+    if handler is not None:
+        return handler
+    return getattr(workflow, "handle_effect", None)
+
+
+class WorkflowRuntime:
+    """A deployment's workflows, store, service and relays."""
+
+    def __init__(
+        self,
+        registry: Registry | None = None,
+        config: RuntimeConfig | None = None,
+        service_config: WorkflowServiceConfig | None = None,
+        *,
+        store: PostgresStore | None = None,
+        database_url: str | None = None,
+        app: Any = None,
+    ) -> None:
+        self.registry = registry or Registry()
+        self.config = config or RuntimeConfig()
+        self.service_config = service_config or WorkflowServiceConfig()
+        self._store = store
+        self.database_url = database_url
+        self.app = app
+        self.worker_id = self.config.worker_id or str(uuid.uuid4())
+        self.metrics = Metrics()
+        self._pending_specs: list[WorkflowSpec] = []
+        self._tasks_registered: set[str] = set()
+        self._load_lock = threading.RLock()
+
+    # -- construction ---------------------------------------------------------------------
+    @classmethod
+    def builder(
+        cls, store: PostgresStore | None = None, service_config: WorkflowServiceConfig | None = None
+    ) -> WorkflowBuilder:
+        """ironflow's builder: ``.register(...)``, ``.config(...)``, ``.build_runtime()``."""
+        return WorkflowBuilder(store, service_config)
+
+    def register(
+        self, workflow: type[Workflow], handler: EffectHandler | None = None
+    ) -> Registration:
+        """Register a workflow (and its Celery tasks when an app is attached)."""
+        registration = self.registry.register(workflow, handler_of(workflow, handler))
+        self._register_tasks()
+        return registration
+
+    def register_without_effects(self, workflow: type[Workflow]) -> Registration:
+        registration = self.registry.register_without_effects(workflow)
+        self._register_tasks()
+        return registration
+
+    def add_workflow_specs(self, specs: Iterable[WorkflowSpec]) -> None:
+        """Queue module names / classes to register at first use (after imports settle)."""
+        self._pending_specs.extend(specs)
+
+    def load_workflows(self) -> None:
+        """Import and register queued workflow modules (idempotent)."""
+        with self._load_lock:
+            specs, self._pending_specs = self._pending_specs, []
+            for workflow, handler in resolve_workflow_specs(specs):
+                if workflow.type in self.registry and (
+                    self.registry.get(workflow.type).workflow is workflow
+                ):
+                    continue
+                self.registry.register(workflow, handler_of(workflow, handler))
+            self._register_tasks()
+
+    def _register_tasks(self) -> None:
+        if self.app is None:
+            return
+        from .tasks import register_workflow_tasks
+
+        fresh = [t for t in self.registry.types if t not in self._tasks_registered]
+        if fresh:
+            register_workflow_tasks(self.app, self, fresh)
+            self._tasks_registered.update(fresh)
+
+    # -- parts ----------------------------------------------------------------------------
+    @property
+    def store(self) -> PostgresStore:
+        if self._store is None:
+            with self._load_lock:
+                if self._store is None:
+                    if not self.database_url:
+                        raise ConfigurationError(
+                            "no database configured: set IRONFLOW_DATABASE_URL "
+                            "(or the ironflow_database_url setting)"
+                        )
+                    self._store = PostgresStore.from_url(self.database_url)
+        return self._store
+
+    @cached_property
+    def service(self) -> WorkflowService:
+        self.load_workflows()
+        return WorkflowService(self.store, self.registry, self.service_config)
+
+    @cached_property
+    def lease_keeper(self) -> Any:
+        from .tasks import LeaseKeeper
+
+        return LeaseKeeper(self)
+
+    @property
+    def workflow_count(self) -> int:
+        self.load_workflows()
+        return len(self.registry)
+
+    @property
+    def workflow_types(self) -> tuple[str, ...]:
+        self.load_workflows()
+        return self.registry.types
+
+    def upgrade_schema(self) -> list[int]:
+        """Apply pending migrations to this runtime's database."""
+        from . import schema
+
+        return schema.upgrade(self.store.engine)
+
+    # -- relays ---------------------------------------------------------------------------
+    def start_relays(self, *, effects: bool = True, timers: bool = True) -> RelayGroup:
+        """Start the relay threads of this process (caller stops them)."""
+        if self.app is None:
+            raise ConfigurationError("this runtime has no Celery app to publish to")
+        self.load_workflows()
+        group = RelayGroup(
+            self.store,
+            self.registry.types,
+            self.config,
+            celery_publisher(self.app),
+            worker_id=self.worker_id,
+            effects=effects,
+            timers=timers,
+            on_claimed=lambda kind, n: self.metrics.claimed(kind, n),
+        )
+        group.start()
+        return group
+
+    def run(self, shutdown: Any, *, effects: bool = True, timers: bool = True) -> bool:
+        """Run the relays until `shutdown` (a threading/multiprocessing Event) is set, then
+        stop claiming and return within ``shutdown_timeout``; True when all stopped cleanly.
+        """
+        group = self.start_relays(effects=effects, timers=timers)
+        try:
+            while not shutdown.wait(0.5):
+                pass
+        finally:
+            clean = group.stop(self.config.shutdown_timeout)
+            if not clean:
+                log.warning(
+                    "ironflow: relays did not stop within %.1fs; forcing stop",
+                    self.config.shutdown_timeout,
+                )
+        return clean
+
+    async def run_async(self, shutdown: Awaitable[Any], **kwargs: Any) -> bool:
+        """`run` for asyncio callers: relays until the `shutdown` awaitable completes."""
+        stop = threading.Event()
+        loop = asyncio.get_running_loop()
+        runner = loop.run_in_executor(None, lambda: self.run(stop, **kwargs))
+        try:
+            await shutdown
+        finally:
+            stop.set()
+        return await runner
+
+    # -- dead letters -----------------------------------------------------------------------
+    def _dl(self) -> Any:
+        from . import dead_letters
+
+        return dead_letters
+
+    def fetch_dead_letters(self, query: Any = None) -> list[Any]:
+        """Dead-lettered effects matching `query` (newest first)."""
+        return self._dl().fetch_dead_letters(
+            self.store, query, kind="effect", max_attempts=self.config.retry_policy.max_attempts
+        )
+
+    def count_dead_letters(self, query: Any = None) -> int:
+        return self._dl().count_dead_letters(
+            self.store, query, kind="effect", max_attempts=self.config.retry_policy.max_attempts
+        )
+
+    def retry_dead_letter(self, row_id: uuid.UUID | str) -> bool:
+        """Make one dead-lettered effect claimable again (never touches an in-flight row)."""
+        return self._dl().retry_dead_letter(
+            self.store, row_id, kind="effect", max_attempts=self.config.retry_policy.max_attempts
+        )
+
+    def fetch_timer_dead_letters(self, query: Any = None) -> list[Any]:
+        return self._dl().fetch_dead_letters(
+            self.store, query, kind="timer", max_attempts=self.config.retry_policy.max_attempts
+        )
+
+    def count_timer_dead_letters(self, query: Any = None) -> int:
+        return self._dl().count_dead_letters(
+            self.store, query, kind="timer", max_attempts=self.config.retry_policy.max_attempts
+        )
+
+    def retry_timer_dead_letter(self, row_id: uuid.UUID | str) -> bool:
+        return self._dl().retry_dead_letter(
+            self.store, row_id, kind="timer", max_attempts=self.config.retry_policy.max_attempts
+        )
+
+
+class WorkflowBuilder:
+    """Collects registrations and configuration, then builds a runtime or a service."""
+
+    def __init__(
+        self, store: PostgresStore | None, service_config: WorkflowServiceConfig | None
+    ) -> None:
+        self._store = store
+        self._service_config = service_config or WorkflowServiceConfig()
+        self._registry = Registry()
+        self._config = RuntimeConfig()
+        self._app: Any = None
+        self._error: Exception | None = None
+
+    def register(
+        self, workflow: type[Workflow], handler: EffectHandler | None = None
+    ) -> WorkflowBuilder:
+        """Register a workflow and its effect handler (a duplicate fails at build time)."""
+        try:
+            self._registry.register(workflow, handler_of(workflow, handler))
+        except Exception as exc:  # reported by build_*, like ironflow
+            self._error = self._error or exc
+        return self
+
+    def register_without_effects(self, workflow: type[Workflow]) -> WorkflowBuilder:
+        try:
+            self._registry.register_without_effects(workflow)
+        except Exception as exc:
+            self._error = self._error or exc
+        return self
+
+    def config(self, config: RuntimeConfig) -> WorkflowBuilder:
+        self._config = config
+        return self
+
+    def celery_app(self, app: Any) -> WorkflowBuilder:
+        """The Celery app relays publish to and whose workers run the tasks."""
+        self._app = app
+        return self
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise self._error
+        if self._store is None:
+            raise InvalidWorkflowDefinition("WorkflowRuntime.builder needs a store")
+
+    def build_service(self) -> WorkflowService:
+        self._check()
+        assert self._store is not None
+        return WorkflowService(self._store, self._registry, self._service_config)
+
+    def build_runtime(self) -> WorkflowRuntime:
+        self._check()
+        runtime = WorkflowRuntime(
+            self._registry, self._config, self._service_config, store=self._store, app=self._app
+        )
+        runtime._register_tasks()
+        return runtime

@@ -1,0 +1,398 @@
+"""The per-workflow-type Celery tasks and their ack path.
+
+``ironflow.<type>.effect(workflow_ref, row_id, attempt, lease=token)``:
+
+1. start guard: the row is still held by the relay's lease token; it moves to a
+   per-delivery run token (a duplicate delivery then finds nothing) and the lease is
+   renewed, in one statement. Otherwise the task skips as stale and says so;
+2. the handler runs while a lease keeper renews the lease of long-running rows;
+3. acknowledgement in one transaction: the handler's follow-up input goes through the
+   service and the row is marked processed together; or the failure is recorded
+   (attempts + 1, last error, backoff in ``locked_until``), or the row is dead-lettered
+   and the workflow's ``on_dead_letter`` input is executed in that same transaction.
+
+Timer tasks execute the timer's input and mark the timer processed in one transaction.
+Attempts live in PostgreSQL; Celery's own retry machinery is never used.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Literal
+
+from .errors import InvalidPayload, PermanentEffectError, StorageError
+from .messages import Message
+from .relay import Kind, task_name
+from .store import StartedRow
+from .workflow import DeadLetterNotice, EffectContext, WorkflowRef
+
+if TYPE_CHECKING:
+    from .runtime import WorkflowRuntime
+
+log = logging.getLogger(__name__)
+
+Status = Literal["processed", "failed-will-retry", "dead-lettered", "stale-skipped"]
+
+_WORKER_TAG = f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _run_token(lease: str) -> str:
+    return f"{lease}>{_WORKER_TAG}:{uuid.uuid4().hex[:8]}"
+
+
+def describe_error(exc: BaseException) -> str:
+    """``ExceptionType: message`` — what ``last_error`` stores."""
+    text = str(exc).strip() or repr(exc)
+    return f"{type(exc).__name__}: {text}"[:4000]
+
+
+def _result(status: Status, ref: str, row_id: Any, attempt: int, **extra: Any) -> dict[str, Any]:
+    return {"status": status, "workflow": ref, "row_id": str(row_id), "attempt": attempt, **extra}
+
+
+# -- lease keeper ----------------------------------------------------------------------
+
+
+class LeaseKeeper:
+    """Renews the leases of rows whose handlers run longer than a third of their lease.
+
+    One daemon thread per process; handlers register while they run.
+    """
+
+    def __init__(self, runtime: WorkflowRuntime) -> None:
+        self.runtime = runtime
+        self._running: dict[tuple[Kind, uuid.UUID], tuple[str, float]] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._pid = os.getpid()
+
+    def _lease(self, kind: Kind) -> float:
+        cfg = self.runtime.config
+        return cfg.effect_lock_duration if kind == "effect" else cfg.timer_lock_duration
+
+    @contextmanager
+    def keep(self, kind: Kind, row_id: uuid.UUID, token: str) -> Iterator[None]:
+        """Keep `row_id`'s lease alive while the block runs."""
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive() or self._pid != os.getpid():
+                self._pid = os.getpid()
+                self._thread = threading.Thread(
+                    target=self._run, name="ironflow-lease-keeper", daemon=True
+                )
+                self._thread.start()
+            self._running[(kind, row_id)] = (token, time.monotonic())
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._running.pop((kind, row_id), None)
+
+    def _run(self) -> None:
+        while True:
+            interval = max(0.2, min(self._lease("effect"), self._lease("timer")) / 3)
+            self._wake.wait(interval)
+            now = time.monotonic()
+            for kind in ("effect", "timer"):
+                third = self._lease(kind) / 3  # type: ignore[arg-type]
+                with self._lock:
+                    due = [
+                        (row_id, token)
+                        for (k, row_id), (token, since) in self._running.items()
+                        if k == kind and now - since >= third
+                    ]
+                if not due:
+                    continue
+                try:
+                    renewed = self.runtime.store.renew_leases(
+                        kind,
+                        due,
+                        lease_seconds=self._lease(kind),  # type: ignore[arg-type]
+                    )
+                except StorageError as exc:
+                    log.warning("ironflow: lease renewal failed: %s", exc)
+                    continue
+                with self._lock:
+                    for row_id, token in due:
+                        if row_id in renewed and (kind, row_id) in self._running:
+                            self._running[(kind, row_id)] = (token, now)
+
+
+# -- effects ---------------------------------------------------------------------------
+
+
+def run_effect(runtime: WorkflowRuntime, ref: str, row_id: str, attempt: int, lease: str) -> dict:
+    """Run one claimed effect through its handler and acknowledge it (see module doc)."""
+    effect_id = uuid.UUID(row_id)
+    store = runtime.store
+    cfg = runtime.config
+    metrics = runtime.metrics
+    run_token = _run_token(lease)
+    started = store.start_effect(
+        effect_id, lease, run_token, lease_seconds=cfg.effect_lock_duration
+    )
+    if started is None:
+        metrics.task_finished("effect", None, "stale-skipped", None)
+        return _result(
+            "stale-skipped",
+            ref,
+            row_id,
+            attempt,
+            reason="the row is no longer held by this lease (re-claimed or done)",
+        )
+    attempt = started.attempts + 1
+    registration = runtime.registry.get(started.workflow_type)
+    workflow = registration.workflow
+    ctx = EffectContext(
+        effect_id=effect_id,
+        workflow=WorkflowRef(started.workflow_type, started.workflow_id),
+        attempt=attempt,
+        created_at=started.created_at,
+    )
+    metrics.task_started("effect", started.workflow_type, started.created_at)
+    began = time.monotonic()
+    try:
+        with runtime.lease_keeper.keep("effect", effect_id, run_token):
+            effect = workflow.effects.decode(started.payload)
+            follow_up = registration.handler(effect, ctx)
+            if follow_up is not None:
+                follow_up = _as_input(workflow, follow_up)
+    except PermanentEffectError as exc:
+        return _fail_effect(runtime, started, ref, describe_error(exc), permanent=True, began=began)
+    except Exception as exc:
+        log.info(
+            "ironflow effect %s (%s) attempt %d failed: %s",
+            row_id,
+            ref,
+            attempt,
+            describe_error(exc),
+        )
+        log.debug("handler traceback:\n%s", traceback.format_exc())
+        return _fail_effect(
+            runtime, started, ref, describe_error(exc), permanent=False, began=began
+        )
+
+    outcome = None
+    try:
+        if follow_up is None:
+            held = store.mark_processed(effect_id, run_token)
+        else:
+            with store.transaction() as conn:
+                held = store.mark_processed(effect_id, run_token, connection=conn)
+                if held:
+                    outcome = runtime.service.execute(
+                        follow_up, workflow=workflow, connection=conn
+                    ).kind
+                else:
+                    conn.rollback()
+    except Exception as exc:
+        return _fail_effect(
+            runtime,
+            started,
+            ref,
+            f"Failed to route result: {describe_error(exc)}",
+            permanent=False,
+            began=began,
+        )
+    if not held:
+        metrics.task_finished("effect", started.workflow_type, "stale-skipped", began)
+        return _result(
+            "stale-skipped",
+            ref,
+            row_id,
+            attempt,
+            reason="lease lost while the handler ran; result discarded",
+        )
+    metrics.task_finished("effect", started.workflow_type, "processed", began)
+    extra = {"follow_up": follow_up.type_tag, "outcome": outcome} if follow_up is not None else {}
+    return _result("processed", ref, row_id, attempt, **extra)
+
+
+def _as_input(workflow: Any, value: Any) -> Message:
+    """The handler's return value as an input of its workflow, or a clear error."""
+    if isinstance(value, Message):
+        if value not in workflow.inputs:
+            raise InvalidPayload(
+                workflow.type,
+                "input",
+                f"the effect handler returned {type(value).__qualname__}, which is not one of "
+                f"{workflow.inputs.tags()}",
+            )
+        return value
+    if isinstance(value, dict):
+        return workflow.inputs.decode(value)
+    raise InvalidPayload(
+        workflow.type,
+        "input",
+        f"the effect handler returned {type(value).__qualname__}; return an input or None",
+    )
+
+
+def _fail_effect(
+    runtime: WorkflowRuntime,
+    started: StartedRow,
+    ref: str,
+    error: str,
+    *,
+    permanent: bool,
+    began: float,
+) -> dict:
+    attempt = started.attempts + 1
+    policy = runtime.config.retry_policy
+    metrics = runtime.metrics
+    if permanent or attempt >= policy.max_attempts:
+        status = dead_letter(runtime, "effect", started, error)
+        metrics.task_finished("effect", started.workflow_type, status, began)
+        return _result(status, ref, started.id, attempt, error=error)
+    backoff = policy.backoff_duration(attempt)
+    recorded = runtime.store.record_failure(
+        started.id, started.token, error, backoff_seconds=backoff
+    )
+    status: Status = "failed-will-retry" if recorded is not None else "stale-skipped"
+    metrics.task_finished("effect", started.workflow_type, status, began)
+    return _result(
+        status, ref, started.id, attempt, error=error, retry_in_seconds=round(backoff, 3)
+    )
+
+
+def dead_letter(runtime: WorkflowRuntime, kind: Kind, started: StartedRow, error: str) -> Status:
+    """Dead-letter a row and, in the same transaction, deliver the workflow's
+    ``on_dead_letter`` input. If that delivery fails the row is still dead-lettered,
+    with the reason appended to its error."""
+    store = runtime.store
+    policy = runtime.config.retry_policy
+    write = store.record_permanent_failure if kind == "effect" else store.dead_letter_timer
+    registration = runtime.registry.get(started.workflow_type)
+    workflow = registration.workflow
+    try:
+        with store.transaction() as conn:
+            attempts = write(
+                started.id, started.token, error, max_attempts=policy.max_attempts, connection=conn
+            )
+            if attempts is None:
+                conn.rollback()
+                return "stale-skipped"
+            notice_input = _dead_letter_input(workflow, kind, started, attempts, error)
+            if notice_input is not None:
+                runtime.service.execute(notice_input, workflow=workflow, connection=conn)
+        return "dead-lettered"
+    except Exception as exc:
+        log.warning("ironflow: on_dead_letter of %s failed: %s", workflow.type, exc)
+        error = f"{error}; on_dead_letter failed: {describe_error(exc)}"
+    attempts = write(started.id, started.token, error, max_attempts=policy.max_attempts)
+    return "dead-lettered" if attempts is not None else "stale-skipped"
+
+
+def _dead_letter_input(
+    workflow: Any, kind: Kind, started: StartedRow, attempts: int, error: str
+) -> Message | None:
+    union = workflow.effects if kind == "effect" else workflow.inputs
+    try:
+        decoded = union.decode(started.payload)
+    except InvalidPayload:
+        decoded = None
+    notice = DeadLetterNotice(
+        kind=kind,
+        row_id=started.id,
+        workflow=WorkflowRef(started.workflow_type, started.workflow_id),
+        payload=started.payload,
+        decoded=decoded,
+        attempts=attempts,
+        last_error=error,
+    )
+    value = workflow.on_dead_letter(notice)
+    return None if value is None else _as_input(workflow, value)
+
+
+# -- timers ----------------------------------------------------------------------------
+
+
+def run_timer(runtime: WorkflowRuntime, ref: str, row_id: str, attempt: int, lease: str) -> dict:
+    """Execute a due timer's input and mark the timer processed, in one transaction."""
+    timer_id = uuid.UUID(row_id)
+    store = runtime.store
+    cfg = runtime.config
+    metrics = runtime.metrics
+    run_token = _run_token(lease)
+    started = store.start_timer(timer_id, lease, run_token, lease_seconds=cfg.timer_lock_duration)
+    if started is None:
+        metrics.task_finished("timer", None, "stale-skipped", None)
+        return _result(
+            "stale-skipped",
+            ref,
+            row_id,
+            attempt,
+            reason="the timer is no longer held by this lease (re-claimed or done)",
+        )
+    attempt = started.attempts + 1
+    metrics.task_started("timer", started.workflow_type, None)
+    began = time.monotonic()
+    try:
+        with runtime.lease_keeper.keep("timer", timer_id, run_token), store.transaction() as conn:
+            if not store.lock_timer(conn, timer_id, run_token):
+                conn.rollback()
+                metrics.task_finished("timer", started.workflow_type, "stale-skipped", began)
+                return _result(
+                    "stale-skipped", ref, row_id, attempt, reason="lease lost before the timer ran"
+                )
+            outcome = runtime.service.execute_dynamic(
+                started.workflow_type, started.payload, connection=conn
+            ).kind
+            store.mark_timer_processed(timer_id, run_token, connection=conn)
+    except Exception as exc:
+        error = f"Failed to execute timer input: {describe_error(exc)}"
+        log.info("ironflow timer %s (%s) attempt %d failed: %s", row_id, ref, attempt, error)
+        policy = cfg.retry_policy
+        if attempt >= policy.max_attempts:
+            status = dead_letter(runtime, "timer", started, error)
+        else:
+            recorded = store.record_timer_failure(
+                timer_id, run_token, error, backoff_seconds=policy.backoff_duration(attempt)
+            )
+            status = "failed-will-retry" if recorded is not None else "stale-skipped"
+        metrics.task_finished("timer", started.workflow_type, status, began)
+        return _result(status, ref, row_id, attempt, error=error)
+    metrics.task_finished("timer", started.workflow_type, "processed", began)
+    return _result("processed", ref, row_id, attempt, outcome=outcome)
+
+
+# -- Celery registration ------------------------------------------------------------------
+
+
+def register_workflow_tasks(
+    app: Any, runtime: WorkflowRuntime, workflow_types: list[str]
+) -> list[str]:
+    """Register ``ironflow.<type>.effect`` and ``.timer`` for these workflow types."""
+    names = []
+    for workflow_type in workflow_types:
+        for kind, fn in (("effect", run_effect), ("timer", run_timer)):
+            name = task_name(workflow_type, kind)  # type: ignore[arg-type]
+            app.task(
+                name=name,
+                bind=False,
+                ignore_result=True,
+                acks_late=False,
+                typing=False,
+                shared=False,
+            )(_bind(fn, runtime, name))
+            names.append(name)
+    return names
+
+
+def _bind(fn: Any, runtime: WorkflowRuntime, name: str) -> Any:
+    def task(ref: str, row_id: str, attempt: int = 1, lease: str = "") -> dict:
+        return fn(runtime, ref, row_id, attempt, lease)
+
+    task.__name__ = name.replace(".", "_")
+    task.__qualname__ = task.__name__
+    task.__doc__ = fn.__doc__
+    task.__module__ = __name__
+    return task
