@@ -1,0 +1,140 @@
+"""The command line: ``ironflow-celery …`` and, identically, ``celery -A app ironflow …``.
+
+Commands find the Celery app with ``-A/--app`` (default: the package's own app, configured
+from ``IRONFLOW_*`` / ``CELERY_*`` environment variables) and its ironflow runtime.
+Exit codes: 0 success, 1 operation refused or nothing found, 2 usage error, 3 database
+or configuration error.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from typing import Any
+
+import click
+
+from .errors import ConfigurationError, IronflowError, StorageError
+
+EXIT_OK = 0
+EXIT_REFUSED = 1
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 3
+
+
+class Context:
+    """What every command needs: the Celery app and its runtime, loaded lazily."""
+
+    def __init__(self, app: Any = None, app_path: str | None = None) -> None:
+        self._app = app
+        self.app_path = app_path
+
+    @property
+    def app(self) -> Any:
+        if self._app is None:
+            if self.app_path:
+                from celery.app.utils import find_app
+
+                self._app = find_app(self.app_path)
+            else:
+                from .celery_app import default_app
+
+                self._app = default_app()
+        return self._app
+
+    @property
+    def runtime(self) -> Any:
+        from .celery_app import runtime_of
+
+        runtime = runtime_of(self.app)
+        runtime.load_workflows()
+        return runtime
+
+
+def fail(message: str, code: int = EXIT_REFUSED) -> None:
+    """Print `message` to stderr and exit with `code`."""
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def guarded(fn: Any) -> Any:
+    """Turn library errors into clear messages and exit codes."""
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (StorageError, ConfigurationError) as exc:
+            fail(str(exc), EXIT_UNAVAILABLE)
+        except IronflowError as exc:
+            fail(str(exc), EXIT_REFUSED)
+
+    wrapper.__name__ = fn.__name__
+    wrapper.__doc__ = fn.__doc__
+    return wrapper
+
+
+def _build_group(name: str, *, with_app_option: bool) -> click.Group:
+    @click.group(name=name, help=__doc__.splitlines()[0])
+    @click.pass_context
+    def group(ctx: click.Context, app: str | None = None, **_: Any) -> None:
+        celery_ctx = ctx.obj
+        celery_app = getattr(celery_ctx, "app", None) if celery_ctx is not None else None
+        ctx.obj = Context(app=celery_app, app_path=app)
+
+    if with_app_option:
+        group = click.option(
+            "-A", "--app", default=None, envvar="IRONFLOW_CELERY_APP",
+            help="Celery app (module or module:attr). Default: ironflow_celery's own app.",
+        )(group)
+    _add_commands(group)
+    return group
+
+
+def _add_commands(group: click.Group) -> None:
+    @group.group("db")
+    def db() -> None:
+        """Database schema."""
+
+    @db.command("upgrade")
+    @click.pass_obj
+    @guarded
+    def db_upgrade(obj: Context) -> None:
+        """Create or upgrade the ironflow schema (idempotent; safe to run concurrently)."""
+        applied = obj.runtime.upgrade_schema()
+        if applied:
+            click.echo(f"applied migrations: {', '.join(f'{v:04d}' for v in applied)}")
+        else:
+            click.echo("schema is up to date")
+
+    @group.command("relay")
+    @click.option("--effects/--no-effects", default=True, help="Run the effect relay.")
+    @click.option("--timers/--no-timers", default=True, help="Run the timer relay.")
+    @click.option("-l", "--loglevel", default="INFO", show_default=True)
+    @click.pass_obj
+    @guarded
+    def relay(obj: Context, effects: bool, timers: bool, loglevel: str) -> None:
+        """Run the effect and timer relays in this process until SIGINT/SIGTERM."""
+        logging.basicConfig(level=loglevel.upper(),
+                            format="[%(asctime)s: %(levelname)s/%(name)s] %(message)s")
+        runtime = obj.runtime
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        click.echo(
+            f"ironflow relay {runtime.worker_id}: {', '.join(runtime.registry.types) or 'none'}"
+        )
+        clean = runtime.run(stop, effects=effects, timers=timers)
+        sys.exit(EXIT_OK if clean else EXIT_REFUSED)
+
+
+main = _build_group("ironflow-celery", with_app_option=True)
+"""The ``ironflow-celery`` console script."""
+
+celery_command = _build_group("ironflow", with_app_option=False)
+"""``celery -A app ironflow …`` (registered under the ``celery.commands`` entry point)."""
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
