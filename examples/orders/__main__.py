@@ -1,0 +1,227 @@
+"""Run the order saga end to end through a real Celery worker.
+
+    python -m examples.orders [--orders 200] [--concurrency 4] [--timeout 120]
+
+Finds PostgreSQL and a broker (IRONFLOW_DATABASE_URL / CELERY_BROKER_URL, else the local
+servers, else embedded ones, saying so), upgrades the schema, starts
+``celery -A ironflow_celery worker`` (relays included) with this example's workflows,
+submits a batch of orders, waits for every order to finish, prints a summary and stops
+the worker. Exits 1, with the reason, if any order does not end as expected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from contextlib import ExitStack
+from pathlib import Path
+
+import sqlalchemy as sa
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+ROOT = Path(__file__).resolve().parents[2]
+console = Console()
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m examples.orders", description=__doc__)
+    parser.add_argument("--orders", type=int, default=200, help="orders to place (default 200)")
+    parser.add_argument("--concurrency", type=int, default=4, help="worker processes")
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait")
+    return parser.parse_args(argv)
+
+
+def make_orders(run: str, count: int):
+    """Mostly ordinary orders; every 5th uses a flaky SKU, every 10th a declined card."""
+    from examples.orders.workflow import DECLINED_CARD_SUFFIX, FLAKY_SKU_PREFIX, PlaceOrder
+
+    rng = random.Random(run)
+    orders = []
+    for n in range(1, count + 1):
+        declined = n % 10 == 0 or (count < 10 and n == count)
+        flaky = n % 5 == 1
+        orders.append(
+            PlaceOrder(
+                id=f"order-{run}-{n:05d}",
+                sku=(FLAKY_SKU_PREFIX if flaky else "") + f"SKU-{rng.randint(100, 999)}",
+                quantity=rng.randint(1, 3),
+                amount_cents=rng.randint(500, 50_000),
+                card="4000-0000-0000-" + (DECLINED_CARD_SUFFIX if declined else "4242"),
+            )
+        )
+    return orders
+
+
+def start_worker(run: str, queue: str, concurrency: int, log_path: Path) -> subprocess.Popen:
+    """``celery -A ironflow_celery worker`` for this example, in its own process group."""
+    env = dict(os.environ)
+    env.update(
+        IRONFLOW_WORKFLOWS="examples.orders.workflow",
+        IRONFLOW_MAX_ATTEMPTS="3",
+        IRONFLOW_BACKOFF_BASE="0.2",
+        IRONFLOW_BACKOFF_MAX="1",
+        CELERY_TASK_DEFAULT_QUEUE=queue,
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "ironflow_celery",
+        "worker",
+        "-l",
+        "INFO",
+        "-c",
+        str(concurrency),
+        "-n",
+        f"orders-example-{run}@%h",
+        "--without-heartbeat",
+        "--without-gossip",
+        "--without-mingle",
+    ]
+    log = open(log_path, "w")  # noqa: SIM115 - closed when the worker is stopped
+    process = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    process.log = log  # type: ignore[attr-defined]
+    return process
+
+
+def stop_worker(process: subprocess.Popen, timeout: float = 30.0) -> int | None:
+    """Warm shutdown (SIGTERM), then SIGKILL if it does not stop in time."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(5)
+    process.log.close()  # type: ignore[attr-defined]
+    return process.returncode
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    from ironflow_celery.local_services import resolve_services
+
+    with ExitStack() as stack:
+        if not (os.environ.get("IRONFLOW_DATABASE_URL") and os.environ.get("CELERY_BROKER_URL")):
+            services = stack.enter_context(resolve_services(announce=console.print))
+            os.environ["IRONFLOW_DATABASE_URL"] = services.database_url
+            os.environ["CELERY_BROKER_URL"] = services.broker_url
+        os.environ.setdefault("IRONFLOW_WORKFLOWS", "examples.orders.workflow")
+        return run(args, stack)
+
+
+def run(args: argparse.Namespace, stack: ExitStack) -> int:
+    import ironflow_celery
+    from examples.orders.workflow import OrderSaga, expected_status
+
+    app = ironflow_celery.app
+    runtime = app.ironflow
+    applied = runtime.upgrade_schema()
+    if applied:
+        console.print(f"schema: applied migrations {applied}")
+    service = runtime.service
+
+    run_id = uuid.uuid4().hex[:8]
+    queue = f"ironflow-orders-example-{run_id}"
+    log_path = ROOT / ".ironflow" / "example-worker.log"
+    log_path.parent.mkdir(exist_ok=True)
+    worker = start_worker(run_id, queue, args.concurrency, log_path)
+    stack.callback(stop_worker, worker)
+    console.print(
+        f"worker: celery -A ironflow_celery worker -c {args.concurrency} (pid {worker.pid}, "
+        f"log {log_path.relative_to(ROOT)})"
+    )
+
+    orders = make_orders(run_id, args.orders)
+    started = time.monotonic()
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    pending = {o.id for o in orders}
+    with Progress(*columns, console=console) as progress:
+        submitted = progress.add_task("submitting orders", total=len(orders))
+        finished = progress.add_task("orders finished  ", total=len(orders))
+        for order in orders:
+            service.execute(order)
+            progress.advance(submitted)
+        deadline = time.monotonic() + args.timeout
+        query = sa.text(
+            "SELECT workflow_id FROM ironflow.workflow_instances "
+            "WHERE workflow_type = :wt AND workflow_id LIKE :prefix AND completed_at IS NOT NULL"
+        )
+        while pending and time.monotonic() < deadline:
+            if worker.poll() is not None:
+                break
+            with runtime.store.engine.connect() as conn:
+                done = {
+                    r[0]
+                    for r in conn.execute(
+                        query, {"wt": OrderSaga.type, "prefix": f"order-{run_id}-%"}
+                    )
+                }
+            pending -= done
+            progress.update(finished, completed=len(orders) - len(pending))
+            time.sleep(0.05)
+    elapsed = time.monotonic() - started
+
+    final = {o.id: service.fetch_latest_state(OrderSaga, o.id) for o in orders}
+    outcome = Counter(s.status for s in final.values())
+    expected = Counter(expected_status(o) for o in orders)
+    with runtime.store.engine.connect() as conn:
+        dead_letters = conn.execute(
+            sa.text(
+                "SELECT count(*) FROM ironflow.outbox WHERE workflow_type = :wt "
+                "AND workflow_id LIKE :prefix AND dead_lettered_at IS NOT NULL"
+            ),
+            {"wt": OrderSaga.type, "prefix": f"order-{run_id}-%"},
+        ).scalar_one()
+
+    table = Table(title=f"order saga: {len(orders)} orders through a real Celery worker")
+    table.add_column("final state")
+    table.add_column("orders", justify="right")
+    table.add_column("expected", justify="right")
+    for status in sorted(set(outcome) | set(expected)):
+        mark = "" if outcome[status] == expected[status] else "  ✗"
+        table.add_row(status, str(outcome[status]), f"{expected[status]}{mark}")
+    console.print(table)
+    console.print(
+        f"payments dead-lettered and compensated: {dead_letters}  ·  elapsed {elapsed:.2f} s  ·  "
+        f"{len(orders) / elapsed:.0f} orders/s"
+    )
+
+    code = stop_worker(worker)
+    stack.pop_all()
+    problems = [
+        f"{o.id}: {final[o.id].status}, expected {expected_status(o)}"
+        for o in orders
+        if final[o.id].status != expected_status(o)
+    ]
+    if worker.returncode not in (0, None) and code not in (0, -signal.SIGTERM):
+        problems.append(f"worker exited with code {code} (see {log_path})")
+    if problems:
+        console.print(f"[red]FAILED[/red]: {len(problems)} problem(s):")
+        for line in problems[:20]:
+            console.print(f"  {line}")
+        return 1
+    console.print("[green]all orders reached their expected final state[/green]; worker stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
