@@ -21,7 +21,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from . import sql
 from .db import create_engine
-from .errors import DatabaseUnavailable, StorageError, UniqueKeyConflict
+from .errors import DatabaseUnavailable, IronflowError, StorageError, UniqueKeyConflict
 
 UNIQUE_KEY_INDEX = "idx_workflow_instances_active_unique_key"
 
@@ -179,6 +179,12 @@ class UnitOfWork:
 
     def flush(self) -> int:
         """Write everything buffered; returns the number of events appended."""
+        if self._finished:
+            state = "the instance is completed" if self.completed else "committed or rolled back"
+            raise IronflowError(
+                f"unit of work on {self.workflow_type}:{self.workflow_id} is finished "
+                f"({state}); begin a new one"
+            )
         key = {"wt": self.workflow_type, "wid": self.workflow_id}
         n_events = len(self._events)
         first = len(self.events) + 1
@@ -273,6 +279,12 @@ class PostgresStore:
         """Close the pool's connections."""
         self.engine.dispose()
 
+    def upgrade_schema(self) -> list[int]:
+        """Create or upgrade the ``ironflow`` schema; returns the versions applied."""
+        from . import schema
+
+        return schema.upgrade(self.engine)
+
     @contextmanager
     def transaction(self) -> Iterator[Connection]:
         """A connection in a transaction that commits on success, rolls back on error."""
@@ -302,8 +314,11 @@ class PostgresStore:
         instance of the same type.
         """
         owns = connection is None
-        conn = self.engine.connect() if owns else connection
-        assert conn is not None
+        if connection is None:
+            with storage_errors():  # a server that is down raises DatabaseUnavailable here
+                conn = self.engine.connect()
+        else:
+            conn = connection
         transaction = None
         key = {"wt": workflow_type, "wid": workflow_id}
         try:
