@@ -22,6 +22,7 @@ from celery import Celery, bootsteps, signals
 from celery.app.defaults import DEFAULTS
 
 from .config import runtime_config_from, setting
+from .errors import ConfigurationError
 from .db import DATABASE_URL_ENV
 from .runtime import WorkflowRuntime, WorkflowSpec
 from .service import WorkflowServiceConfig
@@ -199,6 +200,14 @@ class RelayStep(bootsteps.StartStopStep):
 
     def start(self, worker: Any) -> None:
         runtime = runtime_of(worker.app)
+        if not self.enabled:
+            log.info("ironflow relay disabled in this worker")
+            return
+        if runtime._store is None and not runtime.database_url:
+            raise ConfigurationError(
+                "ironflow relay: no database configured; set IRONFLOW_DATABASE_URL (or "
+                "ironflow_database_url), or start the worker with --without-ironflow-relay"
+            )
         runtime.load_workflows()
         pool = getattr(worker, "pool_cls", None)
         pool_name = getattr(pool, "__module__", "") + "." + getattr(pool, "__name__", str(pool))
