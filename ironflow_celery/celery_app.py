@@ -22,8 +22,8 @@ from celery import Celery, bootsteps, signals
 from celery.app.defaults import DEFAULTS
 
 from .config import runtime_config_from, setting
-from .errors import ConfigurationError
 from .db import DATABASE_URL_ENV
+from .errors import ConfigurationError
 from .runtime import WorkflowRuntime, WorkflowSpec
 from .service import WorkflowServiceConfig
 
@@ -82,6 +82,9 @@ def install(
     _install_routing(app)
     _install_dead_letter_tasks(app, runtime)
     app.steps["worker"].add(RelayStep)
+    from .projections import ProjectionStep  # off unless ironflow_projections is set
+
+    app.steps["worker"].add(ProjectionStep)
     app.user_options["worker"].add(
         click.Option(
             ["--without-ironflow-relay"],
@@ -130,6 +133,9 @@ def _install_dead_letter_tasks(app: Celery, runtime: WorkflowRuntime) -> None:
     except ImportError:  # pragma: no cover - module lands with the operations work
         return
     register_dead_letter_tasks(app, runtime)
+    from .retention import register_retention_tasks
+
+    register_retention_tasks(app, runtime)
 
 
 # -- the worker bootstep -----------------------------------------------------------------

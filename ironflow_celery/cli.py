@@ -89,6 +89,7 @@ def _build_group(name: str, *, with_app_option: bool) -> click.Group:
             help="Celery app (module or module:attr). Default: ironflow_celery's own app.",
         )(group)
     _add_commands(group)
+    _add_more_commands(group)
     return group
 
 
@@ -127,6 +128,56 @@ def _add_commands(group: click.Group) -> None:
         )
         clean = runtime.run(stop, effects=effects, timers=timers)
         sys.exit(EXIT_OK if clean else EXIT_REFUSED)
+
+    from .ops_commands import add_operations_commands
+
+    add_operations_commands(group)
+
+
+def _add_workflow_commands(group: click.Group) -> None:
+    @group.group("workflows")
+    def workflows() -> None:
+        """Registered workflow types and their state machines."""
+
+    @workflows.command("list")
+    @click.pass_obj
+    @guarded
+    def workflows_list(obj: Context) -> None:
+        """Each registered workflow type, with its effects and state-machine flags."""
+        from .views import describe
+
+        for registration in obj.runtime.registry:
+            wf = registration.workflow
+            try:
+                describe(wf)
+                graph = "state machine"
+            except IronflowError:
+                graph = "-"
+            effects = "effects" if wf.has_effects() else "-"
+            click.echo(f"{wf.type}\t{effects}\t{graph}")
+
+    @workflows.command("graph")
+    @click.argument("workflow_type")
+    @click.option("--format", "fmt", type=click.Choice(["mermaid", "dot"]), default="mermaid",
+                  show_default=True)
+    @click.pass_obj
+    @guarded
+    def workflows_graph(obj: Context, workflow_type: str, fmt: str) -> None:
+        """Print WORKFLOW_TYPE's state machine as Mermaid or Graphviz DOT."""
+        from .views import describe
+
+        registry = obj.runtime.registry
+        if workflow_type not in registry:
+            fail(f"unknown workflow type {workflow_type!r} "
+                 f"(registered: {', '.join(registry.types) or 'none'})")
+        click.echo(describe(registry.get(workflow_type).workflow).render(fmt), nl=False)
+
+
+def _add_more_commands(group: click.Group) -> None:
+    from .projections import add_projection_commands
+
+    _add_workflow_commands(group)
+    add_projection_commands(group)
 
 
 main = _build_group("ironflow-celery", with_app_option=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -78,3 +79,116 @@ class Metrics:
 
     def in_flight(self, kind: str, count: int) -> None:
         RELAY_IN_FLIGHT.labels(kind).set(count)
+
+
+# -- depth read from PostgreSQL at scrape time, and the HTTP endpoint --------------------
+
+
+class DepthCollector:
+    """Outbox and timer depth per workflow type and state, and dead-letter counts, read
+    with `ironflow_celery.status.queue_status` at each scrape."""
+
+    def __init__(self, runtime: Any) -> None:
+        self.runtime = runtime
+
+    def describe(self) -> list[Any]:
+        return list(self._families().values())
+
+    def _families(self) -> dict[str, Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        return {
+            "outbox": GaugeMetricFamily(
+                "ironflow_outbox_rows",
+                "Unprocessed outbox rows by workflow type and state "
+                "(pending, in_flight, backing_off, dead)",
+                labels=["workflow_type", "state"],
+            ),
+            "timers": GaugeMetricFamily(
+                "ironflow_timer_rows",
+                "Unprocessed timers by workflow type and state "
+                "(due, pending, in_flight, backing_off, dead)",
+                labels=["workflow_type", "state"],
+            ),
+            "dead": GaugeMetricFamily(
+                "ironflow_dead_letters",
+                "Dead-lettered effects and timers by kind and workflow type",
+                labels=["kind", "workflow_type"],
+            ),
+            "age": GaugeMetricFamily(
+                "ironflow_oldest_pending_age_seconds",
+                "Age of the oldest live effect / lag of the most overdue timer",
+                labels=["kind", "workflow_type"],
+            ),
+            "up": GaugeMetricFamily(
+                "ironflow_database_up", "1 when the depth query succeeded at this scrape"
+            ),
+        }
+
+    def collect(self) -> Any:
+        from .errors import IronflowError
+        from .status import queue_status
+
+        families = self._families()
+        try:
+            runtime = self.runtime
+            rows = queue_status(
+                runtime.store,
+                max_attempts=runtime.config.retry_policy.max_attempts,
+                workflow_types=tuple(runtime.registry.types),
+            )
+        except IronflowError:
+            families["up"].add_metric([], 0)
+            yield families["up"]
+            return
+        for row in rows:
+            wt, e, t = row.workflow_type, row.effects, row.timers
+            for state in ("pending", "in_flight", "backing_off", "dead"):
+                families["outbox"].add_metric([wt, state], getattr(e, state))
+            for state in ("due", "pending", "in_flight", "backing_off", "dead"):
+                families["timers"].add_metric([wt, state], getattr(t, state))
+            families["dead"].add_metric(["effect", wt], e.dead)
+            families["dead"].add_metric(["timer", wt], t.dead)
+            families["age"].add_metric(["effect", wt], e.oldest_pending_age or 0.0)
+            families["age"].add_metric(["timer", wt], t.oldest_due_age or 0.0)
+        families["up"].add_metric([], 1)
+        yield from families.values()
+
+
+_server: Any = None
+_collector: DepthCollector | None = None
+
+
+def serve_metrics(runtime: Any, port: int, addr: str = "0.0.0.0") -> Any:
+    """Serve `REGISTRY` (with the depth collector for `runtime`) on `port`; once per
+    process (a second call re-points the collector and returns the running server)."""
+    global _server, _collector
+    from prometheus_client import start_http_server
+
+    if _collector is None:
+        _collector = DepthCollector(runtime)
+        REGISTRY.register(_collector)
+    else:
+        _collector.runtime = runtime
+    if _server is None:
+        _server = start_http_server(port, addr=addr, registry=REGISTRY)
+    return _server
+
+
+def serve_metrics_from_settings(runtime: Any, conf: Any) -> Any:
+    """`serve_metrics` on ``ironflow_metrics_port`` / ``IRONFLOW_METRICS_PORT``; off when
+    unset. A port already in use is logged, not fatal (e.g. several workers on one host)."""
+    import logging
+
+    from .config import setting
+
+    port = setting(conf, "metrics_port", int)
+    if not port:
+        return None
+    try:
+        return serve_metrics(runtime, port)
+    except OSError as exc:
+        logging.getLogger(__name__).warning(
+            "ironflow: cannot serve metrics on port %s: %s", port, exc
+        )
+        return None

@@ -222,9 +222,13 @@ class WorkflowRuntime:
         stop claiming and return within ``shutdown_timeout``; True when all stopped cleanly.
         """
         group = self.start_relays(effects=effects, timers=timers)
+        self._start_duties(shutdown)
         try:
             while not shutdown.wait(0.5):
-                pass
+                for kind in ("effect", "timer"):
+                    self.metrics.in_flight(
+                        kind, sum(len(r.in_flight) for r in group.relays if r.kind == kind)
+                    )
         finally:
             clean = group.stop(self.config.shutdown_timeout)
             if not clean:
@@ -233,6 +237,16 @@ class WorkflowRuntime:
                     self.config.shutdown_timeout,
                 )
         return clean
+
+    def _start_duties(self, shutdown: Any) -> None:
+        """A relay process's other duties, each off unless configured: the metrics
+        endpoint (``ironflow_metrics_port``) and retention (``ironflow_retention_interval``)."""
+        from .metrics import serve_metrics_from_settings
+        from .retention import start_retention_duty
+
+        conf = self.app.conf if self.app is not None else {}
+        serve_metrics_from_settings(self, conf)
+        start_retention_duty(self, conf, shutdown)
 
     async def run_async(self, shutdown: Awaitable[Any], **kwargs: Any) -> bool:
         """`run` for asyncio callers: relays until the `shutdown` awaitable completes."""
@@ -281,6 +295,32 @@ class WorkflowRuntime:
     def retry_timer_dead_letter(self, row_id: uuid.UUID | str) -> bool:
         return self._dl().retry_dead_letter(
             self.store, row_id, kind="timer", max_attempts=self.config.retry_policy.max_attempts
+        )
+
+    def retry_dead_letters(self, query: Any = None, *, batch_size: int = 500) -> int:
+        """Retry every dead-lettered effect matching `query`'s filters, in batches."""
+        return self._dl().retry_dead_letters(
+            self.store, query, kind="effect",
+            max_attempts=self.config.retry_policy.max_attempts, batch_size=batch_size,
+        )
+
+    def discard_dead_letter(self, row_id: uuid.UUID | str, reason: str) -> bool:
+        """Mark a dead-lettered effect handled without running it (kept for audit)."""
+        return self._dl().discard_dead_letter(
+            self.store, row_id, reason, kind="effect",
+            max_attempts=self.config.retry_policy.max_attempts,
+        )
+
+    def retry_timer_dead_letters(self, query: Any = None, *, batch_size: int = 500) -> int:
+        return self._dl().retry_dead_letters(
+            self.store, query, kind="timer",
+            max_attempts=self.config.retry_policy.max_attempts, batch_size=batch_size,
+        )
+
+    def discard_timer_dead_letter(self, row_id: uuid.UUID | str, reason: str) -> bool:
+        return self._dl().discard_dead_letter(
+            self.store, row_id, reason, kind="timer",
+            max_attempts=self.config.retry_policy.max_attempts,
         )
 
 

@@ -22,9 +22,17 @@ LOCK_INSTANCE = text("""
     FOR UPDATE
 """)
 
+# Creators of the same new instance queue on a transaction advisory lock (single-bigint key
+# space, apart from the two-int4 keys of migrations and projections) instead of racing inside
+# the speculative insert: with the unique-key index present, two concurrent ON CONFLICT
+# inserts of one primary key can deadlock in PostgreSQL.
 INSERT_INSTANCE = text("""
+    WITH queued AS (
+        SELECT pg_advisory_xact_lock(
+            hashtextextended(CAST(:wt AS text) || chr(31) || CAST(:wid AS text), 1768083310))
+    )
     INSERT INTO ironflow.workflow_instances (workflow_type, workflow_id, unique_key)
-    VALUES (:wt, :wid, :unique_key)
+    SELECT :wt, :wid, CAST(:unique_key AS text) FROM queued
     ON CONFLICT (workflow_type, workflow_id) DO NOTHING
     RETURNING true
 """)
@@ -41,17 +49,12 @@ LOAD_EVENTS = text("""
     ORDER BY sequence
 """)
 
-# One round trip for a decision's events, effects, instance counters and wake-up. Each
-# event's commit_horizon is taken after its global_sequence is drawn (see migration 0004).
+# One round trip for a decision's events, effects, instance counters and wake-up.
 WRITE_DECISION = text("""
     WITH ev AS (
-        INSERT INTO ironflow.events
-            (global_sequence, workflow_type, workflow_id, sequence, payload, commit_horizon)
-        SELECT g, :wt, :wid, s, CAST(p AS jsonb), ironflow.event_horizon(g)
-        FROM (
-            SELECT nextval('ironflow.events_global_sequence_seq') AS g, s, p
-            FROM unnest(CAST(:seqs AS bigint[]), CAST(:events AS text[])) AS u(s, p)
-        ) AS drawn
+        INSERT INTO ironflow.events (workflow_type, workflow_id, sequence, payload)
+        SELECT :wt, :wid, s, CAST(p AS jsonb)
+        FROM unnest(CAST(:seqs AS bigint[]), CAST(:events AS text[])) AS u(s, p)
         RETURNING 1
     ), ob AS (
         INSERT INTO ironflow.outbox (workflow_type, workflow_id, payload)
@@ -319,4 +322,83 @@ STORE_PROJECTION_POSITION = text("""
     SET last_sequence = GREATEST(ironflow.projection_positions.last_sequence,
                                  EXCLUDED.last_sequence),
         updated_at = now()
+""")
+
+# -- projection runner (ironflow_celery.projections) ---------------------------------
+# No skipped events: a "fence" is the sequence's high-water mark G read first, then a fresh
+# transaction id y drawn after it. Every writer holds its xid before it draws a
+# global_sequence (it locks the instance row first), so every event <= G was drawn by a
+# transaction whose xid is < y. Once the reading snapshot's xmin has passed y, all of them
+# have finished, and the events <= G visible in that snapshot are all there will ever be.
+PROJECTION_FENCE_MARK = text("""
+    SELECT CASE WHEN is_called THEN last_value ELSE 0 END AS high_water
+    FROM ironflow.events_global_sequence_seq
+""")
+
+PROJECTION_FENCE_XID = text("SELECT CAST(pg_current_xact_id() AS text) AS fence_xid")
+
+TRY_LOCK_PROJECTION = text("""
+    SELECT pg_try_advisory_xact_lock(1768083310, hashtext(:name)) AS locked
+""")
+
+LOCK_PROJECTION = text("SELECT pg_advisory_xact_lock(1768083310, hashtext(:name))")
+
+# One row always: whether the fence has passed in this statement's snapshot, then the
+# events (none unless it has). Rows and xmin come from the same snapshot.
+FETCH_EVENTS_FOR_PROJECTION = text("""
+    WITH snap AS (
+        SELECT pg_snapshot_xmin(pg_current_snapshot()) > CAST(:fence_xid AS xid8) AS passed
+    )
+    SELECT snap.passed, e.global_sequence, e.workflow_type, e.workflow_id, e.sequence,
+           e.payload, e.created_at
+    FROM snap
+    LEFT JOIN LATERAL (
+        SELECT global_sequence, workflow_type, workflow_id, sequence, payload, created_at
+        FROM ironflow.events
+        WHERE snap.passed
+          AND global_sequence > :after AND global_sequence <= :high_water
+          AND (CAST(:types AS text[]) IS NULL OR workflow_type = ANY(CAST(:types AS text[])))
+        ORDER BY global_sequence
+        LIMIT :limit
+    ) AS e ON true
+    ORDER BY e.global_sequence
+""")
+
+ADVANCE_PROJECTION = text("""
+    UPDATE ironflow.projection_positions
+    SET last_sequence = GREATEST(last_sequence, :seq), updated_at = now(),
+        last_error = NULL, failed_sequence = NULL, failed_at = NULL
+    WHERE projection_name = :name
+""")
+
+RECORD_PROJECTION_ERROR = text("""
+    UPDATE ironflow.projection_positions
+    SET last_sequence = GREATEST(last_sequence, :seq), updated_at = now(),
+        last_error = :error, failed_sequence = :failed_sequence, failed_at = now()
+    WHERE projection_name = :name
+""")
+
+RESET_PROJECTION_POSITION = text("""
+    INSERT INTO ironflow.projection_positions (projection_name, last_sequence, updated_at)
+    VALUES (:name, 0, now())
+    ON CONFLICT (projection_name) DO UPDATE
+    SET last_sequence = 0, updated_at = now(),
+        last_error = NULL, failed_sequence = NULL, failed_at = NULL
+""")
+
+PROJECTION_STATUS = text("""
+    SELECT p.projection_name, p.last_sequence, p.updated_at, p.last_error,
+           p.failed_sequence, p.failed_at,
+           COALESCE((SELECT max(global_sequence) FROM ironflow.events), 0) AS head
+    FROM ironflow.projection_positions AS p
+    ORDER BY p.projection_name
+""")
+
+PROJECTION_HEAD_ALL = text(
+    "SELECT COALESCE(max(global_sequence), 0) FROM ironflow.events"
+)
+
+EVENTS_HEAD_FOR_TYPES = text("""
+    SELECT COALESCE(max(global_sequence), 0) FROM ironflow.events
+    WHERE workflow_type = ANY(CAST(:types AS text[]))
 """)

@@ -388,8 +388,14 @@ def register_workflow_tasks(
 
 
 def _bind(fn: Any, runtime: WorkflowRuntime, name: str) -> Any:
+    kind = name.rsplit(".", 1)[-1]
+
     def task(ref: str, row_id: str, attempt: int = 1, lease: str = "") -> dict:
-        return fn(runtime, ref, row_id, attempt, lease)
+        try:
+            return fn(runtime, ref, row_id, attempt, lease)
+        except StorageError:  # the guard or ack could not be written; the lease will expire
+            runtime.metrics.ack_failed(kind)
+            raise
 
     task.__name__ = name.replace(".", "_")
     task.__qualname__ = task.__name__

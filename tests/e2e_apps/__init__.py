@@ -1,0 +1,1 @@
+"""Importable Celery apps and workflows for the end-to-end tests' subprocess workers."""

@@ -1,0 +1,169 @@
+"""Flower shows every effect as a task named after its workflow type, and a dead letter
+retried with ``celery call`` is seen processed — real worker, Flower and Redis processes.
+
+The worker runs ``tests/e2e_apps/ops_app.py`` on its own queue with ``-E``; Flower reads
+the worker's events from the same broker. Every process is killed in teardown.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from ironflow_celery.service import Registry, WorkflowService
+from ironflow_celery.store import PostgresStore
+from tests.e2e_apps.ops_app import OpsDemoWorkflow, Submit
+
+pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+APP = "tests.e2e_apps.ops_app"
+BROKER = os.environ.get("IRONFLOW_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate: Any, timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = predicate()
+        except OSError:
+            value = None
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.1)
+
+
+def get_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return json.loads(response.read())
+
+
+def start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            args, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def kill(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(5)
+        except (subprocess.TimeoutExpired, ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+
+
+def effect_row(db: sa.Engine, workflow_id: str) -> Any:
+    with db.connect() as conn:
+        return conn.execute(
+            sa.text("SELECT * FROM ironflow.outbox WHERE workflow_id = :wid"), {"wid": workflow_id}
+        ).first()
+
+
+def test_flower_shows_effects_and_a_retried_dead_letter(database_url, db, tmp_path):
+    queue = f"ops-{uuid.uuid4().hex[:8]}"
+    flower_port, metrics_port = free_port(), free_port()
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "CELERY_BROKER_URL": BROKER,
+        "CELERY_TASK_DEFAULT_QUEUE": queue,
+        "IRONFLOW_DATABASE_URL": database_url,
+        "IRONFLOW_OPS_FLAG_DIR": str(tmp_path),
+        "IRONFLOW_EFFECT_POLL_INTERVAL": "0.1",
+        "IRONFLOW_METRICS_PORT": str(metrics_port),
+        "FLOWER_UNAUTHENTICATED_API": "true",
+    }
+    celery = str(BIN / "celery")
+    procs = []
+    try:
+        procs.append(start(
+            [celery, "-A", APP, "flower", f"--port={flower_port}", "--address=127.0.0.1"],
+            env, tmp_path / "flower.log",
+        ))
+        procs.append(start(
+            [celery, "-A", APP, "worker", "-E", "-P", "threads", "-c", "4", "-Q", queue,
+             "-n", f"{queue}@%h", "--without-mingle", "--without-gossip", "-l", "INFO"],
+            env, tmp_path / "worker.log",
+        ))
+        flower = f"http://127.0.0.1:{flower_port}"
+        wait_until(lambda: get_json(f"{flower}/api/workers?refresh=1").get(f"{queue}@"
+                   f"{socket.gethostname()}"), 25, "Flower to see the worker")
+
+        service = WorkflowService(
+            PostgresStore.from_url(database_url),
+            Registry([(OpsDemoWorkflow, OpsDemoWorkflow.handle_effect)]),
+        )
+        (tmp_path / "ok-1").touch()  # ok-1 is delivered, bad-1 is dead-lettered
+        service.execute(Submit(id="ok-1"))
+        service.execute(Submit(id="bad-1"))
+        ok = wait_until(lambda: (r := effect_row(db, "ok-1")) and r.processed_at and r, 15,
+                        "ok-1 processed")
+        bad = wait_until(lambda: (r := effect_row(db, "bad-1")) and r.dead_lettered_at and r, 15,
+                         "bad-1 dead-lettered")
+
+        def task_info(row_id: uuid.UUID, status: str) -> Any:
+            info = get_json(f"{flower}/api/task/info/{row_id}")
+            return info if f"'status': '{status}'" in (info.get("result") or "") else None
+
+        info = wait_until(lambda: task_info(ok.id, "processed"), 10, "Flower: ok-1 processed")
+        assert info["name"] == "ironflow.ops_demo.effect" and info["state"] == "SUCCESS"
+        assert info["args"] == f"['ops_demo:ok-1', '{ok.id}', 1]"  # workflow, row id, attempt
+        dead = wait_until(lambda: task_info(bad.id, "dead-lettered"), 10, "Flower: dead letter")
+        assert dead["name"] == "ironflow.ops_demo.effect"
+        assert "recipient bad-1 is unreachable" in dead["result"]
+        tasks = get_json(f"{flower}/api/tasks?taskname=ironflow.ops_demo.effect")
+        assert {str(ok.id), str(bad.id)} <= set(tasks)
+
+        # the dead letter is visible to metrics of the worker process, then retried
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
+            body = r.read().decode()
+        assert 'ironflow_dead_letters{kind="effect",workflow_type="ops_demo"} 1.0' in body
+        (tmp_path / "bad-1").touch()
+        called = subprocess.run(
+            [celery, "-A", APP, "call", "ironflow.dead_letters.retry",
+             f"--args={json.dumps([str(bad.id)])}"],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=20, check=True,
+        )
+        retry_task = called.stdout.strip()
+        wait_until(lambda: (r := effect_row(db, "bad-1")) and r.processed_at, 15,
+                   "bad-1 processed after the retry")
+        retried = wait_until(lambda: task_info(bad.id, "processed"), 10, "Flower: processed")
+        assert retried["name"] == "ironflow.ops_demo.effect"
+        call_info = wait_until(
+            lambda: (i := get_json(f"{flower}/api/task/info/{retry_task}")).get("result") and i,
+            10, "Flower: the retry task",
+        )
+        assert call_info["name"] == "ironflow.dead_letters.retry"
+        assert "'reason': 'retried'" in call_info["result"]
+    finally:
+        for proc in reversed(procs):
+            kill(proc)
+        for name in ("worker.log", "flower.log"):
+            log = tmp_path / name
+            if log.exists():
+                tail = log.read_text(errors="replace")[-3000:]
+                sys.stdout.write(f"--- {name} (tail) ---\n{tail}\n")
