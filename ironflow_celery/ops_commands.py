@@ -107,12 +107,16 @@ def add_operations_commands(group: click.Group) -> None:
             max_attempts=runtime.config.retry_policy.max_attempts,
             workflow_types=tuple(runtime.registry.types),
         )
+        from .projections import projection_status
+
+        projections = projection_status(runtime.store)
         if as_json:
             _emit_json(
                 {
                     "max_attempts": runtime.config.retry_policy.max_attempts,
                     "workflow_types": [r.to_json() for r in rows],
-                }
+                    "projections": projections,
+                },
             )
             return
         from rich.table import Table
@@ -144,6 +148,16 @@ def add_operations_commands(group: click.Group) -> None:
                 f"[red]{t.dead}[/red]" if t.dead else "0",
             )
         _console().print(table)
+        if projections:
+            ptable = Table(title="projections")
+            for column in ("projection", "position", "lag", "status"):
+                ptable.add_column(column, justify="left" if column != "lag" else "right")
+            for p in projections:
+                state = str(p["status"])
+                if p.get("last_error"):
+                    state = f"[red]failing at event {p['failed_sequence']}: {p['last_error']}[/red]"
+                ptable.add_row(p["name"], str(p["position"]), str(p["lag"]), state)
+            _console().print(ptable)
 
     @group.group("dead-letters")
     def dead_letters() -> None:
@@ -157,12 +171,16 @@ def add_operations_commands(group: click.Group) -> None:
     @json_option
     @click.pass_obj
     @ops_guarded
-    def dl_list(obj: Context, kind: str, limit: int, after: str | None, as_json: bool,
-                **filters: Any) -> None:
+    def dl_list(
+        obj: Context, kind: str, limit: int, after: str | None, as_json: bool, **filters: Any
+    ) -> None:
         """Dead letters, newest first, one page at a time."""
         query = dl.DeadLetterQuery.of(**filters, limit=limit, after=after)
         letters = dl.fetch_dead_letters(
-            obj.runtime.store, query, kind=kind, max_attempts=_max_attempts(obj)  # type: ignore[arg-type]
+            obj.runtime.store,
+            query,
+            kind=kind,
+            max_attempts=_max_attempts(obj),  # type: ignore[arg-type]
         )
         cursor = dl.next_cursor(letters, query)
         if as_json:
@@ -188,7 +206,10 @@ def add_operations_commands(group: click.Group) -> None:
         table.add_column("last error", overflow="fold")
         for d in letters:
             table.add_row(
-                str(d.id), str(d.workflow), str(d.attempts), _age(d.created_at),
+                str(d.id),
+                str(d.workflow),
+                str(d.attempts),
+                _age(d.created_at),
                 (d.last_error or "")[:120],
             )
         console = _console()
@@ -206,7 +227,10 @@ def add_operations_commands(group: click.Group) -> None:
         """How many dead letters match the filters."""
         query = dl.DeadLetterQuery.of(**filters)
         n = dl.count_dead_letters(
-            obj.runtime.store, query, kind=kind, max_attempts=_max_attempts(obj)  # type: ignore[arg-type]
+            obj.runtime.store,
+            query,
+            kind=kind,
+            max_attempts=_max_attempts(obj),  # type: ignore[arg-type]
         )
         if as_json:
             _emit_json({"kind": kind, "count": n})
@@ -258,7 +282,10 @@ def add_operations_commands(group: click.Group) -> None:
     def dl_retry(obj: Context, row_id: str, kind: str, as_json: bool) -> None:
         """Make one dead letter run again (refused for in-flight or healthy rows)."""
         result = dl.try_retry_dead_letter(
-            obj.runtime.store, row_id, kind=kind, max_attempts=_max_attempts(obj)  # type: ignore[arg-type]
+            obj.runtime.store,
+            row_id,
+            kind=kind,
+            max_attempts=_max_attempts(obj),  # type: ignore[arg-type]
         )
         _report(result, as_json)
 
@@ -271,8 +298,15 @@ def add_operations_commands(group: click.Group) -> None:
     @json_option
     @click.pass_obj
     @ops_guarded
-    def dl_retry_all(obj: Context, kind: str, max_rows: int | None, batch_size: int,
-                     yes: bool, as_json: bool, **filters: Any) -> None:
+    def dl_retry_all(
+        obj: Context,
+        kind: str,
+        max_rows: int | None,
+        batch_size: int,
+        yes: bool,
+        as_json: bool,
+        **filters: Any,
+    ) -> None:
         """Retry every dead letter matching the filters, in batches."""
         store, max_attempts = obj.runtime.store, _max_attempts(obj)
         query = dl.DeadLetterQuery.of(**filters)
@@ -285,8 +319,12 @@ def add_operations_commands(group: click.Group) -> None:
                 return
             click.confirm(f"Retry {n} dead-lettered {kind}(s)?", abort=True)
         retried = dl.retry_dead_letters(
-            store, query, kind=kind, max_attempts=max_attempts,  # type: ignore[arg-type]
-            batch_size=batch_size, max_rows=max_rows,
+            store,
+            query,
+            kind=kind,
+            max_attempts=max_attempts,  # type: ignore[arg-type]
+            batch_size=batch_size,
+            max_rows=max_rows,
         )
         if as_json:
             _emit_json({"kind": kind, "retried": retried})
@@ -303,7 +341,11 @@ def add_operations_commands(group: click.Group) -> None:
     def dl_discard(obj: Context, row_id: str, reason: str, kind: str, as_json: bool) -> None:
         """Mark a dead letter handled without running it; the row is kept for audit."""
         result = dl.try_discard_dead_letter(
-            obj.runtime.store, row_id, reason, kind=kind, max_attempts=_max_attempts(obj)  # type: ignore[arg-type]
+            obj.runtime.store,
+            row_id,
+            reason,
+            kind=kind,
+            max_attempts=_max_attempts(obj),  # type: ignore[arg-type]
         )
         _report(result, as_json)
 
@@ -312,24 +354,42 @@ def add_operations_commands(group: click.Group) -> None:
         """Delete old processed outbox and timer rows."""
 
     @retention.command("purge")
-    @click.option("--older-than", default="7d", show_default=True,
-                  help="Processed more than this long ago (90s, 12h, 7d).")
+    @click.option(
+        "--older-than",
+        default="7d",
+        show_default=True,
+        help="Processed more than this long ago (90s, 12h, 7d).",
+    )
     @click.option("--batch-size", type=click.IntRange(min=1), default=1000, show_default=True)
-    @click.option("--include-observations", is_flag=True,
-                  help="Also input observations of instances completed that long ago.")
-    @click.option("--include-discarded", is_flag=True,
-                  help="Also discarded dead letters (kept for audit otherwise).")
+    @click.option(
+        "--include-observations",
+        is_flag=True,
+        help="Also input observations of instances completed that long ago.",
+    )
+    @click.option(
+        "--include-discarded",
+        is_flag=True,
+        help="Also discarded dead letters (kept for audit otherwise).",
+    )
     @json_option
     @click.pass_obj
     @ops_guarded
-    def retention_purge(obj: Context, older_than: str, batch_size: int,
-                        include_observations: bool, include_discarded: bool,
-                        as_json: bool) -> None:
+    def retention_purge(
+        obj: Context,
+        older_than: str,
+        batch_size: int,
+        include_observations: bool,
+        include_discarded: bool,
+        as_json: bool,
+    ) -> None:
         """Delete processed rows in small batches (no long locks)."""
         from .retention import purge
 
         counts = purge(
-            obj.runtime.store, older_than, batch_size, include_observations,
+            obj.runtime.store,
+            older_than,
+            batch_size,
+            include_observations,
             include_discarded=include_discarded,
         )
         if as_json:

@@ -90,56 +90,6 @@ def test_out_of_order_commits_never_skip_an_event(store: PostgresStore) -> None:
     assert position(store, "collect") >= g2
 
 
-def test_commit_horizon_rule_alone_would_skip_when_xids_and_sequences_cross(
-    store: PostgresStore, db: sa.Engine
-) -> None:
-    """Documents why the runner fences with a fresh xid instead of trusting
-    events.commit_horizon: a horizon is latestCompletedXid + 1, which a transaction that
-    got its xid later but drew its sequence earlier can sit at or above."""
-    for attempt in range(20):  # other databases' commits can close the window; retry
-        a = store.begin("effectless", f"a{attempt}")  # xid assigned first
-        b = store.begin("effectless", f"b{attempt}")  # xid assigned second
-        b.append_events([{"type": "Incremented", "value": 1}])
-        b.flush()  # B draws the lower sequence
-        a.append_events([{"type": "Incremented", "value": 1}])
-        a.flush()  # A draws the higher one
-        xid_b = int(b.conn.execute(sa.text("SELECT pg_current_xact_id()::text")).scalar_one())
-        a._transaction.commit()
-        a.conn.close()
-        with db.connect() as conn:
-            horizon = int(
-                conn.execute(
-                    sa.text("SELECT commit_horizon::text FROM ironflow.events "
-                            "WHERE workflow_id = :w"), {"w": f"a{attempt}"},
-                ).scalar_one()
-            )
-            deadline = time.monotonic() + 5
-            while True:  # older transactions elsewhere in the cluster hold xmin back a while
-                by_horizon = conn.execute(
-                    sa.text(
-                        "SELECT workflow_id FROM ironflow.events "
-                        "WHERE commit_horizon <= pg_snapshot_xmin(pg_current_snapshot()) "
-                        "AND workflow_id IN (:a, :b)"
-                    ), {"a": f"a{attempt}", "b": f"b{attempt}"},
-                ).scalars().all()
-                if by_horizon or horizon > xid_b or time.monotonic() > deadline:
-                    break
-                time.sleep(0.02)
-        proj = Collect(f"fenced{attempt}")
-        try:
-            if horizon > xid_b:
-                continue
-            assert by_horizon == [f"a{attempt}"]  # the horizon rule delivers A, B still open
-            assert ProjectionRunner(store, proj, config=SHORT).run_once() == 0  # the fence waits
-        finally:
-            b._transaction.commit()
-            b.conn.close()
-        assert ProjectionRunner(store, proj, config=FAST).run_once() == 2 * (attempt + 1)
-        assert [e.workflow_id for e in proj.seen][-2:] == [f"b{attempt}", f"a{attempt}"]
-        return
-    pytest.skip("the cluster was too busy to line up the interleaving")
-
-
 # -- single writer ----------------------------------------------------------------------------
 
 
@@ -234,7 +184,9 @@ def test_poison_event_stops_the_projection_visibly_and_resumes_once_fixed(
             )
         ).one()
     assert (row.last_sequence, row.last_error, row.failed_sequence) == (
-        1, "RuntimeError: cannot project bad", 2,
+        1,
+        "RuntimeError: cannot project bad",
+        2,
     )
     assert row.failed_at is not None
     [status] = projection_status(store)
@@ -372,8 +324,9 @@ def test_transactional_poison_event_keeps_the_events_before_it(
     runner = ProjectionRunner(store, Poisoned(), config=FAST)
     assert runner.run_once() == 2
     with db.connect() as conn:
-        assert conn.execute(sa.text("SELECT array_agg(g ORDER BY g) FROM public.seen")).scalar() \
-            == [1, 2]
+        assert conn.execute(
+            sa.text("SELECT array_agg(g ORDER BY g) FROM public.seen")
+        ).scalar() == [1, 2]
     assert position(store, "count_once") == 2
     assert projection_status(store)[0]["failed_sequence"] == 3
 
