@@ -9,6 +9,7 @@ buffers what the decision writes and flushes it in as few round trips as possibl
 from __future__ import annotations
 
 import json
+import threading
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -31,13 +32,28 @@ def dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
+def _unavailable(exc: sa.exc.DBAPIError) -> bool:
+    """Whether the server could not be reached or dropped the connection.
+
+    psycopg's OperationalError also covers errors of a live server (deadlock, lock or
+    statement timeout): those keep their SQLSTATE and are plain `StorageError`s.
+    """
+    if exc.connection_invalidated:
+        return True
+    sqlstate = getattr(exc.orig, "sqlstate", None)
+    if sqlstate is None:  # no answer from a server at all (refused, unreachable, closed)
+        return isinstance(exc, sa.exc.OperationalError)
+    # 08: connection exception; 57P01-57P03: shutdown / cannot connect now.
+    return sqlstate.startswith("08") or sqlstate in {"57P01", "57P02", "57P03"}
+
+
 @contextmanager
 def storage_errors() -> Iterator[None]:
     """Translate driver errors into `StorageError` / `DatabaseUnavailable`."""
     try:
         yield
     except sa.exc.DBAPIError as exc:
-        if exc.connection_invalidated or isinstance(exc, sa.exc.OperationalError):
+        if _unavailable(exc):
             raise DatabaseUnavailable(f"PostgreSQL is unavailable: {exc.orig}") from exc
         raise StorageError(f"postgres error: {exc.orig}") from exc
     except sa.exc.SQLAlchemyError as exc:
@@ -267,17 +283,45 @@ class UnitOfWork:
 class PostgresStore:
     """PostgreSQL persistence for workflows, the outbox, timers and projections."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, *, relaxed_commits: bool = True) -> None:
         self.engine = engine
+        self.relaxed_commits = relaxed_commits
+        self._relaxed_engine: Engine | None = None
+        self._relaxed_lock = threading.Lock()
 
     @classmethod
-    def from_url(cls, url: str, **engine_kwargs: Any) -> PostgresStore:
+    def from_url(
+        cls, url: str, *, relaxed_commits: bool = True, **engine_kwargs: Any
+    ) -> PostgresStore:
         """A store on a new pooled engine for `url`."""
-        return cls(create_engine(url, **engine_kwargs))
+        return cls(create_engine(url, **engine_kwargs), relaxed_commits=relaxed_commits)
+
+    @property
+    def relaxed_engine(self) -> Engine:
+        """The engine for relay and task bookkeeping: ``synchronous_commit = off``.
+
+        Claims, start guards, lease renewals and acknowledgements need not wait for a WAL
+        flush: a crash of PostgreSQL can lose only the last fraction of a second of them,
+        which makes those rows claimable again — an effect may run again (delivery is
+        at-least-once anyway), none is lost. A follow-up input commits with its ack, so
+        both or neither survive. Inputs executed by callers always commit durably.
+        """
+        if not self.relaxed_commits:
+            return self.engine
+        if self._relaxed_engine is None:
+            with self._relaxed_lock:
+                if self._relaxed_engine is None:
+                    self._relaxed_engine = create_engine(
+                        self.engine.url.render_as_string(hide_password=False),
+                        connect_args={"options": "-c synchronous_commit=off"},
+                    )
+        return self._relaxed_engine
 
     def dispose(self) -> None:
-        """Close the pool's connections."""
+        """Close the pools' connections."""
         self.engine.dispose()
+        if self._relaxed_engine is not None:
+            self._relaxed_engine.dispose()
 
     def upgrade_schema(self) -> list[int]:
         """Create or upgrade the ``ironflow`` schema; returns the versions applied."""
@@ -286,18 +330,34 @@ class PostgresStore:
         return schema.upgrade(self.engine)
 
     @contextmanager
-    def transaction(self) -> Iterator[Connection]:
-        """A connection in a transaction that commits on success, rolls back on error."""
-        with storage_errors(), self.engine.begin() as conn:
+    def transaction(self, *, relaxed: bool = False) -> Iterator[Connection]:
+        """A connection in a transaction that commits on success, rolls back on error.
+
+        ``relaxed=True`` uses `relaxed_engine` (for acknowledgements)."""
+        engine = self.relaxed_engine if relaxed else self.engine
+        with storage_errors(), engine.begin() as conn:
             yield conn
 
-    def _run(self, statement: Any, params: dict[str, Any] | None = None) -> sa.CursorResult[Any]:
-        with storage_errors(), self.engine.begin() as conn:
-            result = conn.execute(statement, params or {})
-            if result.returns_rows:
-                rows = result.fetchall()
-                return _Buffered(rows, result.rowcount)  # type: ignore[return-value]
-            return _Buffered([], result.rowcount)  # type: ignore[return-value]
+    def _run(
+        self, statement: Any, params: dict[str, Any] | None = None, *, relaxed: bool = False
+    ) -> sa.CursorResult[Any]:
+        # One statement is atomic on its own: autocommit spares the BEGIN and COMMIT round
+        # trips (the hot path: claim, start guard, ack are one statement each). A connection
+        # that turns out dead (server restarted) is replaced and the statement sent once more:
+        # every statement run here is guarded or idempotent.
+        engine = self.relaxed_engine if relaxed else self.engine
+        for attempt in (1, 2):
+            try:
+                with storage_errors(), engine.connect() as conn:
+                    conn.execution_options(isolation_level="AUTOCOMMIT")
+                    result = conn.execute(statement, params or {})
+                    rows = result.fetchall() if result.returns_rows else []
+                    return _Buffered(rows, result.rowcount)  # type: ignore[return-value]
+            except DatabaseUnavailable as error:
+                cause = error.__cause__
+                if attempt == 2 or not getattr(cause, "connection_invalidated", False):
+                    raise
+        raise AssertionError("unreachable")
 
     # -- unit of work ---------------------------------------------------------------
     def begin(
@@ -432,6 +492,7 @@ class PostgresStore:
                 "max_attempts": max_attempts,
                 "limit": limit,
             },
+            relaxed=True,
         )
         claimed = [
             ClaimedRow(r.id, r.workflow_type, r.workflow_id, r.attempts, r.created_at, token)
@@ -444,7 +505,9 @@ class PostgresStore:
         """Give claimed effects back at once (a publish failed)."""
         if not ids:
             return 0
-        return self._run(sql.RELEASE_EFFECTS, {"ids": list(ids), "token": token}).rowcount
+        return self._run(
+            sql.RELEASE_EFFECTS, {"ids": list(ids), "token": token}, relaxed=True
+        ).rowcount
 
     def start_effect(
         self, effect_id: uuid.UUID, token: str, run_token: str, *, lease_seconds: float
@@ -458,6 +521,7 @@ class PostgresStore:
                 "run_token": run_token,
                 "lease": float(lease_seconds),
             },
+            relaxed=True,
         ).first()
         if row is None:
             return None
@@ -479,7 +543,7 @@ class PostgresStore:
         if connection is not None:
             with storage_errors():
                 return connection.execute(sql.MARK_EFFECT_PROCESSED, params).rowcount == 1
-        return self._run(sql.MARK_EFFECT_PROCESSED, params).rowcount == 1
+        return self._run(sql.MARK_EFFECT_PROCESSED, params, relaxed=True).rowcount == 1
 
     def mark_many_processed(self, items: Sequence[tuple[uuid.UUID, str]]) -> set[uuid.UUID]:
         """Mark several effects processed in one statement; returns those still held."""
@@ -488,6 +552,7 @@ class PostgresStore:
         rows = self._run(
             sql.MARK_EFFECTS_PROCESSED,
             {"ids": [i for i, _ in items], "tokens": [t for _, t in items]},
+            relaxed=True,
         )
         return {r.id for r in rows}
 
@@ -507,7 +572,7 @@ class PostgresStore:
             "error": error,
             "backoff": float(backoff_seconds),
         }
-        return self._scalar_or_none(sql.RECORD_EFFECT_FAILURE, params, connection)
+        return self._scalar_or_none(sql.RECORD_EFFECT_FAILURE, params, connection, relaxed=True)
 
     def record_permanent_failure(
         self,
@@ -520,7 +585,7 @@ class PostgresStore:
     ) -> int | None:
         """Dead-letter an effect now; None when stale."""
         params = {"id": effect_id, "token": token, "error": error, "max_attempts": max_attempts}
-        return self._scalar_or_none(sql.DEAD_LETTER_EFFECT, params, connection)
+        return self._scalar_or_none(sql.DEAD_LETTER_EFFECT, params, connection, relaxed=True)
 
     def renew_leases(
         self, kind: str, items: Sequence[tuple[uuid.UUID, str]], *, lease_seconds: float
@@ -536,6 +601,7 @@ class PostgresStore:
                 "tokens": [t for _, t in items],
                 "lease": float(lease_seconds),
             },
+            relaxed=True,
         )
         return {r.id for r in rows}
 
@@ -544,7 +610,7 @@ class PostgresStore:
         if not ids:
             return set()
         statement = sql.EFFECTS_STILL_IN_FLIGHT if kind == "effect" else sql.TIMERS_STILL_IN_FLIGHT
-        return {r.id for r in self._run(statement, {"ids": list(ids)})}
+        return {r.id for r in self._run(statement, {"ids": list(ids)}, relaxed=True)}
 
     # -- timers ----------------------------------------------------------------------------
     def claim_timers(
@@ -568,6 +634,7 @@ class PostgresStore:
                 "max_attempts": max_attempts,
                 "limit": limit,
             },
+            relaxed=True,
         )
         claimed = [
             ClaimedRow(
@@ -582,7 +649,9 @@ class PostgresStore:
         """Give claimed timers back at once (a publish failed)."""
         if not ids:
             return 0
-        return self._run(sql.RELEASE_TIMERS, {"ids": list(ids), "token": token}).rowcount
+        return self._run(
+            sql.RELEASE_TIMERS, {"ids": list(ids), "token": token}, relaxed=True
+        ).rowcount
 
     def seconds_until_next_timer(
         self, workflow_types: Sequence[str], *, max_attempts: int
@@ -591,7 +660,9 @@ class PostgresStore:
         if not workflow_types:
             return None
         value = self._run(
-            sql.NEXT_TIMER_DUE, {"types": list(workflow_types), "max_attempts": max_attempts}
+            sql.NEXT_TIMER_DUE,
+            {"types": list(workflow_types), "max_attempts": max_attempts},
+            relaxed=True,
         ).scalar()
         return None if value is None else float(value)
 
@@ -602,6 +673,7 @@ class PostgresStore:
         row = self._run(
             sql.START_TIMER,
             {"id": timer_id, "token": token, "run_token": run_token, "lease": float(lease_seconds)},
+            relaxed=True,
         ).first()
         if row is None:
             return None
@@ -632,7 +704,7 @@ class PostgresStore:
         if connection is not None:
             with storage_errors():
                 return connection.execute(sql.MARK_TIMER_PROCESSED, params).rowcount == 1
-        return self._run(sql.MARK_TIMER_PROCESSED, params).rowcount == 1
+        return self._run(sql.MARK_TIMER_PROCESSED, params, relaxed=True).rowcount == 1
 
     def record_timer_failure(
         self,
@@ -645,7 +717,7 @@ class PostgresStore:
     ) -> int | None:
         """attempts+1, last_error, backoff; None when stale."""
         params = {"id": timer_id, "token": token, "error": error, "backoff": float(backoff_seconds)}
-        return self._scalar_or_none(sql.RECORD_TIMER_FAILURE, params, connection)
+        return self._scalar_or_none(sql.RECORD_TIMER_FAILURE, params, connection, relaxed=True)
 
     def dead_letter_timer(
         self,
@@ -658,7 +730,7 @@ class PostgresStore:
     ) -> int | None:
         """Dead-letter a timer now; None when stale."""
         params = {"id": timer_id, "token": token, "error": error, "max_attempts": max_attempts}
-        return self._scalar_or_none(sql.DEAD_LETTER_TIMER, params, connection)
+        return self._scalar_or_none(sql.DEAD_LETTER_TIMER, params, connection, relaxed=True)
 
     # -- projections -------------------------------------------------------------------------
     def fetch_events_since(self, after: int, limit: int = 100) -> list[StoredEvent]:
@@ -685,13 +757,18 @@ class PostgresStore:
 
     # -- helpers -------------------------------------------------------------------------------
     def _scalar_or_none(
-        self, statement: Any, params: dict[str, Any], connection: Connection | None
+        self,
+        statement: Any,
+        params: dict[str, Any],
+        connection: Connection | None,
+        *,
+        relaxed: bool = False,
     ) -> Any:
         if connection is not None:
             with storage_errors():
                 row = connection.execute(statement, params).first()
         else:
-            row = self._run(statement, params).first()
+            row = self._run(statement, params, relaxed=relaxed).first()
         return None if row is None else row[0]
 
 

@@ -185,7 +185,7 @@ def run_effect(runtime: WorkflowRuntime, ref: str, row_id: str, attempt: int, le
         if follow_up is None:
             held = store.mark_processed(effect_id, run_token)
         else:
-            with store.transaction() as conn:
+            with store.transaction(relaxed=True) as conn:
                 held = store.mark_processed(effect_id, run_token, connection=conn)
                 if held:
                     outcome = runtime.service.execute(
@@ -273,7 +273,7 @@ def dead_letter(runtime: WorkflowRuntime, kind: Kind, started: StartedRow, error
     registration = runtime.registry.get(started.workflow_type)
     workflow = registration.workflow
     try:
-        with store.transaction() as conn:
+        with store.transaction(relaxed=True) as conn:
             attempts = write(
                 started.id, started.token, error, max_attempts=policy.max_attempts, connection=conn
             )
@@ -336,7 +336,10 @@ def run_timer(runtime: WorkflowRuntime, ref: str, row_id: str, attempt: int, lea
     metrics.task_started("timer", started.workflow_type, None)
     began = time.monotonic()
     try:
-        with runtime.lease_keeper.keep("timer", timer_id, run_token), store.transaction() as conn:
+        with (
+            runtime.lease_keeper.keep("timer", timer_id, run_token),
+            store.transaction(relaxed=True) as conn,
+        ):
             if not store.lock_timer(conn, timer_id, run_token):
                 conn.rollback()
                 metrics.task_finished("timer", started.workflow_type, "stale-skipped", began)

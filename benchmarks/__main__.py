@@ -1,0 +1,701 @@
+"""Run the benchmark table: ``python -m benchmarks [--quick | --smoke] [--rows 1,2,...]``.
+
+Every run creates a fresh database (dropped afterwards) on the PostgreSQL of
+``IRONFLOW_DATABASE_URL`` (else the local or an embedded one, see
+`ironflow_celery.local_services`), uses private broker queues, and compares each ironflow
+figure with a baseline measured in the same run. Workers are real ``celery worker``
+processes with the same settings for plain Celery and ironflow (`WORKER`).
+
+Rows (what is measured, and how):
+
+1. plain Celery: N no-op tasks published first, then a worker drains them; rate from the
+   first to the last task finished.
+2. N no-op effects inserted into the outbox in one ``INSERT … SELECT generate_series``;
+   relay (inside the worker) + worker; rate from the first to the last ``processed_at``.
+3. N full cycles (input → decide → effect → follow-up input → terminal); inputs submitted
+   from 2 threads of this process; N / (last ``completed_at`` - first submit).
+4. inputs submitted at a steady rate; latency = handler start (``time.time()`` in the
+   handler) - decision commit (``time.time()`` after ``execute`` returned).
+5. N timers inserted with ``fire_at`` spread over S seconds; lateness = the firing
+   transaction's ``now()`` (its event's ``created_at``) - ``fire_at``.
+6. the relay's claim + publish loop alone (no worker, back-pressure lifted) vs the raw
+   claim statement run back to back on one connection.
+7. peak RSS (``VmHWM``) of an ``ironflow-celery relay`` process and of a worker
+   (``--without-ironflow-relay``) draining a big vs a small backlog.
+8. database round trips per effect over a drain of N effects, counted in every worker and
+   relay process (`benchmarks.rtcount`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from rich.console import Console
+from rich.table import Table
+
+ROOT = Path(__file__).resolve().parents[1]
+console = Console()
+
+WORKER = {"pool": "prefork", "concurrency": 2, "prefetch_multiplier": 4}
+RELAY = {"claim_batch_size": 100, "max_in_flight": 1000}
+
+SIZES: dict[str, dict[str, float]] = {
+    "full": dict(
+        r1=20_000, r2=20_000, r3=5_000, r4_rate=200, r4_secs=20, r5=1_000, r5_span=10,
+        r6=20_000, r7_small=1_000, r7_big=100_000, r8=5_000,
+    ),
+    "quick": dict(
+        r1=5_000, r2=5_000, r3=1_000, r4_rate=200, r4_secs=5, r5=300, r5_span=5,
+        r6=5_000, r7_small=1_000, r7_big=5_000, r8=2_000,
+    ),
+    "smoke": dict(
+        r1=200, r2=200, r3=50, r4_rate=50, r4_secs=1, r5=20, r5_span=1,
+        r6=300, r7_small=100, r7_big=300, r8=100,
+    ),
+}
+
+GOALS = {
+    2: "ratio ≥ 0.8",
+    3: "ratio ≥ 0.5",
+    4: "p50 ≤ 10 ms, p99 ≤ 50 ms",
+    5: "p99 ≤ 50 ms",
+    6: "ratio ≥ 0.3",
+    7: "≤ +50 MB",
+    8: "≤ 3",
+}
+
+
+def goal_met(row: dict[str, Any]) -> bool | None:
+    rid = row["id"]
+    try:
+        if rid == 2:
+            return row["ratio"] >= 0.8
+        if rid == 3:
+            return row["ratio"] >= 0.5
+        if rid == 4:
+            return row["p50_ms"] <= 10 and row["p99_ms"] <= 50
+        if rid == 5:
+            return row["p99_ms"] <= 50
+        if rid == 6:
+            return row["ratio"] >= 0.3
+        if rid == 7:
+            return row["value"] <= 50
+        if rid == 8:
+            return row["value"] <= 3
+    except (KeyError, TypeError):
+        return None
+    return None
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    k = (len(ordered) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str, every: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(every)
+
+
+def vm_hwm_mb(pid: int) -> float:
+    """Peak resident set size of a process (``VmHWM``), in MB."""
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def children(pid: int) -> list[int]:
+    found: list[int] = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as fh:
+                found.extend(int(c) for c in fh.read().split())
+    except OSError:
+        pass
+    return found
+
+
+# -- the run -------------------------------------------------------------------------------
+
+
+class Bench:
+    """One benchmark run: a fresh database, private queues, worker processes."""
+
+    def __init__(self, database_url: str, broker_url: str, sizes: dict[str, float], stack):
+        self.sizes = sizes
+        self.broker_url = broker_url
+        self.stack = stack
+        self.run_id = uuid.uuid4().hex[:8]
+        self.tmp = Path(tempfile.mkdtemp(prefix=f"ironflow-bench-{self.run_id}-"))
+        self.logs = ROOT / ".ironflow" / "bench-logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.queues: list[str] = []
+        base = sa.engine.make_url(database_url).set(drivername="postgresql+psycopg")
+        self.admin = sa.create_engine(
+            base.set(database="postgres"), isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool
+        )
+        self.db_name = f"ironflow_bench_{self.run_id}"
+        with self.admin.connect() as conn:
+            conn.execute(sa.text(f'CREATE DATABASE "{self.db_name}"'))
+        stack.callback(self._drop_database)
+        self.database_url = base.set(database=self.db_name).render_as_string(hide_password=False)
+        self.engine = sa.create_engine(self.database_url, pool_size=4, isolation_level="AUTOCOMMIT")
+        stack.callback(self.engine.dispose)
+        stack.callback(self._delete_queues)
+
+        from ironflow_celery import WorkflowRuntime
+
+        self.runtime = WorkflowRuntime(database_url=self.database_url)
+        self.runtime.add_workflow_specs(["benchmarks.workloads"])
+        self.runtime.upgrade_schema()
+        self.service = self.runtime.service
+        stack.callback(self.runtime.store.dispose)
+
+    # -- plumbing ---------------------------------------------------------------------------
+    def _drop_database(self) -> None:
+        with self.admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{self.db_name}" WITH (FORCE)'))
+        self.admin.dispose()
+
+    def _delete_queues(self) -> None:
+        import redis
+
+        client = redis.Redis.from_url(self.broker_url)
+        for queue in self.queues:
+            client.delete(queue, f"_kombu.binding.{queue}")
+        client.close()
+
+    def queue(self, label: str) -> str:
+        name = f"ironflow-bench-{self.run_id}-{label}"
+        self.queues.append(name)
+        return name
+
+    def scalar(self, statement: str, **params: Any) -> Any:
+        with self.engine.connect() as conn:
+            return conn.execute(sa.text(statement), params).scalar()
+
+    def execute(self, statement: str, **params: Any) -> None:
+        with self.engine.connect() as conn:
+            conn.execute(sa.text(statement), params)
+
+    def env(self, queue: str, **extra: str) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            IRONFLOW_DATABASE_URL=self.database_url,
+            CELERY_BROKER_URL=self.broker_url,
+            IRONFLOW_WORKFLOWS="benchmarks.workloads",
+            CELERY_TASK_DEFAULT_QUEUE=queue,
+            PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
+        )
+        env.update(extra)
+        return env
+
+    def start(self, label: str, command: list[str], env: dict[str, str]) -> subprocess.Popen:
+        log = open(self.logs / f"{label}.log", "w")  # noqa: SIM115 - closed by stop()
+        proc = subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        proc.log = log  # type: ignore[attr-defined]
+        self.stack.callback(self.stop, proc)
+        return proc
+
+    def stop(self, proc: subprocess.Popen, timeout: float = 20.0) -> None:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+        proc.log.close()  # type: ignore[attr-defined]
+
+    def worker(
+        self, label: str, queue: str, *, app: str = "ironflow_celery", relay: bool = True,
+        **extra_env: str,
+    ) -> subprocess.Popen:
+        command = [
+            sys.executable, "-m", "celery", "-A", app, "worker",
+            "-P", WORKER["pool"], "-c", str(WORKER["concurrency"]),
+            "--prefetch-multiplier", str(WORKER["prefetch_multiplier"]),
+            "-l", "WARNING", "-Q", queue, "-n", f"bench-{label}-{self.run_id}@%h",
+            "--without-heartbeat", "--without-gossip", "--without-mingle",
+        ]
+        if not relay:
+            command.append("--without-ironflow-relay")
+        return self.start(label, command, self.env(queue, **extra_env))
+
+    def relay_process(self, label: str, queue: str) -> subprocess.Popen:
+        command = [sys.executable, "-m", "benchmarks.relay_process"]
+        return self.start(label, command, self.env(queue))
+
+    def prefill_effects(self, workflow_type: str, prefix: str, n: int) -> None:
+        self.execute(
+            """
+            INSERT INTO ironflow.outbox (workflow_type, workflow_id, payload)
+            SELECT :wt, :prefix || g, '{"type": "Noop"}'::jsonb FROM generate_series(1, :n) g
+            """,
+            wt=workflow_type, prefix=prefix, n=n,
+        )
+        self.execute("SELECT pg_notify('ironflow_effects', :wt)", wt=workflow_type)
+
+    def unprocessed(self, prefix: str) -> int:
+        return self.scalar(
+            "SELECT count(*) FROM ironflow.outbox WHERE processed_at IS NULL "
+            "AND workflow_id LIKE :p",
+            p=prefix + "%",
+        )
+
+    def drain_span(self, prefix: str) -> float:
+        return float(self.scalar(
+            "SELECT EXTRACT(EPOCH FROM max(processed_at) - min(processed_at)) "
+            "FROM ironflow.outbox WHERE workflow_id LIKE :p",
+            p=prefix + "%",
+        ))
+
+    def warm_up(self, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+        """Wait until a worker (with its relay) has processed one effect end to end."""
+        from benchmarks.workloads import Kick
+
+        wid = f"warmup-{uuid.uuid4().hex[:6]}"
+        self.service.execute(Kick(id=wid))
+
+        def done() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError(f"worker exited with {proc.returncode}; see {proc.args}")
+            return self.unprocessed(wid) == 0
+
+        wait_for(done, timeout, "the worker to warm up")
+
+    # -- rows ---------------------------------------------------------------------------------
+    def row1_plain_celery(self) -> dict[str, Any]:
+        n = int(self.sizes["r1"])
+        from celery import Celery
+
+        queue = self.queue("plain")
+        done = self.tmp / "plain.done"
+        done.touch()
+        app = Celery("bench-publisher", broker=self.broker_url)
+        app.conf.task_default_queue = queue
+        with app.producer_or_acquire() as producer:
+            for i in range(n):
+                row_id = str(uuid.uuid4())
+                app.send_task(
+                    "bench.noop", args=[f"plain:{i}", row_id, 1], kwargs={"lease": "x"},
+                    task_id=row_id, producer=producer, ignore_result=True, queue=queue,
+                )
+        proc = self.worker("plain", queue, app="benchmarks.plain",
+                           IRONFLOW_BENCH_DONE_FILE=str(done))
+        first = last = None
+        deadline = time.monotonic() + 60 + n / 100
+        while time.monotonic() < deadline:
+            size = done.stat().st_size
+            now = time.monotonic()
+            if size and first is None:
+                first = (now, size)
+            if size >= n:
+                last = (now, size)
+                break
+            if proc.poll() is not None:
+                break
+            time.sleep(0.002)
+        self.stop(proc)
+        if first is None or last is None:
+            raise RuntimeError("plain Celery worker did not drain the queue (see its log)")
+        rate = (last[1] - first[1]) / max(last[0] - first[0], 1e-9)
+        self.plain_rate = rate
+        return dict(id=1, what=f"plain Celery no-op tasks/s ({n} tasks)", value=round(rate, 1),
+                    unit="tasks/s")
+
+    def row2_noop_effects(self) -> dict[str, Any]:
+        n = int(self.sizes["r2"])
+        prefix = "r2-"
+        started = time.monotonic()
+        self.prefill_effects("bench_noop", prefix, n)
+        wait_for(lambda: self.unprocessed(prefix) == 0, 60 + n / 50, "row 2 drain", 0.1)
+        wall = time.monotonic() - started
+        rate = (n - 1) / max(self.drain_span(prefix), 1e-9)
+        base = getattr(self, "plain_rate", None)
+        return dict(
+            id=2, what=f"no-op effects/s end to end ({n} pre-filled)", value=round(rate, 1),
+            unit="effects/s", baseline=round(base, 1) if base else None,
+            ratio=round(rate / base, 3) if base else None,
+            wall_rate=round(n / wall, 1),
+        )
+
+    def row3_cycles(self) -> dict[str, Any]:
+        from benchmarks.workloads import Begin
+
+        n = int(self.sizes["r3"])
+        ids = [f"c{self.run_id}-{i}" for i in range(n)]
+        t0 = time.time()
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(lambda i: self.service.execute(Begin(id=i)), ids, chunksize=50))
+        submitted = time.time() - t0
+
+        def left() -> int:
+            return self.scalar(
+                "SELECT count(*) FROM ironflow.workflow_instances "
+                "WHERE workflow_type = 'bench_cycle' AND completed_at IS NULL"
+            )
+
+        wait_for(lambda: left() == 0, 60 + n / 20, "row 3 cycles", 0.1)
+        end = float(self.scalar(
+            "SELECT EXTRACT(EPOCH FROM max(completed_at)) FROM ironflow.workflow_instances "
+            "WHERE workflow_type = 'bench_cycle'"
+        ))
+        rate = n / max(end - t0, 1e-9)
+        base = getattr(self, "plain_rate", None)
+        return dict(
+            id=3, what=f"full workflow cycles/s ({n} instances, 2 submit threads)",
+            value=round(rate, 1), unit="cycles/s", baseline=round(base, 1) if base else None,
+            ratio=round(rate / base, 3) if base else None,
+            submit_seconds=round(submitted, 2),
+        )
+
+    def row4_latency(self, marks: Path) -> dict[str, Any]:
+        from benchmarks.workloads import Kick
+
+        rate, secs = self.sizes["r4_rate"], self.sizes["r4_secs"]
+        n = int(rate * secs)
+        committed: dict[str, float] = {}
+        t0 = time.monotonic()
+        for i in range(n):
+            delay = t0 + i / rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            wid = f"lat-{i}"
+            self.service.execute(Kick(id=wid))
+            committed[wid] = time.time()
+        achieved = n / (time.monotonic() - t0)
+        wait_for(lambda: self.unprocessed("lat-") == 0, 60, "row 4 effects", 0.1)
+        time.sleep(0.2)
+        started: dict[str, float] = {}
+        for path in marks.glob("*.marks"):
+            for line in path.read_text().splitlines():
+                wid, ts = line.split()
+                started.setdefault(wid, float(ts))
+        latencies = [(started[w] - c) * 1000 for w, c in committed.items() if w in started]
+        return dict(
+            id=4, what=f"decision commit → handler start at {achieved:.0f} effects/s ({n})",
+            value=round(statistics.median(latencies), 2), unit="ms",
+            p50_ms=round(percentile(latencies, 0.5), 2),
+            p99_ms=round(percentile(latencies, 0.99), 2),
+            max_ms=round(max(latencies), 2), samples=len(latencies),
+        )
+
+    def row5_timers(self) -> dict[str, Any]:
+        n, span = int(self.sizes["r5"]), self.sizes["r5_span"]
+        lead = 1.0
+        self.execute(
+            """
+            INSERT INTO ironflow.timers (workflow_type, workflow_id, fire_at, input)
+            SELECT 'bench_timer', 'tm-' || g,
+                   now() + make_interval(secs => :lead + :span * g / :n),
+                   jsonb_build_object('type', 'Fire', 'id', 'tm-' || g)
+            FROM generate_series(1, :n) g
+            """,
+            lead=lead, span=span, n=n,
+        )
+        self.execute("SELECT pg_notify('ironflow_timers', 'bench_timer')")
+
+        def left() -> int:
+            return self.scalar(
+                "SELECT count(*) FROM ironflow.timers WHERE processed_at IS NULL "
+                "AND workflow_id LIKE 'tm-%'"
+            )
+
+        wait_for(lambda: left() == 0, 60 + lead + span, "row 5 timers", 0.1)
+        with self.engine.connect() as conn:
+            lateness = [
+                float(r[0]) for r in conn.execute(sa.text(
+                    "SELECT EXTRACT(EPOCH FROM e.created_at - t.fire_at) * 1000 "
+                    "FROM ironflow.timers t JOIN ironflow.events e "
+                    "ON e.workflow_type = t.workflow_type AND e.workflow_id = t.workflow_id "
+                    "WHERE t.workflow_id LIKE 'tm-%'"
+                ))
+            ]
+        return dict(
+            id=5, what=f"timer lateness, {n} timers due over {span:g} s", unit="ms",
+            value=round(percentile(lateness, 0.5), 2),
+            p50_ms=round(percentile(lateness, 0.5), 2),
+            p99_ms=round(percentile(lateness, 0.99), 2),
+            max_ms=round(max(lateness), 2), samples=len(lateness),
+        )
+
+    def row6_relay_alone(self) -> dict[str, Any]:
+        from celery import Celery
+
+        from ironflow_celery import sql
+        from ironflow_celery.config import RuntimeConfig
+        from ironflow_celery.relay import Relay, celery_publisher
+
+        n = int(self.sizes["r6"])
+        self.prefill_effects("bench_raw6", "raw6-", n)
+        self.prefill_effects("bench_relay6", "relay6-", n)
+        self.execute("VACUUM ANALYZE ironflow.outbox")
+        batch = RELAY["claim_batch_size"]
+        # Baseline: the claim statement alone, back to back on one autocommit connection.
+        params = {"token": "raw", "types": ["bench_raw6"], "lease": 300.0, "max_attempts": 5,
+                  "limit": batch}
+        claimed = 0
+        with self.engine.connect() as conn:
+            t0 = time.perf_counter()
+            while True:
+                got = len(conn.execute(sql.CLAIM_EFFECTS, params).fetchall())
+                if not got:
+                    break
+                claimed += got
+            raw_rate = claimed / (time.perf_counter() - t0)
+        # The relay: claim + publish to the broker, in-process, no worker, no back-pressure.
+        queue = self.queue("relay6")
+        app = Celery("bench-relay", broker=self.broker_url)
+        app.conf.task_default_queue = queue
+        config = RuntimeConfig(claim_batch_size=batch, max_in_flight=n + batch)
+        relay = Relay(
+            "effect", self.runtime.store, ["bench_relay6"], config, celery_publisher(app),
+            name=f"bench-relay-{self.run_id}", wake=threading.Event(), stop=threading.Event(),
+        )
+        relay.step()  # connect to the broker and the database once before timing
+        first = relay.published_total
+        t0 = time.perf_counter()
+        while relay.published_total < n:
+            if not relay.step():
+                break
+        elapsed = time.perf_counter() - t0
+        rate = (relay.published_total - first) / elapsed
+        return dict(
+            id=6, what=f"relay alone: claimed + published rows/s ({n} rows, batch {batch})",
+            value=round(rate, 1), unit="rows/s", baseline=round(raw_rate, 1),
+            ratio=round(rate / raw_rate, 3), baseline_what="raw claim statement rows/s",
+        )
+
+    def _rss_run(self, backlog: int, label: str) -> tuple[float, float, float]:
+        prefix = f"r7{label}-"
+        queue = self.queue(f"rss-{label}")
+        self.prefill_effects("bench_noop", prefix, backlog)
+        t0 = time.monotonic()
+        relay = self.relay_process(f"relay-{label}", queue)
+        worker = self.worker(f"rss-worker-{label}", queue, relay=False)
+        relay_peak, worker_peak = 0.0, 0.0
+
+        def sample() -> bool:
+            nonlocal relay_peak, worker_peak
+            for proc in (relay, worker):
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{proc.args[:5]} exited with {proc.returncode}")
+            relay_peak = max(relay_peak, vm_hwm_mb(relay.pid))
+            for pid in [worker.pid, *children(worker.pid)]:
+                try:
+                    worker_peak = max(worker_peak, vm_hwm_mb(pid))
+                except OSError:
+                    pass
+            return self.unprocessed(prefix) == 0
+
+        wait_for(sample, 120 + backlog / 50, f"row 7 backlog {backlog}", 0.25)
+        sample()
+        elapsed = time.monotonic() - t0
+        self.stop(relay)
+        self.stop(worker)
+        return relay_peak, worker_peak, elapsed
+
+    def row7_rss(self) -> dict[str, Any]:
+        small, big = int(self.sizes["r7_small"]), int(self.sizes["r7_big"])
+        r_small, w_small, _ = self._rss_run(small, "small")
+        r_big, w_big, secs = self._rss_run(big, "big")
+        delta = max(r_big - r_small, w_big - w_small)
+        return dict(
+            id=7, what=f"peak RSS growth, {big:,}- vs {small:,}-row backlog (worst of relay, worker)",
+            value=round(delta, 1), unit="MB", baseline=round(max(r_small, w_small), 1),
+            relay_mb={"small": round(r_small, 1), "big": round(r_big, 1)},
+            worker_mb={"small": round(w_small, 1), "big": round(w_big, 1)},
+            big_drain_seconds=round(secs, 1),
+        )
+
+    def row8_round_trips(self) -> dict[str, Any]:
+        from benchmarks import rtcount
+
+        n = int(self.sizes["r8"])
+        counts_dir = self.tmp / "rt"
+        counts_dir.mkdir()
+        queue = self.queue("rt")
+        proc = self.worker("rt", queue, IRONFLOW_BENCH_RT_DIR=str(counts_dir))
+        self.warm_up(proc)
+        time.sleep(0.6)
+        before = rtcount.total(str(counts_dir))
+        by_role_before = {p: dict(d["counts"]) for p, d in rtcount.read(str(counts_dir)).items()}
+        self.prefill_effects("bench_noop", "r8-", n)
+        wait_for(lambda: self.unprocessed("r8-") == 0, 60 + n / 50, "row 8 drain", 0.1)
+        time.sleep(0.6)
+        after = rtcount.total(str(counts_dir))
+        per_process = rtcount.read(str(counts_dir))
+        self.stop(proc)
+        delta = {k: after[k] - before.get(k, 0) for k in after}
+        total = sum(delta.values())
+        relay_total = 0
+        for pid, data in per_process.items():
+            if data["role"] == "ironflow-relay":
+                old = by_role_before.get(pid, {})
+                relay_total += sum(v - old.get(k, 0) for k, v in data["counts"].items())
+        return dict(
+            id=8, what=f"database round trips per effect, amortised ({n} effects)",
+            value=round(total / n, 2), unit="round trips",
+            breakdown={k: round(v / n, 3) for k, v in sorted(delta.items())},
+            relay_share=round(relay_total / n, 3),
+        )
+
+
+# -- main -----------------------------------------------------------------------------------
+
+
+def machine(bench: Bench) -> dict[str, Any]:
+    import celery
+    import redis
+
+    mem_kb = 0
+    with open("/proc/meminfo") as fh:
+        for line in fh:
+            if line.startswith("MemTotal:"):
+                mem_kb = int(line.split()[1])
+    client = redis.Redis.from_url(bench.broker_url)
+    redis_version = client.info("server").get("redis_version")
+    client.close()
+    return {
+        "cores": os.cpu_count(),
+        "memory": f"{mem_kb / 1024 / 1024:.1f} GiB",
+        "postgres": bench.scalar("SHOW server_version"),
+        "redis": redis_version,
+        "celery": celery.__version__,
+        "python": platform.python_version(),
+        "worker": {**WORKER, "relay": "in the worker (prefork: its own child process); "
+                   "row 7: a separate relay process (benchmarks.relay_process, as `ironflow-celery relay`)"},
+        "relay": RELAY,
+    }
+
+
+def render(result: dict[str, Any], title: str) -> Table:
+    table = Table(title=title)
+    for column, justify in (("#", "right"), ("what", "left"), ("value", "right"),
+                            ("unit", "left"), ("baseline", "right"), ("ratio", "right"),
+                            ("p50 ms", "right"), ("p99 ms", "right"), ("goal", "left"),
+                            ("met", "center")):
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    for row in result["rows"]:
+        met = goal_met(row)
+        if "error" in row:
+            table.add_row(str(row["id"]), row["what"], "error", "", "", "", "", "",
+                          GOALS.get(row["id"], "—"), "[red]✗[/red]")
+            continue
+        table.add_row(
+            str(row["id"]), row["what"], f"{row.get('value', '')}", row.get("unit", ""),
+            f"{row['baseline']}" if row.get("baseline") is not None else "",
+            f"{row['ratio']}x" if row.get("ratio") is not None else "",
+            f"{row['p50_ms']}" if "p50_ms" in row else "",
+            f"{row['p99_ms']}" if "p99_ms" in row else "",
+            GOALS.get(row["id"], "—"),
+            "" if met is None else ("[green]✓[/green]" if met else "[red]✗[/red]"),
+        )
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="every row at a small size (~2 min)")
+    size.add_argument("--smoke", action="store_true", help="tiny sizes, for the test suite")
+    parser.add_argument("--rows", default="1,2,3,4,5,6,7,8", help="comma-separated row numbers")
+    parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results.json"))
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+    rows = sorted({int(r) for r in args.rows.split(",") if r.strip()})
+    sizes = SIZES[mode]
+
+    from ironflow_celery.local_services import resolve_services
+
+    results: list[dict[str, Any]] = []
+    started = time.monotonic()
+    with ExitStack() as stack:
+        database_url = os.environ.get("IRONFLOW_DATABASE_URL")
+        broker_url = os.environ.get("CELERY_BROKER_URL")
+        if not (database_url and broker_url):
+            services = stack.enter_context(resolve_services(announce=console.print))
+            database_url = database_url or services.database_url
+            broker_url = broker_url or services.broker_url
+        assert database_url and broker_url
+        bench = Bench(database_url, broker_url, sizes, stack)
+        info = machine(bench)
+        console.print(f"benchmark database {bench.db_name} ({mode} sizes); worker: {WORKER}")
+
+        def attempt(rid: int, fn: Callable[[], dict[str, Any]]) -> None:
+            console.print(f"row {rid} …")
+            t0 = time.monotonic()
+            try:
+                row = fn()
+            except Exception as exc:  # a failing row must not hide the others
+                console.print(f"[red]row {rid} failed[/red]: {exc!r}")
+                row = {"id": rid, "what": f"row {rid}", "error": repr(exc)}
+            row["seconds"] = round(time.monotonic() - t0, 1)
+            results.append(row)
+            console.print(f"row {rid}: {row.get('value')} {row.get('unit', '')} "
+                          f"({row['seconds']} s)")
+
+        if 1 in rows:
+            attempt(1, bench.row1_plain_celery)
+        if rows and set(rows) & {2, 3, 4, 5}:
+            marks = bench.tmp / "marks"
+            marks.mkdir()
+            queue = bench.queue("main")
+            proc = bench.worker("main", queue, IRONFLOW_BENCH_MARKS=str(marks))
+            bench.warm_up(proc)
+            for rid, fn in ((2, bench.row2_noop_effects), (3, bench.row3_cycles),
+                            (4, lambda: bench.row4_latency(marks)), (5, bench.row5_timers)):
+                if rid in rows:
+                    attempt(rid, fn)
+            bench.stop(proc)
+        if 6 in rows:
+            attempt(6, bench.row6_relay_alone)
+        if 7 in rows:
+            attempt(7, bench.row7_rss)
+        if 8 in rows:
+            attempt(8, bench.row8_round_trips)
+
+    results.sort(key=lambda r: r["id"])
+    output = {"mode": mode, "sizes": sizes, "machine": info, "rows": results,
+              "seconds": round(time.monotonic() - started, 1)}
+    Path(args.output).write_text(json.dumps(output, indent=2, default=str) + "\n")
+    console.print(render(output, f"ironflow_celery benchmarks ({mode}) — worker: "
+                         f"{WORKER['pool']}, concurrency {WORKER['concurrency']}, "
+                         f"prefetch multiplier {WORKER['prefetch_multiplier']}"))
+    console.print(f"machine: {info}")
+    console.print(f"results written to {args.output} ({output['seconds']} s)")
+    return 1 if any("error" in r for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

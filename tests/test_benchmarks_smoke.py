@@ -1,0 +1,52 @@
+"""`python -m benchmarks --smoke` runs every row at tiny sizes and reports all 8 rows.
+
+No timing assertions: the machine is shared, only the shape of the output is checked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.e2e
+
+FIELDS = {
+    1: {"value", "unit"},
+    2: {"value", "unit", "baseline", "ratio"},
+    3: {"value", "unit", "baseline", "ratio"},
+    4: {"value", "unit", "p50_ms", "p99_ms"},
+    5: {"value", "unit", "p50_ms", "p99_ms"},
+    6: {"value", "unit", "baseline", "ratio"},
+    7: {"value", "unit", "baseline"},
+    8: {"value", "unit"},
+}
+
+
+@pytest.mark.timeout(170)
+def test_benchmarks_smoke_run_reports_every_row(tmp_path: Path) -> None:
+    output = tmp_path / "results.json"
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, PYTHONPATH=path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--smoke", "--output", str(output)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=160,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "ironflow_celery benchmarks (smoke)" in proc.stdout
+    result = json.loads(output.read_text())
+    assert set(result["machine"]) >= {"cores", "memory", "postgres", "redis", "celery", "worker"}
+    assert result["machine"]["worker"]["concurrency"] == 2
+    rows = {row["id"]: row for row in result["rows"]}
+    assert sorted(rows) == list(range(1, 9))
+    for rid, fields in FIELDS.items():
+        assert "error" not in rows[rid], rows[rid]
+        assert fields <= set(rows[rid]), (rid, rows[rid])
+        assert rows[rid]["what"]
+        assert isinstance(rows[rid]["value"], (int, float))
