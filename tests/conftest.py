@@ -1,0 +1,110 @@
+"""Shared fixtures: a fresh migrated PostgreSQL database per test, Celery's in-thread workers.
+
+Each test gets its own database, cloned from a template that this session (or xdist
+worker) migrated once, and dropped afterwards; tests therefore run in parallel safely.
+pytest-celery's own plugin (registered as ``celery``) is disabled in pyproject's addopts
+(``-p no:celery``) so that ``celery.contrib.pytest``'s in-process fixtures load instead.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import make_url
+
+from ironflow_celery import schema
+from ironflow_celery.db import create_engine, normalize_url
+from ironflow_celery.store import PostgresStore
+
+pytest_plugins = ("celery.contrib.pytest",)
+
+DEFAULT_SERVER_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def _server_url() -> str:
+    """The PostgreSQL server the tests use (dev.py exports IRONFLOW_DATABASE_URL)."""
+    return os.environ.get("IRONFLOW_TEST_DATABASE_URL") or os.environ.get(
+        "IRONFLOW_DATABASE_URL", DEFAULT_SERVER_URL
+    )
+
+
+def _with_database(url: str, name: str) -> str:
+    return make_url(normalize_url(url)).set(database=name).render_as_string(hide_password=False)
+
+
+@pytest.fixture(scope="session")
+def pg_admin_engine() -> Iterator[sa.Engine]:
+    """An autocommit engine on the server's maintenance database (CREATE/DROP DATABASE)."""
+    engine = create_engine(
+        _with_database(_server_url(), "postgres"), isolation_level="AUTOCOMMIT", pool_size=1
+    )
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def template_database(pg_admin_engine: sa.Engine, worker_id: str) -> Iterator[str]:
+    """A database with all migrations applied, cloned by each test."""
+    name = f"ironflow_tpl_{worker_id}_{uuid.uuid4().hex[:8]}"
+    with pg_admin_engine.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    engine = create_engine(_with_database(_server_url(), name), pool_size=1)
+    schema.upgrade(engine)
+    engine.dispose()
+    yield name
+    with pg_admin_engine.connect() as conn:
+        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(scope="session")
+def worker_id(request: pytest.FixtureRequest) -> str:
+    """xdist's worker id ("master" without xdist)."""
+    return getattr(request.config, "workerinput", {}).get("workerid", "master")
+
+
+def _db_name(request: pytest.FixtureRequest) -> str:
+    base = re.sub(r"[^a-z0-9]+", "_", request.node.name.lower())[:30]
+    return f"test_{base}_{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def database_url(
+    request: pytest.FixtureRequest, pg_admin_engine: sa.Engine, template_database: str
+) -> Iterator[str]:
+    """URL of a fresh, migrated database for this test only."""
+    name = _db_name(request)
+    with pg_admin_engine.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"'))
+    yield _with_database(_server_url(), name)
+    with pg_admin_engine.connect() as conn:
+        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture
+def empty_database_url(request: pytest.FixtureRequest, pg_admin_engine: sa.Engine) -> Iterator[str]:
+    """URL of a fresh database without the ironflow schema."""
+    name = _db_name(request)
+    with pg_admin_engine.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    yield _with_database(_server_url(), name)
+    with pg_admin_engine.connect() as conn:
+        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture
+def store(database_url: str) -> Iterator[PostgresStore]:
+    """A store on this test's database."""
+    s = PostgresStore.from_url(database_url)
+    yield s
+    s.dispose()
+
+
+@pytest.fixture
+def db(store: PostgresStore) -> sa.Engine:
+    """The test database's engine, for direct SQL in assertions."""
+    return store.engine

@@ -1,0 +1,224 @@
+"""Service resolution for dev.py, tests and benchmarks: configured, local, or embedded.
+
+Real servers only: the machine's PostgreSQL/Redis when present, and embedded PostgreSQL 18
+and Redis started from the wheels. A configured URL that does not answer must fail loudly
+and must never start an embedded server in its place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import psycopg
+import pytest
+import redis
+
+from ironflow_celery.errors import ConfigurationError
+from ironflow_celery.local_services import (
+    BROKER_URL_ENV,
+    DATABASE_URL_ENV,
+    LOCAL_POSTGRES_ENV,
+    LOCAL_REDIS_ENV,
+    resolve_broker,
+    resolve_database,
+    resolve_services,
+    start_embedded_postgres,
+    start_embedded_redis,
+)
+
+CLOSED = "127.0.0.1:1"  # nothing listens on port 1
+
+FALLBACK_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    from pathlib import Path
+
+    import psycopg, redis
+
+    from ironflow_celery.local_services import resolve_services
+
+    lines = []
+    services = resolve_services(workdir=Path(sys.argv[1]), announce=lines.append)
+    with psycopg.connect(services.database_url) as conn:
+        version = conn.execute("SELECT version()").fetchone()[0]
+        database = conn.execute("SELECT current_database()").fetchone()[0]
+    pong = redis.Redis.from_url(services.broker_url).ping()
+    pids = [server.pid for server in services.servers]
+    services.close()
+    print(json.dumps({
+        "lines": lines,
+        "version": version,
+        "database": database,
+        "pong": pong,
+        "pids": pids,
+        "alive_after_close": [server.running for server in services.servers],
+        "database_url": services.database_url,
+        "broker_url": services.broker_url,
+    }))
+    """
+)
+
+
+def _answers(address: str) -> bool:
+    """Whether something accepts TCP connections at host:port."""
+    host, port = address.rsplit(":", 1)
+    try:
+        socket.create_connection((host, int(port)), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+def _pid_gone(pid: int) -> bool:
+    """Whether `pid` has exited (a zombie waiting for its reaper counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().rsplit(")", 1)[-1].split()[0] == "Z"
+
+
+@pytest.fixture
+def no_configured_services(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """Nothing configured: resolution must probe the local defaults (or what we point at)."""
+    for name in (DATABASE_URL_ENV, BROKER_URL_ENV, LOCAL_POSTGRES_ENV, LOCAL_REDIS_ENV):
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def test_fallback_starts_embedded_postgres_18_and_redis_and_stops_them(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in (DATABASE_URL_ENV, BROKER_URL_ENV)}
+    env.update({LOCAL_POSTGRES_ENV: CLOSED, LOCAL_REDIS_ENV: CLOSED})
+    result = subprocess.run(
+        [sys.executable, "-c", FALLBACK_SCRIPT, str(tmp_path / "work")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+
+    pg_line, broker_line = report["lines"]
+    assert pg_line.startswith("PostgreSQL: embedded 18."), pg_line
+    assert CLOSED in pg_line  # says why: nothing at the probed address
+    assert broker_line.startswith("Broker: embedded Redis"), broker_line
+    assert "PostgreSQL 18." in report["version"]
+    assert report["database"] == "ironflow_dev"
+    assert report["pong"] is True
+    assert report["alive_after_close"] == [False, False]
+    assert all(_pid_gone(pid) for pid in report["pids"])
+    for url in (report["database_url"], report["broker_url"]):
+        host_port = url.split("@")[-1].split("://")[-1].split("/")[0]
+        assert not _answers(host_port), f"{url} still answers after close()"
+    # initdb ran once into the workdir, which the next run reuses.
+    assert (tmp_path / "work" / "postgres-18" / "PG_VERSION").read_text().strip() == "18"
+
+
+def test_configured_database_that_does_not_answer_is_an_error_not_a_fallback(
+    tmp_path: Path, no_configured_services: pytest.MonkeyPatch
+) -> None:
+    url = f"postgresql://postgres@{CLOSED}/nowhere"
+    no_configured_services.setenv(DATABASE_URL_ENV, url)
+    no_configured_services.setenv(LOCAL_POSTGRES_ENV, CLOSED)
+    with pytest.raises(ConfigurationError) as excinfo:
+        resolve_services(workdir=tmp_path, announce=pytest.fail)
+    assert url in str(excinfo.value)
+    assert DATABASE_URL_ENV in str(excinfo.value)
+    assert list(tmp_path.iterdir()) == []  # no embedded server was even prepared
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["redis://127.0.0.1:1/0", "amqp://guest:secret@127.0.0.1:1//"],
+    ids=["redis", "amqp"],
+)
+def test_configured_broker_that_does_not_answer_is_an_error_not_a_fallback(
+    url: str, tmp_path: Path, no_configured_services: pytest.MonkeyPatch
+) -> None:
+    no_configured_services.setenv(BROKER_URL_ENV, url)
+    no_configured_services.setenv(LOCAL_REDIS_ENV, CLOSED)
+    with pytest.raises(ConfigurationError) as excinfo:
+        resolve_broker(workdir=tmp_path, announce=pytest.fail)
+    message = str(excinfo.value)
+    assert url.replace(":secret@", ":***@") in message
+    assert "secret" not in message  # the password is not printed
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_configured_services_that_answer_are_used_as_given(
+    tmp_path: Path, no_configured_services: pytest.MonkeyPatch
+) -> None:
+    with (
+        start_embedded_postgres(tmp_path / "pg", database="configured") as pg,
+        start_embedded_redis(tmp_path / "redis") as broker,
+    ):
+        no_configured_services.setenv(DATABASE_URL_ENV, pg.url)
+        no_configured_services.setenv(BROKER_URL_ENV, broker.url)
+        lines: list[str] = []
+        with resolve_services(workdir=tmp_path / "unused", announce=lines.append) as services:
+            assert (services.database_url, services.broker_url) == (pg.url, broker.url)
+            assert services.servers == []
+        assert lines == [
+            f"PostgreSQL: {pg.url} (from {DATABASE_URL_ENV})",
+            f"Broker: {broker.url} (from {BROKER_URL_ENV})",
+        ]
+        assert pg.url.endswith("/configured")
+        assert not (tmp_path / "unused").exists()
+        assert pg.running and broker.running  # not ours to stop: resolve_services used them
+
+
+def test_default_path_finds_the_local_postgresql(
+    tmp_path: Path, no_configured_services: pytest.MonkeyPatch
+) -> None:
+    if not _answers("127.0.0.1:5432"):
+        pytest.skip("no PostgreSQL server at 127.0.0.1:5432")
+    lines: list[str] = []
+    url, server = resolve_database(workdir=tmp_path, announce=lines.append)
+    assert server is None
+    assert url.startswith("postgresql://") and url.endswith("@127.0.0.1:5432/ironflow_dev")
+    assert lines[0].startswith("PostgreSQL: 127.0.0.1:5432 (local server"), lines
+    with psycopg.connect(url) as conn:
+        assert conn.execute("SELECT current_database()").fetchone() == ("ironflow_dev",)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_default_path_finds_the_local_redis(
+    tmp_path: Path, no_configured_services: pytest.MonkeyPatch
+) -> None:
+    if not _answers("127.0.0.1:6379"):
+        pytest.skip("no Redis server at 127.0.0.1:6379")
+    lines: list[str] = []
+    url, server = resolve_broker(workdir=tmp_path, announce=lines.append)
+    assert (url, server) == ("redis://127.0.0.1:6379/0", None)
+    assert lines == ["Broker: redis://127.0.0.1:6379/0 (local Redis server)"]
+    assert redis.Redis.from_url(url).ping()
+
+
+def test_embedded_postgres_reuses_its_data_directory(tmp_path: Path) -> None:
+    first = start_embedded_postgres(tmp_path)
+    try:
+        with psycopg.connect(first.url) as conn:
+            conn.execute("CREATE TABLE kept (x int)")
+            conn.execute("INSERT INTO kept VALUES (42)")
+        # A second start on the same workdir while the first runs shares that server.
+        second = start_embedded_postgres(tmp_path)
+        assert (second.owned, second.pid, second.url) == (False, first.pid, first.url)
+        url, stop = second  # the (url, stop) shape; stopping a reused server is a no-op
+        assert url == first.url
+        stop()
+        assert first.running
+    finally:
+        first.stop()
+    assert not first.running
+
+    again = start_embedded_postgres(tmp_path)  # no initdb this time: the data survived
+    with again, psycopg.connect(again.url) as conn:
+        assert conn.execute("SELECT x FROM kept").fetchone() == (42,)
