@@ -42,7 +42,7 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from pathlib import Path
 from typing import Any
 
@@ -58,16 +58,43 @@ RELAY = {"claim_batch_size": 100, "max_in_flight": 1000}
 
 SIZES: dict[str, dict[str, float]] = {
     "full": dict(
-        r1=20_000, r2=20_000, r3=5_000, r4_rate=200, r4_secs=20, r5=1_000, r5_span=10,
-        r6=20_000, r7_small=1_000, r7_big=100_000, r8=5_000,
+        r1=20_000,
+        r2=20_000,
+        r3=5_000,
+        r4_rate=200,
+        r4_secs=20,
+        r5=1_000,
+        r5_span=10,
+        r6=20_000,
+        r7_small=1_000,
+        r7_big=100_000,
+        r8=5_000,
     ),
     "quick": dict(
-        r1=5_000, r2=5_000, r3=1_000, r4_rate=200, r4_secs=5, r5=300, r5_span=5,
-        r6=5_000, r7_small=1_000, r7_big=5_000, r8=2_000,
+        r1=5_000,
+        r2=5_000,
+        r3=1_000,
+        r4_rate=200,
+        r4_secs=5,
+        r5=300,
+        r5_span=5,
+        r6=5_000,
+        r7_small=1_000,
+        r7_big=5_000,
+        r8=2_000,
     ),
     "smoke": dict(
-        r1=200, r2=200, r3=50, r4_rate=50, r4_secs=1, r5=20, r5_span=1,
-        r6=300, r7_small=100, r7_big=300, r8=100,
+        r1=200,
+        r2=200,
+        r3=50,
+        r4_rate=50,
+        r4_secs=1,
+        r5=20,
+        r5_span=1,
+        r6=300,
+        r7_small=100,
+        r7_big=300,
+        r8=100,
     ),
 }
 
@@ -219,7 +246,11 @@ class Bench:
     def start(self, label: str, command: list[str], env: dict[str, str]) -> subprocess.Popen:
         log = open(self.logs / f"{label}.log", "w")  # noqa: SIM115 - closed by stop()
         proc = subprocess.Popen(
-            command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+            command,
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         proc.log = log  # type: ignore[attr-defined]
@@ -237,15 +268,36 @@ class Bench:
         proc.log.close()  # type: ignore[attr-defined]
 
     def worker(
-        self, label: str, queue: str, *, app: str = "ironflow_celery", relay: bool = True,
+        self,
+        label: str,
+        queue: str,
+        *,
+        app: str = "ironflow_celery",
+        relay: bool = True,
         **extra_env: str,
     ) -> subprocess.Popen:
         command = [
-            sys.executable, "-m", "celery", "-A", app, "worker",
-            "-P", WORKER["pool"], "-c", str(WORKER["concurrency"]),
-            "--prefetch-multiplier", str(WORKER["prefetch_multiplier"]),
-            "-l", "WARNING", "-Q", queue, "-n", f"bench-{label}-{self.run_id}@%h",
-            "--without-heartbeat", "--without-gossip", "--without-mingle",
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            app,
+            "worker",
+            "-P",
+            WORKER["pool"],
+            "-c",
+            str(WORKER["concurrency"]),
+            "--prefetch-multiplier",
+            str(WORKER["prefetch_multiplier"]),
+            "-l",
+            "WARNING",
+            "-Q",
+            queue,
+            "-n",
+            f"bench-{label}-{self.run_id}@%h",
+            "--without-heartbeat",
+            "--without-gossip",
+            "--without-mingle",
         ]
         if not relay:
             command.append("--without-ironflow-relay")
@@ -261,7 +313,9 @@ class Bench:
             INSERT INTO ironflow.outbox (workflow_type, workflow_id, payload)
             SELECT :wt, :prefix || g, '{"type": "Noop"}'::jsonb FROM generate_series(1, :n) g
             """,
-            wt=workflow_type, prefix=prefix, n=n,
+            wt=workflow_type,
+            prefix=prefix,
+            n=n,
         )
         self.execute("SELECT pg_notify('ironflow_effects', :wt)", wt=workflow_type)
 
@@ -273,11 +327,13 @@ class Bench:
         )
 
     def drain_span(self, prefix: str) -> float:
-        return float(self.scalar(
-            "SELECT EXTRACT(EPOCH FROM max(processed_at) - min(processed_at)) "
-            "FROM ironflow.outbox WHERE workflow_id LIKE :p",
-            p=prefix + "%",
-        ))
+        return float(
+            self.scalar(
+                "SELECT EXTRACT(EPOCH FROM max(processed_at) - min(processed_at)) "
+                "FROM ironflow.outbox WHERE workflow_id LIKE :p",
+                p=prefix + "%",
+            )
+        )
 
     def warm_up(self, proc: subprocess.Popen, timeout: float = 60.0) -> None:
         """Wait until a worker (with its relay) has processed one effect end to end."""
@@ -307,11 +363,17 @@ class Bench:
             for i in range(n):
                 row_id = str(uuid.uuid4())
                 app.send_task(
-                    "bench.noop", args=[f"plain:{i}", row_id, 1], kwargs={"lease": "x"},
-                    task_id=row_id, producer=producer, ignore_result=True, queue=queue,
+                    "bench.noop",
+                    args=[f"plain:{i}", row_id, 1],
+                    kwargs={"lease": "x"},
+                    task_id=row_id,
+                    producer=producer,
+                    ignore_result=True,
+                    queue=queue,
                 )
-        proc = self.worker("plain", queue, app="benchmarks.plain",
-                           IRONFLOW_BENCH_DONE_FILE=str(done))
+        proc = self.worker(
+            "plain", queue, app="benchmarks.plain", IRONFLOW_BENCH_DONE_FILE=str(done)
+        )
         first = last = None
         deadline = time.monotonic() + 60 + n / 100
         while time.monotonic() < deadline:
@@ -330,8 +392,12 @@ class Bench:
             raise RuntimeError("plain Celery worker did not drain the queue (see its log)")
         rate = (last[1] - first[1]) / max(last[0] - first[0], 1e-9)
         self.plain_rate = rate
-        return dict(id=1, what=f"plain Celery no-op tasks/s ({n} tasks)", value=round(rate, 1),
-                    unit="tasks/s")
+        return dict(
+            id=1,
+            what=f"plain Celery no-op tasks/s ({n} tasks)",
+            value=round(rate, 1),
+            unit="tasks/s",
+        )
 
     def row2_noop_effects(self) -> dict[str, Any]:
         n = int(self.sizes["r2"])
@@ -343,8 +409,11 @@ class Bench:
         rate = (n - 1) / max(self.drain_span(prefix), 1e-9)
         base = getattr(self, "plain_rate", None)
         return dict(
-            id=2, what=f"no-op effects/s end to end ({n} pre-filled)", value=round(rate, 1),
-            unit="effects/s", baseline=round(base, 1) if base else None,
+            id=2,
+            what=f"no-op effects/s end to end ({n} pre-filled)",
+            value=round(rate, 1),
+            unit="effects/s",
+            baseline=round(base, 1) if base else None,
             ratio=round(rate / base, 3) if base else None,
             wall_rate=round(n / wall, 1),
         )
@@ -366,15 +435,20 @@ class Bench:
             )
 
         wait_for(lambda: left() == 0, 60 + n / 20, "row 3 cycles", 0.1)
-        end = float(self.scalar(
-            "SELECT EXTRACT(EPOCH FROM max(completed_at)) FROM ironflow.workflow_instances "
-            "WHERE workflow_type = 'bench_cycle'"
-        ))
+        end = float(
+            self.scalar(
+                "SELECT EXTRACT(EPOCH FROM max(completed_at)) FROM ironflow.workflow_instances "
+                "WHERE workflow_type = 'bench_cycle'"
+            )
+        )
         rate = n / max(end - t0, 1e-9)
         base = getattr(self, "plain_rate", None)
         return dict(
-            id=3, what=f"full workflow cycles/s ({n} instances, 2 submit threads)",
-            value=round(rate, 1), unit="cycles/s", baseline=round(base, 1) if base else None,
+            id=3,
+            what=f"full workflow cycles/s ({n} instances, 2 submit threads)",
+            value=round(rate, 1),
+            unit="cycles/s",
+            baseline=round(base, 1) if base else None,
             ratio=round(rate / base, 3) if base else None,
             submit_seconds=round(submitted, 2),
         )
@@ -403,11 +477,14 @@ class Bench:
                 started.setdefault(wid, float(ts))
         latencies = [(started[w] - c) * 1000 for w, c in committed.items() if w in started]
         return dict(
-            id=4, what=f"decision commit → handler start at {achieved:.0f} effects/s ({n})",
-            value=round(statistics.median(latencies), 2), unit="ms",
+            id=4,
+            what=f"decision commit → handler start at {achieved:.0f} effects/s ({n})",
+            value=round(statistics.median(latencies), 2),
+            unit="ms",
             p50_ms=round(percentile(latencies, 0.5), 2),
             p99_ms=round(percentile(latencies, 0.99), 2),
-            max_ms=round(max(latencies), 2), samples=len(latencies),
+            max_ms=round(max(latencies), 2),
+            samples=len(latencies),
         )
 
     def row5_timers(self) -> dict[str, Any]:
@@ -421,7 +498,9 @@ class Bench:
                    jsonb_build_object('type', 'Fire', 'id', 'tm-' || g)
             FROM generate_series(1, :n) g
             """,
-            lead=lead, span=span, n=n,
+            lead=lead,
+            span=span,
+            n=n,
         )
         self.execute("SELECT pg_notify('ironflow_timers', 'bench_timer')")
 
@@ -434,19 +513,25 @@ class Bench:
         wait_for(lambda: left() == 0, 60 + lead + span, "row 5 timers", 0.1)
         with self.engine.connect() as conn:
             lateness = [
-                float(r[0]) for r in conn.execute(sa.text(
-                    "SELECT EXTRACT(EPOCH FROM e.created_at - t.fire_at) * 1000 "
-                    "FROM ironflow.timers t JOIN ironflow.events e "
-                    "ON e.workflow_type = t.workflow_type AND e.workflow_id = t.workflow_id "
-                    "WHERE t.workflow_id LIKE 'tm-%'"
-                ))
+                float(r[0])
+                for r in conn.execute(
+                    sa.text(
+                        "SELECT EXTRACT(EPOCH FROM e.created_at - t.fire_at) * 1000 "
+                        "FROM ironflow.timers t JOIN ironflow.events e "
+                        "ON e.workflow_type = t.workflow_type AND e.workflow_id = t.workflow_id "
+                        "WHERE t.workflow_id LIKE 'tm-%'"
+                    )
+                )
             ]
         return dict(
-            id=5, what=f"timer lateness, {n} timers due over {span:g} s", unit="ms",
+            id=5,
+            what=f"timer lateness, {n} timers due over {span:g} s",
+            unit="ms",
             value=round(percentile(lateness, 0.5), 2),
             p50_ms=round(percentile(lateness, 0.5), 2),
             p99_ms=round(percentile(lateness, 0.99), 2),
-            max_ms=round(max(lateness), 2), samples=len(lateness),
+            max_ms=round(max(lateness), 2),
+            samples=len(lateness),
         )
 
     def row6_relay_alone(self) -> dict[str, Any]:
@@ -462,8 +547,13 @@ class Bench:
         self.execute("VACUUM ANALYZE ironflow.outbox")
         batch = RELAY["claim_batch_size"]
         # Baseline: the claim statement alone, back to back on one autocommit connection.
-        params = {"token": "raw", "types": ["bench_raw6"], "lease": 300.0, "max_attempts": 5,
-                  "limit": batch}
+        params = {
+            "token": "raw",
+            "types": ["bench_raw6"],
+            "lease": 300.0,
+            "max_attempts": 5,
+            "limit": batch,
+        }
         claimed = 0
         with self.engine.connect() as conn:
             t0 = time.perf_counter()
@@ -479,8 +569,14 @@ class Bench:
         app.conf.task_default_queue = queue
         config = RuntimeConfig(claim_batch_size=batch, max_in_flight=n + batch)
         relay = Relay(
-            "effect", self.runtime.store, ["bench_relay6"], config, celery_publisher(app),
-            name=f"bench-relay-{self.run_id}", wake=threading.Event(), stop=threading.Event(),
+            "effect",
+            self.runtime.store,
+            ["bench_relay6"],
+            config,
+            celery_publisher(app),
+            name=f"bench-relay-{self.run_id}",
+            wake=threading.Event(),
+            stop=threading.Event(),
         )
         relay.step()  # connect to the broker and the database once before timing
         first = relay.published_total
@@ -491,9 +587,13 @@ class Bench:
         elapsed = time.perf_counter() - t0
         rate = (relay.published_total - first) / elapsed
         return dict(
-            id=6, what=f"relay alone: claimed + published rows/s ({n} rows, batch {batch})",
-            value=round(rate, 1), unit="rows/s", baseline=round(raw_rate, 1),
-            ratio=round(rate / raw_rate, 3), baseline_what="raw claim statement rows/s",
+            id=6,
+            what=f"relay alone: claimed + published rows/s ({n} rows, batch {batch})",
+            value=round(rate, 1),
+            unit="rows/s",
+            baseline=round(raw_rate, 1),
+            ratio=round(rate / raw_rate, 3),
+            baseline_what="raw claim statement rows/s",
         )
 
     def _rss_run(self, backlog: int, label: str) -> tuple[float, float, float]:
@@ -512,10 +612,8 @@ class Bench:
                     raise RuntimeError(f"{proc.args[:5]} exited with {proc.returncode}")
             relay_peak = max(relay_peak, vm_hwm_mb(relay.pid))
             for pid in [worker.pid, *children(worker.pid)]:
-                try:
+                with suppress(OSError):
                     worker_peak = max(worker_peak, vm_hwm_mb(pid))
-                except OSError:
-                    pass
             return self.unprocessed(prefix) == 0
 
         wait_for(sample, 120 + backlog / 50, f"row 7 backlog {backlog}", 0.25)
@@ -531,8 +629,11 @@ class Bench:
         r_big, w_big, secs = self._rss_run(big, "big")
         delta = max(r_big - r_small, w_big - w_small)
         return dict(
-            id=7, what=f"peak RSS growth, {big:,}- vs {small:,}-row backlog (worst of relay, worker)",
-            value=round(delta, 1), unit="MB", baseline=round(max(r_small, w_small), 1),
+            id=7,
+            what=f"peak RSS growth, {big:,}- vs {small:,}-row backlog (worst of relay, worker)",
+            value=round(delta, 1),
+            unit="MB",
+            baseline=round(max(r_small, w_small), 1),
             relay_mb={"small": round(r_small, 1), "big": round(r_big, 1)},
             worker_mb={"small": round(w_small, 1), "big": round(w_big, 1)},
             big_drain_seconds=round(secs, 1),
@@ -564,8 +665,10 @@ class Bench:
                 old = by_role_before.get(pid, {})
                 relay_total += sum(v - old.get(k, 0) for k, v in data["counts"].items())
         return dict(
-            id=8, what=f"database round trips per effect, amortised ({n} effects)",
-            value=round(total / n, 2), unit="round trips",
+            id=8,
+            what=f"database round trips per effect, amortised ({n} effects)",
+            value=round(total / n, 2),
+            unit="round trips",
             breakdown={k: round(v / n, 3) for k, v in sorted(delta.items())},
             relay_share=round(relay_total / n, 3),
         )
@@ -593,27 +696,51 @@ def machine(bench: Bench) -> dict[str, Any]:
         "redis": redis_version,
         "celery": celery.__version__,
         "python": platform.python_version(),
-        "worker": {**WORKER, "relay": "in the worker (prefork: its own child process); "
-                   "row 7: a separate relay process (benchmarks.relay_process, as `ironflow-celery relay`)"},
+        "worker": {
+            **WORKER,
+            "relay": "in the worker (prefork: its own child process); row 7: a separate "
+            "relay process (benchmarks.relay_process, as `ironflow-celery relay`)",
+        },
         "relay": RELAY,
     }
 
 
 def render(result: dict[str, Any], title: str) -> Table:
     table = Table(title=title)
-    for column, justify in (("#", "right"), ("what", "left"), ("value", "right"),
-                            ("unit", "left"), ("baseline", "right"), ("ratio", "right"),
-                            ("p50 ms", "right"), ("p99 ms", "right"), ("goal", "left"),
-                            ("met", "center")):
+    for column, justify in (
+        ("#", "right"),
+        ("what", "left"),
+        ("value", "right"),
+        ("unit", "left"),
+        ("baseline", "right"),
+        ("ratio", "right"),
+        ("p50 ms", "right"),
+        ("p99 ms", "right"),
+        ("goal", "left"),
+        ("met", "center"),
+    ):
         table.add_column(column, justify=justify)  # type: ignore[arg-type]
     for row in result["rows"]:
         met = goal_met(row)
         if "error" in row:
-            table.add_row(str(row["id"]), row["what"], "error", "", "", "", "", "",
-                          GOALS.get(row["id"], "—"), "[red]✗[/red]")
+            table.add_row(
+                str(row["id"]),
+                row["what"],
+                "error",
+                "",
+                "",
+                "",
+                "",
+                "",
+                GOALS.get(row["id"], "—"),
+                "[red]✗[/red]",
+            )
             continue
         table.add_row(
-            str(row["id"]), row["what"], f"{row.get('value', '')}", row.get("unit", ""),
+            str(row["id"]),
+            row["what"],
+            f"{row.get('value', '')}",
+            row.get("unit", ""),
             f"{row['baseline']}" if row.get("baseline") is not None else "",
             f"{row['ratio']}x" if row.get("ratio") is not None else "",
             f"{row['p50_ms']}" if "p50_ms" in row else "",
@@ -625,7 +752,9 @@ def render(result: dict[str, Any], title: str) -> Table:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks", description=__doc__.split("\n")[0]
+    )
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="every row at a small size (~2 min)")
     size.add_argument("--smoke", action="store_true", help="tiny sizes, for the test suite")
@@ -662,8 +791,9 @@ def main(argv: list[str] | None = None) -> int:
                 row = {"id": rid, "what": f"row {rid}", "error": repr(exc)}
             row["seconds"] = round(time.monotonic() - t0, 1)
             results.append(row)
-            console.print(f"row {rid}: {row.get('value')} {row.get('unit', '')} "
-                          f"({row['seconds']} s)")
+            console.print(
+                f"row {rid}: {row.get('value')} {row.get('unit', '')} ({row['seconds']} s)"
+            )
 
         if 1 in rows:
             attempt(1, bench.row1_plain_celery)
@@ -673,8 +803,12 @@ def main(argv: list[str] | None = None) -> int:
             queue = bench.queue("main")
             proc = bench.worker("main", queue, IRONFLOW_BENCH_MARKS=str(marks))
             bench.warm_up(proc)
-            for rid, fn in ((2, bench.row2_noop_effects), (3, bench.row3_cycles),
-                            (4, lambda: bench.row4_latency(marks)), (5, bench.row5_timers)):
+            for rid, fn in (
+                (2, bench.row2_noop_effects),
+                (3, bench.row3_cycles),
+                (4, lambda: bench.row4_latency(marks)),
+                (5, bench.row5_timers),
+            ):
                 if rid in rows:
                     attempt(rid, fn)
             bench.stop(proc)
@@ -686,12 +820,22 @@ def main(argv: list[str] | None = None) -> int:
             attempt(8, bench.row8_round_trips)
 
     results.sort(key=lambda r: r["id"])
-    output = {"mode": mode, "sizes": sizes, "machine": info, "rows": results,
-              "seconds": round(time.monotonic() - started, 1)}
+    output = {
+        "mode": mode,
+        "sizes": sizes,
+        "machine": info,
+        "rows": results,
+        "seconds": round(time.monotonic() - started, 1),
+    }
     Path(args.output).write_text(json.dumps(output, indent=2, default=str) + "\n")
-    console.print(render(output, f"ironflow_celery benchmarks ({mode}) — worker: "
-                         f"{WORKER['pool']}, concurrency {WORKER['concurrency']}, "
-                         f"prefetch multiplier {WORKER['prefetch_multiplier']}"))
+    console.print(
+        render(
+            output,
+            f"ironflow_celery benchmarks ({mode}) — worker: "
+            f"{WORKER['pool']}, concurrency {WORKER['concurrency']}, "
+            f"prefetch multiplier {WORKER['prefetch_multiplier']}",
+        )
+    )
     console.print(f"machine: {info}")
     console.print(f"results written to {args.output} ({output['seconds']} s)")
     return 1 if any("error" in r for r in results) else 0

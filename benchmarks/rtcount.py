@@ -7,7 +7,8 @@ client, from SQLAlchemy's events, one round trip each:
 - ``begin``: psycopg sends ``BEGIN`` before the transaction's first statement (not in
   autocommit mode);
 - ``commit`` / ``rollback``: ``COMMIT`` / ``ROLLBACK`` when a transaction is open;
-- pool ``checkout``: ``pool_pre_ping`` pings every checked-out connection.
+- pool ``checkout`` of a connection that sat idle for ``IDLE_PING_AFTER`` seconds: the
+  engine pings it first (``ironflow_celery.db``); a connection reused sooner is not pinged.
 
 Each process writes ``{"pid", "role", counts}`` to ``<dir>/<pid>.json`` every 0.2 s.
 """
@@ -81,7 +82,17 @@ def install(directory: str) -> None:
     sa.event.listen(sa.engine.Engine, "begin", _on_begin)
     sa.event.listen(sa.engine.Engine, "commit", lambda conn: _on_end(conn, "commit"))
     sa.event.listen(sa.engine.Engine, "rollback", lambda conn: _on_end(conn, "rollback"))
-    sa.event.listen(Pool, "checkout", lambda *a, **k: _bump("ping"))
+    sa.event.listen(Pool, "checkout", _on_checkout)
+
+
+def _on_checkout(dbapi_connection, record, proxy) -> None:
+    import time
+
+    from ironflow_celery.db import IDLE_PING_AFTER
+
+    last = record.info.get("ironflow_checkin")
+    if last is not None and time.monotonic() - last >= IDLE_PING_AFTER:
+        _bump("ping")
 
 
 def read(directory: str) -> dict[int, dict]:

@@ -9,6 +9,7 @@ or configuration error.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
@@ -79,6 +80,9 @@ def _build_group(name: str, *, with_app_option: bool) -> click.Group:
     @click.group(name=name, help=__doc__.splitlines()[0])
     @click.pass_context
     def group(ctx: click.Context, app: str | None = None, **_: Any) -> None:
+        # Like `celery -A`, find the app and workflow modules from the current directory.
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
         celery_ctx = ctx.obj
         celery_app = getattr(celery_ctx, "app", None) if celery_ctx is not None else None
         ctx.obj = Context(app=celery_app, app_path=app)

@@ -188,6 +188,14 @@ DEAD_LETTER_EFFECT = text("""
     RETURNING attempts
 """)
 
+# A dead letter whose workflow accepted its on_dead_letter input is handled: it stays in
+# the table for audit (dead_lettered_at, discard_reason) but is no longer open.
+MARK_EFFECT_DEAD_LETTER_HANDLED = text("""
+    UPDATE ironflow.outbox
+    SET processed_at = now(), discarded_at = now(), discard_reason = :reason
+    WHERE id = :id AND processed_at IS NULL
+""")
+
 RENEW_EFFECT_LEASES = text("""
     UPDATE ironflow.outbox AS o
     SET locked_until = now() + make_interval(secs => :lease)
@@ -279,6 +287,12 @@ DEAD_LETTER_TIMER = text("""
         locked_until = NULL, locked_by = NULL, dead_lettered_at = now()
     WHERE id = :id AND locked_by = :token
     RETURNING attempts
+""")
+
+MARK_TIMER_DEAD_LETTER_HANDLED = text("""
+    UPDATE ironflow.timers
+    SET processed_at = now(), discarded_at = now(), discard_reason = :reason
+    WHERE id = :id AND processed_at IS NULL
 """)
 
 RENEW_TIMER_LEASES = text("""

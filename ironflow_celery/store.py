@@ -587,6 +587,18 @@ class PostgresStore:
         params = {"id": effect_id, "token": token, "error": error, "max_attempts": max_attempts}
         return self._scalar_or_none(sql.DEAD_LETTER_EFFECT, params, connection, relaxed=True)
 
+    def mark_dead_letter_handled(
+        self, kind: str, row_id: uuid.UUID, reason: str, *, connection: Connection
+    ) -> bool:
+        """Close a dead letter that its workflow handled (kept for audit, with `reason`)."""
+        statement = (
+            sql.MARK_EFFECT_DEAD_LETTER_HANDLED
+            if kind == "effect"
+            else sql.MARK_TIMER_DEAD_LETTER_HANDLED
+        )
+        with storage_errors():
+            return connection.execute(statement, {"id": row_id, "reason": reason}).rowcount == 1
+
     def renew_leases(
         self, kind: str, items: Sequence[tuple[uuid.UUID, str]], *, lease_seconds: float
     ) -> set[uuid.UUID]:

@@ -265,8 +265,9 @@ def _fail_effect(
 
 def dead_letter(runtime: WorkflowRuntime, kind: Kind, started: StartedRow, error: str) -> Status:
     """Dead-letter a row and, in the same transaction, deliver the workflow's
-    ``on_dead_letter`` input. If that delivery fails the row is still dead-lettered,
-    with the reason appended to its error."""
+    ``on_dead_letter`` input. When the workflow accepts it, the dead letter is handled:
+    closed but kept for audit, so nobody retries what the workflow already compensated.
+    If the delivery fails the row is still dead-lettered, with the reason in its error."""
     store = runtime.store
     policy = runtime.config.retry_policy
     write = store.record_permanent_failure if kind == "effect" else store.dead_letter_timer
@@ -282,7 +283,14 @@ def dead_letter(runtime: WorkflowRuntime, kind: Kind, started: StartedRow, error
                 return "stale-skipped"
             notice_input = _dead_letter_input(workflow, kind, started, attempts, error)
             if notice_input is not None:
-                runtime.service.execute(notice_input, workflow=workflow, connection=conn)
+                outcome = runtime.service.execute(notice_input, workflow=workflow, connection=conn)
+                if outcome.is_accepted:
+                    store.mark_dead_letter_handled(
+                        kind,
+                        started.id,
+                        f"handled by on_dead_letter: {notice_input.type_tag} accepted",
+                        connection=conn,
+                    )
         return "dead-lettered"
     except Exception as exc:
         log.warning("ironflow: on_dead_letter of %s failed: %s", workflow.type, exc)

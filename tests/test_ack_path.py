@@ -405,8 +405,11 @@ def test_permanent_effect_error_dead_letters_at_once(store: PostgresStore, db: s
     assert result["status"] == "dead-lettered"
     dl = row_of(db, "outbox", row.id)
     assert dl.attempts == MAX and dl.dead_lettered_at is not None
-    assert dl.locked_by is None and dl.locked_until is None and dl.processed_at is None
+    assert dl.locked_by is None and dl.locked_until is None
     assert dl.last_error == "PermanentEffectError: the card was declined"
+    # dl_job's on_dead_letter input (GaveUp) was accepted: closed as handled, kept for audit.
+    assert dl.processed_at is not None
+    assert dl.discard_reason == "handled by on_dead_letter: GaveUp accepted"
     assert len([c for c in CALLS.calls if c[0] == str(row.id)]) == 1
     app.stop()
 
@@ -459,6 +462,11 @@ def test_dead_letter_delivers_on_dead_letter_input_in_the_same_transaction(
     )
     assert dl.dead_lettered_at == failed_at  # one transaction
     assert dl.attempts == MAX
+    # The workflow accepted the notice: the dead letter is handled, kept for audit, and no
+    # longer listed (nobody should retry what the workflow already compensated).
+    assert dl.processed_at == failed_at
+    assert dl.discard_reason == "handled by on_dead_letter: GaveUp accepted"
+    assert app.runtime.count_dead_letters() == 0
     app.stop()
 
 
