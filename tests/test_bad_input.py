@@ -1,0 +1,416 @@
+"""Bad input, bad data, bad workflows and a missing database: clear errors, nothing written.
+
+Every failing call here is wrapped in `unchanged(db)`, which compares the full content of
+every ironflow table before and after: a failed execute leaves the database as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from pydantic import BaseModel
+from workflows import Increment, Ping, TestWorkflow, test_handler
+
+from ironflow_celery import (
+    Accepted,
+    DatabaseUnavailable,
+    Decision,
+    EventDeserializationError,
+    InvalidPayload,
+    InvalidWorkflowDefinition,
+    Message,
+    PostgresStore,
+    Registry,
+    StorageError,
+    Timer,
+    UniqueKeyConflict,
+    UnknownWorkflowType,
+    Workflow,
+    WorkflowService,
+    WorkflowServiceConfig,
+)
+from ironflow_celery.store import TimerSpec
+
+T = TestWorkflow.type
+TABLES = (
+    "workflow_instances",
+    "events",
+    "outbox",
+    "timers",
+    "input_observations",
+    "projection_positions",
+)
+
+
+def snapshot(db: sa.Engine) -> dict[str, list[str]]:
+    """Every row of every ironflow table, as sorted JSON text."""
+    with db.connect() as conn:
+        return {
+            table: list(
+                conn.execute(
+                    sa.text(f"SELECT to_jsonb(t)::text FROM ironflow.{table} AS t ORDER BY 1")
+                ).scalars()
+            )
+            for table in TABLES
+        }
+
+
+@contextmanager
+def unchanged(db: sa.Engine) -> Iterator[None]:
+    before = snapshot(db)
+    yield
+    after = snapshot(db)
+    counts = {t: (len(before[t]), len(after[t])) for t in TABLES}
+    assert after == before, f"database changed (rows before, after): {counts}"
+
+
+def q(db: sa.Engine, statement: str, **params: Any) -> Any:
+    with db.connect() as conn:
+        return conn.execute(sa.text(statement), params).scalar()
+
+
+# -- a workflow that misbehaves on demand --------------------------------------------------
+
+
+class Poke(Message):
+    id: str
+    how: str = "ok"
+
+
+class Poked(Message):
+    how: str
+
+
+class NotAnEvent(Message):
+    pass
+
+
+class PokeState(BaseModel):
+    pokes: int = 0
+    last: str | None = None
+
+
+class FaultyWorkflow(Workflow):
+    type = "faulty"
+    State = PokeState
+    Input = Poke
+    Event = Poked
+
+    @staticmethod
+    def evolve(state: PokeState, event: Poked) -> PokeState:
+        if event.how == "evolve-raises":
+            raise ValueError("evolve exploded")
+        return PokeState(pokes=state.pokes + 1, last=event.how)
+
+    @staticmethod
+    def decide(now: datetime, state: PokeState, input: Poke) -> Any:
+        match input.how:
+            case "decide-raises":
+                raise RuntimeError("decide exploded")
+            case "returns-none":
+                return None
+            case "returns-list":
+                return [Poked(how="x")]
+            case "foreign-event":
+                return Decision.accept(NotAnEvent())
+            case "foreign-effect":
+                return Decision.accept(Poked(how="x")).with_effect(NotAnEvent())
+            case "foreign-timer":
+                return Decision.accept(Poked(how="x")).with_timer(Timer.after(5, NotAnEvent()))
+            case "raw-dict-event":
+                return Decision.accept({"type": "Poked", "how": "x"})
+        return Decision.accept(Poked(how=input.how))
+
+    @staticmethod
+    def is_terminal(state: PokeState) -> bool:
+        if state.last == "terminal-raises":
+            raise RuntimeError("is_terminal exploded")
+        return False
+
+
+@pytest.fixture
+def service(store: PostgresStore) -> WorkflowService:
+    """Observations on, so that a failed execute has one more thing it must not write."""
+    return WorkflowService(
+        store,
+        Registry([(TestWorkflow, test_handler), FaultyWorkflow]),
+        WorkflowServiceConfig(record_input_observations=True),
+    )
+
+
+@pytest.fixture
+def seeded(service: WorkflowService) -> WorkflowService:
+    """Some rows in every table, so 'unchanged' means something."""
+    service.execute(Ping(id="wf-1"))
+    service.execute(Increment(id="wf-1", with_effect=True))
+    service.execute(Poke(id="f-1"))
+    service.store.store_projection_position("p", 1)
+    with service.store.begin(T, "wf-1") as uow:
+        uow.append_events([{"type": "Pinged"}])
+        uow.schedule_timers([TimerSpec(60, {"type": "Ping", "id": "wf-1"}, "k")])
+        uow.commit()
+    return service
+
+
+# -- bad JSON input ------------------------------------------------------------------------
+
+
+def test_unknown_workflow_type(seeded: WorkflowService, db: sa.Engine) -> None:
+    with unchanged(db), pytest.raises(UnknownWorkflowType) as info:
+        seeded.execute_dynamic("no_such_workflow", {"type": "Ping", "id": "wf-1"})
+    assert str(info.value) == "unknown workflow type: no_such_workflow"
+
+
+def test_missing_type_tag(seeded: WorkflowService, db: sa.Engine) -> None:
+    with unchanged(db), pytest.raises(InvalidPayload) as info:
+        seeded.execute_dynamic(T, {"id": "wf-1"})
+    message = str(info.value)
+    assert "test_workflow" in message
+    assert "missing 'type' tag" in message
+    assert "Ping" in message and "Increment" in message  # what would have been valid
+    assert info.value.kind == "input"
+
+
+def test_unknown_variant(seeded: WorkflowService, db: sa.Engine) -> None:
+    with unchanged(db), pytest.raises(InvalidPayload) as info:
+        seeded.execute_dynamic(T, {"type": "Explode", "id": "wf-1"})
+    assert "unknown variant 'Explode'" in str(info.value)
+    assert "test_workflow" in str(info.value)
+
+    with unchanged(db), pytest.raises(InvalidPayload, match="unknown variant 5"):
+        seeded.execute_dynamic(T, {"type": 5, "id": "wf-1"})
+    # An event tag is not an input tag.
+    with unchanged(db), pytest.raises(InvalidPayload, match="unknown variant 'Pinged'"):
+        seeded.execute_dynamic(T, {"type": "Pinged", "id": "wf-1"})
+
+
+WRONG_FIELDS = [
+    ({"type": "Increment", "id": "wf-1", "with_effect": [1, 2]}, "with_effect"),
+    ({"type": "Increment", "id": 123, "with_effect": False}, "id"),
+    ({"type": "Ping"}, "id"),  # missing
+    ({"type": "Start", "id": "wf-1", "mode": {"mode": "Sideways"}}, "mode.mode"),
+    ({"type": "Start", "id": "wf-1", "mode": "RouteResult"}, "mode"),
+]
+
+
+def test_wrong_field_types(seeded: WorkflowService, db: sa.Engine) -> None:
+    # One database for all cases (a loop, not parametrize: database setup dominates).
+    for payload, field in WRONG_FIELDS:
+        with unchanged(db), pytest.raises(InvalidPayload) as info:
+            seeded.execute_dynamic(T, payload)
+        message = str(info.value)
+        assert message.startswith("invalid input for workflow type 'test_workflow': "), payload
+        assert f"{payload['type']}: {field}:" in message, (payload, message)
+
+
+def test_non_object_payload(seeded: WorkflowService, db: sa.Engine) -> None:
+    for payload in ([], ["Ping"], "Ping", 42, None, True):
+        with unchanged(db), pytest.raises(InvalidPayload) as info:
+            seeded.execute_dynamic(T, payload)
+        assert "expected a JSON object" in str(info.value), payload
+        assert "test_workflow" in str(info.value), payload
+
+
+# -- corrupt stored data -------------------------------------------------------------------
+
+CORRUPT_EVENTS = {
+    "unknown-variant": {"type": "NoSuchEvent"},
+    "wrong-field-type": {"type": "Incremented", "value": "many"},
+    "no-tag": {"value": 1},
+    "not-an-object": [1, 2],
+}
+
+
+def test_corrupt_stored_event(seeded: WorkflowService, db: sa.Engine) -> None:
+    for name, bad in CORRUPT_EVENTS.items():
+        wid = f"corrupt-{name}"
+        seeded.execute(Ping(id=wid))
+        seeded.execute(Ping(id=wid))
+        with db.begin() as conn:
+            conn.execute(
+                sa.text(
+                    "INSERT INTO ironflow.events (workflow_type, workflow_id, sequence, payload)"
+                    " VALUES (:t, :wid, 3, CAST(:p AS jsonb))"
+                ),
+                {"t": T, "wid": wid, "p": json.dumps(bad)},
+            )
+
+        for call in (
+            lambda wid=wid: seeded.execute(Increment(id=wid, with_effect=True)),
+            lambda wid=wid: seeded.execute_dynamic(T, {"type": "Ping", "id": wid}),
+            lambda wid=wid: seeded.fetch_latest_state(TestWorkflow, wid),
+            lambda wid=wid: seeded.fetch_latest_state_dynamic(T, wid),
+        ):
+            with unchanged(db), pytest.raises(EventDeserializationError) as info:
+                call()
+            err = info.value
+            assert (err.workflow_type, err.workflow_id, err.sequence) == (T, wid, 3), name
+            assert str(err).startswith(
+                f"failed to deserialize event at sequence 3 for test_workflow:{wid}: "
+            ), name
+
+    # Other instances are unaffected.
+    assert seeded.execute(Ping(id="wf-2")) == Accepted(1)
+
+
+# -- misbehaving workflow code -------------------------------------------------------------
+
+EXISTING_AND_NEW = ("f-1", "f-new")  # f-1 exists (seeded); f-new would be created
+
+
+def test_decide_that_raises_writes_nothing(seeded: WorkflowService, db: sa.Engine) -> None:
+    for wid in EXISTING_AND_NEW:
+        with unchanged(db), pytest.raises(RuntimeError, match="decide exploded"):
+            seeded.execute(Poke(id=wid, how="decide-raises"))
+        with unchanged(db), pytest.raises(RuntimeError, match="decide exploded"):
+            seeded.execute_dynamic("faulty", {"type": "Poke", "id": wid, "how": "decide-raises"})
+    # The instance locks were released: the next inputs go through.
+    for wid in EXISTING_AND_NEW:
+        assert seeded.execute(Poke(id=wid)) == Accepted(1)
+
+
+def test_decide_returning_a_non_decision(seeded: WorkflowService, db: sa.Engine) -> None:
+    for wid in EXISTING_AND_NEW:
+        for how in ("returns-none", "returns-list"):
+            with unchanged(db), pytest.raises(InvalidWorkflowDefinition) as info:
+                seeded.execute(Poke(id=wid, how=how))
+            assert "faulty.decide returned" in str(info.value)
+            assert "not a Decision" in str(info.value)
+
+
+def test_decision_with_values_of_the_wrong_type(seeded: WorkflowService, db: sa.Engine) -> None:
+    cases = [
+        ("foreign-event", "event"),
+        ("raw-dict-event", "event"),
+        ("foreign-effect", "effect"),
+        ("foreign-timer", "input"),
+    ]
+    for wid in EXISTING_AND_NEW:
+        for how, kind in cases:
+            with unchanged(db), pytest.raises(InvalidPayload) as info:
+                seeded.execute(Poke(id=wid, how=how))
+            assert info.value.workflow_type == "faulty", how
+            assert info.value.kind == kind, how
+
+
+def test_evolve_or_is_terminal_that_raises_writes_nothing(
+    seeded: WorkflowService, db: sa.Engine
+) -> None:
+    for wid in EXISTING_AND_NEW:
+        for how, message in (
+            ("evolve-raises", "evolve exploded"),
+            ("terminal-raises", "is_terminal exploded"),
+        ):
+            with unchanged(db), pytest.raises(Exception, match=message):
+                seeded.execute(Poke(id=wid, how=how))
+
+
+def test_unique_key_conflict_writes_nothing(store: PostgresStore, db: sa.Engine) -> None:
+    class Keyed(FaultyWorkflow):
+        type = "keyed"
+
+        @staticmethod
+        def unique_key(input: Poke) -> str | None:
+            return "one"
+
+    service = WorkflowService(
+        store, Registry([Keyed]), WorkflowServiceConfig(record_input_observations=True)
+    )
+    service.execute(Poke(id="k-1"))
+    with unchanged(db), pytest.raises(UniqueKeyConflict):
+        service.execute(Poke(id="k-2"))
+
+
+# -- the database itself -------------------------------------------------------------------
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens once the socket is closed
+
+
+@pytest.mark.parametrize("port", [1, None], ids=["port-1", "stopped-port"])
+def test_database_down_when_execute_is_called(port: int | None) -> None:
+    port = port or _closed_port()
+    store = PostgresStore.from_url(f"postgresql://postgres@127.0.0.1:{port}/ironflow")
+    service = WorkflowService(store, Registry([(TestWorkflow, test_handler)]))
+    try:
+        for call in (
+            lambda: service.execute(Ping(id="wf-1")),
+            lambda: service.execute_dynamic(T, {"type": "Ping", "id": "wf-1"}),
+            lambda: service.list_workflows(),
+            lambda: service.fetch_latest_state(TestWorkflow, "wf-1"),
+            lambda: store.claim_effects("w", [T], lease_seconds=30, max_attempts=3),
+        ):
+            started = time.monotonic()
+            with pytest.raises(DatabaseUnavailable) as info:
+                call()
+            assert time.monotonic() - started < 5
+            assert isinstance(info.value, StorageError)
+            message = str(info.value)
+            assert message.startswith("PostgreSQL is unavailable: ")
+            assert f"port {port}" in message and "127.0.0.1" in message
+    finally:
+        store.dispose()
+
+
+def test_connection_lost_inside_a_unit_of_work(
+    store: PostgresStore, db: sa.Engine, pg_admin_engine: sa.Engine
+) -> None:
+    service = WorkflowService(store, Registry([(TestWorkflow, test_handler)]))
+    service.execute(Ping(id="wf-1"))
+
+    with unchanged(db):
+        uow = store.begin(T, "wf-1")
+        pid = uow.conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+        uow.append_events([{"type": "Pinged"}])
+        with pg_admin_engine.connect() as admin:
+            assert admin.execute(sa.text("SELECT pg_terminate_backend(:p)"), {"p": pid}).scalar()
+        with pytest.raises(DatabaseUnavailable):
+            uow.commit()
+        uow.rollback()  # leaving it is safe too
+
+    # The pool recovers: the next execute works on a fresh connection.
+    assert service.execute(Ping(id="wf-1")) == Accepted(1)
+
+
+def test_lock_timeout_is_a_storage_error_not_unavailability(
+    seeded: WorkflowService, database_url: str, db: sa.Engine
+) -> None:
+    """A live server's refusal (here a lock timeout) is not reported as 'unavailable'."""
+    impatient = PostgresStore.from_url(
+        database_url, pool_size=1, connect_args={"options": "-c lock_timeout=100"}
+    )
+    other = WorkflowService(impatient, seeded.registry, seeded.config)
+    holder = seeded.store.begin(T, "wf-1")
+    try:
+        with unchanged(db), pytest.raises(StorageError) as info:
+            other.execute(Ping(id="wf-1"))
+        assert not isinstance(info.value, DatabaseUnavailable)
+        assert str(info.value).startswith("postgres error: ")
+        assert "lock timeout" in str(info.value)
+    finally:
+        holder.rollback()
+        impatient.dispose()
+    assert other.execute(Ping(id="wf-1")) == Accepted(1)
+
+
+def test_database_without_the_schema(empty_database_url: str) -> None:
+    store = PostgresStore.from_url(empty_database_url)
+    service = WorkflowService(store, Registry([(TestWorkflow, test_handler)]))
+    try:
+        with pytest.raises(StorageError) as info:
+            service.execute(Ping(id="wf-1"))
+        assert not isinstance(info.value, DatabaseUnavailable)
+        assert 'relation "ironflow.workflow_instances" does not exist' in str(info.value)
+    finally:
+        store.dispose()
