@@ -23,6 +23,26 @@ from ironflow_celery.store import PostgresStore
 
 pytest_plugins = ("celery.contrib.pytest",)
 
+
+def _adopt_broker_from_environment() -> None:
+    """Use ``CELERY_BROKER_URL`` (set by ``dev.py``) as the tests' Redis, then unset it.
+
+    Celery reads that variable *before* an app's own ``broker_url``, so leaving it set
+    would send every in-process test app (each with its own queue or a deliberately dead
+    broker) to the same broker. Subprocess workers get their broker passed explicitly.
+    """
+    url = os.environ.pop("CELERY_BROKER_URL", None)
+    if not url or not url.startswith("redis://"):
+        return
+    os.environ.setdefault("IRONFLOW_TEST_REDIS_URL", url)
+    base = make_url(url)
+    os.environ.setdefault(
+        "IRONFLOW_TEST_BROKER_URL", base.set(database="5").render_as_string(hide_password=False)
+    )
+
+
+_adopt_broker_from_environment()
+
 DEFAULT_SERVER_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 

@@ -70,7 +70,13 @@ def test_relay_run_starts_the_endpoint(database_url):
         import time
 
         deadline = time.monotonic() + 10
-        while metrics._server is None and time.monotonic() < deadline:
+        # One server per process: an earlier test's may exist; wait until run() points
+        # the depth collector at this runtime.
+        while time.monotonic() < deadline and (
+            metrics._server is None
+            or metrics._collector is None
+            or metrics._collector.runtime is not runtime
+        ):
             time.sleep(0.05)
         assert metrics._server is not None
         body = scrape(metrics._server[0].server_port)
