@@ -256,6 +256,17 @@ def test_upgrade_is_idempotent(empty_engine: sa.Engine) -> None:
     assert n == len(all_versions())
 
 
+def test_upgrade_works_on_an_autocommit_engine(empty_database_url: str) -> None:
+    """Apps often hand us an AUTOCOMMIT engine; migrations still run in one transaction."""
+    engine = create_engine(empty_database_url, pool_size=1, isolation_level="AUTOCOMMIT")
+    try:
+        assert schema.upgrade(engine) == all_versions()
+        assert schema.current_version(engine) == all_versions()[-1]
+        assert schema.upgrade(engine) == []
+    finally:
+        engine.dispose()
+
+
 def test_concurrent_upgrades_apply_each_migration_once(empty_database_url: str) -> None:
     n = 4
     engines = [create_engine(empty_database_url, pool_size=1) for _ in range(n)]

@@ -54,7 +54,12 @@ def _applied(conn: Connection) -> set[int]:
 def upgrade(engine: Engine) -> list[int]:
     """Bring the schema up to date; returns the versions this call applied."""
     try:
-        with engine.begin() as conn:
+        # Always a real transaction, even on an AUTOCOMMIT engine: the advisory lock, SET
+        # LOCAL and all-or-nothing migrations depend on it.
+        with (
+            engine.connect().execution_options(isolation_level="READ COMMITTED") as conn,
+            conn.begin(),
+        ):
             conn.execute(
                 sa.text("SELECT pg_advisory_xact_lock(:ns, :obj)"),
                 {"ns": LOCK_NAMESPACE, "obj": LOCK_MIGRATIONS},
