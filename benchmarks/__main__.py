@@ -51,7 +51,8 @@ from rich.console import Console
 from rich.table import Table
 
 ROOT = Path(__file__).resolve().parents[1]
-console = Console()
+# Piped or logged output (CI, `| tee`) gets a table wide enough to read; a terminal keeps its width.
+console = Console(width=None if sys.stdout.isatty() else 160)
 
 WORKER = {"pool": "prefork", "concurrency": 2, "prefetch_multiplier": 4}
 RELAY = {"claim_batch_size": 100, "max_in_flight": 1000}
@@ -494,7 +495,7 @@ class Bench:
             """
             INSERT INTO ironflow.timers (workflow_type, workflow_id, fire_at, input)
             SELECT 'bench_timer', 'tm-' || g,
-                   now() + make_interval(secs => :lead + :span * g / :n),
+                   now() + make_interval(secs => :lead + :span * g::float8 / :n),
                    jsonb_build_object('type', 'Fire', 'id', 'tm-' || g)
             FROM generate_series(1, :n) g
             """,
