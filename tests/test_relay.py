@@ -349,3 +349,29 @@ def test_task_names_follow_the_workflow_type(store: PostgresStore) -> None:
                 assert f"ironflow.{wt}.{kind}" in app.app.tasks
     finally:
         app.stop()
+
+
+def test_routed_queue_is_declared_before_any_worker_consumes_it(
+    store: PostgresStore, db: sa.Engine
+) -> None:
+    """The relay declares each destination queue once per batch (not per message); a queue
+    that only a route names, and no worker has declared yet, still receives every message."""
+    default_queue = f"ironflow-test-default-{uuid.uuid4().hex[:8]}"
+    routed = f"ironflow-test-routed-{uuid.uuid4().hex[:8]}"
+    app = celery_app(default_queue)
+    app.conf.task_routes = {task_name(T, "effect"): {"queue": routed}}
+    ids = [insert_effect(db, T, f"routed-{i}", FIRE_AND_FORGET) for i in range(5)]
+    try:
+        relay = make_relay(store, celery_publisher(app))
+        assert relay.step()
+        assert sorted(queued_task_ids(routed)) == sorted(str(i) for i in ids)
+        assert queued_task_ids(default_queue) == []
+        client = redis.Redis.from_url(BROKER_URL)
+        try:  # declared: kombu's Redis binding (exchange → queue) exists
+            members = client.smembers(f"_kombu.binding.{routed}")
+        finally:
+            client.close()
+        assert any(m.decode().endswith(routed) for m in members)
+    finally:
+        delete_queue(routed)
+        delete_queue(default_queue)
