@@ -761,10 +761,18 @@ def main(argv: list[str] | None = None) -> int:
     size.add_argument("--smoke", action="store_true", help="tiny sizes, for the test suite")
     parser.add_argument("--rows", default="1,2,3,4,5,6,7,8", help="comma-separated row numbers")
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results.json"))
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=WORKER["concurrency"],
+        help="prefork processes of every worker, plain Celery and ironflow alike "
+        f"(default {WORKER['concurrency']})",
+    )
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     rows = sorted({int(r) for r in args.rows.split(",") if r.strip()})
     sizes = SIZES[mode]
+    WORKER["concurrency"] = args.concurrency
 
     from ironflow_celery.local_services import resolve_services
 
