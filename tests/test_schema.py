@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import socket
 import tempfile
 import threading
 import time
@@ -263,6 +264,21 @@ def test_upgrade_works_on_an_autocommit_engine(empty_database_url: str) -> None:
         assert schema.upgrade(engine) == all_versions()
         assert schema.current_version(engine) == all_versions()[-1]
         assert schema.upgrade(engine) == []
+    finally:
+        engine.dispose()
+
+
+def test_schema_calls_on_a_database_that_is_down_raise_migration_error() -> None:
+    """No server listens on this port: both calls say so as a MigrationError."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    engine = create_engine(f"postgresql://postgres@127.0.0.1:{port}/postgres", pool_size=1)
+    try:
+        with pytest.raises(MigrationError, match="schema version"):
+            schema.current_version(engine)
+        with pytest.raises(MigrationError, match="schema upgrade failed"):
+            schema.upgrade(engine)
     finally:
         engine.dispose()
 

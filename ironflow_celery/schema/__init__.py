@@ -95,6 +95,9 @@ def upgrade(engine: Engine) -> list[int]:
 
 def current_version(engine: Engine) -> int | None:
     """The newest applied migration version, or None on a database without the schema."""
-    with engine.connect() as conn:
-        done = _applied(conn)
+    try:
+        with engine.connect() as conn:
+            done = _applied(conn)
+    except sa.exc.SQLAlchemyError as exc:
+        raise MigrationError(f"could not read the schema version: {exc}") from exc
     return max(done) if done else None
