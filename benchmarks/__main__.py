@@ -587,6 +587,25 @@ class Bench:
                 break
         elapsed = time.perf_counter() - t0
         rate = (relay.published_total - first) / elapsed
+        # Context, not the goal's baseline: how fast Celery itself publishes the same
+        # messages (send_task in kombu batches of 100, no database), the relay's ceiling.
+        publish_queue = self.queue("publish6")
+        app.conf.task_default_queue = publish_queue
+        args = ["bench_relay6:x", str(uuid.uuid4()), 1]
+        with app.producer_or_acquire() as producer:
+            t0 = time.perf_counter()
+            for start in range(0, n, batch):
+                with producer.batch(max_size=8 * batch + 8):
+                    for _ in range(start, min(start + batch, n)):
+                        app.send_task(
+                            "ironflow.bench_relay6.effect",
+                            args=args,
+                            kwargs={"lease": "x"},
+                            argsrepr=repr(args),
+                            producer=producer,
+                            ignore_result=True,
+                        )
+            publish_rate = n / (time.perf_counter() - t0)
         return dict(
             id=6,
             what=f"relay alone: claimed + published rows/s ({n} rows, batch {batch})",
@@ -595,6 +614,8 @@ class Bench:
             baseline=round(raw_rate, 1),
             ratio=round(rate / raw_rate, 3),
             baseline_what="raw claim statement rows/s",
+            celery_publish_rate=round(publish_rate, 1),
+            ratio_to_celery_publish=round(rate / publish_rate, 3),
         )
 
     def _rss_run(self, backlog: int, label: str) -> tuple[float, float, float]:

@@ -191,6 +191,7 @@ class Relay:
         self.in_flight: dict[uuid.UUID, None] = {}
         self._batches = itertools.count(1)
         self._refreshed_at = 0.0
+        self._full_check_at = 0.0
         self._lease = (
             config.effect_lock_duration if kind == "effect" else config.timer_lock_duration
         )
@@ -280,19 +281,19 @@ class Relay:
         rows finish roughly in dispatch order, so a claim batch's worth of the oldest ids
         frees room at a fraction of the cost of checking all of them (with 1,000 in flight,
         that full check, repeated while at the limit, was a third of a busy relay's CPU and
-        of its PostgreSQL backend's). Every second all of them are checked.
+        of its PostgreSQL backend's). All of them are checked, at most once a second, only
+        when the relay is at its limit and the oldest are still running (long handlers).
         """
         now = time.monotonic()
         free = self.config.max_in_flight - len(self.in_flight)
-        if not self.in_flight:
+        at_limit = free < self.config.claim_batch_size
+        if not self.in_flight or (not at_limit and now - self._refreshed_at < 1):
             return free
-        if now - self._refreshed_at > 1:
+        self._refreshed_at = now
+        done = self._finished(list(itertools.islice(self.in_flight, self._oldest_window)))
+        if at_limit and not done and now - self._full_check_at >= 1:
+            self._full_check_at = now
             done = self._finished(list(self.in_flight))
-            self._refreshed_at = now
-        elif free < self.config.claim_batch_size:
-            done = self._finished(list(itertools.islice(self.in_flight, self._oldest_window)))
-        else:
-            return free
         for row_id in done:
             del self.in_flight[row_id]
         return self.config.max_in_flight - len(self.in_flight)
