@@ -192,6 +192,7 @@ class Relay:
         self._batches = itertools.count(1)
         self._refreshed_at = 0.0
         self._full_check_at = 0.0
+        self._drained = True
         self._lease = (
             config.effect_lock_duration if kind == "effect" else config.timer_lock_duration
         )
@@ -229,7 +230,10 @@ class Relay:
                 log.exception("ironflow %s relay: unexpected error", self.kind)
                 self.stop.wait(1.0)
                 continue
-            if not progressed:
+            # A partial batch means the due rows are drained: wait for a NOTIFY (one that
+            # arrived meanwhile returns at once) instead of an empty claim, which under a
+            # steady trickle of decisions doubled the relay's claims.
+            if not progressed or self._drained:
                 self.idle_wait()
 
     def step(self) -> bool:
@@ -241,13 +245,15 @@ class Relay:
             return False
         token = f"{self.name}#{next(self._batches)}"
         claim = self.store.claim_effects if self.kind == "effect" else self.store.claim_timers
+        limit = min(self.config.claim_batch_size, capacity)
         rows = claim(
             token,
             self.workflow_types,
             lease_seconds=self._lease,
             max_attempts=self.config.retry_policy.max_attempts,
-            limit=min(self.config.claim_batch_size, capacity),
+            limit=limit,
         )
+        self._drained = len(rows) < limit
         if not rows:
             return False
         self.claimed_total += len(rows)
