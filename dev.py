@@ -3,6 +3,7 @@
 
     python3 dev.py example [ARGS...]    run `python -m examples.orders ARGS...`
     python3 dev.py test [ARGS...]       run `python -m pytest ARGS...`
+    python3 dev.py bench [ARGS...]      run `python -m benchmarks ARGS...` (e.g. --quick)
     python3 dev.py services             start/find the services, print their env vars, wait
 
 Needs only Python 3.11+. It creates `.venv` beside this file, installs `-e .[dev]` into it
@@ -34,6 +35,7 @@ WORKDIR = ROOT / ".ironflow"  # embedded servers' data and logs
 COMMANDS = {
     "example": "run the example workflow end to end (python -m examples.orders)",
     "test": "run the test suite (python -m pytest)",
+    "bench": "run the benchmarks against plain Celery (python -m benchmarks)",
     "services": "start or find PostgreSQL and the broker, print their env vars, wait for Ctrl-C",
 }
 
@@ -148,6 +150,8 @@ def run(command: str, extra: list[str]) -> int:
             return wait_for_ctrl_c(services.env())
         if command == "example":
             return run_child([sys.executable, "-m", "examples.orders", *extra])
+        if command == "bench":
+            return run_child([sys.executable, "-m", "benchmarks", *extra])
         return run_child([sys.executable, "-m", "pytest", *extra])
 
 
