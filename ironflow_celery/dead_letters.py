@@ -80,7 +80,7 @@ GET_ROW = LOCK_ROW.replace("FOR UPDATE", "")
 RETRY_ONE = """
     UPDATE {table}
     SET attempts = 0, last_error = NULL, locked_until = NULL, locked_by = NULL,
-        dead_lettered_at = NULL
+        dead_lettered_at = NULL, run_started_at = NULL
     WHERE id = :id
     RETURNING workflow_type, pg_notify(:channel, workflow_type) AS notified
 """
@@ -90,7 +90,7 @@ RETRY_ONE = """
 RETRY_BATCH = f"""
     UPDATE {{table}}
     SET attempts = 0, last_error = NULL, locked_until = NULL, locked_by = NULL,
-        dead_lettered_at = NULL
+        dead_lettered_at = NULL, run_started_at = NULL
     WHERE id IN (
         SELECT id FROM {{table}}
         WHERE {_DEAD} {_FILTERS}

@@ -94,7 +94,7 @@ SCHEDULE_TIMERS = text("""
         ON CONFLICT (workflow_type, workflow_id, key) WHERE key IS NOT NULL AND processed_at IS NULL
         DO UPDATE SET fire_at = EXCLUDED.fire_at, input = EXCLUDED.input, created_at = now(),
                       attempts = 0, last_error = NULL, locked_until = NULL, locked_by = NULL,
-                      dead_lettered_at = NULL
+                      dead_lettered_at = NULL, run_started_at = NULL
         RETURNING 1
     )
     SELECT (SELECT count(*) FROM t) AS scheduled, pg_notify('ironflow_timers', :wt) AS notified
@@ -155,23 +155,29 @@ RELEASE_EFFECTS = text("""
 
 # Start guard: the row is still held by the claim's token. It moves to a per-delivery run
 # token (so a duplicate broker delivery finds the claim token gone), renews the lease and
-# loads the payload, in one round trip.
+# loads the payload, in one round trip. It also sets the run marker `run_started_at`, which
+# every recorded outcome clears: finding it still set means the previous run never recorded
+# one (its worker died, lost the lease, or lost the database), and that run counts as a
+# failed attempt. A handler that kills its process thus ends as a dead letter.
 START_EFFECT = text("""
     UPDATE ironflow.outbox
-    SET locked_by = :run_token, locked_until = now() + make_interval(secs => :lease)
+    SET locked_by = :run_token, locked_until = now() + make_interval(secs => :lease),
+        run_started_at = now(),
+        attempts = attempts + CASE WHEN run_started_at IS NULL THEN 0 ELSE 1 END,
+        last_error = CASE WHEN run_started_at IS NULL THEN last_error ELSE :lost_error END
     WHERE id = :id AND locked_by = :token AND processed_at IS NULL
-    RETURNING workflow_type, workflow_id, payload, attempts, created_at
+    RETURNING workflow_type, workflow_id, payload, attempts, created_at, last_error
 """)
 
 MARK_EFFECT_PROCESSED = text("""
     UPDATE ironflow.outbox
-    SET processed_at = now(), locked_until = NULL, locked_by = NULL
+    SET processed_at = now(), locked_until = NULL, locked_by = NULL, run_started_at = NULL
     WHERE id = :id AND locked_by = :token
 """)
 
 MARK_EFFECTS_PROCESSED = text("""
     UPDATE ironflow.outbox AS o
-    SET processed_at = now(), locked_until = NULL, locked_by = NULL
+    SET processed_at = now(), locked_until = NULL, locked_by = NULL, run_started_at = NULL
     FROM unnest(CAST(:ids AS uuid[]), CAST(:tokens AS text[])) AS a(id, token)
     WHERE o.id = a.id AND o.locked_by = a.token
     RETURNING o.id
@@ -180,15 +186,17 @@ MARK_EFFECTS_PROCESSED = text("""
 RECORD_EFFECT_FAILURE = text("""
     UPDATE ironflow.outbox
     SET attempts = attempts + 1, last_error = :error, locked_by = NULL,
-        locked_until = now() + make_interval(secs => :backoff)
+        locked_until = now() + make_interval(secs => :backoff), run_started_at = NULL
     WHERE id = :id AND locked_by = :token
     RETURNING attempts
 """)
 
+# A dead letter's attempts are max_attempts (ironflow's convention), or more when the
+# max was lowered or lost runs already counted past it.
 DEAD_LETTER_EFFECT = text("""
     UPDATE ironflow.outbox
-    SET attempts = GREATEST(attempts + 1, :max_attempts), last_error = :error,
-        locked_until = NULL, locked_by = NULL, dead_lettered_at = now()
+    SET attempts = GREATEST(attempts, :max_attempts), last_error = :error,
+        locked_until = NULL, locked_by = NULL, dead_lettered_at = now(), run_started_at = NULL
     WHERE id = :id AND locked_by = :token
     RETURNING attempts
 """)
@@ -259,9 +267,12 @@ NEXT_TIMER_DUE = text("""
 
 START_TIMER = text("""
     UPDATE ironflow.timers
-    SET locked_by = :run_token, locked_until = now() + make_interval(secs => :lease)
+    SET locked_by = :run_token, locked_until = now() + make_interval(secs => :lease),
+        run_started_at = now(),
+        attempts = attempts + CASE WHEN run_started_at IS NULL THEN 0 ELSE 1 END,
+        last_error = CASE WHEN run_started_at IS NULL THEN last_error ELSE :lost_error END
     WHERE id = :id AND locked_by = :token AND processed_at IS NULL
-    RETURNING workflow_type, workflow_id, input, attempts, created_at, fire_at, key
+    RETURNING workflow_type, workflow_id, input, attempts, created_at, fire_at, key, last_error
 """)
 
 LOCK_TIMER = text("""
@@ -274,22 +285,22 @@ LOCK_TIMER = text("""
 # locked_by): the re-armed timer stays pending.
 MARK_TIMER_PROCESSED = text("""
     UPDATE ironflow.timers
-    SET processed_at = now(), locked_until = NULL, locked_by = NULL
+    SET processed_at = now(), locked_until = NULL, locked_by = NULL, run_started_at = NULL
     WHERE id = :id AND locked_by = :token
 """)
 
 RECORD_TIMER_FAILURE = text("""
     UPDATE ironflow.timers
     SET attempts = attempts + 1, last_error = :error, locked_by = NULL,
-        locked_until = now() + make_interval(secs => :backoff)
+        locked_until = now() + make_interval(secs => :backoff), run_started_at = NULL
     WHERE id = :id AND locked_by = :token
     RETURNING attempts
 """)
 
 DEAD_LETTER_TIMER = text("""
     UPDATE ironflow.timers
-    SET attempts = GREATEST(attempts + 1, :max_attempts), last_error = :error,
-        locked_until = NULL, locked_by = NULL, dead_lettered_at = now()
+    SET attempts = GREATEST(attempts, :max_attempts), last_error = :error,
+        locked_until = NULL, locked_by = NULL, dead_lettered_at = now(), run_started_at = NULL
     WHERE id = :id AND locked_by = :token
     RETURNING attempts
 """)

@@ -121,6 +121,14 @@ class StartedRow:
     created_at: datetime
     token: str
     key: str | None = None
+    last_error: str | None = None
+
+
+# What a start guard records when the previous run of a row never recorded an outcome.
+LOST_RUN_ERROR = (
+    "WorkerLost: the previous attempt never recorded an outcome (its worker process died, "
+    "lost the lease, or lost the database)"
+)
 
 
 # -- unit of work -------------------------------------------------------------------
@@ -520,6 +528,7 @@ class PostgresStore:
                 "token": token,
                 "run_token": run_token,
                 "lease": float(lease_seconds),
+                "lost_error": LOST_RUN_ERROR,
             },
             relaxed=True,
         ).first()
@@ -533,6 +542,7 @@ class PostgresStore:
             row.attempts,
             row.created_at,
             run_token,
+            last_error=row.last_error,
         )
 
     def mark_processed(
@@ -684,7 +694,13 @@ class PostgresStore:
         """Start guard for a timer; None when stale."""
         row = self._run(
             sql.START_TIMER,
-            {"id": timer_id, "token": token, "run_token": run_token, "lease": float(lease_seconds)},
+            {
+                "id": timer_id,
+                "token": token,
+                "run_token": run_token,
+                "lease": float(lease_seconds),
+                "lost_error": LOST_RUN_ERROR,
+            },
             relaxed=True,
         ).first()
         if row is None:
@@ -698,6 +714,7 @@ class PostgresStore:
             row.created_at,
             run_token,
             row.key,
+            last_error=row.last_error,
         )
 
     def lock_timer(self, connection: Connection, timer_id: uuid.UUID, token: str) -> bool:

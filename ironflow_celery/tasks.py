@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from .errors import InvalidPayload, PermanentEffectError, StorageError
 from .messages import Message
 from .relay import Kind, task_name
-from .store import StartedRow
+from .store import LOST_RUN_ERROR, StartedRow
 from .workflow import DeadLetterNotice, EffectContext, WorkflowRef
 
 if TYPE_CHECKING:
@@ -148,6 +148,8 @@ def run_effect(runtime: WorkflowRuntime, ref: str, row_id: str, attempt: int, le
             attempt,
             reason="the row is no longer held by this lease (re-claimed or done)",
         )
+    if started.attempts >= cfg.retry_policy.max_attempts:
+        return _exhausted_by_lost_runs(runtime, "effect", started, ref)
     attempt = started.attempts + 1
     registration = runtime.registry.get(started.workflow_type)
     workflow = registration.workflow
@@ -214,6 +216,24 @@ def run_effect(runtime: WorkflowRuntime, ref: str, row_id: str, attempt: int, le
     metrics.task_finished("effect", started.workflow_type, "processed", began)
     extra = {"follow_up": follow_up.type_tag, "outcome": outcome} if follow_up is not None else {}
     return _result("processed", ref, row_id, attempt, **extra)
+
+
+def _exhausted_by_lost_runs(
+    runtime: WorkflowRuntime, kind: Kind, started: StartedRow, ref: str
+) -> dict:
+    """The start guard counted the previous run as lost and that used up the attempts (a
+    handler that kills its worker, say): dead-letter the row without running it again."""
+    error = started.last_error or LOST_RUN_ERROR
+    log.warning(
+        "ironflow %s %s (%s): %d attempts never finished; dead-lettered without running it",
+        kind,
+        started.id,
+        ref,
+        started.attempts,
+    )
+    status = dead_letter(runtime, kind, started, error)
+    runtime.metrics.task_finished(kind, started.workflow_type, status, None)
+    return _result(status, ref, started.id, started.attempts, error=error)
 
 
 def _as_input(workflow: Any, value: Any) -> Message:
@@ -340,6 +360,8 @@ def run_timer(runtime: WorkflowRuntime, ref: str, row_id: str, attempt: int, lea
             attempt,
             reason="the timer is no longer held by this lease (re-claimed or done)",
         )
+    if started.attempts >= cfg.retry_policy.max_attempts:
+        return _exhausted_by_lost_runs(runtime, "timer", started, ref)
     attempt = started.attempts + 1
     metrics.task_started("timer", started.workflow_type, None)
     began = time.monotonic()

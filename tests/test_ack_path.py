@@ -13,6 +13,7 @@ import time
 import uuid
 from typing import Any
 
+import pytest
 import sqlalchemy as sa
 from pydantic import BaseModel
 from runtime_helpers import (
@@ -590,3 +591,108 @@ def test_timer_task_is_stale_skipped_when_the_lease_moved(
     assert app.events(T, "ts") == ["Completed"]
     _ = timer_test_handler  # fixtures module keeps both handlers registered
     app.stop()
+
+
+# -- runs that never finish: a handler that kills its worker ------------------------------------
+
+
+class WorkerDied(BaseException):
+    """Stands for the process dying mid-handler: nothing after it runs, no outcome recorded."""
+
+
+def expire_leases(db: sa.Engine, table: str = "outbox") -> None:
+    execute(db, f"UPDATE ironflow.{table} SET locked_until = now() - interval '1 second'")
+
+
+def test_a_run_that_never_finished_counts_as_a_failed_attempt(
+    store: PostgresStore, db: sa.Engine
+) -> None:
+    calls: list[int] = []
+
+    def dies_once(effect: Any, ctx: EffectContext) -> Any:
+        calls.append(ctx.attempt)
+        if len(calls) == 1:
+            raise WorkerDied()
+        return test_handler(effect, ctx)
+
+    app = make_app(store, handler=dies_once)
+    start(app, "dies-once", "FireAndForget")
+    [row] = claim(app, "relay#1")
+    with pytest.raises(WorkerDied):
+        run(app, row)
+    assert row_of(db, "outbox", row.id).run_started_at is not None  # no outcome recorded
+    expire_leases(db)
+
+    [again] = claim(app, "relay#2")
+    result = run(app, again)
+
+    assert result["status"] == "processed"
+    assert calls == [1, 2]  # the lost run counted: the second run is attempt 2
+    after = row_of(db, "outbox", row.id)
+    assert after.processed_at is not None and after.run_started_at is None
+    assert after.attempts == 1
+    assert after.last_error.startswith("WorkerLost: the previous attempt never recorded")
+
+
+def test_a_poison_pill_that_kills_its_worker_ends_as_a_dead_letter(
+    store: PostgresStore, db: sa.Engine
+) -> None:
+    """ironflow re-runs such an effect forever; here it runs max_attempts times, then is
+    dead-lettered without running again, and the workflow's on_dead_letter input is
+    delivered in the same transaction."""
+    calls: list[int] = []
+
+    def poison(effect: Any, ctx: EffectContext) -> Any:
+        calls.append(ctx.attempt)
+        raise WorkerDied()
+
+    workflows = [(w, poison if w is JobWorkflow else h) for w, h in WORKFLOWS]
+    app = TestApp(store, workflows=workflows, config=test_config())
+    app.service.execute(JobStart(id="poison"))
+    for n in range(1, MAX + 1):
+        [row] = claim(app, f"relay#{n}")
+        with pytest.raises(WorkerDied):
+            run(app, row)
+        expire_leases(db)
+
+    [last] = claim(app, "relay#last")
+    result = run(app, last)
+
+    assert calls == [1, 2, 3]  # MAX runs, and not one more
+    assert result["status"] == "dead-lettered"
+    assert result["error"].startswith("WorkerLost")
+    dead = row_of(db, "outbox", last.id)
+    assert dead.dead_lettered_at is not None and dead.run_started_at is None
+    assert dead.attempts == MAX and dead.locked_by is None
+    assert dead.discard_reason == "handled by on_dead_letter: GaveUp accepted"
+    events = [e.payload for e in app.store.fetch_workflow_events("dl_job", "poison")]
+    assert events[-1]["type"] == "Failed" and events[-1]["error"].startswith("WorkerLost")
+
+
+def test_a_timer_whose_runs_never_finish_is_dead_lettered_and_retry_resets_it(
+    store: PostgresStore, db: sa.Engine
+) -> None:
+    app = make_app(store)
+    timer_id = insert_timer(db, T, "timer-poison", {"type": "Start", "id": "timer-poison",
+                                                     "mode": {"mode": "FireAndForget"}})
+    for n in range(1, MAX + 1):
+        [row] = claim(app, f"relay#{n}", "timer")
+        # the start guard ran and then the worker died before recording anything
+        started = app.store.start_timer(row.id, row.token, f"run-{n}", lease_seconds=60)
+        assert started is not None and started.attempts == n - 1
+        expire_leases(db, "timers")
+
+    [last] = claim(app, "relay#last", "timer")
+    result = run_t(app, last)
+
+    assert result["status"] == "dead-lettered"
+    dead = row_of(db, "timers", timer_id)
+    assert dead.dead_lettered_at is not None and dead.attempts == MAX
+    assert dead.last_error.startswith("WorkerLost")
+    assert app.store.fetch_workflow_events(T, "timer-poison") == []  # its input never ran
+
+    assert app.runtime.retry_timer_dead_letter(timer_id)
+    retried = row_of(db, "timers", timer_id)
+    assert (retried.attempts, retried.run_started_at, retried.dead_lettered_at) == (0, None, None)
+    [row] = claim(app, "relay#retry", "timer")
+    assert run_t(app, row)["status"] == "processed"

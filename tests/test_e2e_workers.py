@@ -517,12 +517,17 @@ def test_worker_killed_mid_handler_effect_completes_once_elsewhere(
         b_pids = {p.pid for p in descendants(b.pid)}
         assert runs[1][0] in b_pids, "the second run was not worker B's"
         assert event_types(database_url, "o1") == ["Placed", "Charged"]
-        row = sql(
+        attempts, locked_by, dead, last_error = sql(
             database_url,
-            "SELECT attempts, locked_by, dead_lettered_at FROM ironflow.outbox WHERE id = %s",
+            "SELECT attempts, locked_by, dead_lettered_at, last_error FROM ironflow.outbox"
+            " WHERE id = %s",
             (effect_id,),
         )[0]
-        assert row == (0, None, None)  # A's death is not a recorded failure, just a lost lease
+        # A's death counts as one failed attempt (its run never recorded an outcome), so a
+        # handler that kills every worker it runs in ends as a dead letter.
+        assert (attempts, locked_by, dead) == (1, None, None)
+        assert last_error.startswith("WorkerLost"), last_error
+        assert [attempt for _, attempt in runs] == [1, 2]
 
         # A warm shutdown (SIGTERM to B's main process) stops its relay process with it.
         children = descendants(b.pid)

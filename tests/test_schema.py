@@ -41,12 +41,14 @@ EXPECTED_ADDITIONS = {
     ("column", "outbox", "dead_lettered_at"),
     ("column", "outbox", "discard_reason"),
     ("column", "outbox", "discarded_at"),
+    ("column", "outbox", "run_started_at"),
     ("column", "projection_positions", "failed_at"),
     ("column", "projection_positions", "failed_sequence"),
     ("column", "projection_positions", "last_error"),
     ("column", "timers", "dead_lettered_at"),
     ("column", "timers", "discard_reason"),
     ("column", "timers", "discarded_at"),
+    ("column", "timers", "run_started_at"),
     ("index", "celery_schema_migrations", "celery_schema_migrations_pkey"),
     ("constraint", "ironflow.celery_schema_migrations", "celery_schema_migrations_pkey"),
 }
@@ -219,7 +221,7 @@ def empty_engine(empty_database_url: str) -> Iterator[sa.Engine]:
 def test_migrations_are_numbered_contiguously() -> None:
     versions = all_versions()
     assert versions == list(range(len(versions)))
-    assert versions[:5] == [0, 1, 2, 3, 4]
+    assert versions[:6] == [0, 1, 2, 3, 4, 5]
 
 
 def test_upgrade_applies_all_migrations_to_an_empty_database(empty_engine: sa.Engine) -> None:
