@@ -15,11 +15,10 @@ TIMERS_CHANNEL = "ironflow_timers"
 
 # -- unit of work -------------------------------------------------------------------
 
-LOCK_INSTANCE = text("""
-    SELECT completed_at IS NOT NULL AS completed
-    FROM ironflow.workflow_instances
-    WHERE workflow_type = :wt AND workflow_id = :wid
-    FOR UPDATE
+# Row-lock the instance and load its events in one round trip (migration 0006 explains why
+# this is a PL/pgSQL function and not a single statement). No rows: no such instance.
+LOCK_AND_LOAD = text("""
+    SELECT completed, payload FROM ironflow.celery_lock_and_load(:wt, :wid)
 """)
 
 # Creators of the same new instance queue on a transaction advisory lock (single-bigint key
@@ -40,13 +39,6 @@ INSERT_INSTANCE = text("""
 DELETE_NEW_INSTANCE = text("""
     DELETE FROM ironflow.workflow_instances
     WHERE workflow_type = :wt AND workflow_id = :wid AND event_count = 0
-""")
-
-LOAD_EVENTS = text("""
-    SELECT sequence, payload
-    FROM ironflow.events
-    WHERE workflow_type = :wt AND workflow_id = :wid
-    ORDER BY sequence
 """)
 
 # One round trip for a decision's events, effects, instance counters and wake-up.

@@ -47,6 +47,10 @@ def _unavailable(exc: sa.exc.DBAPIError) -> bool:
     return sqlstate.startswith("08") or sqlstate in {"57P01", "57P02", "57P03"}
 
 
+# undefined table, column, function; invalid schema name
+_SCHEMA_MISSING = {"42P01", "42703", "42883", "3F000"}
+
+
 @contextmanager
 def storage_errors() -> Iterator[None]:
     """Translate driver errors into `StorageError` / `DatabaseUnavailable`."""
@@ -55,6 +59,11 @@ def storage_errors() -> Iterator[None]:
     except sa.exc.DBAPIError as exc:
         if _unavailable(exc):
             raise DatabaseUnavailable(f"PostgreSQL is unavailable: {exc.orig}") from exc
+        if getattr(exc.orig, "sqlstate", None) in _SCHEMA_MISSING:
+            raise StorageError(
+                f"postgres error: {exc.orig}; the ironflow schema is missing or older than this "
+                "version of ironflow_celery: run `ironflow-celery db upgrade`"
+            ) from exc
         raise StorageError(f"postgres error: {exc.orig}") from exc
     except sa.exc.SQLAlchemyError as exc:
         raise StorageError(f"postgres error: {exc}") from exc
@@ -122,6 +131,16 @@ class StartedRow:
     token: str
     key: str | None = None
     last_error: str | None = None
+
+
+def _lock_and_load(conn: Connection, key: dict[str, str]) -> tuple[bool, bool, list[Any]]:
+    """(found, completed, events): row-lock the instance and load its events, one round trip."""
+    rows = conn.execute(sql.LOCK_AND_LOAD, key).all()
+    if not rows:
+        return False, False, []
+    if rows[0].completed:
+        return True, True, []
+    return True, False, [r.payload for r in rows if r.payload is not None]
 
 
 # What a start guard records when the previous run of a row never recorded an outcome.
@@ -394,8 +413,8 @@ class PostgresStore:
                 if owns:
                     transaction = conn.begin()
                 created = False
-                row = conn.execute(sql.LOCK_INSTANCE, key).first()
-                if row is None:
+                found, completed, events = _lock_and_load(conn, key)
+                if not found:
                     try:
                         created = (
                             conn.execute(
@@ -408,15 +427,10 @@ class PostgresStore:
                         if constraint == UNIQUE_KEY_INDEX and unique_key is not None:
                             raise UniqueKeyConflict(workflow_type, unique_key) from None
                         raise
-                    completed = False
                     if not created:  # lost a race: someone else inserted it first
-                        row = conn.execute(sql.LOCK_INSTANCE, key).first()
-                        completed = bool(row and row.completed)
-                else:
-                    completed = bool(row.completed)
-                events: list[Any] = []
-                if not completed:
-                    events = [r.payload for r in conn.execute(sql.LOAD_EVENTS, key)]
+                        found, completed, events = _lock_and_load(conn, key)
+                    # else: a new instance has no events to load. Every writer (ironflow too)
+                    # creates the instance row in the transaction of its first events.
         except BaseException:
             if owns:
                 if transaction is not None:

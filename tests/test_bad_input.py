@@ -411,6 +411,23 @@ def test_database_without_the_schema(empty_database_url: str) -> None:
         with pytest.raises(StorageError) as info:
             service.execute(Ping(id="wf-1"))
         assert not isinstance(info.value, DatabaseUnavailable)
-        assert 'relation "ironflow.workflow_instances" does not exist' in str(info.value)
+        assert 'schema "ironflow" does not exist' in str(info.value)
+        assert "run `ironflow-celery db upgrade`" in str(info.value)  # says what to do
+    finally:
+        store.dispose()
+
+
+def test_database_with_an_older_schema_says_to_upgrade(database_url: str) -> None:
+    """A database migrated by an older ironflow_celery (here: without migration 0006)."""
+    store = PostgresStore.from_url(database_url)
+    service = WorkflowService(store, Registry([(TestWorkflow, test_handler)]))
+    try:
+        with store.engine.begin() as conn:
+            conn.execute(sa.text("DROP FUNCTION ironflow.celery_lock_and_load(text, text)"))
+        with pytest.raises(StorageError) as info:
+            service.execute(Ping(id="wf-1"))
+        assert "celery_lock_and_load" in str(info.value)
+        assert "run `ironflow-celery db upgrade`" in str(info.value)
+        assert service.list_workflows() == []  # nothing half-written
     finally:
         store.dispose()
