@@ -207,7 +207,8 @@ class WorkflowService:
         """Execute a typed input; the rejection payload comes back typed.
 
         The workflow is the registered one that takes the input's class, or `workflow`.
-        With `connection`, the input runs inside the caller's transaction.
+        With `connection`, the input runs inside the caller's transaction, which stays
+        usable after a `UniqueKeyConflict` or a rejection.
         """
         if workflow is not None:
             registration = self.registry.for_workflow(workflow)

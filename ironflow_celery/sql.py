@@ -24,7 +24,10 @@ LOCK_AND_LOAD = text("""
 # Creators of the same new instance queue on a transaction advisory lock (single-bigint key
 # space, apart from the two-int4 keys of migrations and projections) instead of racing inside
 # the speculative insert: with the unique-key index present, two concurrent ON CONFLICT
-# inserts of one primary key can deadlock in PostgreSQL.
+# inserts of one primary key can deadlock in PostgreSQL. No conflict target: a clash on the
+# primary key (a racing creator won) or on the active unique key (another instance holds it)
+# both return no row instead of raising, so a caller's own transaction (``connection=``)
+# stays usable after a `UniqueKeyConflict`; the store tells the two apart by looking.
 INSERT_INSTANCE = text("""
     WITH queued AS (
         SELECT pg_advisory_xact_lock(
@@ -32,8 +35,13 @@ INSERT_INSTANCE = text("""
     )
     INSERT INTO ironflow.workflow_instances (workflow_type, workflow_id, unique_key)
     SELECT :wt, :wid, CAST(:unique_key AS text) FROM queued
-    ON CONFLICT (workflow_type, workflow_id) DO NOTHING
+    ON CONFLICT DO NOTHING
     RETURNING true
+""")
+
+UNIQUE_KEY_HELD = text("""
+    SELECT 1 FROM ironflow.workflow_instances
+    WHERE workflow_type = :wt AND unique_key = :unique_key AND completed_at IS NULL
 """)
 
 DELETE_NEW_INSTANCE = text("""

@@ -24,8 +24,6 @@ from . import sql
 from .db import create_engine
 from .errors import DatabaseUnavailable, IronflowError, StorageError, UniqueKeyConflict
 
-UNIQUE_KEY_INDEX = "idx_workflow_instances_active_unique_key"
-
 
 def dumps(value: Any) -> str:
     """Compact JSON for jsonb parameters."""
@@ -414,21 +412,18 @@ class PostgresStore:
                     transaction = conn.begin()
                 created = False
                 found, completed, events = _lock_and_load(conn, key)
-                if not found:
-                    try:
-                        created = (
-                            conn.execute(
-                                sql.INSERT_INSTANCE, {**key, "unique_key": unique_key}
-                            ).first()
-                            is not None
-                        )
-                    except sa.exc.IntegrityError as exc:
-                        constraint = getattr(getattr(exc.orig, "diag", None), "constraint_name", "")
-                        if constraint == UNIQUE_KEY_INDEX and unique_key is not None:
-                            raise UniqueKeyConflict(workflow_type, unique_key) from None
-                        raise
-                    if not created:  # lost a race: someone else inserted it first
+                while not found and not created:
+                    created = (
+                        conn.execute(sql.INSERT_INSTANCE, {**key, "unique_key": unique_key}).first()
+                        is not None
+                    )
+                    if not created:  # lost a race to another creator, or the key is taken
                         found, completed, events = _lock_and_load(conn, key)
+                        if not found and unique_key is not None and conn.execute(
+                            sql.UNIQUE_KEY_HELD, {"wt": workflow_type, "unique_key": unique_key}
+                        ).first():
+                            raise UniqueKeyConflict(workflow_type, unique_key)
+                        # (still no row and no holder: the winner's row was deleted since)
                     # else: a new instance has no events to load. Every writer (ironflow too)
                     # creates the instance row in the transaction of its first events.
         except BaseException:

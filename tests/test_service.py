@@ -654,6 +654,23 @@ def test_unique_key_conflict_through_the_service(store: PostgresStore, db: sa.En
     assert q(db, "SELECT string_agg(workflow_id, ',') FROM ironflow.workflow_instances") == "o-1"
 
 
+def test_unique_key_conflict_leaves_the_callers_transaction_usable(
+    store: PostgresStore, db: sa.Engine
+) -> None:
+    service = WorkflowService(store, Registry([OrderWorkflow]))
+    assert service.execute(Order(id="o-1", amount=5)) == Accepted(1)
+    with store.transaction() as conn:
+        conn.execute(sa.text("CREATE TABLE audit (note text)"))
+        with pytest.raises(UniqueKeyConflict):
+            service.execute(Order(id="o-2", amount=5), connection=conn)
+        # The caller's transaction is not aborted: it goes on and commits its own work.
+        conn.execute(sa.text("INSERT INTO audit VALUES ('o-2 refused')"))
+        assert service.execute(Order(id="o-1", amount=7), connection=conn) == Accepted(1)
+    assert q(db, "SELECT string_agg(note, ',') FROM audit") == "o-2 refused"
+    assert q(db, "SELECT string_agg(workflow_id, ',') FROM ironflow.workflow_instances") == "o-1"
+    assert q(db, "SELECT count(*) FROM ironflow.events") == 2
+
+
 def test_execute_inside_a_caller_transaction(service: WorkflowService, db: sa.Engine) -> None:
     store = service.store
     with store.transaction() as conn:
