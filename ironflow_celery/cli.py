@@ -77,7 +77,13 @@ def guarded(fn: Any) -> Any:
 
 
 def _build_group(name: str, *, with_app_option: bool) -> click.Group:
-    @click.group(name=name, help=__doc__.splitlines()[0])
+    @click.group(
+        name=name,
+        help="Durable workflows on PostgreSQL with Celery: schema, relays, dead letters, "
+        "status, projections. The same commands run as `ironflow-celery …` and "
+        "`celery -A app ironflow …`; exit codes 0 ok, 1 refused or not found, 2 bad input, "
+        "3 database or configuration error.",
+    )
     @click.pass_context
     def group(ctx: click.Context, app: str | None = None, **_: Any) -> None:
         # Like `celery -A`, find the app and workflow modules from the current directory.
