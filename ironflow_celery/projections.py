@@ -18,7 +18,6 @@ backoff.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import logging
 import multiprocessing
@@ -30,6 +29,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from celery.utils.imports import import_from_cwd
 from sqlalchemy.engine import Connection
 
 from . import sql
@@ -505,7 +505,7 @@ def load_projections(specs: Iterable[Any] | str | None) -> list[Projection]:
                     f"projection {spec!r}: expected 'module:attribute'"
                 )
             try:
-                module = importlib.import_module(module_name)
+                module = import_from_cwd(module_name)  # like Celery's `imports`
             except ImportError as exc:
                 raise ConfigurationError(
                     f"cannot import projection module {module_name!r}: {exc}"

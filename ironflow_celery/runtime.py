@@ -9,7 +9,6 @@ this process until a shutdown event; Celery workers of the same app run the hand
 from __future__ import annotations
 
 import asyncio
-import importlib
 import inspect
 import logging
 import threading
@@ -18,6 +17,8 @@ from collections.abc import Awaitable, Iterable
 from functools import cached_property
 from types import ModuleType
 from typing import Any
+
+from celery.utils.imports import import_from_cwd
 
 from .config import RuntimeConfig
 from .errors import ConfigurationError, InvalidWorkflowDefinition
@@ -58,7 +59,7 @@ def resolve_workflow_specs(specs: Iterable[WorkflowSpec]) -> list[tuple[type[Wor
         elif isinstance(spec, str):
             module_name, _, attr = spec.strip().partition(":")
             try:
-                module = importlib.import_module(module_name)
+                module = import_from_cwd(module_name)  # like Celery's `imports`
             except ImportError as exc:
                 raise ConfigurationError(
                     f"cannot import workflow module {module_name!r}: {exc}"

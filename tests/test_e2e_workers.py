@@ -743,9 +743,13 @@ def test_end_to_end_over_rabbitmq(database_url: str, procs: Processes, queue: st
 def test_celery_a_ironflow_celery_worker_uses_package_app(
     database_url: str, procs: Processes, queue: str
 ) -> None:
-    """``celery -A ironflow_celery worker`` with IRONFLOW_WORKFLOWS names a workflow module."""
+    """``celery -A ironflow_celery worker`` with IRONFLOW_WORKFLOWS names a workflow module.
+
+    Run as the README shows it: from the project directory, no PYTHONPATH. The workflow
+    module is found from the current directory, as Celery finds its ``imports``."""
     prepare_database(database_url)
     env = make_env(database_url, REDIS_URL, queue, workflows="tests.e2e_apps.workflows")
+    del env["PYTHONPATH"]
     with redis_queue_cleanup(queue):
         worker = procs.worker("pkg-worker", env, pool="threads", app="ironflow_celery")
         worker.wait_for_output("ironflow relay started (thread) for e2e_order", 30)
