@@ -38,7 +38,12 @@ class Context:
             if self.app_path:
                 from celery.app.utils import find_app
 
-                self._app = find_app(self.app_path)
+                try:
+                    self._app = find_app(self.app_path)
+                except (ImportError, AttributeError) as exc:
+                    raise ConfigurationError(
+                        f"cannot load the Celery app {self.app_path!r}: {exc}"
+                    ) from None
             else:
                 from .celery_app import default_app
 
@@ -49,7 +54,10 @@ class Context:
     def runtime(self) -> Any:
         from .celery_app import runtime_of
 
-        runtime = runtime_of(self.app)
+        try:
+            runtime = runtime_of(self.app)
+        except LookupError as exc:
+            raise ConfigurationError(str(exc)) from None
         runtime.load_workflows()
         return runtime
 

@@ -33,7 +33,12 @@ def normalize_url(url: str) -> str:
     """The same URL with the psycopg 3 driver named (``postgresql+psycopg://``)."""
     if url.startswith("postgres://"):
         url = "postgresql://" + url[len("postgres://") :]
-    parsed = make_url(url)
+    try:
+        parsed = make_url(url)
+    except (sa.exc.ArgumentError, ValueError) as exc:
+        raise ConfigurationError(
+            f"not a valid database URL ({exc}); expected postgresql://USER@HOST:PORT/DATABASE"
+        ) from None
     if parsed.get_backend_name() != "postgresql":
         raise ConfigurationError(f"not a PostgreSQL URL: {parsed.render_as_string()}")
     if parsed.drivername != "postgresql+psycopg":

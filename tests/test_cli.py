@@ -161,6 +161,48 @@ def test_database_errors_exit_3():
     assert result.exit_code == EXIT_UNAVAILABLE and "unavailable" in result.stderr
 
 
+@pytest.mark.parametrize(
+    "url, says",
+    [
+        ("not a url", "not a valid database URL"),
+        ("postgresql://postgres@127.0.0.1:notaport/x", "not a valid database URL"),
+        ("mysql://root@127.0.0.1/app", "not a PostgreSQL URL"),
+    ],
+)
+def test_a_malformed_database_url_is_a_configuration_error(url, says):
+    result = subprocess.run(
+        [str(BIN / "ironflow-celery"), "status"],
+        env={**os.environ, "IRONFLOW_DATABASE_URL": url},
+        capture_output=True, text=True, timeout=30, check=False,
+    )
+    assert result.returncode == EXIT_UNAVAILABLE, result.stderr
+    assert says in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "app, says",
+    [
+        ("no_such_module_xyz", "No module named 'no_such_module_xyz'"),
+        ("ironflow_celery.db", "has no attribute"),
+        ("tests.e2e_apps.plain_app", "ironflow is not installed on this Celery app"),
+    ],
+)
+def test_a_bad_app_is_a_configuration_error(app, says):
+    result = CliRunner().invoke(main, ["-A", app, "status"])
+    assert result.exit_code == EXIT_UNAVAILABLE, result.output
+    assert says in result.stderr and "Traceback" not in result.output
+
+
+def test_celery_subcommand_on_an_app_without_ironflow(database_url):
+    result = subprocess.run(
+        [str(BIN / "celery"), "-A", "tests.e2e_apps.plain_app", "ironflow", "status"],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True, text=True, timeout=30, check=False,
+    )
+    assert result.returncode == EXIT_UNAVAILABLE, result.stderr
+    assert "call install(app)" in result.stderr and "Traceback" not in result.stderr
+
+
 def _run(args: list[str], database_url: str) -> subprocess.CompletedProcess[str]:
     env = {
         **os.environ,
