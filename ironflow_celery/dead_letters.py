@@ -680,6 +680,10 @@ def register_dead_letter_tasks(app: Any, runtime: Any) -> list[str]:
     for fn in (fetch, count, retry, retry_all, discard):
         name = TASK_PREFIX + fn.__name__
         fn.__module__ = __name__
-        app.task(name=name, bind=False, shared=False, typing=True)(fn)
+        # Bad arguments are expected errors: the task fails with the message (shown by
+        # `celery call`'s result and Flower) and the worker logs one line, not a traceback.
+        app.task(
+            name=name, bind=False, shared=False, typing=True, throws=(InvalidDeadLetterRequest,)
+        )(fn)
         names.append(name)
     return names

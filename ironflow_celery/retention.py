@@ -142,7 +142,12 @@ def register_retention_tasks(app: Any, runtime: Any) -> list[str]:
 
     purge_task.__name__ = "purge"
     purge_task.__module__ = __name__
-    app.task(name="ironflow.retention.purge", bind=False, shared=False)(purge_task)
+    app.task(
+        name="ironflow.retention.purge",
+        bind=False,
+        shared=False,
+        throws=(InvalidDeadLetterRequest,),  # a bad age: one log line, not a traceback
+    )(purge_task)
     return ["ironflow.retention.purge"]
 
 

@@ -268,3 +268,6 @@ def test_celery_tasks_return_json(store, db):
     assert call("retry", str(timer), kind="timer")["ok"]
     with pytest.raises(InvalidDeadLetterRequest):
         call("retry", "not-a-uuid")
+    # Bad arguments are Celery "expected" errors: one log line in the worker, no traceback.
+    for name in ("fetch", "count", "retry", "retry_all", "discard"):
+        assert InvalidDeadLetterRequest in app.tasks[f"ironflow.dead_letters.{name}"].throws
