@@ -6,6 +6,8 @@ never an exception. Every failing call leaves the database as it was.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 
 class IronflowError(Exception):
     """Base class of every error raised by ironflow_celery."""
@@ -18,9 +20,13 @@ class ConfigurationError(IronflowError):
 class UnknownWorkflowType(IronflowError):
     """A workflow type that is not registered was asked for."""
 
-    def __init__(self, workflow_type: str) -> None:
+    def __init__(self, workflow_type: str, registered: Iterable[str] | None = None) -> None:
         self.workflow_type = workflow_type
-        super().__init__(f"unknown workflow type: {workflow_type}")
+        self.registered = tuple(registered) if registered is not None else None
+        message = f"unknown workflow type: {workflow_type}"
+        if self.registered is not None:
+            message += f" (registered: {', '.join(self.registered) or 'none'})"
+        super().__init__(message)
 
 
 class DuplicateWorkflowType(IronflowError):

@@ -114,13 +114,13 @@ class Registry:
         try:
             return self._by_type[workflow_type]
         except KeyError:
-            raise UnknownWorkflowType(workflow_type) from None
+            raise UnknownWorkflowType(workflow_type, self.types) from None
 
     def for_workflow(self, workflow: type[Workflow]) -> Registration:
         """The registration of a workflow class (typed dispatch)."""
         registration = self._by_type.get(getattr(workflow, "type", ""))
         if registration is None or registration.workflow is not workflow:
-            raise UnknownWorkflowType(getattr(workflow, "type", repr(workflow)))
+            raise UnknownWorkflowType(getattr(workflow, "type", repr(workflow)), self.types)
         return registration
 
     def for_input(self, input: Any) -> Registration:
@@ -129,7 +129,9 @@ class Registry:
         if len(found) == 1:
             return found[0]
         if not found:
-            raise UnknownWorkflowType(f"<no registered workflow takes {type(input).__qualname__}>")
+            what = type(input).__qualname__
+            hint = "" if isinstance(input, Message) else "; for JSON use execute_dynamic()"
+            raise UnknownWorkflowType(f"<no registered workflow takes {what}{hint}>", self.types)
         names = ", ".join(r.workflow_type for r in found)
         raise InvalidWorkflowDefinition(
             f"{type(input).__qualname__} is an input of several workflows ({names}); "

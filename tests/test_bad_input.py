@@ -166,7 +166,16 @@ def seeded(service: WorkflowService) -> WorkflowService:
 def test_unknown_workflow_type(seeded: WorkflowService, db: sa.Engine) -> None:
     with unchanged(db), pytest.raises(UnknownWorkflowType) as info:
         seeded.execute_dynamic("no_such_workflow", {"type": "Ping", "id": "wf-1"})
-    assert str(info.value) == "unknown workflow type: no_such_workflow"
+    registered = ", ".join(seeded.registry.types)
+    assert str(info.value) == f"unknown workflow type: no_such_workflow (registered: {registered})"
+    assert "test_workflow" in seeded.registry.types
+
+
+def test_a_dict_passed_to_execute_points_at_execute_dynamic(
+    seeded: WorkflowService, db: sa.Engine
+) -> None:
+    with unchanged(db), pytest.raises(UnknownWorkflowType, match="use execute_dynamic"):
+        seeded.execute({"type": "Ping", "id": "wf-1"})  # type: ignore[arg-type]
 
 
 def test_missing_type_tag(seeded: WorkflowService, db: sa.Engine) -> None:

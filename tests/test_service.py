@@ -279,7 +279,7 @@ def test_execute_dynamic_unknown_workflow_fails(service: WorkflowService, db: sa
     with pytest.raises(UnknownWorkflowType) as info:
         service.execute_dynamic("nope", {"type": "Ping", "id": "x"})
     assert info.value.workflow_type == "nope"
-    assert str(info.value) == "unknown workflow type: nope"
+    assert str(info.value).startswith("unknown workflow type: nope (registered: ")
     assert q(db, "SELECT count(*) FROM ironflow.workflow_instances") == 0
 
 
