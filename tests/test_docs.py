@@ -42,7 +42,7 @@ def test_readme_workflow_in_a_dozen_lines_prints_what_its_comments_say(database_
     (tmp_path / "account.py").write_text(code.replace(README_URL, database_url))
     result = _run([sys.executable, "account.py"], tmp_path, database_url)
     assert result.returncode == 0, result.stderr
-    promised = re.findall(r"\)\s+# (.+)$", code, re.M)  # the comments after each print(...)
+    promised = re.findall(r"\)[ \t]+# (.+)$", code, re.M)  # the comments after each print(...)
     assert result.stdout.splitlines() == [c.strip() for c in promised]
 
 
