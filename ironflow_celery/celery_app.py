@@ -21,6 +21,7 @@ import click
 from celery import Celery, bootsteps, signals
 from celery.app.defaults import DEFAULTS
 
+from . import metrics
 from .config import runtime_config_from, setting
 from .db import DATABASE_URL_ENV
 from .errors import ConfigurationError
@@ -99,7 +100,14 @@ def install(
             runtime.load_workflows()
 
     signals.import_modules.connect(_load, weak=False)
+    metrics.prepare_multiprocess_dir()
     return runtime
+
+
+@signals.worker_process_shutdown.connect(weak=False)
+def _pool_process_exiting(pid: int | None = None, **kwargs: Any) -> None:
+    """A prefork pool process exits: drop its live gauges (Prometheus multiprocess mode)."""
+    metrics.process_exiting(pid)
 
 
 def _install_routing(app: Celery) -> None:
@@ -162,7 +170,10 @@ class _RelayProcess(multiprocessing.Process):
                     self.stop_event.set()
 
         threading.Thread(target=watch_parent, daemon=True).start()
-        self.runtime.run(self.stop_event)
+        try:
+            self.runtime.run(self.stop_event)
+        finally:
+            metrics.process_exiting()
 
     def stop(self, timeout: float) -> None:
         self.stop_event.set()

@@ -2,11 +2,15 @@
 worker or relay process when ``ironflow_metrics_port`` is set.
 
 Counters and histograms are process-local, as Prometheus expects; gauges of outbox and
-timer depth are read from PostgreSQL at scrape time by a collector.
+timer depth are read from PostgreSQL at scrape time by a collector. Under Celery's
+prefork pool the tasks run in pool processes: set ``PROMETHEUS_MULTIPROC_DIR`` (an empty
+directory, prometheus-client's multiprocess mode) and the endpoint serves every process's
+counters, aggregated.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -52,7 +56,30 @@ RELAY_IN_FLIGHT = Gauge(
     "Rows a relay dispatched that are not finished yet",
     ["kind"],
     registry=REGISTRY,
+    multiprocess_mode="livesum",  # multiprocess mode: the sum over live processes
 )
+
+
+def multiprocess_dir() -> str | None:
+    """prometheus-client's multiprocess directory, when that mode is on (decided by the
+    environment before the first metric is created, as prometheus-client requires)."""
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+def prepare_multiprocess_dir() -> None:
+    """Create the multiprocess directory if it is set and missing (a task would otherwise
+    fail writing its first sample)."""
+    path = multiprocess_dir()
+    if path:
+        os.makedirs(path, exist_ok=True)
+
+
+def process_exiting(pid: int | None = None) -> None:
+    """A pool or relay process is exiting: drop its live gauges (multiprocess mode only)."""
+    if multiprocess_dir():
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid if pid is not None else os.getpid())
 
 
 class Metrics:
@@ -161,17 +188,28 @@ _collector: DepthCollector | None = None
 
 def serve_metrics(runtime: Any, port: int, addr: str = "0.0.0.0") -> Any:
     """Serve `REGISTRY` (with the depth collector for `runtime`) on `port`; once per
-    process (a second call re-points the collector and returns the running server)."""
+    process (a second call re-points the collector and returns the running server).
+
+    In multiprocess mode the endpoint serves the samples every process wrote to
+    ``PROMETHEUS_MULTIPROC_DIR`` (this one's included) instead of `REGISTRY`."""
     global _server, _collector
     from prometheus_client import start_http_server
 
-    if _collector is None:
-        _collector = DepthCollector(runtime)
-        REGISTRY.register(_collector)
-    else:
-        _collector.runtime = runtime
-    if _server is None:
-        _server = start_http_server(port, addr=addr, registry=REGISTRY)
+    if _server is not None:
+        if _collector is not None:
+            _collector.runtime = runtime
+        return _server
+    registry = REGISTRY
+    if multiprocess_dir():
+        from prometheus_client import multiprocess
+
+        prepare_multiprocess_dir()
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+    server = start_http_server(port, addr=addr, registry=registry)  # OSError: port in use
+    _collector = DepthCollector(runtime)
+    registry.register(_collector)
+    _server = server
     return _server
 
 

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -735,6 +736,63 @@ def test_end_to_end_over_rabbitmq(database_url: str, procs: Processes, queue: st
         procs.kill_all()
         with contextlib.suppress(Exception), Connection(AMQP_URL, connect_timeout=3) as conn:
             conn.default_channel.queue_delete(queue)
+
+
+# -- metrics under the prefork pool ---------------------------------------------------------
+
+
+def test_prefork_worker_metrics_count_every_pool_process(
+    database_url: str, procs: Processes, queue: str, tmp_path: Path
+) -> None:
+    """With PROMETHEUS_MULTIPROC_DIR the relay's endpoint serves the task counters that the
+    prefork pool's processes wrote, summed: every effect counted once."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    prepare_database(database_url)
+    port = free_port()
+    env = make_env(database_url, REDIS_URL, queue, metrics_port=port)
+    env["PROMETHEUS_MULTIPROC_DIR"] = str(tmp_path / "prometheus")  # created by install()
+    n = 40
+    with redis_queue_cleanup(queue):
+        worker = procs.worker("worker", env, pool="prefork", concurrency=2)
+        worker.wait_for_output("ironflow relay started (process)", 30)
+        insert_effects(database_url, n, "m-")
+        wait_until(lambda: all_processed(database_url, n), 30, "the effects to be processed")
+
+        def samples() -> dict[tuple[str, frozenset], float]:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                body = r.read().decode()
+            return {
+                (s.name, frozenset(s.labels.items())): s.value
+                for family in text_string_to_metric_families(body)
+                for s in family.samples
+            }
+
+        processed = (
+            "ironflow_task_results_total",
+            frozenset({"kind": "effect", "workflow_type": WF, "status": "processed"}.items()),
+        )
+        durations = (
+            "ironflow_handler_duration_seconds_count",
+            frozenset({"kind": "effect", "workflow_type": WF}.items()),
+        )
+        # the last acks may land a moment after the rows read as processed
+        got = wait_until(
+            lambda: (s := samples()).get(processed) == n and s, 10, "every effect counted"
+        )
+        assert got[durations] == n
+        pool_pids = {p.pid for p in descendants(worker.pid)}
+        handler_pids = {row[0] for row in sql(database_url, "SELECT DISTINCT pid FROM e2e_calls")}
+        assert handler_pids <= pool_pids and worker.pid not in handler_pids  # ran in the pool
+        assert (
+            got[
+                (
+                    "ironflow_outbox_rows",
+                    frozenset({"workflow_type": WF, "state": "pending"}.items()),
+                )
+            ]
+            == 0
+        )
 
 
 # -- 7. the package's own app ------------------------------------------------------------
