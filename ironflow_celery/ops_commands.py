@@ -128,7 +128,7 @@ def add_operations_commands(group: click.Group) -> None:
             "in flight",
             "backing off",
             "dead",
-            "oldest pending",
+            "oldest live",
             "timers due",
             "scheduled",
             "timers dead",
