@@ -211,15 +211,17 @@ class RelayStep(bootsteps.StartStopStep):
             worker.app.conf, "relay_enabled", bool, True
         )
         self.service: Any = None
+        if not self.enabled:  # Celery never calls start() on a disabled step: say it here
+            log.info(
+                "ironflow relay disabled in this worker (%s)",
+                "--without-ironflow-relay" if without_ironflow_relay else "ironflow_relay_enabled",
+            )
 
     def create(self, worker: Any) -> Any:
         return self
 
     def start(self, worker: Any) -> None:
         runtime = runtime_of(worker.app)
-        if not self.enabled:
-            log.info("ironflow relay disabled in this worker")
-            return
         if runtime._store is None and not runtime.database_url:
             raise ConfigurationError(
                 "ironflow relay: no database configured; set IRONFLOW_DATABASE_URL (or "

@@ -278,6 +278,11 @@ class Relay:
             raise
         self._track(published)
         self.published_total += len(published)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "ironflow %s relay %s: claimed %d, published %d, in flight %d",
+                self.kind, token, len(rows), len(published), len(self.in_flight),
+            )
         return True
 
     def capacity(self) -> int:

@@ -224,6 +224,13 @@ class WorkflowRuntime:
         """
         group = self.start_relays(effects=effects, timers=timers)
         self._start_duties(shutdown)
+        log.info(
+            "ironflow relays running (%s) for %s: claim batch %d, max in flight %d per relay",
+            ", ".join(f"{r.kind} {r.name}" for r in group.relays) or "none",
+            ", ".join(self.registry.types) or "no workflow types",
+            self.config.claim_batch_size,
+            self.config.max_in_flight,
+        )
         try:
             while not shutdown.wait(0.5):
                 for kind in ("effect", "timer"):
@@ -232,7 +239,9 @@ class WorkflowRuntime:
                     )
         finally:
             clean = group.stop(self.config.shutdown_timeout)
-            if not clean:
+            if clean:
+                log.info("ironflow relays stopped")
+            else:
                 log.warning(
                     "ironflow: relays did not stop within %.1fs; forcing stop",
                     self.config.shutdown_timeout,

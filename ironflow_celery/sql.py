@@ -404,7 +404,10 @@ ADVANCE_PROJECTION = text("""
 RECORD_PROJECTION_ERROR = text("""
     UPDATE ironflow.projection_positions
     SET last_sequence = GREATEST(last_sequence, :seq), updated_at = now(),
-        last_error = :error, failed_sequence = :failed_sequence, failed_at = now()
+        last_error = :error, failed_sequence = :failed_sequence,
+        -- stuck since: the first failure at this event, kept while it is retried
+        failed_at = CASE WHEN failed_sequence IS NOT DISTINCT FROM :failed_sequence
+                         THEN coalesce(failed_at, now()) ELSE now() END
     WHERE projection_name = :name
 """)
 

@@ -195,6 +195,14 @@ def test_poison_event_stops_the_projection_visibly_and_resumes_once_fixed(
 
     assert runner.run_once() == 0  # still blocked, position kept
     assert position(store, "fragile") == 1
+    with db.connect() as conn:  # failed_at says since when it is stuck, not the last retry
+        again = conn.execute(
+            sa.text(
+                "SELECT failed_at, updated_at FROM ironflow.projection_positions "
+                "WHERE projection_name = 'fragile'"
+            )
+        ).one()
+    assert again.failed_at == row.failed_at and again.updated_at > row.failed_at
 
     broken["on"] = False
     assert runner.run_once() == 2
