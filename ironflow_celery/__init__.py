@@ -21,6 +21,7 @@ from .messages import Message
 from .runtime import WorkflowBuilder, WorkflowRuntime
 from .service import Registry, WorkflowService, WorkflowServiceConfig
 from .store import PostgresStore, StoredEvent, WorkflowInstanceSummary
+from .views import StateMachineDefinition
 from .workflow import (
     Accepted,
     AlreadyCompleted,
@@ -79,6 +80,7 @@ __all__ = [
     "Rejected",
     "RetryPolicy",
     "RuntimeConfig",
+    "StateMachineDefinition",
     "StorageError",
     "StoredEvent",
     "Timer",
