@@ -150,10 +150,21 @@ class DepthCollector:
             "up": GaugeMetricFamily(
                 "ironflow_database_up", "1 when the depth query succeeded at this scrape"
             ),
+            "projection_lag": GaugeMetricFamily(
+                "ironflow_projection_lag_events",
+                "Events a projection has not processed yet (behind the newest stored event)",
+                labels=["projection"],
+            ),
+            "projection_failing": GaugeMetricFamily(
+                "ironflow_projection_failing",
+                "1 while a projection is stopped at an event its handler keeps failing on",
+                labels=["projection"],
+            ),
         }
 
     def collect(self) -> Any:
         from .errors import IronflowError
+        from .projections import projection_status
         from .status import queue_status
 
         families = self._families()
@@ -164,6 +175,7 @@ class DepthCollector:
                 max_attempts=runtime.config.retry_policy.max_attempts,
                 workflow_types=tuple(runtime.registry.types),
             )
+            projections = projection_status(runtime.store)
         except IronflowError:
             families["up"].add_metric([], 0)
             yield families["up"]
@@ -178,6 +190,9 @@ class DepthCollector:
             families["dead"].add_metric(["timer", wt], t.dead)
             families["age"].add_metric(["effect", wt], e.oldest_pending_age or 0.0)
             families["age"].add_metric(["timer", wt], t.oldest_due_age or 0.0)
+        for p in projections:
+            families["projection_lag"].add_metric([p["name"]], p["lag"])
+            families["projection_failing"].add_metric([p["name"]], int(p["status"] == "failing"))
         families["up"].add_metric([], 1)
         yield from families.values()
 

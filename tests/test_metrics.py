@@ -7,6 +7,7 @@ import socket
 import threading
 import urllib.request
 
+import sqlalchemy as sa
 from celery import Celery
 from ops_helpers import MAX_ATTEMPTS, insert_row
 
@@ -34,6 +35,13 @@ def test_endpoint_serves_depth_and_process_metrics(database_url, db):
         insert_row(db, workflow_type="orders")  # dead
     insert_row(db, workflow_type="orders", attempts=0, dead=False, age_seconds=5)  # pending
     insert_row(db, "timer", workflow_type="orders", attempts=0, dead=False, fire_in_seconds=60)
+    with db.begin() as conn:  # one healthy projection, one stuck on a poison event
+        conn.execute(sa.text(
+            "INSERT INTO ironflow.projection_positions (projection_name, last_sequence, "
+            "updated_at, last_error, failed_sequence, failed_at) VALUES "
+            "('healthy', 0, now(), NULL, NULL, NULL), "
+            "('stuck', 0, now(), 'RuntimeError: boom', 1, now())"
+        ))
     runtime.metrics.task_finished("effect", "orders", "processed", None)
     runtime.metrics.ack_failed("effect")
     runtime.metrics.in_flight("effect", 4)
@@ -46,6 +54,9 @@ def test_endpoint_serves_depth_and_process_metrics(database_url, db):
     assert 'ironflow_dead_letters{kind="effect",workflow_type="orders"} 2.0' in body
     assert "ironflow_oldest_pending_age_seconds" in body
     assert "ironflow_database_up 1.0" in body
+    assert 'ironflow_projection_failing{projection="stuck"} 1.0' in body
+    assert 'ironflow_projection_failing{projection="healthy"} 0.0' in body
+    assert 'ironflow_projection_lag_events{projection="healthy"} 0.0' in body
     for name in (
         "ironflow_task_results_total",
         "ironflow_ack_failures_total",
