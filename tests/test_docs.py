@@ -27,12 +27,21 @@ def _block(text: str, heading: str, lang: str) -> str:
     return match.group(1)
 
 
-def _run(args: list[str], cwd: Path, database_url: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "IRONFLOW_DATABASE_URL": database_url, "CELERY_BROKER_URL": "memory://"}
-    env.pop("IRONFLOW_WORKFLOWS", None)
-    env.pop("IRONFLOW_PROJECTIONS", None)
+def _run(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run `args` in `cwd` with our environment minus workflow/projection settings, plus `env`."""
+    base = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("IRONFLOW_WORKFLOWS", "IRONFLOW_PROJECTIONS")
+    }
     return subprocess.run(
-        args, cwd=cwd, env=env, capture_output=True, text=True, timeout=60, check=False
+        args,
+        cwd=cwd,
+        env={**base, "CELERY_BROKER_URL": "memory://", **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
 
 
@@ -40,7 +49,7 @@ def test_readme_workflow_in_a_dozen_lines_prints_what_its_comments_say(database_
     code = _block(README, "## A workflow in a dozen lines", "python")
     assert README_URL in code
     (tmp_path / "account.py").write_text(code.replace(README_URL, database_url))
-    result = _run([sys.executable, "account.py"], tmp_path, database_url)
+    result = _run([sys.executable, "account.py"], tmp_path, IRONFLOW_DATABASE_URL=database_url)
     assert result.returncode == 0, result.stderr
     promised = re.findall(r"\)[ \t]+# (.+)$", code, re.M)  # the comments after each print(...)
     assert result.stdout.splitlines() == [c.strip() for c in promised]
@@ -49,7 +58,9 @@ def test_readme_workflow_in_a_dozen_lines_prints_what_its_comments_say(database_
 def test_projection_example_runs_and_the_cli_sees_its_position(database_url, tmp_path):
     docs = (REPO / "docs" / "projections.md").read_text()
     (tmp_path / "projection_example.py").write_text(_block(docs, "## Example", "python"))
-    result = _run([sys.executable, "projection_example.py"], tmp_path, database_url)
+    result = _run(
+        [sys.executable, "projection_example.py"], tmp_path, IRONFLOW_DATABASE_URL=database_url
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == ["delivered 4", "[('a', 3), ('b', 1)]"]
 
@@ -59,50 +70,24 @@ def test_projection_example_runs_and_the_cli_sees_its_position(database_url, tmp
         re.findall(r"^\$ export (IRONFLOW_PROJECTIONS|IRONFLOW_WORKFLOWS)=(\S+)", session, re.M)
     )
     assert set(env_args) == {"IRONFLOW_PROJECTIONS", "IRONFLOW_WORKFLOWS"}
-    env = {
-        **os.environ,
-        **env_args,
-        "IRONFLOW_DATABASE_URL": database_url,
-        "PYTHONPATH": str(tmp_path),
-    }
-    listed = subprocess.run(
-        [str(BIN / "ironflow-celery"), "projections", "list"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    env = {**env_args, "IRONFLOW_DATABASE_URL": database_url, "PYTHONPATH": str(tmp_path)}
+    listed = _run([str(BIN / "ironflow-celery"), "projections", "list"], tmp_path, **env)
     assert listed.returncode == 0, listed.stderr
     row = next(line for line in listed.stdout.splitlines() if line.startswith("counter_totals"))
     assert row.split() == ["counter_totals", "4", "0", "ok"]
-    reset = subprocess.run(
-        [str(BIN / "ironflow-celery"), "projections", "reset", "counter_totals"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+    reset = _run(
+        [str(BIN / "ironflow-celery"), "projections", "reset", "counter_totals"], tmp_path, **env
     )
     assert reset.returncode == 0, reset.stderr
 
 
-def test_readme_diagram_is_what_the_graph_command_prints(tmp_path):
+def test_readme_diagram_is_what_the_graph_command_prints():
     diagram = _block(README, "## State machines", "mermaid")
-    result = subprocess.run(
+    result = _run(
         [str(BIN / "ironflow-celery"), "workflows", "graph", "orders", "--format", "mermaid"],
-        cwd=REPO,
-        env={
-            **os.environ,
-            "IRONFLOW_WORKFLOWS": "examples.orders.workflow",
-            "PYTHONPATH": str(REPO),
-        },
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+        REPO,
+        IRONFLOW_WORKFLOWS="examples.orders.workflow",
+        PYTHONPATH=str(REPO),
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == diagram.strip()
