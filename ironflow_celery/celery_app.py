@@ -100,7 +100,6 @@ def install(
             runtime.load_workflows()
 
     signals.import_modules.connect(_load, weak=False)
-    metrics.prepare_multiprocess_dir()
     return runtime
 
 

@@ -66,12 +66,15 @@ def multiprocess_dir() -> str | None:
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
 
 
-def prepare_multiprocess_dir() -> None:
-    """Create the multiprocess directory if it is set and missing (a task would otherwise
-    fail writing its first sample)."""
+def _prepare_multiprocess_dir() -> None:
+    """Create the multiprocess directory if it is set and missing: every sample of this
+    module's metrics (tasks, relays) would otherwise fail to write."""
     path = multiprocess_dir()
     if path:
         os.makedirs(path, exist_ok=True)
+
+
+_prepare_multiprocess_dir()  # at import, like prometheus-client's own choice of mode
 
 
 def process_exiting(pid: int | None = None) -> None:
@@ -218,7 +221,6 @@ def serve_metrics(runtime: Any, port: int, addr: str = "0.0.0.0") -> Any:
     if multiprocess_dir():
         from prometheus_client import multiprocess
 
-        prepare_multiprocess_dir()
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
     server = start_http_server(port, addr=addr, registry=registry)  # OSError: port in use

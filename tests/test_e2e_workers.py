@@ -751,7 +751,7 @@ def test_prefork_worker_metrics_count_every_pool_process(
     prepare_database(database_url)
     port = free_port()
     env = make_env(database_url, REDIS_URL, queue, metrics_port=port)
-    env["PROMETHEUS_MULTIPROC_DIR"] = str(tmp_path / "prometheus")  # created by install()
+    env["PROMETHEUS_MULTIPROC_DIR"] = str(tmp_path / "prometheus")  # created on import
     n = 40
     with redis_queue_cleanup(queue):
         worker = procs.worker("worker", env, pool="prefork", concurrency=2)
