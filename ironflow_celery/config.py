@@ -95,9 +95,22 @@ class RuntimeConfig:
     claim_batch_size: int = 100
     """Rows one claim statement takes (ironflow: always 1)."""
     max_in_flight: int = 1000
-    """Back-pressure: a relay stops claiming while this many of its rows are unfinished."""
+    """Back-pressure: a relay stops claiming while this many of its published rows are
+    still waiting to start (in the broker, or prefetched by a worker)."""
+    dispatch_timeout: float = 1800.0
+    """How long a relay keeps the lease of a published row that has not started yet alive.
+
+    Waiting is not failing: a row whose message waits in the broker behind a backlog stays
+    held by its relay (the relay renews its lease) instead of expiring and being published
+    again. This bounds that hold, so a message the broker lost (a Redis restart without
+    persistence, a purge, a worker that discarded it) is claimed and published again at
+    most ``dispatch_timeout`` + the lease after it was first published."""
     publish_retry_delay: float = 1.0
     """Pause after a failed publish (its claims are released at once)."""
+    relaxed_acknowledgements: bool = False
+    """Opt-in: commit acknowledgements (and their follow-up inputs) with
+    ``synchronous_commit = off``. Faster, but a PostgreSQL crash can lose an acknowledgement
+    others already acted on (see `PostgresStore.ack_engine`). Off by default."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -107,6 +120,7 @@ class RuntimeConfig:
             "timer_lock_duration",
             "shutdown_timeout",
             "publish_retry_delay",
+            "dispatch_timeout",
         ):
             object.__setattr__(self, name, seconds(getattr(self, name)))
         object.__setattr__(self, "effect_workers", max(1, int(self.effect_workers)))
@@ -132,6 +146,8 @@ _RUNTIME_SETTINGS = {
     "timer_workers": int,
     "claim_batch_size": int,
     "max_in_flight": int,
+    "dispatch_timeout": float,
+    "relaxed_acknowledgements": bool,
 }
 _RETRY_SETTINGS = {
     "max_attempts": int,

@@ -2,10 +2,18 @@
 Celery tasks, one task per row, ``task_id`` = the row id.
 
 A relay claims in batches under a fresh lease token, wakes on ``LISTEN/NOTIFY`` (the
-decision transaction notifies) with a polling fallback, and stops claiming while its
-dispatched-but-unfinished rows reach ``max_in_flight`` (back-pressure), so a large backlog
-never floods the broker nor lets leases expire in it. A publish that fails gives its
-unpublished claims back at once. Any number of relays may share one database.
+decision transaction notifies) with a polling fallback, and stops claiming while
+``max_in_flight`` of its published rows still wait to start (back-pressure), so a large
+backlog never floods the broker. A publish that fails gives its unpublished claims back
+at once. Any number of relays may share one database.
+
+Waiting is not failing (DESIGN invariant 10). A published row stays held by its claim
+token until a worker's start guard takes it over, and the relay keeps renewing the lease
+of every such row, so a message that waits in the broker behind a backlog -- longer than
+one lease -- is never claimed and published a second time. The hold is bounded twice: a
+relay that dies stops renewing, so its rows come back after one lease; and a row still
+unstarted ``dispatch_timeout`` after it was published (its message was lost by the broker,
+or discarded by a worker) is given up and comes back after one more lease.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import psycopg
@@ -162,6 +171,16 @@ class Waker:
                 delay = min(delay * 2, 5.0)
 
 
+@dataclass(slots=True)
+class Dispatched:
+    """A published row as its relay tracks it until a worker starts it."""
+
+    token: str
+    """The claim's lease token (the start guard replaces it with a run token)."""
+    at: float
+    """When it was published (monotonic clock)."""
+
+
 class Relay:
     """One claimer: claims a batch of due rows of one kind and publishes them."""
 
@@ -187,8 +206,8 @@ class Relay:
         self.wake = wake
         self.stop = stop
         self.on_claimed = on_claimed
-        # Dispatched, unfinished rows in dispatch order (a dict used as an ordered set).
-        self.in_flight: dict[uuid.UUID, None] = {}
+        # Published rows not yet started by a worker, in dispatch order.
+        self.in_flight: dict[uuid.UUID, Dispatched] = {}
         self._batches = itertools.count(1)
         self._refreshed_at = 0.0
         self._full_check_at = 0.0
@@ -196,6 +215,12 @@ class Relay:
         self._lease = (
             config.effect_lock_duration if kind == "effect" else config.timer_lock_duration
         )
+        # Renew three times per lease: two renewals may be late (a busy machine, a slow
+        # statement) before a waiting row's lease runs out.
+        self._renew_every = max(self._lease / 3, 0.05)
+        self._renew_due = 0.0
+        self.renewed_total = 0
+        self.given_up_total = 0
         self._poll = config.effect_poll_interval if kind == "effect" else config.timer_poll_interval
         self.claimed_total = 0
         self.published_total = 0
@@ -238,6 +263,9 @@ class Relay:
 
     def step(self) -> bool:
         """One claim-and-publish round; False when there was nothing to do."""
+        # Renew before claiming: after a database outage this takes our waiting rows back
+        # before this relay could re-claim (and re-publish) them as expired.
+        self.keep_alive()
         capacity = self.capacity()
         if capacity <= 0 or (self.in_flight and capacity < self._min_claim):
             # At the limit, wait for a quarter batch of room: claims of a handful of rows
@@ -262,7 +290,7 @@ class Relay:
         try:
             published = self.publish(self.kind, rows)
         except PublishError as exc:
-            self._track(exc.published)
+            self._track(exc.published, token)
             sent = set(exc.published)
             unsent = [r.id for r in rows if r.id not in sent]
             release = (
@@ -276,7 +304,7 @@ class Relay:
                 )
             self.published_total += len(exc.published)
             raise
-        self._track(published)
+        self._track(published, token)
         self.published_total += len(published)
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
@@ -288,12 +316,12 @@ class Relay:
     def capacity(self) -> int:
         """Rows this relay may still claim before back-pressure stops it.
 
-        Finished rows are found by asking the database about the oldest dispatched ones:
-        rows finish roughly in dispatch order, so a claim batch's worth of the oldest ids
+        Started rows are found by asking the database about the oldest published ones:
+        rows start roughly in dispatch order, so a claim batch's worth of the oldest ids
         frees room at a fraction of the cost of checking all of them (with 1,000 in flight,
         that full check, repeated while at the limit, was a third of a busy relay's CPU and
         of its PostgreSQL backend's). All of them are checked, at most once a second, only
-        when the relay is at its limit and the oldest are still running (long handlers).
+        when the relay is at its limit and the oldest still wait (several queues, say).
         """
         now = time.monotonic()
         free = self.config.max_in_flight - len(self.in_flight)
@@ -318,16 +346,57 @@ class Relay:
         return max(2 * self.config.claim_batch_size, 50)
 
     def _finished(self, ids: list[uuid.UUID]) -> list[uuid.UUID]:
-        """Those of `ids` that are no longer dispatched (processed, failed, released)."""
-        still = self.store.still_in_flight(self.kind, ids)
+        """Those of `ids` that no longer wait under our claim (started, finished, released)."""
+        still = self.store.still_dispatched(
+            self.kind, [(row_id, self.in_flight[row_id].token) for row_id in ids]
+        )
         return [row_id for row_id in ids if row_id not in still]
 
-    def _track(self, ids: Iterable[uuid.UUID]) -> None:
-        self.in_flight.update(dict.fromkeys(ids))
+    def _track(self, ids: Iterable[uuid.UUID], token: str) -> None:
+        now = time.monotonic()
+        if not self.in_flight:
+            self._renew_due = now + self._renew_every
+        for row_id in ids:
+            self.in_flight[row_id] = Dispatched(token, now)
+
+    def keep_alive(self) -> None:
+        """Renew the leases of published rows that still wait to start (every third of a
+        lease); forget those a worker started, and give up those waiting past
+        ``dispatch_timeout`` so their leases run out and they are published again."""
+        now = time.monotonic()
+        if not self.in_flight or now < self._renew_due:
+            return
+        self._renew_due = now + self._renew_every
+        limit = self.config.dispatch_timeout
+        overdue = [row_id for row_id, d in self.in_flight.items() if now - d.at >= limit]
+        if overdue:
+            for row_id in overdue:
+                del self.in_flight[row_id]
+            self.given_up_total += len(overdue)
+            log.warning(
+                "ironflow %s relay %s: %d published rows did not start within %.0fs "
+                "(ironflow_dispatch_timeout); their messages may be lost: they will be "
+                "claimed and published again once their leases run out",
+                self.kind, self.name, len(overdue), limit,
+            )  # fmt: skip
+        if not self.in_flight:
+            return
+        items = [(row_id, d.token) for row_id, d in self.in_flight.items()]
+        try:
+            held = self.store.renew_leases(self.kind, items, lease_seconds=self._lease)
+        except StorageError:
+            self._renew_due = now  # try again first thing once the database answers
+            raise
+        self.renewed_total += len(held)
+        for row_id, _ in items:
+            if row_id not in held:
+                self.in_flight.pop(row_id, None)
 
     def idle_wait(self) -> None:
         """Sleep until a NOTIFY, the poll interval, or (timers) the next due time."""
         timeout = self._poll
+        if self.in_flight:
+            timeout = min(timeout, max(self._renew_due - time.monotonic(), 0.0))
         if self.len_in_flight_at_limit():
             timeout = min(timeout, 0.05)
         elif self.kind == "timer":

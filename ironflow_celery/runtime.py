@@ -169,7 +169,10 @@ class WorkflowRuntime:
                             "no database configured: set IRONFLOW_DATABASE_URL "
                             "(or the ironflow_database_url setting)"
                         )
-                    self._store = PostgresStore.from_url(self.database_url)
+                    self._store = PostgresStore.from_url(
+                        self.database_url,
+                        relaxed_acks=self.config.relaxed_acknowledgements,
+                    )
         return self._store
 
     @cached_property

@@ -209,6 +209,9 @@ MARK_EFFECT_DEAD_LETTER_HANDLED = text("""
     WHERE id = :id AND processed_at IS NULL
 """)
 
+# Extends leases still held by the given tokens: the lease keeper's for running handlers
+# (run tokens), and the relay's for published rows whose messages still wait in the broker
+# (claim tokens) -- waiting is not failing (DESIGN invariant 10).
 RENEW_EFFECT_LEASES = text("""
     UPDATE ironflow.outbox AS o
     SET locked_until = now() + make_interval(secs => :lease)
@@ -217,10 +220,14 @@ RENEW_EFFECT_LEASES = text("""
     RETURNING o.id
 """)
 
-EFFECTS_STILL_IN_FLIGHT = text("""
-    SELECT id FROM ironflow.outbox
-    WHERE id = ANY(CAST(:ids AS uuid[])) AND processed_at IS NULL
-      AND locked_by IS NOT NULL AND locked_until > now()
+# Back-pressure: which of a relay's published rows still wait to start, i.e. are still held
+# by the claim's own token (the start guard moves a row to a run token; finishing, failing
+# or releasing it clears the token; another relay's re-claim replaces it).
+EFFECTS_STILL_DISPATCHED = text("""
+    SELECT o.id FROM ironflow.outbox AS o
+    JOIN unnest(CAST(:ids AS uuid[]), CAST(:tokens AS text[])) AS a(id, token)
+      ON o.id = a.id AND o.locked_by = a.token
+    WHERE o.processed_at IS NULL
 """)
 
 # -- timer relay --------------------------------------------------------------------
@@ -319,10 +326,11 @@ RENEW_TIMER_LEASES = text("""
     RETURNING t.id
 """)
 
-TIMERS_STILL_IN_FLIGHT = text("""
-    SELECT id FROM ironflow.timers
-    WHERE id = ANY(CAST(:ids AS uuid[])) AND processed_at IS NULL
-      AND locked_by IS NOT NULL AND locked_until > now()
+TIMERS_STILL_DISPATCHED = text("""
+    SELECT t.id FROM ironflow.timers AS t
+    JOIN unnest(CAST(:ids AS uuid[]), CAST(:tokens AS text[])) AS a(id, token)
+      ON t.id = a.id AND t.locked_by = a.token
+    WHERE t.processed_at IS NULL
 """)
 
 # -- projections ---------------------------------------------------------------------

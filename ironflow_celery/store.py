@@ -308,28 +308,45 @@ class UnitOfWork:
 class PostgresStore:
     """PostgreSQL persistence for workflows, the outbox, timers and projections."""
 
-    def __init__(self, engine: Engine, *, relaxed_commits: bool = True) -> None:
+    def __init__(
+        self, engine: Engine, *, relaxed_commits: bool = True, relaxed_acks: bool = False
+    ) -> None:
         self.engine = engine
         self.relaxed_commits = relaxed_commits
+        self.relaxed_acks = relaxed_acks
         self._relaxed_engine: Engine | None = None
         self._relaxed_lock = threading.Lock()
 
     @classmethod
     def from_url(
-        cls, url: str, *, relaxed_commits: bool = True, **engine_kwargs: Any
+        cls,
+        url: str,
+        *,
+        relaxed_commits: bool = True,
+        relaxed_acks: bool = False,
+        **engine_kwargs: Any,
     ) -> PostgresStore:
         """A store on a new pooled engine for `url`."""
-        return cls(create_engine(url, **engine_kwargs), relaxed_commits=relaxed_commits)
+        return cls(
+            create_engine(url, **engine_kwargs),
+            relaxed_commits=relaxed_commits,
+            relaxed_acks=relaxed_acks,
+        )
 
     @property
     def relaxed_engine(self) -> Engine:
-        """The engine for relay and task bookkeeping: ``synchronous_commit = off``.
+        """The engine for lease bookkeeping: ``synchronous_commit = off``.
 
-        Claims, start guards, lease renewals and acknowledgements need not wait for a WAL
-        flush: a crash of PostgreSQL can lose only the last fraction of a second of them,
-        which makes those rows claimable again — an effect may run again (delivery is
-        at-least-once anyway), none is lost. A follow-up input commits with its ack, so
-        both or neither survive. Inputs executed by callers always commit durably.
+        Only writes whose loss merely makes a row claimable again run here (DESIGN
+        invariant 9): claims, releases, start guards, lease renewals. Other sessions may
+        act on them before they reach disk, but all they can do is deliver a row: should
+        PostgreSQL crash and lose such a write, the row goes back to an earlier lease state
+        and is claimed again, under the same id (so the same idempotency key), and a
+        handler may run once more -- delivery is at-least-once in any case. Every later
+        durable commit flushes the WAL before it, so an acknowledgement that survives a
+        crash never outlives the start guard it followed. What others can observe as
+        *results* -- events, new outbox rows and timers, processed, failure and dead-letter
+        marks -- never commits here unless `relaxed_acks` opts in (see `ack_engine`).
         """
         if not self.relaxed_commits:
             return self.engine
@@ -341,6 +358,19 @@ class PostgresStore:
                         connect_args={"options": "-c synchronous_commit=off"},
                     )
         return self._relaxed_engine
+
+    @property
+    def ack_engine(self) -> Engine:
+        """The engine for acknowledgements: durable unless ``relaxed_acks`` opts out.
+
+        ``relaxed_acks=True`` (the ``ironflow_relaxed_acknowledgements`` setting) trades
+        durability for commit latency, and its risk is real: a PostgreSQL crash can lose an
+        acknowledgement that others already acted on -- a follow-up's new effect already
+        claimed and run, an event a projection already read. After recovery the effect runs
+        again and its follow-up decides a *new* effect row, so an external system sees the
+        same step under a second idempotency key. Use it only where that is acceptable.
+        """
+        return self.relaxed_engine if self.relaxed_acks else self.engine
 
     def dispose(self) -> None:
         """Close the pools' connections."""
@@ -355,22 +385,29 @@ class PostgresStore:
         return schema.upgrade(self.engine)
 
     @contextmanager
-    def transaction(self, *, relaxed: bool = False) -> Iterator[Connection]:
+    def transaction(self, *, ack: bool = False) -> Iterator[Connection]:
         """A connection in a transaction that commits on success, rolls back on error.
 
-        ``relaxed=True`` uses `relaxed_engine` (for acknowledgements)."""
-        engine = self.relaxed_engine if relaxed else self.engine
+        ``ack=True`` uses `ack_engine` (an acknowledgement and the follow-up input it
+        carries): durable unless the store opted into relaxed acknowledgements."""
+        engine = self.ack_engine if ack else self.engine
         with storage_errors(), engine.begin() as conn:
             yield conn
 
     def _run(
-        self, statement: Any, params: dict[str, Any] | None = None, *, relaxed: bool = False
+        self,
+        statement: Any,
+        params: dict[str, Any] | None = None,
+        *,
+        relaxed: bool = False,
+        ack: bool = False,
     ) -> sa.CursorResult[Any]:
         # One statement is atomic on its own: autocommit spares the BEGIN and COMMIT round
         # trips (the hot path: claim, start guard, ack are one statement each). A connection
         # that turns out dead (server restarted) is replaced and the statement sent once more:
         # every statement run here is guarded or idempotent.
-        engine = self.relaxed_engine if relaxed else self.engine
+        # relaxed: lease bookkeeping only (see `relaxed_engine`); ack: see `ack_engine`.
+        engine = self.relaxed_engine if relaxed else self.ack_engine if ack else self.engine
         for attempt in (1, 2):
             try:
                 with storage_errors(), engine.connect() as conn:
@@ -562,7 +599,7 @@ class PostgresStore:
         if connection is not None:
             with storage_errors():
                 return connection.execute(sql.MARK_EFFECT_PROCESSED, params).rowcount == 1
-        return self._run(sql.MARK_EFFECT_PROCESSED, params, relaxed=True).rowcount == 1
+        return self._run(sql.MARK_EFFECT_PROCESSED, params, ack=True).rowcount == 1
 
     def mark_many_processed(self, items: Sequence[tuple[uuid.UUID, str]]) -> set[uuid.UUID]:
         """Mark several effects processed in one statement; returns those still held."""
@@ -571,7 +608,7 @@ class PostgresStore:
         rows = self._run(
             sql.MARK_EFFECTS_PROCESSED,
             {"ids": [i for i, _ in items], "tokens": [t for _, t in items]},
-            relaxed=True,
+            ack=True,
         )
         return {r.id for r in rows}
 
@@ -591,7 +628,7 @@ class PostgresStore:
             "error": error,
             "backoff": float(backoff_seconds),
         }
-        return self._scalar_or_none(sql.RECORD_EFFECT_FAILURE, params, connection, relaxed=True)
+        return self._scalar_or_none(sql.RECORD_EFFECT_FAILURE, params, connection, ack=True)
 
     def record_permanent_failure(
         self,
@@ -604,7 +641,7 @@ class PostgresStore:
     ) -> int | None:
         """Dead-letter an effect now; None when stale."""
         params = {"id": effect_id, "token": token, "error": error, "max_attempts": max_attempts}
-        return self._scalar_or_none(sql.DEAD_LETTER_EFFECT, params, connection, relaxed=True)
+        return self._scalar_or_none(sql.DEAD_LETTER_EFFECT, params, connection, ack=True)
 
     def mark_dead_letter_handled(
         self, kind: str, row_id: uuid.UUID, reason: str, *, connection: Connection
@@ -636,12 +673,17 @@ class PostgresStore:
         )
         return {r.id for r in rows}
 
-    def still_in_flight(self, kind: str, ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
-        """Which of these dispatched rows are still leased and unfinished."""
-        if not ids:
+    def still_dispatched(
+        self, kind: str, items: Sequence[tuple[uuid.UUID, str]]
+    ) -> set[uuid.UUID]:
+        """Which of these published rows still wait to start under their claim tokens."""
+        if not items:
             return set()
-        statement = sql.EFFECTS_STILL_IN_FLIGHT if kind == "effect" else sql.TIMERS_STILL_IN_FLIGHT
-        return {r.id for r in self._run(statement, {"ids": list(ids)}, relaxed=True)}
+        statement = (
+            sql.EFFECTS_STILL_DISPATCHED if kind == "effect" else sql.TIMERS_STILL_DISPATCHED
+        )
+        params = {"ids": [i for i, _ in items], "tokens": [t for _, t in items]}
+        return {r.id for r in self._run(statement, params, relaxed=True)}
 
     # -- timers ----------------------------------------------------------------------------
     def claim_timers(
@@ -742,7 +784,7 @@ class PostgresStore:
         if connection is not None:
             with storage_errors():
                 return connection.execute(sql.MARK_TIMER_PROCESSED, params).rowcount == 1
-        return self._run(sql.MARK_TIMER_PROCESSED, params, relaxed=True).rowcount == 1
+        return self._run(sql.MARK_TIMER_PROCESSED, params, ack=True).rowcount == 1
 
     def record_timer_failure(
         self,
@@ -755,7 +797,7 @@ class PostgresStore:
     ) -> int | None:
         """attempts+1, last_error, backoff; None when stale."""
         params = {"id": timer_id, "token": token, "error": error, "backoff": float(backoff_seconds)}
-        return self._scalar_or_none(sql.RECORD_TIMER_FAILURE, params, connection, relaxed=True)
+        return self._scalar_or_none(sql.RECORD_TIMER_FAILURE, params, connection, ack=True)
 
     def dead_letter_timer(
         self,
@@ -768,7 +810,7 @@ class PostgresStore:
     ) -> int | None:
         """Dead-letter a timer now; None when stale."""
         params = {"id": timer_id, "token": token, "error": error, "max_attempts": max_attempts}
-        return self._scalar_or_none(sql.DEAD_LETTER_TIMER, params, connection, relaxed=True)
+        return self._scalar_or_none(sql.DEAD_LETTER_TIMER, params, connection, ack=True)
 
     # -- projections -------------------------------------------------------------------------
     def fetch_events_since(self, after: int, limit: int = 100) -> list[StoredEvent]:
@@ -801,12 +843,13 @@ class PostgresStore:
         connection: Connection | None,
         *,
         relaxed: bool = False,
+        ack: bool = False,
     ) -> Any:
         if connection is not None:
             with storage_errors():
                 row = connection.execute(statement, params).first()
         else:
-            row = self._run(statement, params, relaxed=relaxed).first()
+            row = self._run(statement, params, relaxed=relaxed, ack=ack).first()
         return None if row is None else row[0]
 
 

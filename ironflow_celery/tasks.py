@@ -44,6 +44,10 @@ Status = Literal["processed", "failed-will-retry", "dead-lettered", "stale-skipp
 _WORKER_TAG = f"{socket.gethostname()}:{os.getpid()}"
 
 
+class StartGuardUnavailable(StorageError):
+    """The start guard could not reach the database: the row was not started."""
+
+
 def _run_token(lease: str) -> str:
     return f"{lease}>{_WORKER_TAG}:{uuid.uuid4().hex[:8]}"
 
@@ -136,9 +140,12 @@ def run_effect(runtime: WorkflowRuntime, ref: str, row_id: str, attempt: int, le
     cfg = runtime.config
     metrics = runtime.metrics
     run_token = _run_token(lease)
-    started = store.start_effect(
-        effect_id, lease, run_token, lease_seconds=cfg.effect_lock_duration
-    )
+    try:
+        started = store.start_effect(
+            effect_id, lease, run_token, lease_seconds=cfg.effect_lock_duration
+        )
+    except StorageError as exc:
+        raise StartGuardUnavailable(str(exc)) from exc
     if started is None:
         metrics.task_finished("effect", None, "stale-skipped", None)
         return _result(
@@ -187,7 +194,7 @@ def run_effect(runtime: WorkflowRuntime, ref: str, row_id: str, attempt: int, le
         if follow_up is None:
             held = store.mark_processed(effect_id, run_token)
         else:
-            with store.transaction(relaxed=True) as conn:
+            with store.transaction(ack=True) as conn:
                 held = store.mark_processed(effect_id, run_token, connection=conn)
                 if held:
                     outcome = runtime.service.execute(
@@ -294,7 +301,7 @@ def dead_letter(runtime: WorkflowRuntime, kind: Kind, started: StartedRow, error
     registration = runtime.registry.get(started.workflow_type)
     workflow = registration.workflow
     try:
-        with store.transaction(relaxed=True) as conn:
+        with store.transaction(ack=True) as conn:
             attempts = write(
                 started.id, started.token, error, max_attempts=policy.max_attempts, connection=conn
             )
@@ -350,7 +357,12 @@ def run_timer(runtime: WorkflowRuntime, ref: str, row_id: str, attempt: int, lea
     cfg = runtime.config
     metrics = runtime.metrics
     run_token = _run_token(lease)
-    started = store.start_timer(timer_id, lease, run_token, lease_seconds=cfg.timer_lock_duration)
+    try:
+        started = store.start_timer(
+            timer_id, lease, run_token, lease_seconds=cfg.timer_lock_duration
+        )
+    except StorageError as exc:
+        raise StartGuardUnavailable(str(exc)) from exc
     if started is None:
         metrics.task_finished("timer", None, "stale-skipped", None)
         return _result(
@@ -368,7 +380,7 @@ def run_timer(runtime: WorkflowRuntime, ref: str, row_id: str, attempt: int, lea
     try:
         with (
             runtime.lease_keeper.keep("timer", timer_id, run_token),
-            store.transaction(relaxed=True) as conn,
+            store.transaction(ack=True) as conn,
         ):
             if not store.lock_timer(conn, timer_id, run_token):
                 conn.rollback()
@@ -410,7 +422,7 @@ def register_workflow_tasks(
             name = task_name(workflow_type, kind)  # type: ignore[arg-type]
             app.task(
                 name=name,
-                bind=False,
+                bind=True,
                 ignore_result=True,
                 acks_late=False,
                 typing=False,
@@ -423,10 +435,24 @@ def register_workflow_tasks(
 def _bind(fn: Any, runtime: WorkflowRuntime, name: str) -> Any:
     kind = name.rsplit(".", 1)[-1]
 
-    def task(ref: str, row_id: str, attempt: int = 1, lease: str = "") -> dict:
+    def task(self: Any, ref: str, row_id: str, attempt: int = 1, lease: str = "") -> dict:
         try:
             return fn(runtime, ref, row_id, attempt, lease)
-        except StorageError:  # the guard or ack could not be written; the lease will expire
+        except StartGuardUnavailable as exc:
+            # The message is already acknowledged to the broker (acks_late is off) and the
+            # row still waits under the relay's claim, whose lease the relay keeps alive:
+            # dropping the message would strand the row until ironflow_dispatch_timeout.
+            # Send it back through the broker instead. This is a transport retry, not an
+            # attempt: nothing ran, and attempts are counted in the outbox only.
+            runtime.metrics.ack_failed(kind)
+            retries = self.request.retries or 0
+            delay = min(0.5 * 2 ** min(retries, 5), 10.0)
+            log.warning(
+                "ironflow %s %s (%s): start guard failed (%s); redelivering in %.1fs",
+                kind, row_id, ref, exc, delay,
+            )  # fmt: skip
+            raise self.retry(exc=exc, countdown=delay, max_retries=None) from exc
+        except StorageError:  # the ack could not be written; the lease will expire
             runtime.metrics.ack_failed(kind)
             raise
 

@@ -1,0 +1,184 @@
+"""Waiting is not failing (DESIGN invariant 10): the leases of published, unstarted rows.
+
+A relay keeps the lease of each row it published alive until a worker's start guard takes
+the row over, so a message that waits in the broker longer than one lease is never claimed
+and published a second time; a relay that dies stops renewing, so its rows come back after
+one lease; and a row that does not start within ``dispatch_timeout`` is given up. Its
+back-pressure counts exactly those waiting rows (``max_in_flight``).
+
+These tests let real time pass beyond short leases (1 s): that passing time *is* the
+condition under test. They wait for outcomes with generous bounds.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from runtime_helpers import (
+    insert_effect,
+    insert_timer,
+    rows,
+    scalar,
+    test_config,
+    wait_until,
+)
+from workflows import TestWorkflow, TimerTestWorkflow
+
+from ironflow_celery.config import RuntimeConfig
+from ironflow_celery.relay import Kind, Relay
+from ironflow_celery.store import ClaimedRow, PostgresStore
+
+T = TestWorkflow.type
+TT = TimerTestWorkflow.type
+FIRE_AND_FORGET = {"type": "Process", "mode": {"mode": "FireAndForget"}}
+LEASE = 1.0
+
+
+class Recorder:
+    """A publisher that keeps what it was asked to publish (the broker holds it forever)."""
+
+    def __init__(self) -> None:
+        self.published: list[uuid.UUID] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, kind: Kind, batch: Sequence[ClaimedRow]) -> list[uuid.UUID]:
+        with self.lock:
+            self.published.extend(r.id for r in batch)
+        return [r.id for r in batch]
+
+
+def relay_of(
+    kind: Kind, store: PostgresStore, config: RuntimeConfig, name: str, publish: Any = None
+) -> Relay:
+    return Relay(
+        kind,
+        store,
+        [T, TT],
+        config,
+        publish or Recorder(),
+        name=name,
+        wake=threading.Event(),
+        stop=threading.Event(),
+    )
+
+
+@contextmanager
+def running(relay: Relay) -> Iterator[Relay]:
+    thread = threading.Thread(target=relay.run, name=f"test-{relay.name}", daemon=True)
+    thread.start()
+    try:
+        yield relay
+    finally:
+        relay.stop.set()
+        relay.wake.set()
+        thread.join(10)
+        assert not thread.is_alive()
+
+
+def insert_rows(db: sa.Engine, kind: Kind, n: int) -> list[uuid.UUID]:
+    if kind == "effect":
+        return [insert_effect(db, T, f"w{i}", FIRE_AND_FORGET) for i in range(n)]
+    return [
+        insert_timer(db, TT, f"w{i}", {"type": "TimeoutFired", "id": f"w{i}"}) for i in range(n)
+    ]
+
+
+def table(kind: Kind) -> str:
+    return "ironflow.outbox" if kind == "effect" else "ironflow.timers"
+
+
+def lease_config(**changes: Any) -> RuntimeConfig:
+    return test_config(effect_lock_duration=LEASE, timer_lock_duration=LEASE, **changes)
+
+
+@pytest.mark.parametrize("kind", ["effect", "timer"])
+def test_waiting_rows_keep_their_lease_while_their_relay_lives(
+    kind: Kind, store: PostgresStore, db: sa.Engine
+) -> None:
+    """Rows published but not started stay held by their claim for many leases: a rival
+    relay claims none of them and each is published exactly once."""
+    ids = insert_rows(db, kind, 5)
+    config = lease_config()
+    owner = relay_of(kind, store, config, "owner")
+    rival = relay_of(kind, store, config, "rival")
+    with running(owner):
+        wait_until(lambda: len(owner.publish.published) == 5, 30, what="the first claim")
+        began = time.monotonic()
+        while time.monotonic() - began < 4 * LEASE:  # four leases pass without a worker
+            assert rival.step() is False, "a rival re-claimed a row whose message waits"
+            time.sleep(0.1)
+        assert sorted(owner.publish.published) == sorted(ids)
+        assert owner.renewed_total >= 5
+        held = rows(
+            db,
+            f"SELECT locked_by, locked_until > now() AS live FROM {table(kind)}"
+            " WHERE id = ANY(CAST(:ids AS uuid[]))",
+            ids=[str(i) for i in ids],
+        )
+        assert {(r.locked_by.split("#")[0], r.live) for r in held} == {("owner", True)}
+    assert rival.claimed_total == 0
+
+
+@pytest.mark.parametrize("kind", ["effect", "timer"])
+def test_a_dead_relays_rows_come_back_after_one_lease(
+    kind: Kind, store: PostgresStore, db: sa.Engine
+) -> None:
+    """A relay that stops renewing (it died) gives its rows back when their lease ends."""
+    ids = insert_rows(db, kind, 3)
+    config = lease_config()
+    dead = relay_of(kind, store, config, "dead")
+    assert dead.step() is True  # claims and publishes, then never runs again
+    rival = relay_of(kind, store, config, "rival")
+    assert rival.step() is False
+    wait_until(rival.step, 30, what="the dead relay's rows to come back")
+    assert sorted(rival.publish.published) == sorted(ids)
+
+
+def test_rows_not_started_within_dispatch_timeout_are_given_up(
+    store: PostgresStore, db: sa.Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A message the broker lost leaves its row waiting forever: after dispatch_timeout the
+    relay stops renewing it (and says so), so it is claimed and published again."""
+    ids = insert_rows(db, "effect", 2)
+    config = lease_config(dispatch_timeout=1.5)
+    owner = relay_of("effect", store, config, "owner")
+    caplog.set_level(logging.WARNING, logger="ironflow_celery.relay")
+    with running(owner):
+        wait_until(lambda: owner.given_up_total == 2, 30, what="the rows to be given up")
+        # Given up: no longer renewed, so their leases run out and they are published again
+        # (by this relay here, the only one running).
+        wait_until(lambda: len(owner.publish.published) >= 4, 30, what="a second publish")
+    assert sorted(set(owner.publish.published)) == sorted(ids)
+    assert "did not start within" in caplog.text
+
+
+def test_back_pressure_counts_the_rows_that_wait_to_start(
+    store: PostgresStore, db: sa.Engine
+) -> None:
+    """max_in_flight bounds the published rows not yet started: a started row frees its
+    place at once, whatever its handler takes; an unstarted one keeps it for many leases."""
+    ids = insert_rows(db, "effect", 6)
+    config = lease_config(max_in_flight=3, claim_batch_size=3)
+    relay = relay_of("effect", store, config, "bp")
+    assert relay.step() is True
+    assert len(relay.in_flight) == 3
+    first = relay.publish.published[0]
+    token = relay.in_flight[first].token
+    started = store.start_effect(first, token, "run-token", lease_seconds=60)
+    assert started is not None
+    assert relay.capacity() == 1
+    time.sleep(2 * LEASE)  # two leases: the waiting two keep their places
+    relay.keep_alive()
+    assert relay.capacity() == 1
+    assert relay.step() is True
+    assert len(relay.publish.published) == 4
+    assert scalar(db, "SELECT count(*) FROM ironflow.outbox WHERE locked_by IS NOT NULL") == 4
+    assert set(relay.publish.published) <= set(ids)
