@@ -11,9 +11,11 @@ Waiting is not failing (DESIGN invariant 10). A published row stays held by its 
 token until a worker's start guard takes it over, and the relay keeps renewing the lease
 of every such row, so a message that waits in the broker behind a backlog -- longer than
 one lease -- is never claimed and published a second time. The hold is bounded twice: a
-relay that dies stops renewing, so its rows come back after one lease; and a row still
+relay that dies stops renewing, so its rows come back after one lease; a row still
 unstarted ``dispatch_timeout`` after it was published (its message was lost by the broker,
-or discarded by a worker) is given up and comes back after one more lease.
+or discarded by a worker) is given up and comes back after one more lease; and after a
+PostgreSQL restart, rows claimed before it are not renewed (a start guard the server lost
+in a crash would leave its row looking unstarted although its message was consumed).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import uuid
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Literal
 
 import psycopg
@@ -179,6 +182,8 @@ class Dispatched:
     """The claim's lease token (the start guard replaces it with a run token)."""
     at: float
     """When it was published (monotonic clock)."""
+    server_started: datetime | None = None
+    """The start time of the PostgreSQL server that granted the claim."""
 
 
 class Relay:
@@ -290,7 +295,7 @@ class Relay:
         try:
             published = self.publish(self.kind, rows)
         except PublishError as exc:
-            self._track(exc.published, token)
+            self._track(exc.published, token, rows[0].server_started)
             sent = set(exc.published)
             unsent = [r.id for r in rows if r.id not in sent]
             release = (
@@ -304,7 +309,7 @@ class Relay:
                 )
             self.published_total += len(exc.published)
             raise
-        self._track(published, token)
+        self._track(published, token, rows[0].server_started)
         self.published_total += len(published)
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
@@ -352,12 +357,14 @@ class Relay:
         )
         return [row_id for row_id in ids if row_id not in still]
 
-    def _track(self, ids: Iterable[uuid.UUID], token: str) -> None:
+    def _track(
+        self, ids: Iterable[uuid.UUID], token: str, server_started: datetime | None = None
+    ) -> None:
         now = time.monotonic()
         if not self.in_flight:
             self._renew_due = now + self._renew_every
         for row_id in ids:
-            self.in_flight[row_id] = Dispatched(token, now)
+            self.in_flight[row_id] = Dispatched(token, now, server_started)
 
     def keep_alive(self) -> None:
         """Renew the leases of published rows that still wait to start (every third of a
@@ -381,16 +388,23 @@ class Relay:
             )  # fmt: skip
         if not self.in_flight:
             return
-        items = [(row_id, d.token) for row_id, d in self.in_flight.items()]
+        # Normally one group: the claims of one server run. After a PostgreSQL restart the
+        # older group renews nothing (see sql.RENEW_EFFECT_DISPATCHES) and is forgotten.
+        groups: dict[datetime | None, list[tuple[uuid.UUID, str]]] = {}
+        for row_id, d in self.in_flight.items():
+            groups.setdefault(d.server_started, []).append((row_id, d.token))
+        held: set[uuid.UUID] = set()
         try:
-            held = self.store.renew_leases(self.kind, items, lease_seconds=self._lease)
+            for server_started, items in groups.items():
+                held |= self.store.renew_dispatched(
+                    self.kind, items, lease_seconds=self._lease, server_started=server_started
+                )
         except StorageError:
             self._renew_due = now  # try again first thing once the database answers
             raise
         self.renewed_total += len(held)
-        for row_id, _ in items:
-            if row_id not in held:
-                self.in_flight.pop(row_id, None)
+        for row_id in [r for r in self.in_flight if r not in held]:
+            del self.in_flight[row_id]
 
     def idle_wait(self) -> None:
         """Sleep until a NOTIFY, the poll interval, or (timers) the next due time."""

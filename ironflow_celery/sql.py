@@ -145,7 +145,8 @@ CLAIM_EFFECTS = text("""
         LIMIT :limit
         FOR UPDATE SKIP LOCKED
     ))
-    RETURNING id, workflow_type, workflow_id, attempts, created_at
+    RETURNING id, workflow_type, workflow_id, attempts, created_at,
+              pg_postmaster_start_time() AS server_started
 """)
 
 RELEASE_EFFECTS = text("""
@@ -209,9 +210,7 @@ MARK_EFFECT_DEAD_LETTER_HANDLED = text("""
     WHERE id = :id AND processed_at IS NULL
 """)
 
-# Extends leases still held by the given tokens: the lease keeper's for running handlers
-# (run tokens), and the relay's for published rows whose messages still wait in the broker
-# (claim tokens) -- waiting is not failing (DESIGN invariant 10).
+# The lease keeper: extends the leases of running handlers' rows (run tokens).
 RENEW_EFFECT_LEASES = text("""
     UPDATE ironflow.outbox AS o
     SET locked_until = now() + make_interval(secs => :lease)
@@ -223,6 +222,20 @@ RENEW_EFFECT_LEASES = text("""
 # Back-pressure: which of a relay's published rows still wait to start, i.e. are still held
 # by the claim's own token (the start guard moves a row to a run token; finishing, failing
 # or releasing it clears the token; another relay's re-claim replaces it).
+# A relay keeps its published, unstarted rows leased (invariant 10) -- but only while the
+# server that granted their claims still runs. Start guards commit without a WAL flush, so
+# a crash may lose one whose handler already ran (its message consumed): that row would be
+# back under the claim token, and renewing it would strand it. After any restart, rows
+# claimed before it are left to expire once and are published again.
+RENEW_EFFECT_DISPATCHES = text("""
+    UPDATE ironflow.outbox AS o
+    SET locked_until = now() + make_interval(secs => :lease)
+    FROM unnest(CAST(:ids AS uuid[]), CAST(:tokens AS text[])) AS a(id, token)
+    WHERE o.id = a.id AND o.locked_by = a.token AND o.processed_at IS NULL
+      AND pg_postmaster_start_time() = CAST(:server_started AS timestamptz)
+    RETURNING o.id
+""")
+
 EFFECTS_STILL_DISPATCHED = text("""
     SELECT o.id FROM ironflow.outbox AS o
     JOIN unnest(CAST(:ids AS uuid[]), CAST(:tokens AS text[])) AS a(id, token)
@@ -247,7 +260,8 @@ CLAIM_TIMERS = text("""
         LIMIT :limit
         FOR UPDATE SKIP LOCKED
     ))
-    RETURNING id, workflow_type, workflow_id, attempts, created_at, fire_at
+    RETURNING id, workflow_type, workflow_id, attempts, created_at, fire_at,
+              pg_postmaster_start_time() AS server_started
 """)
 
 RELEASE_TIMERS = text("""
@@ -323,6 +337,15 @@ RENEW_TIMER_LEASES = text("""
     SET locked_until = now() + make_interval(secs => :lease)
     FROM unnest(CAST(:ids AS uuid[]), CAST(:tokens AS text[])) AS a(id, token)
     WHERE t.id = a.id AND t.locked_by = a.token AND t.processed_at IS NULL
+    RETURNING t.id
+""")
+
+RENEW_TIMER_DISPATCHES = text("""
+    UPDATE ironflow.timers AS t
+    SET locked_until = now() + make_interval(secs => :lease)
+    FROM unnest(CAST(:ids AS uuid[]), CAST(:tokens AS text[])) AS a(id, token)
+    WHERE t.id = a.id AND t.locked_by = a.token AND t.processed_at IS NULL
+      AND pg_postmaster_start_time() = CAST(:server_started AS timestamptz)
     RETURNING t.id
 """)
 

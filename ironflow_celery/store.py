@@ -114,6 +114,9 @@ class ClaimedRow:
     created_at: datetime
     token: str
     fire_at: datetime | None = None
+    server_started: datetime | None = None
+    """``pg_postmaster_start_time()`` of the server that granted the claim: a restart in
+    between may have lost lease writes made without a WAL flush (see `relaxed_engine`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -549,7 +552,15 @@ class PostgresStore:
             relaxed=True,
         )
         claimed = [
-            ClaimedRow(r.id, r.workflow_type, r.workflow_id, r.attempts, r.created_at, token)
+            ClaimedRow(
+                r.id,
+                r.workflow_type,
+                r.workflow_id,
+                r.attempts,
+                r.created_at,
+                token,
+                server_started=r.server_started,
+            )
             for r in rows
         ]
         claimed.sort(key=lambda c: (c.created_at, c.id))
@@ -673,6 +684,29 @@ class PostgresStore:
         )
         return {r.id for r in rows}
 
+    def renew_dispatched(
+        self,
+        kind: str,
+        items: Sequence[tuple[uuid.UUID, str]],
+        *,
+        lease_seconds: float,
+        server_started: datetime | None,
+    ) -> set[uuid.UUID]:
+        """Extend the leases of published rows still waiting under their claim tokens --
+        only while the server that granted the claims still runs (none renewed otherwise)."""
+        if not items:
+            return set()
+        statement = (
+            sql.RENEW_EFFECT_DISPATCHES if kind == "effect" else sql.RENEW_TIMER_DISPATCHES
+        )
+        params = {
+            "ids": [i for i, _ in items],
+            "tokens": [t for _, t in items],
+            "lease": float(lease_seconds),
+            "server_started": server_started,
+        }
+        return {r.id for r in self._run(statement, params, relaxed=True)}
+
     def still_dispatched(
         self, kind: str, items: Sequence[tuple[uuid.UUID, str]]
     ) -> set[uuid.UUID]:
@@ -711,7 +745,14 @@ class PostgresStore:
         )
         claimed = [
             ClaimedRow(
-                r.id, r.workflow_type, r.workflow_id, r.attempts, r.created_at, token, r.fire_at
+                r.id,
+                r.workflow_type,
+                r.workflow_id,
+                r.attempts,
+                r.created_at,
+                token,
+                r.fire_at,
+                r.server_started,
             )
             for r in rows
         ]
