@@ -24,6 +24,10 @@ Rows (what is measured, and how):
    (``--without-ironflow-relay``) draining a big vs a small backlog.
 8. database round trips per effect over a drain of N effects, counted in every worker and
    relay process (`benchmarks.rtcount`).
+9. overload: N no-op effects drained with the default lease (the same work, unqueued: no
+   message waits anywhere near a lease), then N more with the lease set to a tenth of that
+   drain's time, so the broker holds ten leases' worth of work; ratio of the two rates,
+   and the share of stale-skipped deliveries (from the workers' task result log lines).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import signal
 import statistics
 import subprocess
@@ -70,6 +75,7 @@ SIZES: dict[str, dict[str, float]] = {
         r7_small=1_000,
         r7_big=100_000,
         r8=5_000,
+        r9=10_000,
     ),
     "quick": dict(
         r1=5_000,
@@ -83,6 +89,7 @@ SIZES: dict[str, dict[str, float]] = {
         r7_small=1_000,
         r7_big=5_000,
         r8=2_000,
+        r9=3_000,
     ),
     "smoke": dict(
         r1=200,
@@ -96,6 +103,7 @@ SIZES: dict[str, dict[str, float]] = {
         r7_small=100,
         r7_big=300,
         r8=100,
+        r9=200,
     ),
 }
 
@@ -107,6 +115,7 @@ GOALS = {
     6: "ratio ≥ 0.3",
     7: "≤ +50 MB",
     8: "≤ 3",
+    9: "ratio ≥ 0.9, stale ≤ 1 %",
 }
 
 
@@ -127,6 +136,8 @@ def goal_met(row: dict[str, Any]) -> bool | None:
             return row["value"] <= 50
         if rid == 8:
             return row["value"] <= 3
+        if rid == 9:
+            return row["ratio"] >= 0.9 and row["stale_pct"] <= 1.0
     except (KeyError, TypeError):
         return None
     return None
@@ -275,6 +286,7 @@ class Bench:
         *,
         app: str = "ironflow_celery",
         relay: bool = True,
+        loglevel: str = "WARNING",
         **extra_env: str,
     ) -> subprocess.Popen:
         command = [
@@ -291,7 +303,7 @@ class Bench:
             "--prefetch-multiplier",
             str(WORKER["prefetch_multiplier"]),
             "-l",
-            "WARNING",
+            loglevel,
             "-Q",
             queue,
             "-n",
@@ -695,8 +707,69 @@ class Bench:
             relay_share=round(relay_total / n, 3),
         )
 
+    # -- main -----------------------------------------------------------------------------------
 
-# -- main -----------------------------------------------------------------------------------
+    def row9_overload(self) -> dict[str, Any]:
+        n = int(self.sizes["r9"])
+        rates: dict[str, float] = {}
+        statuses: dict[str, dict[str, int]] = {}
+        lease = 300.0  # the default: nothing waits anywhere near it
+        # unqueued, overload, unqueued again: the baseline is the mean of the two around
+        # the overload phase, so a machine that gets busier or quieter during the row
+        # does not show up as a ratio.
+        for label in ("unqueued", "overload", "unqueued-after"):
+            queue = self.queue(f"r9-{label}")
+            proc = self.worker(
+                f"r9-{label}",
+                queue,
+                loglevel="INFO",  # both phases: the task result lines are counted
+                IRONFLOW_EFFECT_LOCK_DURATION=f"{lease:.3f}",
+                IRONFLOW_MAX_IN_FLIGHT=str(n),  # every row may wait in the broker at once
+            )
+            self.warm_up(proc)
+            prefix = f"r9{label}-"
+            self.prefill_effects("bench_noop", prefix, n)
+            wait_for(lambda p=prefix: self.unprocessed(p) == 0, 120 + n / 20, f"row 9 {label}")
+            span = max(self.drain_span(prefix), 1e-9)
+            rates[label] = (n - 1) / span
+            time.sleep(1.0)  # late duplicate deliveries show up in the log now
+            self.stop(proc)
+            statuses[label] = task_statuses(self.logs / f"r9-{label}.log")
+            # The overload phase: a lease a tenth of the unqueued drain, so the last rows
+            # wait about ten leases in the broker.
+            lease = max(span / 10, 0.2) if label == "unqueued" else 300.0
+        overload_lease = max((n - 1) / rates["unqueued"] / 10, 0.2)
+        baseline = (rates["unqueued"] + rates["unqueued-after"]) / 2
+        over = statuses["overload"]
+        deliveries = sum(over.values())
+        stale = over.get("stale-skipped", 0)
+        return dict(
+            id=9,
+            what=f"overload: {n} effects queued ~10 leases ({overload_lease:.2f} s) vs unqueued",
+            value=round(rates["overload"], 1),
+            unit="effects/s",
+            baseline=round(baseline, 1),
+            ratio=round(rates["overload"] / baseline, 3),
+            lease_s=round(overload_lease, 3),
+            unqueued_rates=[round(rates["unqueued"], 1), round(rates["unqueued-after"], 1)],
+            deliveries=deliveries,
+            stale=stale,
+            stale_pct=round(100 * stale / max(deliveries, 1), 2),
+            statuses=statuses,
+        )
+
+
+TASK_RESULT = re.compile(
+    r"Task ironflow\.[^\[]+\[[^\]]+\] succeeded in \S+: \{'status': '([a-z-]+)'"
+)
+
+
+def task_statuses(log: Path) -> dict[str, int]:
+    """How many ironflow task results a worker's INFO log shows, by status."""
+    counts: dict[str, int] = {}
+    for status in TASK_RESULT.findall(log.read_text(errors="replace")):
+        counts[status] = counts.get(status, 0) + 1
+    return counts
 
 
 def machine(bench: Bench) -> dict[str, Any]:
@@ -780,7 +853,7 @@ def main(argv: list[str] | None = None) -> int:
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="every row at a small size (~2 min)")
     size.add_argument("--smoke", action="store_true", help="tiny sizes, for the test suite")
-    parser.add_argument("--rows", default="1,2,3,4,5,6,7,8", help="comma-separated row numbers")
+    parser.add_argument("--rows", default="1,2,3,4,5,6,7,8,9", help="comma-separated row numbers")
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results.json"))
     parser.add_argument(
         "--concurrency",
@@ -848,6 +921,8 @@ def main(argv: list[str] | None = None) -> int:
             attempt(7, bench.row7_rss)
         if 8 in rows:
             attempt(8, bench.row8_round_trips)
+        if 9 in rows:
+            attempt(9, bench.row9_overload)
 
     results.sort(key=lambda r: r["id"])
     output = {

@@ -1,4 +1,4 @@
-"""`python -m benchmarks --smoke` runs every row at tiny sizes and reports all 8 rows.
+"""`python -m benchmarks --smoke` runs every row at tiny sizes and reports all 9 rows.
 
 No timing assertions: the machine is shared, only the shape of the output is checked.
 """
@@ -26,6 +26,7 @@ FIELDS = {
     6: {"value", "unit", "baseline", "ratio"},
     7: {"value", "unit", "baseline"},
     8: {"value", "unit"},
+    9: {"value", "unit", "baseline", "ratio", "stale_pct"},
 }
 
 
@@ -44,7 +45,7 @@ def test_benchmarks_smoke_run_reports_every_row(tmp_path: Path) -> None:
     assert set(result["machine"]) >= {"cores", "memory", "postgres", "redis", "celery", "worker"}
     assert result["machine"]["worker"]["concurrency"] == 2
     rows = {row["id"]: row for row in result["rows"]}
-    assert sorted(rows) == list(range(1, 9))
+    assert sorted(rows) == list(range(1, 10))
     for rid, fields in FIELDS.items():
         assert "error" not in rows[rid], rows[rid]
         assert fields <= set(rows[rid]), (rid, rows[rid])
