@@ -35,6 +35,7 @@ from ironflow_celery.store import PostgresStore
 from tests import test_e2e_workers
 from tests.e2e_apps.chains import Begin, ChainWorkflow
 from tests.test_e2e_workers import (
+    PG_BIN,
     REDIS_URL,
     DisposablePostgres,
     Processes,
@@ -190,6 +191,23 @@ def test_database_down_at_the_start_guard_redelivers_instead_of_dropping(
 # -- 3. PostgreSQL crashes ---------------------------------------------------------------
 
 
+class CrashablePostgres(DisposablePostgres):
+    """A disposable server whose WAL writer wakes only every 10 s: a commit that does not
+    wait for its WAL flush stays at risk for seconds instead of a fraction of one, so a
+    lost acknowledgement shows in most runs rather than in some. Commits that wait for
+    their flush (synchronous_commit = on) are unaffected."""
+
+    def _ctl(self, action: str, *extra: str) -> None:
+        options = (
+            f"-p {self.port} -c listen_addresses=127.0.0.1 -c fsync=off -k {self.dir}"
+            " -c wal_writer_delay=10000 -c wal_writer_flush_after=0"
+        )
+        self._run(
+            str(PG_BIN / "pg_ctl"), action, "-D", str(self.data), "-l", str(self.logfile),
+            "-o", options, "-w", "-t", "30", *extra,
+        )  # fmt: skip
+
+
 def test_postgres_crashes_lose_no_acknowledgement(
     procs: Processes,
     queue: str,
@@ -200,7 +218,7 @@ def test_postgres_crashes_lose_no_acknowledgement(
     projection saw still exists."""
     chains, steps, crashes = 4, 150, 5
     prefix = f"crash-{uuid.uuid4().hex[:8]}"
-    pg = DisposablePostgres()
+    pg = CrashablePostgres()
     recorder = redis.Redis.from_url(REDIS_URL)
     stop_projection = threading.Event()
     projection_thread: threading.Thread | None = None
