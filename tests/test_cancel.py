@@ -519,3 +519,69 @@ def test_cli_cancel_commands_and_exit_codes(app, db):
     assert whole.exit_code == EXIT_OK and "1 effect(s), 1 timer(s)" in whole.output
     assert_cancelled(db, "effect", other, "fraud")
     assert row(db, "timer", timer).processed_at is None
+
+
+# -- revoke with terminate: a real prefork worker -------------------------------------------------
+
+
+@pytest.mark.e2e
+def test_revoke_with_terminate_kills_the_running_handler_and_cancels_its_row(
+    database_url: str, tmp_path: Any
+) -> None:
+    import psutil
+    from celery import Celery
+
+    from tests.e2e_apps.workflows import Place as E2EPlace
+    from tests.test_e2e_workers import (
+        REDIS_URL,
+        Processes,
+        make_env,
+        prepare_database,
+        redis_queue_cleanup,
+        service_for,
+    )
+    from tests.test_e2e_workers import sql as esql
+
+    prepare_database(database_url)
+    queue = f"cx-{uuid.uuid4().hex[:12]}"
+    env = make_env(database_url, REDIS_URL, queue)
+    procs = Processes(tmp_path)
+    control = Celery("cx-control", broker=REDIS_URL, set_as_current=False)
+    try:
+        with redis_queue_cleanup(queue):
+            worker = procs.worker("worker", env, pool="prefork", concurrency=1)
+            worker.wait_for_output("ironflow relay started (process)", 90)
+            service_for(database_url).execute(E2EPlace(id="o1", sleep=120))
+            ((effect_id, handler_pid),) = wait_until(
+                lambda: esql(database_url, "SELECT effect_id, pid FROM e2e_calls"),
+                90,
+                what="the handler to start",
+            )
+            replies = control.control.revoke(
+                str(effect_id), terminate=True, reply=True, timeout=30
+            )
+            assert replies, "no worker answered the revoke"
+
+            def closed() -> Any:
+                found = esql(
+                    database_url,
+                    "SELECT discard_reason, attempts FROM ironflow.outbox"
+                    " WHERE id = %s AND processed_at IS NOT NULL",
+                    (effect_id,),
+                )
+                return found[0] if found else None
+
+            reason, attempts = wait_until(closed, 90, what="the terminated row to be cancelled")
+            assert reason == "revoked: celery control revoke --terminate (signal 15)"
+            assert attempts == 0
+            wait_until(lambda: not psutil.pid_exists(handler_pid), 30,
+                       what="the handler's pool process to be killed")
+            events = esql(
+                database_url,
+                "SELECT payload->>'type' FROM ironflow.events ORDER BY global_sequence",
+            )
+            assert [e[0] for e in events] == ["Placed"]  # no follow-up from the killed run
+    finally:
+        procs.kill_all()
+        control.close()
+        print(procs.report())
