@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from celery import signals
@@ -68,7 +68,6 @@ class CancelResult:
     running: tuple[uuid.UUID, ...] = ()
     on_cancel: str | None = None
     """The on_cancel input's type tag and outcome (``"Cancelled: accepted"``), if any."""
-    notes: tuple[str, ...] = field(default=())
 
     def __bool__(self) -> bool:
         return self.ok

@@ -197,8 +197,9 @@ def place(app: TestApp, workflow_id: str, **kwargs: Any) -> tuple[list[uuid.UUID
             wid=workflow_id,
         )
     ]
-    timer = scalar(app.store.engine, "SELECT id FROM ironflow.timers WHERE workflow_id = :wid",
-                   wid=workflow_id)
+    timer = scalar(
+        app.store.engine, "SELECT id FROM ironflow.timers WHERE workflow_id = :wid", wid=workflow_id
+    )
     return effects, timer
 
 
@@ -226,8 +227,13 @@ def snapshot(db: sa.Engine) -> list[Any]:
 
 def claim(app: TestApp, token: str, kind: str = "effect") -> list[Any]:
     fn = app.store.claim_effects if kind == "effect" else app.store.claim_timers
-    return fn(token, [CancellableOrder.type, BrokenOnCancel.type], lease_seconds=30,
-              max_attempts=MAX, limit=10)
+    return fn(
+        token,
+        [CancellableOrder.type, BrokenOnCancel.type],
+        lease_seconds=30,
+        max_attempts=MAX,
+        limit=10,
+    )
 
 
 def assert_cancelled(db: sa.Engine, kind: str, row_id: uuid.UUID, reason: str) -> Any:
@@ -242,7 +248,8 @@ def assert_cancelled(db: sa.Engine, kind: str, row_id: uuid.UUID, reason: str) -
 def open_counts(store: PostgresStore) -> dict[str, int]:
     """What `status` and the dead-letter counts show for the order type."""
     [status] = [
-        s for s in queue_status(store, max_attempts=MAX, workflow_types=(CancellableOrder.type,))
+        s
+        for s in queue_status(store, max_attempts=MAX, workflow_types=(CancellableOrder.type,))
         if s.workflow_type == CancellableOrder.type
     ]
     e, t = status.effects, status.timers
@@ -264,8 +271,12 @@ def test_cancel_effect_closes_it_for_audit_and_delivers_on_cancel(app, db):
     assert result.on_cancel == "Cancelled: accepted"
     assert_cancelled(db, "effect", effect, "customer changed their mind")
     assert events(app, "o-1")[-1] == {
-        "type": "WasCancelled", "scope": "effect", "reason": "customer changed their mind",
-        "revoked": False, "effects": 1, "timers": 0,
+        "type": "WasCancelled",
+        "scope": "effect",
+        "reason": "customer changed their mind",
+        "revoked": False,
+        "effects": 1,
+        "timers": 0,
     }
     assert claim(app, "relay#1") == []  # never claimed again
     assert open_counts(app.store) == {"effects": 0, "timers": 1, "dead": 0}
@@ -358,9 +369,13 @@ def test_cancel_instance_closes_open_effects_and_timers_and_delivers_on_cancel(a
     app.store.start_effect(first.id, first.token, "relay#1>w:1", lease_seconds=30)
     assert app.store.mark_processed(first.id, "relay#1>w:1")
     with db.begin() as conn:
-        conn.execute(sa.text("UPDATE ironflow.outbox SET locked_by = NULL, locked_until = NULL,"
-                             " dead_lettered_at = now(), attempts = 3 WHERE id = :id"),
-                     {"id": effects[1]})
+        conn.execute(
+            sa.text(
+                "UPDATE ironflow.outbox SET locked_by = NULL, locked_until = NULL,"
+                " dead_lettered_at = now(), attempts = 3 WHERE id = :id"
+            ),
+            {"id": effects[1]},
+        )
     other, _ = place(app, "o-2")  # another instance is left alone
     result = cx.cancel_instance(app.runtime, "cx_order", "o-1", "fraud")
     assert result.ok and result.scope == "instance"
@@ -371,8 +386,12 @@ def test_cancel_instance_closes_open_effects_and_timers_and_delivers_on_cancel(a
     assert_cancelled(db, "timer", timer, "fraud")
     assert row(db, "effect", first.id).discarded_at is None  # processed stays processed
     assert events(app, "o-1")[-1] == {
-        "type": "WasCancelled", "scope": "instance", "reason": "fraud", "revoked": False,
-        "effects": 2, "timers": 1,
+        "type": "WasCancelled",
+        "scope": "instance",
+        "reason": "fraud",
+        "revoked": False,
+        "effects": 2,
+        "timers": 1,
     }
     assert row(db, "effect", other[0]).processed_at is None
     counts = open_counts(app.store)
@@ -423,6 +442,16 @@ def test_revoke_rules_terminated_own_run_running_elsewhere_and_finished(app, db)
     assert cx.revoke_row(app.runtime, "effect", b, lease=cb.token).reason == "already_processed"
     assert row(db, "effect", b).discarded_at is None
     assert cx.revoke_row(app.runtime, "effect", uuid.uuid4()).reason == "not_found"
+    # a due timer whose message was published: the revoke cancels it, on_cancel hears it
+    _, timer = place(app, "o-2")
+    with db.begin() as conn:
+        conn.execute(
+            sa.text("UPDATE ironflow.timers SET fire_at = now() WHERE id = :id"), {"id": timer}
+        )
+    [ct] = claim(app, "relay#2", "timer")
+    assert cx.revoke_row(app.runtime, "timer", timer, lease=ct.token).ok
+    assert_cancelled(db, "timer", timer, "revoked: celery control revoke")
+    assert events(app, "o-2")[-1]["scope"] == "timer" and events(app, "o-2")[-1]["revoked"]
     # on_cancel failing does not leave a revoked row half-open
     app.service.execute(Start(id="b-1"))
     broken = scalar(db, "SELECT id FROM ironflow.outbox WHERE workflow_type = 'cx_broken'")
@@ -443,13 +472,17 @@ def test_revoke_before_the_message_arrives_ends_the_row_cancelled(app, db):
     revoke(app, effect)
     revoke(app, uuid.uuid4())  # an id that is not ours changes nothing
     app.start_relays()
-    wait_until(lambda: row(db, "effect", effect).processed_at is not None, 60,
-               what="the revoked effect to end cancelled")
+    wait_until(
+        lambda: row(db, "effect", effect).processed_at is not None,
+        60,
+        what="the revoked effect to end cancelled",
+    )
     found = assert_cancelled(db, "effect", effect, "revoked: celery control revoke")
     assert found.attempts == 0 and str(effect) not in CALLED
     assert events(app, "o-1")[-1]["revoked"] is True
-    wait_until(lambda: row(db, "effect", kept).processed_at is not None, 60,
-               what="the other effect to run")
+    wait_until(
+        lambda: row(db, "effect", kept).processed_at is not None, 60, what="the other effect to run"
+    )
     assert row(db, "effect", kept).discarded_at is None and str(kept) in CALLED
     assert claim(app, "relay#9") == []
     assert open_counts(app.store) == {"effects": 0, "timers": 2, "dead": 0}
@@ -466,12 +499,18 @@ def test_revoke_of_a_message_waiting_in_the_broker_ends_the_row_cancelled(app, d
     wait_until(lambda: str(busy) in CALLED, 60, what="the blocking handler to start")
     [prefetched], _ = place(app, "o-2")
     [queued], _ = place(app, "o-3")
-    wait_until(lambda: row(db, "effect", queued).locked_by is not None, 60,
-               what="the third effect to be claimed and published")
+    wait_until(
+        lambda: row(db, "effect", queued).locked_by is not None,
+        60,
+        what="the third effect to be claimed and published",
+    )
     revoke(app, queued)
     RELEASE.set()
-    wait_until(lambda: row(db, "effect", queued).processed_at is not None, 60,
-               what="the queued effect to end cancelled")
+    wait_until(
+        lambda: row(db, "effect", queued).processed_at is not None,
+        60,
+        what="the queued effect to end cancelled",
+    )
     assert_cancelled(db, "effect", queued, "revoked: celery control revoke")
     assert str(queued) not in CALLED
     for other in (busy, prefetched):
@@ -557,9 +596,7 @@ def test_revoke_with_terminate_kills_the_running_handler_and_cancels_its_row(
                 90,
                 what="the handler to start",
             )
-            replies = control.control.revoke(
-                str(effect_id), terminate=True, reply=True, timeout=30
-            )
+            replies = control.control.revoke(str(effect_id), terminate=True, reply=True, timeout=30)
             assert replies, "no worker answered the revoke"
 
             def closed() -> Any:
@@ -574,8 +611,11 @@ def test_revoke_with_terminate_kills_the_running_handler_and_cancels_its_row(
             reason, attempts = wait_until(closed, 90, what="the terminated row to be cancelled")
             assert reason == "revoked: celery control revoke --terminate (signal 15)"
             assert attempts == 0
-            wait_until(lambda: not psutil.pid_exists(handler_pid), 30,
-                       what="the handler's pool process to be killed")
+            wait_until(
+                lambda: not psutil.pid_exists(handler_pid),
+                30,
+                what="the handler's pool process to be killed",
+            )
             events = esql(
                 database_url,
                 "SELECT payload->>'type' FROM ironflow.events ORDER BY global_sequence",
