@@ -312,6 +312,7 @@ def test_cancel_refusals_change_nothing(app, db):
     refused = cx.cancel_effect(app.runtime, missing, "gone")
     assert not refused and refused.reason == "not_found" and str(missing) in refused.message
     assert cx.cancel_timer(app.runtime, effect, "an effect id is no timer").reason == "not_found"
+    assert snapshot(db) == before
     # running: the handler started under a live lease
     [claimed] = claim(app, "relay#1")
     app.store.start_effect(effect, claimed.token, "relay#1>w:1", lease_seconds=30)
@@ -323,6 +324,7 @@ def test_cancel_refusals_change_nothing(app, db):
     assert app.store.mark_processed(effect, "relay#1>w:1")
     done = cx.cancel_effect(app.runtime, effect, "too late")
     assert done.reason == "already_processed" and "processed at" in done.message
+    assert row(db, "effect", effect).discarded_at is None  # still plainly processed
     assert cx.cancel_timer(app.runtime, timer, "first").ok
     again = cx.cancel_timer(app.runtime, timer, "second")
     assert again.reason == "already_processed" and "(first)" in again.message
