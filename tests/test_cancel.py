@@ -20,7 +20,15 @@ from click.testing import CliRunner
 from pydantic import BaseModel
 from runtime_helpers import TestApp, rows, scalar, test_config, wait_until
 
-from ironflow_celery import CancelNotice, Decision, EffectContext, Message, Timer, Workflow
+from ironflow_celery import (
+    CancelNotice,
+    Decision,
+    EffectContext,
+    InvalidPayload,
+    Message,
+    Timer,
+    Workflow,
+)
 from ironflow_celery import cancel as cx
 from ironflow_celery import dead_letters as dl
 from ironflow_celery.cli import EXIT_OK, EXIT_REFUSED, EXIT_USAGE, main
@@ -358,6 +366,17 @@ def test_failing_on_cancel_changes_nothing(app, db):
     before = snapshot(db)
     with pytest.raises(RuntimeError, match="on_cancel exploded"):
         cx.cancel_effect(app.runtime, effect, "try")
+    assert snapshot(db) == before
+
+
+def test_on_cancel_returning_a_wrong_input_changes_nothing(app, db, monkeypatch):
+    [effect], _ = place(app, "o-1")
+    monkeypatch.setattr(CancellableOrder, "on_cancel", staticmethod(lambda notice: Expired()))
+    before = snapshot(db)
+    with pytest.raises(InvalidPayload, match="on_cancel returned Expired"):
+        cx.cancel_effect(app.runtime, effect, "try")
+    with pytest.raises(InvalidPayload, match="on_cancel returned Expired"):
+        cx.cancel_instance(app.runtime, "cx_order", "o-1", "try")
     assert snapshot(db) == before
 
 
