@@ -482,7 +482,7 @@ def test_revoke_rules_terminated_own_run_running_elsewhere_and_finished(app, db)
 
 def revoke(app: TestApp, row_id: uuid.UUID) -> None:
     """``celery control revoke`` through the broker; wait until the worker has it."""
-    replies = app.app.control.revoke(str(row_id), reply=True, timeout=30)
+    replies = app.app.control.revoke(str(row_id), reply=True, timeout=30, limit=1)
     assert replies, "no worker answered the revoke"
 
 
@@ -617,7 +617,9 @@ def test_revoke_with_terminate_kills_the_running_handler_and_cancels_its_row(
                 90,
                 what="the handler to start",
             )
-            replies = control.control.revoke(str(effect_id), terminate=True, reply=True, timeout=30)
+            replies = control.control.revoke(
+                str(effect_id), terminate=True, reply=True, timeout=30, limit=1
+            )
             assert replies, "no worker answered the revoke"
 
             def closed() -> Any:
