@@ -25,6 +25,7 @@ from .views import StateMachineDefinition
 from .workflow import (
     Accepted,
     AlreadyCompleted,
+    CancelNotice,
     DeadLetterNotice,
     Decision,
     EffectContext,
@@ -61,6 +62,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "Accepted",
     "AlreadyCompleted",
+    "CancelNotice",
     "ConfigurationError",
     "DatabaseUnavailable",
     "DeadLetterNotice",

@@ -82,6 +82,9 @@ def install(
 
     _install_routing(app)
     _install_dead_letter_tasks(app, runtime)
+    from .cancel import register_cancel_tasks  # ironflow.cancel.* and the revoke handler
+
+    register_cancel_tasks(app, runtime)
     app.steps["worker"].add(RelayStep)
     from .projections import ProjectionStep  # off unless ironflow_projections is set
 

@@ -196,6 +196,9 @@ def _add_more_commands(group: click.Group) -> None:
 
     _add_workflow_commands(group)
     add_projection_commands(group)
+    from .ops_commands import add_cancel_commands  # after `workflows`: adds its `cancel`
+
+    add_cancel_commands(group)
 
 
 main = _build_group("ironflow-celery", with_app_option=True)

@@ -411,3 +411,55 @@ def _report(result: dl.RetryResult, as_json: bool) -> None:
             click.echo(f"refused ({result.reason}): {result.message}", err=True)
         sys.exit(EXIT_REFUSED)
     sys.exit(EXIT_OK)
+
+
+def add_cancel_commands(group: click.Group) -> None:
+    """Add ``effects cancel``, ``timers cancel`` and ``workflows cancel`` to a CLI group
+    (after the ``workflows`` group exists)."""
+    from . import cancel
+
+    reason_option = click.option(
+        "--reason", required=True, help="Why it is cancelled (kept for audit)."
+    )
+
+    def cancel_row_command(kind: str) -> Any:
+        @click.command("cancel")
+        @click.argument("row_id")
+        @reason_option
+        @json_option
+        @click.pass_obj
+        @ops_guarded
+        def cancel_row(obj: Context, row_id: str, reason: str, as_json: bool) -> None:
+            """Cancel a pending row: closed without running, kept for audit, the workflow's
+            on_cancel input delivered. Refused for a missing, processed or running row."""
+            _report(cancel.cancel_row(obj.runtime, row_id, reason, kind=kind), as_json)
+
+        cancel_row.help = (cancel_row.help or "").replace("a pending row", f"a pending {kind}")
+        return cancel_row
+
+    for kind, plural in (("effect", "effects"), ("timer", "timers")):
+        sub = group.commands.get(plural)
+        if sub is None:
+            sub = click.Group(plural, help=f"Pending {plural}: cancel one.")
+            group.add_command(sub)
+        sub.add_command(cancel_row_command(kind))  # type: ignore[attr-defined]
+
+    workflows = group.commands.get("workflows")
+    if workflows is None:
+        workflows = click.Group("workflows", help="Workflow instances.")
+        group.add_command(workflows)
+
+    @workflows.command("cancel")  # type: ignore[attr-defined]
+    @click.argument("workflow_type")
+    @click.argument("workflow_id")
+    @reason_option
+    @json_option
+    @click.pass_obj
+    @ops_guarded
+    def cancel_workflow(
+        obj: Context, workflow_type: str, workflow_id: str, reason: str, as_json: bool
+    ) -> None:
+        """Cancel an instance: its open effects and timers are closed (kept for audit) and
+        its on_cancel input is executed, in one transaction. Refused while a row runs."""
+        result = cancel.cancel_instance(obj.runtime, workflow_type, workflow_id, reason)
+        _report(result, as_json)

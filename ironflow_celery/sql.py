@@ -7,7 +7,7 @@ lease-token guard ``locked_by = :token``: a stale worker changes nothing.
 
 from __future__ import annotations
 
-from sqlalchemy import text
+from sqlalchemy import TextClause, text
 
 # -- channels -----------------------------------------------------------------------
 EFFECTS_CHANNEL = "ironflow_effects"
@@ -465,4 +465,63 @@ PROJECTION_HEAD_ALL = text(
 EVENTS_HEAD_FOR_TYPES = text("""
     SELECT COALESCE(max(global_sequence), 0) FROM ironflow.events
     WHERE workflow_type = ANY(CAST(:types AS text[]))
+""")
+
+# -- cancel and revoke (ironflow_celery.cancel) ---------------------------------------
+# A row is *running* while a handler holds it: started (run_started_at) under a live lease.
+# A claimed row whose message still waits in the broker is not running: closing it makes
+# its start guard fail, so the handler never runs. A cancelled row is closed as a discarded
+# dead letter is (processed_at, discarded_at, discard_reason) and kept for audit.
+
+_RUNNING = "(run_started_at IS NOT NULL AND locked_by IS NOT NULL AND locked_until > now())"
+
+_CANCEL_TABLES = {
+    "effect": ("ironflow.outbox", "payload"),
+    "timer": ("ironflow.timers", "input"),
+}
+
+
+def _per_kind(template: str) -> dict[str, TextClause]:
+    return {
+        kind: text(template.format(table=table, payload=payload))
+        for kind, (table, payload) in _CANCEL_TABLES.items()
+    }
+
+
+LOCK_ROW_FOR_CANCEL = _per_kind(f"""
+    SELECT id, workflow_type, workflow_id, {{payload}} AS payload, attempts, processed_at,
+           discarded_at, discard_reason, locked_by, locked_until, run_started_at,
+           {_RUNNING} AS running
+    FROM {{table}} WHERE id = :id
+    FOR UPDATE
+""")
+
+CANCEL_ROW = _per_kind("""
+    UPDATE {table}
+    SET processed_at = now(), discarded_at = now(), discard_reason = :reason,
+        locked_until = NULL, locked_by = NULL, run_started_at = NULL
+    WHERE id = :id AND processed_at IS NULL
+""")
+
+LOCK_INSTANCE_FOR_CANCEL = text("""
+    SELECT completed_at FROM ironflow.workflow_instances
+    WHERE workflow_type = :wt AND workflow_id = :wid
+    FOR UPDATE
+""")
+
+# Plain reads: a running row may be locked by its ack, which waits for the instance lock
+# this transaction holds, so locking it here could deadlock.
+RUNNING_ROWS_OF_INSTANCE = _per_kind(f"""
+    SELECT id, locked_by, run_started_at FROM {{table}}
+    WHERE workflow_type = :wt AND workflow_id = :wid AND processed_at IS NULL AND {_RUNNING}
+    ORDER BY id
+""")
+
+CANCEL_ROWS_OF_INSTANCE = _per_kind(f"""
+    UPDATE {{table}}
+    SET processed_at = now(), discarded_at = now(), discard_reason = :reason,
+        locked_until = NULL, locked_by = NULL, run_started_at = NULL
+    WHERE workflow_type = :wt AND workflow_id = :wid AND processed_at IS NULL
+      AND NOT {_RUNNING}
+    RETURNING id
 """)

@@ -271,6 +271,29 @@ class DeadLetterNotice:
     last_error: str
 
 
+@dataclass(frozen=True, slots=True)
+class CancelNotice:
+    """Given to ``Workflow.on_cancel`` when an operator cancels one of its effects or timers,
+    a ``celery control revoke`` cancels one, or its whole instance is cancelled."""
+
+    scope: Literal["effect", "timer", "instance"]
+    workflow: WorkflowRef
+    reason: str
+    """The operator's reason, as kept in ``discard_reason`` (``revoked: …`` for a revoke)."""
+    revoked: bool
+    """True when the cancel came from ``celery control revoke``."""
+    row_id: uuid.UUID | None = None
+    """The cancelled row (scope effect or timer); None for an instance."""
+    payload: Any = None
+    """The row's stored JSON (the effect, or the timer's input); None for an instance."""
+    decoded: Any = None
+    """The payload decoded into its Message class, or None."""
+    effects: tuple[uuid.UUID, ...] = ()
+    """Every effect this cancel closed."""
+    timers: tuple[uuid.UUID, ...] = ()
+    """Every timer this cancel closed."""
+
+
 # -- the workflow contract ------------------------------------------------------------
 
 
@@ -363,6 +386,12 @@ class Workflow:
     def on_dead_letter(notice: DeadLetterNotice) -> Any | None:
         """The input this workflow receives when one of its effects or timers is
         dead-lettered (executed in the same transaction), or None."""
+        return None
+
+    @staticmethod
+    def on_cancel(notice: CancelNotice) -> Any | None:
+        """The input this workflow receives when its effects, timers or whole instance are
+        cancelled (executed in the cancel's transaction), or None."""
         return None
 
     @classmethod
