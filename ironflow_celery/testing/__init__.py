@@ -50,8 +50,8 @@ from ..store import ClaimedRow, PostgresStore
 from ..workflow import EffectContext, ExecuteOutcome, Workflow, WorkflowRef
 
 __all__ = [
-    "DEFAULT_SERVER_URL",
     "CLOCK_SCHEMA",
+    "DEFAULT_SERVER_URL",
     "DrainLimitExceeded",
     "Ran",
     "Row",
@@ -94,9 +94,7 @@ _SET_CLOCK = sa.text(f"""
     ON CONFLICT (one) DO UPDATE SET t = EXCLUDED.t
 """)
 # Wake any relay waiting on these channels: something may be due at the new time.
-_WAKE_RELAYS = sa.text(
-    "SELECT pg_notify('ironflow_effects', ''), pg_notify('ironflow_timers', '')"
-)
+_WAKE_RELAYS = sa.text("SELECT pg_notify('ironflow_effects', ''), pg_notify('ironflow_timers', '')")
 
 
 # -- databases ----------------------------------------------------------------------------
@@ -119,8 +117,10 @@ def _with_database(url: str, name: str) -> str:
 
 def _plain_url(url: str) -> str:
     """The URL as users write it (``postgresql://``), whatever driver it named."""
-    return make_url(normalize_url(url)).set(drivername="postgresql").render_as_string(
-        hide_password=False
+    return (
+        make_url(normalize_url(url))
+        .set(drivername="postgresql")
+        .render_as_string(hide_password=False)
     )
 
 
@@ -356,8 +356,8 @@ def _recording(handler: Callable[[Any, EffectContext], Any]) -> Callable[[Any, E
 
 
 class _NoLeaseKeeper:
-    """In-process drains need no lease renewal: leases run on the test clock, which does
-    not move while a handler runs. (The real keeper starts a thread per runtime that
+    """Drains need no lease renewal: leases run on the test clock, which does not move
+    while `drain` waits for a handler. (The real keeper starts a thread per runtime that
     outlives the test.)"""
 
     @contextmanager
@@ -615,7 +615,11 @@ def _type_name(workflow: type[Workflow] | str | None) -> str | None:
 
 
 def _rows(
-    target: Any, kind: Kind, where: str, workflow: type[Workflow] | str | None, workflow_id: str | None
+    target: Any,
+    kind: Kind,
+    where: str,
+    workflow: type[Workflow] | str | None,
+    workflow_id: str | None,
 ) -> list[Row]:
     table, body = ("outbox", "payload") if kind == "effect" else ("timers", "input")
     due = "locked_until" if kind == "effect" else "GREATEST(fire_at, locked_until)"
@@ -694,6 +698,7 @@ def assert_events(
         for got, want in zip(actual, expected, strict=False)
     )
     if not matches:
+
         def name(x: Any) -> str:
             return x.__name__ if isinstance(x, type) else repr(x)
 
@@ -753,9 +758,9 @@ class WorkflowTestEnv:
         handlers; its relays are switched off, as the kit claims and publishes itself."""
         from ..celery_app import install
 
+        # The kit claims and publishes itself; relays in the worker would race it (and
+        # `start_worker` would leave their threads running after the test).
         app.conf.ironflow_relay_enabled = False
-        # The real lease keeper: a worker runs handlers in its own threads.
-        self.runtime.__dict__.pop("lease_keeper", None)
         return install(app, runtime=self.runtime)
 
     # -- reading ---------------------------------------------------------------------------
