@@ -188,7 +188,13 @@ def test_docs_testing_example_runs_as_a_users_test_suite(tmp_path: Path):
     code = re.search(r"```python\n(.*?)```", section, re.S)
     assert code, "no python block in docs/testing.md's complete example"
     (tmp_path / "test_orders.py").write_text(code.group(1))
-    result = _pytest(tmp_path, "test_orders.py")
+    # The README's short example, with the imports it leaves out.
+    readme = (REPO / "README.md").read_text().split("## Testing your workflows", 1)[1]
+    snippet = re.search(r"```python\n(.*?)```", readme, re.S)
+    assert snippet, "no python block in the README's testing section"
+    imports = "import pytest\nfrom examples.orders.workflow import OrderSaga, PlaceOrder\n\n"
+    (tmp_path / "test_readme.py").write_text(imports + snippet.group(1))
+    result = _pytest(tmp_path, "test_orders.py", "test_readme.py")
     assert result.returncode == 0, result.stdout + result.stderr
-    count = len(re.findall(r"^def test_", code.group(1), re.M))
+    count = len(re.findall(r"^def test_", code.group(1) + snippet.group(1), re.M))
     assert f"{count} passed" in result.stdout
