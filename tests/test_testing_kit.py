@@ -20,7 +20,7 @@ from celery import Celery
 from celery.contrib.testing.worker import start_worker
 from pydantic import BaseModel
 
-from ironflow_celery import Decision, Message, Workflow
+from ironflow_celery import Decision, EffectContext, Message, PermanentEffectError, Workflow
 from ironflow_celery.testing import (
     TestClock,
     WorkflowTestEnv,
@@ -72,9 +72,38 @@ class Pinger(Workflow):
         return Decision.accept(Fired(at=now))
 
 
+class Send(Message):
+    id: str
+
+
+class Sent(Message):
+    pass
+
+
+class Deliver(Message):
+    pass
+
+
+class Mailer(Workflow):
+    """One effect, whose handler always fails for good: a dead letter to retry."""
+
+    type = "kit_mailer"
+    State, Input, Event, Effect = Nothing, Send, Sent, Deliver
+
+    def evolve(state, event):
+        return state
+
+    def decide(now, state, input):
+        return Decision.accept(Sent()).with_effect(Deliver())
+
+
+def unreachable(effect: Deliver, ctx: EffectContext) -> None:
+    raise PermanentEffectError("recipient unreachable")
+
+
 @pytest.fixture
 def ironflow_workflows() -> list:
-    return [Pinger]
+    return [Pinger, (Mailer, unreachable)]
 
 
 def test_decide_timers_and_the_database_all_follow_the_test_clock(ironflow_env: WorkflowTestEnv):
@@ -107,6 +136,18 @@ def test_decide_timers_and_the_database_all_follow_the_test_clock(ironflow_env: 
     )
     with pytest.raises(ValueError, match="backwards"):
         clock.set(start)
+
+
+def test_retry_all_dead_letters_works_on_a_clock_ahead_of_real_time(
+    ironflow_env: WorkflowTestEnv,
+):
+    ironflow_env.clock.advance(hours=1)  # test time is now an hour ahead of real time
+    ironflow_env.execute(Send(id="m"))
+    assert [r.status for r in ironflow_env.drain()] == ["dead-lettered"]
+
+    assert ironflow_env.runtime.retry_dead_letters() == 1
+    [again] = ironflow_env.drain()
+    assert (again.type, again.attempt, again.status) == ("Deliver", 1, "dead-lettered")
 
 
 def test_a_database_without_a_clock_attached_keeps_real_time():
