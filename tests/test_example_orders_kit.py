@@ -6,9 +6,14 @@ through the real handlers and ack path, and the test clock decides what is due.
 
 from __future__ import annotations
 
+import os
+import uuid
 from datetime import timedelta
 
 import pytest
+from celery import Celery
+from celery.contrib.testing.worker import start_worker
+from runtime_helpers import delete_queue
 
 from examples.orders.workflow import (
     PAYMENT_TIMEOUT,
@@ -145,3 +150,37 @@ def test_flaky_inventory_retries_only_once_its_backoff_has_passed(ironflow_env: 
         ("ChargePayment", 1, "processed"),
         ("ShipOrder", 1, "processed"),
     ]
+
+
+def test_the_same_saga_through_a_real_celery_worker(ironflow_env: WorkflowTestEnv):
+    """drain(worker=True): the kit claims and publishes, an in-thread worker runs the tasks."""
+    broker = os.environ.get("IRONFLOW_TEST_BROKER_URL", "redis://127.0.0.1:6379/5")
+    queue = f"kit-orders-{uuid.uuid4().hex[:8]}"
+    app = Celery(queue, broker=broker, set_as_current=False)
+    app.conf.update(task_default_queue=queue, worker_hijack_root_logger=False)
+    ironflow_env.install(app)
+    try:
+        with start_worker(
+            app, pool="threads", concurrency=2, perform_ping_check=False, loglevel="WARNING"
+        ):
+            ironflow_env.execute(order("o-5"))
+            ironflow_env.execute(order("o-6", card="4000-0000-0000-0002"))
+            ran = ironflow_env.drain(worker=True, skip_time=True, timeout=120)
+    finally:
+        delete_queue(queue, broker)
+
+    shipped = [(r.type, r.status) for r in ran if r.workflow.workflow_id == "o-5"]
+    assert shipped == [
+        ("ReserveStock", "processed"),
+        ("ChargePayment", "processed"),
+        ("ShipOrder", "processed"),
+    ]
+    declined = [(r.type, r.attempt, r.status) for r in ran if r.workflow.workflow_id == "o-6"]
+    assert declined == [
+        ("ReserveStock", 1, "processed"),
+        *[("ChargePayment", n, "failed-will-retry") for n in range(1, 5)],
+        ("ChargePayment", 5, "dead-lettered"),
+        ("ReleaseStock", 1, "processed"),
+    ]
+    assert ironflow_env.state(OrderSaga, "o-5").status == "shipped"
+    assert ironflow_env.state(OrderSaga, "o-6").status == "cancelled"
