@@ -441,11 +441,13 @@ def drain(
         if clock is None or skip_time is False:
             return ran
         due = _next_due(runtime)
-        if due is None or (horizon is not None and due > horizon):
+        if due is None or due <= clock.now() or (horizon is not None and due > horizon):
+            # Nothing pending, beyond the horizon, or due yet not claimable (held by
+            # something else): moving time would not help.
             if horizon is not None and horizon > clock.now():
                 clock.set(horizon)
             return ran
-        clock.set(max(due, clock.now()))
+        clock.set(due)
 
 
 def _next_due(runtime: WorkflowRuntime) -> datetime | None:
