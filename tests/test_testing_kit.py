@@ -20,7 +20,15 @@ from celery import Celery
 from celery.contrib.testing.worker import start_worker
 from pydantic import BaseModel
 
-from ironflow_celery import Decision, EffectContext, Message, PermanentEffectError, Workflow
+from ironflow_celery import (
+    Decision,
+    EffectContext,
+    Message,
+    PermanentEffectError,
+    RetryPolicy,
+    RuntimeConfig,
+    Workflow,
+)
 from ironflow_celery.testing import (
     TestClock,
     WorkflowTestEnv,
@@ -148,6 +156,23 @@ def test_retry_all_dead_letters_works_on_a_clock_ahead_of_real_time(
     assert ironflow_env.runtime.retry_dead_letters() == 1
     [again] = ironflow_env.drain()
     assert (again.type, again.attempt, again.status) == ("Deliver", 1, "dead-lettered")
+
+
+def test_a_session_database_and_a_config_of_ones_own(ironflow_session_database_url: str):
+    def down(effect: Deliver, ctx: EffectContext) -> None:
+        raise ConnectionError("mail server down")
+
+    config = RuntimeConfig(retry_policy=RetryPolicy(max_attempts=2, base_delay=30))
+    with WorkflowTestEnv(ironflow_session_database_url, [(Mailer, down)], config=config) as env:
+        start = env.clock.now()
+        env.execute(Send(id=f"session-{uuid.uuid4().hex[:6]}"))
+        ran = env.drain(skip_time=True)
+        assert [(r.attempt, r.status) for r in ran] == [
+            (1, "failed-will-retry"),
+            (2, "dead-lettered"),
+        ]
+        assert ran[1].at - start > timedelta(seconds=30)  # the configured backoff, skipped
+        assert ran[1].error == "ConnectionError: mail server down"
 
 
 def test_a_database_without_a_clock_attached_keeps_real_time():
