@@ -38,7 +38,7 @@ from typing import Any, Literal
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine, make_url
 
-from .. import schema, tasks
+from .. import schema, sql, tasks
 from ..config import RuntimeConfig
 from ..db import normalize_url
 from ..errors import InvalidPayload, IronflowError
@@ -94,7 +94,9 @@ _SET_CLOCK = sa.text(f"""
     ON CONFLICT (one) DO UPDATE SET t = EXCLUDED.t
 """)
 # Wake any relay waiting on these channels: something may be due at the new time.
-_WAKE_RELAYS = sa.text("SELECT pg_notify('ironflow_effects', ''), pg_notify('ironflow_timers', '')")
+_WAKE_RELAYS = sa.text(
+    f"SELECT pg_notify('{sql.EFFECTS_CHANNEL}', ''), pg_notify('{sql.TIMERS_CHANNEL}', '')"
+)
 
 
 # -- databases ----------------------------------------------------------------------------
