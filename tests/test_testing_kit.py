@@ -231,21 +231,34 @@ def _pytest(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_plugin_is_registered_and_costs_nothing_until_used(tmp_path: Path):
-    (tmp_path / "test_user.py").write_text(
+    (tmp_path / "test_plain.py").write_text(
         "import sys\n"
         "\n"
         "def test_a_suite_without_ironflow_fixtures_does_not_import_it():\n"
         "    assert 'ironflow_celery' not in sys.modules\n"
+    )
+    plain = _pytest(tmp_path, "test_plain.py")
+    assert plain.returncode == 0, plain.stdout + plain.stderr
+
+    # Imported into a test module, the kit's Test* classes are not collected as tests.
+    (tmp_path / "test_user.py").write_text(
+        "from ironflow_celery.testing import TestClock, TestDatabases, WorkflowTestEnv\n"
         "\n"
         "def test_fixtures_come_from_the_entry_point(ironflow_clock):\n"
-        "    from ironflow_celery.testing import TestClock, TestDatabases, WorkflowTestEnv\n"
         "    assert isinstance(ironflow_clock, TestClock)\n"
     )
-    result = _pytest(tmp_path, "-W", "error::pytest.PytestCollectionWarning")
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "2 passed" in result.stdout
-    help_text = _pytest(tmp_path, "--help").stdout
-    assert "--ironflow-database-url" in help_text
+    server = os.environ.get("IRONFLOW_TEST_DATABASE_URL") or os.environ.get(
+        "IRONFLOW_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+    )
+    user = _pytest(
+        tmp_path,
+        "test_user.py",
+        "-W",
+        "error::pytest.PytestCollectionWarning",
+        f"--ironflow-database-url={server}",  # the plugin's option is known
+    )
+    assert user.returncode == 0, user.stdout + user.stderr
+    assert "1 passed" in user.stdout
 
 
 def test_docs_testing_example_runs_as_a_users_test_suite(tmp_path: Path):
