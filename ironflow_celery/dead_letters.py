@@ -528,7 +528,9 @@ def retry_dead_letters(
         raise InvalidDeadLetterRequest("batch_size must be at least 1")
     query = query or DeadLetterQuery()
     statement = STATEMENTS[kind]["retry_batch"]
-    cutoff = store._run(text("SELECT clock_timestamp()")).scalar()
+    # now(), the clock dead_lettered_at is written with (a test clock's, in the testing
+    # kit); in this one-statement transaction it is the same instant as clock_timestamp().
+    cutoff = store._run(text("SELECT now()")).scalar()
     total = 0
     while max_rows is None or total < max_rows:
         batch = batch_size if max_rows is None else min(batch_size, max_rows - total)

@@ -13,7 +13,8 @@ import inspect
 import logging
 import threading
 import uuid
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
+from datetime import datetime
 from functools import cached_property
 from types import ModuleType
 from typing import Any
@@ -98,8 +99,11 @@ class WorkflowRuntime:
         store: PostgresStore | None = None,
         database_url: str | None = None,
         app: Any = None,
+        clock: Callable[[], datetime] | None = None,
     ) -> None:
         self.registry = registry or Registry()
+        # The `now` given to decide (None: the wall clock); a test passes a test clock.
+        self.clock = clock
         self.config = config or RuntimeConfig()
         self.service_config = service_config or WorkflowServiceConfig()
         self._store = store
@@ -178,7 +182,7 @@ class WorkflowRuntime:
     @cached_property
     def service(self) -> WorkflowService:
         self.load_workflows()
-        return WorkflowService(self.store, self.registry, self.service_config)
+        return WorkflowService(self.store, self.registry, self.service_config, clock=self.clock)
 
     @cached_property
     def lease_keeper(self) -> Any:
