@@ -16,9 +16,10 @@ TIMERS_CHANNEL = "ironflow_timers"
 # -- unit of work -------------------------------------------------------------------
 
 # Row-lock the instance and load its events in one round trip (migration 0006 explains why
-# this is a PL/pgSQL function and not a single statement). No rows: no such instance.
+# this is a PL/pgSQL function and not a single statement). No rows: no such instance; a
+# NULL sequence (migration 0007): no events, which a JSON null payload cannot fake.
 LOCK_AND_LOAD = text("""
-    SELECT completed, payload FROM ironflow.celery_lock_and_load(:wt, :wid)
+    SELECT completed, sequence, payload FROM ironflow.celery_lock_and_load(:wt, :wid)
 """)
 
 # Creators of the same new instance queue on a transaction advisory lock (single-bigint key

@@ -138,7 +138,9 @@ def _lock_and_load(conn: Connection, key: dict[str, str]) -> tuple[bool, bool, l
         return False, False, []
     if rows[0].completed:
         return True, True, []
-    return True, False, [r.payload for r in rows if r.payload is not None]
+    # The "no events" row has no sequence; an event's payload may be JSON null (None here)
+    # and must reach decoding, which names its sequence.
+    return True, False, [r.payload for r in rows if r.sequence is not None]
 
 
 # What a start guard records when the previous run of a row never recorded an outcome.

@@ -235,6 +235,7 @@ CORRUPT_EVENTS = {
     "wrong-field-type": {"type": "Incremented", "value": "many"},
     "no-tag": {"value": 1},
     "not-an-object": [1, 2],
+    "json-null": None,  # jsonb 'null': an event all the same, not "no events"
 }
 
 
@@ -268,6 +269,28 @@ def test_corrupt_stored_event(seeded: WorkflowService, db: sa.Engine) -> None:
 
     # Other instances are unaffected.
     assert seeded.execute(Ping(id="wf-2")) == Accepted(1)
+
+
+def test_an_only_event_with_a_json_null_payload_is_not_mistaken_for_no_events(
+    seeded: WorkflowService, db: sa.Engine
+) -> None:
+    """The lock-and-load path once read a JSON null payload as its "no events" marker:
+    decide ran on an empty state and the write failed on the events primary key."""
+    with db.begin() as conn:
+        for statement in (
+            "INSERT INTO ironflow.workflow_instances (workflow_type, workflow_id, event_count)"
+            " VALUES (:t, 'null-only', 1)",
+            "INSERT INTO ironflow.events (workflow_type, workflow_id, sequence, payload)"
+            " VALUES (:t, 'null-only', 1, 'null'::jsonb)",
+        ):
+            conn.execute(sa.text(statement), {"t": T})
+    for call in (
+        lambda: seeded.execute(Ping(id="null-only")),
+        lambda: seeded.execute_dynamic(T, {"type": "Ping", "id": "null-only"}),
+    ):
+        with unchanged(db), pytest.raises(EventDeserializationError) as info:
+            call()
+        assert (info.value.workflow_id, info.value.sequence) == ("null-only", 1)
 
 
 # -- misbehaving workflow code -------------------------------------------------------------
