@@ -77,7 +77,8 @@ class Registry:
     def register(
         self, workflow: type[Workflow], handler: EffectHandler | None = None
     ) -> Registration:
-        """Register a workflow with its effect handler (required when it declares effects)."""
+        """Register a workflow with its effect handler: `handler`, else the workflow's own
+        ``handle_effect`` (one of them is required when it declares effects)."""
         if not (isinstance(workflow, type) and issubclass(workflow, Workflow)) or not hasattr(
             workflow, "inputs"
         ):
@@ -85,10 +86,14 @@ class Registry:
         if workflow.type in self._by_type:
             raise DuplicateWorkflowType(workflow.type)
         if handler is None:
+            # The README's way: a workflow carries its handler as ``handle_effect``.
+            handler = getattr(workflow, "handle_effect", None)
+        if handler is None:
             if workflow.has_effects():
                 raise InvalidWorkflowDefinition(
-                    f"workflow '{workflow.type}' declares effects but no handler was given; "
-                    "pass handler=..., or register_without_effects() to ignore them"
+                    f"workflow '{workflow.type}' declares effects but has no handler: define "
+                    "handle_effect(effect, ctx) on it, pass handler=..., or use "
+                    "register_without_effects() to ignore them"
                 )
             handler = _noop_handler
         elif not callable(handler):
