@@ -436,3 +436,20 @@ EVENTS_HEAD_FOR_TYPES = text("""
     SELECT COALESCE(max(global_sequence), 0) FROM ironflow.events
     WHERE workflow_type = ANY(CAST(:types AS text[]))
 """)
+
+# -- stale deliveries (why a start guard found nothing) --------------------------------
+# Read only on the stale path, so a skipped delivery can say what actually happened.
+
+DESCRIBE_STALE_EFFECT = text("""
+    SELECT processed_at IS NOT NULL AS processed, discarded_at IS NOT NULL AS discarded,
+           dead_lettered_at IS NOT NULL AS dead_lettered, attempts, locked_by,
+           coalesce(locked_until > now(), false) AS lease_live
+    FROM ironflow.outbox WHERE id = :id
+""")
+
+DESCRIBE_STALE_TIMER = text("""
+    SELECT processed_at IS NOT NULL AS processed, discarded_at IS NOT NULL AS discarded,
+           dead_lettered_at IS NOT NULL AS dead_lettered, attempts, locked_by,
+           coalesce(locked_until > now(), false) AS lease_live
+    FROM ironflow.timers WHERE id = :id
+""")

@@ -796,6 +796,11 @@ class PostgresStore:
             self._run(sql.STORE_PROJECTION_POSITION, params)
 
     # -- helpers -------------------------------------------------------------------------------
+    def describe_stale(self, kind: str, row_id: uuid.UUID) -> Any | None:
+        """A row's state as a stale delivery sees it (None: the row is gone)."""
+        statement = sql.DESCRIBE_STALE_EFFECT if kind == "effect" else sql.DESCRIBE_STALE_TIMER
+        return self._run(statement, {"id": row_id}).first()
+
     def _scalar_or_none(
         self,
         statement: Any,
