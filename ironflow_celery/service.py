@@ -91,9 +91,9 @@ class Registry:
         if handler is None:
             if workflow.has_effects():
                 raise InvalidWorkflowDefinition(
-                    f"workflow '{workflow.type}' declares effects but has no handler: define "
-                    "handle_effect(effect, ctx) on it, pass handler=..., or use "
-                    "register_without_effects() to ignore them"
+                    f"workflow '{workflow.type}' declares effects but no handler was given "
+                    "and it defines no handle_effect(effect, ctx); define one, pass "
+                    "handler=..., or use register_without_effects() to ignore them"
                 )
             handler = _noop_handler
         elif not callable(handler):

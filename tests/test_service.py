@@ -246,7 +246,7 @@ def test_registry_takes_a_workflows_own_handle_effect() -> None:
 
     with pytest.raises(InvalidWorkflowDefinition) as info:
         Registry([TestWorkflow])  # effects, no handle_effect, no handler
-    assert "'test_workflow' declares effects but has no handler" in str(info.value)
+    assert "'test_workflow' declares effects but no handler was given" in str(info.value)
     assert "handle_effect" in str(info.value)
 
 
