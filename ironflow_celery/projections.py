@@ -34,6 +34,7 @@ from sqlalchemy.engine import Connection
 
 from . import sql
 from .errors import ConfigurationError, InvalidPayload
+from .storable import check_text
 from .store import PostgresStore, storage_errors
 
 log = logging.getLogger(__name__)
@@ -197,6 +198,7 @@ class ProjectionError(Exception):
 def _check_projection(p: Any) -> Projection:
     if not getattr(p, "name", None) or not isinstance(p.name, str):
         raise ConfigurationError(f"projection {p!r} has no name")
+    check_text(p.name, "projection name")
     if not callable(getattr(p, "handle", None)):
         raise ConfigurationError(f"projection {p.name!r} has no handle(event, conn)")
     return p
@@ -433,6 +435,7 @@ def reset_projection(store: PostgresStore, projection: Projection | str) -> None
     """Rebuild from zero: position 0, error cleared, and the projection's ``reset(conn)``
     (its read model) in the same transaction, under the projection's lock."""
     name = projection if isinstance(projection, str) else projection.name
+    check_text(name, "projection name")
     with storage_errors(), store.engine.begin() as conn:
         conn.execute(sql.LOCK_PROJECTION, {"name": name})
         if not isinstance(projection, str):

@@ -22,7 +22,13 @@ from sqlalchemy.engine import Connection, Engine
 
 from . import sql
 from .db import create_engine
-from .errors import DatabaseUnavailable, IronflowError, StorageError, UniqueKeyConflict
+from .errors import (
+    DatabaseUnavailable,
+    InvalidText,
+    IronflowError,
+    StorageError,
+    UniqueKeyConflict,
+)
 
 
 def dumps(value: Any) -> str:
@@ -45,6 +51,21 @@ def _unavailable(exc: sa.exc.DBAPIError) -> bool:
     return sqlstate.startswith("08") or sqlstate in {"57P01", "57P02", "57P03"}
 
 
+_UNSTORABLE = (
+    "contains a NUL character or a lone surrogate, which PostgreSQL cannot store; "
+    "nothing was written"
+)
+
+
+def _unstorable(exc: sa.exc.DBAPIError) -> bool:
+    """Whether a statement failed on text PostgreSQL cannot store (a last line of defence:
+    the service and the operations functions check their inputs by name first)."""
+    sqlstate = getattr(exc.orig, "sqlstate", None)
+    if sqlstate is None:  # psycopg refuses NUL in text client-side, as a DataError
+        return isinstance(exc, sa.exc.DataError) and "NUL" in str(exc.orig)
+    return sqlstate == "22P05"  # untranslatable character: "\u0000" in jsonb
+
+
 # undefined table, column, function; invalid schema name
 _SCHEMA_MISSING = {"42P01", "42703", "42883", "3F000"}
 
@@ -54,7 +75,14 @@ def storage_errors() -> Iterator[None]:
     """Translate driver errors into `StorageError` / `DatabaseUnavailable`."""
     try:
         yield
+    except UnicodeEncodeError as exc:  # psycopg, client-side: a lone surrogate in a parameter
+        text = exc.object if isinstance(exc.object, str) else ""
+        raise InvalidText(
+            "parameter", text[max(0, exc.start - 20) : exc.end + 20], _UNSTORABLE
+        ) from None
     except sa.exc.DBAPIError as exc:
+        if _unstorable(exc):
+            raise InvalidText("parameter", "", _UNSTORABLE) from None
         if _unavailable(exc):
             raise DatabaseUnavailable(f"PostgreSQL is unavailable: {exc.orig}") from exc
         if getattr(exc.orig, "sqlstate", None) in _SCHEMA_MISSING:
