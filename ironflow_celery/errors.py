@@ -62,7 +62,8 @@ class InvalidText(IronflowError, ValueError):
         self.what = what
         self.value = value
         self.problem = problem
-        super().__init__(f"invalid {what} {value!r}: {problem}")
+        shown = f" {value!r}" if value else ""
+        super().__init__(f"invalid {what}{shown}: {problem}")
 
 
 class EventDeserializationError(IronflowError):

@@ -34,7 +34,7 @@ from sqlalchemy.engine import Connection
 
 from . import sql
 from .errors import ConfigurationError, InvalidPayload
-from .storable import check_text
+from .storable import check_text, storable_text
 from .store import PostgresStore, storage_errors
 
 log = logging.getLogger(__name__)
@@ -425,7 +425,8 @@ class ProjectionRunner:
 
 
 def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
+    # escaped: a NUL or lone surrogate in the message would make the error unrecordable
+    return storable_text(f"{type(exc).__name__}: {exc}")
 
 
 # -- operations ---------------------------------------------------------------------------

@@ -31,6 +31,14 @@ def text_problem(value: str) -> str | None:
     return None
 
 
+def storable_text(value: str) -> str:
+    """`value` with NUL and lone surrogates written as escapes (``\\x00``, ``\\udcff``): for
+    text we record rather than refuse, such as an exception's message in ``last_error``."""
+    if text_problem(value) is None:
+        return value
+    return value.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def json_problem(value: Any, path: str = "") -> tuple[str, str] | None:
     """(field path, problem) of the first string or key in a JSON value that cannot be
     stored, or None. Paths read like ``items[2].name``; ``""`` is the value itself."""

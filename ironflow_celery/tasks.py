@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from .errors import InvalidPayload, PermanentEffectError, StorageError
 from .messages import Message
 from .relay import Kind, task_name
+from .storable import storable_text
 from .store import LOST_RUN_ERROR, StartedRow
 from .workflow import DeadLetterNotice, EffectContext, WorkflowRef
 
@@ -49,9 +50,10 @@ def _run_token(lease: str) -> str:
 
 
 def describe_error(exc: BaseException) -> str:
-    """``ExceptionType: message`` — what ``last_error`` stores."""
+    """``ExceptionType: message`` — what ``last_error`` stores (NUL and lone surrogates
+    escaped: text PostgreSQL cannot store would make the failure itself unrecordable)."""
     text = str(exc).strip() or repr(exc)
-    return f"{type(exc).__name__}: {text}"[:4000]
+    return storable_text(f"{type(exc).__name__}: {text}"[:4000])
 
 
 def _result(status: Status, ref: str, row_id: Any, attempt: int, **extra: Any) -> dict[str, Any]:
