@@ -53,7 +53,7 @@ def _unavailable(exc: sa.exc.DBAPIError) -> bool:
 
 _UNSTORABLE = (
     "contains a NUL character or a lone surrogate, which PostgreSQL cannot store; "
-    "nothing was written"
+    "the statement wrote nothing"
 )
 
 
@@ -72,7 +72,8 @@ _SCHEMA_MISSING = {"42P01", "42703", "42883", "3F000"}
 
 @contextmanager
 def storage_errors() -> Iterator[None]:
-    """Translate driver errors into `StorageError` / `DatabaseUnavailable`."""
+    """Translate driver errors into `StorageError` / `DatabaseUnavailable`, and text that
+    PostgreSQL cannot store into `InvalidText` (bad input, not a database failure)."""
     try:
         yield
     except UnicodeEncodeError as exc:  # psycopg, client-side: a lone surrogate in a parameter
