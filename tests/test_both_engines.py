@@ -10,7 +10,15 @@ from __future__ import annotations
 from typing import Any
 
 import sqlalchemy as sa
-from runtime_helpers import DEFAULT_WORKFLOWS, TestApp, execute, insert_timer, rows, test_config
+from runtime_helpers import (
+    DEFAULT_WORKFLOWS,
+    TestApp,
+    execute,
+    insert_timer,
+    rows,
+    running_app,
+    test_config,
+)
 from workflows import Mode, Start, TestWorkflow, test_handler
 
 from ironflow_celery import EffectContext, PermanentEffectError
@@ -129,3 +137,31 @@ def test_ordinary_updates_leave_a_dead_letter_alone(store: PostgresStore, db: sa
         id=dead_id,
     )
     assert one_row(db, "outbox", dead_id).dead_lettered_at is not None  # kept for audit
+
+
+def test_a_running_deployment_picks_up_a_row_revived_by_ironflow(
+    store: PostgresStore, db: sa.Engine
+) -> None:
+    """End to end: relays and a Celery worker running; ironflow's retry sends no NOTIFY,
+    so the relay's poll finds the revived row, and the worker processes it."""
+    fail = {"now": True}
+
+    def handler(effect: Any, ctx: EffectContext) -> Any:
+        if fail["now"]:
+            raise PermanentEffectError("not yet")
+        return test_handler(effect, ctx)
+
+    workflows = [(TestWorkflow, handler), *DEFAULT_WORKFLOWS[1:]]
+    with running_app(store, workflows=workflows, config=test_config()) as app:
+        app.service.execute(Start(id="e2e", mode=Mode(mode="RouteResult")))
+        app.wait_until(
+            lambda: dl.count_dead_letters(store, kind="effect", max_attempts=MAX) == 1,
+            timeout=120,
+            what="the effect dead-lettered",
+        )
+        [dead] = dl.fetch_dead_letters(store, kind="effect", max_attempts=MAX)
+        fail["now"] = False
+        execute(db, IRONFLOW_RETRY_EFFECT, id=dead.id)
+        app.wait_for_events(T, "e2e", ["Started", "Completed"], timeout=120)
+        assert one_row(db, "outbox", dead.id).processed_at is not None
+        assert dl.count_dead_letters(store, kind="effect", max_attempts=MAX) == 0
