@@ -25,6 +25,9 @@ EXIT_REFUSED = 1
 EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 3
 
+# A level logging does not know was a ValueError traceback; as a choice it is a usage error.
+LOGLEVEL = click.Choice(["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], case_sensitive=False)
+
 
 class Context:
     """What every command needs: the Celery app and its runtime, loaded lazily."""
@@ -157,7 +160,7 @@ def _add_commands(group: click.Group) -> None:
     @group.command("relay")
     @click.option("--effects/--no-effects", default=True, help="Run the effect relay.")
     @click.option("--timers/--no-timers", default=True, help="Run the timer relay.")
-    @click.option("-l", "--loglevel", default="INFO", show_default=True)
+    @click.option("-l", "--loglevel", type=LOGLEVEL, default="INFO", show_default=True)
     @click.pass_obj
     @guarded
     def relay(obj: Context, effects: bool, timers: bool, loglevel: str) -> None:

@@ -715,7 +715,7 @@ def add_projection_commands(group: Any) -> None:
 
     import click
 
-    from .cli import EXIT_OK, EXIT_REFUSED, fail, guarded
+    from .cli import EXIT_OK, EXIT_REFUSED, LOGLEVEL, fail, guarded
 
     def configured(obj: Any) -> list[Projection]:
         return configured_projections(obj.app.conf)
@@ -758,7 +758,7 @@ def add_projection_commands(group: Any) -> None:
 
     @projections_group.command("run")
     @click.argument("names", nargs=-1)
-    @click.option("-l", "--loglevel", default="INFO", show_default=True)
+    @click.option("-l", "--loglevel", type=LOGLEVEL, default="INFO", show_default=True)
     @click.pass_obj
     @guarded
     def run_cmd(obj: Any, names: tuple[str, ...], loglevel: str) -> None:

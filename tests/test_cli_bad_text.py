@@ -56,3 +56,14 @@ def test_non_utf8_arguments_exit_2_with_one_line_and_change_nothing(
         assert len(lines) == 1 and lines[0].startswith("error: argument b'"), (args, stderr)
         assert "is not valid UTF-8" in lines[0], (args, stderr)
     assert row(db, dead) == before  # the discard did not happen
+
+
+def test_an_unknown_log_level_is_a_usage_error_not_a_traceback(database_url: str) -> None:
+    """``-l nonsense`` reached logging.basicConfig: a ValueError traceback and exit 1."""
+    cli = [str(BIN / "ironflow-celery"), "-A", APP]
+    for args in ([*cli, "relay", "-l", "nonsense"], [*cli, "projections", "run", "-l", "nonsense"]):
+        result = run(args, database_url)
+        stderr = result.stderr.decode(errors="replace")
+        assert result.returncode == EXIT_USAGE, (args, stderr)
+        assert "Invalid value for '-l' / '--loglevel'" in stderr, stderr
+        assert "Traceback" not in stderr, stderr
