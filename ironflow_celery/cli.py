@@ -17,12 +17,16 @@ from typing import Any
 
 import click
 
-from .errors import ConfigurationError, IronflowError, StorageError
+from .errors import ConfigurationError, InvalidText, IronflowError, StorageError
+from .storable import text_problem
 
 EXIT_OK = 0
 EXIT_REFUSED = 1
 EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 3
+
+# A level logging does not know was a ValueError traceback; as a choice it is a usage error.
+LOGLEVEL = click.Choice(["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], case_sensitive=False)
 
 
 class Context:
@@ -74,6 +78,8 @@ def guarded(fn: Any) -> Any:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
+        except InvalidText as exc:  # an id, type, filter or name PostgreSQL cannot store
+            fail(str(exc), EXIT_USAGE)
         except (StorageError, ConfigurationError) as exc:
             fail(str(exc), EXIT_UNAVAILABLE)
         except IronflowError as exc:
@@ -84,8 +90,32 @@ def guarded(fn: Any) -> Any:
     return wrapper
 
 
+class _TextCheckingGroup(click.Group):
+    """Refuses, before any command runs, an argument that is not valid text.
+
+    Python decodes a non-UTF-8 argument with surrogateescape (``$'\\xff'`` becomes
+    ``'\\udcff'``); no id, type, filter, name or reason can hold it, and left alone it ends
+    as a traceback deep in the driver. One check here covers every option of every command.
+    """
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        for arg in args:
+            problem = text_problem(arg)
+            if problem is None:
+                continue
+            try:  # show the bytes as typed, when they came from the command line
+                shown = repr(os.fsencode(arg))
+            except UnicodeEncodeError:
+                shown = repr(arg)
+            if "\x00" not in arg:
+                problem = "is not valid UTF-8"
+            fail(f"argument {shown} {problem}", EXIT_USAGE)
+        return super().parse_args(ctx, args)
+
+
 def _build_group(name: str, *, with_app_option: bool) -> click.Group:
     @click.group(
+        cls=_TextCheckingGroup,
         name=name,
         help="Durable workflows on PostgreSQL with Celery: schema, relays, dead letters, "
         "status, projections. The same commands run as `ironflow-celery …` and "
@@ -130,7 +160,7 @@ def _add_commands(group: click.Group) -> None:
     @group.command("relay")
     @click.option("--effects/--no-effects", default=True, help="Run the effect relay.")
     @click.option("--timers/--no-timers", default=True, help="Run the timer relay.")
-    @click.option("-l", "--loglevel", default="INFO", show_default=True)
+    @click.option("-l", "--loglevel", type=LOGLEVEL, default="INFO", show_default=True)
     @click.pass_obj
     @guarded
     def relay(obj: Context, effects: bool, timers: bool, loglevel: str) -> None:

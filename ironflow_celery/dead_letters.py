@@ -28,6 +28,7 @@ from sqlalchemy import text
 
 from . import sql
 from .errors import IronflowError
+from .storable import text_problem
 from .workflow import WorkflowRef
 
 if TYPE_CHECKING:
@@ -197,6 +198,13 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
         raise InvalidDeadLetterRequest(f"not a dead-letter page cursor: {cursor!r}") from None
 
 
+def _check_filter_text(what: str, value: str | None) -> None:
+    """A filter PostgreSQL cannot compare (NUL, lone surrogate) is a usage error."""
+    problem = text_problem(value) if isinstance(value, str) else None
+    if problem is not None:
+        raise InvalidDeadLetterRequest(f"invalid {what} {value!r}: {problem}")
+
+
 @dataclass(frozen=True, slots=True)
 class DeadLetterQuery:
     """Which dead letters: builder methods as ironflow's, plus error text, age and keyset
@@ -216,6 +224,12 @@ class DeadLetterQuery:
     def __post_init__(self) -> None:
         if self.max_rows < 1:
             raise InvalidDeadLetterRequest(f"limit must be at least 1, got {self.max_rows}")
+        for what, value in (
+            ("workflow type", self.type_filter),
+            ("workflow id", self.id_filter),
+            ("error filter", self.error_filter),
+        ):
+            _check_filter_text(what, value)
 
     @classmethod
     def new(cls) -> DeadLetterQuery:
@@ -562,6 +576,7 @@ def try_discard_dead_letter(
     reason = (reason or "").strip()
     if not reason:
         raise InvalidDeadLetterRequest("a discard needs a reason (kept for audit)")
+    _check_filter_text("discard reason", reason)
     statements = STATEMENTS[kind]
     with store.transaction() as conn:
         row = conn.execute(

@@ -54,6 +54,18 @@ class InvalidPayload(IronflowError):
         super().__init__(f"invalid {kind} for workflow type '{workflow_type}': {detail}")
 
 
+class InvalidText(IronflowError, ValueError):
+    """A text argument (workflow id or type, filter, name, reason) that PostgreSQL cannot
+    store: it contains a NUL character or a lone surrogate (an undecodable byte)."""
+
+    def __init__(self, what: str, value: str, problem: str) -> None:
+        self.what = what
+        self.value = value
+        self.problem = problem
+        shown = f" {value!r}" if value else ""
+        super().__init__(f"invalid {what}{shown}: {problem}")
+
+
 class EventDeserializationError(IronflowError):
     """A stored event does not deserialise during replay (a corrupt or outdated row)."""
 

@@ -34,6 +34,7 @@ from sqlalchemy.engine import Connection
 
 from . import sql
 from .errors import ConfigurationError, InvalidPayload
+from .storable import check_text, storable_text
 from .store import PostgresStore, storage_errors
 
 log = logging.getLogger(__name__)
@@ -197,6 +198,7 @@ class ProjectionError(Exception):
 def _check_projection(p: Any) -> Projection:
     if not getattr(p, "name", None) or not isinstance(p.name, str):
         raise ConfigurationError(f"projection {p!r} has no name")
+    check_text(p.name, "projection name")
     if not callable(getattr(p, "handle", None)):
         raise ConfigurationError(f"projection {p.name!r} has no handle(event, conn)")
     return p
@@ -423,7 +425,8 @@ class ProjectionRunner:
 
 
 def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
+    # escaped: a NUL or lone surrogate in the message would make the error unrecordable
+    return storable_text(f"{type(exc).__name__}: {exc}")
 
 
 # -- operations ---------------------------------------------------------------------------
@@ -433,6 +436,7 @@ def reset_projection(store: PostgresStore, projection: Projection | str) -> None
     """Rebuild from zero: position 0, error cleared, and the projection's ``reset(conn)``
     (its read model) in the same transaction, under the projection's lock."""
     name = projection if isinstance(projection, str) else projection.name
+    check_text(name, "projection name")
     with storage_errors(), store.engine.begin() as conn:
         conn.execute(sql.LOCK_PROJECTION, {"name": name})
         if not isinstance(projection, str):
@@ -711,7 +715,7 @@ def add_projection_commands(group: Any) -> None:
 
     import click
 
-    from .cli import EXIT_OK, EXIT_REFUSED, fail, guarded
+    from .cli import EXIT_OK, EXIT_REFUSED, LOGLEVEL, fail, guarded
 
     def configured(obj: Any) -> list[Projection]:
         return configured_projections(obj.app.conf)
@@ -754,7 +758,7 @@ def add_projection_commands(group: Any) -> None:
 
     @projections_group.command("run")
     @click.argument("names", nargs=-1)
-    @click.option("-l", "--loglevel", default="INFO", show_default=True)
+    @click.option("-l", "--loglevel", type=LOGLEVEL, default="INFO", show_default=True)
     @click.pass_obj
     @guarded
     def run_cmd(obj: Any, names: tuple[str, ...], loglevel: str) -> None:

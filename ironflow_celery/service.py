@@ -23,6 +23,7 @@ from .errors import (
     UnknownWorkflowType,
 )
 from .messages import TAG, Message
+from .storable import check_text, json_problem, text_problem
 from .store import PostgresStore, StoredEvent, TimerSpec, WorkflowInstanceSummary
 from .workflow import (
     Accepted,
@@ -77,7 +78,8 @@ class Registry:
     def register(
         self, workflow: type[Workflow], handler: EffectHandler | None = None
     ) -> Registration:
-        """Register a workflow with its effect handler (required when it declares effects)."""
+        """Register a workflow with its effect handler: `handler`, else the workflow's own
+        ``handle_effect`` (one of them is required when it declares effects)."""
         if not (isinstance(workflow, type) and issubclass(workflow, Workflow)) or not hasattr(
             workflow, "inputs"
         ):
@@ -85,10 +87,14 @@ class Registry:
         if workflow.type in self._by_type:
             raise DuplicateWorkflowType(workflow.type)
         if handler is None:
+            # The README's way: a workflow carries its handler as ``handle_effect``.
+            handler = getattr(workflow, "handle_effect", None)
+        if handler is None:
             if workflow.has_effects():
                 raise InvalidWorkflowDefinition(
-                    f"workflow '{workflow.type}' declares effects but no handler was given; "
-                    "pass handler=..., or register_without_effects() to ignore them"
+                    f"workflow '{workflow.type}' declares effects but no handler was given "
+                    "and it defines no handle_effect(effect, ctx); define one, pass "
+                    "handler=..., or use register_without_effects() to ignore them"
                 )
             handler = _noop_handler
         elif not callable(handler):
@@ -182,6 +188,24 @@ def decode_events(workflow: type[Workflow], workflow_id: str, payloads: Iterable
     return decoded
 
 
+def check_storable(workflow_type: str, kind: str, value: Any) -> None:
+    """`InvalidPayload` naming the field when PostgreSQL cannot store a JSON value (a NUL
+    character or a lone surrogate in a string or key), before anything is written."""
+    found = json_problem(value)
+    if found is None:
+        return
+    field, problem = found
+    tag = value.get(TAG) if isinstance(value, dict) else None
+    prefix = f"{tag}: " if isinstance(tag, str) and text_problem(tag) is None else ""
+    raise InvalidPayload(workflow_type, kind, f"{prefix}{field or 'value'}: {problem}")
+
+
+def _check_key(workflow_type: str, what: str, value: str | None) -> None:
+    problem = None if value is None else text_problem(value)
+    if problem is not None:
+        raise InvalidPayload(workflow_type, "input", f"{what} {value!r}: {problem}")
+
+
 class WorkflowService:
     """Executes inputs against registered workflows and answers queries about them."""
 
@@ -243,12 +267,17 @@ class WorkflowService:
     ) -> ExecuteOutcome[Any]:
         wf = registration.workflow
         workflow_id = wf.workflow_id(input)
+        unique_key = wf.unique_key(input)
         observe = self.config.record_input_observations
-        if observe and payload is None:
+        if payload is None and (observe or isinstance(input, Message)):
             payload = input.to_json()
+        # Text PostgreSQL cannot store is bad input: say which field, before any write.
+        check_storable(wf.type, "input", payload)
+        _check_key(wf.type, "workflow id", workflow_id)
+        _check_key(wf.type, "unique key", unique_key)
         input_type = input_type_of(payload, type(input).__name__) if observe else ""
 
-        uow = self.store.begin(wf.type, workflow_id, wf.unique_key(input), connection=connection)
+        uow = self.store.begin(wf.type, workflow_id, unique_key, connection=connection)
         with uow:
             if uow.completed:
                 if observe:
@@ -273,6 +302,7 @@ class WorkflowService:
                 rejection_json = wf.rejection_codec.encode(decision.rejection)
                 uow.rollback()
                 if observe:
+                    check_storable(wf.type, "rejection", rejection_json)
                     self.store.record_observation(
                         wf.type,
                         workflow_id,
@@ -292,6 +322,17 @@ class WorkflowService:
                 TimerSpec(t.delay.total_seconds(), wf.inputs.encode(t.input), t.key)
                 for t in decision.timers
             ]
+            # Workflow code may build text of its own (not only copy the input's).
+            for kind, values in (
+                ("event", events),
+                ("effect", effects),
+                ("timer input", [t.input for t in timers]),
+            ):
+                for value in values:
+                    check_storable(wf.type, kind, value)
+            for key in [*(t.key for t in timers), *decision.cancel_timer_keys]:
+                if key is not None and text_problem(key) is not None:
+                    raise InvalidPayload(wf.type, "timer key", f"{key!r}: {text_problem(key)}")
             if observe:
                 uow.record_input_observation(input_type, payload, "accepted")
             uow.append_events(events)
@@ -307,10 +348,13 @@ class WorkflowService:
         self, workflow_type: str | None = None, limit: int = 100, offset: int = 0
     ) -> list[WorkflowInstanceSummary]:
         """Instances (optionally of one type), most recently active first."""
+        check_text(workflow_type, "workflow type")
         return self.store.list_workflows(workflow_type, limit, offset)
 
     def fetch_workflow_events(self, workflow_type: str, workflow_id: str) -> list[StoredEvent]:
         """An instance's stored events in order."""
+        check_text(workflow_type, "workflow type")
+        check_text(workflow_id, "workflow id")
         return self.store.fetch_workflow_events(workflow_type, workflow_id)
 
     def fetch_latest_state(self, workflow: type[Workflow], workflow_id: str) -> Any:
@@ -326,5 +370,6 @@ class WorkflowService:
 
     def _latest_state(self, registration: Registration, workflow_id: str) -> Any:
         wf = registration.workflow
+        check_text(workflow_id, "workflow id")
         stored = self.store.fetch_workflow_events(wf.type, workflow_id)
         return wf.replay(decode_events(wf, workflow_id, (e.payload for e in stored)))

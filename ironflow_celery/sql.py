@@ -16,9 +16,10 @@ TIMERS_CHANNEL = "ironflow_timers"
 # -- unit of work -------------------------------------------------------------------
 
 # Row-lock the instance and load its events in one round trip (migration 0006 explains why
-# this is a PL/pgSQL function and not a single statement). No rows: no such instance.
+# this is a PL/pgSQL function and not a single statement). No rows: no such instance; a
+# NULL sequence (migration 0007): no events, which a JSON null payload cannot fake.
 LOCK_AND_LOAD = text("""
-    SELECT completed, payload FROM ironflow.celery_lock_and_load(:wt, :wid)
+    SELECT completed, sequence, payload FROM ironflow.celery_lock_and_load(:wt, :wid)
 """)
 
 # Creators of the same new instance queue on a transaction advisory lock (single-bigint key
@@ -524,4 +525,21 @@ CANCEL_ROWS_OF_INSTANCE = _per_kind(f"""
     WHERE workflow_type = :wt AND workflow_id = :wid AND processed_at IS NULL
       AND NOT {_RUNNING}
     RETURNING id
+""")
+
+# -- stale deliveries (why a start guard found nothing) --------------------------------
+# Read only on the stale path, so a skipped delivery can say what actually happened.
+
+DESCRIBE_STALE_EFFECT = text("""
+    SELECT processed_at IS NOT NULL AS processed, discarded_at IS NOT NULL AS discarded,
+           dead_lettered_at IS NOT NULL AS dead_lettered, attempts, locked_by,
+           coalesce(locked_until > now(), false) AS lease_live
+    FROM ironflow.outbox WHERE id = :id
+""")
+
+DESCRIBE_STALE_TIMER = text("""
+    SELECT processed_at IS NOT NULL AS processed, discarded_at IS NOT NULL AS discarded,
+           dead_lettered_at IS NOT NULL AS dead_lettered, attempts, locked_by,
+           coalesce(locked_until > now(), false) AS lease_live
+    FROM ironflow.timers WHERE id = :id
 """)

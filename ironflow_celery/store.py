@@ -22,7 +22,13 @@ from sqlalchemy.engine import Connection, Engine
 
 from . import sql
 from .db import create_engine
-from .errors import DatabaseUnavailable, IronflowError, StorageError, UniqueKeyConflict
+from .errors import (
+    DatabaseUnavailable,
+    InvalidText,
+    IronflowError,
+    StorageError,
+    UniqueKeyConflict,
+)
 
 
 def dumps(value: Any) -> str:
@@ -45,16 +51,39 @@ def _unavailable(exc: sa.exc.DBAPIError) -> bool:
     return sqlstate.startswith("08") or sqlstate in {"57P01", "57P02", "57P03"}
 
 
+_UNSTORABLE = (
+    "contains a NUL character or a lone surrogate, which PostgreSQL cannot store; "
+    "the statement wrote nothing"
+)
+
+
+def _unstorable(exc: sa.exc.DBAPIError) -> bool:
+    """Whether a statement failed on text PostgreSQL cannot store (a last line of defence:
+    the service and the operations functions check their inputs by name first)."""
+    sqlstate = getattr(exc.orig, "sqlstate", None)
+    if sqlstate is None:  # psycopg refuses NUL in text client-side, as a DataError
+        return isinstance(exc, sa.exc.DataError) and "NUL" in str(exc.orig)
+    return sqlstate == "22P05"  # untranslatable character: "\u0000" in jsonb
+
+
 # undefined table, column, function; invalid schema name
 _SCHEMA_MISSING = {"42P01", "42703", "42883", "3F000"}
 
 
 @contextmanager
 def storage_errors() -> Iterator[None]:
-    """Translate driver errors into `StorageError` / `DatabaseUnavailable`."""
+    """Translate driver errors into `StorageError` / `DatabaseUnavailable`, and text that
+    PostgreSQL cannot store into `InvalidText` (bad input, not a database failure)."""
     try:
         yield
+    except UnicodeEncodeError as exc:  # psycopg, client-side: a lone surrogate in a parameter
+        text = exc.object if isinstance(exc.object, str) else ""
+        raise InvalidText(
+            "parameter", text[max(0, exc.start - 20) : exc.end + 20], _UNSTORABLE
+        ) from None
     except sa.exc.DBAPIError as exc:
+        if _unstorable(exc):
+            raise InvalidText("parameter", "", _UNSTORABLE) from None
         if _unavailable(exc):
             raise DatabaseUnavailable(f"PostgreSQL is unavailable: {exc.orig}") from exc
         if getattr(exc.orig, "sqlstate", None) in _SCHEMA_MISSING:
@@ -141,7 +170,9 @@ def _lock_and_load(conn: Connection, key: dict[str, str]) -> tuple[bool, bool, l
         return False, False, []
     if rows[0].completed:
         return True, True, []
-    return True, False, [r.payload for r in rows if r.payload is not None]
+    # The "no events" row has no sequence; an event's payload may be JSON null (None here)
+    # and must reach decoding, which names its sequence.
+    return True, False, [r.payload for r in rows if r.sequence is not None]
 
 
 # What a start guard records when the previous run of a row never recorded an outcome.
@@ -877,6 +908,11 @@ class PostgresStore:
             self._run(sql.STORE_PROJECTION_POSITION, params)
 
     # -- helpers -------------------------------------------------------------------------------
+    def describe_stale(self, kind: str, row_id: uuid.UUID) -> Any | None:
+        """A row's state as a stale delivery sees it (None: the row is gone)."""
+        statement = sql.DESCRIBE_STALE_EFFECT if kind == "effect" else sql.DESCRIBE_STALE_TIMER
+        return self._run(statement, {"id": row_id}).first()
+
     def _scalar_or_none(
         self,
         statement: Any,

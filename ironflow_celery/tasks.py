@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from .errors import InvalidPayload, PermanentEffectError, StorageError
 from .messages import Message
 from .relay import Kind, task_name
+from .storable import storable_text
 from .store import LOST_RUN_ERROR, StartedRow
 from .workflow import DeadLetterNotice, EffectContext, WorkflowRef
 
@@ -53,9 +54,10 @@ def _run_token(lease: str) -> str:
 
 
 def describe_error(exc: BaseException) -> str:
-    """``ExceptionType: message`` — what ``last_error`` stores."""
+    """``ExceptionType: message`` — what ``last_error`` stores (NUL and lone surrogates
+    escaped: text PostgreSQL cannot store would make the failure itself unrecordable)."""
     text = str(exc).strip() or repr(exc)
-    return f"{type(exc).__name__}: {text}"[:4000]
+    return storable_text(f"{type(exc).__name__}: {text}"[:4000])
 
 
 def _result(status: Status, ref: str, row_id: Any, attempt: int, **extra: Any) -> dict[str, Any]:
@@ -130,6 +132,44 @@ class LeaseKeeper:
                             self._running[(kind, row_id)] = (token, now)
 
 
+# -- stale deliveries ------------------------------------------------------------------
+
+
+def stale_reason(runtime: WorkflowRuntime, kind: Kind, row_id: uuid.UUID, lease: str) -> str:
+    """Why a start guard found the row no longer held by `lease`, read after the fact.
+
+    One extra SELECT, only on the stale path; the state may move on after it is read, so
+    it describes the row as it was just after this delivery was refused.
+    """
+    noun = "row" if kind == "effect" else "timer"
+    try:
+        row = runtime.store.describe_stale(kind, row_id)
+    except StorageError as exc:
+        return f"the {noun} is no longer held by this lease (its state could not be read: {exc})"
+    if row is None:
+        return f"the {noun} no longer exists (deleted, e.g. by retention)"
+    if row.discarded:
+        return f"the {noun} was closed without running (cancelled, or a discarded dead letter)"
+    if row.processed:
+        return f"the {noun} is already processed"
+    if row.dead_lettered or row.attempts >= runtime.config.retry_policy.max_attempts:
+        return f"the {noun} is a dead letter"
+    locked_by = row.locked_by or ""
+    # A start guard hands the claim token on to a run token "<claim token>>…" (_run_token).
+    if locked_by.startswith(f"{lease}>"):
+        if row.lease_live:
+            return f"another delivery of this claim is running the {noun} (duplicate message)"
+        return (
+            f"another delivery of this claim started the {noun} and its lease expired "
+            "(that run counts as a lost attempt once the row is claimed again)"
+        )
+    if locked_by:
+        if row.lease_live:
+            return f"the {noun} was re-claimed under another lease ({locked_by})"
+        return f"the {noun} is held by another, expired lease ({locked_by}); it will be re-claimed"
+    return f"the {noun} was released: it waits for its backoff or its next claim"
+
+
 # -- effects ---------------------------------------------------------------------------
 
 
@@ -153,7 +193,7 @@ def run_effect(runtime: WorkflowRuntime, ref: str, row_id: str, attempt: int, le
             ref,
             row_id,
             attempt,
-            reason="the row is no longer held by this lease (re-claimed or done)",
+            reason=stale_reason(runtime, "effect", effect_id, lease),
         )
     if started.attempts >= cfg.retry_policy.max_attempts:
         return _exhausted_by_lost_runs(runtime, "effect", started, ref)
@@ -370,7 +410,7 @@ def run_timer(runtime: WorkflowRuntime, ref: str, row_id: str, attempt: int, lea
             ref,
             row_id,
             attempt,
-            reason="the timer is no longer held by this lease (re-claimed or done)",
+            reason=stale_reason(runtime, "timer", timer_id, lease),
         )
     if started.attempts >= cfg.retry_policy.max_attempts:
         return _exhausted_by_lost_runs(runtime, "timer", started, ref)

@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Generic, Literal, TypeVar
 
 from .errors import InvalidWorkflowDefinition
 from .messages import Message, TaggedUnion, ValueCodec, union_members
+from .storable import text_problem
 
 R = TypeVar("R")
 S = TypeVar("S")
@@ -330,6 +331,9 @@ class Workflow:
         wf_type = cls.__dict__["type"]
         if not isinstance(wf_type, str) or not wf_type.strip():
             raise InvalidWorkflowDefinition(f"{cls.__qualname__}.type must be a non-empty string")
+        problem = text_problem(wf_type)
+        if problem is not None:  # it names every row of the type, in text columns
+            raise InvalidWorkflowDefinition(f"{cls.__qualname__}.type {wf_type!r} {problem}")
         for member in ("State", "Input", "Event"):
             if getattr(cls, member, None) is None:
                 raise InvalidWorkflowDefinition(f"workflow '{wf_type}' must declare {member}")

@@ -228,6 +228,130 @@ def test_non_object_payload(seeded: WorkflowService, db: sa.Engine) -> None:
         assert "test_workflow" in str(info.value), payload
 
 
+# -- text PostgreSQL cannot store: NUL and lone surrogates ----------------------------------
+
+UNSTORABLE = {"nul": ("a\x00b", "NUL character"), "surrogate": ("a\ud800b", "lone surrogate")}
+
+
+def test_unstorable_text_in_an_input_is_invalid_payload_naming_the_field(
+    seeded: WorkflowService, db: sa.Engine
+) -> None:
+    """Once a bare UnicodeEncodeError or a StorageError from the driver."""
+    for label, (bad, says) in UNSTORABLE.items():
+        cases = [
+            (lambda bad=bad: seeded.execute(Ping(id=bad)), "Ping: id: "),
+            (
+                lambda bad=bad: seeded.execute_dynamic(T, {"type": "Ping", "id": bad}),
+                "Ping: id: ",
+            ),
+            (
+                lambda bad=bad: seeded.execute_dynamic(
+                    T, {"type": "Completed", "id": "wf-1", "result": bad}
+                ),
+                "Completed: result: ",
+            ),
+            (lambda bad=bad: seeded.execute(Poke(id="f-1", how=bad)), "Poke: how: "),
+        ]
+        for call, field in cases:
+            with unchanged(db), pytest.raises(InvalidPayload) as info:
+                call()
+            assert info.value.kind == "input", label
+            assert info.value.detail.startswith(field), (label, str(info.value))
+            assert says in str(info.value), label
+            str(info.value).encode()  # the message itself is printable text
+
+
+def test_unstorable_text_made_by_workflow_code_is_invalid_payload(
+    store: PostgresStore, db: sa.Engine
+) -> None:
+    """An event or effect that decide builds itself is checked too, before any write."""
+
+    class Shout(Message):
+        id: str
+
+    class Shouted(Message):
+        text: str
+
+    class Tell(Message):
+        text: str
+
+    class ShoutWorkflow(Workflow):
+        type = "shout"
+        State = PokeState
+        Input = Shout
+        Event = Shouted
+        Effect = Tell
+
+        @staticmethod
+        def evolve(state: PokeState, event: Shouted) -> PokeState:
+            return state
+
+        @staticmethod
+        def decide(now: datetime, state: PokeState, input: Shout) -> Decision:
+            if input.id == "event":
+                return Decision.accept(Shouted(text="\x00"))
+            return Decision.accept(Shouted(text="ok")).with_effect(Tell(text="\udcff"))
+
+    service = WorkflowService(store, Registry([(ShoutWorkflow, test_handler)]))
+    with unchanged(db), pytest.raises(InvalidPayload) as info:
+        service.execute(Shout(id="event"))
+    assert info.value.kind == "event" and info.value.detail.startswith("Shouted: text: ")
+    with unchanged(db), pytest.raises(InvalidPayload) as info:
+        service.execute(Shout(id="effect"))
+    assert info.value.kind == "effect" and info.value.detail.startswith("Tell: text: ")
+
+
+def test_unstorable_ids_filters_and_names_are_clear_value_errors(
+    seeded: WorkflowService, db: sa.Engine
+) -> None:
+    from ironflow_celery import InvalidText
+    from ironflow_celery import dead_letters as dl
+    from ironflow_celery.projections import reset_projection
+
+    store = seeded.store
+    for bad, _ in UNSTORABLE.values():
+        calls = [
+            lambda bad=bad: seeded.fetch_latest_state(TestWorkflow, bad),
+            lambda bad=bad: seeded.fetch_latest_state_dynamic(T, bad),
+            lambda bad=bad: seeded.fetch_workflow_events(T, bad),
+            lambda bad=bad: seeded.list_workflows(bad),
+            lambda bad=bad: reset_projection(store, bad),
+        ]
+        for call in calls:
+            with unchanged(db), pytest.raises(InvalidText) as info:
+                call()
+            assert isinstance(info.value, ValueError)
+        dl_calls = [
+            lambda bad=bad: dl.fetch_dead_letters(
+                store, dl.DeadLetterQuery.of(workflow_type=bad), max_attempts=3
+            ),
+            lambda bad=bad: dl.count_dead_letters(
+                store, dl.DeadLetterQuery.new().workflow_id(bad), max_attempts=3
+            ),
+            lambda bad=bad: dl.DeadLetterQuery.new().error_contains(bad),
+            lambda bad=bad: dl.discard_dead_letter(
+                store, "00000000-0000-0000-0000-000000000001", bad, max_attempts=3
+            ),
+        ]
+        for call in dl_calls:
+            with unchanged(db), pytest.raises(dl.InvalidDeadLetterRequest) as dl_info:
+                call()
+            assert isinstance(dl_info.value, ValueError)
+
+
+def test_the_store_turns_driver_text_errors_into_invalid_text(
+    store: PostgresStore, db: sa.Engine
+) -> None:
+    """The last line of defence, for callers that reach the store directly."""
+    from ironflow_celery import InvalidText
+
+    for bad in ("x\x00", "x\udcff"):
+        with unchanged(db), pytest.raises(InvalidText):
+            store.fetch_workflow_events(T, bad)
+        with unchanged(db), pytest.raises(InvalidText), store.begin(T, bad) as uow:
+            uow.commit()
+
+
 # -- corrupt stored data -------------------------------------------------------------------
 
 CORRUPT_EVENTS = {
@@ -235,6 +359,7 @@ CORRUPT_EVENTS = {
     "wrong-field-type": {"type": "Incremented", "value": "many"},
     "no-tag": {"value": 1},
     "not-an-object": [1, 2],
+    "json-null": None,  # jsonb 'null': an event all the same, not "no events"
 }
 
 
@@ -268,6 +393,28 @@ def test_corrupt_stored_event(seeded: WorkflowService, db: sa.Engine) -> None:
 
     # Other instances are unaffected.
     assert seeded.execute(Ping(id="wf-2")) == Accepted(1)
+
+
+def test_an_only_event_with_a_json_null_payload_is_not_mistaken_for_no_events(
+    seeded: WorkflowService, db: sa.Engine
+) -> None:
+    """The lock-and-load path once read a JSON null payload as its "no events" marker:
+    decide ran on an empty state and the write failed on the events primary key."""
+    with db.begin() as conn:
+        for statement in (
+            "INSERT INTO ironflow.workflow_instances (workflow_type, workflow_id, event_count)"
+            " VALUES (:t, 'null-only', 1)",
+            "INSERT INTO ironflow.events (workflow_type, workflow_id, sequence, payload)"
+            " VALUES (:t, 'null-only', 1, 'null'::jsonb)",
+        ):
+            conn.execute(sa.text(statement), {"t": T})
+    for call in (
+        lambda: seeded.execute(Ping(id="null-only")),
+        lambda: seeded.execute_dynamic(T, {"type": "Ping", "id": "null-only"}),
+    ):
+        with unchanged(db), pytest.raises(EventDeserializationError) as info:
+            call()
+        assert (info.value.workflow_id, info.value.sequence) == ("null-only", 1)
 
 
 # -- misbehaving workflow code -------------------------------------------------------------

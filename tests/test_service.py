@@ -233,6 +233,23 @@ def test_builder_rejects_duplicate_registration() -> None:
     assert len(registry) == 1
 
 
+def test_registry_takes_a_workflows_own_handle_effect() -> None:
+    """The README's way to register a handler: ``handle_effect`` on the workflow itself,
+    as the order saga does; a workflow with effects and no handler at all is refused."""
+    from examples.orders.workflow import OrderSaga
+
+    registry = Registry([OrderSaga])
+    assert registry.get(OrderSaga.type).handler is OrderSaga.handle_effect
+    # An explicit handler still wins over handle_effect.
+    explicit = Registry([(OrderSaga, test_handler)])
+    assert explicit.get(OrderSaga.type).handler is test_handler
+
+    with pytest.raises(InvalidWorkflowDefinition) as info:
+        Registry([TestWorkflow])  # effects, no handle_effect, no handler
+    assert "'test_workflow' declares effects but no handler was given" in str(info.value)
+    assert "handle_effect" in str(info.value)
+
+
 def test_register_populates_both_dispatch_paths(service: WorkflowService) -> None:
     assert service.execute(Ping(id="typed")) == Accepted(events_appended=1)
     assert service.execute_dynamic(T, {"type": "Ping", "id": "dynamic"}) == Accepted(1)

@@ -382,6 +382,14 @@ def test_workflow_type_must_be_a_non_empty_string(value: Any) -> None:
         _define(type=value)
 
 
+@pytest.mark.parametrize("value", ["or\x00ders", "orders\udcff"])
+def test_workflow_type_postgresql_cannot_store_is_refused(value: str) -> None:
+    """A type names every row in text columns: NUL or a lone surrogate could never be
+    stored, and would fail every claim and write instead of the definition."""
+    with pytest.raises(InvalidWorkflowDefinition, match="PostgreSQL cannot store"):
+        _define(type=value)
+
+
 def test_workflow_with_duplicate_input_tags_is_refused() -> None:
     class Again(Message):
         type_tag = "Ping"
