@@ -98,9 +98,10 @@ def process_exiting(pid: int | None = None) -> None:
         multiprocess.mark_process_dead(pid if pid is not None else os.getpid())
 
 
-def relay_restarted(service: str) -> None:
-    """The worker restarted its `service` ("relay", "projections") after it died."""
-    RELAY_RESTARTS.labels(service).inc()
+def relay_restarted(service: str, count: int = 1) -> None:
+    """The worker restarted its `service` ("relay", "projections") after it died (0: the
+    service started, so its series exists before the first restart)."""
+    RELAY_RESTARTS.labels(service).inc(count)
 
 
 def relay_up(service: str, up: bool) -> None:

@@ -172,6 +172,7 @@ class ServiceProcess:
 
     def start(self) -> None:
         """Start the child and the thread that watches it."""
+        metrics.relay_restarted(self.label, 0)
         with self._lock:
             self._spawn()
         self._supervisor = threading.Thread(
@@ -232,6 +233,9 @@ class ServiceProcess:
             with self._lock:
                 if self._stopping.is_set():
                     return
+                # Counted before the fork, so the new child's metrics endpoint shows it.
+                self.restarts += 1
+                metrics.relay_restarted(self.label)
                 try:
                     self._spawn()
                 except Exception:
@@ -239,8 +243,6 @@ class ServiceProcess:
                     self._proc = proc  # its sentinel stays ready: the loop retries
                     delay = min(delay * 2, RESTART_BACKOFF_MAX)
                     continue
-                self.restarts += 1
-            metrics.relay_restarted(self.label)
             log.warning(
                 "ironflow %s process restarted (pid %d, restart %d)",
                 self.label,
@@ -318,6 +320,7 @@ class ServiceThread:
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
 
     def start(self) -> None:
+        metrics.relay_restarted(self.label, 0)
         self._thread.start()
 
     def _loop(self) -> None:
