@@ -42,6 +42,8 @@ STABLE_AFTER = 60.0
 """A service that ran this long before dying restarts after the base delay again."""
 COLD_GRACE = 1.0
 """Cold shutdown: seconds a child gets to stop by itself before it is killed."""
+THREAD_COLD_GRACE = 5.0
+"""Cold shutdown of an in-thread service: seconds to wait for its threads to end."""
 
 # fork, never spawn/forkserver: the child needs the loaded app, registry and runtime as
 # they are (Python 3.14 changes the platform default).
@@ -353,10 +355,13 @@ class ServiceThread:
             delay = min(delay * 2, RESTART_BACKOFF_MAX)
 
     def stop(self, *, cold: bool = False) -> bool:
-        """Ask the thread to stop and wait for it (a thread cannot be killed: a cold
-        shutdown waits at most a second, and the daemon thread dies with the process)."""
+        """Ask the thread to stop and wait for it. A thread cannot be killed, so a cold
+        shutdown waits for it too, at most `THREAD_COLD_GRACE` (Celery's test worker joins
+        its own thread for 10 s); past that the daemon thread dies with the process."""
         self._stop.set()
-        grace = min(self.shutdown_timeout, COLD_GRACE) if cold else self.shutdown_timeout + 1.0
+        grace = (
+            min(self.shutdown_timeout, THREAD_COLD_GRACE) if cold else self.shutdown_timeout + 1.0
+        )
         self._thread.join(grace)
         if self._thread.is_alive():
             log.warning("ironflow %s thread did not stop within %.1fs", self.label, grace)
