@@ -52,6 +52,7 @@ from ironflow_celery.store import PostgresStore
 from tests.e2e_apps.workflows import Place
 
 SHUTDOWN_TIMEOUT = 5.0  # make_env's IRONFLOW_SHUTDOWN_TIMEOUT
+PROJECTION = "tests.e2e_apps.projections:ORDER_EVENTS"
 
 
 @pytest.fixture
@@ -122,7 +123,7 @@ def test_killed_relay_child_is_reaped_logged_restarted_and_dispatches(
     ends the worker and its relay."""
     prepare_database(database_url)
     port = free_port()
-    env = make_env(database_url, REDIS_URL, queue, metrics_port=port)
+    env = make_env(database_url, REDIS_URL, queue, metrics_port=port, projections=PROJECTION)
     with redis_queue_cleanup(queue):
         worker = procs.worker("worker", env, pool="prefork", concurrency=2)
         worker.wait_for_output("ironflow relay started (process)", 90)
@@ -162,6 +163,19 @@ def test_killed_relay_child_is_reaped_logged_restarted_and_dispatches(
         )
         assert 'ironflow_relay_restarts_total{service="relay"} 1.0' in scraped, scraped[-2000:]
         assert 'ironflow_relay_up{service="relay"} 1.0' in scraped
+
+        # The projections child is supervised the same way.
+        projections = inspect_relay(worker, env)["projections"]
+        assert projections["mode"] == "process" and projections["alive"], projections
+        os.kill(projections["pid"], signal.SIGKILL)
+        worker.wait_for_output(f"projections process {projections['pid']} died", 60)
+        wait_until(
+            lambda: (
+                (p := inspect_relay(worker, env)["projections"])["restarts"] == 1 and p["alive"]
+            ),
+            60,
+            "the projections process to be restarted",
+        )
 
         # The child stops on SIGTERM (it no longer runs Celery's inherited handlers).
         os.kill(second["pid"], signal.SIGTERM)
@@ -249,11 +263,13 @@ def ironflow_threads() -> list[str]:
 
 
 def test_start_worker_leaves_no_ironflow_threads(store: PostgresStore, db: sa.Engine) -> None:
-    """``celery.contrib.testing.worker.start_worker`` (threads pool, relays in-thread): once
-    its context exits, no ``ironflow-*`` thread (relays, waker, lease keeper) is left."""
+    """``celery.contrib.testing.worker.start_worker`` (threads pool, relays and projections
+    in-thread): once its context exits, no ``ironflow-*`` thread (relays, waker, lease
+    keeper, projections) is left."""
     before = ironflow_threads()
     app = TestApp(store)
     app.app.conf.ironflow_relay_enabled = True  # the bootstep runs the relays this time
+    app.app.conf.ironflow_projections = PROJECTION  # and a projection
     try:
         with start_worker(
             app.app,
@@ -267,6 +283,7 @@ def test_start_worker_leaves_no_ironflow_threads(store: PostgresStore, db: sa.En
             app.wait_for_events(TestWorkflow.type, "leak-1", ["Started", "Completed"], 60)
             running = ironflow_threads()
             assert any(n.startswith("ironflow-relay") for n in running), running
+            assert "ironflow-projections" in running, running
     finally:
         delete_queue(app.queue, app.broker_url)
     wait_for(
