@@ -243,6 +243,7 @@ class ServiceProcess:
                 except Exception:
                     log.exception("ironflow %s: restart failed; trying again", self.label)
                     self._proc = proc  # its sentinel stays ready: the loop retries
+                    self.started_at = time.monotonic()  # so the backoff keeps growing
                     delay = min(delay * 2, RESTART_BACKOFF_MAX)
                     continue
             log.warning(
@@ -292,7 +293,8 @@ class ServiceProcess:
     def state(self) -> dict[str, Any]:
         """What ``celery inspect ironflow_relay`` shows."""
         proc = self._proc
-        alive = proc is not None and proc.is_alive()
+        # Its sentinel, not is_alive(): reaping belongs to the supervisor thread alone.
+        alive = proc is not None and not wait_for([proc.sentinel], timeout=0)
         return {
             "mode": self.mode,
             "pid": proc.pid if proc is not None else None,
