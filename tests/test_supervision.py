@@ -49,6 +49,7 @@ from test_e2e_workers import (
 from workflows import Mode, Start, TestWorkflow
 
 from ironflow_celery.store import PostgresStore
+from ironflow_celery.supervisor import ServiceProcess, ServiceThread
 from tests.e2e_apps.workflows import Place
 
 SHUTDOWN_TIMEOUT = 5.0  # make_env's IRONFLOW_SHUTDOWN_TIMEOUT
@@ -295,3 +296,48 @@ def test_start_worker_leaves_no_ironflow_threads(store: PostgresStore, db: sa.En
     app.service.execute(Start(id="leak-2", mode=Mode(mode="RouteResult")))
     time.sleep(1.0)
     assert all(row.locked_by is None for row in outbox(db, "leak-2"))
+
+
+# -- the supervisor on its own (real processes and threads, no worker) ---------------------
+
+
+def _ignores_stop(stop: Any) -> None:
+    """A service body that never looks at its stop event (a wedged relay)."""
+    while True:
+        time.sleep(0.1)
+
+
+def _fails_once_then_runs(calls: list[int]) -> Any:
+    def body(stop: Any) -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("first run fails")
+        stop.wait()
+
+    return body
+
+
+def test_a_service_process_that_ignores_stop_is_killed_after_the_shutdown_timeout() -> None:
+    """A relay child that does not stop within ``shutdown_timeout`` is killed and reaped:
+    stopping never hangs past the timeout."""
+    service = ServiceProcess("relay", "ironflow-test-wedged", _ignores_stop, shutdown_timeout=1.0)
+    service.start()
+    pid = service.state()["pid"]
+    began = time.monotonic()
+    assert service.stop() is False  # it had to be killed
+    took = time.monotonic() - began
+    assert took < 1.0 + 15.0, f"stop took {took:.1f}s"  # timeout + a loaded machine's slack
+    assert not_a_zombie(pid)
+    assert service.state()["alive"] is False
+
+
+def test_a_service_thread_that_fails_is_restarted_and_stops() -> None:
+    """An in-thread relay that raises is logged and run again after the backoff; stop ends it."""
+    calls: list[int] = []
+    service = ServiceThread("relay", "ironflow-test-flaky", _fails_once_then_runs(calls), 5.0)
+    service.start()
+    wait_for(lambda: service.restarts == 1 and len(calls) == 2, timeout=60, what="a restart")
+    state = service.state()
+    assert state["alive"] and state["last_exit"].startswith("raised RuntimeError"), state
+    assert service.stop() is True
+    assert "ironflow-test-flaky" not in ironflow_threads()
