@@ -217,8 +217,14 @@ class ServiceProcess:
             self.last_exit = describe_exit(code)
             metrics.relay_up(self.label, False)
             metrics.process_exiting(proc.pid)  # its live gauges go with it
-            if _celery_shutting_down():
-                log.info("ironflow %s process %d exited (%s)", self.label, proc.pid, self.last_exit)
+            if _celery_shutting_down():  # the worker is stopping: no restart
+                log.log(
+                    logging.INFO if code in (0, 128 + signal.SIGINT) else logging.WARNING,
+                    "ironflow %s process %d exited during the worker's shutdown (%s)",
+                    self.label,
+                    proc.pid,
+                    self.last_exit,
+                )
                 return
             if lived >= STABLE_AFTER:
                 delay = RESTART_BACKOFF_BASE
