@@ -99,6 +99,8 @@ class LeaseKeeper:
         finally:
             with self._lock:
                 self._running.pop((kind, row_id), None)
+                if not self._running:  # let the thread see it is idle (it may sleep lease/3)
+                    self._wake.set()
 
     def _run(self) -> None:
         idle_since: float | None = None
@@ -116,6 +118,7 @@ class LeaseKeeper:
                         self._thread = None
                     return
             self._wake.wait(interval if idle_since is None else KEEPER_IDLE_EXIT)
+            self._wake.clear()  # before the state is read again at the top: no lost wake-up
             now = time.monotonic()
             for kind in ("effect", "timer"):
                 third = self._lease(kind) / 3  # type: ignore[arg-type]
