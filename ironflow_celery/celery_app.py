@@ -5,13 +5,13 @@ package's own app serves ``celery -A ironflow_celery worker``.
 worker bootstep that runs the relays inside ``celery worker`` (off with
 ``--without-ironflow-relay`` or ``ironflow_relay_enabled = False``). Under the prefork
 pool the relays run in a child process of the worker, as Celery's embedded beat does, so
-the pool never forks a process with relay threads in it.
+the pool never forks a process with relay threads in it; the worker supervises it
+(`ironflow_celery.supervisor`) and ``celery inspect ironflow_relay`` reports it.
 """
 
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
 import threading
 from collections.abc import Iterable
@@ -20,6 +20,7 @@ from typing import Any
 import click
 from celery import Celery, bootsteps, signals
 from celery.app.defaults import DEFAULTS
+from celery.worker.control import inspect_command
 
 from . import metrics
 from .config import runtime_config_from, setting
@@ -27,6 +28,7 @@ from .db import DATABASE_URL_ENV
 from .errors import ConfigurationError
 from .runtime import WorkflowRuntime, WorkflowSpec
 from .service import WorkflowServiceConfig
+from .supervisor import ServiceProcess, ServiceThread, start_service
 
 log = logging.getLogger(__name__)
 
@@ -151,59 +153,8 @@ def _install_dead_letter_tasks(app: Celery, runtime: WorkflowRuntime) -> None:
 # -- the worker bootstep -----------------------------------------------------------------
 
 
-class _RelayProcess(multiprocessing.Process):
-    """The relays in a child process of a prefork worker; exits when its parent dies."""
-
-    def __init__(self, runtime: WorkflowRuntime) -> None:
-        super().__init__(name="ironflow-relay", daemon=True)
-        self.runtime = runtime
-        self.stop_event = multiprocessing.Event()
-
-    def run(self) -> None:
-        from .db import dispose_after_fork
-
-        dispose_after_fork()
-        parent = os.getppid()
-
-        def watch_parent() -> None:
-            while not self.stop_event.wait(1.0):
-                if os.getppid() != parent:
-                    log.warning("ironflow relay: worker process gone; stopping")
-                    self.stop_event.set()
-
-        threading.Thread(target=watch_parent, daemon=True).start()
-        try:
-            self.runtime.run(self.stop_event)
-        finally:
-            metrics.process_exiting()
-
-    def stop(self, timeout: float) -> None:
-        self.stop_event.set()
-        self.join(timeout)
-        if self.is_alive():
-            self.terminate()
-
-
-class _RelayThread:
-    """The relays as threads of the worker process (solo, threads, gevent pools)."""
-
-    def __init__(self, runtime: WorkflowRuntime) -> None:
-        self.runtime = runtime
-        self.stop_event = threading.Event()
-        self.thread = threading.Thread(
-            target=runtime.run, args=(self.stop_event,), name="ironflow-relays", daemon=True
-        )
-
-    def start(self) -> None:
-        self.thread.start()
-
-    def stop(self, timeout: float) -> None:
-        self.stop_event.set()
-        self.thread.join(timeout)
-
-
 class RelayStep(bootsteps.StartStopStep):
-    """Runs ironflow's relays inside ``celery worker``."""
+    """Runs ironflow's relays inside ``celery worker``, supervised (see `supervisor`)."""
 
     label = "ironflow relay"
 
@@ -212,7 +163,7 @@ class RelayStep(bootsteps.StartStopStep):
         self.enabled = not without_ironflow_relay and setting(
             worker.app.conf, "relay_enabled", bool, True
         )
-        self.service: Any = None
+        self.service: ServiceProcess | ServiceThread | None = None
         if not self.enabled:  # Celery never calls start() on a disabled step: say it here
             log.info(
                 "ironflow relay disabled in this worker (%s)",
@@ -230,26 +181,51 @@ class RelayStep(bootsteps.StartStopStep):
                 "ironflow_database_url), or start the worker with --without-ironflow-relay"
             )
         runtime.load_workflows()
-        pool = getattr(worker, "pool_cls", None)
-        pool_name = getattr(pool, "__module__", "") + "." + getattr(pool, "__name__", str(pool))
-        if "prefork" in pool_name:
-            self.service = _RelayProcess(runtime)
-        else:
-            self.service = _RelayThread(runtime)
-        self.service.start()
+        self.service = start_service(
+            "relay",
+            "ironflow-relay",
+            runtime.run,
+            worker=worker,
+            shutdown_timeout=runtime.config.shutdown_timeout,
+        )
         log.info(
             "ironflow relay started (%s) for %s",
-            "process" if isinstance(self.service, _RelayProcess) else "thread",
+            self.service.mode,
             ", ".join(runtime.registry.types) or "no workflow types",
         )
 
     def stop(self, worker: Any) -> None:
+        """Warm shutdown: the relays finish publishing, within ``shutdown_timeout``."""
         if self.service is not None:
-            self.service.stop(runtime_of(worker.app).config.shutdown_timeout)
+            self.service.stop()
+            self.service = None
+
+    def terminate(self, worker: Any) -> None:
+        """Cold shutdown (SIGQUIT, a second Ctrl-C, the test worker's exit): a second at
+        most, then the relay process is killed (its claims come back after their lease)."""
+        if self.service is not None:
+            self.service.stop(cold=True)
             self.service = None
 
     def shutdown(self, worker: Any) -> None:
         self.stop(worker)
+
+    def ironflow_state(self) -> dict[str, Any]:
+        """This step's part of ``celery inspect ironflow_relay``."""
+        return {"relay": self.service.state() if self.service is not None else {"mode": "stopped"}}
+
+
+@inspect_command()
+def ironflow_relay(state: Any) -> dict[str, Any]:
+    """ironflow's relay (and projections) process or thread: pid, alive, restarts, last exit."""
+    worker = getattr(state.consumer, "controller", None)
+    found: dict[str, Any] = {}
+    for step in getattr(worker, "steps", None) or ():
+        report = getattr(step, "ironflow_state", None)
+        if callable(report):
+            found.update(report())
+    found.setdefault("relay", {"mode": "disabled"})
+    return found
 
 
 # -- the package's own app ------------------------------------------------------------------

@@ -58,6 +58,19 @@ RELAY_IN_FLIGHT = Gauge(
     registry=REGISTRY,
     multiprocess_mode="livesum",  # multiprocess mode: the sum over live processes
 )
+RELAY_RESTARTS = Counter(
+    "ironflow_relay_restarts_total",
+    "Times a worker restarted its relay (or projections) process or thread after it died",
+    ["service"],
+    registry=REGISTRY,
+)
+RELAY_UP = Gauge(
+    "ironflow_relay_up",
+    "1 while a worker's relay (or projections) process or thread runs, 0 after it died",
+    ["service"],
+    registry=REGISTRY,
+    multiprocess_mode="livemax",  # the worker process sets it; its children leave it 0
+)
 
 
 def multiprocess_dir() -> str | None:
@@ -83,6 +96,17 @@ def process_exiting(pid: int | None = None) -> None:
         from prometheus_client import multiprocess
 
         multiprocess.mark_process_dead(pid if pid is not None else os.getpid())
+
+
+def relay_restarted(service: str, count: int = 1) -> None:
+    """The worker restarted its `service` ("relay", "projections") after it died (0: the
+    service started, so its series exists before the first restart)."""
+    RELAY_RESTARTS.labels(service).inc(count)
+
+
+def relay_up(service: str, up: bool) -> None:
+    """The worker's `service` started (True) or ended (False)."""
+    RELAY_UP.labels(service).set(1 if up else 0)
 
 
 class Metrics:

@@ -20,12 +20,10 @@ from __future__ import annotations
 
 import inspect
 import logging
-import multiprocessing
-import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -593,64 +591,16 @@ class _ProjectionJob:
     runtime: Any
     projections: list[Projection]
     config: ProjectionConfig
-    stop_event: Any = field(default=None)
 
-    def __call__(self) -> None:
+    def __call__(self, stop_event: Any) -> None:
         run_projections(
             self.runtime.store,
             self.projections,
-            self.stop_event,
+            stop_event,
             registry=self.runtime.registry,
             config=self.config,
             join_timeout=self.runtime.config.shutdown_timeout,
         )
-
-
-class _ProjectionProcess(multiprocessing.Process):
-    """Projections in a child process of a prefork worker; exits when its parent dies."""
-
-    def __init__(self, job: _ProjectionJob) -> None:
-        super().__init__(name="ironflow-projections", daemon=True)
-        self.stop_event = multiprocessing.Event()
-        job.stop_event = self.stop_event
-        self.job = job
-
-    def run(self) -> None:
-        from .db import dispose_after_fork
-
-        dispose_after_fork()
-        parent = os.getppid()
-
-        def watch_parent() -> None:
-            while not self.stop_event.wait(1.0):
-                if os.getppid() != parent:
-                    log.warning("ironflow projections: worker process gone; stopping")
-                    self.stop_event.set()
-
-        threading.Thread(target=watch_parent, daemon=True).start()
-        self.job()
-
-    def stop(self, timeout: float) -> None:
-        self.stop_event.set()
-        self.join(timeout)
-        if self.is_alive():
-            self.terminate()
-
-
-class _ProjectionThread:
-    """Projections as threads of the worker process (solo, threads, gevent pools)."""
-
-    def __init__(self, job: _ProjectionJob) -> None:
-        self.stop_event = threading.Event()
-        job.stop_event = self.stop_event
-        self.thread = threading.Thread(target=job, name="ironflow-projections", daemon=True)
-
-    def start(self) -> None:
-        self.thread.start()
-
-    def stop(self, timeout: float) -> None:
-        self.stop_event.set()
-        self.thread.join(timeout)
 
 
 def _make_step() -> type:
@@ -658,7 +608,7 @@ def _make_step() -> type:
 
     class ProjectionStep(bootsteps.StartStopStep):
         """Runs the configured projections (``ironflow_projections``) inside ``celery
-        worker``; off when none are configured."""
+        worker``, supervised like the relays; off when none are configured."""
 
         label = "ironflow projections"
 
@@ -673,30 +623,41 @@ def _make_step() -> type:
 
         def start(self, worker: Any) -> None:
             from .celery_app import runtime_of
+            from .supervisor import start_service
 
             runtime = runtime_of(worker.app)
             runtime.load_workflows()
             job = _ProjectionJob(runtime, self.projections, projection_config_from(worker.app.conf))
-            pool = getattr(worker, "pool_cls", None)
-            pool_name = getattr(pool, "__module__", "") + "." + getattr(pool, "__name__", str(pool))
-            if "prefork" in pool_name:
-                self.service = _ProjectionProcess(job)
-            else:
-                self.service = _ProjectionThread(job)
-            self.service.start()
+            self.service = start_service(
+                "projections",
+                "ironflow-projections",
+                job,
+                worker=worker,
+                shutdown_timeout=runtime.config.shutdown_timeout,
+            )
             log.info(
                 "ironflow projections started: %s", ", ".join(p.name for p in self.projections)
             )
 
         def stop(self, worker: Any) -> None:
             if self.service is not None:
-                from .celery_app import runtime_of
+                self.service.stop()
+                self.service = None
 
-                self.service.stop(runtime_of(worker.app).config.shutdown_timeout)
+        def terminate(self, worker: Any) -> None:
+            """Cold shutdown: a second at most, then the projections process is killed
+            (each batch commits with its checkpoint, so nothing is skipped)."""
+            if self.service is not None:
+                self.service.stop(cold=True)
                 self.service = None
 
         def shutdown(self, worker: Any) -> None:
             self.stop(worker)
+
+        def ironflow_state(self) -> dict[str, Any]:
+            """This step's part of ``celery inspect ironflow_relay``."""
+            service = self.service
+            return {"projections": service.state() if service is not None else {"mode": "stopped"}}
 
     return ProjectionStep
 

@@ -67,6 +67,10 @@ def _result(status: Status, ref: str, row_id: Any, attempt: int, **extra: Any) -
 # -- lease keeper ----------------------------------------------------------------------
 
 
+KEEPER_IDLE_EXIT = 1.0
+"""Seconds the lease keeper's thread lingers with no handler running before it ends."""
+
+
 class LeaseKeeper:
     """Renews the leases of rows whose handlers run longer than a third of their lease.
 
@@ -101,11 +105,26 @@ class LeaseKeeper:
         finally:
             with self._lock:
                 self._running.pop((kind, row_id), None)
+                if not self._running:  # let the thread see it is idle (it may sleep lease/3)
+                    self._wake.set()
 
     def _run(self) -> None:
+        idle_since: float | None = None
         while True:
             interval = max(0.2, min(self._lease("effect"), self._lease("timer")) / 3)
-            self._wake.wait(interval)
+            with self._lock:
+                # Idle for a while: end the thread, so none outlives the worker that ran
+                # the handlers (e.g. Celery's in-thread test worker); `keep` starts a new one.
+                if self._running:
+                    idle_since = None
+                elif idle_since is None:
+                    idle_since = time.monotonic()
+                elif time.monotonic() - idle_since >= KEEPER_IDLE_EXIT:
+                    if self._thread is threading.current_thread():
+                        self._thread = None
+                    return
+            self._wake.wait(interval if idle_since is None else KEEPER_IDLE_EXIT)
+            self._wake.clear()  # before the state is read again at the top: no lost wake-up
             now = time.monotonic()
             for kind in ("effect", "timer"):
                 third = self._lease(kind) / 3  # type: ignore[arg-type]
