@@ -58,10 +58,9 @@ def storage_errors() -> Iterator[None]:
         if _unavailable(exc):
             raise DatabaseUnavailable(f"PostgreSQL is unavailable: {exc.orig}") from exc
         if getattr(exc.orig, "sqlstate", None) in _SCHEMA_MISSING:
-            raise StorageError(
-                f"postgres error: {exc.orig}; the ironflow schema is missing or older than this "
-                "version of ironflow_celery: run `ironflow-celery db upgrade`"
-            ) from exc
+            from .hints import schema_missing_hint  # the command as this process can run it
+
+            raise StorageError(f"postgres error: {exc.orig}; {schema_missing_hint()}") from exc
         raise StorageError(f"postgres error: {exc.orig}") from exc
     except sa.exc.SQLAlchemyError as exc:
         raise StorageError(f"postgres error: {exc}") from exc
@@ -419,9 +418,13 @@ class PostgresStore:
                     )
                     if not created:  # lost a race to another creator, or the key is taken
                         found, completed, events = _lock_and_load(conn, key)
-                        if not found and unique_key is not None and conn.execute(
-                            sql.UNIQUE_KEY_HELD, {"wt": workflow_type, "unique_key": unique_key}
-                        ).first():
+                        if (
+                            not found
+                            and unique_key is not None
+                            and conn.execute(
+                                sql.UNIQUE_KEY_HELD, {"wt": workflow_type, "unique_key": unique_key}
+                            ).first()
+                        ):
                             raise UniqueKeyConflict(workflow_type, unique_key)
                         # (still no row and no holder: the winner's row was deleted since)
                     # else: a new instance has no events to load. Every writer (ironflow too)
