@@ -159,10 +159,15 @@ def plain_venv(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path
 def test_the_wheel_ships_its_package_data(plain_venv: Path) -> None:
     """py.typed, the migrations and the license are in the wheel; the version is the metadata's."""
     (wheel,) = (plain_venv.parents[2] / "dist").glob("ironflow_celery-*.whl")
-    names = zipfile.ZipFile(wheel).namelist()
+    archive = zipfile.ZipFile(wheel)
+    names = archive.namelist()
     assert "ironflow_celery/py.typed" in names
     assert any(n.startswith("ironflow_celery/schema/migrations/") for n in names)
-    assert any(n.endswith(".dist-info/licenses/LICENSE") or n.endswith("/LICENSE") for n in names)
+    (license_file,) = [n for n in names if n.endswith(".dist-info/licenses/LICENSE")]
+    (metadata,) = [n for n in names if n.endswith(".dist-info/METADATA")]
+    # The license the metadata declares is the one the file holds.
+    assert "License-Expression: MIT\n" in archive.read(metadata).decode()
+    assert archive.read(license_file).decode().startswith("MIT License\n")
     out = run(
         [str(plain_venv), "-c",
          "import importlib.metadata as m, ironflow_celery as i; "
