@@ -118,11 +118,13 @@ def build(root: Path) -> Path:
     # A clean copy: only what a release contains (no .venv, no egg-info, no build/).
     for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy2(REPO / name, source / name)
-    shutil.copytree(
-        REPO / "ironflow_celery",
-        source / "ironflow_celery",
-        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
-    )
+    # Every package pyproject's `packages.find` includes (`ironflow_celery*`).
+    for package in sorted(REPO.glob("ironflow_celery*/__init__.py")):
+        shutil.copytree(
+            package.parent,
+            source / package.parent.name,
+            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+        )
     dist, wheelhouse, venv = root / "dist", root / "wheelhouse", root / "venv"
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
     run([*pip, "wheel", "--no-deps", "--wheel-dir", str(dist), str(source)])
