@@ -170,11 +170,12 @@ def test_the_wheel_ships_its_package_data(plain_venv: Path) -> None:
     # The license the metadata declares is the one the file holds.
     assert "License-Expression: MIT\n" in archive.read(metadata).decode()
     assert archive.read(license_file).decode().startswith("MIT License\n")
+    clean = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # only the venv's
     out = run(
         [str(plain_venv), "-c",
          "import importlib.metadata as m, ironflow_celery as i; "
          "print(i.__version__, m.version('ironflow-celery'), i.__file__)"],
-        cwd=plain_venv.parents[2],
+        cwd=plain_venv.parents[2], env=clean,
     ).stdout.split()  # fmt: skip
     assert out[0] == out[1]
     assert out[2].startswith(str(plain_venv.parents[1]))  # the venv's copy, not the checkout's
