@@ -33,14 +33,21 @@ def upgrade_command(
     carries that variable too (unless the URL holds a password, which is never printed).
     """
     env = os.environ if environ is None else environ
-    app = celery_app_argument(argv) or DEFAULT_APP
+    given = celery_app_argument(argv)
+    app = given or DEFAULT_APP
     command = f"ironflow-celery -A {shlex.quote(app)} db upgrade"
     if app.split(":")[0] != DEFAULT_APP:
         return command
     url = env.get("IRONFLOW_DATABASE_URL", "")
     if url and not re.search(r"://[^/@]*:[^/@]*@", url):
         return f"IRONFLOW_DATABASE_URL={shlex.quote(url)} {command}"
-    return f"{command} (with IRONFLOW_DATABASE_URL set as for this process)"
+    if url:
+        return f"{command} (with IRONFLOW_DATABASE_URL set as for this process)"
+    if given:
+        return f"{command} (with IRONFLOW_DATABASE_URL set to the database)"
+    # Neither an app nor the variable: this process configured its app in code, which
+    # only its user can name.
+    return "ironflow-celery -A <your Celery app> db upgrade"
 
 
 def schema_missing_hint() -> str:

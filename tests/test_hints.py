@@ -38,3 +38,14 @@ def test_the_package_app_carries_its_database_url_unless_it_holds_a_password() -
     secret = upgrade_command(argv, {"IRONFLOW_DATABASE_URL": "postgresql://u:s3cret@db/x"})
     assert "s3cret" not in secret
     assert secret.startswith("ironflow-celery -A ironflow_celery db upgrade")
+
+
+def test_without_an_app_or_a_url_the_hint_asks_for_the_app() -> None:
+    """An app configured in code (no -A, no variable): the user names it; nothing is guessed."""
+    assert upgrade_command(["gunicorn", "web:app"], {}) == (
+        "ironflow-celery -A <your Celery app> db upgrade"
+    )
+    assert upgrade_command(["celery", "-A", "ironflow_celery", "worker"], {}) == (
+        "ironflow-celery -A ironflow_celery db upgrade "
+        "(with IRONFLOW_DATABASE_URL set to the database)"
+    )
