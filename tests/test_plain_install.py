@@ -131,10 +131,11 @@ def build(root: Path) -> Path:
     (wheel,) = dist.glob("ironflow_celery-*.whl")
     # Only what the wheel declares without extras; pip takes them from its cache when it can.
     run([*pip, "wheel", "--wheel-dir", str(wheelhouse), str(wheel)])
-    run([sys.executable, "-m", "venv", str(venv)])
+    # No pip inside (ensurepip costs seconds): this pip installs into it with --python.
+    run([sys.executable, "-m", "venv", "--without-pip", str(venv)])
     python = venv / "bin" / "python"
     run(
-        [str(python), "-m", "pip", "install", "--disable-pip-version-check", "--no-index",
+        [*pip, "--python", str(python), "install", "--no-index",
          "--find-links", str(wheelhouse), str(wheel)]
     )  # fmt: skip
     return python
