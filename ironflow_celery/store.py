@@ -418,13 +418,9 @@ class PostgresStore:
                     )
                     if not created:  # lost a race to another creator, or the key is taken
                         found, completed, events = _lock_and_load(conn, key)
-                        if (
-                            not found
-                            and unique_key is not None
-                            and conn.execute(
-                                sql.UNIQUE_KEY_HELD, {"wt": workflow_type, "unique_key": unique_key}
-                            ).first()
-                        ):
+                        if not found and unique_key is not None and conn.execute(
+                            sql.UNIQUE_KEY_HELD, {"wt": workflow_type, "unique_key": unique_key}
+                        ).first():
                             raise UniqueKeyConflict(workflow_type, unique_key)
                         # (still no row and no holder: the winner's row was deleted since)
                     # else: a new instance has no events to load. Every writer (ironflow too)
