@@ -32,6 +32,9 @@ ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 STAMP = VENV / ".ironflow-installed"
 WORKDIR = ROOT / ".ironflow"  # embedded servers' data and logs
+#: Packages the dev extras no longer list; removed from an existing .venv on reinstall because
+#: pip never removes them, and pytest-celery's plugin clashes with celery.contrib.pytest.
+DROPPED = ["pytest-celery"]
 COMMANDS = {
     "example": "run the example workflow end to end (python -m examples.orders)",
     "test": "run the test suite (python -m pytest)",
@@ -116,6 +119,13 @@ def ensure_venv() -> Path:
             sys.exit(
                 f"dev.py: pip install -e .[dev] failed (exit code {result.returncode}), log: {log}"
             )
+        if installed is not None:
+            with open(log, "a") as out:
+                subprocess.run(
+                    [str(python), "-m", "pip", "uninstall", "--disable-pip-version-check",
+                     "-y", *DROPPED],
+                    cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, check=False,
+                )  # fmt: skip
         STAMP.write_text(wanted + "\n")
     return python
 

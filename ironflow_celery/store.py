@@ -87,10 +87,9 @@ def storage_errors() -> Iterator[None]:
         if _unavailable(exc):
             raise DatabaseUnavailable(f"PostgreSQL is unavailable: {exc.orig}") from exc
         if getattr(exc.orig, "sqlstate", None) in _SCHEMA_MISSING:
-            raise StorageError(
-                f"postgres error: {exc.orig}; the ironflow schema is missing or older than this "
-                "version of ironflow_celery: run `ironflow-celery db upgrade`"
-            ) from exc
+            from .hints import schema_missing_hint  # the command as this process can run it
+
+            raise StorageError(f"postgres error: {exc.orig}; {schema_missing_hint()}") from exc
         raise StorageError(f"postgres error: {exc.orig}") from exc
     except sa.exc.SQLAlchemyError as exc:
         raise StorageError(f"postgres error: {exc}") from exc

@@ -2,8 +2,8 @@
 
 Each test gets its own database, cloned from a template that this session (or xdist
 worker) migrated once, and dropped afterwards; tests therefore run in parallel safely.
-pytest-celery's own plugin (registered as ``celery``) is disabled in pyproject's addopts
-(``-p no:celery``) so that ``celery.contrib.pytest``'s in-process fixtures load instead.
+Celery's in-process fixtures (``celery_app``, ``celery_worker``, …) come from
+``celery.contrib.pytest``, loaded below (Celery no longer registers it as a plugin).
 """
 
 from __future__ import annotations

@@ -7,11 +7,16 @@ every ironflow table before and after: a failed execute leaves the database as i
 from __future__ import annotations
 
 import json
+import os
+import re
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -560,7 +565,11 @@ def test_lock_timeout_is_a_storage_error_not_unavailability(
     assert other.execute(Ping(id="wf-1")) == Accepted(1)
 
 
-def test_database_without_the_schema(empty_database_url: str) -> None:
+def test_database_without_the_schema(
+    empty_database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The error names a command that, pasted into a shell as written, creates the schema."""
+    monkeypatch.setenv("IRONFLOW_DATABASE_URL", empty_database_url)  # as a worker has it
     store = PostgresStore.from_url(empty_database_url)
     service = WorkflowService(store, Registry([(TestWorkflow, test_handler)]))
     try:
@@ -568,7 +577,18 @@ def test_database_without_the_schema(empty_database_url: str) -> None:
             service.execute(Ping(id="wf-1"))
         assert not isinstance(info.value, DatabaseUnavailable)
         assert 'schema "ironflow" does not exist' in str(info.value)
-        assert "run `ironflow-celery db upgrade`" in str(info.value)  # says what to do
+        command = re.search(r"run `([^`]+)`", str(info.value))
+        assert command, str(info.value)
+        assert "ironflow-celery -A ironflow_celery db upgrade" in command[1]
+        # A user's shell: no IRONFLOW_* variables, the venv's scripts on PATH.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("IRONFLOW_")}
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        done = subprocess.run(
+            command[1], shell=True, env=env, capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 0, done.stderr
+        assert "applied migrations" in done.stdout
+        assert service.execute(Ping(id="wf-1")) == Accepted(1)
     finally:
         store.dispose()
 
@@ -583,7 +603,7 @@ def test_database_with_an_older_schema_says_to_upgrade(database_url: str) -> Non
         with pytest.raises(StorageError) as info:
             service.execute(Ping(id="wf-1"))
         assert "celery_lock_and_load" in str(info.value)
-        assert "run `ironflow-celery db upgrade`" in str(info.value)
+        assert re.search(r"run `[^`]*ironflow-celery -A [^`]+ db upgrade", str(info.value))
         assert service.list_workflows() == []  # nothing half-written
     finally:
         store.dispose()

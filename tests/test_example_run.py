@@ -1,0 +1,99 @@
+"""`python -m examples.orders` (what `python3 dev.py example` runs) says what it is doing.
+
+Issue 13 §6: the worker's start is its own step, throughput counts from the first processed
+order, output piped to a file keeps its lines whole, and Ctrl-C ends with one line (no
+traceback) after stopping the worker.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).resolve().parents[1]
+REDIS_URL = os.environ.get("IRONFLOW_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def example_env(database_url: str) -> dict[str, str]:
+    """The environment dev.py gives the example: its database and broker."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("IRONFLOW_", "CELERY_"))}
+    env.update(IRONFLOW_DATABASE_URL=database_url, CELERY_BROKER_URL=REDIS_URL)
+    env.pop("COLUMNS", None)  # rich would take its width from there
+    return env
+
+
+def test_piped_output_names_each_step_and_keeps_lines_whole(empty_database_url: str) -> None:
+    """Not a TTY: the worker's start is a line of its own, and no line wraps at 80 columns."""
+    done = subprocess.run(
+        [sys.executable, "-m", "examples.orders", "--orders", "20", "--timeout", "240"],
+        cwd=REPO,
+        env=example_env(empty_database_url),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    ready = [
+        i for i, line in enumerate(lines) if re.fullmatch(r"worker: ready after \d+\.\d s", line)
+    ]
+    submitting = [i for i, line in enumerate(lines) if line.startswith("submitting orders")]
+    assert ready and submitting and ready[0] < submitting[0], lines  # a step before the orders
+    assert "order saga: 20 orders through a real Celery worker" in lines  # the title unbroken
+    worker = next(line for line in lines if line.startswith("worker: celery -A"))
+    assert len(worker) > 80 and worker.endswith("example-worker.log)")  # not wrapped at 80
+    assert re.fullmatch(
+        r"throughput: \d+ orders/s \(\d+\.\d\d s from the first processed order to the last\)",
+        next(line for line in lines if line.startswith("throughput:")),
+    )
+    assert lines[-1].endswith("worker stopped")
+
+
+def test_ctrl_c_stops_the_worker_and_ends_with_one_line(
+    empty_database_url: str, tmp_path: Path
+) -> None:
+    """SIGINT to the foreground process group, as a terminal sends it: exit 130, one line."""
+    out = tmp_path / "out.txt"
+    with open(out, "w") as sink:
+        example = subprocess.Popen(
+            [sys.executable, "-m", "examples.orders", "--orders", "3000", "--timeout", "600"],
+            cwd=REPO,
+            env=example_env(empty_database_url),
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own group, so the signal reaches only it
+        )
+    try:
+        deadline = time.monotonic() + 240  # a loaded machine boots a worker slowly
+        while "worker: ready" not in out.read_text() and time.monotonic() < deadline:
+            assert example.poll() is None, out.read_text()
+            time.sleep(0.2)
+        text = out.read_text()
+        assert "worker: ready" in text, text
+        worker_pid = int(re.search(r"\(pid (\d+),", text)[1])
+        os.killpg(example.pid, signal.SIGINT)
+        assert example.wait(120) == 130
+    finally:
+        if example.poll() is None:
+            os.killpg(example.pid, signal.SIGKILL)
+            example.wait(10)
+    text = out.read_text()
+    assert "Traceback" not in text, text
+    after_ready = text.split("worker: ready", 1)[1].splitlines()
+    last = [line for line in after_ready if line.strip()][-1]
+    assert last == "interrupted: the worker and any embedded servers were stopped", text
+    assert sum("interrupted" in line for line in after_ready) == 1
+    gone = not psutil.pid_exists(worker_pid) or (
+        psutil.Process(worker_pid).status() == psutil.STATUS_ZOMBIE
+    )
+    assert gone, "the worker outlived the example"
