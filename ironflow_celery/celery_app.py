@@ -124,7 +124,7 @@ def _install_routing(app: Celery) -> None:
         if not name.startswith("ironflow."):
             return None
         parts = name.split(".")
-        if per_type and len(parts) >= 3 and parts[-1] in ("effect", "timer"):
+        if per_type and len(parts) >= 3 and parts[-1] in ("effect", "timer", "execute"):
             return {"queue": "ironflow." + ".".join(parts[1:-1])}
         return {"queue": single} if single else None
 

@@ -415,7 +415,9 @@ def run_timer(runtime: WorkflowRuntime, ref: str, row_id: str, attempt: int, lea
 def register_workflow_tasks(
     app: Any, runtime: WorkflowRuntime, workflow_types: list[str]
 ) -> list[str]:
-    """Register ``ironflow.<type>.effect`` and ``.timer`` for these workflow types."""
+    """Register ``ironflow.<type>.effect``, ``.timer`` and ``.execute`` for these types."""
+    from .inputs import register_execute_tasks
+
     names = []
     for workflow_type in workflow_types:
         for kind, fn in (("effect", run_effect), ("timer", run_timer)):
@@ -429,7 +431,7 @@ def register_workflow_tasks(
                 shared=False,
             )(_bind(fn, runtime, name))
             names.append(name)
-    return names
+    return names + register_execute_tasks(app, runtime, workflow_types)
 
 
 def _bind(fn: Any, runtime: WorkflowRuntime, name: str) -> Any:
