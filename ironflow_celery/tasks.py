@@ -425,7 +425,8 @@ def register_workflow_tasks(
             app.task(
                 name=name,
                 bind=True,
-                ignore_result=True,
+                # ignore_result is left to the app (task_ignore_result, result_backend):
+                # the relay sends each message with the app's choice (`results_ignored`).
                 acks_late=False,
                 typing=False,
                 shared=False,
