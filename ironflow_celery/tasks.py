@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Literal
 
+from .aio import call_handler
 from .errors import InvalidPayload, PermanentEffectError, StorageError
 from .messages import Message
 from .relay import Kind, task_name
@@ -171,7 +172,7 @@ def run_effect(runtime: WorkflowRuntime, ref: str, row_id: str, attempt: int, le
     try:
         with runtime.lease_keeper.keep("effect", effect_id, run_token):
             effect = workflow.effects.decode(started.payload)
-            follow_up = registration.handler(effect, ctx)
+            follow_up = call_handler(registration.handler, effect, ctx)  # async def too
             if follow_up is not None:
                 follow_up = _as_input(workflow, follow_up)
     except PermanentEffectError as exc:
