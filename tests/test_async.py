@@ -185,3 +185,65 @@ def test_call_handler_awaits_a_coroutine_outside_a_worker_too() -> None:
         call_handler(lambda effect, ctx: None, Process(mode=Mode(mode="FireAndForget")), ctx)
         is None
     )
+
+
+# -- prefork, in real worker processes ---------------------------------------------------------
+
+
+@pytest.mark.e2e
+def test_async_handlers_on_a_prefork_worker_fed_by_celery_call(
+    database_url: str, tmp_path: Any
+) -> None:
+    """`celery call ironflow.async_demo.execute` from a shell starts instances on a real
+    prefork worker whose pool processes each run the async handler on their own loop."""
+    import subprocess
+
+    from tests.test_e2e_workers import (
+        BIN,
+        REDIS_URL,
+        REPO,
+        Processes,
+        make_env,
+        redis_queue_cleanup,
+        sql,
+    )
+    from tests.test_e2e_workers import wait_until as e2e_wait
+
+    app = "tests.e2e_apps.async_app"
+    queue = f"e2e-async-{uuid.uuid4().hex[:8]}"
+    env = make_env(database_url, REDIS_URL, queue)
+    procs = Processes(tmp_path)
+    try:
+        with redis_queue_cleanup(queue):
+            worker = procs.worker("prefork", env, pool="prefork", concurrency=2, app=app)
+            worker.wait_for_output("ready", 120)
+            for i in range(4):
+                called = subprocess.run(
+                    [str(BIN / "celery"), "-A", app, "call", "ironflow.async_demo.execute",
+                     f'--args=[{{"type": "Begin", "id": "p{i}"}}]'],
+                    cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+                )  # fmt: skip
+                assert called.returncode == 0, called.stderr
+            e2e_wait(
+                lambda: (
+                    sql(
+                        database_url,
+                        "SELECT count(*) FROM ironflow.events WHERE payload->>'type' = 'Finished'",
+                    )[0][0]
+                    == 4
+                ),
+                120,
+                "four instances finished",
+            )
+            finished = sql(
+                database_url,
+                "SELECT payload FROM ironflow.events WHERE payload->>'type' = 'Finished'",
+            )
+            threads = {row[0]["thread"] for row in finished}
+            pids = {row[0]["pid"] for row in finished}
+            assert threads == {"ironflow-asyncio"}
+            assert worker.pid not in pids  # ran in pool processes, not the main process
+            assert "returned coroutine" not in worker.output()
+    finally:
+        procs.kill_all()
+        print(procs.report())
