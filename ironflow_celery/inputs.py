@@ -19,9 +19,11 @@ instances; a completed instance answers ``already_completed`` anyway).
 
 The message is acknowledged after the task finishes (``acks_late``): the broker holds the
 only copy of the input until its transaction has committed, and the record makes a
-redelivery after a worker crash harmless. Bad input (not an object, unknown tag, invalid
-fields, a held unique key) fails the task with `InputRefused`, an expected error: one log
-line without a traceback, FAILURE in the result backend and Flower, nothing written.
+redelivery after a worker crash harmless; while PostgreSQL cannot be reached the task is
+sent back through the broker (same task id, so the same key) instead of failing. Bad
+input (not an object, unknown tag, invalid fields, a held unique key) fails the task with
+`InputRefused`, an expected error: one log line without a traceback, FAILURE in the
+result backend and Flower, nothing written.
 """
 
 from __future__ import annotations
@@ -31,7 +33,13 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
-from .errors import InvalidPayload, IronflowError, UniqueKeyConflict, UnknownWorkflowType
+from .errors import (
+    DatabaseUnavailable,
+    InvalidPayload,
+    IronflowError,
+    UniqueKeyConflict,
+    UnknownWorkflowType,
+)
 from .service import input_type_of
 from .store import dumps, storage_errors
 from .workflow import ExecuteOutcome
@@ -98,7 +106,7 @@ def execute_input(
 
     key = {"wt": workflow_type, "wid": workflow_id, "record": RECORD_TYPE}
     store = runtime.store
-    with store.transaction(ack=True) as conn:
+    with store.transaction() as conn:  # an input: durable like every execute
         # Two deliveries of one key queue here, so the second sees the first's record.
         conn.execute(_LOCK, {"lock": f"ironflow.execute:{workflow_type}:{idempotency_key}"})
         with storage_errors():
@@ -184,6 +192,13 @@ def _bind(runtime: WorkflowRuntime, workflow_type: str, name: str) -> Any:
             return execute_input(runtime, workflow_type, input, key)
         except _REFUSED as exc:
             raise InputRefused(str(exc)) from None
+        except DatabaseUnavailable as exc:
+            # The message is the input's only copy: failing would drop it. Send it back
+            # through the broker (same task id, so the same key) until PostgreSQL answers.
+            retries = self.request.retries or 0
+            delay = min(0.5 * 2 ** min(retries, 5), 10.0)
+            log.warning("ironflow %s: %s; retrying in %.1fs", name, exc, delay)
+            raise self.retry(exc=exc, countdown=delay, max_retries=None) from exc
 
     task.__name__ = name.replace(".", "_")
     task.__qualname__ = task.__name__

@@ -167,3 +167,22 @@ def test_execute_task_refuses_a_bad_idempotency_key(app: TestApp, db: sa.Engine)
     with pytest.raises(InputRefused, match="idempotency_key must be a string"):
         result.get(timeout=TIMEOUT)
     assert snapshot(db) == before
+
+
+def test_an_unreachable_database_retries_the_message_instead_of_dropping_it(
+    app: TestApp, store: PostgresStore, db: sa.Engine
+) -> None:
+    # The message is the input's only copy: while PostgreSQL is unreachable the task goes
+    # back through the broker under its task id, and applies once when the database returns.
+    dead = PostgresStore.from_url("postgresql://postgres@127.0.0.1:1/unreachable")
+    runtime = app.runtime
+    runtime._store, runtime.service.store = dead, dead
+    try:
+        result = call(app, {"type": "Increment", "id": "u1"})
+        wait_until(lambda: result.state == "RETRY", TIMEOUT, what="a RETRY state")
+    finally:
+        runtime._store, runtime.service.store = store, store
+        dead.dispose()
+    answer = result.get(timeout=TIMEOUT)
+    assert (answer["outcome"], answer["duplicate"]) == ("accepted", False)
+    assert counter(app, "u1") == 1
