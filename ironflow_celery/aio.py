@@ -22,7 +22,7 @@ import threading
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
-from celery import signals
+from celery import bootsteps, signals
 
 from .errors import InvalidWorkflowDefinition
 
@@ -128,10 +128,28 @@ def _close_loop(**kwargs: Any) -> None:
     LOOP.close()
 
 
-# Nothing outlives its owner: the loop stops with the worker (solo/threads pools) or with
-# the pool process (prefork); a later handler call would start a fresh one.
-signals.worker_shutdown.connect(_close_loop, weak=False)
+# Nothing outlives its owner: the loop stops with the pool process (prefork) and, through
+# `AsyncLoopStep`, with the worker (solo/threads pools, test workers); a later handler
+# call would start a fresh one.
 signals.worker_process_shutdown.connect(_close_loop, weak=False)
+
+
+class AsyncLoopStep(bootsteps.StartStopStep):
+    """Stops this process's handler event loop when the worker stops (any pool)."""
+
+    label = "ironflow asyncio loop"
+
+    def start(self, worker: Any) -> None:
+        """Nothing to start: the first coroutine handler starts the loop."""
+
+    def stop(self, worker: Any) -> None:
+        LOOP.close()
+
+    def terminate(self, worker: Any) -> None:
+        LOOP.close()
+
+    def shutdown(self, worker: Any) -> None:
+        LOOP.close()
 
 
 def call_handler(handler: Any, effect: Any, ctx: Any) -> Any:

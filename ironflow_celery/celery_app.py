@@ -89,6 +89,9 @@ def install(
     from .projections import ProjectionStep  # off unless ironflow_projections is set
 
     app.steps["worker"].add(ProjectionStep)
+    from .aio import AsyncLoopStep  # stops the async handlers' loop with the worker
+
+    app.steps["worker"].add(AsyncLoopStep)
     app.user_options["worker"].add(
         click.Option(
             ["--without-ironflow-relay"],

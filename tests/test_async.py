@@ -103,6 +103,8 @@ def test_async_handler_routes_its_follow_up_on_a_real_worker(
         app.wait_for_events("test_workflow", "a1", ["Started", "Completed"], TIMEOUT)
         app.wait_for_events("test_workflow", "a2", ["Started", "Completed"], TIMEOUT)
     assert seen_threads == {"ironflow-asyncio"}
+    # Nothing outlives its owner: the loop stopped with the worker (worker_shutdown).
+    assert not [t for t in threading.enumerate() if t.name == "ironflow-asyncio"]
     state = app.service.fetch_latest_state_dynamic("test_workflow", "a2")
     assert state["result"] == "async attempt 2"  # the first attempt's exception was a failure
     [row] = outbox(db, "a2")
