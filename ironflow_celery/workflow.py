@@ -211,6 +211,10 @@ class ExecuteOutcome(Generic[R]):
         """A JSON dict, ``{"outcome": kind, ...}``: what the execute task returns to Celery."""
         return {"outcome": self.kind}
 
+    def __json__(self) -> dict[str, Any]:
+        """kombu's JSON hook: a task may return an outcome with Celery's json serializer."""
+        return self.to_json()
+
     @staticmethod
     def from_json(data: Any) -> ExecuteOutcome[Any]:
         """The outcome `to_json` described (a rejection's reason stays JSON)."""

@@ -5,6 +5,7 @@ an expected failure that writes nothing, and applies a redelivered message at mo
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import uuid
@@ -12,6 +13,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from kombu.serialization import dumps as kombu_dumps
 from runtime_helpers import TestApp, rows, scalar, wait_until
 
 from ironflow_celery import Accepted, AlreadyCompleted, ExecuteOutcome, Rejected
@@ -59,6 +61,9 @@ def test_execute_outcomes_are_json_and_round_trip() -> None:
     assert Accepted(2).to_json() == {"outcome": "accepted", "events_appended": 2}
     with pytest.raises(ValueError, match="not an execute outcome"):
         ExecuteOutcome.from_json({"outcome": "maybe"})
+    # What Celery's json result serializer does with a task that returns an outcome.
+    _, _, body = kombu_dumps({"result": Rejected("no")}, serializer="json")
+    assert json.loads(body) == {"result": {"outcome": "rejected", "reason": "no"}}
 
 
 def test_execute_task_returns_the_outcome_as_json_and_writes_the_events(
