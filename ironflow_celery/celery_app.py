@@ -91,6 +91,9 @@ def install(
     from .projections import ProjectionStep  # off unless ironflow_projections is set
 
     app.steps["worker"].add(ProjectionStep)
+    from .aio import AsyncLoopStep  # stops the async handlers' loop with the worker
+
+    app.steps["worker"].add(AsyncLoopStep)
     app.user_options["worker"].add(
         click.Option(
             ["--without-ironflow-relay"],
@@ -126,7 +129,7 @@ def _install_routing(app: Celery) -> None:
         if not name.startswith("ironflow."):
             return None
         parts = name.split(".")
-        if per_type and len(parts) >= 3 and parts[-1] in ("effect", "timer"):
+        if per_type and len(parts) >= 3 and parts[-1] in ("effect", "timer", "execute"):
             return {"queue": "ironflow." + ".".join(parts[1:-1])}
         return {"queue": single} if single else None
 

@@ -188,21 +188,42 @@ def _add_workflow_commands(group: click.Group) -> None:
         """Registered workflow types and their state machines."""
 
     @workflows.command("list")
+    @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
     @click.pass_obj
     @guarded
-    def workflows_list(obj: Context) -> None:
-        """Each registered workflow type, with its effects and state-machine flags."""
+    def workflows_list(obj: Context, as_json: bool) -> None:
+        """Each registered workflow type: its inputs, effects, state machine and tasks."""
+        import json
+
         from .views import describe
 
+        rows = []
         for registration in obj.runtime.registry:
             wf = registration.workflow
             try:
                 describe(wf)
-                graph = "state machine"
+                graph = True
             except IronflowError:
-                graph = "-"
-            effects = "effects" if wf.has_effects() else "-"
-            click.echo(f"{wf.type}\t{effects}\t{graph}")
+                graph = False
+            rows.append(
+                {
+                    "workflow_type": wf.type,
+                    "inputs": list(wf.inputs.tags()),
+                    "effects": list(wf.effects.tags()) if wf.has_effects() else [],
+                    "state_machine": graph,
+                    "tasks": [f"ironflow.{wf.type}.{k}" for k in ("execute", "effect", "timer")],
+                }
+            )
+        if as_json:
+            click.echo(json.dumps(rows, indent=2))
+            return
+        # Tab-separated with a header: readable, and still `cut`/`awk 'NR>1'` friendly.
+        click.echo("workflow type\teffects\tstate machine\tinputs")
+        for row in rows:
+            click.echo(
+                f"{row['workflow_type']}\t{', '.join(row['effects']) or '-'}\t"
+                f"{'yes' if row['state_machine'] else 'no'}\t{', '.join(row['inputs'])}"
+            )
 
     @workflows.command("graph")
     @click.argument("workflow_type")

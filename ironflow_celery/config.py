@@ -184,6 +184,12 @@ def setting(conf: Mapping[str, Any], name: str, kind: type = str, default: Any =
     return _convert(name, kind, value)
 
 
+def results_ignored(conf: Mapping[str, Any]) -> bool:
+    """Whether effect and timer results go unstored: Celery's own rule, ``task_ignore_result``
+    or no ``result_backend`` configured (then storing would be a wasted round trip)."""
+    return bool(conf.get("task_ignore_result")) or not conf.get("result_backend")
+
+
 def runtime_config_from(
     conf: Mapping[str, Any], base: RuntimeConfig | None = None
 ) -> RuntimeConfig:

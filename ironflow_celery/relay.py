@@ -35,7 +35,7 @@ import psycopg
 from kombu.common import Broadcast
 
 from . import sql
-from .config import RuntimeConfig
+from .config import RuntimeConfig, results_ignored
 from .errors import StorageError
 from .store import ClaimedRow, PostgresStore
 
@@ -70,6 +70,9 @@ def celery_publisher(app: Any) -> Publisher:
         "interval_max": 1.0,
     }
 
+    # The app's result settings decide, so AsyncResult(row_id).get() works with a backend.
+    ignore_result = results_ignored(app.conf)
+
     def publish(kind: Kind, rows: Sequence[ClaimedRow]) -> list[uuid.UUID]:
         published: list[uuid.UUID] = []
         pipelined = False
@@ -98,7 +101,7 @@ def celery_publisher(app: Any) -> Publisher:
                             kwargsrepr=repr(kwargs),
                             task_id=str(row.id),
                             producer=producer,
-                            ignore_result=True,
+                            ignore_result=ignore_result,
                             retry=True,
                             retry_policy=retry_policy,
                         )

@@ -7,14 +7,19 @@ decide, and persist the decision in one transaction.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
+import threading
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy.engine import Connection
 
+from .aio import check_handler
 from .errors import (
     DuplicateWorkflowType,
     EventDeserializationError,
@@ -37,6 +42,8 @@ from .workflow import (
 )
 
 log = logging.getLogger(__name__)
+
+_POOL_LOCK = threading.Lock()
 
 
 # -- registry -------------------------------------------------------------------------
@@ -97,8 +104,8 @@ class Registry:
                     "handler=..., or use register_without_effects() to ignore them"
                 )
             handler = _noop_handler
-        elif not callable(handler):
-            raise InvalidWorkflowDefinition(f"handler for '{workflow.type}' is not callable")
+        else:  # not callable, or a generator: it could never run to an outcome
+            check_handler(workflow.type, handler)
         registration = Registration(workflow, handler)
         self._by_type[workflow.type] = registration
         for cls in workflow.inputs.classes:
@@ -257,6 +264,33 @@ class WorkflowService:
         if isinstance(outcome, Rejected):
             return Rejected(registration.workflow.rejection_codec.encode(outcome.reason))
         return outcome
+
+    async def execute_async(
+        self, input: Message, *, workflow: type[Workflow] | None = None
+    ) -> ExecuteOutcome[Any]:
+        """`execute` for asyncio callers (FastAPI): runs in a bounded thread pool, so the
+        event loop never blocks on PostgreSQL. Cancelling the await does not cancel the
+        input: it may still commit."""
+        call = functools.partial(self.execute, input, workflow=workflow)
+        return await asyncio.get_running_loop().run_in_executor(self._async_pool(), call)
+
+    async def execute_dynamic_async(self, workflow_type: str, payload: Any) -> ExecuteOutcome[Any]:
+        """`execute_dynamic` for asyncio callers, in the same bounded thread pool."""
+        call = functools.partial(self.execute_dynamic, workflow_type, payload)
+        return await asyncio.get_running_loop().run_in_executor(self._async_pool(), call)
+
+    def _async_pool(self) -> ThreadPoolExecutor:
+        """One pool per service, as many threads as the engine's pool has connections:
+        more would only queue on the connection pool, and its timeout, inside a thread."""
+        pool = self.__dict__.get("_executor")
+        if pool is None:
+            with _POOL_LOCK:
+                pool = self.__dict__.get("_executor")
+                if pool is None:
+                    size = getattr(self.store.engine.pool, "size", lambda: 5)()
+                    pool = ThreadPoolExecutor(max(1, size), thread_name_prefix="ironflow-execute")
+                    self.__dict__["_executor"] = pool
+        return pool
 
     def _execute(
         self,

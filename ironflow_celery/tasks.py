@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Literal
 
+from .aio import call_handler
 from .errors import InvalidPayload, PermanentEffectError, StorageError
 from .messages import Message
 from .relay import Kind, task_name
@@ -230,7 +231,7 @@ def run_effect(runtime: WorkflowRuntime, ref: str, row_id: str, attempt: int, le
     try:
         with runtime.lease_keeper.keep("effect", effect_id, run_token):
             effect = workflow.effects.decode(started.payload)
-            follow_up = registration.handler(effect, ctx)
+            follow_up = call_handler(registration.handler, effect, ctx)  # async def too
             if follow_up is not None:
                 follow_up = _as_input(workflow, follow_up)
     except PermanentEffectError as exc:
@@ -474,7 +475,9 @@ def run_timer(runtime: WorkflowRuntime, ref: str, row_id: str, attempt: int, lea
 def register_workflow_tasks(
     app: Any, runtime: WorkflowRuntime, workflow_types: list[str]
 ) -> list[str]:
-    """Register ``ironflow.<type>.effect`` and ``.timer`` for these workflow types."""
+    """Register ``ironflow.<type>.effect``, ``.timer`` and ``.execute`` for these types."""
+    from .inputs import register_execute_tasks
+
     names = []
     for workflow_type in workflow_types:
         for kind, fn in (("effect", run_effect), ("timer", run_timer)):
@@ -482,13 +485,14 @@ def register_workflow_tasks(
             app.task(
                 name=name,
                 bind=True,
-                ignore_result=True,
+                # ignore_result is left to the app (task_ignore_result, result_backend):
+                # the relay sends each message with the app's choice (`results_ignored`).
                 acks_late=False,
                 typing=False,
                 shared=False,
             )(_bind(fn, runtime, name))
             names.append(name)
-    return names
+    return names + register_execute_tasks(app, runtime, workflow_types)
 
 
 def _bind(fn: Any, runtime: WorkflowRuntime, name: str) -> Any:

@@ -208,6 +208,34 @@ class ExecuteOutcome(Generic[R]):
     def is_already_completed(self) -> bool:
         return self.kind == "already_completed"
 
+    def to_json(self) -> dict[str, Any]:
+        """A JSON dict, ``{"outcome": kind, ...}``: what the execute task returns to Celery."""
+        return {"outcome": self.kind}
+
+    def __json__(self) -> dict[str, Any]:
+        """kombu's JSON hook: a task may return an outcome with Celery's json serializer."""
+        return self.to_json()
+
+    @staticmethod
+    def from_json(data: Any) -> ExecuteOutcome[Any]:
+        """The outcome `to_json` described (a rejection's reason stays JSON)."""
+        kind = data.get("outcome") if isinstance(data, dict) else None
+        if kind == "accepted":
+            return Accepted(int(data["events_appended"]))
+        if kind == "rejected":
+            return Rejected(data.get("reason"))
+        if kind == "already_completed":
+            return AlreadyCompleted()
+        raise ValueError(f"not an execute outcome: {data!r}")
+
+
+def _jsonable(value: Any) -> Any:
+    """A rejection reason as JSON: Messages and pydantic models dumped, the rest as given."""
+    if isinstance(value, Message):
+        return value.to_json()
+    dump = getattr(value, "model_dump", None)
+    return dump(mode="json") if callable(dump) else value
+
 
 @dataclass(frozen=True, slots=True)
 class Accepted(ExecuteOutcome[Any]):
@@ -215,6 +243,9 @@ class Accepted(ExecuteOutcome[Any]):
 
     events_appended: int
     kind: ClassVar[str] = "accepted"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"outcome": self.kind, "events_appended": self.events_appended}
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,6 +257,9 @@ class Rejected(ExecuteOutcome[R]):
 
     def map(self, fn: Callable[[R], Any]) -> ExecuteOutcome[Any]:
         return Rejected(fn(self.reason))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"outcome": self.kind, "reason": _jsonable(self.reason)}
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,6 +3,7 @@ poison events, rebuilds, typed/raw payloads, SQL filtering, exactly-once read mo
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from types import SimpleNamespace
@@ -434,7 +435,23 @@ def test_cli_workflows_graph_and_list(cli: Any) -> None:
 
     result = cli("workflows", "list")
     assert result.exit_code == 0
-    assert result.output.splitlines() == ["gate\t-\tstate machine", "effectless\t-\t-"]
+    gate_inputs = ", ".join(Gate.inputs.tags())
+    assert result.output.splitlines()[:2] == [
+        "workflow type\teffects\tstate machine\tinputs",
+        f"gate\t-\tyes\t{gate_inputs}",
+    ]
+    assert result.output.splitlines()[2].startswith("effectless\t-\tno\t")
+    result = cli("workflows", "list", "--json")
+    assert result.exit_code == 0, result.output
+    gate, effectless = json.loads(result.output)
+    assert gate == {
+        "workflow_type": "gate",
+        "inputs": Gate.inputs.tags(),
+        "effects": [],
+        "state_machine": True,
+        "tasks": ["ironflow.gate.execute", "ironflow.gate.effect", "ironflow.gate.timer"],
+    }
+    assert (effectless["workflow_type"], effectless["state_machine"]) == ("effectless", False)
 
 
 def test_orders_example_state_machine_golden_files() -> None:

@@ -39,6 +39,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine, make_url
 
 from .. import schema, sql, tasks
+from ..aio import call_handler
 from ..config import RuntimeConfig
 from ..db import normalize_url
 from ..errors import InvalidPayload, IronflowError
@@ -348,7 +349,7 @@ _RETURNED: dict[uuid.UUID, Any] = {}
 
 def _recording(handler: Callable[[Any, EffectContext], Any]) -> Callable[[Any, EffectContext], Any]:
     def record(effect: Any, ctx: EffectContext) -> Any:
-        value = handler(effect, ctx)
+        value = call_handler(handler, effect, ctx)  # an async handler's value, not a coroutine
         _RETURNED[ctx.effect_id] = value
         return value
 
