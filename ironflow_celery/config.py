@@ -71,6 +71,38 @@ class RetryPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class AttemptLimits:
+    """``max_attempts`` per workflow type (a workflow's own `RetryPolicy`), with the global
+    value for every other type: what the claim, dead-letter and status queries compare
+    ``attempts`` against, so one database may hold types with different limits."""
+
+    default: int = 5
+    by_type: Mapping[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.default < 1 or any(n < 1 for n in self.by_type.values()):
+            raise ConfigurationError("max_attempts must be at least 1")
+
+    @classmethod
+    def of(cls, value: int | AttemptLimits) -> AttemptLimits:
+        """`value` as limits (a plain int is the same limit for every type)."""
+        return value if isinstance(value, AttemptLimits) else cls(int(value))
+
+    def for_type(self, workflow_type: str) -> int:
+        """The max attempts of `workflow_type`'s rows."""
+        return self.by_type.get(workflow_type, self.default)
+
+    def params(self) -> dict[str, Any]:
+        """Bind parameters of `sql.MAX_ATTEMPTS` (``:max_attempts``, ``:max_types``,
+        ``:max_values``)."""
+        return {
+            "max_attempts": self.default,
+            "max_types": list(self.by_type),
+            "max_values": list(self.by_type.values()),
+        }
+
+
+@dataclass(frozen=True, slots=True)
 class RuntimeConfig:
     """ironflow's runtime settings (same defaults), plus the relay's.
 

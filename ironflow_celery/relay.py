@@ -25,7 +25,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime
@@ -35,7 +35,7 @@ import psycopg
 from kombu.common import Broadcast
 
 from . import sql
-from .config import RuntimeConfig
+from .config import AttemptLimits, RuntimeConfig
 from .errors import StorageError
 from .store import ClaimedRow, PostgresStore
 
@@ -201,6 +201,8 @@ class Relay:
         wake: threading.Event,
         stop: threading.Event,
         on_claimed: Callable[[Kind, int], None] | None = None,
+        attempt_limits: AttemptLimits | None = None,
+        concurrency_limits: Mapping[str, int] | None = None,
     ) -> None:
         self.kind: Kind = kind
         self.store = store
@@ -211,6 +213,9 @@ class Relay:
         self.wake = wake
         self.stop = stop
         self.on_claimed = on_claimed
+        # Per-type max attempts (a workflow's retry_policy) and concurrency limits (effects).
+        self.attempt_limits = attempt_limits or AttemptLimits(config.retry_policy.max_attempts)
+        self.concurrency_limits = dict(concurrency_limits or {})
         # Published rows not yet started by a worker, in dispatch order.
         self.in_flight: dict[uuid.UUID, Dispatched] = {}
         self._batches = itertools.count(1)
@@ -277,15 +282,24 @@ class Relay:
             # cost as much database work as full ones, while the broker still holds plenty.
             return False
         token = f"{self.name}#{next(self._batches)}"
-        claim = self.store.claim_effects if self.kind == "effect" else self.store.claim_timers
         limit = min(self.config.claim_batch_size, capacity)
-        rows = claim(
-            token,
-            self.workflow_types,
-            lease_seconds=self._lease,
-            max_attempts=self.config.retry_policy.max_attempts,
-            limit=limit,
-        )
+        if self.kind == "effect":
+            rows = self.store.claim_effects(
+                token,
+                self.workflow_types,
+                lease_seconds=self._lease,
+                max_attempts=self.attempt_limits,
+                limit=limit,
+                concurrency_limits=self.concurrency_limits,
+            )
+        else:
+            rows = self.store.claim_timers(
+                token,
+                self.workflow_types,
+                lease_seconds=self._lease,
+                max_attempts=self.attempt_limits,
+                limit=limit,
+            )
         self._drained = len(rows) < limit
         if not rows:
             return False
@@ -416,7 +430,7 @@ class Relay:
         elif self.kind == "timer":
             try:
                 due = self.store.seconds_until_next_timer(
-                    self.workflow_types, max_attempts=self.config.retry_policy.max_attempts
+                    self.workflow_types, max_attempts=self.attempt_limits
                 )
             except StorageError:
                 due = None
@@ -443,6 +457,8 @@ class RelayGroup:
         effects: bool = True,
         timers: bool = True,
         on_claimed: Callable[[Kind, int], None] | None = None,
+        attempt_limits: AttemptLimits | None = None,
+        concurrency_limits: Mapping[str, int] | None = None,
     ) -> None:
         self.stop_event = threading.Event()
         url = store.engine.url.set(drivername="postgresql")
@@ -467,6 +483,8 @@ class RelayGroup:
                         wake=self.waker.event(kind),
                         stop=self.stop_event,  # type: ignore[arg-type]
                         on_claimed=on_claimed,
+                        attempt_limits=attempt_limits,
+                        concurrency_limits=concurrency_limits,
                     )
                 )
         self._threads = [

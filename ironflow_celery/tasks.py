@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Literal
 
+from .config import RetryPolicy
 from .errors import InvalidPayload, PermanentEffectError, StorageError
 from .messages import Message
 from .relay import Kind, task_name
@@ -155,7 +156,7 @@ def run_effect(runtime: WorkflowRuntime, ref: str, row_id: str, attempt: int, le
             attempt,
             reason="the row is no longer held by this lease (re-claimed or done)",
         )
-    if started.attempts >= cfg.retry_policy.max_attempts:
+    if started.attempts >= _policy(runtime, "effect", started).max_attempts:
         return _exhausted_by_lost_runs(runtime, "effect", started, ref)
     attempt = started.attempts + 1
     registration = runtime.registry.get(started.workflow_type)
@@ -225,6 +226,13 @@ def run_effect(runtime: WorkflowRuntime, ref: str, row_id: str, attempt: int, le
     return _result("processed", ref, row_id, attempt, **extra)
 
 
+def _policy(runtime: WorkflowRuntime, kind: Kind, started: StartedRow) -> RetryPolicy:
+    """The row's retry policy: its effect type's, its workflow's or the runtime's."""
+    payload = started.payload
+    tag = payload.get("type") if kind == "effect" and isinstance(payload, dict) else None
+    return runtime.retry_policy_for(started.workflow_type, tag)
+
+
 def _exhausted_by_lost_runs(
     runtime: WorkflowRuntime, kind: Kind, started: StartedRow, ref: str
 ) -> dict:
@@ -273,7 +281,7 @@ def _fail_effect(
     began: float,
 ) -> dict:
     attempt = started.attempts + 1
-    policy = runtime.config.retry_policy
+    policy = _policy(runtime, "effect", started)
     metrics = runtime.metrics
     if permanent or attempt >= policy.max_attempts:
         status = dead_letter(runtime, "effect", started, error)
@@ -296,7 +304,7 @@ def dead_letter(runtime: WorkflowRuntime, kind: Kind, started: StartedRow, error
     closed but kept for audit, so nobody retries what the workflow already compensated.
     If the delivery fails the row is still dead-lettered, with the reason in its error."""
     store = runtime.store
-    policy = runtime.config.retry_policy
+    policy = _policy(runtime, kind, started)
     write = store.record_permanent_failure if kind == "effect" else store.dead_letter_timer
     registration = runtime.registry.get(started.workflow_type)
     workflow = registration.workflow
@@ -372,7 +380,7 @@ def run_timer(runtime: WorkflowRuntime, ref: str, row_id: str, attempt: int, lea
             attempt,
             reason="the timer is no longer held by this lease (re-claimed or done)",
         )
-    if started.attempts >= cfg.retry_policy.max_attempts:
+    if started.attempts >= _policy(runtime, "timer", started).max_attempts:
         return _exhausted_by_lost_runs(runtime, "timer", started, ref)
     attempt = started.attempts + 1
     metrics.task_started("timer", started.workflow_type, None)
@@ -395,7 +403,7 @@ def run_timer(runtime: WorkflowRuntime, ref: str, row_id: str, attempt: int, lea
     except Exception as exc:
         error = f"Failed to execute timer input: {describe_error(exc)}"
         log.info("ironflow timer %s (%s) attempt %d failed: %s", row_id, ref, attempt, error)
-        policy = cfg.retry_policy
+        policy = _policy(runtime, "timer", started)
         if attempt >= policy.max_attempts:
             status = dead_letter(runtime, "timer", started, error)
         else:
