@@ -34,7 +34,7 @@ from typing import Any, Literal
 import psycopg
 from kombu.common import Broadcast
 
-from . import sql
+from . import sql, tracing
 from .config import AttemptLimits, RuntimeConfig
 from .errors import StorageError
 from .store import ClaimedRow, PostgresStore
@@ -61,8 +61,11 @@ class PublishError(Exception):
 Publisher = Callable[[Kind, Sequence[ClaimedRow]], list[uuid.UUID]]
 
 
-def celery_publisher(app: Any) -> Publisher:
-    """Publish claimed rows as Celery tasks on `app`, reusing one producer per batch."""
+def celery_publisher(app: Any, store: PostgresStore | None = None) -> Publisher:
+    """Publish claimed rows as Celery tasks on `app`, reusing one producer per batch.
+
+    With `store` and opentelemetry-api installed, each row is published inside the trace of
+    the input that wrote it (see `ironflow_celery.tracing`)."""
     retry_policy = {
         "max_retries": 2,
         "interval_start": 0,
@@ -73,6 +76,12 @@ def celery_publisher(app: Any) -> Publisher:
     def publish(kind: Kind, rows: Sequence[ClaimedRow]) -> list[uuid.UUID]:
         published: list[uuid.UUID] = []
         pipelined = False
+        traces: dict[uuid.UUID, str] = {}
+        if tracing.AVAILABLE and store is not None:
+            try:
+                traces = store.trace_contexts(kind, [row.id for row in rows])
+            except StorageError as exc:  # a trace is not worth a publish
+                log.debug("ironflow: trace contexts unavailable: %s", exc)
         try:
             with app.producer_or_acquire() as producer:
                 # kombu >= 5.7 pipelines a batch into one broker round trip (Redis) instead
@@ -88,20 +97,26 @@ def celery_publisher(app: Any) -> Publisher:
                         args = [f"{row.workflow_type}:{row.workflow_id}", str(row.id),
                                 row.attempts + 1]
                         kwargs = {"lease": row.token}
-                        app.send_task(
-                            task_name(row.workflow_type, kind),
-                            args=args,
-                            kwargs=kwargs,
-                            declare=(),  # declared once per batch above
-                            # what Celery's saferepr would compute, at a fraction of the cost
-                            argsrepr=repr(args),
-                            kwargsrepr=repr(kwargs),
-                            task_id=str(row.id),
-                            producer=producer,
-                            ignore_result=True,
-                            retry=True,
-                            retry_policy=retry_policy,
-                        )
+                        headers = tracing.headers_of(traces.get(row.id))
+                        # The row's trace is current while it is sent: the Celery
+                        # instrumentation's publish span joins it and injects itself.
+                        with tracing.attached(headers):
+                            app.send_task(
+                                task_name(row.workflow_type, kind),
+                                args=args,
+                                kwargs=kwargs,
+                                declare=(),  # declared once per batch above
+                                # what Celery's saferepr would compute, at a fraction of
+                                # the cost
+                                argsrepr=repr(args),
+                                kwargsrepr=repr(kwargs),
+                                task_id=str(row.id),
+                                producer=producer,
+                                ignore_result=True,
+                                retry=True,
+                                retry_policy=retry_policy,
+                                headers=headers,
+                            )
                         published.append(row.id)
         except Exception as exc:
             raise PublishError([] if pipelined else published, exc) from exc

@@ -57,8 +57,8 @@ WRITE_DECISION = text("""
         FROM unnest(CAST(:seqs AS bigint[]), CAST(:events AS text[])) AS u(s, p)
         RETURNING 1
     ), ob AS (
-        INSERT INTO ironflow.outbox (workflow_type, workflow_id, payload)
-        SELECT :wt, :wid, CAST(p AS jsonb)
+        INSERT INTO ironflow.outbox (workflow_type, workflow_id, payload, celery_trace_context)
+        SELECT :wt, :wid, CAST(p AS jsonb), CAST(:trace AS text)
         FROM unnest(CAST(:effects AS text[])) AS u(p)
         RETURNING 1
     ), inst AS (
@@ -87,14 +87,17 @@ CANCEL_TIMERS = text("""
 # un-keyed timers never conflict.
 SCHEDULE_TIMERS = text("""
     WITH t AS (
-        INSERT INTO ironflow.timers (workflow_type, workflow_id, fire_at, input, key)
-        SELECT :wt, :wid, now() + make_interval(secs => d), CAST(i AS jsonb), k
+        INSERT INTO ironflow.timers
+            (workflow_type, workflow_id, fire_at, input, key, celery_trace_context)
+        SELECT :wt, :wid, now() + make_interval(secs => d), CAST(i AS jsonb), k,
+               CAST(:trace AS text)
         FROM unnest(CAST(:delays AS float8[]), CAST(:inputs AS text[]), CAST(:keys AS text[]))
              AS u(d, i, k)
         ON CONFLICT (workflow_type, workflow_id, key) WHERE key IS NOT NULL AND processed_at IS NULL
         DO UPDATE SET fire_at = EXCLUDED.fire_at, input = EXCLUDED.input, created_at = now(),
                       attempts = 0, last_error = NULL, locked_until = NULL, locked_by = NULL,
-                      dead_lettered_at = NULL, run_started_at = NULL
+                      dead_lettered_at = NULL, run_started_at = NULL,
+                      celery_trace_context = EXCLUDED.celery_trace_context
         RETURNING 1
     )
     SELECT (SELECT count(*) FROM t) AS scheduled, pg_notify('ironflow_timers', :wt) AS notified
@@ -572,3 +575,14 @@ CLAIM_LIMITED_EFFECTS = text(f"""
     RETURNING id, workflow_type, workflow_id, attempts, created_at,
               pg_postmaster_start_time() AS server_started
 """)
+
+# -- trace context (issue 14 §3, ironflow_celery.tracing) -------------------------------
+# Read by the relay only when opentelemetry-api is installed: a primary-key probe per
+# published batch, apart from the claim so the claim statement stays as it is.
+TRACE_CONTEXTS = {
+    kind: text(f"""
+        SELECT id, celery_trace_context FROM {table}
+        WHERE id = ANY(CAST(:ids AS uuid[])) AND celery_trace_context IS NOT NULL
+    """)
+    for kind, table in (("effect", "ironflow.outbox"), ("timer", "ironflow.timers"))
+}

@@ -20,7 +20,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from . import sql
+from . import sql, tracing
 from .config import AttemptLimits
 from .db import create_engine
 from .errors import DatabaseUnavailable, IronflowError, StorageError, UniqueKeyConflict
@@ -231,6 +231,8 @@ class UnitOfWork:
                 f"({state}); begin a new one"
             )
         key = {"wt": self.workflow_type, "wid": self.workflow_id}
+        # The input's trace, stored with its effects and timers (see ironflow_celery.tracing).
+        trace = tracing.current_carrier() if self._effects or self._timers else None
         n_events = len(self._events)
         first = len(self.events) + 1
         with storage_errors():
@@ -242,6 +244,7 @@ class UnitOfWork:
                         "seqs": list(range(first, first + n_events)),
                         "events": self._events,
                         "effects": self._effects,
+                        "trace": trace,
                         "n_events": n_events,
                         "completed": self._mark_completed,
                     },
@@ -266,6 +269,7 @@ class UnitOfWork:
                         "delays": [t.delay_seconds for t in timers],
                         "inputs": [dumps(t.input) for t in timers],
                         "keys": [t.key for t in timers],
+                        "trace": trace,
                     },
                 )
         self.events.extend(self._events)
@@ -608,6 +612,13 @@ class PostgresStore:
                     },
                 ).fetchall()
         return found
+
+    def trace_contexts(self, kind: str, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, str]:
+        """The stored trace contexts of these rows (rows without one are left out)."""
+        if not ids:
+            return {}
+        found = self._run(sql.TRACE_CONTEXTS[kind], {"ids": list(ids)}, relaxed=True)
+        return {r.id: r.celery_trace_context for r in found}
 
     def release_effects(self, ids: Sequence[uuid.UUID], token: str) -> int:
         """Give claimed effects back at once (a publish failed)."""

@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Literal
 
+from . import tracing
 from .config import RetryPolicy
 from .errors import InvalidPayload, PermanentEffectError, StorageError
 from .messages import Message
@@ -443,9 +444,20 @@ def register_workflow_tasks(
 def _bind(fn: Any, runtime: WorkflowRuntime, name: str) -> Any:
     kind = name.rsplit(".", 1)[-1]
 
+    workflow_type = name.removeprefix("ironflow.").removesuffix(f".{kind}")
+    span_name = f"ironflow.{kind} {workflow_type}"
+
     def task(self: Any, ref: str, row_id: str, attempt: int = 1, lease: str = "") -> dict:
         try:
-            return fn(runtime, ref, row_id, attempt, lease)
+            if not tracing.AVAILABLE:
+                return fn(runtime, ref, row_id, attempt, lease)
+            # The handler, its acknowledgement and its follow-up input run in this span:
+            # a child of the publishing input's trace (see ironflow_celery.tracing).
+            attributes = {"ironflow.workflow": ref, "ironflow.row_id": row_id}
+            with tracing.task_span(span_name, self.request, attributes) as current:
+                result = fn(runtime, ref, row_id, attempt, lease)
+                tracing.record_outcome(current, result)
+                return result
         except StartGuardUnavailable as exc:
             # The message is already acknowledged to the broker (acks_late is off) and the
             # row still waits under the relay's claim, whose lease the relay keeps alive:
