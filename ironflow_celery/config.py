@@ -139,6 +139,10 @@ class RuntimeConfig:
     most ``dispatch_timeout`` + the lease after it was first published."""
     publish_retry_delay: float = 1.0
     """Pause after a failed publish (its claims are released at once)."""
+    tracing: bool = True
+    """With opentelemetry-api installed: relays forward each row's stored trace context in
+    its message headers (one primary-key query per published batch) and tasks run in
+    ``ironflow.effect``/``ironflow.timer`` spans. False turns both off."""
     relaxed_acknowledgements: bool = False
     """Opt-in: commit acknowledgements (and their follow-up inputs) with
     ``synchronous_commit = off``. Faster, but a PostgreSQL crash can lose an acknowledgement
@@ -180,6 +184,7 @@ _RUNTIME_SETTINGS = {
     "max_in_flight": int,
     "dispatch_timeout": float,
     "relaxed_acknowledgements": bool,
+    "tracing": bool,
 }
 _RETRY_SETTINGS = {
     "max_attempts": int,

@@ -252,7 +252,7 @@ class WorkflowRuntime:
             self.store,
             self.registry.types,
             self.config,
-            celery_publisher(self.app, self.store),
+            celery_publisher(self.app, self.store if self.config.tracing else None),
             worker_id=self.worker_id,
             effects=effects,
             timers=timers,

@@ -449,7 +449,7 @@ def _bind(fn: Any, runtime: WorkflowRuntime, name: str) -> Any:
 
     def task(self: Any, ref: str, row_id: str, attempt: int = 1, lease: str = "") -> dict:
         try:
-            if not tracing.AVAILABLE:
+            if not tracing.AVAILABLE or not runtime.config.tracing:
                 return fn(runtime, ref, row_id, attempt, lease)
             # The handler, its acknowledgement and its follow-up input run in this span:
             # a child of the publishing input's trace (see ironflow_celery.tracing).

@@ -209,3 +209,26 @@ def test_without_sdk_or_without_opentelemetry_nothing_is_stored() -> None:
     for code in (api_only, missing):
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         assert done.stdout.strip() == "ok", done.stderr
+
+
+def test_tracing_setting_off_stops_forwarding_and_task_spans(
+    store: PostgresStore, db: sa.Engine
+) -> None:
+    """``ironflow_tracing = False``: the relay forwards no context and tasks open no spans,
+    so the effect and its follow-up stay out of the input's trace."""
+    from runtime_helpers import test_config
+
+    from ironflow_celery.config import runtime_config_from
+
+    assert runtime_config_from({"ironflow_tracing": "false"}).tracing is False
+    assert runtime_config_from({}).tracing is True
+    EXPORTER.clear()
+    tracer = trace.get_tracer("test")
+    with running_app(store, config=test_config(tracing=False)) as app:
+        with tracer.start_as_current_span("web request") as request_span:
+            app.service.execute(Start(id="t5", mode=Mode(mode="RouteResult")))
+        app.wait_for_events("test_workflow", "t5", ["Started", "Completed"], timeout=60)
+    trace_id = request_span.get_span_context().trace_id
+    names = sorted(s.name for s in _trace_spans(trace_id))
+    assert names == ["ironflow.execute test_workflow", "web request"]
+    assert not [s for s in EXPORTER.get_finished_spans() if s.name.startswith("ironflow.effect")]
