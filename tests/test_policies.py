@@ -259,8 +259,8 @@ def test_limited_and_unlimited_types_in_one_claim(store: PostgresStore, db: sa.E
 
 
 def test_worker_runs_at_most_limit_effects_at_once(store: PostgresStore, db: sa.Engine) -> None:
-    """50 effects with limit 2 through relays and a 6-thread worker: handlers record their
-    runs in PostgreSQL (its clock), and no instant ever has more than 2 of them running."""
+    """50 effects with limit 2 through two relays and a 6-thread worker: handlers record
+    their runs in PostgreSQL (its clock), and no instant ever has more than 2 running."""
     execute(
         db,
         "CREATE TABLE policy_runs (effect_id uuid PRIMARY KEY,"
@@ -280,7 +280,11 @@ def test_worker_runs_at_most_limit_effects_at_once(store: PostgresStore, db: sa.
             id=ctx.effect_id,
         )
 
-    with running_app(store, workflows=[(LimitedWorkflow, handler)], concurrency=6) as app:
+    # two relay threads claim concurrently, as two relays of one deployment would
+    config = test_config(effect_workers=2)
+    with running_app(
+        store, workflows=[(LimitedWorkflow, handler)], concurrency=6, config=config
+    ) as app:
         for i in range(10):
             app.service.execute(Go(id=f"w{i}", n=5))
         wait_until(
