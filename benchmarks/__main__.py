@@ -565,6 +565,8 @@ class Bench:
             "types": ["bench_raw6"],
             "lease": 300.0,
             "max_attempts": 5,
+            "max_types": [],  # no per-type max_attempts (sql.MAX_ATTEMPTS)
+            "max_values": [],
             "limit": batch,
         }
         claimed = 0

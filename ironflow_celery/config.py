@@ -71,6 +71,38 @@ class RetryPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class AttemptLimits:
+    """``max_attempts`` per workflow type (a workflow's own `RetryPolicy`), with the global
+    value for every other type: what the claim, dead-letter and status queries compare
+    ``attempts`` against, so one database may hold types with different limits."""
+
+    default: int = 5
+    by_type: Mapping[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.default < 1 or any(n < 1 for n in self.by_type.values()):
+            raise ConfigurationError("max_attempts must be at least 1")
+
+    @classmethod
+    def of(cls, value: int | AttemptLimits) -> AttemptLimits:
+        """`value` as limits (a plain int is the same limit for every type)."""
+        return value if isinstance(value, AttemptLimits) else cls(int(value))
+
+    def for_type(self, workflow_type: str) -> int:
+        """The max attempts of `workflow_type`'s rows."""
+        return self.by_type.get(workflow_type, self.default)
+
+    def params(self) -> dict[str, Any]:
+        """Bind parameters of `sql.MAX_ATTEMPTS` (``:max_attempts``, ``:max_types``,
+        ``:max_values``)."""
+        return {
+            "max_attempts": self.default,
+            "max_types": list(self.by_type),
+            "max_values": list(self.by_type.values()),
+        }
+
+
+@dataclass(frozen=True, slots=True)
 class RuntimeConfig:
     """ironflow's runtime settings (same defaults), plus the relay's.
 
@@ -107,6 +139,10 @@ class RuntimeConfig:
     most ``dispatch_timeout`` + the lease after it was first published."""
     publish_retry_delay: float = 1.0
     """Pause after a failed publish (its claims are released at once)."""
+    tracing: bool = True
+    """With opentelemetry-api installed: relays forward each row's stored trace context in
+    its message headers (one primary-key query per published batch) and tasks run in
+    ``ironflow.effect``/``ironflow.timer`` spans. False turns both off."""
     relaxed_acknowledgements: bool = False
     """Opt-in: commit acknowledgements (and their follow-up inputs) with
     ``synchronous_commit = off``. Faster, but a PostgreSQL crash can lose an acknowledgement
@@ -148,6 +184,7 @@ _RUNTIME_SETTINGS = {
     "max_in_flight": int,
     "dispatch_timeout": float,
     "relaxed_acknowledgements": bool,
+    "tracing": bool,
 }
 _RETRY_SETTINGS = {
     "max_attempts": int,

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from sqlalchemy import text
 
 from . import sql
+from .config import AttemptLimits
 from .errors import IronflowError
 from .storable import text_problem
 from .workflow import WorkflowRef
@@ -41,7 +42,9 @@ KINDS: tuple[Kind, ...] = ("effect", "timer")
 # One template per statement; {table} / {payload} are filled per kind below. Filters use
 # the ``CAST(:x AS …) IS NULL OR …`` form so one prepared statement serves every query.
 
-_DEAD = "processed_at IS NULL AND (dead_lettered_at IS NOT NULL OR attempts >= :max_attempts)"
+_DEAD = (
+    f"processed_at IS NULL AND (dead_lettered_at IS NOT NULL OR attempts >= {sql.MAX_ATTEMPTS})"
+)
 _LIVE_LEASE = "locked_by IS NOT NULL AND locked_until > now()"
 _FILTERS = """
       AND (CAST(:wt AS text) IS NULL OR workflow_type = :wt)
@@ -405,13 +408,13 @@ def fetch_dead_letters(
     query: DeadLetterQuery | None = None,
     *,
     kind: Kind = "effect",
-    max_attempts: int,
+    max_attempts: int | AttemptLimits,
 ) -> list[DeadLetter]:
     """Dead letters matching `query`, newest first (``created_at DESC, id DESC``)."""
     kind = parse_kind(kind)
     query = query or DeadLetterQuery()
     rows = store._run(
-        STATEMENTS[kind]["fetch"], {**query.params(), "max_attempts": max_attempts}
+        STATEMENTS[kind]["fetch"], {**query.params(), **AttemptLimits.of(max_attempts).params()}
     )
     return [_letter(kind, r) for r in rows]
 
@@ -427,34 +430,38 @@ def count_dead_letters(
     query: DeadLetterQuery | None = None,
     *,
     kind: Kind = "effect",
-    max_attempts: int,
+    max_attempts: int | AttemptLimits,
 ) -> int:
     """How many dead letters match `query` (its limit and cursor are ignored)."""
     kind = parse_kind(kind)
     query = query or DeadLetterQuery()
     value = store._run(
-        STATEMENTS[kind]["count"], {**query.params(), "max_attempts": max_attempts}
+        STATEMENTS[kind]["count"], {**query.params(), **AttemptLimits.of(max_attempts).params()}
     ).scalar()
     return int(value or 0)
 
 
 def get_dead_letter(
-    store: PostgresStore, row_id: uuid.UUID | str, *, kind: Kind = "effect", max_attempts: int
+    store: PostgresStore, row_id: uuid.UUID | str, *, kind: Kind = "effect",
+    max_attempts: int | AttemptLimits,
 ) -> DeadLetter | None:
     """One dead letter by id; None when the row is missing or not a dead letter."""
     kind, rid = parse_kind(kind), parse_row_id(row_id)
-    row = store._run(STATEMENTS[kind]["get_row"], {"id": rid, "max_attempts": max_attempts}).first()
+    params = {"id": rid, **AttemptLimits.of(max_attempts).params()}
+    row = store._run(STATEMENTS[kind]["get_row"], params).first()
     if row is None or not row.is_dead:
         return None
     return _letter(kind, row)
 
 
 def explain_row(
-    store: PostgresStore, row_id: uuid.UUID | str, *, kind: Kind = "effect", max_attempts: int
+    store: PostgresStore, row_id: uuid.UUID | str, *, kind: Kind = "effect",
+    max_attempts: int | AttemptLimits,
 ) -> RetryResult:
     """Whether the row is a dead letter that may be retried now, and if not, why."""
     kind, rid = parse_kind(kind), parse_row_id(row_id)
-    row = store._run(STATEMENTS[kind]["get_row"], {"id": rid, "max_attempts": max_attempts}).first()
+    params = {"id": rid, **AttemptLimits.of(max_attempts).params()}
+    row = store._run(STATEMENTS[kind]["get_row"], params).first()
     refusal = _refusal(kind, rid, row, max_attempts)
     if refusal is not None:
         return refusal
@@ -464,7 +471,9 @@ def explain_row(
     )
 
 
-def _refusal(kind: Kind, rid: uuid.UUID, row: Any, max_attempts: int) -> RetryResult | None:
+def _refusal(
+    kind: Kind, rid: uuid.UUID, row: Any, max_attempts: int | AttemptLimits
+) -> RetryResult | None:
     """Why `row` may not be retried or discarded (None when it may)."""
     if row is None:
         return RetryResult(False, "not_found", kind, rid, f"no {kind} row with id {rid}")
@@ -492,7 +501,8 @@ def _refusal(kind: Kind, rid: uuid.UUID, row: Any, max_attempts: int) -> RetryRe
             "not_dead_letter",
             kind,
             rid,
-            f"{kind} {rid} is not a dead letter (attempts {row.attempts} of {max_attempts}, "
+            f"{kind} {rid} is not a dead letter (attempts {row.attempts} of "
+            f"{AttemptLimits.of(max_attempts).for_type(row.workflow_type)}, "
             "not dead-lettered); the relay will run it",
             ref,
         )
@@ -500,7 +510,8 @@ def _refusal(kind: Kind, rid: uuid.UUID, row: Any, max_attempts: int) -> RetryRe
 
 
 def try_retry_dead_letter(
-    store: PostgresStore, row_id: uuid.UUID | str, *, kind: Kind = "effect", max_attempts: int
+    store: PostgresStore, row_id: uuid.UUID | str, *, kind: Kind = "effect",
+    max_attempts: int | AttemptLimits,
 ) -> RetryResult:
     """Make one dead letter claimable again (attempts 0, error and lease cleared) and wake
     the relays; refused, with the reason, for a missing, processed, live or healthy row."""
@@ -508,7 +519,7 @@ def try_retry_dead_letter(
     statements = STATEMENTS[kind]
     with store.transaction() as conn:
         row = conn.execute(
-            statements["lock_row"], {"id": rid, "max_attempts": max_attempts}
+            statements["lock_row"], {"id": rid, **AttemptLimits.of(max_attempts).params()}
         ).first()
         refusal = _refusal(kind, rid, row, max_attempts)
         if refusal is not None:
@@ -519,7 +530,8 @@ def try_retry_dead_letter(
 
 
 def retry_dead_letter(
-    store: PostgresStore, row_id: uuid.UUID | str, *, kind: Kind = "effect", max_attempts: int
+    store: PostgresStore, row_id: uuid.UUID | str, *, kind: Kind = "effect",
+    max_attempts: int | AttemptLimits,
 ) -> bool:
     """`try_retry_dead_letter` as ironflow's bool: True iff the row was retried."""
     return try_retry_dead_letter(store, row_id, kind=kind, max_attempts=max_attempts).ok
@@ -530,7 +542,7 @@ def retry_dead_letters(
     query: DeadLetterQuery | None = None,
     *,
     kind: Kind = "effect",
-    max_attempts: int,
+    max_attempts: int | AttemptLimits,
     batch_size: int = 500,
     max_rows: int | None = None,
 ) -> int:
@@ -551,7 +563,12 @@ def retry_dead_letters(
         with store.transaction() as conn:
             rows = conn.execute(
                 statement,
-                {**query.params(), "max_attempts": max_attempts, "cutoff": cutoff, "batch": batch},
+                {
+                    **query.params(),
+                    **AttemptLimits.of(max_attempts).params(),
+                    "cutoff": cutoff,
+                    "batch": batch,
+                },
             ).all()
             if rows:
                 types = sorted({r.workflow_type for r in rows})
@@ -568,7 +585,7 @@ def try_discard_dead_letter(
     reason: str,
     *,
     kind: Kind = "effect",
-    max_attempts: int,
+    max_attempts: int | AttemptLimits,
 ) -> RetryResult:
     """Mark a dead letter handled without running it: ``processed_at``, ``discarded_at``
     and ``discard_reason`` are set and the row stays for audit."""
@@ -580,7 +597,7 @@ def try_discard_dead_letter(
     statements = STATEMENTS[kind]
     with store.transaction() as conn:
         row = conn.execute(
-            statements["lock_row"], {"id": rid, "max_attempts": max_attempts}
+            statements["lock_row"], {"id": rid, **AttemptLimits.of(max_attempts).params()}
         ).first()
         refusal = _refusal(kind, rid, row, max_attempts)
         if refusal is not None:
@@ -596,7 +613,7 @@ def discard_dead_letter(
     reason: str,
     *,
     kind: Kind = "effect",
-    max_attempts: int,
+    max_attempts: int | AttemptLimits,
 ) -> bool:
     """`try_discard_dead_letter` as a bool: True iff the row was discarded."""
     return try_discard_dead_letter(
@@ -617,8 +634,8 @@ def register_dead_letter_tasks(app: Any, runtime: Any) -> list[str]:
     "apply task" work.
     """
 
-    def max_attempts() -> int:
-        return runtime.config.retry_policy.max_attempts
+    def max_attempts() -> AttemptLimits:
+        return runtime.attempt_limits
 
     def fetch(
         kind: str = "effect",

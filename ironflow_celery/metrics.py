@@ -199,7 +199,7 @@ class DepthCollector:
             runtime = self.runtime
             rows = queue_status(
                 runtime.store,
-                max_attempts=runtime.config.retry_policy.max_attempts,
+                max_attempts=runtime.attempt_limits,
                 workflow_types=tuple(runtime.registry.types),
             )
             projections = projection_status(runtime.store)

@@ -16,6 +16,7 @@ import click
 
 from . import dead_letters as dl
 from .cli import EXIT_OK, EXIT_REFUSED, EXIT_USAGE, Context, fail, guarded
+from .config import AttemptLimits
 
 
 def _console() -> Any:
@@ -61,8 +62,8 @@ def _human_seconds(seconds: float | None) -> str:
     return f"{seconds:.1f}s"
 
 
-def _max_attempts(obj: Context) -> int:
-    return obj.runtime.config.retry_policy.max_attempts
+def _max_attempts(obj: Context) -> AttemptLimits:
+    return obj.runtime.attempt_limits
 
 
 kind_option = click.option(
@@ -104,7 +105,7 @@ def add_operations_commands(group: click.Group) -> None:
         runtime = obj.runtime
         rows = queue_status(
             runtime.store,
-            max_attempts=runtime.config.retry_policy.max_attempts,
+            max_attempts=runtime.attempt_limits,
             workflow_types=tuple(runtime.registry.types),
         )
         from .projections import projection_status
@@ -263,7 +264,9 @@ def add_operations_commands(group: click.Group) -> None:
         table.add_column("field", style="bold")
         table.add_column("value", overflow="fold")
         table.add_row("workflow", str(letter.workflow))
-        table.add_row("attempts", f"{letter.attempts} (max {max_attempts})")
+        table.add_row(
+            "attempts", f"{letter.attempts} (max {max_attempts.for_type(letter.workflow_type)})"
+        )
         table.add_row("created", f"{letter.created_at.isoformat()} ({_age(letter.created_at)} ago)")
         if letter.dead_lettered_at is not None:
             table.add_row("dead-lettered", letter.dead_lettered_at.isoformat())

@@ -25,7 +25,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime
@@ -34,8 +34,8 @@ from typing import Any, Literal
 import psycopg
 from kombu.common import Broadcast
 
-from . import sql
-from .config import RuntimeConfig, results_ignored
+from . import sql, tracing
+from .config import AttemptLimits, RuntimeConfig, results_ignored
 from .errors import StorageError
 from .store import ClaimedRow, PostgresStore
 
@@ -61,8 +61,11 @@ class PublishError(Exception):
 Publisher = Callable[[Kind, Sequence[ClaimedRow]], list[uuid.UUID]]
 
 
-def celery_publisher(app: Any) -> Publisher:
-    """Publish claimed rows as Celery tasks on `app`, reusing one producer per batch."""
+def celery_publisher(app: Any, store: PostgresStore | None = None) -> Publisher:
+    """Publish claimed rows as Celery tasks on `app`, reusing one producer per batch.
+
+    With `store` and opentelemetry-api installed, each row is published inside the trace of
+    the input that wrote it (see `ironflow_celery.tracing`)."""
     retry_policy = {
         "max_retries": 2,
         "interval_start": 0,
@@ -76,6 +79,12 @@ def celery_publisher(app: Any) -> Publisher:
     def publish(kind: Kind, rows: Sequence[ClaimedRow]) -> list[uuid.UUID]:
         published: list[uuid.UUID] = []
         pipelined = False
+        traces: dict[uuid.UUID, str] = {}
+        if tracing.AVAILABLE and store is not None:
+            try:
+                traces = store.trace_contexts(kind, [row.id for row in rows])
+            except StorageError as exc:  # a trace is not worth a publish
+                log.debug("ironflow: trace contexts unavailable: %s", exc)
         try:
             with app.producer_or_acquire() as producer:
                 # kombu >= 5.7 pipelines a batch into one broker round trip (Redis) instead
@@ -91,20 +100,26 @@ def celery_publisher(app: Any) -> Publisher:
                         args = [f"{row.workflow_type}:{row.workflow_id}", str(row.id),
                                 row.attempts + 1]
                         kwargs = {"lease": row.token}
-                        app.send_task(
-                            task_name(row.workflow_type, kind),
-                            args=args,
-                            kwargs=kwargs,
-                            declare=(),  # declared once per batch above
-                            # what Celery's saferepr would compute, at a fraction of the cost
-                            argsrepr=repr(args),
-                            kwargsrepr=repr(kwargs),
-                            task_id=str(row.id),
-                            producer=producer,
-                            ignore_result=ignore_result,
-                            retry=True,
-                            retry_policy=retry_policy,
-                        )
+                        headers = tracing.headers_of(traces.get(row.id))
+                        # The row's trace is current while it is sent: the Celery
+                        # instrumentation's publish span joins it and injects itself.
+                        with tracing.attached(headers):
+                            app.send_task(
+                                task_name(row.workflow_type, kind),
+                                args=args,
+                                kwargs=kwargs,
+                                declare=(),  # declared once per batch above
+                                # what Celery's saferepr would compute, at a fraction of
+                                # the cost
+                                argsrepr=repr(args),
+                                kwargsrepr=repr(kwargs),
+                                task_id=str(row.id),
+                                producer=producer,
+                                ignore_result=ignore_result,
+                                retry=True,
+                                retry_policy=retry_policy,
+                                headers=headers,
+                            )
                         published.append(row.id)
         except Exception as exc:
             raise PublishError([] if pipelined else published, exc) from exc
@@ -204,6 +219,8 @@ class Relay:
         wake: threading.Event,
         stop: threading.Event,
         on_claimed: Callable[[Kind, int], None] | None = None,
+        attempt_limits: AttemptLimits | None = None,
+        concurrency_limits: Mapping[str, int] | None = None,
     ) -> None:
         self.kind: Kind = kind
         self.store = store
@@ -214,6 +231,9 @@ class Relay:
         self.wake = wake
         self.stop = stop
         self.on_claimed = on_claimed
+        # Per-type max attempts (a workflow's retry_policy) and concurrency limits (effects).
+        self.attempt_limits = attempt_limits or AttemptLimits(config.retry_policy.max_attempts)
+        self.concurrency_limits = dict(concurrency_limits or {})
         # Published rows not yet started by a worker, in dispatch order.
         self.in_flight: dict[uuid.UUID, Dispatched] = {}
         self._batches = itertools.count(1)
@@ -280,15 +300,24 @@ class Relay:
             # cost as much database work as full ones, while the broker still holds plenty.
             return False
         token = f"{self.name}#{next(self._batches)}"
-        claim = self.store.claim_effects if self.kind == "effect" else self.store.claim_timers
         limit = min(self.config.claim_batch_size, capacity)
-        rows = claim(
-            token,
-            self.workflow_types,
-            lease_seconds=self._lease,
-            max_attempts=self.config.retry_policy.max_attempts,
-            limit=limit,
-        )
+        if self.kind == "effect":
+            rows = self.store.claim_effects(
+                token,
+                self.workflow_types,
+                lease_seconds=self._lease,
+                max_attempts=self.attempt_limits,
+                limit=limit,
+                concurrency_limits=self.concurrency_limits,
+            )
+        else:
+            rows = self.store.claim_timers(
+                token,
+                self.workflow_types,
+                lease_seconds=self._lease,
+                max_attempts=self.attempt_limits,
+                limit=limit,
+            )
         self._drained = len(rows) < limit
         if not rows:
             return False
@@ -419,7 +448,7 @@ class Relay:
         elif self.kind == "timer":
             try:
                 due = self.store.seconds_until_next_timer(
-                    self.workflow_types, max_attempts=self.config.retry_policy.max_attempts
+                    self.workflow_types, max_attempts=self.attempt_limits
                 )
             except StorageError:
                 due = None
@@ -446,6 +475,8 @@ class RelayGroup:
         effects: bool = True,
         timers: bool = True,
         on_claimed: Callable[[Kind, int], None] | None = None,
+        attempt_limits: AttemptLimits | None = None,
+        concurrency_limits: Mapping[str, int] | None = None,
     ) -> None:
         self.stop_event = threading.Event()
         url = store.engine.url.set(drivername="postgresql")
@@ -470,6 +501,8 @@ class RelayGroup:
                         wake=self.waker.event(kind),
                         stop=self.stop_event,  # type: ignore[arg-type]
                         on_claimed=on_claimed,
+                        attempt_limits=attempt_limits,
+                        concurrency_limits=concurrency_limits,
                     )
                 )
         self._threads = [

@@ -21,7 +21,7 @@ from typing import Any
 
 from celery.utils.imports import import_from_cwd
 
-from .config import RuntimeConfig
+from .config import AttemptLimits, RetryPolicy, RuntimeConfig
 from .errors import ConfigurationError, InvalidWorkflowDefinition
 from .metrics import Metrics
 from .relay import RelayGroup, celery_publisher
@@ -200,6 +200,42 @@ class WorkflowRuntime:
         self.load_workflows()
         return self.registry.types
 
+    # -- per-type policies -----------------------------------------------------------------
+    def retry_policy_for(self, workflow_type: str, effect_type: str | None = None) -> RetryPolicy:
+        """The retry policy of a row: its effect type's, its workflow's, or the runtime's."""
+        policy = self.config.retry_policy
+        if workflow_type in self.registry:
+            workflow = self.registry.get(workflow_type).workflow
+            policy = workflow.retry_policy or policy
+            if effect_type is not None:
+                policy = workflow.effect_retry_policies.get(effect_type, policy)
+        return policy
+
+    @property
+    def attempt_limits(self) -> AttemptLimits:
+        """``max_attempts`` per registered type, for the claim and dead-letter queries.
+
+        A workflow whose effect types differ uses the largest: the claim lets those rows
+        through and the task's start guard dead-letters a row past its own effect type's."""
+        by_type: dict[str, int] = {}
+        default = self.config.retry_policy.max_attempts
+        for wt in self.registry.types:
+            workflow = self.registry.get(wt).workflow
+            own = (workflow.retry_policy or self.config.retry_policy).max_attempts
+            limits = [own, *(p.max_attempts for p in workflow.effect_retry_policies.values())]
+            if max(limits) != default:
+                by_type[wt] = max(limits)
+        return AttemptLimits(default, by_type)
+
+    @property
+    def concurrency_limits(self) -> dict[str, int]:
+        """Registered types with a ``concurrency_limit``, and their limit."""
+        return {
+            wt: limit
+            for wt in self.registry.types
+            if (limit := self.registry.get(wt).workflow.concurrency_limit) is not None
+        }
+
     def upgrade_schema(self) -> list[int]:
         """Apply pending migrations to this runtime's database."""
         from . import schema
@@ -216,11 +252,13 @@ class WorkflowRuntime:
             self.store,
             self.registry.types,
             self.config,
-            celery_publisher(self.app),
+            celery_publisher(self.app, self.store if self.config.tracing else None),
             worker_id=self.worker_id,
             effects=effects,
             timers=timers,
             on_claimed=lambda kind, n: self.metrics.claimed(kind, n),
+            attempt_limits=self.attempt_limits,
+            concurrency_limits=self.concurrency_limits,
         )
         group.start()
         return group
@@ -285,59 +323,59 @@ class WorkflowRuntime:
     def fetch_dead_letters(self, query: Any = None) -> list[Any]:
         """Dead-lettered effects matching `query` (newest first)."""
         return self._dl().fetch_dead_letters(
-            self.store, query, kind="effect", max_attempts=self.config.retry_policy.max_attempts
+            self.store, query, kind="effect", max_attempts=self.attempt_limits
         )
 
     def count_dead_letters(self, query: Any = None) -> int:
         return self._dl().count_dead_letters(
-            self.store, query, kind="effect", max_attempts=self.config.retry_policy.max_attempts
+            self.store, query, kind="effect", max_attempts=self.attempt_limits
         )
 
     def retry_dead_letter(self, row_id: uuid.UUID | str) -> bool:
         """Make one dead-lettered effect claimable again (never touches an in-flight row)."""
         return self._dl().retry_dead_letter(
-            self.store, row_id, kind="effect", max_attempts=self.config.retry_policy.max_attempts
+            self.store, row_id, kind="effect", max_attempts=self.attempt_limits
         )
 
     def fetch_timer_dead_letters(self, query: Any = None) -> list[Any]:
         return self._dl().fetch_dead_letters(
-            self.store, query, kind="timer", max_attempts=self.config.retry_policy.max_attempts
+            self.store, query, kind="timer", max_attempts=self.attempt_limits
         )
 
     def count_timer_dead_letters(self, query: Any = None) -> int:
         return self._dl().count_dead_letters(
-            self.store, query, kind="timer", max_attempts=self.config.retry_policy.max_attempts
+            self.store, query, kind="timer", max_attempts=self.attempt_limits
         )
 
     def retry_timer_dead_letter(self, row_id: uuid.UUID | str) -> bool:
         return self._dl().retry_dead_letter(
-            self.store, row_id, kind="timer", max_attempts=self.config.retry_policy.max_attempts
+            self.store, row_id, kind="timer", max_attempts=self.attempt_limits
         )
 
     def retry_dead_letters(self, query: Any = None, *, batch_size: int = 500) -> int:
         """Retry every dead-lettered effect matching `query`'s filters, in batches."""
         return self._dl().retry_dead_letters(
             self.store, query, kind="effect",
-            max_attempts=self.config.retry_policy.max_attempts, batch_size=batch_size,
+            max_attempts=self.attempt_limits, batch_size=batch_size,
         )
 
     def discard_dead_letter(self, row_id: uuid.UUID | str, reason: str) -> bool:
         """Mark a dead-lettered effect handled without running it (kept for audit)."""
         return self._dl().discard_dead_letter(
             self.store, row_id, reason, kind="effect",
-            max_attempts=self.config.retry_policy.max_attempts,
+            max_attempts=self.attempt_limits,
         )
 
     def retry_timer_dead_letters(self, query: Any = None, *, batch_size: int = 500) -> int:
         return self._dl().retry_dead_letters(
             self.store, query, kind="timer",
-            max_attempts=self.config.retry_policy.max_attempts, batch_size=batch_size,
+            max_attempts=self.attempt_limits, batch_size=batch_size,
         )
 
     def discard_timer_dead_letter(self, row_id: uuid.UUID | str, reason: str) -> bool:
         return self._dl().discard_dead_letter(
             self.store, row_id, reason, kind="timer",
-            max_attempts=self.config.retry_policy.max_attempts,
+            max_attempts=self.attempt_limits,
         )
 
 

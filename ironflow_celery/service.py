@@ -19,6 +19,7 @@ from typing import Any
 
 from sqlalchemy.engine import Connection
 
+from . import tracing
 from .aio import check_handler
 from .errors import (
     DuplicateWorkflowType,
@@ -293,6 +294,24 @@ class WorkflowService:
         return pool
 
     def _execute(
+        self,
+        registration: Registration,
+        input: Any,
+        payload: Any,
+        connection: Connection | None,
+    ) -> ExecuteOutcome[Any]:
+        # A span per input: the effects and timers it writes carry its trace onwards.
+        if not tracing.AVAILABLE:
+            return self._execute_input(registration, input, payload, connection)
+        wf = registration.workflow
+        attributes = {"ironflow.workflow_type": wf.type, "ironflow.input_type": input.type_tag}
+        with tracing.span(f"ironflow.execute {wf.type}", attributes) as current:
+            outcome = self._execute_input(registration, input, payload, connection)
+            if current is not None and current.is_recording():
+                current.set_attribute("ironflow.outcome", outcome.kind)
+            return outcome
+
+    def _execute_input(
         self,
         registration: Registration,
         input: Any,

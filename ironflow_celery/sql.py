@@ -58,8 +58,8 @@ WRITE_DECISION = text("""
         FROM unnest(CAST(:seqs AS bigint[]), CAST(:events AS text[])) AS u(s, p)
         RETURNING 1
     ), ob AS (
-        INSERT INTO ironflow.outbox (workflow_type, workflow_id, payload)
-        SELECT :wt, :wid, CAST(p AS jsonb)
+        INSERT INTO ironflow.outbox (workflow_type, workflow_id, payload, celery_trace_context)
+        SELECT :wt, :wid, CAST(p AS jsonb), CAST(:trace AS text)
         FROM unnest(CAST(:effects AS text[])) AS u(p)
         RETURNING 1
     ), inst AS (
@@ -88,14 +88,17 @@ CANCEL_TIMERS = text("""
 # un-keyed timers never conflict.
 SCHEDULE_TIMERS = text("""
     WITH t AS (
-        INSERT INTO ironflow.timers (workflow_type, workflow_id, fire_at, input, key)
-        SELECT :wt, :wid, now() + make_interval(secs => d), CAST(i AS jsonb), k
+        INSERT INTO ironflow.timers
+            (workflow_type, workflow_id, fire_at, input, key, celery_trace_context)
+        SELECT :wt, :wid, now() + make_interval(secs => d), CAST(i AS jsonb), k,
+               CAST(:trace AS text)
         FROM unnest(CAST(:delays AS float8[]), CAST(:inputs AS text[]), CAST(:keys AS text[]))
              AS u(d, i, k)
         ON CONFLICT (workflow_type, workflow_id, key) WHERE key IS NOT NULL AND processed_at IS NULL
         DO UPDATE SET fire_at = EXCLUDED.fire_at, input = EXCLUDED.input, created_at = now(),
                       attempts = 0, last_error = NULL, locked_until = NULL, locked_by = NULL,
-                      dead_lettered_at = NULL, run_started_at = NULL
+                      dead_lettered_at = NULL, run_started_at = NULL,
+                      celery_trace_context = EXCLUDED.celery_trace_context
         RETURNING 1
     )
     SELECT (SELECT count(*) FROM t) AS scheduled, pg_notify('ironflow_timers', :wt) AS notified
@@ -126,20 +129,28 @@ FETCH_WORKFLOW_EVENTS = text("""
 """)
 
 # -- effect relay -------------------------------------------------------------------
+# A row's max attempts: its workflow type's own (`config.AttemptLimits`, a workflow's
+# `retry_policy`) or the global one. An array lookup per row, not a join: the claim still
+# walks the partial index on created_at / fire_at and filters as before.
+MAX_ATTEMPTS = (
+    "COALESCE((CAST(:max_values AS int[]))"
+    "[array_position(CAST(:max_types AS text[]), workflow_type)], :max_attempts)"
+)
+
 # Claims walk ironflow's partial index on created_at (fire_at for timers) and stop after
 # :limit rows; `id = ANY(ARRAY(…))` makes the outer UPDATE probe the primary key. An
 # `ORDER BY created_at, id` cannot use that index: with a backlog of 20,000 the planner
 # sorted every pending row on each claim (6.7 ms vs 1.3 ms per claim of 100). Rows with
 # equal created_at come in index (insertion) order; the store sorts each batch by (time, id).
 
-CLAIM_EFFECTS = text("""
+CLAIM_EFFECTS = text(f"""
     UPDATE ironflow.outbox
     SET locked_until = now() + make_interval(secs => :lease), locked_by = :token
     WHERE id = ANY(ARRAY(
         SELECT id FROM ironflow.outbox
         WHERE processed_at IS NULL
           AND dead_lettered_at IS NULL
-          AND attempts < :max_attempts
+          AND attempts < {MAX_ATTEMPTS}
           AND (locked_until IS NULL OR locked_until < now())
           AND workflow_type = ANY(CAST(:types AS text[]))
         ORDER BY created_at
@@ -246,7 +257,7 @@ EFFECTS_STILL_DISPATCHED = text("""
 
 # -- timer relay --------------------------------------------------------------------
 
-CLAIM_TIMERS = text("""
+CLAIM_TIMERS = text(f"""
     UPDATE ironflow.timers
     SET locked_until = now() + make_interval(secs => :lease), locked_by = :token
     WHERE id = ANY(ARRAY(
@@ -254,7 +265,7 @@ CLAIM_TIMERS = text("""
         WHERE fire_at <= now()
           AND processed_at IS NULL
           AND dead_lettered_at IS NULL
-          AND attempts < :max_attempts
+          AND attempts < {MAX_ATTEMPTS}
           AND (locked_until IS NULL OR locked_until < now())
           AND workflow_type = ANY(CAST(:types AS text[]))
         ORDER BY fire_at
@@ -272,16 +283,16 @@ RELEASE_TIMERS = text("""
 
 # Seconds until the next timer can be claimed: the earliest free due time, or the end of
 # the earliest backoff/lease among due timers. NULL when nothing is pending.
-NEXT_TIMER_DUE = text("""
+NEXT_TIMER_DUE = text(f"""
     SELECT EXTRACT(EPOCH FROM (LEAST(
         (SELECT fire_at FROM ironflow.timers
           WHERE processed_at IS NULL AND dead_lettered_at IS NULL
-            AND attempts < :max_attempts AND locked_until IS NULL
+            AND attempts < {MAX_ATTEMPTS} AND locked_until IS NULL
             AND workflow_type = ANY(CAST(:types AS text[]))
           ORDER BY fire_at LIMIT 1),
         (SELECT min(GREATEST(fire_at, locked_until)) FROM ironflow.timers
           WHERE processed_at IS NULL AND dead_lettered_at IS NULL
-            AND attempts < :max_attempts AND locked_until IS NOT NULL
+            AND attempts < {MAX_ATTEMPTS} AND locked_until IS NOT NULL
             AND fire_at <= now() + interval '1 hour'
             AND workflow_type = ANY(CAST(:types AS text[])))
     ) - now())) AS seconds
@@ -543,3 +554,53 @@ DESCRIBE_STALE_TIMER = text("""
            coalesce(locked_until > now(), false) AS lease_live
     FROM ironflow.timers WHERE id = :id
 """)
+
+# -- per-type policies (issue 14 §6) ---------------------------------------------------
+# A workflow type's concurrency limit is a database invariant: at most `limit` of its
+# effects leased at once (claimed and waiting in the broker, or running), across every
+# relay. Claimers of limited types queue on a transaction advisory lock per type (two-int4
+# key space, class "iron"+2, apart from migrations and projections), taken in type order
+# in its own statement BEFORE the claim: under READ COMMITTED each statement takes a fresh
+# snapshot, so the claim's count sees every claim committed by the previous lock holder. A
+# count in the same statement as the lock would use a snapshot taken before the wait and
+# miss them (the race behind pgqueuer's concurrency_limit bug fixed in its 1.4).
+LOCK_LIMITED_TYPES = text("""
+    SELECT count(pg_advisory_xact_lock(1768083312, hashtext(t)))
+    FROM (SELECT t FROM unnest(CAST(:types AS text[])) AS u(t) ORDER BY t) AS s
+""")
+
+# Leased = held by some token under a live lease. A failed row in backoff has no token and
+# a dead relay's expired claim is claimable again: neither counts. The count walks the
+# type's pending rows (outbox_workflow_idx); an index on `locked_by` would make every claim
+# and start guard a non-HOT update for all types, limited or not.
+CLAIM_LIMITED_EFFECTS = text(f"""
+    UPDATE ironflow.outbox
+    SET locked_until = now() + make_interval(secs => :lease), locked_by = :token
+    WHERE id = ANY(ARRAY(
+        SELECT id FROM ironflow.outbox
+        WHERE processed_at IS NULL
+          AND dead_lettered_at IS NULL
+          AND attempts < {MAX_ATTEMPTS}
+          AND (locked_until IS NULL OR locked_until < now())
+          AND workflow_type = :wt
+        ORDER BY created_at
+        LIMIT GREATEST(0, LEAST(:limit, :cap - (
+            SELECT count(*) FROM ironflow.outbox
+            WHERE workflow_type = :wt AND processed_at IS NULL
+              AND locked_by IS NOT NULL AND locked_until >= now())))
+        FOR UPDATE SKIP LOCKED
+    ))
+    RETURNING id, workflow_type, workflow_id, attempts, created_at,
+              pg_postmaster_start_time() AS server_started
+""")
+
+# -- trace context (issue 14 §3, ironflow_celery.tracing) -------------------------------
+# Read by the relay only when opentelemetry-api is installed: a primary-key probe per
+# published batch, apart from the claim so the claim statement stays as it is.
+TRACE_CONTEXTS = {
+    kind: text(f"""
+        SELECT id, celery_trace_context FROM {table}
+        WHERE id = ANY(CAST(:ids AS uuid[])) AND celery_trace_context IS NOT NULL
+    """)
+    for kind, table in (("effect", "ironflow.outbox"), ("timer", "ironflow.timers"))
+}

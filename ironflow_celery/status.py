@@ -26,7 +26,10 @@ from sqlalchemy import text
 if TYPE_CHECKING:
     from .store import PostgresStore
 
-_DEAD = "(dead_lettered_at IS NOT NULL OR attempts >= :max_attempts)"
+from . import sql
+from .config import AttemptLimits
+
+_DEAD = f"(dead_lettered_at IS NOT NULL OR attempts >= {sql.MAX_ATTEMPTS})"
 
 STATUS = text(f"""
     WITH e AS (
@@ -118,10 +121,13 @@ def _age(value: Any) -> float | None:
 
 
 def queue_status(
-    store: PostgresStore, *, max_attempts: int, workflow_types: tuple[str, ...] = ()
+    store: PostgresStore,
+    *,
+    max_attempts: int | AttemptLimits,
+    workflow_types: tuple[str, ...] = (),
 ) -> list[TypeStatus]:
     """Depth per workflow type, one statement; `workflow_types` are listed even when idle."""
-    rows = store._run(STATUS, {"max_attempts": max_attempts})
+    rows = store._run(STATUS, AttemptLimits.of(max_attempts).params())
     found: dict[str, TypeStatus] = {}
     for r in rows:
         found[r.workflow_type] = TypeStatus(

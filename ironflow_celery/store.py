@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import threading
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -20,7 +20,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from . import sql
+from . import sql, tracing
+from .config import AttemptLimits
 from .db import create_engine
 from .errors import (
     DatabaseUnavailable,
@@ -260,6 +261,8 @@ class UnitOfWork:
                 f"({state}); begin a new one"
             )
         key = {"wt": self.workflow_type, "wid": self.workflow_id}
+        # The input's trace, stored with its effects and timers (see ironflow_celery.tracing).
+        trace = tracing.current_carrier() if self._effects or self._timers else None
         n_events = len(self._events)
         first = len(self.events) + 1
         with storage_errors():
@@ -271,6 +274,7 @@ class UnitOfWork:
                         "seqs": list(range(first, first + n_events)),
                         "events": self._events,
                         "effects": self._effects,
+                        "trace": trace,
                         "n_events": n_events,
                         "completed": self._mark_completed,
                     },
@@ -295,6 +299,7 @@ class UnitOfWork:
                         "delays": [t.delay_seconds for t in timers],
                         "inputs": [dumps(t.input) for t in timers],
                         "keys": [t.key for t in timers],
+                        "trace": trace,
                     },
                 )
         self.events.extend(self._events)
@@ -564,23 +569,36 @@ class PostgresStore:
         workflow_types: Sequence[str],
         *,
         lease_seconds: float,
-        max_attempts: int,
+        max_attempts: int | AttemptLimits,
         limit: int = 1,
+        concurrency_limits: Mapping[str, int] | None = None,
     ) -> list[ClaimedRow]:
-        """Claim up to `limit` due effects of registered types (SKIP LOCKED), oldest first."""
+        """Claim up to `limit` due effects of registered types (SKIP LOCKED), oldest first.
+
+        Types in `concurrency_limits` never have more than their limit of effects leased at
+        once across all claimers (see `sql.CLAIM_LIMITED_EFFECTS`); they are claimed first,
+        in their own transaction, so a backlog of unlimited types cannot starve them."""
         if not workflow_types or limit <= 0:
             return []
-        rows = self._run(
-            sql.CLAIM_EFFECTS,
-            {
-                "token": token,
-                "types": list(workflow_types),
-                "lease": float(lease_seconds),
-                "max_attempts": max_attempts,
-                "limit": limit,
-            },
-            relaxed=True,
-        )
+        attempts = AttemptLimits.of(max_attempts).params()
+        limits = concurrency_limits or {}
+        limited = sorted(t for t in set(workflow_types) if t in limits)
+        free = [t for t in workflow_types if t not in limits]
+        found: list[Any] = []
+        if limited:
+            found += self._claim_limited(token, limited, limits, lease_seconds, attempts, limit)
+        if free and len(found) < limit:
+            found += self._run(
+                sql.CLAIM_EFFECTS,
+                {
+                    "token": token,
+                    "types": free,
+                    "lease": float(lease_seconds),
+                    **attempts,
+                    "limit": limit - len(found),
+                },
+                relaxed=True,
+            )
         claimed = [
             ClaimedRow(
                 r.id,
@@ -591,10 +609,46 @@ class PostgresStore:
                 token,
                 server_started=r.server_started,
             )
-            for r in rows
+            for r in found
         ]
         claimed.sort(key=lambda c: (c.created_at, c.id))
         return claimed
+
+    def _claim_limited(
+        self,
+        token: str,
+        types: list[str],
+        limits: Mapping[str, int],
+        lease_seconds: float,
+        attempts: dict[str, Any],
+        limit: int,
+    ) -> list[Any]:
+        """Claim effects of concurrency-limited types under their advisory locks."""
+        found: list[Any] = []
+        with storage_errors(), self.relaxed_engine.begin() as conn:
+            conn.execute(sql.LOCK_LIMITED_TYPES, {"types": types})
+            for wt in types:
+                if len(found) >= limit:
+                    break
+                found += conn.execute(
+                    sql.CLAIM_LIMITED_EFFECTS,
+                    {
+                        "token": token,
+                        "wt": wt,
+                        "cap": int(limits[wt]),
+                        "lease": float(lease_seconds),
+                        **attempts,
+                        "limit": limit - len(found),
+                    },
+                ).fetchall()
+        return found
+
+    def trace_contexts(self, kind: str, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, str]:
+        """The stored trace contexts of these rows (rows without one are left out)."""
+        if not ids:
+            return {}
+        found = self._run(sql.TRACE_CONTEXTS[kind], {"ids": list(ids)}, relaxed=True)
+        return {r.id: r.celery_trace_context for r in found}
 
     def release_effects(self, ids: Sequence[uuid.UUID], token: str) -> int:
         """Give claimed effects back at once (a publish failed)."""
@@ -756,7 +810,7 @@ class PostgresStore:
         workflow_types: Sequence[str],
         *,
         lease_seconds: float,
-        max_attempts: int,
+        max_attempts: int | AttemptLimits,
         limit: int = 1,
     ) -> list[ClaimedRow]:
         """Claim up to `limit` due timers of registered types, earliest first."""
@@ -768,7 +822,7 @@ class PostgresStore:
                 "token": token,
                 "types": list(workflow_types),
                 "lease": float(lease_seconds),
-                "max_attempts": max_attempts,
+                **AttemptLimits.of(max_attempts).params(),
                 "limit": limit,
             },
             relaxed=True,
@@ -798,14 +852,14 @@ class PostgresStore:
         ).rowcount
 
     def seconds_until_next_timer(
-        self, workflow_types: Sequence[str], *, max_attempts: int
+        self, workflow_types: Sequence[str], *, max_attempts: int | AttemptLimits
     ) -> float | None:
         """Seconds until a timer can next be claimed (negative when overdue), or None."""
         if not workflow_types:
             return None
         value = self._run(
             sql.NEXT_TIMER_DUE,
-            {"types": list(workflow_types), "max_attempts": max_attempts},
+            {"types": list(workflow_types), **AttemptLimits.of(max_attempts).params()},
             relaxed=True,
         ).scalar()
         return None if value is None else float(value)

@@ -28,7 +28,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Literal
 
+from . import tracing
 from .aio import call_handler
+from .config import RetryPolicy
 from .errors import InvalidPayload, PermanentEffectError, StorageError
 from .messages import Message
 from .relay import Kind, task_name
@@ -215,7 +217,7 @@ def run_effect(runtime: WorkflowRuntime, ref: str, row_id: str, attempt: int, le
             attempt,
             reason=stale_reason(runtime, "effect", effect_id, lease),
         )
-    if started.attempts >= cfg.retry_policy.max_attempts:
+    if started.attempts >= _policy(runtime, "effect", started).max_attempts:
         return _exhausted_by_lost_runs(runtime, "effect", started, ref)
     attempt = started.attempts + 1
     registration = runtime.registry.get(started.workflow_type)
@@ -285,6 +287,13 @@ def run_effect(runtime: WorkflowRuntime, ref: str, row_id: str, attempt: int, le
     return _result("processed", ref, row_id, attempt, **extra)
 
 
+def _policy(runtime: WorkflowRuntime, kind: Kind, started: StartedRow) -> RetryPolicy:
+    """The row's retry policy: its effect type's, its workflow's or the runtime's."""
+    payload = started.payload
+    tag = payload.get("type") if kind == "effect" and isinstance(payload, dict) else None
+    return runtime.retry_policy_for(started.workflow_type, tag)
+
+
 def _exhausted_by_lost_runs(
     runtime: WorkflowRuntime, kind: Kind, started: StartedRow, ref: str
 ) -> dict:
@@ -333,7 +342,7 @@ def _fail_effect(
     began: float,
 ) -> dict:
     attempt = started.attempts + 1
-    policy = runtime.config.retry_policy
+    policy = _policy(runtime, "effect", started)
     metrics = runtime.metrics
     if permanent or attempt >= policy.max_attempts:
         status = dead_letter(runtime, "effect", started, error)
@@ -356,7 +365,7 @@ def dead_letter(runtime: WorkflowRuntime, kind: Kind, started: StartedRow, error
     closed but kept for audit, so nobody retries what the workflow already compensated.
     If the delivery fails the row is still dead-lettered, with the reason in its error."""
     store = runtime.store
-    policy = runtime.config.retry_policy
+    policy = _policy(runtime, kind, started)
     write = store.record_permanent_failure if kind == "effect" else store.dead_letter_timer
     registration = runtime.registry.get(started.workflow_type)
     workflow = registration.workflow
@@ -432,7 +441,7 @@ def run_timer(runtime: WorkflowRuntime, ref: str, row_id: str, attempt: int, lea
             attempt,
             reason=stale_reason(runtime, "timer", timer_id, lease),
         )
-    if started.attempts >= cfg.retry_policy.max_attempts:
+    if started.attempts >= _policy(runtime, "timer", started).max_attempts:
         return _exhausted_by_lost_runs(runtime, "timer", started, ref)
     attempt = started.attempts + 1
     metrics.task_started("timer", started.workflow_type, None)
@@ -455,7 +464,7 @@ def run_timer(runtime: WorkflowRuntime, ref: str, row_id: str, attempt: int, lea
     except Exception as exc:
         error = f"Failed to execute timer input: {describe_error(exc)}"
         log.info("ironflow timer %s (%s) attempt %d failed: %s", row_id, ref, attempt, error)
-        policy = cfg.retry_policy
+        policy = _policy(runtime, "timer", started)
         if attempt >= policy.max_attempts:
             status = dead_letter(runtime, "timer", started, error)
         else:
@@ -498,9 +507,20 @@ def register_workflow_tasks(
 def _bind(fn: Any, runtime: WorkflowRuntime, name: str) -> Any:
     kind = name.rsplit(".", 1)[-1]
 
+    workflow_type = name.removeprefix("ironflow.").removesuffix(f".{kind}")
+    span_name = f"ironflow.{kind} {workflow_type}"
+
     def task(self: Any, ref: str, row_id: str, attempt: int = 1, lease: str = "") -> dict:
         try:
-            return fn(runtime, ref, row_id, attempt, lease)
+            if not tracing.AVAILABLE or not runtime.config.tracing:
+                return fn(runtime, ref, row_id, attempt, lease)
+            # The handler, its acknowledgement and its follow-up input run in this span:
+            # a child of the publishing input's trace (see ironflow_celery.tracing).
+            attributes = {"ironflow.workflow": ref, "ironflow.row_id": row_id}
+            with tracing.task_span(span_name, self.request, attributes) as current:
+                result = fn(runtime, ref, row_id, attempt, lease)
+                tracing.record_outcome(current, result)
+                return result
         except StartGuardUnavailable as exc:
             # The message is already acknowledged to the broker (acks_late is off) and the
             # row still waits under the relay's claim, whose lease the relay keeps alive:

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, ClassVar, Generic, Literal, TypeVar
 
+from .config import RetryPolicy
 from .errors import InvalidWorkflowDefinition
 from .messages import Message, TaggedUnion, ValueCodec, union_members
 from .storable import text_problem
@@ -351,6 +352,13 @@ class Workflow:
     Rejection: ClassVar[Any] = str
     id_field: ClassVar[str] = "id"
     """The input field that holds the workflow id (override ``workflow_id`` for more)."""
+    retry_policy: ClassVar[RetryPolicy | None] = None
+    """This type's attempts and backoff for effects and timers (None: the runtime's)."""
+    effect_retry_policies: ClassVar[Mapping[str, RetryPolicy]] = {}
+    """Per effect type (its tag): attempts and backoff overriding ``retry_policy``."""
+    concurrency_limit: ClassVar[int | None] = None
+    """At most this many of this type's effects leased (published or running) at once,
+    across all workers and relays; enforced by the claim in PostgreSQL. None: no limit."""
 
     inputs: ClassVar[TaggedUnion]
     events: ClassVar[TaggedUnion]
@@ -379,6 +387,7 @@ class Workflow:
         cls.effects = TaggedUnion(wf_type, "effect", union_members(cls.Effect))
         if not cls.inputs or not cls.events:
             raise InvalidWorkflowDefinition(f"workflow '{wf_type}' needs input and event types")
+        _check_policies(cls, wf_type)
         cls.state_codec = ValueCodec(wf_type, "state", cls.State)
         cls.rejection_codec = ValueCodec(wf_type, "rejection", cls.Rejection)
 
@@ -453,6 +462,28 @@ class Workflow:
     @classmethod
     def ref(cls, workflow_id: str) -> WorkflowRef:
         return WorkflowRef(cls.type, workflow_id)
+
+
+def _check_policies(cls: type[Workflow], wf_type: str) -> None:
+    """Refuse a retry policy or concurrency limit that cannot work, naming the workflow."""
+    if cls.retry_policy is not None and not isinstance(cls.retry_policy, RetryPolicy):
+        raise InvalidWorkflowDefinition(f"workflow '{wf_type}': retry_policy must be a RetryPolicy")
+    for tag, policy in dict(cls.effect_retry_policies).items():
+        if tag not in cls.effects.tags():
+            raise InvalidWorkflowDefinition(
+                f"workflow '{wf_type}': effect_retry_policies names {tag!r}, which is not one "
+                f"of its effect types {cls.effects.tags()}"
+            )
+        if not isinstance(policy, RetryPolicy):
+            raise InvalidWorkflowDefinition(
+                f"workflow '{wf_type}': effect_retry_policies[{tag!r}] must be a RetryPolicy"
+            )
+    limit = cls.concurrency_limit
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise InvalidWorkflowDefinition(
+            f"workflow '{wf_type}': concurrency_limit must be a positive int or None, "
+            f"got {limit!r}"
+        )
 
 
 EffectHandler = Callable[[Any, EffectContext], Any]

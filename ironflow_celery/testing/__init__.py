@@ -377,14 +377,14 @@ _PAYLOAD = {
 
 # The earliest time at which a live row becomes claimable: a free timer at fire_at, a row
 # backing off (or leased) just after locked_until (claims compare it with `<`).
-_NEXT_DUE = sa.text("""
+_NEXT_DUE = sa.text(f"""
     SELECT min(due) FROM (
         SELECT locked_until + interval '1 microsecond' AS due FROM ironflow.outbox
-        WHERE processed_at IS NULL AND dead_lettered_at IS NULL AND attempts < :max_attempts
+        WHERE processed_at IS NULL AND dead_lettered_at IS NULL AND attempts < {sql.MAX_ATTEMPTS}
           AND locked_until IS NOT NULL AND workflow_type = ANY(CAST(:types AS text[]))
         UNION ALL
         SELECT GREATEST(fire_at, locked_until + interval '1 microsecond') FROM ironflow.timers
-        WHERE processed_at IS NULL AND dead_lettered_at IS NULL AND attempts < :max_attempts
+        WHERE processed_at IS NULL AND dead_lettered_at IS NULL AND attempts < {sql.MAX_ATTEMPTS}
           AND workflow_type = ANY(CAST(:types AS text[]))
     ) AS d
 """)
@@ -470,7 +470,7 @@ def _next_due(runtime: WorkflowRuntime) -> datetime | None:
             _NEXT_DUE,
             {
                 "types": list(runtime.registry.types),
-                "max_attempts": runtime.config.retry_policy.max_attempts,
+                **runtime.attempt_limits.params(),
             },
         ).scalar()
 
@@ -487,7 +487,7 @@ def _claim(runtime: WorkflowRuntime, kind: Kind, token: str, limit: int) -> list
         token,
         runtime.registry.types,
         lease_seconds=cfg.effect_lock_duration if kind == "effect" else cfg.timer_lock_duration,
-        max_attempts=cfg.retry_policy.max_attempts,
+        max_attempts=runtime.attempt_limits,
         limit=limit,
     )
 
@@ -541,7 +541,7 @@ def _worker_round(
         return []
     decoded = {row.id: _decode(runtime, kind, row) for row in rows}
     try:
-        celery_publisher(runtime.app)(kind, rows)
+        celery_publisher(runtime.app, runtime.store)(kind, rows)
     except Exception:
         (runtime.store.release_effects if kind == "effect" else runtime.store.release_timers)(
             [r.id for r in rows], token
