@@ -7,6 +7,7 @@ never an exception. Every failing call leaves the database as it was.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 
 class IronflowError(Exception):
@@ -98,3 +99,35 @@ class PermanentEffectError(Exception):
     Any other exception is a retryable failure, counted in the outbox until
     `max_attempts` is reached.
     """
+
+
+class DeadLettered(Exception):
+    """What an effect or timer task raises after dead-lettering its row, so that Celery
+    marks the task FAILURE: Flower's Failed view, ``task_failure`` receivers and Sentry's
+    CeleryIntegration see it. The row's outcome is already committed in the outbox; the
+    handler's exception, when there was one, is the ``__cause__``."""
+
+    def __init__(
+        self,
+        kind: str,
+        row_id: str,
+        workflow: str,
+        effect_type: str | None,
+        attempts: int,
+        error: str,
+    ) -> None:
+        self.kind = kind
+        self.row_id = row_id
+        self.workflow = workflow
+        self.effect_type = effect_type
+        self.attempts = attempts
+        self.error = error
+        super().__init__(
+            f"{kind} {row_id} of {workflow} ({effect_type or 'unknown type'}) dead-lettered "
+            f"after {attempts} attempt(s): {error}"
+        )
+
+    def __reduce__(self) -> Any:
+        # Celery's prefork pool pickles a task's exception back to the worker process.
+        args = (self.kind, self.row_id, self.workflow, self.effect_type, self.attempts)
+        return (type(self), (*args, self.error))

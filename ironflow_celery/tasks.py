@@ -13,13 +13,22 @@
 
 Timer tasks execute the timer's input and mark the timer processed in one transaction.
 Attempts live in PostgreSQL; Celery's own retry machinery is never used.
+
+Failures are reported where Celery teams look, after the outcome is committed: a failed
+attempt is logged at WARNING and the task ends RETRY (a ``celery.exceptions.Retry`` that
+sends no message: the outbox schedules the next attempt); a dead letter is logged at
+ERROR, sent as `signals.dead_lettered`, and the task raises `DeadLettered` so Celery
+marks it FAILURE (``task_failure``, Flower's Failed view, Sentry). The message is
+acknowledged on receipt either way (``acks_late`` is off), so the broker never redelivers.
 """
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 import traceback
@@ -28,9 +37,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Literal
 
-from .errors import InvalidPayload, PermanentEffectError, StorageError
+from .errors import DeadLettered, InvalidPayload, PermanentEffectError, StorageError
 from .messages import Message
 from .relay import Kind, task_name
+from .signals import dead_lettered
 from .store import LOST_RUN_ERROR, StartedRow
 from .workflow import DeadLetterNotice, EffectContext, WorkflowRef
 
@@ -42,6 +52,12 @@ log = logging.getLogger(__name__)
 Status = Literal["processed", "failed-will-retry", "dead-lettered", "stale-skipped"]
 
 _WORKER_TAG = f"{socket.gethostname()}:{os.getpid()}"
+
+# The exception behind this task run's failed attempt or dead letter: the Celery task
+# re-raises it (as Retry's `exc`, or as DeadLettered's cause) once the outcome is stored.
+_failure: contextvars.ContextVar[BaseException | None] = contextvars.ContextVar(
+    "ironflow_failure", default=None
+)
 
 
 class StartGuardUnavailable(StorageError):
@@ -140,6 +156,7 @@ def run_effect(runtime: WorkflowRuntime, ref: str, row_id: str, attempt: int, le
     cfg = runtime.config
     metrics = runtime.metrics
     run_token = _run_token(lease)
+    _failure.set(None)
     try:
         started = store.start_effect(
             effect_id, lease, run_token, lease_seconds=cfg.effect_lock_duration
@@ -175,16 +192,10 @@ def run_effect(runtime: WorkflowRuntime, ref: str, row_id: str, attempt: int, le
             if follow_up is not None:
                 follow_up = _as_input(workflow, follow_up)
     except PermanentEffectError as exc:
+        _failure.set(exc)
         return _fail_effect(runtime, started, ref, describe_error(exc), permanent=True, began=began)
     except Exception as exc:
-        log.info(
-            "ironflow effect %s (%s) attempt %d failed: %s",
-            row_id,
-            ref,
-            attempt,
-            describe_error(exc),
-        )
-        log.debug("handler traceback:\n%s", traceback.format_exc())
+        _failure.set(exc)
         return _fail_effect(
             runtime, started, ref, describe_error(exc), permanent=False, began=began
         )
@@ -203,6 +214,7 @@ def run_effect(runtime: WorkflowRuntime, ref: str, row_id: str, attempt: int, le
                 else:
                     conn.rollback()
     except Exception as exc:
+        _failure.set(exc)
         return _fail_effect(
             runtime,
             started,
@@ -239,8 +251,11 @@ def _exhausted_by_lost_runs(
         started.attempts,
     )
     status = dead_letter(runtime, kind, started, error)
+    _report_failure(runtime, kind, started, ref, started.attempts, status, error)
     runtime.metrics.task_finished(kind, started.workflow_type, status, None)
-    return _result(status, ref, started.id, started.attempts, error=error)
+    return _result(
+        status, ref, started.id, started.attempts, error=error, effect_type=_payload_tag(started)
+    )
 
 
 def _as_input(workflow: Any, value: Any) -> Message:
@@ -277,17 +292,79 @@ def _fail_effect(
     metrics = runtime.metrics
     if permanent or attempt >= policy.max_attempts:
         status = dead_letter(runtime, "effect", started, error)
+        _report_failure(runtime, "effect", started, ref, attempt, status, error)
         metrics.task_finished("effect", started.workflow_type, status, began)
-        return _result(status, ref, started.id, attempt, error=error)
+        return _result(
+            status, ref, started.id, attempt, error=error, effect_type=_payload_tag(started)
+        )
     backoff = policy.backoff_duration(attempt)
     recorded = runtime.store.record_failure(
         started.id, started.token, error, backoff_seconds=backoff
     )
     status: Status = "failed-will-retry" if recorded is not None else "stale-skipped"
+    _report_failure(runtime, "effect", started, ref, attempt, status, error, retry_in=backoff)
     metrics.task_finished("effect", started.workflow_type, status, began)
     return _result(
-        status, ref, started.id, attempt, error=error, retry_in_seconds=round(backoff, 3)
+        status,
+        ref,
+        started.id,
+        attempt,
+        error=error,
+        retry_in_seconds=round(backoff, 3),
+        effect_type=_payload_tag(started),
     )
+
+
+def _payload_tag(started: StartedRow) -> str | None:
+    """The tag of a started row's payload: the effect type, or the timer input's type."""
+    payload = started.payload
+    tag = payload.get("type") if isinstance(payload, dict) else None
+    return tag if isinstance(tag, str) else None
+
+
+def _report_failure(
+    runtime: WorkflowRuntime,
+    kind: Kind,
+    started: StartedRow,
+    ref: str,
+    attempt: int,
+    status: Status,
+    error: str,
+    *,
+    retry_in: float | None = None,
+) -> None:
+    """Log a recorded failure where operators look (a failed attempt at WARNING, a dead
+    letter at ERROR with its traceback) and send `signals.dead_lettered` once per dead
+    letter. Called after the outcome is committed; a stale outcome reports nothing."""
+    exc = _failure.get()
+    tag = _payload_tag(started) or "unknown type"
+    if status == "failed-will-retry":
+        log.warning(
+            "ironflow %s %s of %s (%s) attempt %d failed; the outbox retries it in %ss: %s",
+            kind, started.id, ref, tag, attempt,
+            "?" if retry_in is None else f"{retry_in:.1f}", error,
+        )  # fmt: skip
+        if exc is not None:
+            log.debug(
+                "handler traceback:\n%s",
+                "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+            )
+    elif status == "dead-lettered":
+        log.error(
+            "ironflow %s %s of %s (%s) dead-lettered after %d attempt(s): %s",
+            kind, started.id, ref, tag, attempt, error,
+            exc_info=(type(exc), exc, exc.__traceback__) if exc is not None else None,
+        )  # fmt: skip
+        dead_lettered.send(
+            sender=runtime.registry.get(started.workflow_type).workflow,
+            kind=kind,
+            row_id=started.id,
+            workflow=WorkflowRef(started.workflow_type, started.workflow_id),
+            effect_type=_payload_tag(started),
+            attempts=attempt,
+            error=error,
+            exception=exc,
+        )
 
 
 def dead_letter(runtime: WorkflowRuntime, kind: Kind, started: StartedRow, error: str) -> Status:
@@ -357,6 +434,7 @@ def run_timer(runtime: WorkflowRuntime, ref: str, row_id: str, attempt: int, lea
     cfg = runtime.config
     metrics = runtime.metrics
     run_token = _run_token(lease)
+    _failure.set(None)
     try:
         started = store.start_timer(
             timer_id, lease, run_token, lease_seconds=cfg.timer_lock_duration
@@ -393,18 +471,24 @@ def run_timer(runtime: WorkflowRuntime, ref: str, row_id: str, attempt: int, lea
             ).kind
             store.mark_timer_processed(timer_id, run_token, connection=conn)
     except Exception as exc:
+        _failure.set(exc)
         error = f"Failed to execute timer input: {describe_error(exc)}"
-        log.info("ironflow timer %s (%s) attempt %d failed: %s", row_id, ref, attempt, error)
         policy = cfg.retry_policy
+        backoff = None
         if attempt >= policy.max_attempts:
             status = dead_letter(runtime, "timer", started, error)
         else:
+            backoff = policy.backoff_duration(attempt)
             recorded = store.record_timer_failure(
-                timer_id, run_token, error, backoff_seconds=policy.backoff_duration(attempt)
+                timer_id, run_token, error, backoff_seconds=backoff
             )
             status = "failed-will-retry" if recorded is not None else "stale-skipped"
+        _report_failure(runtime, "timer", started, ref, attempt, status, error, retry_in=backoff)
         metrics.task_finished("timer", started.workflow_type, status, began)
-        return _result(status, ref, row_id, attempt, error=error)
+        extra = {} if backoff is None else {"retry_in_seconds": round(backoff, 3)}
+        return _result(
+            status, ref, row_id, attempt, error=error, effect_type=_payload_tag(started), **extra
+        )
     metrics.task_finished("timer", started.workflow_type, "processed", began)
     return _result("processed", ref, row_id, attempt, outcome=outcome)
 
@@ -432,12 +516,56 @@ def register_workflow_tasks(
     return names
 
 
+def _raise_recorded_failure(task: Any, kind: str, result: dict) -> None:
+    """End the Celery task the way Celery users read failures, once the outbox holds the
+    outcome: a dead letter raises `DeadLettered` (FAILURE: ``task_failure``, Flower's
+    Failed view, Sentry), a failed attempt raises a `Retry` that sends no message (RETRY
+    in Flower and ``task_retry``; the outbox owns the next attempt and its backoff)."""
+    status = result["status"]
+    if status not in ("failed-will-retry", "dead-lettered"):
+        return
+    exc = _failure.get()
+    error = result.get("error") or ""
+    if status == "dead-lettered":
+        raise DeadLettered(
+            kind,
+            result["row_id"],
+            result["workflow"],
+            result.get("effect_type"),
+            result["attempt"],
+            error,
+        ) from exc
+    _report_to_sentry(task, exc)
+    from celery.exceptions import Retry
+
+    # Celery sends a new message only from `Task.retry`; raised directly, `Retry` just
+    # records the state (and logs "retry" at INFO). `when` is what the outbox decided.
+    raise Retry(exc=exc if exc is not None else RuntimeError(error),
+                when=result.get("retry_in_seconds"))  # fmt: skip
+
+
+def _report_to_sentry(task: Any, exc: BaseException | None) -> None:
+    """Send a failed attempt's exception to Sentry when the app uses sentry-sdk: its
+    CeleryIntegration skips `Retry`, so without this only dead letters would reach it.
+    ``ironflow_sentry_failed_attempts = False`` keeps Sentry to dead letters only."""
+    sentry_sdk = sys.modules.get("sentry_sdk")
+    if exc is None or sentry_sdk is None or not sentry_sdk.get_client().is_active():
+        return
+    from .config import setting
+
+    if not setting(task.app.conf, "sentry_failed_attempts", bool, True):
+        return
+    with sentry_sdk.new_scope() as scope:  # inherits the Celery task's tags and context
+        scope.level = "warning"  # the outbox will retry it; a dead letter is the error
+        scope.capture_exception(exc)
+
+
 def _bind(fn: Any, runtime: WorkflowRuntime, name: str) -> Any:
     kind = name.rsplit(".", 1)[-1]
 
     def task(self: Any, ref: str, row_id: str, attempt: int = 1, lease: str = "") -> dict:
         try:
-            return fn(runtime, ref, row_id, attempt, lease)
+            result = fn(runtime, ref, row_id, attempt, lease)
         except StartGuardUnavailable as exc:
             # The message is already acknowledged to the broker (acks_late is off) and the
             # row still waits under the relay's claim, whose lease the relay keeps alive:
@@ -455,6 +583,8 @@ def _bind(fn: Any, runtime: WorkflowRuntime, name: str) -> Any:
         except StorageError:  # the ack could not be written; the lease will expire
             runtime.metrics.ack_failed(kind)
             raise
+        _raise_recorded_failure(self, kind, result)
+        return result
 
     task.__name__ = name.replace(".", "_")
     task.__qualname__ = task.__name__
