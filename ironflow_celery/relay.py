@@ -87,7 +87,14 @@ def celery_publisher(app: Any) -> Publisher:
                     for row in rows:
                         args = [f"{row.workflow_type}:{row.workflow_id}", str(row.id),
                                 row.attempts + 1]
-                        kwargs = {"lease": row.token}
+                        kwargs: dict[str, Any] = {"lease": row.token}
+                        # Shown by Flower; the task ignores them for correctness (the start
+                        # guard reads the row). `due` (epoch seconds, database clock) is what
+                        # the dispatch-to-start metric measures from.
+                        if row.effect_type is not None:
+                            kwargs["effect_type"] = row.effect_type
+                        if row.due_at is not None:
+                            kwargs["due"] = round(row.due_at.timestamp(), 6)
                         app.send_task(
                             task_name(row.workflow_type, kind),
                             args=args,

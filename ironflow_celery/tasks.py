@@ -35,6 +35,7 @@ import traceback
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import DeadLettered, InvalidPayload, PermanentEffectError, StorageError
@@ -149,8 +150,17 @@ class LeaseKeeper:
 # -- effects ---------------------------------------------------------------------------
 
 
-def run_effect(runtime: WorkflowRuntime, ref: str, row_id: str, attempt: int, lease: str) -> dict:
-    """Run one claimed effect through its handler and acknowledge it (see module doc)."""
+def run_effect(
+    runtime: WorkflowRuntime,
+    ref: str,
+    row_id: str,
+    attempt: int,
+    lease: str,
+    *,
+    due_at: datetime | None = None,
+) -> dict:
+    """Run one claimed effect through its handler and acknowledge it (see module doc).
+    `due_at`: when the row became due, as its claim said (for the dispatch metric)."""
     effect_id = uuid.UUID(row_id)
     store = runtime.store
     cfg = runtime.config
@@ -183,7 +193,11 @@ def run_effect(runtime: WorkflowRuntime, ref: str, row_id: str, attempt: int, le
         attempt=attempt,
         created_at=started.created_at,
     )
-    metrics.task_started("effect", started.workflow_type, started.created_at)
+    if due_at is None and started.attempts == 0:
+        due_at = started.created_at  # called without the claim's due time: a first attempt
+    metrics.task_started(
+        "effect", started.workflow_type, due_at, _effect_label(runtime, "effect", started)
+    )
     began = time.monotonic()
     try:
         with runtime.lease_keeper.keep("effect", effect_id, run_token):
@@ -252,7 +266,8 @@ def _exhausted_by_lost_runs(
     )
     status = dead_letter(runtime, kind, started, error)
     _report_failure(runtime, kind, started, ref, started.attempts, status, error)
-    runtime.metrics.task_finished(kind, started.workflow_type, status, None)
+    label = _effect_label(runtime, kind, started)
+    runtime.metrics.task_finished(kind, started.workflow_type, status, None, label)
     return _result(
         status, ref, started.id, started.attempts, error=error, effect_type=_payload_tag(started)
     )
@@ -320,6 +335,20 @@ def _payload_tag(started: StartedRow) -> str | None:
     payload = started.payload
     tag = payload.get("type") if isinstance(payload, dict) else None
     return tag if isinstance(tag, str) else None
+
+
+def _effect_label(runtime: WorkflowRuntime, kind: Kind, started: StartedRow) -> str:
+    """The effect-type metric label: the payload's tag when the workflow declares it
+    (its effects; a timer's inputs), else ``unknown``, so labels stay bounded."""
+    from .metrics import UNKNOWN
+
+    tag = _payload_tag(started)
+    try:
+        workflow = runtime.registry.get(started.workflow_type).workflow
+        union = workflow.effects if kind == "effect" else workflow.inputs
+        return tag if tag is not None and tag in union.tags() else UNKNOWN
+    except Exception:  # an unregistered type or a workflow without effects
+        return UNKNOWN
 
 
 def _report_failure(
@@ -427,8 +456,17 @@ def _dead_letter_input(
 # -- timers ----------------------------------------------------------------------------
 
 
-def run_timer(runtime: WorkflowRuntime, ref: str, row_id: str, attempt: int, lease: str) -> dict:
-    """Execute a due timer's input and mark the timer processed, in one transaction."""
+def run_timer(
+    runtime: WorkflowRuntime,
+    ref: str,
+    row_id: str,
+    attempt: int,
+    lease: str,
+    *,
+    due_at: datetime | None = None,
+) -> dict:
+    """Execute a due timer's input and mark the timer processed, in one transaction.
+    `due_at`: when the timer became due (``fire_at``, or its backoff's end)."""
     timer_id = uuid.UUID(row_id)
     store = runtime.store
     cfg = runtime.config
@@ -453,7 +491,9 @@ def run_timer(runtime: WorkflowRuntime, ref: str, row_id: str, attempt: int, lea
     if started.attempts >= cfg.retry_policy.max_attempts:
         return _exhausted_by_lost_runs(runtime, "timer", started, ref)
     attempt = started.attempts + 1
-    metrics.task_started("timer", started.workflow_type, None)
+    metrics.task_started(
+        "timer", started.workflow_type, due_at, _effect_label(runtime, "timer", started)
+    )
     began = time.monotonic()
     try:
         with (
@@ -563,9 +603,18 @@ def _report_to_sentry(task: Any, exc: BaseException | None) -> None:
 def _bind(fn: Any, runtime: WorkflowRuntime, name: str) -> Any:
     kind = name.rsplit(".", 1)[-1]
 
-    def task(self: Any, ref: str, row_id: str, attempt: int = 1, lease: str = "") -> dict:
+    def task(
+        self: Any,
+        ref: str,
+        row_id: str,
+        attempt: int = 1,
+        lease: str = "",
+        effect_type: str | None = None,  # for Flower; the start guard loads the payload
+        due: float | None = None,
+    ) -> dict:
+        due_at = datetime.fromtimestamp(due, UTC) if due is not None else None
         try:
-            result = fn(runtime, ref, row_id, attempt, lease)
+            result = fn(runtime, ref, row_id, attempt, lease, due_at=due_at)
         except StartGuardUnavailable as exc:
             # The message is already acknowledged to the broker (acks_late is off) and the
             # row still waits under the relay's claim, whose lease the relay keeps alive:

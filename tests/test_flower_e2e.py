@@ -138,6 +138,7 @@ def test_flower_shows_effects_and_a_retried_dead_letter(database_url, db, tmp_pa
         info = wait_until(lambda: task_info(ok.id, "processed"), 10, "Flower: ok-1 processed")
         assert info["name"] == "ironflow.ops_demo.effect" and info["state"] == "SUCCESS"
         assert info["args"] == f"['ops_demo:ok-1', '{ok.id}', 1]"  # workflow, row id, attempt
+        assert "'effect_type': 'Deliver'" in info["kwargs"]  # the effect's type
         # a dead letter is a FAILURE with its error (Flower's Failed view), not a SUCCESS
         dead = wait_until(
             lambda: (i := get_json(f"{flower}/api/task/info/{bad.id}"))["state"] == "FAILURE"

@@ -1,0 +1,167 @@
+"""Effect types and honest metrics (issue 14 §2): the effect type in the claim, the
+message and the task metrics' labels (bounded by the registered types), dispatch-to-start
+measured from when a row became due, and the worker-start warning when ``-Q`` skips the
+queues ironflow's tasks route to. Real PostgreSQL, Redis, relays and in-thread workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+
+import pytest
+import sqlalchemy as sa
+from celery.contrib.testing.worker import start_worker
+from runtime_helpers import (
+    TestApp,
+    execute,
+    insert_effect,
+    insert_timer,
+    running_app,
+    scalar,
+    test_config,
+    wait_until,
+)
+from workflows import Mode, Start, TestWorkflow, TimerStart, TimerTestWorkflow
+
+from ironflow_celery import metrics
+from ironflow_celery.store import PostgresStore
+from ironflow_celery.tasks import run_effect
+
+T = TestWorkflow.type
+
+
+def sample(name: str, **labels: str) -> float:
+    return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def test_claims_carry_the_effect_type_and_when_the_row_became_due(
+    store: PostgresStore, db: sa.Engine
+) -> None:
+    app = TestApp(store)
+    app.service.execute(Start(id="c1", mode=Mode(mode="RouteResult")))
+    execute(db, "UPDATE ironflow.outbox SET created_at = now() - interval '1 hour'")
+    [row] = store.claim_effects("relay#1", [T], lease_seconds=30, max_attempts=3)
+    assert row.effect_type == "Process"
+    assert row.due_at == row.created_at  # never attempted: due since its creation
+
+    # a failed attempt's backoff ended 2 s ago: that is when the row became due again
+    execute(
+        db,
+        "UPDATE ironflow.outbox SET attempts = 1, locked_by = 'run',"
+        " locked_until = now() - interval '2 seconds'",
+    )
+    [retry] = store.claim_effects("relay#2", [T], lease_seconds=30, max_attempts=3)
+    age = scalar(db, "SELECT EXTRACT(EPOCH FROM now() - created_at) FROM ironflow.outbox")
+    waited = scalar(
+        db, "SELECT EXTRACT(EPOCH FROM now() - CAST(:due AS timestamptz))", due=retry.due_at
+    )
+    assert age > 3500 and 1.5 < waited < 60
+
+    timer_id = insert_timer(db, T, "c1", {"type": "Ping", "id": "c1"}, delay=-5)
+    [timer] = store.claim_timers("relay#3", [T], lease_seconds=30, max_attempts=3)
+    assert timer.id == timer_id and timer.effect_type == "Ping" and timer.due_at == timer.fire_at
+    app.stop()
+
+
+def test_task_metrics_are_labelled_with_the_registered_effect_type_only(
+    store: PostgresStore, db: sa.Engine
+) -> None:
+    app = TestApp(store, config=test_config())
+    processed = {"kind": "effect", "workflow_type": T, "status": "processed"}
+    before = sample("ironflow_task_results_total", effect_type="Process", **processed)
+    app.service.execute(Start(id="m1", mode=Mode(mode="RouteResult")))
+    insert_effect(db, T, "m2", {"type": f"Nope{uuid.uuid4().hex[:6]}"})  # not registered
+    dead = {"kind": "effect", "workflow_type": T, "effect_type": "unknown"}
+    dead_before = sample("ironflow_task_results_total", status="dead-lettered", **dead)
+
+    deadline = time.monotonic() + 60
+    finals = 0
+    while finals < 2 and time.monotonic() < deadline:
+        for row in store.claim_effects("relay", [T], lease_seconds=30, max_attempts=3, limit=5):
+            ref = f"{row.workflow_type}:{row.workflow_id}"
+            result = run_effect(app.runtime, ref, str(row.id), row.attempts + 1, row.token)
+            finals += result["status"] != "failed-will-retry"
+        time.sleep(0.05)
+    assert finals == 2
+    assert sample("ironflow_task_results_total", effect_type="Process", **processed) == before + 1
+    assert sample("ironflow_task_results_total", status="dead-lettered", **dead) >= dead_before
+    # the unregistered tag never became a label
+    names = {
+        s.labels.get("effect_type") for family in metrics.REGISTRY.collect() for s in family.samples
+    }
+    assert not any(str(n).startswith("Nope") for n in names)
+    app.stop()
+
+
+def test_dispatch_to_start_of_a_retry_and_a_timer_is_measured_from_when_it_became_due(
+    store: PostgresStore, db: sa.Engine
+) -> None:
+    """An hour-old effect's retry starts right after its short backoff, and a timer created
+    an hour ago fires on time: neither is observed as an hour of dispatch latency."""
+    effect = {"kind": "effect", "workflow_type": T, "effect_type": "Process"}
+    timer = {"kind": "timer", "workflow_type": TimerTestWorkflow.type, "effect_type": "Timeout"}
+    name = "ironflow_dispatch_to_start_seconds"
+    before = {
+        "effect": sample(f"{name}_count", **effect),
+        "effect_fast": sample(f"{name}_bucket", le="60.0", **effect),
+        "timer_fast": sample(f"{name}_bucket", le="60.0", **timer),
+    }
+    with running_app(store, relays=False) as app:
+        # attempt 1 fails, attempt 2 (after a backoff of at most 0.2 s) succeeds
+        app.service.execute(Start(id="d1", mode=Mode(mode="TransientFailure")))
+        app.service.execute(TimerStart(id="d2", timeout_secs=1.0))
+        execute(db, "UPDATE ironflow.outbox SET created_at = now() - interval '1 hour'"
+                    " WHERE workflow_id = 'd1'")  # fmt: skip
+        execute(db, "UPDATE ironflow.timers SET created_at = now() - interval '1 hour'")
+        app.start_relays()
+        app.wait_for_events(T, "d1", ["Started", "Completed"], timeout=120)
+        assert sample(f"{name}_count", **effect) == before["effect"] + 2
+        # the first attempt waited an hour since its creation (honestly); the retry did not
+        assert sample(f"{name}_bucket", le="60.0", **effect) == before["effect_fast"] + 1
+        app.wait_until(
+            lambda: "TimedOut" in app.events(TimerTestWorkflow.type, "d2"), 120, "d2 timed out"
+        )
+        wait_until(
+            lambda: sample(f"{name}_bucket", le="60.0", **timer) > before["timer_fast"], 30,
+            what="the timer's dispatch observation",
+        )  # fmt: skip
+    assert sample(f"{name}_bucket", le="60.0", **timer) == before["timer_fast"] + 1
+
+
+# -- -Q without routing ironflow's tasks there ----------------------------------------------
+
+
+def test_a_worker_consuming_other_queues_warns_at_start(
+    store: PostgresStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = TestApp(store)
+    app.app.conf.ironflow_relay_enabled = True  # a deployed worker runs its relay
+    other = f"other-{uuid.uuid4().hex[:8]}"
+    with (
+        caplog.at_level(logging.INFO, logger="ironflow_celery.queue_check"),
+        start_worker(app.app, pool="solo", queues=[other], perform_ping_check=False),
+    ):
+        pass
+    records = [r for r in caplog.records if r.name == "ironflow_celery.queue_check"]
+    assert len(records) == 1, [r.getMessage() for r in records]
+    assert records[0].levelno == logging.WARNING
+    text = records[0].getMessage()
+    assert f"consumes {other}," in text and f"route to {app.queue}," in text
+    assert f"ironflow.{T}.effect" in text and f"ironflow.{T}.timer" in text
+    app.stop()
+
+
+def test_a_worker_consuming_ironflows_queue_says_nothing(
+    store: PostgresStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = TestApp(store)
+    app.app.conf.ironflow_relay_enabled = True
+    with (
+        caplog.at_level(logging.INFO, logger="ironflow_celery.queue_check"),
+        start_worker(app.app, pool="solo", queues=[app.queue], perform_ping_check=False),
+    ):
+        pass
+    assert not [r for r in caplog.records if r.name == "ironflow_celery.queue_check"]
+    app.stop()
