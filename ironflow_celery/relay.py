@@ -104,6 +104,9 @@ def celery_publisher(app: Any) -> Publisher:
                             argsrepr=repr(args),
                             kwargsrepr=repr(kwargs),
                             task_id=str(row.id),
+                            # attempts already recorded: Flower's "Retries" column (Celery's
+                            # own retry counter is never used for attempts)
+                            retries=row.attempts,
                             producer=producer,
                             ignore_result=True,
                             retry=True,

@@ -622,7 +622,9 @@ def _bind(fn: Any, runtime: WorkflowRuntime, name: str) -> Any:
             # Send it back through the broker instead. This is a transport retry, not an
             # attempt: nothing ran, and attempts are counted in the outbox only.
             runtime.metrics.ack_failed(kind)
-            retries = self.request.retries or 0
+            # the relay sends `retries` = the attempts the outbox had recorded (for Flower);
+            # the transport retries on top of those set this redelivery's delay
+            retries = max(0, (self.request.retries or 0) - max(0, attempt - 1))
             delay = min(0.5 * 2 ** min(retries, 5), 10.0)
             log.warning(
                 "ironflow %s %s (%s): start guard failed (%s); redelivering in %.1fs",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -165,3 +166,29 @@ def test_a_worker_consuming_ironflows_queue_says_nothing(
         pass
     assert not [r for r in caplog.records if r.name == "ironflow_celery.queue_check"]
     app.stop()
+
+
+def test_messages_carry_the_effect_type_and_the_recorded_attempts_as_retries(
+    store: PostgresStore,
+) -> None:
+    """What Flower shows comes from the message: kwargs name the effect type, and Celery's
+    ``retries`` is the attempts the outbox had recorded (its own counter stays unused)."""
+    from celery import signals as celery_signals
+
+    seen: list[tuple[str, int, Any]] = []
+
+    def on_prerun(sender: Any = None, task_id: Any = None, kwargs: Any = None, **kw: Any):
+        if sender is not None and sender.name == f"ironflow.{T}.effect":
+            seen.append((task_id, sender.request.retries, dict(kwargs or {})))
+
+    celery_signals.task_prerun.connect(on_prerun, weak=False)
+    try:
+        with running_app(store) as app:
+            app.service.execute(Start(id="k1", mode=Mode(mode="TransientFailure")))
+            app.wait_for_events(T, "k1", ["Started", "Completed"], timeout=120)
+    finally:
+        celery_signals.task_prerun.disconnect(on_prerun)
+    mine = [s for s in seen if s[2].get("lease")]
+    assert [retries for _, retries, _ in mine] == [0, 1]  # attempt 1 failed, 2 succeeded
+    assert {kwargs["effect_type"] for _, _, kwargs in mine} == {"Process"}
+    assert all(isinstance(kwargs["due"], float) for _, _, kwargs in mine)
