@@ -577,11 +577,13 @@ def _raise_recorded_failure(task: Any, kind: str, result: dict) -> None:
         ) from exc
     _report_to_sentry(task, exc)
     from celery.exceptions import Retry
+    from celery.utils.serialization import get_pickleable_exception
 
     # Celery sends a new message only from `Task.retry`; raised directly, `Retry` just
     # records the state (and logs "retry" at INFO). `when` is what the outbox decided.
-    raise Retry(exc=exc if exc is not None else RuntimeError(error),
-                when=result.get("retry_in_seconds"))  # fmt: skip
+    # A prefork pool pickles it back to the worker: keep an odd handler exception safe.
+    cause = get_pickleable_exception(exc if exc is not None else RuntimeError(error))
+    raise Retry(exc=cause, when=result.get("retry_in_seconds"))
 
 
 def _report_to_sentry(task: Any, exc: BaseException | None) -> None:
