@@ -52,7 +52,7 @@ class QueueCheckStep(bootsteps.StartStopStep):
         )
 
     def create(self, worker: Any) -> Any:
-        return self
+        return None  # nothing to stop: the check runs once, in `start`
 
     def start(self, worker: Any) -> None:
         try:

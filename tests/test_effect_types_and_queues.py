@@ -7,8 +7,13 @@ queues ironflow's tasks route to. Real PostgreSQL, Redis, relays and in-thread w
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import subprocess
+import sys
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -31,6 +36,9 @@ from ironflow_celery.store import PostgresStore
 from ironflow_celery.tasks import run_effect
 
 T = TestWorkflow.type
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+BROKER = os.environ.get("IRONFLOW_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
 def sample(name: str, **labels: str) -> float:
@@ -134,37 +142,60 @@ def test_dispatch_to_start_of_a_retry_and_a_timer_is_measured_from_when_it_becam
 # -- -Q without routing ironflow's tasks there ----------------------------------------------
 
 
-def test_a_worker_consuming_other_queues_warns_at_start(
-    store: PostgresStore, caplog: pytest.LogCaptureFixture
-) -> None:
-    app = TestApp(store)
-    app.app.conf.ironflow_relay_enabled = True  # a deployed worker runs its relay
+def test_a_worker_consuming_other_queues_warns_at_start(database_url: str, tmp_path: Path) -> None:
+    """A real ``celery worker -Q other`` whose relay publishes to the default queue."""
     other = f"other-{uuid.uuid4().hex[:8]}"
-    with (
-        caplog.at_level(logging.INFO, logger="ironflow_celery.queue_check"),
-        start_worker(app.app, pool="solo", queues=[other], perform_ping_check=False),
-    ):
-        pass
-    records = [r for r in caplog.records if r.name == "ironflow_celery.queue_check"]
-    assert len(records) == 1, [r.getMessage() for r in records]
-    assert records[0].levelno == logging.WARNING
-    text = records[0].getMessage()
-    assert f"consumes {other}," in text and f"route to {app.queue}," in text
-    assert f"ironflow.{T}.effect" in text and f"ironflow.{T}.timer" in text
-    app.stop()
+    default = f"ironflow-{uuid.uuid4().hex[:8]}"
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "CELERY_BROKER_URL": BROKER,
+        "CELERY_TASK_DEFAULT_QUEUE": default,
+        "IRONFLOW_DATABASE_URL": database_url,
+    }
+    log = tmp_path / "worker.log"
+    with log.open("wb") as out:
+        worker = subprocess.Popen(
+            [str(BIN / "celery"), "-A", "tests.e2e_apps.ops_app", "worker", "-P", "solo",
+             "-Q", other, "-n", f"{other}@%h", "--without-mingle", "--without-gossip",
+             "-l", "INFO"],
+            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        wait_until(lambda: " ready." in log.read_text(errors="replace"), 90, what="worker ready")
+    finally:
+        os.killpg(worker.pid, signal.SIGTERM)
+        try:
+            worker.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait(10)
+    text = log.read_text(errors="replace")
+    [line] = [line for line in text.splitlines() if "ironflow: this worker consumes" in line]
+    assert "WARNING" in line
+    assert f"consumes {other}, but ironflow's tasks route to {default}," in line
+    assert "ironflow.ops_demo.effect" in line and "ironflow.ops_demo.timer" in line
+    assert "Error on stopping" not in text  # the check stops with the worker cleanly
 
 
-def test_a_worker_consuming_ironflows_queue_says_nothing(
+def test_a_worker_without_relay_says_it_at_info_and_a_consuming_one_says_nothing(
     store: PostgresStore, caplog: pytest.LogCaptureFixture
 ) -> None:
-    app = TestApp(store)
-    app.app.conf.ironflow_relay_enabled = True
-    with (
-        caplog.at_level(logging.INFO, logger="ironflow_celery.queue_check"),
-        start_worker(app.app, pool="solo", queues=[app.queue], perform_ping_check=False),
-    ):
-        pass
-    assert not [r for r in caplog.records if r.name == "ironflow_celery.queue_check"]
+    app = TestApp(store)  # relay off: it may serve other queues on purpose
+    other = f"other-{uuid.uuid4().hex[:8]}"
+    for queues in ([other], [app.queue]):
+        with (
+            caplog.at_level(logging.INFO, logger="ironflow_celery.queue_check"),
+            start_worker(app.app, pool="solo", queues=queues, perform_ping_check=False),
+        ):
+            pass
+    records = [r for r in caplog.records if r.name == "ironflow_celery.queue_check"]
+    assert len(records) == 1, [r.getMessage() for r in records]  # only the first worker
+    assert records[0].levelno == logging.INFO
+    assert f"consumes {other}, but ironflow's tasks route to {app.queue}," in (
+        records[0].getMessage()
+    )
+    assert not [r for r in caplog.records if "ironflow queue check" in r.getMessage()]
     app.stop()
 
 
