@@ -561,10 +561,11 @@ def _raise_recorded_failure(task: Any, kind: str, result: dict) -> None:
     outcome: a dead letter raises `DeadLettered` (FAILURE: ``task_failure``, Flower's
     Failed view, Sentry), a failed attempt raises a `Retry` that sends no message (RETRY
     in Flower and ``task_retry``; the outbox owns the next attempt and its backoff)."""
+    exc = _failure.get()
+    _failure.set(None)  # hold no handler frames between tasks
     status = result["status"]
     if status not in ("failed-will-retry", "dead-lettered"):
         return
-    exc = _failure.get()
     error = result.get("error") or ""
     if status == "dead-lettered":
         raise DeadLettered(

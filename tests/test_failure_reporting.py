@@ -238,3 +238,30 @@ def test_a_real_worker_reports_retries_and_the_dead_letter_to_celery_and_sentry(
         assert event["tags"]["celery_task_id"] == str(row.id)
     assert exception_types(dead) == ["RuntimeError", "DeadLettered"]  # the handler's as cause
     assert dead["level"] == "error" and dead["tags"]["celery_task_id"] == str(row.id)
+
+
+def test_sentry_failed_attempts_setting_keeps_sentry_to_dead_letters() -> None:
+    """``ironflow_sentry_failed_attempts = False``: a failed attempt is not sent to Sentry
+    (the dead letter still is, by the CeleryIntegration, as the test above shows)."""
+    sentry_sdk = pytest.importorskip("sentry_sdk")
+    from celery import Celery
+
+    from ironflow_celery.tasks import _report_to_sentry
+
+    class Task:
+        def __init__(self, **conf: Any) -> None:
+            self.app = Celery("sentry-setting", broker="memory://", set_as_current=False)
+            self.app.conf.update(conf)
+
+    transport = MemoryTransport()
+    sentry_sdk.init(transport=transport, default_integrations=False)
+    try:
+        _report_to_sentry(Task(ironflow_sentry_failed_attempts=False), RuntimeError("quiet"))
+        _report_to_sentry(Task(), RuntimeError("reported"))
+        sentry_sdk.flush()
+    finally:
+        sentry_sdk.get_client().close()
+        sentry_sdk.get_global_scope().set_client(None)
+    events = transport.events()
+    assert [e["exception"]["values"][0]["value"] for e in events] == ["reported"]
+    assert events[0]["level"] == "warning"
