@@ -7,7 +7,6 @@ never an exception. Every failing call leaves the database as it was.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
 
 
 class IronflowError(Exception):
@@ -122,12 +121,16 @@ class DeadLettered(Exception):
         self.effect_type = effect_type
         self.attempts = attempts
         self.error = error
-        super().__init__(
-            f"{kind} {row_id} of {workflow} ({effect_type or 'unknown type'}) dead-lettered "
-            f"after {attempts} attempt(s): {error}"
+        # args are the constructor's: Celery rebuilds an exception from its args (pickled
+        # back from a prefork child, or JSON in a result backend)
+        super().__init__(kind, row_id, workflow, effect_type, attempts, error)
+
+    def __str__(self) -> str:
+        return (
+            f"{self.kind} {self.row_id} of {self.workflow} "
+            f"({self.effect_type or 'unknown type'}) dead-lettered after {self.attempts} "
+            f"attempt(s): {self.error}"
         )
 
-    def __reduce__(self) -> Any:
-        # Celery's prefork pool pickles a task's exception back to the worker process.
-        args = (self.kind, self.row_id, self.workflow, self.effect_type, self.attempts)
-        return (type(self), (*args, self.error))
+    def __repr__(self) -> str:  # what Flower and Celery's log show
+        return f"{type(self).__name__}({str(self)!r})"

@@ -265,3 +265,22 @@ def test_sentry_failed_attempts_setting_keeps_sentry_to_dead_letters() -> None:
     events = transport.events()
     assert [e["exception"]["values"][0]["value"] for e in events] == ["reported"]
     assert events[0]["level"] == "warning"
+
+
+def test_dead_lettered_survives_pickle_and_a_json_result_backend() -> None:
+    """Celery rebuilds a task's exception from its args: pickled back from a prefork
+    child, or stored as JSON by a result backend."""
+    import pickle
+
+    from celery import Celery
+
+    exc = DeadLettered("effect", "row-1", "orders:o-1", "Charge", 3, "RuntimeError: boom")
+    for copy in (
+        pickle.loads(pickle.dumps(exc)),
+        (backend := Celery("dl-json", set_as_current=False).backend).exception_to_python(
+            backend.prepare_exception(exc, serializer="json")
+        ),
+    ):
+        assert type(copy).__name__ == "DeadLettered" and str(copy) == str(exc)
+        assert copy.row_id == "row-1" and copy.effect_type == "Charge" and copy.attempts == 3
+    assert repr(exc).startswith("DeadLettered('effect row-1 of orders:o-1 (Charge) dead-")
