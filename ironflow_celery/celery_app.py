@@ -88,6 +88,9 @@ def install(
 
     register_cancel_tasks(app, runtime)
     app.steps["worker"].add(RelayStep)
+    from .queue_check import QueueCheckStep  # warns when -Q skips ironflow's queues
+
+    app.steps["worker"].add(QueueCheckStep)
     from .projections import ProjectionStep  # off unless ironflow_projections is set
 
     app.steps["worker"].add(ProjectionStep)

@@ -110,3 +110,39 @@ class PermanentEffectError(Exception):
     Any other exception is a retryable failure, counted in the outbox until
     `max_attempts` is reached.
     """
+
+
+class DeadLettered(Exception):
+    """What an effect or timer task raises after dead-lettering its row, so that Celery
+    marks the task FAILURE: Flower's Failed view, ``task_failure`` receivers and Sentry's
+    CeleryIntegration see it. The row's outcome is already committed in the outbox; the
+    handler's exception, when there was one, is the ``__cause__``."""
+
+    def __init__(
+        self,
+        kind: str,
+        row_id: str,
+        workflow: str,
+        effect_type: str | None,
+        attempts: int,
+        error: str,
+    ) -> None:
+        self.kind = kind
+        self.row_id = row_id
+        self.workflow = workflow
+        self.effect_type = effect_type
+        self.attempts = attempts
+        self.error = error
+        # args are the constructor's: Celery rebuilds an exception from its args (pickled
+        # back from a prefork child, or JSON in a result backend)
+        super().__init__(kind, row_id, workflow, effect_type, attempts, error)
+
+    def __str__(self) -> str:
+        return (
+            f"{self.kind} {self.row_id} of {self.workflow} "
+            f"({self.effect_type or 'unknown type'}) dead-lettered after {self.attempts} "
+            f"attempt(s): {self.error}"
+        )
+
+    def __repr__(self) -> str:  # what Flower and Celery's log show
+        return f"{type(self).__name__}({str(self)!r})"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
 
@@ -26,23 +27,27 @@ CLAIM_BATCH = Histogram(
     buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000),
     registry=REGISTRY,
 )
+UNKNOWN = "unknown"
+"""The label of a workflow or effect type that is not registered (keeps labels bounded)."""
+
 DISPATCH_LATENCY = Histogram(
     "ironflow_dispatch_to_start_seconds",
-    "From the effect row's creation (decision commit) to its handler starting",
-    ["workflow_type"],
+    "From when the row became due (created, its backoff ended, its timer fired) to its "
+    "handler starting",
+    ["kind", "workflow_type", "effect_type"],
     buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
     registry=REGISTRY,
 )
 HANDLER_DURATION = Histogram(
     "ironflow_handler_duration_seconds",
     "Effect handler / timer execution time, ack included",
-    ["kind", "workflow_type"],
+    ["kind", "workflow_type", "effect_type"],
     registry=REGISTRY,
 )
 TASK_RESULTS = Counter(
     "ironflow_task_results_total",
     "Effect and timer task results by status",
-    ["kind", "workflow_type", "status"],
+    ["kind", "workflow_type", "effect_type", "status"],
     registry=REGISTRY,
 )
 ACK_FAILURES = Counter(
@@ -107,23 +112,44 @@ def relay_restarted(service: str, count: int = 1) -> None:
 def relay_up(service: str, up: bool) -> None:
     """The worker's `service` started (True) or ended (False)."""
     RELAY_UP.labels(service).set(1 if up else 0)
+# The effect-type label of the task this thread (or greenlet) runs, from `task_started` to
+# `task_finished`, so the ack path's many outcomes need not each carry it.
+_effect_type: ContextVar[str] = ContextVar("ironflow_metrics_effect_type", default=UNKNOWN)
 
 
 class Metrics:
     """What the ack path and relays report; cheap enough for every task."""
 
-    def task_started(self, kind: str, workflow_type: str, created_at: datetime | None) -> None:
-        if created_at is not None:
-            lag = (datetime.now(UTC) - created_at).total_seconds()
-            DISPATCH_LATENCY.labels(workflow_type).observe(max(lag, 0.0))
+    def task_started(
+        self,
+        kind: str,
+        workflow_type: str,
+        due_at: datetime | None,
+        effect_type: str | None = None,
+    ) -> None:
+        """A handler starts; `due_at` is when its row became due (None: not known).
+        `effect_type` must already be bounded (a registered tag, else `UNKNOWN`)."""
+        label = effect_type or UNKNOWN
+        _effect_type.set(label)
+        if due_at is not None:
+            lag = (datetime.now(UTC) - due_at).total_seconds()
+            DISPATCH_LATENCY.labels(kind, workflow_type, label).observe(max(lag, 0.0))
 
     def task_finished(
-        self, kind: str, workflow_type: str | None, status: str, began: float | None
+        self,
+        kind: str,
+        workflow_type: str | None,
+        status: str,
+        began: float | None,
+        effect_type: str | None = None,
     ) -> None:
-        wt = workflow_type or "unknown"
-        TASK_RESULTS.labels(kind, wt, status).inc()
+        """A task ended with `status`; the effect type defaults to `task_started`'s."""
+        wt = workflow_type or UNKNOWN
+        label = effect_type or (_effect_type.get() if workflow_type else UNKNOWN)
+        _effect_type.set(UNKNOWN)  # consumed: the thread's next task starts unlabelled
+        TASK_RESULTS.labels(kind, wt, label, status).inc()
         if began is not None:
-            HANDLER_DURATION.labels(kind, wt).observe(time.monotonic() - began)
+            HANDLER_DURATION.labels(kind, wt, label).observe(time.monotonic() - began)
 
     def claimed(self, kind: str, count: int) -> None:
         CLAIM_BATCH.labels(kind).observe(count)

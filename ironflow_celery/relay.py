@@ -99,7 +99,14 @@ def celery_publisher(app: Any, store: PostgresStore | None = None) -> Publisher:
                     for row in rows:
                         args = [f"{row.workflow_type}:{row.workflow_id}", str(row.id),
                                 row.attempts + 1]
-                        kwargs = {"lease": row.token}
+                        kwargs: dict[str, Any] = {"lease": row.token}
+                        # Shown by Flower; the task ignores them for correctness (the start
+                        # guard reads the row). `due` (epoch seconds, database clock) is what
+                        # the dispatch-to-start metric measures from.
+                        if row.effect_type is not None:
+                            kwargs["effect_type"] = row.effect_type
+                        if row.due_at is not None:
+                            kwargs["due"] = round(row.due_at.timestamp(), 6)
                         headers = tracing.headers_of(traces.get(row.id))
                         # The row's trace is current while it is sent: the Celery
                         # instrumentation's publish span joins it and injects itself.
@@ -114,6 +121,9 @@ def celery_publisher(app: Any, store: PostgresStore | None = None) -> Publisher:
                                 argsrepr=repr(args),
                                 kwargsrepr=repr(kwargs),
                                 task_id=str(row.id),
+                                # attempts already recorded: Flower's "Retries" column
+                                # (Celery's own retry counter is never used for attempts)
+                                retries=row.attempts,
                                 producer=producer,
                                 ignore_result=ignore_result,
                                 retry=True,

@@ -158,7 +158,12 @@ CLAIM_EFFECTS = text(f"""
         FOR UPDATE SKIP LOCKED
     ))
     RETURNING id, workflow_type, workflow_id, attempts, created_at,
-              pg_postmaster_start_time() AS server_started
+              pg_postmaster_start_time() AS server_started,
+              payload->>'type' AS effect_type,
+              -- when the row became due: the end of its previous backoff or lease (a
+              -- sub-select sees the row as it was before this UPDATE), else its creation
+              COALESCE((SELECT p.locked_until FROM ironflow.outbox AS p WHERE p.id = outbox.id),
+                       created_at) AS due_at
 """)
 
 RELEASE_EFFECTS = text("""
@@ -273,7 +278,10 @@ CLAIM_TIMERS = text(f"""
         FOR UPDATE SKIP LOCKED
     ))
     RETURNING id, workflow_type, workflow_id, attempts, created_at, fire_at,
-              pg_postmaster_start_time() AS server_started
+              pg_postmaster_start_time() AS server_started,
+              input->>'type' AS effect_type,
+              GREATEST(fire_at, (SELECT p.locked_until FROM ironflow.timers AS p
+                                 WHERE p.id = timers.id)) AS due_at
 """)
 
 RELEASE_TIMERS = text("""
@@ -591,7 +599,11 @@ CLAIM_LIMITED_EFFECTS = text(f"""
         FOR UPDATE SKIP LOCKED
     ))
     RETURNING id, workflow_type, workflow_id, attempts, created_at,
-              pg_postmaster_start_time() AS server_started
+              pg_postmaster_start_time() AS server_started,
+              payload->>'type' AS effect_type,
+              -- as CLAIM_EFFECTS: the end of its previous backoff or lease, else its creation
+              COALESCE((SELECT p.locked_until FROM ironflow.outbox AS p WHERE p.id = outbox.id),
+                       created_at) AS due_at
 """)
 
 # -- trace context (issue 14 §3, ironflow_celery.tracing) -------------------------------

@@ -146,6 +146,11 @@ class ClaimedRow:
     server_started: datetime | None = None
     """``pg_postmaster_start_time()`` of the server that granted the claim: a restart in
     between may have lost lease writes made without a WAL flush (see `relaxed_engine`)."""
+    effect_type: str | None = None
+    """The tag of the payload (the effect's type; a timer's input type)."""
+    due_at: datetime | None = None
+    """When the row became claimable: created (or ``fire_at``), or its last backoff or
+    lease ended; what ``ironflow_dispatch_to_start_seconds`` measures from."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -608,6 +613,8 @@ class PostgresStore:
                 r.created_at,
                 token,
                 server_started=r.server_started,
+                effect_type=r.effect_type,
+                due_at=r.due_at,
             )
             for r in found
         ]
@@ -837,6 +844,8 @@ class PostgresStore:
                 token,
                 r.fire_at,
                 r.server_started,
+                effect_type=r.effect_type,
+                due_at=r.due_at,
             )
             for r in rows
         ]

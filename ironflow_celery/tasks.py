@@ -13,27 +13,38 @@
 
 Timer tasks execute the timer's input and mark the timer processed in one transaction.
 Attempts live in PostgreSQL; Celery's own retry machinery is never used.
+
+Failures are reported where Celery teams look, after the outcome is committed: a failed
+attempt is logged at WARNING and the task ends RETRY (a ``celery.exceptions.Retry`` that
+sends no message: the outbox schedules the next attempt); a dead letter is logged at
+ERROR, sent as `signals.dead_lettered`, and the task raises `DeadLettered` so Celery
+marks it FAILURE (``task_failure``, Flower's Failed view, Sentry). The message is
+acknowledged on receipt either way (``acks_late`` is off), so the broker never redelivers.
 """
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 import traceback
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
 from . import tracing
 from .aio import call_handler
 from .config import RetryPolicy
-from .errors import InvalidPayload, PermanentEffectError, StorageError
+from .errors import DeadLettered, InvalidPayload, PermanentEffectError, StorageError
 from .messages import Message
 from .relay import Kind, task_name
+from .signals import dead_lettered
 from .storable import storable_text
 from .store import LOST_RUN_ERROR, StartedRow
 from .workflow import DeadLetterNotice, EffectContext, WorkflowRef
@@ -46,6 +57,12 @@ log = logging.getLogger(__name__)
 Status = Literal["processed", "failed-will-retry", "dead-lettered", "stale-skipped"]
 
 _WORKER_TAG = f"{socket.gethostname()}:{os.getpid()}"
+
+# The exception behind this task run's failed attempt or dead letter: the Celery task
+# re-raises it (as Retry's `exc`, or as DeadLettered's cause) once the outcome is stored.
+_failure: contextvars.ContextVar[BaseException | None] = contextvars.ContextVar(
+    "ironflow_failure", default=None
+)
 
 
 class StartGuardUnavailable(StorageError):
@@ -195,13 +212,23 @@ def stale_reason(runtime: WorkflowRuntime, kind: Kind, row_id: uuid.UUID, lease:
 # -- effects ---------------------------------------------------------------------------
 
 
-def run_effect(runtime: WorkflowRuntime, ref: str, row_id: str, attempt: int, lease: str) -> dict:
-    """Run one claimed effect through its handler and acknowledge it (see module doc)."""
+def run_effect(
+    runtime: WorkflowRuntime,
+    ref: str,
+    row_id: str,
+    attempt: int,
+    lease: str,
+    *,
+    due_at: datetime | None = None,
+) -> dict:
+    """Run one claimed effect through its handler and acknowledge it (see module doc).
+    `due_at`: when the row became due, as its claim said (for the dispatch metric)."""
     effect_id = uuid.UUID(row_id)
     store = runtime.store
     cfg = runtime.config
     metrics = runtime.metrics
     run_token = _run_token(lease)
+    _failure.set(None)
     try:
         started = store.start_effect(
             effect_id, lease, run_token, lease_seconds=cfg.effect_lock_duration
@@ -228,7 +255,11 @@ def run_effect(runtime: WorkflowRuntime, ref: str, row_id: str, attempt: int, le
         attempt=attempt,
         created_at=started.created_at,
     )
-    metrics.task_started("effect", started.workflow_type, started.created_at)
+    if due_at is None and started.attempts == 0:
+        due_at = started.created_at  # called without the claim's due time: a first attempt
+    metrics.task_started(
+        "effect", started.workflow_type, due_at, _effect_label(runtime, "effect", started)
+    )
     began = time.monotonic()
     try:
         with runtime.lease_keeper.keep("effect", effect_id, run_token):
@@ -237,16 +268,10 @@ def run_effect(runtime: WorkflowRuntime, ref: str, row_id: str, attempt: int, le
             if follow_up is not None:
                 follow_up = _as_input(workflow, follow_up)
     except PermanentEffectError as exc:
+        _failure.set(exc)
         return _fail_effect(runtime, started, ref, describe_error(exc), permanent=True, began=began)
     except Exception as exc:
-        log.info(
-            "ironflow effect %s (%s) attempt %d failed: %s",
-            row_id,
-            ref,
-            attempt,
-            describe_error(exc),
-        )
-        log.debug("handler traceback:\n%s", traceback.format_exc())
+        _failure.set(exc)
         return _fail_effect(
             runtime, started, ref, describe_error(exc), permanent=False, began=began
         )
@@ -265,6 +290,7 @@ def run_effect(runtime: WorkflowRuntime, ref: str, row_id: str, attempt: int, le
                 else:
                     conn.rollback()
     except Exception as exc:
+        _failure.set(exc)
         return _fail_effect(
             runtime,
             started,
@@ -308,8 +334,12 @@ def _exhausted_by_lost_runs(
         started.attempts,
     )
     status = dead_letter(runtime, kind, started, error)
-    runtime.metrics.task_finished(kind, started.workflow_type, status, None)
-    return _result(status, ref, started.id, started.attempts, error=error)
+    _report_failure(runtime, kind, started, ref, started.attempts, status, error)
+    label = _effect_label(runtime, kind, started)
+    runtime.metrics.task_finished(kind, started.workflow_type, status, None, label)
+    return _result(
+        status, ref, started.id, started.attempts, error=error, effect_type=_payload_tag(started)
+    )
 
 
 def _as_input(workflow: Any, value: Any) -> Message:
@@ -346,17 +376,93 @@ def _fail_effect(
     metrics = runtime.metrics
     if permanent or attempt >= policy.max_attempts:
         status = dead_letter(runtime, "effect", started, error)
+        _report_failure(runtime, "effect", started, ref, attempt, status, error)
         metrics.task_finished("effect", started.workflow_type, status, began)
-        return _result(status, ref, started.id, attempt, error=error)
+        return _result(
+            status, ref, started.id, attempt, error=error, effect_type=_payload_tag(started)
+        )
     backoff = policy.backoff_duration(attempt)
     recorded = runtime.store.record_failure(
         started.id, started.token, error, backoff_seconds=backoff
     )
     status: Status = "failed-will-retry" if recorded is not None else "stale-skipped"
+    _report_failure(runtime, "effect", started, ref, attempt, status, error, retry_in=backoff)
     metrics.task_finished("effect", started.workflow_type, status, began)
     return _result(
-        status, ref, started.id, attempt, error=error, retry_in_seconds=round(backoff, 3)
+        status,
+        ref,
+        started.id,
+        attempt,
+        error=error,
+        retry_in_seconds=round(backoff, 3),
+        effect_type=_payload_tag(started),
     )
+
+
+def _payload_tag(started: StartedRow) -> str | None:
+    """The tag of a started row's payload: the effect type, or the timer input's type."""
+    payload = started.payload
+    tag = payload.get("type") if isinstance(payload, dict) else None
+    return tag if isinstance(tag, str) else None
+
+
+def _effect_label(runtime: WorkflowRuntime, kind: Kind, started: StartedRow) -> str:
+    """The effect-type metric label: the payload's tag when the workflow declares it
+    (its effects; a timer's inputs), else ``unknown``, so labels stay bounded."""
+    from .metrics import UNKNOWN
+
+    tag = _payload_tag(started)
+    try:
+        workflow = runtime.registry.get(started.workflow_type).workflow
+        union = workflow.effects if kind == "effect" else workflow.inputs
+        return tag if tag is not None and tag in union.tags() else UNKNOWN
+    except Exception:  # an unregistered type or a workflow without effects
+        return UNKNOWN
+
+
+def _report_failure(
+    runtime: WorkflowRuntime,
+    kind: Kind,
+    started: StartedRow,
+    ref: str,
+    attempt: int,
+    status: Status,
+    error: str,
+    *,
+    retry_in: float | None = None,
+) -> None:
+    """Log a recorded failure where operators look (a failed attempt at WARNING, a dead
+    letter at ERROR with its traceback) and send `signals.dead_lettered` once per dead
+    letter. Called after the outcome is committed; a stale outcome reports nothing."""
+    exc = _failure.get()
+    tag = _payload_tag(started) or "unknown type"
+    if status == "failed-will-retry":
+        log.warning(
+            "ironflow %s %s of %s (%s) attempt %d failed; the outbox retries it in %ss: %s",
+            kind, started.id, ref, tag, attempt,
+            "?" if retry_in is None else f"{retry_in:.1f}", error,
+        )  # fmt: skip
+        if exc is not None:
+            log.debug(
+                "handler traceback:\n%s",
+                "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+            )
+    elif status == "dead-lettered":
+        log.error(
+            "ironflow %s %s of %s (%s) dead-lettered after %d attempt(s): %s",
+            kind, started.id, ref, tag, attempt, error,
+            exc_info=(type(exc), exc, exc.__traceback__) if exc is not None else None,
+        )  # fmt: skip
+        dead_lettered.send(
+            sender=runtime.registry.get(started.workflow_type).workflow,
+            kind=kind,
+            row_id=started.id,
+            workflow=WorkflowRef(started.workflow_type, started.workflow_id),
+            effect_type=_payload_tag(started),
+            attempts=attempt,
+            error=error,
+            exception=exc,
+        )
 
 
 def dead_letter(runtime: WorkflowRuntime, kind: Kind, started: StartedRow, error: str) -> Status:
@@ -419,13 +525,23 @@ def _dead_letter_input(
 # -- timers ----------------------------------------------------------------------------
 
 
-def run_timer(runtime: WorkflowRuntime, ref: str, row_id: str, attempt: int, lease: str) -> dict:
-    """Execute a due timer's input and mark the timer processed, in one transaction."""
+def run_timer(
+    runtime: WorkflowRuntime,
+    ref: str,
+    row_id: str,
+    attempt: int,
+    lease: str,
+    *,
+    due_at: datetime | None = None,
+) -> dict:
+    """Execute a due timer's input and mark the timer processed, in one transaction.
+    `due_at`: when the timer became due (``fire_at``, or its backoff's end)."""
     timer_id = uuid.UUID(row_id)
     store = runtime.store
     cfg = runtime.config
     metrics = runtime.metrics
     run_token = _run_token(lease)
+    _failure.set(None)
     try:
         started = store.start_timer(
             timer_id, lease, run_token, lease_seconds=cfg.timer_lock_duration
@@ -444,7 +560,9 @@ def run_timer(runtime: WorkflowRuntime, ref: str, row_id: str, attempt: int, lea
     if started.attempts >= _policy(runtime, "timer", started).max_attempts:
         return _exhausted_by_lost_runs(runtime, "timer", started, ref)
     attempt = started.attempts + 1
-    metrics.task_started("timer", started.workflow_type, None)
+    metrics.task_started(
+        "timer", started.workflow_type, due_at, _effect_label(runtime, "timer", started)
+    )
     began = time.monotonic()
     try:
         with (
@@ -462,18 +580,24 @@ def run_timer(runtime: WorkflowRuntime, ref: str, row_id: str, attempt: int, lea
             ).kind
             store.mark_timer_processed(timer_id, run_token, connection=conn)
     except Exception as exc:
+        _failure.set(exc)
         error = f"Failed to execute timer input: {describe_error(exc)}"
-        log.info("ironflow timer %s (%s) attempt %d failed: %s", row_id, ref, attempt, error)
         policy = _policy(runtime, "timer", started)
+        backoff = None
         if attempt >= policy.max_attempts:
             status = dead_letter(runtime, "timer", started, error)
         else:
+            backoff = policy.backoff_duration(attempt)
             recorded = store.record_timer_failure(
-                timer_id, run_token, error, backoff_seconds=policy.backoff_duration(attempt)
+                timer_id, run_token, error, backoff_seconds=backoff
             )
             status = "failed-will-retry" if recorded is not None else "stale-skipped"
+        _report_failure(runtime, "timer", started, ref, attempt, status, error, retry_in=backoff)
         metrics.task_finished("timer", started.workflow_type, status, began)
-        return _result(status, ref, row_id, attempt, error=error)
+        extra = {} if backoff is None else {"retry_in_seconds": round(backoff, 3)}
+        return _result(
+            status, ref, row_id, attempt, error=error, effect_type=_payload_tag(started), **extra
+        )
     metrics.task_finished("timer", started.workflow_type, "processed", began)
     return _result("processed", ref, row_id, attempt, outcome=outcome)
 
@@ -504,23 +628,79 @@ def register_workflow_tasks(
     return names + register_execute_tasks(app, runtime, workflow_types)
 
 
+def _raise_recorded_failure(task: Any, kind: str, result: dict) -> None:
+    """End the Celery task the way Celery users read failures, once the outbox holds the
+    outcome: a dead letter raises `DeadLettered` (FAILURE: ``task_failure``, Flower's
+    Failed view, Sentry), a failed attempt raises a `Retry` that sends no message (RETRY
+    in Flower and ``task_retry``; the outbox owns the next attempt and its backoff)."""
+    exc = _failure.get()
+    _failure.set(None)  # hold no handler frames between tasks
+    status = result["status"]
+    if status not in ("failed-will-retry", "dead-lettered"):
+        return
+    error = result.get("error") or ""
+    if status == "dead-lettered":
+        raise DeadLettered(
+            kind,
+            result["row_id"],
+            result["workflow"],
+            result.get("effect_type"),
+            result["attempt"],
+            error,
+        ) from exc
+    _report_to_sentry(task, exc)
+    from celery.exceptions import Retry
+    from celery.utils.serialization import get_pickleable_exception
+
+    # Celery sends a new message only from `Task.retry`; raised directly, `Retry` just
+    # records the state (and logs "retry" at INFO). `when` is what the outbox decided.
+    # A prefork pool pickles it back to the worker: keep an odd handler exception safe.
+    cause = get_pickleable_exception(exc if exc is not None else RuntimeError(error))
+    raise Retry(exc=cause, when=result.get("retry_in_seconds"))
+
+
+def _report_to_sentry(task: Any, exc: BaseException | None) -> None:
+    """Send a failed attempt's exception to Sentry when the app uses sentry-sdk: its
+    CeleryIntegration skips `Retry`, so without this only dead letters would reach it.
+    ``ironflow_sentry_failed_attempts = False`` keeps Sentry to dead letters only."""
+    sentry_sdk = sys.modules.get("sentry_sdk")
+    if exc is None or sentry_sdk is None or not sentry_sdk.get_client().is_active():
+        return
+    from .config import setting
+
+    if not setting(task.app.conf, "sentry_failed_attempts", bool, True):
+        return
+    with sentry_sdk.new_scope() as scope:  # inherits the Celery task's tags and context
+        scope.level = "warning"  # the outbox will retry it; a dead letter is the error
+        scope.capture_exception(exc)
+
+
 def _bind(fn: Any, runtime: WorkflowRuntime, name: str) -> Any:
     kind = name.rsplit(".", 1)[-1]
 
     workflow_type = name.removeprefix("ironflow.").removesuffix(f".{kind}")
     span_name = f"ironflow.{kind} {workflow_type}"
 
-    def task(self: Any, ref: str, row_id: str, attempt: int = 1, lease: str = "") -> dict:
+    def task(
+        self: Any,
+        ref: str,
+        row_id: str,
+        attempt: int = 1,
+        lease: str = "",
+        effect_type: str | None = None,  # for Flower; the start guard loads the payload
+        due: float | None = None,
+    ) -> dict:
+        due_at = datetime.fromtimestamp(due, UTC) if due is not None else None
         try:
             if not tracing.AVAILABLE or not runtime.config.tracing:
-                return fn(runtime, ref, row_id, attempt, lease)
-            # The handler, its acknowledgement and its follow-up input run in this span:
-            # a child of the publishing input's trace (see ironflow_celery.tracing).
-            attributes = {"ironflow.workflow": ref, "ironflow.row_id": row_id}
-            with tracing.task_span(span_name, self.request, attributes) as current:
-                result = fn(runtime, ref, row_id, attempt, lease)
-                tracing.record_outcome(current, result)
-                return result
+                result = fn(runtime, ref, row_id, attempt, lease, due_at=due_at)
+            else:
+                # The handler, its acknowledgement and its follow-up input run in this
+                # span: a child of the publishing input's trace (ironflow_celery.tracing).
+                attributes = {"ironflow.workflow": ref, "ironflow.row_id": row_id}
+                with tracing.task_span(span_name, self.request, attributes) as current:
+                    result = fn(runtime, ref, row_id, attempt, lease, due_at=due_at)
+                    tracing.record_outcome(current, result)
         except StartGuardUnavailable as exc:
             # The message is already acknowledged to the broker (acks_late is off) and the
             # row still waits under the relay's claim, whose lease the relay keeps alive:
@@ -528,7 +708,9 @@ def _bind(fn: Any, runtime: WorkflowRuntime, name: str) -> Any:
             # Send it back through the broker instead. This is a transport retry, not an
             # attempt: nothing ran, and attempts are counted in the outbox only.
             runtime.metrics.ack_failed(kind)
-            retries = self.request.retries or 0
+            # the relay sends `retries` = the attempts the outbox had recorded (for Flower);
+            # the transport retries on top of those set this redelivery's delay
+            retries = max(0, (self.request.retries or 0) - max(0, attempt - 1))
             delay = min(0.5 * 2 ** min(retries, 5), 10.0)
             log.warning(
                 "ironflow %s %s (%s): start guard failed (%s); redelivering in %.1fs",
@@ -538,6 +720,8 @@ def _bind(fn: Any, runtime: WorkflowRuntime, name: str) -> Any:
         except StorageError:  # the ack could not be written; the lease will expire
             runtime.metrics.ack_failed(kind)
             raise
+        _raise_recorded_failure(self, kind, result)
+        return result
 
     task.__name__ = name.replace(".", "_")
     task.__qualname__ = task.__name__

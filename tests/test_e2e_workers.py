@@ -770,11 +770,14 @@ def test_prefork_worker_metrics_count_every_pool_process(
 
         processed = (
             "ironflow_task_results_total",
-            frozenset({"kind": "effect", "workflow_type": WF, "status": "processed"}.items()),
-        )
+            frozenset(
+                {"kind": "effect", "workflow_type": WF, "effect_type": "Charge",
+                 "status": "processed"}.items()
+            ),
+        )  # fmt: skip
         durations = (
             "ironflow_handler_duration_seconds_count",
-            frozenset({"kind": "effect", "workflow_type": WF}.items()),
+            frozenset({"kind": "effect", "workflow_type": WF, "effect_type": "Charge"}.items()),
         )
         # the last acks may land a moment after the rows read as processed
         got = wait_until(

@@ -1,5 +1,7 @@
-"""Flower shows every effect as a task named after its workflow type, and a dead letter
-retried with ``celery call`` is seen processed — real worker, Flower and Redis processes.
+"""Flower shows every effect as a task named after its workflow type (with its effect
+type), a failed attempt the outbox will retry as RETRY, a dead letter as FAILURE with its
+error, and a dead letter retried with ``celery call`` processed — real worker, Flower and
+Redis processes.
 
 The worker runs ``tests/e2e_apps/ops_app.py`` on its own queue with ``-E``; Flower reads
 the worker's events from the same broker. Every process is killed in teardown.
@@ -96,6 +98,9 @@ def test_flower_shows_effects_and_a_retried_dead_letter(database_url, db, tmp_pa
         "IRONFLOW_EFFECT_POLL_INTERVAL": "0.1",
         "IRONFLOW_METRICS_PORT": str(metrics_port),
         "FLOWER_UNAUTHENTICATED_API": "true",
+        # a failed attempt's backoff outlasts the test: Flower keeps showing it as RETRY
+        "IRONFLOW_BACKOFF_BASE": "600",
+        "IRONFLOW_BACKOFF_MAX": "600",
     }
     celery = str(BIN / "celery")
     procs = []
@@ -120,6 +125,7 @@ def test_flower_shows_effects_and_a_retried_dead_letter(database_url, db, tmp_pa
         (tmp_path / "ok-1").touch()  # ok-1 is delivered, bad-1 is dead-lettered
         service.execute(Submit(id="ok-1"))
         service.execute(Submit(id="bad-1"))
+        service.execute(Submit(id="flaky-1"))
         ok = wait_until(lambda: (r := effect_row(db, "ok-1")) and r.processed_at and r, 15,
                         "ok-1 processed")
         bad = wait_until(lambda: (r := effect_row(db, "bad-1")) and r.dead_lettered_at and r, 15,
@@ -132,11 +138,38 @@ def test_flower_shows_effects_and_a_retried_dead_letter(database_url, db, tmp_pa
         info = wait_until(lambda: task_info(ok.id, "processed"), 10, "Flower: ok-1 processed")
         assert info["name"] == "ironflow.ops_demo.effect" and info["state"] == "SUCCESS"
         assert info["args"] == f"['ops_demo:ok-1', '{ok.id}', 1]"  # workflow, row id, attempt
-        dead = wait_until(lambda: task_info(bad.id, "dead-lettered"), 10, "Flower: dead letter")
+        assert "'effect_type': 'Deliver'" in info["kwargs"]  # the effect's type
+        # a dead letter is a FAILURE with its error (Flower's Failed view), not a SUCCESS
+        dead = wait_until(
+            lambda: (i := get_json(f"{flower}/api/task/info/{bad.id}"))["state"] == "FAILURE"
+            and i,
+            30,
+            "Flower: the dead letter failed",
+        )
         assert dead["name"] == "ironflow.ops_demo.effect"
-        assert "recipient bad-1 is unreachable" in dead["result"]
+        assert dead["exception"].startswith("DeadLettered(")
+        assert "recipient bad-1 is unreachable" in dead["exception"]
+        assert "(Deliver)" in dead["exception"]  # its effect type
+        assert "PermanentEffectError" in dead["traceback"]  # the handler's, as the cause
+        failed = get_json(f"{flower}/api/tasks?state=FAILURE")
+        assert str(bad.id) in failed and str(ok.id) not in failed
+
+        # a failed attempt the outbox retries later: RETRY with the handler's exception,
+        # and nothing re-sent through the broker (the outbox holds the backoff)
+        flaky = wait_until(lambda: (r := effect_row(db, "flaky-1")) and r.attempts == 1 and r,
+                           30, "flaky-1's first attempt recorded")
+        retry = wait_until(
+            lambda: (i := get_json(f"{flower}/api/task/info/{flaky.id}"))["state"] == "RETRY"
+            and i,
+            30,
+            "Flower: the failed attempt retried",
+        )
+        assert retry["name"] == "ironflow.ops_demo.effect"
+        assert "ConnectionError('recipient flaky-1 timed out')" in retry["exception"]
+        assert flaky.dead_lettered_at is None and flaky.last_error.startswith("ConnectionError")
+        assert flaky.locked_until is not None  # the outbox's backoff, not a Celery countdown
         tasks = get_json(f"{flower}/api/tasks?taskname=ironflow.ops_demo.effect")
-        assert {str(ok.id), str(bad.id)} <= set(tasks)
+        assert {str(ok.id), str(bad.id), str(flaky.id)} <= set(tasks)
 
         # the dead letter is visible to metrics of the worker process, then retried
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:

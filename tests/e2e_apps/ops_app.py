@@ -7,7 +7,8 @@ database and runtime settings from ``IRONFLOW_*``.
 ``ops_demo``: ``Submit`` appends ``Submitted`` and enqueues a ``Deliver`` effect. The handler
 fails permanently (the effect is dead-lettered at once) unless the file
 ``$IRONFLOW_OPS_FLAG_DIR/<workflow id>`` exists; then it returns ``Delivered``. A test
-creates the file and retries the dead letter, which is then processed.
+creates the file and retries the dead letter, which is then processed. An instance whose
+id starts with ``flaky-`` fails with an ordinary (retryable) exception instead.
 """
 
 from __future__ import annotations
@@ -80,6 +81,8 @@ class OpsDemoWorkflow(Workflow):
 
     @staticmethod
     def handle_effect(effect: Deliver, ctx: EffectContext) -> Message:
+        if not _allowed(ctx.workflow.workflow_id) and ctx.workflow.workflow_id.startswith("flaky-"):
+            raise ConnectionError(f"recipient {effect.recipient} timed out")
         if not _allowed(ctx.workflow.workflow_id):
             raise PermanentEffectError(f"recipient {effect.recipient} is unreachable")
         return Delivered(id=ctx.workflow.workflow_id)
