@@ -168,9 +168,9 @@ def test_a_real_worker_reports_retries_and_the_dead_letter_to_celery_and_sentry(
     on_dead_letter: Received,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    sentry_sdk = pytest.importorskip("sentry_sdk")
     import celery.app.trace
     import celery.worker.consumer.consumer
+    import sentry_sdk
     from sentry_sdk.integrations.celery import CeleryIntegration
 
     transport = MemoryTransport()
@@ -243,7 +243,7 @@ def test_a_real_worker_reports_retries_and_the_dead_letter_to_celery_and_sentry(
 def test_sentry_failed_attempts_setting_keeps_sentry_to_dead_letters() -> None:
     """``ironflow_sentry_failed_attempts = False``: a failed attempt is not sent to Sentry
     (the dead letter still is, by the CeleryIntegration, as the test above shows)."""
-    sentry_sdk = pytest.importorskip("sentry_sdk")
+    import sentry_sdk
     from celery import Celery
 
     from ironflow_celery.tasks import _report_to_sentry

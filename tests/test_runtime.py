@@ -290,7 +290,7 @@ def test_dead_letter_query_filters_by_both_type_and_id(
     store: PostgresStore, db: sa.Engine
 ) -> None:
     """#16: dead letters by type+id → 1, type only → 3, id only → 1."""
-    dead_letters = pytest.importorskip("ironflow_celery.dead_letters")
+    from ironflow_celery import dead_letters
     with running_app(store) as app:
         for wid in ("d1", "d2", "d3"):
             start(app, wid, "PermanentFailure")

@@ -14,17 +14,14 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from runtime_helpers import rows, running_app, wait_until
-from workflows import Mode, Start, TimerStart
-
-pytest.importorskip("opentelemetry.sdk")
-
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
     InMemorySpanExporter,
 )
+from runtime_helpers import rows, running_app, wait_until
+from workflows import Mode, Start, TimerStart
 
 from ironflow_celery.store import PostgresStore
 
@@ -109,8 +106,9 @@ def test_celery_instrumentation_task_spans_join_the_trace(
     """With opentelemetry-instrumentation-celery: its publish span (in the relay) is a child
     of the input's execute span, its task span a child of the publish, ours a child of its
     task span, and the follow-up execute a child of ours."""
-    celery_otel = pytest.importorskip("opentelemetry.instrumentation.celery")
-    instrumentor = celery_otel.CeleryInstrumentor()
+    from opentelemetry.instrumentation.celery import CeleryInstrumentor
+
+    instrumentor = CeleryInstrumentor()
     instrumentor.instrument()
     try:
         EXPORTER.clear()
