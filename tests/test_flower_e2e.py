@@ -111,7 +111,7 @@ def test_flower_shows_effects_and_a_retried_dead_letter(database_url, db, tmp_pa
         ))
         flower = f"http://127.0.0.1:{flower_port}"
         wait_until(lambda: get_json(f"{flower}/api/workers?refresh=1").get(f"{queue}@"
-                   f"{socket.gethostname()}"), 25, "Flower to see the worker")
+                   f"{socket.gethostname()}"), 60, "Flower to see the worker")
 
         service = WorkflowService(
             PostgresStore.from_url(database_url),
@@ -120,19 +120,19 @@ def test_flower_shows_effects_and_a_retried_dead_letter(database_url, db, tmp_pa
         (tmp_path / "ok-1").touch()  # ok-1 is delivered, bad-1 is dead-lettered
         service.execute(Submit(id="ok-1"))
         service.execute(Submit(id="bad-1"))
-        ok = wait_until(lambda: (r := effect_row(db, "ok-1")) and r.processed_at and r, 15,
+        ok = wait_until(lambda: (r := effect_row(db, "ok-1")) and r.processed_at and r, 60,
                         "ok-1 processed")
-        bad = wait_until(lambda: (r := effect_row(db, "bad-1")) and r.dead_lettered_at and r, 15,
+        bad = wait_until(lambda: (r := effect_row(db, "bad-1")) and r.dead_lettered_at and r, 60,
                          "bad-1 dead-lettered")
 
         def task_info(row_id: uuid.UUID, status: str) -> Any:
             info = get_json(f"{flower}/api/task/info/{row_id}")
             return info if f"'status': '{status}'" in (info.get("result") or "") else None
 
-        info = wait_until(lambda: task_info(ok.id, "processed"), 10, "Flower: ok-1 processed")
+        info = wait_until(lambda: task_info(ok.id, "processed"), 60, "Flower: ok-1 processed")
         assert info["name"] == "ironflow.ops_demo.effect" and info["state"] == "SUCCESS"
         assert info["args"] == f"['ops_demo:ok-1', '{ok.id}', 1]"  # workflow, row id, attempt
-        dead = wait_until(lambda: task_info(bad.id, "dead-lettered"), 10, "Flower: dead letter")
+        dead = wait_until(lambda: task_info(bad.id, "dead-lettered"), 60, "Flower: dead letter")
         assert dead["name"] == "ironflow.ops_demo.effect"
         assert "recipient bad-1 is unreachable" in dead["result"]
         tasks = get_json(f"{flower}/api/tasks?taskname=ironflow.ops_demo.effect")
@@ -146,16 +146,16 @@ def test_flower_shows_effects_and_a_retried_dead_letter(database_url, db, tmp_pa
         called = subprocess.run(
             [celery, "-A", APP, "call", "ironflow.dead_letters.retry",
              f"--args={json.dumps([str(bad.id)])}"],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=20, check=True,
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=60, check=True,
         )
         retry_task = called.stdout.strip()
-        wait_until(lambda: (r := effect_row(db, "bad-1")) and r.processed_at, 15,
+        wait_until(lambda: (r := effect_row(db, "bad-1")) and r.processed_at, 60,
                    "bad-1 processed after the retry")
-        retried = wait_until(lambda: task_info(bad.id, "processed"), 10, "Flower: processed")
+        retried = wait_until(lambda: task_info(bad.id, "processed"), 60, "Flower: processed")
         assert retried["name"] == "ironflow.ops_demo.effect"
         call_info = wait_until(
             lambda: (i := get_json(f"{flower}/api/task/info/{retry_task}")).get("result") and i,
-            10, "Flower: the retry task",
+            60, "Flower: the retry task",
         )
         assert call_info["name"] == "ironflow.dead_letters.retry"
         assert "'reason': 'retried'" in call_info["result"]
