@@ -255,6 +255,8 @@ def test_postgres_crashes_lose_no_acknowledgement(
                 )
                 pg._ctl("stop", "-m", "immediate")
                 pg.start()
+            # Progress is every step recorded; then the chains' last acks land.
+            wait_for_progress(stepped, total, "chain steps", diagnose=diagnose)
             wait_for_progress(
                 lambda: scalar(
                     url, "SELECT count(*) FROM ironflow.events WHERE payload->>'type' = 'Finished'"
