@@ -48,7 +48,8 @@ from tests.test_e2e_workers import (
 )
 from tests.waiting import wait_for_progress
 
-pytestmark = pytest.mark.e2e
+# Waits are for progress (a stall fails them), so no fixed wall time cuts them short.
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
 # test_e2e_workers' fixtures: a process registry killed at teardown, a queue of the test's own
 procs = test_e2e_workers.procs

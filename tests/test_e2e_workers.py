@@ -579,6 +579,7 @@ def test_broker_down_when_relay_publishes_nothing_lost(
 # -- 3. back-pressure --------------------------------------------------------------------
 
 
+@pytest.mark.timeout(600)  # waits for progress (90 s stall), not for a wall time
 def test_backpressure_bounds_the_broker_queue(
     database_url: str, procs: Processes, queue: str
 ) -> None:
@@ -616,6 +617,7 @@ def test_backpressure_bounds_the_broker_queue(
 # -- 4. many relays, many workers --------------------------------------------------------
 
 
+@pytest.mark.timeout(600)  # waits for progress (90 s stall), not for a wall time
 def test_two_relays_three_workers_2000_effects_each_once(
     database_url: str, procs: Processes, queue: str
 ) -> None:
@@ -644,6 +646,7 @@ def test_two_relays_three_workers_2000_effects_each_once(
 # -- 5. PostgreSQL restarts under load ---------------------------------------------------
 
 
+@pytest.mark.timeout(600)  # waits for progress (90 s stall), not for a wall time
 def test_postgres_restart_relays_and_workers_reconnect(procs: Processes, queue: str) -> None:
     """Relays, the LISTEN connection and workers reconnect after PostgreSQL restarts; every
     effect completes and no follow-up is appended twice."""
@@ -719,7 +722,10 @@ def test_end_to_end_over_rabbitmq(database_url: str, procs: Processes, queue: st
     try:
         worker = procs.worker("worker", env, pool="prefork")
         worker.wait_for_output("ironflow relay started (process)", 60)
-        service_for(database_url).execute(Place(id="amqp-1", timer_secs=1.0))
+        worker.wait_for_output("ready.", 60)  # consuming: the effect cannot wait for it
+        # The timer must fire after the effect's follow-up (the expected event order): 5 s
+        # is ten times what the effect took at load 18, where 1 s lost the race.
+        service_for(database_url).execute(Place(id="amqp-1", timer_secs=5.0))
         wait_until(
             lambda: event_types(database_url, "amqp-1") == ["Placed", "Charged", "Expired"],
             60,

@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
+import pytest
 import redis
 import sqlalchemy as sa
 from runtime_helpers import (
@@ -184,6 +185,7 @@ def test_timer_relay_sleeps_until_fire_at(store: PostgresStore, db: sa.Engine) -
     assert 0.25 <= took < 15.0, f"took {took:.2f}s"
 
 
+@pytest.mark.timeout(600)  # the drain of 10,000 waits for progress, not for a wall time
 def test_back_pressure_bounds_the_broker_queue(store: PostgresStore, db: sa.Engine) -> None:
     """With max_in_flight=100 and a 10,000-row backlog nobody consumes, the queue never
     holds more than 100 messages and at most 100 rows are claimed; once a worker starts,
@@ -284,6 +286,7 @@ def test_failed_publish_releases_claims_at_once(store: PostgresStore, db: sa.Eng
     assert sorted(CALLS.counter) == sorted(str(i) for i in ids)
 
 
+@pytest.mark.timeout(600)  # waits for progress (90 s stall), not for a wall time
 def test_two_relay_groups_never_claim_the_same_row(store: PostgresStore, db: sa.Engine) -> None:
     """Two relay groups (two relay threads each) on one database: every row is claimed
     by exactly one of them, both take part, and each handler runs once."""
