@@ -668,8 +668,10 @@ def test_postgres_restart_relays_and_workers_reconnect(procs: Processes, queue: 
             worker = procs.worker("worker", env, pool="prefork", concurrency=2)
             worker.wait_for_output("ironflow relay started (process)", 60)
             service = service_for(url)
+            # 30 s of handler time on 2 processes: at load 16, submitting the 300 took
+            # longer than 300 x 20 ms took to run, so all had finished before the restart.
             for i in range(n):
-                service.execute(Place(id=f"pg-{i}", sleep=0.02))
+                service.execute(Place(id=f"pg-{i}", sleep=0.2))
             service.store.dispose()
             wait_until(
                 lambda: scalar(url, "SELECT count(*) FROM e2e_calls") >= 30,
