@@ -2,9 +2,12 @@
 
 `TestApp` is the Celery port of ironflow's runtime test harness: effect poll 50 ms, timer
 poll 100 ms, shutdown 5 s, retries ``max_attempts=3`` with a 50 ms base and 200 ms cap,
-and waits that poll every 50 ms for up to 10 s. Each app publishes to its own Redis queue
-(``t-<uuid>``) so parallel tests sharing one Redis never see each other's messages; the
-queue and its binding are deleted when the app stops.
+and waits that poll every 50 ms for up to 60 s (a generous bound for one event: it costs
+nothing when things work, and a loaded CI machine is slow, not stuck). Waits for a large
+amount of work use `wait_for_progress`, which fails only when the work stops moving.
+Each app publishes to its own Redis queue (``t-<uuid>``) so parallel tests sharing one
+Redis never see each other's messages; the queue and its binding are deleted when the app
+stops.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import redis
 import sqlalchemy as sa
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
+from waiting import wait_for_progress  # noqa: F401  (re-exported for the tests)
 from workflows import CALLS, TestWorkflow, TimerTestWorkflow, test_handler, timer_test_handler
 
 from ironflow_celery import RetryPolicy, RuntimeConfig, WorkflowRuntime, install
@@ -39,9 +43,7 @@ DEFAULT_WORKFLOWS: tuple[tuple[type, Any], ...] = (
 
 def test_config(**changes: Any) -> RuntimeConfig:
     """ironflow's harness settings (fast polls, short backoff), with overrides."""
-    retry = changes.pop(
-        "retry_policy", RetryPolicy(max_attempts=3, base_delay=0.05, max_delay=0.2)
-    )
+    retry = changes.pop("retry_policy", RetryPolicy(max_attempts=3, base_delay=0.05, max_delay=0.2))
     base = {
         "effect_poll_interval": 0.05,
         "timer_poll_interval": 0.1,
@@ -55,8 +57,11 @@ def test_config(**changes: Any) -> RuntimeConfig:
 test_config.__test__ = False  # type: ignore[attr-defined]
 
 
+WAIT = 60.0  # seconds: the default bound on waiting for one event
+
+
 def wait_until(
-    predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.05, what: str = ""
+    predicate: Callable[[], T], timeout: float = WAIT, interval: float = 0.05, what: str = ""
 ) -> T:
     """Poll `predicate` until it returns something truthy; fail after `timeout` seconds."""
     deadline = time.monotonic() + timeout
@@ -130,6 +135,10 @@ class TestApp:
 
     __test__ = False
 
+    # How long stop_worker lets Celery's test worker thread finish before it raises: the
+    # yardstick that worker-stop bounds in tests are set against.
+    worker_shutdown_timeout = 60.0
+
     def __init__(
         self,
         store: PostgresStore,
@@ -190,7 +199,7 @@ class TestApp:
                 pool="threads",
                 concurrency=concurrency or self.concurrency,
                 perform_ping_check=False,
-                shutdown_timeout=10,
+                shutdown_timeout=self.worker_shutdown_timeout,
                 loglevel="WARNING",
             )
         )
@@ -228,7 +237,7 @@ class TestApp:
         self.stop()
 
     # -- queries -----------------------------------------------------------------------------
-    def wait_until(self, predicate: Callable[[], T], timeout: float = 10.0, what: str = "") -> T:
+    def wait_until(self, predicate: Callable[[], T], timeout: float = WAIT, what: str = "") -> T:
         return wait_until(predicate, timeout, what=what)
 
     def events(self, workflow_type: str, workflow_id: str) -> list[str]:
@@ -237,7 +246,7 @@ class TestApp:
         return [e.payload["type"] for e in stored]
 
     def wait_for_events(
-        self, workflow_type: str, workflow_id: str, expected: Sequence[str], timeout: float = 10.0
+        self, workflow_type: str, workflow_id: str, expected: Sequence[str], timeout: float = WAIT
     ) -> list[str]:
         """Wait until the instance's events are exactly `expected`."""
         last: list[str] = []
@@ -377,7 +386,7 @@ def corrupt_event(db: sa.Engine, workflow_type: str, workflow_id: str) -> None:
         conn.execute(
             sa.text(
                 "INSERT INTO ironflow.events (workflow_type, workflow_id, sequence, payload)"
-                " VALUES (:wt, :wid, :seq, '{\"type\": \"Garbage\", \"x\": 1}'::jsonb)"
+                ' VALUES (:wt, :wid, :seq, \'{"type": "Garbage", "x": 1}\'::jsonb)'
             ),
             {"wt": workflow_type, "wid": workflow_id, "seq": seq},
         )
@@ -411,7 +420,7 @@ def timer_dead_letters(db: sa.Engine, max_attempts: int, workflow_id: str | None
     )
 
 
-def wait_for_listener(db: sa.Engine, timeout: float = 10.0) -> None:
+def wait_for_listener(db: sa.Engine, timeout: float = WAIT) -> None:
     """Wait until a relay's waker is LISTENing on this database."""
     wait_until(
         lambda: scalar(

@@ -227,7 +227,7 @@ def row_of(db: sa.Engine, table: str, row_id: uuid.UUID) -> Any:
     return row
 
 
-def run_until_final(app: TestApp, kind: str = "effect", timeout: float = 10) -> list[dict]:
+def run_until_final(app: TestApp, kind: str = "effect", timeout: float = 60) -> list[dict]:
     """Claim and run one row again and again (waiting out its backoff) until it is done."""
     results: list[dict] = []
     deadline = time.monotonic() + timeout
@@ -301,7 +301,7 @@ def test_lease_lost_while_handler_runs_discards_the_result(
 
 def test_duplicate_delivery_runs_the_handler_once(store: PostgresStore, db: sa.Engine) -> None:
     """The same task message delivered twice at once: one run, one stale skip."""
-    entered = threading.Barrier(2, timeout=5)
+    entered = threading.Barrier(2, timeout=30)
 
     def handler(effect: Any, ctx: EffectContext) -> Any:
         time.sleep(0.3)

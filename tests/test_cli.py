@@ -173,7 +173,7 @@ def test_a_malformed_database_url_is_a_configuration_error(url, says):
     result = subprocess.run(
         [str(BIN / "ironflow-celery"), "status"],
         env={**os.environ, "IRONFLOW_DATABASE_URL": url},
-        capture_output=True, text=True, timeout=30, check=False,
+        capture_output=True, text=True, timeout=120, check=False,
     )
     assert result.returncode == EXIT_UNAVAILABLE, result.stderr
     assert says in result.stderr and "Traceback" not in result.stderr
@@ -197,7 +197,7 @@ def test_celery_subcommand_on_an_app_without_ironflow(database_url):
     result = subprocess.run(
         [str(BIN / "celery"), "-A", "tests.e2e_apps.plain_app", "ironflow", "status"],
         cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
-        capture_output=True, text=True, timeout=30, check=False,
+        capture_output=True, text=True, timeout=120, check=False,
     )
     assert result.returncode == EXIT_UNAVAILABLE, result.stderr
     assert "call install(app)" in result.stderr and "Traceback" not in result.stderr
@@ -212,7 +212,7 @@ def _run(args: list[str], database_url: str) -> subprocess.CompletedProcess[str]
         "CELERY_BROKER_URL": "memory://",
     }
     return subprocess.run(
-        args, cwd=REPO, env=env, capture_output=True, text=True, timeout=30, check=False
+        args, cwd=REPO, env=env, capture_output=True, text=True, timeout=120, check=False
     )
 
 

@@ -164,7 +164,7 @@ def test_retry_wakes_the_relay(store, db, database_url, kind, channel):
         listener.execute(f"LISTEN {channel}")
         assert dl.retry_dead_letter(store, dead, kind=kind, **M)
         assert dl.retry_dead_letters(store, None, kind=kind, **M) == 1
-        got = [(n.channel, n.payload) for n in listener.notifies(timeout=2, stop_after=2)]
+        got = [(n.channel, n.payload) for n in listener.notifies(timeout=30, stop_after=2)]
     assert got == [(channel, "shipping"), (channel, "billing")]
     assert row(db, bulk, kind).attempts == 0
 

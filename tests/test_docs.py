@@ -40,7 +40,7 @@ def _run(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[
         env={**base, "CELERY_BROKER_URL": "memory://", **env},
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=120,
         check=False,
     )
 

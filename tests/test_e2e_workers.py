@@ -40,6 +40,7 @@ from ironflow_celery.db import create_engine
 from ironflow_celery.service import Registry, WorkflowService
 from ironflow_celery.store import PostgresStore
 from tests.e2e_apps.workflows import CALLS_TABLE_DDL, OrderWorkflow, Place
+from tests.waiting import wait_for_progress
 
 pytestmark = pytest.mark.e2e
 
@@ -480,12 +481,12 @@ def test_worker_killed_mid_handler_effect_completes_once_elsewhere(
     env = make_env(database_url, REDIS_URL, queue, effect_lock_duration=2)
     with redis_queue_cleanup(queue):
         a = procs.worker("worker-a", env, pool="prefork")
-        a.wait_for_output("ironflow relay started (process)", 30)
+        a.wait_for_output("ironflow relay started (process)", 60)
         service_for(database_url).execute(Place(id="o1", sleep=30, sleep_once=True))
 
         first = wait_until(
             lambda: sql(database_url, "SELECT effect_id, pid FROM e2e_calls"),
-            30,
+            60,
             "worker A to start the handler",
         )
         ((effect_id, handler_pid),) = first
@@ -497,7 +498,7 @@ def test_worker_killed_mid_handler_effect_completes_once_elsewhere(
         # (PDEATHSIG), the relay child notices its parent is gone and stops by itself.
         os.kill(a.pid, signal.SIGKILL)
         a.popen.wait(5)
-        wait_until(lambda: not alive(tree), 10, "worker A's children (relay, pool) to exit")
+        wait_until(lambda: not alive(tree), 30, "worker A's children (relay, pool) to exit")
         a.kill()  # the whole group, should anything have survived
 
         b = procs.worker("worker-b", env, pool="prefork")
@@ -507,7 +508,7 @@ def test_worker_killed_mid_handler_effect_completes_once_elsewhere(
                 "SELECT processed_at IS NOT NULL FROM ironflow.outbox WHERE id = %s",
                 (effect_id,),
             ),
-            30,
+            60,
             "worker B to complete the effect",
         )
         time.sleep(1.0)  # room for a duplicate run or ack to show up
@@ -548,25 +549,25 @@ def test_broker_down_when_relay_publishes_nothing_lost(
     broker = DisposableRedis(tmp_path)
     broker.start()
     try:
-        env = make_env(database_url, broker.url, queue, effect_lock_duration=60)
+        env = make_env(database_url, broker.url, queue, effect_lock_duration=600)
         worker = procs.worker("worker", env, pool="threads", concurrency=4)
-        worker.wait_for_output("ready.", 30)
-        worker.wait_for_output("ironflow relay started (thread)", 10)
+        worker.wait_for_output("ready.", 60)
+        worker.wait_for_output("ironflow relay started (thread)", 30)
         service = service_for(database_url)
         service.execute(Place(id="before"))
-        wait_until(lambda: outbox_counts(database_url)[0] == 1, 20, "the first effect")
+        wait_until(lambda: outbox_counts(database_url)[0] == 1, 60, "the first effect")
 
         broker.stop()
         for i in range(20):
             service.execute(Place(id=f"down-{i}"))  # commits to PostgreSQL regardless
-        worker.wait_for_output("claims released", 20)
+        worker.wait_for_output("claims released", 60)
         assert outbox_counts(database_url) == (1, 21)
         time.sleep(1.0)  # a few more failed rounds
 
-        # The lease (60 s) is far longer than the wait below: the effects are processed in
+        # The lease (600 s) is far longer than the wait below: the effects are processed in
         # time only because each failed publish gave its claims back.
         broker.start()
-        wait_until(lambda: all_processed(database_url, 21), 30, "all effects after the outage")
+        wait_until(lambda: all_processed(database_url, 21), 300, "all effects after the outage")
         time.sleep(0.5)
         assert calls_per_effect(database_url) == {1: 21}
         assert charged_per_instance(database_url) == {1: 21}
@@ -578,6 +579,7 @@ def test_broker_down_when_relay_publishes_nothing_lost(
 # -- 3. back-pressure --------------------------------------------------------------------
 
 
+@pytest.mark.timeout(600)  # waits for progress (90 s stall), not for a wall time
 def test_backpressure_bounds_the_broker_queue(
     database_url: str, procs: Processes, queue: str
 ) -> None:
@@ -588,7 +590,7 @@ def test_backpressure_bounds_the_broker_queue(
     env = make_env(database_url, REDIS_URL, queue, max_in_flight=limit, claim_batch_size=100)
     with redis_queue_cleanup(queue) as client:
         relay = procs.relay("relay", env)
-        wait_until(lambda: client.llen(queue) >= limit, 30, f"{limit} messages in the queue")
+        wait_until(lambda: client.llen(queue) >= limit, 60, f"{limit} messages in the queue")
         samples = []
         for _ in range(10):  # ~2 s with no consumer: the relay must not claim any further
             samples.append(client.llen(queue))
@@ -602,11 +604,11 @@ def test_backpressure_bounds_the_broker_queue(
         procs.worker("drain", env, pool="threads", concurrency=4, relay=False)
         draining: list[int] = []
 
-        def drained() -> bool:
+        def drained() -> int:
             draining.append(client.llen(queue))
-            return outbox_counts(database_url)[0] == total
+            return outbox_counts(database_url)[0]
 
-        wait_until(drained, 100, f"the worker to drain {total} effects", interval=0.25)
+        wait_for_progress(drained, total, f"the worker to drain {total} effects")
         assert max(draining) <= limit, max(draining)
         assert client.llen(queue) == 0
         assert relay.popen.poll() is None
@@ -615,6 +617,7 @@ def test_backpressure_bounds_the_broker_queue(
 # -- 4. many relays, many workers --------------------------------------------------------
 
 
+@pytest.mark.timeout(600)  # waits for progress (90 s stall), not for a wall time
 def test_two_relays_three_workers_2000_effects_each_once(
     database_url: str, procs: Processes, queue: str
 ) -> None:
@@ -629,7 +632,7 @@ def test_two_relays_three_workers_2000_effects_each_once(
             procs.worker(f"worker-{i}", env, pool="threads", concurrency=4, relay=False)
             for i in range(3)
         ]
-        wait_until(lambda: all_processed(database_url, n), 90, f"{n} effects", interval=0.5)
+        wait_for_progress(lambda: outbox_counts(database_url)[0], n, f"{n} effects")
         time.sleep(0.5)
         assert calls_per_effect(database_url) == {1: n}
         assert charged_per_instance(database_url) == {1: n}
@@ -643,6 +646,7 @@ def test_two_relays_three_workers_2000_effects_each_once(
 # -- 5. PostgreSQL restarts under load ---------------------------------------------------
 
 
+@pytest.mark.timeout(600)  # waits for progress (90 s stall), not for a wall time
 def test_postgres_restart_relays_and_workers_reconnect(procs: Processes, queue: str) -> None:
     """Relays, the LISTEN connection and workers reconnect after PostgreSQL restarts; every
     effect completes and no follow-up is appended twice."""
@@ -662,23 +666,26 @@ def test_postgres_restart_relays_and_workers_reconnect(procs: Processes, queue: 
         )  # fmt: skip
         with redis_queue_cleanup(queue):
             worker = procs.worker("worker", env, pool="prefork", concurrency=2)
-            worker.wait_for_output("ironflow relay started (process)", 30)
+            worker.wait_for_output("ironflow relay started (process)", 60)
             service = service_for(url)
+            # 30 s of handler time on 2 processes: at load 16, submitting the 300 took
+            # longer than 300 x 20 ms took to run, so all had finished before the restart.
             for i in range(n):
-                service.execute(Place(id=f"pg-{i}", sleep=0.02))
+                service.execute(Place(id=f"pg-{i}", sleep=0.2))
             service.store.dispose()
             wait_until(
                 lambda: scalar(url, "SELECT count(*) FROM e2e_calls") >= 30,
-                30,
+                60,
                 lambda: f"handlers to be under way (processed, total: {outbox_counts(url)})",
                 interval=0.05,
             )
             assert outbox_counts(url)[0] < n, "finished before the restart; slow the handler"
             pg.restart()
-            wait_until(
-                lambda: all_processed(url, n),
-                60,
-                lambda: f"{n} effects after the restart (processed, total: {outbox_counts(url)})",
+            wait_for_progress(
+                lambda: outbox_counts(url)[0],
+                n,
+                f"{n} effects after the restart",
+                diagnose=lambda: f"(processed, total): {outbox_counts(url)}",
             )
             time.sleep(0.5)
             # At-least-once handler runs, but the follow-up commits with the processed mark.
@@ -716,11 +723,14 @@ def test_end_to_end_over_rabbitmq(database_url: str, procs: Processes, queue: st
     env = make_env(database_url, AMQP_URL, queue)
     try:
         worker = procs.worker("worker", env, pool="prefork")
-        worker.wait_for_output("ironflow relay started (process)", 30)
-        service_for(database_url).execute(Place(id="amqp-1", timer_secs=1.0))
+        worker.wait_for_output("ironflow relay started (process)", 60)
+        worker.wait_for_output("ready.", 60)  # consuming: the effect cannot wait for it
+        # The timer must fire after the effect's follow-up (the expected event order): 5 s
+        # is ten times what the effect took at load 18, where 1 s lost the race.
+        service_for(database_url).execute(Place(id="amqp-1", timer_secs=5.0))
         wait_until(
             lambda: event_types(database_url, "amqp-1") == ["Placed", "Charged", "Expired"],
-            30,
+            60,
             "the effect's follow-up and the timer",
         )
         assert outbox_counts(database_url) == (1, 1)
@@ -755,9 +765,9 @@ def test_prefork_worker_metrics_count_every_pool_process(
     n = 40
     with redis_queue_cleanup(queue):
         worker = procs.worker("worker", env, pool="prefork", concurrency=2)
-        worker.wait_for_output("ironflow relay started (process)", 30)
+        worker.wait_for_output("ironflow relay started (process)", 60)
         insert_effects(database_url, n, "m-")
-        wait_until(lambda: all_processed(database_url, n), 30, "the effects to be processed")
+        wait_until(lambda: all_processed(database_url, n), 60, "the effects to be processed")
 
         def samples() -> dict[tuple[str, frozenset], float]:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
@@ -781,7 +791,7 @@ def test_prefork_worker_metrics_count_every_pool_process(
         )
         # the last acks may land a moment after the rows read as processed
         got = wait_until(
-            lambda: (s := samples()).get(processed) == n and s, 10, "every effect counted"
+            lambda: (s := samples()).get(processed) == n and s, 30, "every effect counted"
         )
         assert got[durations] == n
         pool_pids = {p.pid for p in descendants(worker.pid)}
@@ -813,11 +823,11 @@ def test_celery_a_ironflow_celery_worker_uses_package_app(
     del env["PYTHONPATH"]
     with redis_queue_cleanup(queue):
         worker = procs.worker("pkg-worker", env, pool="threads", app="ironflow_celery")
-        worker.wait_for_output("ironflow relay started (thread) for e2e_order", 30)
+        worker.wait_for_output("ironflow relay started (thread) for e2e_order", 60)
         service_for(database_url).execute(Place(id="pkg-1"))
         wait_until(
             lambda: event_types(database_url, "pkg-1") == ["Placed", "Charged"],
-            20,
+            60,
             "the package app's worker to run the effect",
         )
         assert outbox_counts(database_url) == (1, 1)

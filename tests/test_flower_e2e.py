@@ -116,7 +116,7 @@ def test_flower_shows_effects_and_a_retried_dead_letter(database_url, db, tmp_pa
         ))
         flower = f"http://127.0.0.1:{flower_port}"
         wait_until(lambda: get_json(f"{flower}/api/workers?refresh=1").get(f"{queue}@"
-                   f"{socket.gethostname()}"), 25, "Flower to see the worker")
+                   f"{socket.gethostname()}"), 60, "Flower to see the worker")
 
         service = WorkflowService(
             PostgresStore.from_url(database_url),
@@ -126,16 +126,16 @@ def test_flower_shows_effects_and_a_retried_dead_letter(database_url, db, tmp_pa
         service.execute(Submit(id="ok-1"))
         service.execute(Submit(id="bad-1"))
         service.execute(Submit(id="flaky-1"))
-        ok = wait_until(lambda: (r := effect_row(db, "ok-1")) and r.processed_at and r, 15,
+        ok = wait_until(lambda: (r := effect_row(db, "ok-1")) and r.processed_at and r, 60,
                         "ok-1 processed")
-        bad = wait_until(lambda: (r := effect_row(db, "bad-1")) and r.dead_lettered_at and r, 15,
+        bad = wait_until(lambda: (r := effect_row(db, "bad-1")) and r.dead_lettered_at and r, 60,
                          "bad-1 dead-lettered")
 
         def task_info(row_id: uuid.UUID, status: str) -> Any:
             info = get_json(f"{flower}/api/task/info/{row_id}")
             return info if f"'status': '{status}'" in (info.get("result") or "") else None
 
-        info = wait_until(lambda: task_info(ok.id, "processed"), 10, "Flower: ok-1 processed")
+        info = wait_until(lambda: task_info(ok.id, "processed"), 60, "Flower: ok-1 processed")
         assert info["name"] == "ironflow.ops_demo.effect" and info["state"] == "SUCCESS"
         assert info["args"] == f"['ops_demo:ok-1', '{ok.id}', 1]"  # workflow, row id, attempt
         assert "'effect_type': 'Deliver'" in info["kwargs"]  # the effect's type
@@ -143,7 +143,7 @@ def test_flower_shows_effects_and_a_retried_dead_letter(database_url, db, tmp_pa
         dead = wait_until(
             lambda: (i := get_json(f"{flower}/api/task/info/{bad.id}"))["state"] == "FAILURE"
             and i,
-            30,
+            60,
             "Flower: the dead letter failed",
         )
         assert dead["name"] == "ironflow.ops_demo.effect"
@@ -157,7 +157,7 @@ def test_flower_shows_effects_and_a_retried_dead_letter(database_url, db, tmp_pa
         # a failed attempt the outbox retries later: RETRY with the handler's exception,
         # and nothing re-sent through the broker (the outbox holds the backoff)
         flaky = wait_until(lambda: (r := effect_row(db, "flaky-1")) and r.attempts == 1 and r,
-                           30, "flaky-1's first attempt recorded")
+                           60, "flaky-1's first attempt recorded")
         retry = wait_until(
             lambda: (i := get_json(f"{flower}/api/task/info/{flaky.id}"))["state"] == "RETRY"
             and i,
@@ -179,16 +179,16 @@ def test_flower_shows_effects_and_a_retried_dead_letter(database_url, db, tmp_pa
         called = subprocess.run(
             [celery, "-A", APP, "call", "ironflow.dead_letters.retry",
              f"--args={json.dumps([str(bad.id)])}"],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=20, check=True,
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=60, check=True,
         )
         retry_task = called.stdout.strip()
-        wait_until(lambda: (r := effect_row(db, "bad-1")) and r.processed_at, 15,
+        wait_until(lambda: (r := effect_row(db, "bad-1")) and r.processed_at, 60,
                    "bad-1 processed after the retry")
-        retried = wait_until(lambda: task_info(bad.id, "processed"), 10, "Flower: processed")
+        retried = wait_until(lambda: task_info(bad.id, "processed"), 60, "Flower: processed")
         assert retried["name"] == "ironflow.ops_demo.effect"
         call_info = wait_until(
             lambda: (i := get_json(f"{flower}/api/task/info/{retry_task}")).get("result") and i,
-            10, "Flower: the retry task",
+            60, "Flower: the retry task",
         )
         assert call_info["name"] == "ironflow.dead_letters.retry"
         assert "'reason': 'retried'" in call_info["result"]

@@ -226,11 +226,11 @@ def test_runner_retries_a_failing_handler_after_backoff(store: PostgresStore) ->
     runner = ProjectionRunner(store, flaky, config=ProjectionConfig(poll_interval=0.02))
     thread = threading.Thread(target=runner.run, args=(stop,))
     thread.start()
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 60
     while len(calls) < 2 and time.monotonic() < deadline:
         time.sleep(0.01)
     stop.set()
-    thread.join(5)
+    thread.join(30)
     assert len(calls) == 2
     assert calls[1] - calls[0] >= 0.15
     assert projection_status(store)[0]["status"] == "ok"

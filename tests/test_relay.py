@@ -8,6 +8,7 @@ benchmarks/.
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 import uuid
@@ -15,6 +16,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
+import pytest
 import redis
 import sqlalchemy as sa
 from runtime_helpers import (
@@ -31,6 +33,7 @@ from runtime_helpers import (
     scalar,
     test_config,
     wait_for_listener,
+    wait_for_progress,
     wait_until,
 )
 from workflows import CALLS, Mode, Ping, Start, TestWorkflow, TimerStart, TimerTestWorkflow
@@ -101,10 +104,18 @@ def test_batch_claim_takes_due_rows_in_order_under_one_lease_token(
     tie = [add(6), add(6)]  # same created_at: id breaks the tie
     add(0, "unregistered_type")
     add(0, attempts=3)  # a dead letter under max_attempts=3
-    execute(db, "UPDATE ironflow.outbox SET locked_by = 'other', locked_until = now() + "
-            "interval '1 hour' WHERE id = :id", id=add(0))  # leased by another relay
-    execute(db, "UPDATE ironflow.outbox SET attempts = 1, locked_until = now() + "
-            "interval '1 hour' WHERE id = :id", id=add(0))  # in backoff
+    execute(
+        db,
+        "UPDATE ironflow.outbox SET locked_by = 'other', locked_until = now() + "
+        "interval '1 hour' WHERE id = :id",
+        id=add(0),
+    )  # leased by another relay
+    execute(
+        db,
+        "UPDATE ironflow.outbox SET attempts = 1, locked_until = now() + "
+        "interval '1 hour' WHERE id = :id",
+        id=add(0),
+    )  # in backoff
     execute(db, "UPDATE ironflow.outbox SET processed_at = now() WHERE id = :id", id=add(0))
     execute(db, "UPDATE ironflow.outbox SET dead_lettered_at = now() WHERE id = :id", id=add(0))
     expected = [due[1], due[3], due[2], due[4], due[0], *sorted(tie)]
@@ -144,40 +155,45 @@ def test_batch_claim_takes_due_rows_in_order_under_one_lease_token(
 
 
 def test_listen_notify_wakes_an_idle_relay(store: PostgresStore) -> None:
-    """An effect committed while the relay idles on a 5 s poll is published at once."""
-    config = test_config(effect_poll_interval=5.0, timer_poll_interval=5.0)
+    """An effect committed while the relay idles on a 60 s poll is published at once."""
+    config = test_config(effect_poll_interval=60.0, timer_poll_interval=60.0)
     with running_app(store, config=config) as app:
         wait_for_listener(store.engine)
-        time.sleep(0.3)  # let the relay finish its first (empty) round and go idle
+        time.sleep(1.0)  # let the relay finish its first (empty) round and go idle
         began = time.monotonic()
         app.service.execute(Start(id="wake", mode=Mode(mode="RouteResult")))
-        app.wait_for_events(T, "wake", ["Started", "Completed"], timeout=4.5)
+        app.wait_for_events(T, "wake", ["Started", "Completed"], timeout=45)
         took = time.monotonic() - began
-    assert took < 2.0, f"took {took:.2f}s: the 5 s poll, not a NOTIFY, woke the relay"
+    # A quarter of the poll: only a NOTIFY can have woken it (tolerant of a loaded machine).
+    assert took < 15.0, f"took {took:.2f}s: the 60 s poll, not a NOTIFY, woke the relay"
 
 
 def test_timer_relay_sleeps_until_fire_at(store: PostgresStore, db: sa.Engine) -> None:
-    """A timer 300 ms out fires about on time although the timer poll interval is 5 s,
-    and never before its fire_at."""
-    config = test_config(effect_poll_interval=5.0, timer_poll_interval=5.0)
+    """A timer 300 ms out fires long before the 60 s timer poll would have found it, and
+    never before its fire_at."""
+    config = test_config(effect_poll_interval=60.0, timer_poll_interval=60.0)
     with running_app(store, config=config) as app:
         wait_for_listener(db)
-        time.sleep(0.3)
+        time.sleep(1.0)
         began = time.monotonic()
         app.service.execute(TimerStart(id="soon", timeout_secs=0.3, timer_key="soon"))
-        wait_until(lambda: "TimedOut" in app.events(TT, "soon"), timeout=4.5)
+        wait_until(lambda: "TimedOut" in app.events(TT, "soon"), timeout=45)
         took = time.monotonic() - began
     [timer] = rows(db, "SELECT * FROM ironflow.timers WHERE workflow_id = 'soon'")
     assert timer.processed_at is not None and timer.processed_at >= timer.fire_at
-    assert (timer.processed_at - timer.fire_at).total_seconds() < 2.0
-    assert 0.25 <= took < 2.5, f"took {took:.2f}s"
+    # A quarter of the poll: the relay slept until fire_at, it was not the poll that fired it.
+    assert (timer.processed_at - timer.fire_at).total_seconds() < 15.0
+    assert 0.25 <= took < 15.0, f"took {took:.2f}s"
 
 
+@pytest.mark.timeout(600)  # the drain waits for progress, not for a wall time
 def test_back_pressure_bounds_the_broker_queue(store: PostgresStore, db: sa.Engine) -> None:
-    """With max_in_flight=100 and a 10,000-row backlog nobody consumes, the queue never
-    holds more than 100 messages and at most 100 rows are claimed; once a worker starts,
-    all 10,000 complete."""
-    n = 10_000
+    """With max_in_flight=100 and a backlog of 20 times that (IRONFLOW_RELAY_BACKLOG=10000
+    for the full size) nobody consumes, the queue never holds more than 100 messages and at
+    most 100 rows are claimed; once a worker starts, all of them complete, each once."""
+    # 2,000 shows the bound as 10,000 does; draining 10,000 in-process took 181-323 s on
+    # two busy cores, a third of the whole suite.
+    n = int(os.environ.get("IRONFLOW_RELAY_BACKLOG", "2000"))
     # This test's own database only: skip the WAL flush per commit (20,000 ack commits
     # follow). Visibility and locking are unchanged; only crash durability is.
     name = scalar(db, "SELECT current_database()")
@@ -198,7 +214,7 @@ def test_back_pressure_bounds_the_broker_queue(store: PostgresStore, db: sa.Engi
         wait_until(lambda: app.queue_length() >= 100, what="the first 100 messages")
         deadline = time.monotonic() + 2.0
         samples = 0
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline or samples < 10:  # 2 s and 10 samples at least
             assert app.queue_length() <= 100
             claimed = scalar(
                 db,
@@ -211,19 +227,19 @@ def test_back_pressure_bounds_the_broker_queue(store: PostgresStore, db: sa.Engi
         assert samples >= 10
         assert app.queue_length() == 100  # it did fill up to the limit, and no further
         app.start_worker()
-        _wait_drained(db, timeout=90)
+        _wait_drained(db)
         assert app.queue_length() == 0
     assert len(CALLS.calls) == n
     assert set(CALLS.counter.values()) == {1}
 
 
-def _wait_drained(db: sa.Engine, timeout: float) -> None:
-    wait_until(
-        lambda: scalar(db, "SELECT count(*) FROM ironflow.outbox WHERE processed_at IS NULL")
-        == 0,
-        timeout=timeout,
-        interval=0.25,
-        what="the backlog to drain",
+def _wait_drained(db: sa.Engine) -> None:
+    """Wait until every outbox row is processed; fail only if processing stalls (90 s)."""
+    total = scalar(db, "SELECT count(*) FROM ironflow.outbox")
+    wait_for_progress(
+        lambda: scalar(db, "SELECT count(processed_at) FROM ironflow.outbox"),
+        total,
+        "the backlog to drain",
     )
 
 
@@ -265,14 +281,15 @@ def test_failed_publish_releases_claims_at_once(store: PostgresStore, db: sa.Eng
     # nothing was lost: a relay with a working broker delivers every row
     with running_app(store):
         wait_until(
-            lambda: scalar(
-                db, "SELECT count(*) FROM ironflow.outbox WHERE processed_at IS NOT NULL"
+            lambda: (
+                scalar(db, "SELECT count(*) FROM ironflow.outbox WHERE processed_at IS NOT NULL")
+                == 3
             )
-            == 3
         )
     assert sorted(CALLS.counter) == sorted(str(i) for i in ids)
 
 
+@pytest.mark.timeout(600)  # waits for progress (90 s stall), not for a wall time
 def test_two_relay_groups_never_claim_the_same_row(store: PostgresStore, db: sa.Engine) -> None:
     """Two relay groups (two relay threads each) on one database: every row is claimed
     by exactly one of them, both take part, and each handler runs once."""
@@ -308,7 +325,7 @@ def test_two_relay_groups_never_claim_the_same_row(store: PostgresStore, db: sa.
         for group in groups:
             group.start()
         try:
-            _wait_drained(db, timeout=60)
+            _wait_drained(db)
         finally:
             for group in groups:
                 assert group.stop(5)

@@ -113,7 +113,7 @@ def retry_dead_letter(db: sa.Engine, table: str, row_id: Any) -> bool:
     )
 
 
-def wait_for_lock_waiters(db: sa.Engine, n: int = 1, timeout: float = 5.0) -> None:
+def wait_for_lock_waiters(db: sa.Engine, n: int = 1, timeout: float = 60.0) -> None:
     """Block until `n` backends of this database wait on a heavyweight lock."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -525,7 +525,7 @@ def test_different_workflow_instances_can_execute_concurrently(
 
     def run(i: int) -> None:
         with store.begin(T, f"wf-{i}") as uow:
-            barrier.wait(timeout=5)
+            barrier.wait(timeout=30)
             uow.append_events([{"type": "Pinged", "n": i}])
             uow.commit()
 
@@ -962,7 +962,7 @@ def test_unique_key_race_started_together(
         key = f"k-{n}"
 
         def run(wid: str, barrier: threading.Barrier = barrier, key: str = key) -> str:
-            barrier.wait(timeout=5)
+            barrier.wait(timeout=30)
             with store.begin(T, wid, key) as uow:
                 uow.append_events([{"type": "Started", "by": wid}])
                 uow.commit()
