@@ -161,7 +161,7 @@ def test_flower_shows_effects_and_a_retried_dead_letter(database_url, db, tmp_pa
         retry = wait_until(
             lambda: (i := get_json(f"{flower}/api/task/info/{flaky.id}"))["state"] == "RETRY"
             and i,
-            30,
+            60,
             "Flower: the failed attempt retried",
         )
         assert retry["name"] == "ironflow.ops_demo.effect"
