@@ -443,15 +443,12 @@ def _report_failure(
             "?" if retry_in is None else f"{retry_in:.1f}", error,
         )  # fmt: skip
         if exc is not None:
-            log.debug(
-                "handler traceback:\n%s",
-                "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
-            )
+            log.debug("handler traceback:\n%s", _traceback_text(exc))
     elif status == "dead-lettered":
         log.error(
-            "ironflow %s %s of %s (%s) dead-lettered after %d attempt(s): %s",
+            "ironflow %s %s of %s (%s) dead-lettered after %d attempt(s): %s%s",
             kind, started.id, ref, tag, attempt, error,
-            exc_info=(type(exc), exc, exc.__traceback__) if exc is not None else None,
+            "" if exc is None else "\n" + _traceback_text(exc),
         )  # fmt: skip
         dead_lettered.send(
             sender=runtime.registry.get(started.workflow_type).workflow,
@@ -463,6 +460,13 @@ def _report_failure(
             error=error,
             exception=exc,
         )
+
+
+def _traceback_text(exc: BaseException) -> str:
+    """The handler's traceback, escaped as ``last_error`` is: formatted here rather than
+    passed as ``exc_info``, because a handler's message may hold text (a lone surrogate)
+    that no UTF-8 log handler, log shipper or pytest-xdist report can encode."""
+    return storable_text("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
 
 
 def dead_letter(runtime: WorkflowRuntime, kind: Kind, started: StartedRow, error: str) -> Status:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import sqlalchemy as sa
 from runtime_helpers import DEFAULT_WORKFLOWS, TestApp, rows, test_config
 from workflows import Mode, Start, TestWorkflow
@@ -21,7 +22,7 @@ T = TestWorkflow.type
 
 
 def test_a_handler_error_with_nul_or_surrogate_text_is_recorded(
-    store: PostgresStore, db: sa.Engine
+    store: PostgresStore, db: sa.Engine, caplog: pytest.LogCaptureFixture
 ) -> None:
     messages = iter(["bad \x00 byte", "bad \udcff byte"])
 
@@ -48,6 +49,9 @@ def test_a_handler_error_with_nul_or_surrogate_text_is_recorded(
         assert result["status"] == status, result
         [stored] = rows(db, "SELECT last_error FROM ironflow.outbox WHERE id = :id", id=row.id)
         assert stored.last_error == error
+    # and logged escaped too: a lone surrogate in a log line breaks UTF-8 log handlers
+    assert "bad \\udcff byte" in caplog.text
+    caplog.text.encode("utf-8")  # raises on an unescaped surrogate
     app.stop()
 
 
