@@ -252,7 +252,7 @@ class WorkflowRuntime:
             self.store,
             self.registry.types,
             self.config,
-            celery_publisher(self.app, self.store if self.config.tracing else None),
+            celery_publisher(self.app, forward_traces=self.config.tracing),
             worker_id=self.worker_id,
             effects=effects,
             timers=timers,

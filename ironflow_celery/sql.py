@@ -158,7 +158,7 @@ CLAIM_EFFECTS = text(f"""
         FOR UPDATE SKIP LOCKED
     ))
     RETURNING id, workflow_type, workflow_id, attempts, created_at,
-              pg_postmaster_start_time() AS server_started,
+              pg_postmaster_start_time() AS server_started, celery_trace_context,
               payload->>'type' AS effect_type,
               -- when the row became due: the end of its previous backoff or lease (a
               -- sub-select sees the row as it was before this UPDATE), else its creation
@@ -278,7 +278,7 @@ CLAIM_TIMERS = text(f"""
         FOR UPDATE SKIP LOCKED
     ))
     RETURNING id, workflow_type, workflow_id, attempts, created_at, fire_at,
-              pg_postmaster_start_time() AS server_started,
+              pg_postmaster_start_time() AS server_started, celery_trace_context,
               input->>'type' AS effect_type,
               GREATEST(fire_at, (SELECT p.locked_until FROM ironflow.timers AS p
                                  WHERE p.id = timers.id)) AS due_at
@@ -599,20 +599,9 @@ CLAIM_LIMITED_EFFECTS = text(f"""
         FOR UPDATE SKIP LOCKED
     ))
     RETURNING id, workflow_type, workflow_id, attempts, created_at,
-              pg_postmaster_start_time() AS server_started,
+              pg_postmaster_start_time() AS server_started, celery_trace_context,
               payload->>'type' AS effect_type,
               -- as CLAIM_EFFECTS: the end of its previous backoff or lease, else its creation
               COALESCE((SELECT p.locked_until FROM ironflow.outbox AS p WHERE p.id = outbox.id),
                        created_at) AS due_at
 """)
-
-# -- trace context (issue 14 §3, ironflow_celery.tracing) -------------------------------
-# Read by the relay only when opentelemetry-api is installed: a primary-key probe per
-# published batch, apart from the claim so the claim statement stays as it is.
-TRACE_CONTEXTS = {
-    kind: text(f"""
-        SELECT id, celery_trace_context FROM {table}
-        WHERE id = ANY(CAST(:ids AS uuid[])) AND celery_trace_context IS NOT NULL
-    """)
-    for kind, table in (("effect", "ironflow.outbox"), ("timer", "ironflow.timers"))
-}

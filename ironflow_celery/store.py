@@ -151,6 +151,8 @@ class ClaimedRow:
     due_at: datetime | None = None
     """When the row became claimable: created (or ``fire_at``), or its last backoff or
     lease ended; what ``ironflow_dispatch_to_start_seconds`` measures from."""
+    trace_context: str | None = None
+    """The OpenTelemetry context stored by the input that wrote the row (see tracing)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -615,6 +617,7 @@ class PostgresStore:
                 server_started=r.server_started,
                 effect_type=r.effect_type,
                 due_at=r.due_at,
+                trace_context=r.celery_trace_context,
             )
             for r in found
         ]
@@ -649,13 +652,6 @@ class PostgresStore:
                     },
                 ).fetchall()
         return found
-
-    def trace_contexts(self, kind: str, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, str]:
-        """The stored trace contexts of these rows (rows without one are left out)."""
-        if not ids:
-            return {}
-        found = self._run(sql.TRACE_CONTEXTS[kind], {"ids": list(ids)}, relaxed=True)
-        return {r.id: r.celery_trace_context for r in found}
 
     def release_effects(self, ids: Sequence[uuid.UUID], token: str) -> int:
         """Give claimed effects back at once (a publish failed)."""
@@ -846,6 +842,7 @@ class PostgresStore:
                 r.server_started,
                 effect_type=r.effect_type,
                 due_at=r.due_at,
+                trace_context=r.celery_trace_context,
             )
             for r in rows
         ]

@@ -541,7 +541,7 @@ def _worker_round(
         return []
     decoded = {row.id: _decode(runtime, kind, row) for row in rows}
     try:
-        celery_publisher(runtime.app, runtime.store)(kind, rows)
+        celery_publisher(runtime.app, forward_traces=runtime.config.tracing)(kind, rows)
     except Exception:
         (runtime.store.release_effects if kind == "effect" else runtime.store.release_timers)(
             [r.id for r in rows], token
