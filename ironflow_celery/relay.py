@@ -439,7 +439,7 @@ class Relay:
         if not self.in_flight:
             return
         # Normally one group: the claims of one server run. After a PostgreSQL restart the
-        # older group renews nothing (see sql.RENEW_EFFECT_DISPATCHES) and is forgotten.
+        # older group renews nothing (see sql.RENEW_DISPATCHES) and is forgotten.
         # Rows coming due within one short period are renewed together, so a stream of
         # claims costs one renewal statement per period, not one per claim batch.
         horizon = now + self._renew_every

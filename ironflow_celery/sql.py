@@ -236,29 +236,37 @@ RENEW_EFFECT_LEASES = text("""
     RETURNING o.id
 """)
 
-# Back-pressure: which of a relay's published rows still wait to start, i.e. are still held
-# by the claim's own token (the start guard moves a row to a run token; finishing, failing
-# or releasing it clears the token; another relay's re-claim replaces it).
 # A relay keeps its published, unstarted rows leased (invariant 10) -- but only while the
 # server that granted their claims still runs. Start guards commit without a WAL flush, so
 # a crash may lose one whose handler already ran (its message consumed): that row would be
 # back under the claim token, and renewing it would strand it. After any restart, rows
 # claimed before it are left to expire once and are published again.
-RENEW_EFFECT_DISPATCHES = text("""
-    UPDATE ironflow.outbox AS o
-    SET locked_until = now() + make_interval(secs => :lease)
-    FROM unnest(CAST(:ids AS uuid[]), CAST(:tokens AS text[])) AS a(id, token)
-    WHERE o.id = a.id AND o.locked_by = a.token AND o.processed_at IS NULL
-      AND pg_postmaster_start_time() = CAST(:server_started AS timestamptz)
-    RETURNING o.id
-""")
+_RELAY_TABLES = {"effect": "ironflow.outbox", "timer": "ironflow.timers"}
 
-EFFECTS_STILL_DISPATCHED = text("""
-    SELECT o.id FROM ironflow.outbox AS o
-    JOIN unnest(CAST(:ids AS uuid[]), CAST(:tokens AS text[])) AS a(id, token)
-      ON o.id = a.id AND o.locked_by = a.token
-    WHERE o.processed_at IS NULL
-""")
+RENEW_DISPATCHES = {
+    kind: text(f"""
+        UPDATE {table} AS r
+        SET locked_until = now() + make_interval(secs => :lease)
+        FROM unnest(CAST(:ids AS uuid[]), CAST(:tokens AS text[])) AS a(id, token)
+        WHERE r.id = a.id AND r.locked_by = a.token AND r.processed_at IS NULL
+          AND pg_postmaster_start_time() = CAST(:server_started AS timestamptz)
+        RETURNING r.id
+    """)
+    for kind, table in _RELAY_TABLES.items()
+}
+
+# Back-pressure: which of a relay's published rows still wait to start, i.e. are still held
+# by the claim's own token (the start guard moves a row to a run token; finishing, failing
+# or releasing it clears the token; another relay's re-claim replaces it).
+STILL_DISPATCHED = {
+    kind: text(f"""
+        SELECT r.id FROM {table} AS r
+        JOIN unnest(CAST(:ids AS uuid[]), CAST(:tokens AS text[])) AS a(id, token)
+          ON r.id = a.id AND r.locked_by = a.token
+        WHERE r.processed_at IS NULL
+    """)
+    for kind, table in _RELAY_TABLES.items()
+}
 
 # -- timer relay --------------------------------------------------------------------
 
@@ -358,22 +366,6 @@ RENEW_TIMER_LEASES = text("""
     FROM unnest(CAST(:ids AS uuid[]), CAST(:tokens AS text[])) AS a(id, token)
     WHERE t.id = a.id AND t.locked_by = a.token AND t.processed_at IS NULL
     RETURNING t.id
-""")
-
-RENEW_TIMER_DISPATCHES = text("""
-    UPDATE ironflow.timers AS t
-    SET locked_until = now() + make_interval(secs => :lease)
-    FROM unnest(CAST(:ids AS uuid[]), CAST(:tokens AS text[])) AS a(id, token)
-    WHERE t.id = a.id AND t.locked_by = a.token AND t.processed_at IS NULL
-      AND pg_postmaster_start_time() = CAST(:server_started AS timestamptz)
-    RETURNING t.id
-""")
-
-TIMERS_STILL_DISPATCHED = text("""
-    SELECT t.id FROM ironflow.timers AS t
-    JOIN unnest(CAST(:ids AS uuid[]), CAST(:tokens AS text[])) AS a(id, token)
-      ON t.id = a.id AND t.locked_by = a.token
-    WHERE t.processed_at IS NULL
 """)
 
 # -- projections ---------------------------------------------------------------------

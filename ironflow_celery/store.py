@@ -783,9 +783,7 @@ class PostgresStore:
         only while the server that granted the claims still runs (none renewed otherwise)."""
         if not items:
             return set()
-        statement = (
-            sql.RENEW_EFFECT_DISPATCHES if kind == "effect" else sql.RENEW_TIMER_DISPATCHES
-        )
+        statement = sql.RENEW_DISPATCHES[kind]
         params = {
             "ids": [i for i, _ in items],
             "tokens": [t for _, t in items],
@@ -800,9 +798,7 @@ class PostgresStore:
         """Which of these published rows still wait to start under their claim tokens."""
         if not items:
             return set()
-        statement = (
-            sql.EFFECTS_STILL_DISPATCHED if kind == "effect" else sql.TIMERS_STILL_DISPATCHED
-        )
+        statement = sql.STILL_DISPATCHED[kind]
         params = {"ids": [i for i, _ in items], "tokens": [t for _, t in items]}
         return {r.id for r in self._run(statement, params, relaxed=True)}
 
