@@ -9,7 +9,7 @@
 Needs only Python 3.11+. It creates `.venv` beside this file, installs `-e .[dev]` into it
 (again only when pyproject.toml changed), then re-runs itself inside the venv, where it
 finds PostgreSQL and a broker (configured, local, or embedded — see
-`ironflow_celery.local_services`), exports them as IRONFLOW_DATABASE_URL and
+`devtools.local_services`), exports them as IRONFLOW_DATABASE_URL and
 CELERY_BROKER_URL, runs the command, stops what it started and exits with the command's code.
 
 Standard library only: this file runs before any dependency is installed.
@@ -144,8 +144,8 @@ def reexec(python: Path, argv: list[str]) -> int:
 
 def run(command: str, extra: list[str]) -> int:
     """Resolve the services, run `command` with them in its environment, stop them, return."""
+    from devtools.local_services import resolve_services
     from ironflow_celery.errors import IronflowError
-    from ironflow_celery.local_services import resolve_services
 
     # SIGTERM (CI cancelling a job) must still stop the embedded servers: make it an exit.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))

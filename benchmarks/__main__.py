@@ -2,7 +2,7 @@
 
 Every run creates a fresh database (dropped afterwards) on the PostgreSQL of
 ``IRONFLOW_DATABASE_URL`` (else the local or an embedded one, see
-`ironflow_celery.local_services`), uses private broker queues, and compares each ironflow
+`devtools.local_services`), uses private broker queues, and compares each ironflow
 figure with a baseline measured in the same run. Workers are real ``celery worker``
 processes with the same settings for plain Celery and ironflow (`WORKER`).
 
@@ -550,9 +550,9 @@ class Bench:
     def row6_relay_alone(self) -> dict[str, Any]:
         from celery import Celery
 
-        from ironflow_celery import sql
-        from ironflow_celery.config import RuntimeConfig
-        from ironflow_celery.relay import Relay, celery_publisher
+        from ironflow_celery.engine.relay import Relay, celery_publisher
+        from ironflow_celery.model.config import RuntimeConfig
+        from ironflow_celery.storage import sql
 
         n = int(self.sizes["r6"])
         self.prefill_effects("bench_raw6", "raw6-", n)
@@ -870,7 +870,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = SIZES[mode]
     WORKER["concurrency"] = args.concurrency
 
-    from ironflow_celery.local_services import resolve_services
+    from devtools.local_services import resolve_services
 
     results: list[dict[str, Any]] = []
     started = time.monotonic()

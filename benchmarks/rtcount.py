@@ -8,7 +8,7 @@ client, from SQLAlchemy's events, one round trip each:
   autocommit mode);
 - ``commit`` / ``rollback``: ``COMMIT`` / ``ROLLBACK`` when a transaction is open;
 - pool ``checkout`` of a connection that sat idle for ``IDLE_PING_AFTER`` seconds: the
-  engine pings it first (``ironflow_celery.db``); a connection reused sooner is not pinged.
+  engine pings it first (``ironflow_celery.storage.db``); a connection reused sooner is not pinged.
 
 Each process writes ``{"pid", "role", counts}`` to ``<dir>/<pid>.json`` every 0.2 s.
 """
@@ -88,7 +88,7 @@ def install(directory: str) -> None:
 def _on_checkout(dbapi_connection, record, proxy) -> None:
     import time
 
-    from ironflow_celery.db import IDLE_PING_AFTER
+    from ironflow_celery.storage.db import IDLE_PING_AFTER
 
     last = record.info.get("ironflow_checkin")
     if last is not None and time.monotonic() - last >= IDLE_PING_AFTER:

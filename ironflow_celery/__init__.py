@@ -2,9 +2,9 @@
 
 from typing import TYPE_CHECKING, Any
 
-from ._version import __version__
-from .config import RetryPolicy, RuntimeConfig
-from .errors import (
+from ironflow_celery._version import __version__
+from ironflow_celery.engine.runtime import WorkflowBuilder, WorkflowRuntime
+from ironflow_celery.errors import (
     ConfigurationError,
     DatabaseUnavailable,
     DuplicateWorkflowType,
@@ -19,12 +19,10 @@ from .errors import (
     UniqueKeyConflict,
     UnknownWorkflowType,
 )
-from .messages import Message
-from .runtime import WorkflowBuilder, WorkflowRuntime
-from .service import Registry, WorkflowService, WorkflowServiceConfig
-from .store import PostgresStore, StoredEvent, WorkflowInstanceSummary
-from .views import StateMachineDefinition
-from .workflow import (
+from ironflow_celery.model.config import RetryPolicy, RuntimeConfig
+from ironflow_celery.model.messages import Message
+from ironflow_celery.model.views import StateMachineDefinition
+from ironflow_celery.model.workflow import (
     Accepted,
     AlreadyCompleted,
     CancelNotice,
@@ -37,6 +35,23 @@ from .workflow import (
     Workflow,
     WorkflowRef,
 )
+from ironflow_celery.operations.cancel import CancelResult
+from ironflow_celery.operations.projections import (
+    FunctionProjection,
+    Projection,
+    ProjectionConfig,
+    ProjectionEvent,
+    ProjectionRunner,
+    projection,
+    run_projections,
+)
+from ironflow_celery.service.workflow_service import (
+    Registry,
+    WorkflowService,
+    WorkflowServiceConfig,
+)
+from ironflow_celery.storage.dead_letters import DeadLetter, DeadLetterQuery, RetryResult
+from ironflow_celery.storage.store import PostgresStore, StoredEvent, WorkflowInstanceSummary
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -46,7 +61,7 @@ if TYPE_CHECKING:
 
 def install(app: Any, workflows: Any = (), **kwargs: Any) -> WorkflowRuntime:
     """Add ironflow to an existing Celery app (see `ironflow_celery.celery_app.install`)."""
-    from .celery_app import install as _install
+    from ironflow_celery.celery_app import install as _install
 
     return _install(app, workflows, **kwargs)
 
@@ -55,7 +70,7 @@ def __getattr__(name: str) -> Any:
     # The package's Celery app, created on first access so that importing the package
     # has no side effects; ``celery -A ironflow_celery worker`` finds it here.
     if name in ("app", "celery"):
-        from .celery_app import default_app
+        from ironflow_celery.celery_app import default_app
 
         return default_app()
     raise AttributeError(f"module 'ironflow_celery' has no attribute {name!r}")
@@ -65,14 +80,18 @@ __all__ = [
     "Accepted",
     "AlreadyCompleted",
     "CancelNotice",
+    "CancelResult",
     "ConfigurationError",
     "DatabaseUnavailable",
+    "DeadLetter",
     "DeadLetterNotice",
+    "DeadLetterQuery",
     "Decision",
     "DuplicateWorkflowType",
     "EffectContext",
     "EventDeserializationError",
     "ExecuteOutcome",
+    "FunctionProjection",
     "InvalidPayload",
     "InvalidText",
     "InvalidWorkflowDefinition",
@@ -81,9 +100,14 @@ __all__ = [
     "MigrationError",
     "PermanentEffectError",
     "PostgresStore",
+    "Projection",
+    "ProjectionConfig",
+    "ProjectionEvent",
+    "ProjectionRunner",
     "Registry",
     "Rejected",
     "RetryPolicy",
+    "RetryResult",
     "RuntimeConfig",
     "StateMachineDefinition",
     "StorageError",
@@ -100,4 +124,6 @@ __all__ = [
     "WorkflowServiceConfig",
     "__version__",
     "install",
+    "projection",
+    "run_projections",
 ]

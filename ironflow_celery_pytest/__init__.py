@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 if TYPE_CHECKING:
-    from ironflow_celery.config import RuntimeConfig
+    from ironflow_celery.model.config import RuntimeConfig
     from ironflow_celery.testing import TestClock, TestDatabases, WorkflowTestEnv
 
 

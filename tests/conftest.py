@@ -17,9 +17,9 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
-from ironflow_celery import schema
-from ironflow_celery.db import create_engine, normalize_url
-from ironflow_celery.store import PostgresStore
+from ironflow_celery.storage import schema
+from ironflow_celery.storage.db import create_engine, normalize_url
+from ironflow_celery.storage.store import PostgresStore
 
 pytest_plugins = ("celery.contrib.pytest",)
 

@@ -28,7 +28,7 @@ from waiting import wait_for_progress  # noqa: F401  (re-exported for the tests)
 from workflows import CALLS, TestWorkflow, TimerTestWorkflow, test_handler, timer_test_handler
 
 from ironflow_celery import RetryPolicy, RuntimeConfig, WorkflowRuntime, install
-from ironflow_celery.store import PostgresStore
+from ironflow_celery.storage.store import PostgresStore
 
 BROKER_URL = os.environ.get("IRONFLOW_TEST_BROKER_URL", "redis://127.0.0.1:6379/5")
 CLOSED_BROKER_URL = "redis://127.0.0.1:1/0"

@@ -51,8 +51,8 @@ from ironflow_celery import (
     Timer,
     Workflow,
 )
-from ironflow_celery.store import ClaimedRow, PostgresStore
-from ironflow_celery.tasks import run_effect, run_timer
+from ironflow_celery.engine.tasks import run_effect, run_timer
+from ironflow_celery.storage.store import ClaimedRow, PostgresStore
 
 T = TestWorkflow.type
 MAX = 3
@@ -200,9 +200,7 @@ def make_app(store: PostgresStore, handler: Any = None, **config: Any) -> TestAp
 
 def claim(app: TestApp, token: str = "relay#1", kind: str = "effect") -> list[ClaimedRow]:
     fn = app.store.claim_effects if kind == "effect" else app.store.claim_timers
-    lease = (
-        app.config.effect_lock_duration if kind == "effect" else app.config.timer_lock_duration
-    )
+    lease = app.config.effect_lock_duration if kind == "effect" else app.config.timer_lock_duration
     return fn(token, TYPES, lease_seconds=lease, max_attempts=MAX, limit=10)
 
 
@@ -276,8 +274,11 @@ def test_lease_lost_while_handler_runs_discards_the_result(
     its failure are both discarded."""
 
     def handler(effect: Any, ctx: EffectContext) -> Any:
-        execute(db, "UPDATE ironflow.outbox SET locked_until = now() - interval '1 second'"
-                " WHERE id = :id", id=ctx.effect_id)
+        execute(
+            db,
+            "UPDATE ironflow.outbox SET locked_until = now() - interval '1 second' WHERE id = :id",
+            id=ctx.effect_id,
+        )
         assert claim(app, "thief#1"), "the expired row should be claimable"
         if ctx.workflow.workflow_id == "fails":
             raise RuntimeError("boom")
@@ -427,7 +428,8 @@ def test_failure_stores_backoff_in_locked_until(store: PostgresStore, db: sa.Eng
     assert after.attempts == 1 and after.locked_by is None
     assert after.last_error == "RuntimeError: permanent failure"
     remaining = scalar(
-        db, "SELECT EXTRACT(EPOCH FROM locked_until - now()) FROM ironflow.outbox WHERE id = :id",
+        db,
+        "SELECT EXTRACT(EPOCH FROM locked_until - now()) FROM ironflow.outbox WHERE id = :id",
         id=row.id,
     )
     assert 1.0 < float(remaining) <= 2.0
@@ -537,9 +539,7 @@ def test_effect_payload_that_no_longer_validates_dead_letters(
     app.stop()
 
 
-def test_handler_returning_a_wrong_input_fails_clearly(
-    store: PostgresStore, db: sa.Engine
-) -> None:
+def test_handler_returning_a_wrong_input_fails_clearly(store: PostgresStore, db: sa.Engine) -> None:
     def wrong(effect: Any, ctx: EffectContext) -> Any:
         if ctx.workflow.workflow_id == "other-workflow":
             return TimerStart(id="x", timeout_secs=1)  # an input of timer_test
@@ -673,8 +673,12 @@ def test_a_timer_whose_runs_never_finish_is_dead_lettered_and_retry_resets_it(
     store: PostgresStore, db: sa.Engine
 ) -> None:
     app = make_app(store)
-    timer_id = insert_timer(db, T, "timer-poison", {"type": "Start", "id": "timer-poison",
-                                                     "mode": {"mode": "FireAndForget"}})
+    timer_id = insert_timer(
+        db,
+        T,
+        "timer-poison",
+        {"type": "Start", "id": "timer-poison", "mode": {"mode": "FireAndForget"}},
+    )
     for n in range(1, MAX + 1):
         [row] = claim(app, f"relay#{n}", "timer")
         # the start guard ran and then the worker died before recording anything

@@ -18,9 +18,9 @@ from runtime_helpers import DEFAULT_WORKFLOWS, outbox, running_app, test_config
 from workflows import CompleteInput, Increment, Mode, Process, Start, TestWorkflow
 
 from ironflow_celery import EffectContext, InvalidWorkflowDefinition, Registry, RetryPolicy
-from ironflow_celery.aio import LOOP, call_handler, is_async_handler
-from ironflow_celery.service import WorkflowService
-from ironflow_celery.store import PostgresStore
+from ironflow_celery.service.aio import LOOP, call_handler, is_async_handler
+from ironflow_celery.service.workflow_service import WorkflowService
+from ironflow_celery.storage.store import PostgresStore
 
 TIMEOUT = 120
 seen_threads: set[str] = set()

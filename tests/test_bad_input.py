@@ -42,7 +42,7 @@ from ironflow_celery import (
     WorkflowService,
     WorkflowServiceConfig,
 )
-from ironflow_celery.store import TimerSpec
+from ironflow_celery.storage.store import TimerSpec
 
 T = TestWorkflow.type
 TABLES = (
@@ -310,8 +310,8 @@ def test_unstorable_ids_filters_and_names_are_clear_value_errors(
     seeded: WorkflowService, db: sa.Engine
 ) -> None:
     from ironflow_celery import InvalidText
-    from ironflow_celery import dead_letters as dl
-    from ironflow_celery.projections import reset_projection
+    from ironflow_celery.operations.projections import reset_projection
+    from ironflow_celery.storage import dead_letters as dl
 
     store = seeded.store
     for bad, _ in UNSTORABLE.values():

@@ -37,7 +37,11 @@ def test_benchmarks_smoke_run_reports_every_row(tmp_path: Path) -> None:
     env = dict(os.environ, PYTHONPATH=path)
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks", "--smoke", "--output", str(output)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "ironflow_celery benchmarks (smoke)" in proc.stdout

@@ -16,8 +16,8 @@ from sqlalchemy.engine import make_url
 from workflows import Increment, Start, TestWorkflow, test_handler
 
 from ironflow_celery import Registry, WorkflowService
-from ironflow_celery.borrowed import borrowed_connection
-from ironflow_celery.store import PostgresStore
+from ironflow_celery.storage.borrowed import borrowed_connection
+from ironflow_celery.storage.store import PostgresStore
 
 
 @pytest.fixture

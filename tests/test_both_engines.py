@@ -23,8 +23,8 @@ from workflows import Mode, Start, TestWorkflow, test_handler
 
 from ironflow_celery import EffectContext, PermanentEffectError
 from ironflow_celery import dead_letters as dl
-from ironflow_celery.store import ClaimedRow, PostgresStore
-from ironflow_celery.tasks import run_effect, run_timer
+from ironflow_celery.engine.tasks import run_effect, run_timer
+from ironflow_celery.storage.store import ClaimedRow, PostgresStore
 
 T = TestWorkflow.type
 MAX = 3

@@ -29,12 +29,12 @@ from ironflow_celery import (
     Timer,
     Workflow,
 )
-from ironflow_celery import cancel as cx
 from ironflow_celery import dead_letters as dl
 from ironflow_celery.cli import EXIT_OK, EXIT_REFUSED, EXIT_USAGE, main
-from ironflow_celery.status import queue_status
-from ironflow_celery.store import PostgresStore
-from ironflow_celery.tasks import run_effect
+from ironflow_celery.engine.tasks import run_effect
+from ironflow_celery.operations import cancel as cx
+from ironflow_celery.operations.status import queue_status
+from ironflow_celery.storage.store import PostgresStore
 
 MAX = 3
 

@@ -15,8 +15,8 @@ from runtime_helpers import TestApp, scalar, wait_until
 from workflows import Mode, Start
 
 from ironflow_celery import install
-from ironflow_celery.config import results_ignored
-from ironflow_celery.store import PostgresStore
+from ironflow_celery.model.config import results_ignored
+from ironflow_celery.storage.store import PostgresStore
 
 RESULT_BACKEND = os.environ.get("IRONFLOW_TEST_RESULT_BACKEND", "redis://127.0.0.1:6379/6")
 TIMEOUT = 120

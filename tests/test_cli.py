@@ -49,8 +49,9 @@ def as_json(result) -> dict:
 
 def test_status(cli, db):
     insert_row(db, workflow_type="orders", attempts=0, dead=False, age_seconds=120)  # pending
-    insert_row(db, workflow_type="orders", attempts=0, dead=False, locked_by="r#1",
-               lease_seconds=60)  # in flight
+    insert_row(
+        db, workflow_type="orders", attempts=0, dead=False, locked_by="r#1", lease_seconds=60
+    )  # in flight
     insert_row(db, workflow_type="orders", attempts=1, dead=False, lease_seconds=30)  # backoff
     insert_row(db, workflow_type="orders")  # dead
     insert_row(db, "timer", workflow_type="orders", attempts=0, dead=False)  # due
@@ -60,11 +61,16 @@ def test_status(cli, db):
     by_type = {r["workflow_type"]: r for r in data["workflow_types"]}
     orders = by_type["orders"]
     assert {k: orders["effects"][k] for k in ("pending", "in_flight", "backing_off", "dead")} == {
-        "pending": 1, "in_flight": 1, "backing_off": 1, "dead": 1,
+        "pending": 1,
+        "in_flight": 1,
+        "backing_off": 1,
+        "dead": 1,
     }
     assert orders["effects"]["oldest_pending_age"] >= 119
     assert (orders["timers"]["due"], orders["timers"]["pending"], orders["timers"]["dead"]) == (
-        1, 1, 0,
+        1,
+        1,
+        0,
     )
     assert by_type["billing"]["timers"]["dead"] == 1 and by_type["billing"]["effects"]["dead"] == 0
     human = cli("status")
@@ -78,8 +84,19 @@ def test_list_count_and_pagination(cli, db):
     insert_row(db, workflow_type="billing", error="KeyError: sku")
     first = as_json(cli("dead-letters", "list", "--type", "orders", "--limit", "3", "--json"))
     assert [i["id"] for i in first["items"]] == ids[:3] and first["next_cursor"]
-    second = as_json(cli("dead-letters", "list", "--type", "orders", "--limit", "3",
-                         "--after", first["next_cursor"], "--json"))
+    second = as_json(
+        cli(
+            "dead-letters",
+            "list",
+            "--type",
+            "orders",
+            "--limit",
+            "3",
+            "--after",
+            first["next_cursor"],
+            "--json",
+        )
+    )
     assert [i["id"] for i in second["items"]] == ids[3:] and second["next_cursor"] is None
     human = cli("dead-letters", "list", "--limit", "2")
     assert human.exit_code == 0 and "next page: --after" in human.output
@@ -155,9 +172,7 @@ def test_retention_purge(cli, db):
 
 def test_database_errors_exit_3():
     app = make_app("postgresql://postgres@127.0.0.1:1/nowhere")
-    result = CliRunner().invoke(
-        main, ["dead-letters", "count"], obj=SimpleNamespace(app=app)
-    )
+    result = CliRunner().invoke(main, ["dead-letters", "count"], obj=SimpleNamespace(app=app))
     assert result.exit_code == EXIT_UNAVAILABLE and "unavailable" in result.stderr
 
 
@@ -173,7 +188,10 @@ def test_a_malformed_database_url_is_a_configuration_error(url, says):
     result = subprocess.run(
         [str(BIN / "ironflow-celery"), "status"],
         env={**os.environ, "IRONFLOW_DATABASE_URL": url},
-        capture_output=True, text=True, timeout=120, check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert result.returncode == EXIT_UNAVAILABLE, result.stderr
     assert says in result.stderr and "Traceback" not in result.stderr
@@ -183,7 +201,7 @@ def test_a_malformed_database_url_is_a_configuration_error(url, says):
     "app, says",
     [
         ("no_such_module_xyz", "No module named 'no_such_module_xyz'"),
-        ("ironflow_celery.db", "has no attribute"),
+        ("ironflow_celery.storage.db", "has no attribute"),
         ("tests.e2e_apps.plain_app", "ironflow is not installed on this Celery app"),
     ],
 )
@@ -196,8 +214,12 @@ def test_a_bad_app_is_a_configuration_error(app, says):
 def test_celery_subcommand_on_an_app_without_ironflow(database_url):
     result = subprocess.run(
         [str(BIN / "celery"), "-A", "tests.e2e_apps.plain_app", "ironflow", "status"],
-        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
-        capture_output=True, text=True, timeout=120, check=False,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert result.returncode == EXIT_UNAVAILABLE, result.stderr
     assert "call install(app)" in result.stderr and "Traceback" not in result.stderr
@@ -219,8 +241,15 @@ def _run(args: list[str], database_url: str) -> subprocess.CompletedProcess[str]
 def test_real_celery_subcommand(database_url, db):
     dead = insert_row(db, workflow_type="ops_demo", workflow_id="x-1")
     listed = _run(
-        [str(BIN / "celery"), "-A", "tests.e2e_apps.ops_app", "ironflow", "dead-letters", "list",
-         "--json"],
+        [
+            str(BIN / "celery"),
+            "-A",
+            "tests.e2e_apps.ops_app",
+            "ironflow",
+            "dead-letters",
+            "list",
+            "--json",
+        ],
         database_url,
     )
     assert listed.returncode == 0, listed.stderr
@@ -228,8 +257,14 @@ def test_real_celery_subcommand(database_url, db):
     assert [i["id"] for i in data["items"]] == [str(dead)]
     assert data["items"][0]["workflow"] == "ops_demo:x-1"
     bad = _run(
-        [str(BIN / "ironflow-celery"), "-A", "tests.e2e_apps.ops_app", "dead-letters", "retry",
-         "oops"],
+        [
+            str(BIN / "ironflow-celery"),
+            "-A",
+            "tests.e2e_apps.ops_app",
+            "dead-letters",
+            "retry",
+            "oops",
+        ],
         database_url,
     )
     assert bad.returncode == EXIT_USAGE and "not a valid row id" in bad.stderr

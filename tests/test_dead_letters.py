@@ -41,10 +41,12 @@ def test_fetch_finds_explicit_and_implicit_dead_letters_newest_first(store, db):
 
 def test_filters(store, db):
     a = insert_row(db, workflow_type="orders", workflow_id="o-1", error="Timeout: gateway")
-    b = insert_row(db, workflow_type="orders", workflow_id="o-2", error="KeyError: sku",
-                   age_seconds=3 * 86400)
-    c = insert_row(db, workflow_type="billing", workflow_id="o-1", error="TIMEOUT again",
-                   age_seconds=3600)
+    b = insert_row(
+        db, workflow_type="orders", workflow_id="o-2", error="KeyError: sku", age_seconds=3 * 86400
+    )
+    c = insert_row(
+        db, workflow_type="billing", workflow_id="o-1", error="TIMEOUT again", age_seconds=3600
+    )
 
     def ids(query):
         return {d.id for d in dl.fetch_dead_letters(store, query, **M)}
@@ -122,7 +124,11 @@ def test_retry_resets_a_dead_letter(store, db):
     assert result.ok and result.reason == "retried" and str(result.workflow) == "orders:o-1"
     r = row(db, dead)
     assert (r.attempts, r.last_error, r.dead_lettered_at, r.locked_by, r.locked_until) == (
-        0, None, None, None, None,
+        0,
+        None,
+        None,
+        None,
+        None,
     )
     assert r.processed_at is None
     # now a healthy pending row: a second retry is refused
@@ -241,8 +247,9 @@ def test_runtime_methods(store, db):
 def test_celery_tasks_return_json(store, db):
     _, app = _runtime(store)
     names = {n for n in app.tasks if n.startswith("ironflow.dead_letters.")}
-    assert names == {f"ironflow.dead_letters.{n}" for n in
-                     ("fetch", "count", "retry", "retry_all", "discard")}
+    assert names == {
+        f"ironflow.dead_letters.{n}" for n in ("fetch", "count", "retry", "retry_all", "discard")
+    }
     ids = [insert_row(db, workflow_type="orders", age_seconds=i) for i in range(3)]
     timer = insert_row(db, "timer")
 

@@ -24,8 +24,8 @@ from runtime_helpers import (
 )
 from workflows import Mode, Start, TestWorkflow
 
-from ironflow_celery.config import RetryPolicy
-from ironflow_celery.store import PostgresStore
+from ironflow_celery.model.config import RetryPolicy
+from ironflow_celery.storage.store import PostgresStore
 
 T = TestWorkflow.type
 MAX = 3

@@ -27,11 +27,11 @@ from contextlib import contextmanager
 import pytest
 import redis
 
-from ironflow_celery import schema
-from ironflow_celery.db import create_engine
-from ironflow_celery.projections import ProjectionEvent, projection, run_projections
-from ironflow_celery.service import Registry, WorkflowService
-from ironflow_celery.store import PostgresStore
+from ironflow_celery.operations.projections import ProjectionEvent, projection, run_projections
+from ironflow_celery.service.workflow_service import Registry, WorkflowService
+from ironflow_celery.storage import schema
+from ironflow_celery.storage.db import create_engine
+from ironflow_celery.storage.store import PostgresStore
 from tests import test_e2e_workers
 from tests.e2e_apps.chains import Begin, ChainWorkflow
 from tests.test_e2e_workers import (

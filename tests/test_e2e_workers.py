@@ -35,10 +35,11 @@ import psycopg
 import pytest
 import redis
 
-from ironflow_celery import local_services, schema
-from ironflow_celery.db import create_engine
-from ironflow_celery.service import Registry, WorkflowService
-from ironflow_celery.store import PostgresStore
+from devtools import local_services
+from ironflow_celery.service.workflow_service import Registry, WorkflowService
+from ironflow_celery.storage import schema
+from ironflow_celery.storage.db import create_engine
+from ironflow_celery.storage.store import PostgresStore
 from tests.e2e_apps.workflows import CALLS_TABLE_DDL, OrderWorkflow, Place
 from tests.waiting import wait_for_progress
 

@@ -31,9 +31,9 @@ from runtime_helpers import (
 )
 from workflows import Mode, Start, TestWorkflow, TimerStart, TimerTestWorkflow
 
-from ironflow_celery import metrics
-from ironflow_celery.store import PostgresStore
-from ironflow_celery.tasks import run_effect
+from ironflow_celery.engine import metrics
+from ironflow_celery.engine.tasks import run_effect
+from ironflow_celery.storage.store import PostgresStore
 
 T = TestWorkflow.type
 REPO = Path(__file__).resolve().parents[1]

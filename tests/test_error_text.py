@@ -14,9 +14,9 @@ from runtime_helpers import DEFAULT_WORKFLOWS, TestApp, rows, test_config
 from workflows import Mode, Start, TestWorkflow
 
 from ironflow_celery import EffectContext, PermanentEffectError
-from ironflow_celery.projections import ProjectionRunner, projection
-from ironflow_celery.store import PostgresStore
-from ironflow_celery.tasks import run_effect
+from ironflow_celery.engine.tasks import run_effect
+from ironflow_celery.operations.projections import ProjectionRunner, projection
+from ironflow_celery.storage.store import PostgresStore
 
 T = TestWorkflow.type
 

@@ -20,10 +20,10 @@ from celery import signals as celery_signals
 from runtime_helpers import TestApp, insert_timer, running_app, test_config, wait_until
 from workflows import CALLS, Mode, Start, TestWorkflow
 
+from ironflow_celery.engine.signals import dead_lettered
+from ironflow_celery.engine.tasks import run_effect, run_timer
 from ironflow_celery.errors import DeadLettered
-from ironflow_celery.signals import dead_lettered
-from ironflow_celery.store import ClaimedRow, PostgresStore
-from ironflow_celery.tasks import run_effect, run_timer
+from ironflow_celery.storage.store import ClaimedRow, PostgresStore
 
 T = TestWorkflow.type
 MAX = 3
@@ -247,7 +247,7 @@ def test_sentry_failed_attempts_setting_keeps_sentry_to_dead_letters() -> None:
     import sentry_sdk
     from celery import Celery
 
-    from ironflow_celery.tasks import _report_to_sentry
+    from ironflow_celery.engine.tasks import _report_to_sentry
 
     class Task:
         def __init__(self, **conf: Any) -> None:

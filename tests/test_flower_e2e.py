@@ -24,8 +24,8 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from ironflow_celery.service import Registry, WorkflowService
-from ironflow_celery.store import PostgresStore
+from ironflow_celery.service.workflow_service import Registry, WorkflowService
+from ironflow_celery.storage.store import PostgresStore
 from tests.e2e_apps.ops_app import OpsDemoWorkflow, Submit
 
 pytestmark = pytest.mark.e2e
@@ -105,18 +105,46 @@ def test_flower_shows_effects_and_a_retried_dead_letter(database_url, db, tmp_pa
     celery = str(BIN / "celery")
     procs = []
     try:
-        procs.append(start(
-            [celery, "-A", APP, "flower", f"--port={flower_port}", "--address=127.0.0.1"],
-            env, tmp_path / "flower.log",
-        ))
-        procs.append(start(
-            [celery, "-A", APP, "worker", "-E", "-P", "threads", "-c", "4", "-Q", queue,
-             "-n", f"{queue}@%h", "--without-mingle", "--without-gossip", "-l", "INFO"],
-            env, tmp_path / "worker.log",
-        ))
+        procs.append(
+            start(
+                [celery, "-A", APP, "flower", f"--port={flower_port}", "--address=127.0.0.1"],
+                env,
+                tmp_path / "flower.log",
+            )
+        )
+        procs.append(
+            start(
+                [
+                    celery,
+                    "-A",
+                    APP,
+                    "worker",
+                    "-E",
+                    "-P",
+                    "threads",
+                    "-c",
+                    "4",
+                    "-Q",
+                    queue,
+                    "-n",
+                    f"{queue}@%h",
+                    "--without-mingle",
+                    "--without-gossip",
+                    "-l",
+                    "INFO",
+                ],
+                env,
+                tmp_path / "worker.log",
+            )
+        )
         flower = f"http://127.0.0.1:{flower_port}"
-        wait_until(lambda: get_json(f"{flower}/api/workers?refresh=1").get(f"{queue}@"
-                   f"{socket.gethostname()}"), 60, "Flower to see the worker")
+        wait_until(
+            lambda: get_json(f"{flower}/api/workers?refresh=1").get(
+                f"{queue}@{socket.gethostname()}"
+            ),
+            60,
+            "Flower to see the worker",
+        )
 
         service = WorkflowService(
             PostgresStore.from_url(database_url),
@@ -126,10 +154,14 @@ def test_flower_shows_effects_and_a_retried_dead_letter(database_url, db, tmp_pa
         service.execute(Submit(id="ok-1"))
         service.execute(Submit(id="bad-1"))
         service.execute(Submit(id="flaky-1"))
-        ok = wait_until(lambda: (r := effect_row(db, "ok-1")) and r.processed_at and r, 60,
-                        "ok-1 processed")
-        bad = wait_until(lambda: (r := effect_row(db, "bad-1")) and r.dead_lettered_at and r, 60,
-                         "bad-1 dead-lettered")
+        ok = wait_until(
+            lambda: (r := effect_row(db, "ok-1")) and r.processed_at and r, 60, "ok-1 processed"
+        )
+        bad = wait_until(
+            lambda: (r := effect_row(db, "bad-1")) and r.dead_lettered_at and r,
+            60,
+            "bad-1 dead-lettered",
+        )
 
         def task_info(row_id: uuid.UUID, status: str) -> Any:
             info = get_json(f"{flower}/api/task/info/{row_id}")
@@ -141,8 +173,7 @@ def test_flower_shows_effects_and_a_retried_dead_letter(database_url, db, tmp_pa
         assert "'effect_type': 'Deliver'" in info["kwargs"]  # the effect's type
         # a dead letter is a FAILURE with its error (Flower's Failed view), not a SUCCESS
         dead = wait_until(
-            lambda: (i := get_json(f"{flower}/api/task/info/{bad.id}"))["state"] == "FAILURE"
-            and i,
+            lambda: (i := get_json(f"{flower}/api/task/info/{bad.id}"))["state"] == "FAILURE" and i,
             60,
             "Flower: the dead letter failed",
         )
@@ -156,11 +187,13 @@ def test_flower_shows_effects_and_a_retried_dead_letter(database_url, db, tmp_pa
 
         # a failed attempt the outbox retries later: RETRY with the handler's exception,
         # and nothing re-sent through the broker (the outbox holds the backoff)
-        flaky = wait_until(lambda: (r := effect_row(db, "flaky-1")) and r.attempts == 1 and r,
-                           60, "flaky-1's first attempt recorded")
+        flaky = wait_until(
+            lambda: (r := effect_row(db, "flaky-1")) and r.attempts == 1 and r,
+            60,
+            "flaky-1's first attempt recorded",
+        )
         retry = wait_until(
-            lambda: (i := get_json(f"{flower}/api/task/info/{flaky.id}"))["state"] == "RETRY"
-            and i,
+            lambda: (i := get_json(f"{flower}/api/task/info/{flaky.id}"))["state"] == "RETRY" and i,
             60,
             "Flower: the failed attempt retried",
         )
@@ -177,18 +210,33 @@ def test_flower_shows_effects_and_a_retried_dead_letter(database_url, db, tmp_pa
         assert 'ironflow_dead_letters{kind="effect",workflow_type="ops_demo"} 1.0' in body
         (tmp_path / "bad-1").touch()
         called = subprocess.run(
-            [celery, "-A", APP, "call", "ironflow.dead_letters.retry",
-             f"--args={json.dumps([str(bad.id)])}"],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=60, check=True,
+            [
+                celery,
+                "-A",
+                APP,
+                "call",
+                "ironflow.dead_letters.retry",
+                f"--args={json.dumps([str(bad.id)])}",
+            ],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
         )
         retry_task = called.stdout.strip()
-        wait_until(lambda: (r := effect_row(db, "bad-1")) and r.processed_at, 60,
-                   "bad-1 processed after the retry")
+        wait_until(
+            lambda: (r := effect_row(db, "bad-1")) and r.processed_at,
+            60,
+            "bad-1 processed after the retry",
+        )
         retried = wait_until(lambda: task_info(bad.id, "processed"), 60, "Flower: processed")
         assert retried["name"] == "ironflow.ops_demo.effect"
         call_info = wait_until(
             lambda: (i := get_json(f"{flower}/api/task/info/{retry_task}")).get("result") and i,
-            60, "Flower: the retry task",
+            60,
+            "Flower: the retry task",
         )
         assert call_info["name"] == "ironflow.dead_letters.retry"
         assert "'reason': 'retried'" in call_info["result"]

@@ -17,8 +17,8 @@ from kombu.serialization import dumps as kombu_dumps
 from runtime_helpers import TestApp, rows, scalar, wait_until
 
 from ironflow_celery import Accepted, AlreadyCompleted, ExecuteOutcome, Rejected
-from ironflow_celery.inputs import RECORD_TYPE, InputRefused, recorded_outcome
-from ironflow_celery.store import PostgresStore
+from ironflow_celery.engine.inputs import RECORD_TYPE, InputRefused, recorded_outcome
+from ironflow_celery.storage.store import PostgresStore
 
 RESULT_BACKEND = os.environ.get("IRONFLOW_TEST_RESULT_BACKEND", "redis://127.0.0.1:6379/6")
 EXECUTE = "ironflow.test_workflow.execute"

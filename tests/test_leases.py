@@ -32,9 +32,9 @@ from runtime_helpers import (
 )
 from workflows import TestWorkflow, TimerTestWorkflow
 
-from ironflow_celery.config import RuntimeConfig
-from ironflow_celery.relay import Kind, Relay
-from ironflow_celery.store import ClaimedRow, PostgresStore
+from ironflow_celery.engine.relay import Kind, Relay
+from ironflow_celery.model.config import RuntimeConfig
+from ironflow_celery.storage.store import ClaimedRow, PostgresStore
 
 T = TestWorkflow.type
 TT = TimerTestWorkflow.type

@@ -20,8 +20,7 @@ import psycopg
 import pytest
 import redis
 
-from ironflow_celery.errors import ConfigurationError
-from ironflow_celery.local_services import (
+from devtools.local_services import (
     BROKER_URL_ENV,
     DATABASE_URL_ENV,
     LOCAL_POSTGRES_ENV,
@@ -32,6 +31,7 @@ from ironflow_celery.local_services import (
     start_embedded_postgres,
     start_embedded_redis,
 )
+from ironflow_celery.errors import ConfigurationError
 
 CLOSED = "127.0.0.1:1"  # nothing listens on port 1
 
@@ -42,7 +42,7 @@ FALLBACK_SCRIPT = textwrap.dedent(
 
     import psycopg, redis
 
-    from ironflow_celery.local_services import resolve_services
+    from devtools.local_services import resolve_services
 
     lines = []
     services = resolve_services(workdir=Path(sys.argv[1]), announce=lines.append)
@@ -127,7 +127,7 @@ def test_fallback_starts_embedded_postgres_18_and_redis_and_stops_them(tmp_path:
     # project keeps for that account, named in the announcement.
     data_dir = tmp_path / "work" / "postgres-18"
     if os.geteuid() == 0:
-        from ironflow_celery.local_services import root_embedded_home
+        from devtools.local_services import root_embedded_home
 
         data_dir = Path(pg_line.split("data in ")[1].split(" (")[0])
         assert data_dir.is_relative_to(root_embedded_home())
@@ -252,7 +252,7 @@ def test_as_root_no_permission_outside_the_project_changes(
     that account, one line names the account, and every directory above the checkout keeps
     its permission bits.
     """
-    from ironflow_celery import local_services
+    from devtools import local_services
 
     source = local_services._embedded_postgres_bin()
     home = tmp_path / "home"

@@ -165,7 +165,9 @@ def test_the_wheel_ships_its_package_data(plain_venv: Path) -> None:
     archive = zipfile.ZipFile(wheel)
     names = archive.namelist()
     assert "ironflow_celery/py.typed" in names
-    assert any(n.startswith("ironflow_celery/schema/migrations/") for n in names)
+    assert any(n.startswith("ironflow_celery/storage/schema/migrations/") for n in names)
+    # the development tooling (service finder, embedded servers) is not part of the package
+    assert not any(n.startswith("devtools/") for n in names)
     (license_file,) = [n for n in names if n.endswith(".dist-info/licenses/LICENSE")]
     (metadata,) = [n for n in names if n.endswith(".dist-info/METADATA")]
     # The license the metadata declares is the one the file holds.

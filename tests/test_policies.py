@@ -25,8 +25,8 @@ from ironflow_celery import (
     RetryPolicy,
     Workflow,
 )
-from ironflow_celery.config import AttemptLimits
-from ironflow_celery.store import PostgresStore
+from ironflow_celery.model.config import AttemptLimits
+from ironflow_celery.storage.store import PostgresStore
 
 LEASE = 60.0
 
@@ -355,7 +355,7 @@ def test_per_type_max_attempts_dead_letters_each_at_its_own_limit(
         "UPDATE ironflow.outbox SET dead_lettered_at = NULL, attempts = 2,"
         " locked_until = NULL, locked_by = NULL",
     )
-    from ironflow_celery.status import queue_status
+    from ironflow_celery.operations.status import queue_status
 
     status = queue_status(store, max_attempts=runtime.attempt_limits)
     assert {s.workflow_type: s.effects.dead for s in status} == {

@@ -18,7 +18,8 @@ from workflows import EffectlessIncremented, EffectlessWorkflow
 from ironflow_celery import Decision, Message, Registry, Workflow
 from ironflow_celery.celery_app import install
 from ironflow_celery.cli import main
-from ironflow_celery.projections import (
+from ironflow_celery.model.views import StateMachineDefinition, describe
+from ironflow_celery.operations.projections import (
     Projection,
     ProjectionConfig,
     ProjectionEvent,
@@ -27,8 +28,7 @@ from ironflow_celery.projections import (
     projection_status,
     reset_projection,
 )
-from ironflow_celery.store import PostgresStore
-from ironflow_celery.views import StateMachineDefinition, describe
+from ironflow_celery.storage.store import PostgresStore
 
 # Transactions anywhere in the cluster (other tests' databases too) hold the fence back
 # briefly; FAST waits for them, SHORT gives up quickly where the test expects a wait.
@@ -458,6 +458,7 @@ def test_orders_example_state_machine_golden_files() -> None:
     from golden import assert_golden
 
     import examples.orders.workflow as orders
+
     definition = describe(orders.OrderSaga)
     assert_golden("orders.mmd", definition.to_mermaid())
     assert_golden("orders.dot", definition.to_dot())

@@ -38,7 +38,7 @@ from runtime_helpers import (
 )
 from workflows import CALLS, Mode, Ping, Start, TestWorkflow, TimerStart, TimerTestWorkflow
 
-from ironflow_celery.relay import (
+from ironflow_celery.engine.relay import (
     Kind,
     PublishError,
     Relay,
@@ -46,7 +46,7 @@ from ironflow_celery.relay import (
     celery_publisher,
     task_name,
 )
-from ironflow_celery.store import ClaimedRow, PostgresStore
+from ironflow_celery.storage.store import ClaimedRow, PostgresStore
 
 T = TestWorkflow.type
 TT = TimerTestWorkflow.type

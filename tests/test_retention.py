@@ -9,7 +9,7 @@ from ops_helpers import insert_row, row
 
 from ironflow_celery import install
 from ironflow_celery.dead_letters import InvalidDeadLetterRequest
-from ironflow_celery.retention import purge
+from ironflow_celery.operations.retention import purge
 
 DAY = 86400
 
@@ -43,23 +43,30 @@ def test_max_batches_bounds_one_run(store, db):
 
 def test_observations_of_long_completed_instances(store, db):
     with db.begin() as conn:
-        conn.execute(sa.text("""
+        conn.execute(
+            sa.text("""
             INSERT INTO ironflow.workflow_instances (workflow_type, workflow_id, completed_at)
             VALUES ('orders', 'done', now() - interval '10 days'),
                    ('orders', 'fresh', now() - interval '1 day'),
                    ('orders', 'active', NULL)
-        """))
-        conn.execute(sa.text("""
+        """)
+        )
+        conn.execute(
+            sa.text("""
             INSERT INTO ironflow.input_observations (workflow_type, workflow_id, input_type,
                                                      payload, observed_at)
             SELECT 'orders', wid, 'Place', '{}'::jsonb, now() - interval '20 days'
             FROM unnest(ARRAY['done', 'done', 'done', 'fresh', 'active']) AS wid
-        """))
+        """)
+        )
     assert purge(store, "7d")["observations"] == 0  # off by default
     assert purge(store, "7d", batch_size=2, include_observations=True)["observations"] == 3
     with db.connect() as conn:
-        left = conn.execute(sa.text(
-            "SELECT workflow_id FROM ironflow.input_observations ORDER BY 1")).scalars().all()
+        left = (
+            conn.execute(sa.text("SELECT workflow_id FROM ironflow.input_observations ORDER BY 1"))
+            .scalars()
+            .all()
+        )
     assert left == ["active", "fresh"]
 
 

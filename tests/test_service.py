@@ -56,7 +56,7 @@ from ironflow_celery import (
     WorkflowService,
     WorkflowServiceConfig,
 )
-from ironflow_celery.workflow import ExecuteOutcome
+from ironflow_celery.model.workflow import ExecuteOutcome
 
 T = TestWorkflow.type
 

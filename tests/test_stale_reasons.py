@@ -15,8 +15,8 @@ import sqlalchemy as sa
 from runtime_helpers import TestApp, execute, insert_effect, insert_timer, test_config
 from workflows import CALLS, TestWorkflow
 
-from ironflow_celery.store import PostgresStore
-from ironflow_celery.tasks import run_effect, run_timer
+from ironflow_celery.engine.tasks import run_effect, run_timer
+from ironflow_celery.storage.store import PostgresStore
 
 T = TestWorkflow.type
 LEASE = "relay#1"

@@ -28,7 +28,7 @@ from ironflow_celery.errors import (
     StorageError,
     UniqueKeyConflict,
 )
-from ironflow_celery.store import PostgresStore, TimerSpec
+from ironflow_celery.storage.store import PostgresStore, TimerSpec
 
 T = "test_workflow"
 OTHER = "other_workflow"

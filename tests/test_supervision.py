@@ -48,8 +48,8 @@ from test_e2e_workers import (
 )
 from workflows import Mode, Start, TestWorkflow
 
-from ironflow_celery.store import PostgresStore
-from ironflow_celery.supervisor import ServiceProcess, ServiceThread
+from ironflow_celery.integration.supervisor import ServiceProcess, ServiceThread
+from ironflow_celery.storage.store import PostgresStore
 from tests.e2e_apps.workflows import Place
 
 SHUTDOWN_TIMEOUT = 5.0  # make_env's IRONFLOW_SHUTDOWN_TIMEOUT

@@ -23,7 +23,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
 from runtime_helpers import rows, running_app, wait_until
 from workflows import Mode, Start, TimerStart
 
-from ironflow_celery.store import PostgresStore
+from ironflow_celery.storage.store import PostgresStore
 
 EXPORTER = InMemorySpanExporter()
 
@@ -190,7 +190,7 @@ def test_without_sdk_or_without_opentelemetry_nothing_is_stored() -> None:
     """opentelemetry-api alone (no SDK configured: no-op spans) stores no context; without
     opentelemetry-api importable the package imports and the helpers are no-ops."""
     api_only = (
-        "import ironflow_celery.tracing as t\n"
+        "import ironflow_celery.storage.tracing as t\n"
         "assert t.AVAILABLE\n"
         "with t.span('x'):\n"
         "    assert t.current_carrier() is None\n"
@@ -198,7 +198,7 @@ def test_without_sdk_or_without_opentelemetry_nothing_is_stored() -> None:
     )
     missing = (
         "import sys; sys.modules['opentelemetry'] = None\n"
-        "import ironflow_celery, ironflow_celery.tracing as t\n"
+        "import ironflow_celery, ironflow_celery.storage.tracing as t\n"
         "assert not t.AVAILABLE and t.current_carrier() is None\n"
         "with t.span('x') as s, t.task_span('y', object()) as u, t.attached({'a': 'b'}):\n"
         "    assert s is None and u is None\n"
@@ -216,7 +216,7 @@ def test_tracing_setting_off_stops_forwarding_and_task_spans(
     so the effect and its follow-up stay out of the input's trace."""
     from runtime_helpers import test_config
 
-    from ironflow_celery.config import runtime_config_from
+    from ironflow_celery.model.config import runtime_config_from
 
     assert runtime_config_from({"ironflow_tracing": "false"}).tracing is False
     assert runtime_config_from({}).tracing is True

@@ -10,8 +10,8 @@ import pytest
 from pydantic import BaseModel
 
 from ironflow_celery.errors import InvalidWorkflowDefinition, IronflowError
-from ironflow_celery.messages import Message
-from ironflow_celery.views import (
+from ironflow_celery.model.messages import Message
+from ironflow_celery.model.views import (
     StateDefinition,
     StateInfo,
     StateMachineBuilder,
@@ -22,7 +22,7 @@ from ironflow_celery.views import (
     describe,
     render,
 )
-from ironflow_celery.workflow import Decision, Workflow
+from ironflow_celery.model.workflow import Decision, Workflow
 
 try:  # tests/ is on sys.path in pytest's default import mode (no tests/__init__.py)
     import golden

@@ -38,7 +38,7 @@ from ironflow_celery import (
     Workflow,
     WorkflowRef,
 )
-from ironflow_celery.messages import TaggedUnion, ValueCodec, union_members
+from ironflow_celery.model.messages import TaggedUnion, ValueCodec, union_members
 
 # -- Decision ------------------------------------------------------------------------------
 

@@ -134,7 +134,7 @@ def stop_worker(process: subprocess.Popen, timeout: float = 30.0) -> int | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    from ironflow_celery.local_services import resolve_services
+    from devtools.local_services import resolve_services
 
     with ExitStack() as stack:
         if not (os.environ.get("IRONFLOW_DATABASE_URL") and os.environ.get("CELERY_BROKER_URL")):

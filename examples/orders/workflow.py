@@ -29,7 +29,7 @@ from ironflow_celery import (
     PermanentEffectError,
     Workflow,
 )
-from ironflow_celery.views import StateMachineDefinition
+from ironflow_celery import StateMachineDefinition
 
 PAYMENT_TIMEOUT = timedelta(minutes=2)
 DECLINED_CARD_SUFFIX = "0002"

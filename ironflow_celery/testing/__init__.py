@@ -7,7 +7,7 @@
   (``clock.advance(minutes=2)``), as in Temporal's time-skipping test environment.
 - `WorkflowTestEnv` / `drain`: run inputs through the real service, then run the due
   effects and timers in-process through the real handlers and the real ack path
-  (`ironflow_celery.tasks.run_effect` / ``run_timer``), or through a real Celery worker,
+  (`ironflow_celery.engine.tasks.run_effect` / ``run_timer``), or through a real Celery worker,
   and get back a `Ran` record per row.
 - `events`, `assert_events`, `pending_effects`, `pending_timers`, `dead_letters`: what
   a test asserts on.
@@ -38,17 +38,23 @@ from typing import Any, Literal
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine, make_url
 
-from .. import schema, sql, tasks
-from ..aio import call_handler
-from ..config import RuntimeConfig
-from ..db import normalize_url
-from ..errors import InvalidPayload, IronflowError
-from ..messages import Message
-from ..relay import celery_publisher
-from ..runtime import WorkflowRuntime, WorkflowSpec, handler_of, resolve_workflow_specs
-from ..service import Registry, WorkflowService, decode_events
-from ..store import ClaimedRow, PostgresStore
-from ..workflow import EffectContext, ExecuteOutcome, Workflow, WorkflowRef
+from ironflow_celery.engine import tasks
+from ironflow_celery.engine.relay import celery_publisher
+from ironflow_celery.engine.runtime import (
+    WorkflowRuntime,
+    WorkflowSpec,
+    handler_of,
+    resolve_workflow_specs,
+)
+from ironflow_celery.errors import InvalidPayload, IronflowError
+from ironflow_celery.model.config import RuntimeConfig
+from ironflow_celery.model.messages import Message
+from ironflow_celery.model.workflow import EffectContext, ExecuteOutcome, Workflow, WorkflowRef
+from ironflow_celery.service.aio import call_handler
+from ironflow_celery.service.workflow_service import Registry, WorkflowService, decode_events
+from ironflow_celery.storage import schema, sql
+from ironflow_celery.storage.db import normalize_url
+from ironflow_celery.storage.store import ClaimedRow, PostgresStore
 
 __all__ = [
     "CLOCK_SCHEMA",
@@ -777,7 +783,7 @@ class WorkflowTestEnv:
         """Install this env's runtime on a Celery `app` for ``drain(worker=True)``: a worker
         of `app` (e.g. ``celery.contrib.testing.worker.start_worker``) then runs the
         handlers; its relays are switched off, as the kit claims and publishes itself."""
-        from ..celery_app import install
+        from ironflow_celery.celery_app import install
 
         # The kit claims and publishes itself; relays in the worker would race it (and
         # `start_worker` would leave their threads running after the test).

@@ -3,6 +3,6 @@ has to run, so the worker's projections service can be supervised and stopped.""
 
 from __future__ import annotations
 
-from ironflow_celery.projections import projection
+from ironflow_celery.operations.projections import projection
 
 ORDER_EVENTS = projection("e2e_order_events", types=["e2e_order"])(lambda event: None)

@@ -1,0 +1,1 @@
+"""Development-time tooling (not shipped): find or start the services the two commands need."""

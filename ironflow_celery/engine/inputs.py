@@ -1,0 +1,207 @@
+"""Inputs through Celery: ``ironflow.<type>.execute(input, idempotency_key=None)``.
+
+Other services (and ``celery call``) talk to the broker, not to PostgreSQL. This task
+executes one tagged JSON input of its workflow type through the service and returns the
+outcome as JSON (`ExecuteOutcome.to_json` plus ``workflow``, ``idempotency_key`` and
+``duplicate``).
+
+Idempotency. The key is the ``idempotency_key`` argument, else the Celery task id. In
+the input's own transaction the task takes a transaction-scoped advisory lock on
+(workflow type, key), looks for an earlier record of that key on the instance, and either
+returns the recorded outcome (``duplicate: true``, nothing executed) or executes the input
+and writes the record -- a row in ``ironflow.input_observations`` with ``input_type`` =
+`RECORD_TYPE` -- in that same transaction. So a redelivered message, or the same key sent
+twice (even concurrently), applies the input at most once, and every delivery answers the
+first outcome. Not covered: the same input published under two different keys (use a
+workflow ``unique_key`` or let ``decide`` reject repeats), and keys whose record retention
+purged (``retention purge --include-observations`` removes records of long-completed
+instances; a completed instance answers ``already_completed`` anyway).
+
+The message is acknowledged after the task finishes (``acks_late``): the broker holds the
+only copy of the input until its transaction has committed, and the record makes a
+redelivery after a worker crash harmless; while PostgreSQL cannot be reached the task is
+sent back through the broker (same task id, so the same key) instead of failing. Bad
+input (not an object, unknown tag, invalid fields, a held unique key) fails the task with
+`InputRefused`, an expected error: one log line without a traceback, FAILURE in the
+result backend and Flower, nothing written.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+
+from ironflow_celery.errors import (
+    DatabaseUnavailable,
+    InvalidPayload,
+    IronflowError,
+    UniqueKeyConflict,
+    UnknownWorkflowType,
+)
+from ironflow_celery.model.workflow import ExecuteOutcome
+from ironflow_celery.service.workflow_service import input_type_of
+from ironflow_celery.storage.store import dumps, storage_errors
+
+if TYPE_CHECKING:
+    from ironflow_celery.engine.runtime import WorkflowRuntime
+
+log = logging.getLogger("ironflow_celery.inputs")
+
+RECORD_TYPE = "ironflow.celery.execute"
+"""``input_type`` of the observation row that records an idempotency key and its outcome."""
+
+_LOCK = sa.text("SELECT pg_advisory_xact_lock(hashtextextended(:lock, 0))")
+_FIND = sa.text(
+    """
+    SELECT payload -> 'outcome' AS outcome
+    FROM ironflow.input_observations
+    WHERE workflow_type = :wt AND workflow_id = :wid AND input_type = :record
+      AND payload ->> 'idempotency_key' = :key
+    ORDER BY id LIMIT 1
+    """
+)
+_RECORD = sa.text(
+    """
+    INSERT INTO ironflow.input_observations
+        (workflow_type, workflow_id, input_type, payload, outcome, rejection_payload)
+    VALUES (:wt, :wid, :record, CAST(:payload AS jsonb), :outcome,
+            CAST(:rejection AS jsonb))
+    """
+)
+
+
+class InputRefused(IronflowError):
+    """The execute task refused its input (not an object, unknown tag, invalid fields, a held
+    unique key); nothing was written. One message argument, so Celery rebuilds it."""
+
+
+def execute_task_name(workflow_type: str) -> str:
+    """``ironflow.<type>.execute``."""
+    return f"ironflow.{workflow_type}.execute"
+
+
+def execute_input(
+    runtime: WorkflowRuntime, workflow_type: str, payload: Any, idempotency_key: str | None
+) -> dict[str, Any]:
+    """Execute one JSON input at most once per idempotency key; the outcome as JSON."""
+    registration = runtime.registry.get(workflow_type)
+    workflow = registration.workflow
+    if not isinstance(payload, dict):
+        raise InvalidPayload(
+            workflow_type,
+            "input",
+            f"expected a JSON object tagged with 'type', got {type(payload).__name__}",
+        )
+    workflow_id = workflow.workflow_id(workflow.inputs.decode(payload))
+    if idempotency_key is not None and not isinstance(idempotency_key, str):
+        raise InputRefused(
+            f"idempotency_key must be a string, got {type(idempotency_key).__name__}"
+        )
+    answer = {"workflow": f"{workflow_type}:{workflow_id}", "idempotency_key": idempotency_key}
+    if not idempotency_key:  # called without a task id (a plain function call): no record
+        outcome = runtime.service.execute_dynamic(workflow_type, payload)
+        return {**outcome.to_json(), **answer, "duplicate": False}
+
+    key = {"wt": workflow_type, "wid": workflow_id, "record": RECORD_TYPE}
+    store = runtime.store
+    with store.transaction() as conn:  # an input: durable like every execute
+        # Two deliveries of one key queue here, so the second sees the first's record.
+        conn.execute(_LOCK, {"lock": f"ironflow.execute:{workflow_type}:{idempotency_key}"})
+        with storage_errors():
+            earlier = conn.execute(_FIND, {**key, "key": idempotency_key}).scalar()
+        if earlier is not None:
+            log.info(
+                "ironflow: %s %s already executed (key %s); answering its recorded outcome",
+                execute_task_name(workflow_type),
+                answer["workflow"],
+                idempotency_key,
+            )
+            return {**earlier, **answer, "duplicate": True}
+        outcome = runtime.service.execute_dynamic(workflow_type, payload, connection=conn)
+        result = outcome.to_json()
+        with storage_errors():
+            conn.execute(
+                _RECORD,
+                {
+                    **key,
+                    "payload": dumps(
+                        {
+                            "idempotency_key": idempotency_key,
+                            "input_type": input_type_of(payload, "?"),
+                            "input": payload,
+                            "outcome": result,
+                        }
+                    ),
+                    "outcome": outcome.kind,
+                    "rejection": dumps(result["reason"]) if outcome.is_rejected else None,
+                },
+            )
+    return {**result, **answer, "duplicate": False}
+
+
+def recorded_outcome(
+    runtime: WorkflowRuntime, workflow_type: str, workflow_id: str, idempotency_key: str
+) -> ExecuteOutcome[Any] | None:
+    """The outcome recorded for an idempotency key on an instance, or None."""
+    with runtime.store.transaction() as conn, storage_errors():
+        found = conn.execute(
+            _FIND,
+            {
+                "wt": workflow_type,
+                "wid": workflow_id,
+                "record": RECORD_TYPE,
+                "key": idempotency_key,
+            },
+        ).scalar()
+    return None if found is None else ExecuteOutcome.from_json(found)
+
+
+# -- Celery registration ------------------------------------------------------------------
+
+_REFUSED = (InvalidPayload, UnknownWorkflowType, UniqueKeyConflict)
+
+
+def register_execute_tasks(
+    app: Any, runtime: WorkflowRuntime, workflow_types: list[str]
+) -> list[str]:
+    """Register ``ironflow.<type>.execute`` for these workflow types."""
+    names = []
+    for workflow_type in workflow_types:
+        name = execute_task_name(workflow_type)
+        app.task(
+            name=name,
+            bind=True,
+            # The broker holds the only copy of the input until it commits; a redelivery
+            # after a crash finds the record and answers the first outcome.
+            acks_late=True,
+            # Expected failures: logged at INFO without a traceback, still FAILURE.
+            throws=(InputRefused,),
+            typing=False,
+            shared=False,
+        )(_bind(runtime, workflow_type, name))
+        names.append(name)
+    return names
+
+
+def _bind(runtime: WorkflowRuntime, workflow_type: str, name: str) -> Any:
+    def task(self: Any, input: Any, idempotency_key: str | None = None) -> dict[str, Any]:
+        key = idempotency_key if idempotency_key is not None else self.request.id
+        try:
+            return execute_input(runtime, workflow_type, input, key)
+        except _REFUSED as exc:
+            raise InputRefused(str(exc)) from None
+        except DatabaseUnavailable as exc:
+            # The message is the input's only copy: failing would drop it. Send it back
+            # through the broker (same task id, so the same key) until PostgreSQL answers.
+            retries = self.request.retries or 0
+            delay = min(0.5 * 2 ** min(retries, 5), 10.0)
+            log.warning("ironflow %s: %s; retrying in %.1fs", name, exc, delay)
+            raise self.retry(exc=exc, countdown=delay, max_retries=None) from exc
+
+    task.__name__ = name.replace(".", "_")
+    task.__qualname__ = task.__name__
+    task.__doc__ = f"Execute one JSON input of workflow type {workflow_type!r} (at most once)."
+    task.__module__ = __name__
+    return task

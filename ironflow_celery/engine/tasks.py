@@ -1,0 +1,734 @@
+"""The per-workflow-type Celery tasks and their ack path.
+
+``ironflow.<type>.effect(workflow_ref, row_id, attempt, lease=token)``:
+
+1. start guard: the row is still held by the relay's lease token; it moves to a
+   per-delivery run token (a duplicate delivery then finds nothing) and the lease is
+   renewed, in one statement. Otherwise the task skips as stale and says so;
+2. the handler runs while a lease keeper renews the lease of long-running rows;
+3. acknowledgement in one transaction: the handler's follow-up input goes through the
+   service and the row is marked processed together; or the failure is recorded
+   (attempts + 1, last error, backoff in ``locked_until``), or the row is dead-lettered
+   and the workflow's ``on_dead_letter`` input is executed in that same transaction.
+
+Timer tasks execute the timer's input and mark the timer processed in one transaction.
+Attempts live in PostgreSQL; Celery's own retry machinery is never used.
+
+Failures are reported where Celery teams look, after the outcome is committed: a failed
+attempt is logged at WARNING and the task ends RETRY (a ``celery.exceptions.Retry`` that
+sends no message: the outbox schedules the next attempt); a dead letter is logged at
+ERROR, sent as `signals.dead_lettered`, and the task raises `DeadLettered` so Celery
+marks it FAILURE (``task_failure``, Flower's Failed view, Sentry). The message is
+acknowledged on receipt either way (``acks_late`` is off), so the broker never redelivers.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Literal
+
+from ironflow_celery.engine.relay import Kind, task_name
+from ironflow_celery.engine.signals import dead_lettered
+from ironflow_celery.errors import DeadLettered, InvalidPayload, PermanentEffectError, StorageError
+from ironflow_celery.model.config import RetryPolicy
+from ironflow_celery.model.messages import Message
+from ironflow_celery.model.storable import storable_text
+from ironflow_celery.model.workflow import DeadLetterNotice, EffectContext, WorkflowRef
+from ironflow_celery.service.aio import call_handler
+from ironflow_celery.storage import tracing
+from ironflow_celery.storage.store import LOST_RUN_ERROR, StartedRow
+
+if TYPE_CHECKING:
+    from ironflow_celery.engine.runtime import WorkflowRuntime
+
+log = logging.getLogger("ironflow_celery.tasks")
+
+Status = Literal["processed", "failed-will-retry", "dead-lettered", "stale-skipped"]
+
+_WORKER_TAG = f"{socket.gethostname()}:{os.getpid()}"
+
+# The exception behind this task run's failed attempt or dead letter: the Celery task
+# re-raises it (as Retry's `exc`, or as DeadLettered's cause) once the outcome is stored.
+_failure: contextvars.ContextVar[BaseException | None] = contextvars.ContextVar(
+    "ironflow_failure", default=None
+)
+
+
+class StartGuardUnavailable(StorageError):
+    """The start guard could not reach the database: the row was not started."""
+
+
+def _run_token(lease: str) -> str:
+    return f"{lease}>{_WORKER_TAG}:{uuid.uuid4().hex[:8]}"
+
+
+def describe_error(exc: BaseException) -> str:
+    """``ExceptionType: message`` — what ``last_error`` stores (NUL and lone surrogates
+    escaped: text PostgreSQL cannot store would make the failure itself unrecordable)."""
+    text = str(exc).strip() or repr(exc)
+    return storable_text(f"{type(exc).__name__}: {text}"[:4000])
+
+
+def _result(status: Status, ref: str, row_id: Any, attempt: int, **extra: Any) -> dict[str, Any]:
+    return {"status": status, "workflow": ref, "row_id": str(row_id), "attempt": attempt, **extra}
+
+
+# -- lease keeper ----------------------------------------------------------------------
+
+
+KEEPER_IDLE_EXIT = 1.0
+"""Seconds the lease keeper's thread lingers with no handler running before it ends."""
+
+
+class LeaseKeeper:
+    """Renews the leases of rows whose handlers run longer than a third of their lease.
+
+    One daemon thread per process; handlers register while they run.
+    """
+
+    def __init__(self, runtime: WorkflowRuntime) -> None:
+        self.runtime = runtime
+        self._running: dict[tuple[Kind, uuid.UUID], tuple[str, float]] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._pid = os.getpid()
+
+    def _lease(self, kind: Kind) -> float:
+        cfg = self.runtime.config
+        return cfg.effect_lock_duration if kind == "effect" else cfg.timer_lock_duration
+
+    @contextmanager
+    def keep(self, kind: Kind, row_id: uuid.UUID, token: str) -> Iterator[None]:
+        """Keep `row_id`'s lease alive while the block runs."""
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive() or self._pid != os.getpid():
+                self._pid = os.getpid()
+                self._thread = threading.Thread(
+                    target=self._run, name="ironflow-lease-keeper", daemon=True
+                )
+                self._thread.start()
+            self._running[(kind, row_id)] = (token, time.monotonic())
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._running.pop((kind, row_id), None)
+                if not self._running:  # let the thread see it is idle (it may sleep lease/3)
+                    self._wake.set()
+
+    def _run(self) -> None:
+        idle_since: float | None = None
+        while True:
+            interval = max(0.2, min(self._lease("effect"), self._lease("timer")) / 3)
+            with self._lock:
+                # Idle for a while: end the thread, so none outlives the worker that ran
+                # the handlers (e.g. Celery's in-thread test worker); `keep` starts a new one.
+                if self._running:
+                    idle_since = None
+                elif idle_since is None:
+                    idle_since = time.monotonic()
+                elif time.monotonic() - idle_since >= KEEPER_IDLE_EXIT:
+                    if self._thread is threading.current_thread():
+                        self._thread = None
+                    return
+            self._wake.wait(interval if idle_since is None else KEEPER_IDLE_EXIT)
+            self._wake.clear()  # before the state is read again at the top: no lost wake-up
+            now = time.monotonic()
+            for kind in ("effect", "timer"):
+                third = self._lease(kind) / 3  # type: ignore[arg-type]
+                with self._lock:
+                    due = [
+                        (row_id, token)
+                        for (k, row_id), (token, since) in self._running.items()
+                        if k == kind and now - since >= third
+                    ]
+                if not due:
+                    continue
+                try:
+                    renewed = self.runtime.store.renew_leases(
+                        kind,
+                        due,
+                        lease_seconds=self._lease(kind),  # type: ignore[arg-type]
+                    )
+                except StorageError as exc:
+                    log.warning("ironflow: lease renewal failed: %s", exc)
+                    continue
+                with self._lock:
+                    for row_id, token in due:
+                        if row_id in renewed and (kind, row_id) in self._running:
+                            self._running[(kind, row_id)] = (token, now)
+
+
+# -- stale deliveries ------------------------------------------------------------------
+
+
+def stale_reason(runtime: WorkflowRuntime, kind: Kind, row_id: uuid.UUID, lease: str) -> str:
+    """Why a start guard found the row no longer held by `lease`, read after the fact.
+
+    One extra SELECT, only on the stale path; the state may move on after it is read, so
+    it describes the row as it was just after this delivery was refused.
+    """
+    noun = "row" if kind == "effect" else "timer"
+    try:
+        row = runtime.store.describe_stale(kind, row_id)
+    except StorageError as exc:
+        return f"the {noun} is no longer held by this lease (its state could not be read: {exc})"
+    if row is None:
+        return f"the {noun} no longer exists (deleted, e.g. by retention)"
+    if row.discarded:
+        return f"the {noun} was closed without running (cancelled, or a discarded dead letter)"
+    if row.processed:
+        return f"the {noun} is already processed"
+    if row.dead_lettered or row.attempts >= runtime.config.retry_policy.max_attempts:
+        return f"the {noun} is a dead letter"
+    locked_by = row.locked_by or ""
+    # A start guard hands the claim token on to a run token "<claim token>>…" (_run_token).
+    if locked_by.startswith(f"{lease}>"):
+        if row.lease_live:
+            return f"another delivery of this claim is running the {noun} (duplicate message)"
+        return (
+            f"another delivery of this claim started the {noun} and its lease expired "
+            "(that run counts as a lost attempt once the row is claimed again)"
+        )
+    if locked_by:
+        if row.lease_live:
+            return f"the {noun} was re-claimed under another lease ({locked_by})"
+        return f"the {noun} is held by another, expired lease ({locked_by}); it will be re-claimed"
+    return f"the {noun} was released: it waits for its backoff or its next claim"
+
+
+# -- effects ---------------------------------------------------------------------------
+
+
+def run_effect(
+    runtime: WorkflowRuntime,
+    ref: str,
+    row_id: str,
+    attempt: int,
+    lease: str,
+    *,
+    due_at: datetime | None = None,
+) -> dict:
+    """Run one claimed effect through its handler and acknowledge it (see module doc).
+    `due_at`: when the row became due, as its claim said (for the dispatch metric)."""
+    effect_id = uuid.UUID(row_id)
+    store = runtime.store
+    cfg = runtime.config
+    metrics = runtime.metrics
+    run_token = _run_token(lease)
+    _failure.set(None)
+    try:
+        started = store.start_effect(
+            effect_id, lease, run_token, lease_seconds=cfg.effect_lock_duration
+        )
+    except StorageError as exc:
+        raise StartGuardUnavailable(str(exc)) from exc
+    if started is None:
+        metrics.task_finished("effect", None, "stale-skipped", None)
+        return _result(
+            "stale-skipped",
+            ref,
+            row_id,
+            attempt,
+            reason=stale_reason(runtime, "effect", effect_id, lease),
+        )
+    if started.attempts >= _policy(runtime, "effect", started).max_attempts:
+        return _exhausted_by_lost_runs(runtime, "effect", started, ref)
+    attempt = started.attempts + 1
+    registration = runtime.registry.get(started.workflow_type)
+    workflow = registration.workflow
+    ctx = EffectContext(
+        effect_id=effect_id,
+        workflow=WorkflowRef(started.workflow_type, started.workflow_id),
+        attempt=attempt,
+        created_at=started.created_at,
+    )
+    if due_at is None and started.attempts == 0:
+        due_at = started.created_at  # called without the claim's due time: a first attempt
+    metrics.task_started(
+        "effect", started.workflow_type, due_at, _effect_label(runtime, "effect", started)
+    )
+    began = time.monotonic()
+    try:
+        with runtime.lease_keeper.keep("effect", effect_id, run_token):
+            effect = workflow.effects.decode(started.payload)
+            follow_up = call_handler(registration.handler, effect, ctx)  # async def too
+            if follow_up is not None:
+                follow_up = _as_input(workflow, follow_up)
+    except PermanentEffectError as exc:
+        _failure.set(exc)
+        return _fail_effect(runtime, started, ref, describe_error(exc), permanent=True, began=began)
+    except Exception as exc:
+        _failure.set(exc)
+        return _fail_effect(
+            runtime, started, ref, describe_error(exc), permanent=False, began=began
+        )
+
+    outcome = None
+    try:
+        if follow_up is None:
+            held = store.mark_processed(effect_id, run_token)
+        else:
+            with store.transaction(ack=True) as conn:
+                held = store.mark_processed(effect_id, run_token, connection=conn)
+                if held:
+                    outcome = runtime.service.execute(
+                        follow_up, workflow=workflow, connection=conn
+                    ).kind
+                else:
+                    conn.rollback()
+    except Exception as exc:
+        _failure.set(exc)
+        return _fail_effect(
+            runtime,
+            started,
+            ref,
+            f"Failed to route result: {describe_error(exc)}",
+            permanent=False,
+            began=began,
+        )
+    if not held:
+        metrics.task_finished("effect", started.workflow_type, "stale-skipped", began)
+        return _result(
+            "stale-skipped",
+            ref,
+            row_id,
+            attempt,
+            reason="lease lost while the handler ran; result discarded",
+        )
+    metrics.task_finished("effect", started.workflow_type, "processed", began)
+    extra = {"follow_up": follow_up.type_tag, "outcome": outcome} if follow_up is not None else {}
+    return _result("processed", ref, row_id, attempt, **extra)
+
+
+def _policy(runtime: WorkflowRuntime, kind: Kind, started: StartedRow) -> RetryPolicy:
+    """The row's retry policy: its effect type's, its workflow's or the runtime's."""
+    payload = started.payload
+    tag = payload.get("type") if kind == "effect" and isinstance(payload, dict) else None
+    return runtime.retry_policy_for(started.workflow_type, tag)
+
+
+def _exhausted_by_lost_runs(
+    runtime: WorkflowRuntime, kind: Kind, started: StartedRow, ref: str
+) -> dict:
+    """The start guard counted the previous run as lost and that used up the attempts (a
+    handler that kills its worker, say): dead-letter the row without running it again."""
+    error = started.last_error or LOST_RUN_ERROR
+    log.warning(
+        "ironflow %s %s (%s): %d attempts never finished; dead-lettered without running it",
+        kind,
+        started.id,
+        ref,
+        started.attempts,
+    )
+    status = dead_letter(runtime, kind, started, error)
+    _report_failure(runtime, kind, started, ref, started.attempts, status, error)
+    label = _effect_label(runtime, kind, started)
+    runtime.metrics.task_finished(kind, started.workflow_type, status, None, label)
+    return _result(
+        status, ref, started.id, started.attempts, error=error, effect_type=_payload_tag(started)
+    )
+
+
+def _as_input(workflow: Any, value: Any) -> Message:
+    """The handler's return value as an input of its workflow, or a clear error."""
+    if isinstance(value, Message):
+        if value not in workflow.inputs:
+            raise InvalidPayload(
+                workflow.type,
+                "input",
+                f"the effect handler returned {type(value).__qualname__}, which is not one of "
+                f"{workflow.inputs.tags()}",
+            )
+        return value
+    if isinstance(value, dict):
+        return workflow.inputs.decode(value)
+    raise InvalidPayload(
+        workflow.type,
+        "input",
+        f"the effect handler returned {type(value).__qualname__}; return an input or None",
+    )
+
+
+def _fail_effect(
+    runtime: WorkflowRuntime,
+    started: StartedRow,
+    ref: str,
+    error: str,
+    *,
+    permanent: bool,
+    began: float,
+) -> dict:
+    attempt = started.attempts + 1
+    policy = _policy(runtime, "effect", started)
+    metrics = runtime.metrics
+    if permanent or attempt >= policy.max_attempts:
+        status = dead_letter(runtime, "effect", started, error)
+        _report_failure(runtime, "effect", started, ref, attempt, status, error)
+        metrics.task_finished("effect", started.workflow_type, status, began)
+        return _result(
+            status, ref, started.id, attempt, error=error, effect_type=_payload_tag(started)
+        )
+    backoff = policy.backoff_duration(attempt)
+    recorded = runtime.store.record_failure(
+        started.id, started.token, error, backoff_seconds=backoff
+    )
+    status: Status = "failed-will-retry" if recorded is not None else "stale-skipped"
+    _report_failure(runtime, "effect", started, ref, attempt, status, error, retry_in=backoff)
+    metrics.task_finished("effect", started.workflow_type, status, began)
+    return _result(
+        status,
+        ref,
+        started.id,
+        attempt,
+        error=error,
+        retry_in_seconds=round(backoff, 3),
+        effect_type=_payload_tag(started),
+    )
+
+
+def _payload_tag(started: StartedRow) -> str | None:
+    """The tag of a started row's payload: the effect type, or the timer input's type."""
+    payload = started.payload
+    tag = payload.get("type") if isinstance(payload, dict) else None
+    return tag if isinstance(tag, str) else None
+
+
+def _effect_label(runtime: WorkflowRuntime, kind: Kind, started: StartedRow) -> str:
+    """The effect-type metric label: the payload's tag when the workflow declares it
+    (its effects; a timer's inputs), else ``unknown``, so labels stay bounded."""
+    from ironflow_celery.engine.metrics import UNKNOWN
+
+    tag = _payload_tag(started)
+    try:
+        workflow = runtime.registry.get(started.workflow_type).workflow
+        union = workflow.effects if kind == "effect" else workflow.inputs
+        return tag if tag is not None and tag in union.tags() else UNKNOWN
+    except Exception:  # an unregistered type or a workflow without effects
+        return UNKNOWN
+
+
+def _report_failure(
+    runtime: WorkflowRuntime,
+    kind: Kind,
+    started: StartedRow,
+    ref: str,
+    attempt: int,
+    status: Status,
+    error: str,
+    *,
+    retry_in: float | None = None,
+) -> None:
+    """Log a recorded failure where operators look (a failed attempt at WARNING, a dead
+    letter at ERROR with its traceback) and send `signals.dead_lettered` once per dead
+    letter. Called after the outcome is committed; a stale outcome reports nothing."""
+    exc = _failure.get()
+    tag = _payload_tag(started) or "unknown type"
+    if status == "failed-will-retry":
+        log.warning(
+            "ironflow %s %s of %s (%s) attempt %d failed; the outbox retries it in %ss: %s",
+            kind, started.id, ref, tag, attempt,
+            "?" if retry_in is None else f"{retry_in:.1f}", error,
+        )  # fmt: skip
+        if exc is not None:
+            log.debug("handler traceback:\n%s", _traceback_text(exc))
+    elif status == "dead-lettered":
+        log.error(
+            "ironflow %s %s of %s (%s) dead-lettered after %d attempt(s): %s%s",
+            kind, started.id, ref, tag, attempt, error,
+            "" if exc is None else "\n" + _traceback_text(exc),
+        )  # fmt: skip
+        dead_lettered.send(
+            sender=runtime.registry.get(started.workflow_type).workflow,
+            kind=kind,
+            row_id=started.id,
+            workflow=WorkflowRef(started.workflow_type, started.workflow_id),
+            effect_type=_payload_tag(started),
+            attempts=attempt,
+            error=error,
+            exception=exc,
+        )
+
+
+def _traceback_text(exc: BaseException) -> str:
+    """The handler's traceback, escaped as ``last_error`` is: formatted here rather than
+    passed as ``exc_info``, because a handler's message may hold text (a lone surrogate)
+    that no UTF-8 log handler, log shipper or pytest-xdist report can encode."""
+    return storable_text("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+
+
+def dead_letter(runtime: WorkflowRuntime, kind: Kind, started: StartedRow, error: str) -> Status:
+    """Dead-letter a row and, in the same transaction, deliver the workflow's
+    ``on_dead_letter`` input. When the workflow accepts it, the dead letter is handled:
+    closed but kept for audit, so nobody retries what the workflow already compensated.
+    If the delivery fails the row is still dead-lettered, with the reason in its error."""
+    store = runtime.store
+    policy = _policy(runtime, kind, started)
+    write = store.record_permanent_failure if kind == "effect" else store.dead_letter_timer
+    registration = runtime.registry.get(started.workflow_type)
+    workflow = registration.workflow
+    try:
+        with store.transaction(ack=True) as conn:
+            attempts = write(
+                started.id, started.token, error, max_attempts=policy.max_attempts, connection=conn
+            )
+            if attempts is None:
+                conn.rollback()
+                return "stale-skipped"
+            notice_input = _dead_letter_input(workflow, kind, started, attempts, error)
+            if notice_input is not None:
+                outcome = runtime.service.execute(notice_input, workflow=workflow, connection=conn)
+                if outcome.is_accepted:
+                    store.mark_dead_letter_handled(
+                        kind,
+                        started.id,
+                        f"handled by on_dead_letter: {notice_input.type_tag} accepted",
+                        connection=conn,
+                    )
+        return "dead-lettered"
+    except Exception as exc:
+        log.warning("ironflow: on_dead_letter of %s failed: %s", workflow.type, exc)
+        error = f"{error}; on_dead_letter failed: {describe_error(exc)}"
+    attempts = write(started.id, started.token, error, max_attempts=policy.max_attempts)
+    return "dead-lettered" if attempts is not None else "stale-skipped"
+
+
+def _dead_letter_input(
+    workflow: Any, kind: Kind, started: StartedRow, attempts: int, error: str
+) -> Message | None:
+    union = workflow.effects if kind == "effect" else workflow.inputs
+    try:
+        decoded = union.decode(started.payload)
+    except InvalidPayload:
+        decoded = None
+    notice = DeadLetterNotice(
+        kind=kind,
+        row_id=started.id,
+        workflow=WorkflowRef(started.workflow_type, started.workflow_id),
+        payload=started.payload,
+        decoded=decoded,
+        attempts=attempts,
+        last_error=error,
+    )
+    value = workflow.on_dead_letter(notice)
+    return None if value is None else _as_input(workflow, value)
+
+
+# -- timers ----------------------------------------------------------------------------
+
+
+def run_timer(
+    runtime: WorkflowRuntime,
+    ref: str,
+    row_id: str,
+    attempt: int,
+    lease: str,
+    *,
+    due_at: datetime | None = None,
+) -> dict:
+    """Execute a due timer's input and mark the timer processed, in one transaction.
+    `due_at`: when the timer became due (``fire_at``, or its backoff's end)."""
+    timer_id = uuid.UUID(row_id)
+    store = runtime.store
+    cfg = runtime.config
+    metrics = runtime.metrics
+    run_token = _run_token(lease)
+    _failure.set(None)
+    try:
+        started = store.start_timer(
+            timer_id, lease, run_token, lease_seconds=cfg.timer_lock_duration
+        )
+    except StorageError as exc:
+        raise StartGuardUnavailable(str(exc)) from exc
+    if started is None:
+        metrics.task_finished("timer", None, "stale-skipped", None)
+        return _result(
+            "stale-skipped",
+            ref,
+            row_id,
+            attempt,
+            reason=stale_reason(runtime, "timer", timer_id, lease),
+        )
+    if started.attempts >= _policy(runtime, "timer", started).max_attempts:
+        return _exhausted_by_lost_runs(runtime, "timer", started, ref)
+    attempt = started.attempts + 1
+    metrics.task_started(
+        "timer", started.workflow_type, due_at, _effect_label(runtime, "timer", started)
+    )
+    began = time.monotonic()
+    try:
+        with (
+            runtime.lease_keeper.keep("timer", timer_id, run_token),
+            store.transaction(ack=True) as conn,
+        ):
+            if not store.lock_timer(conn, timer_id, run_token):
+                conn.rollback()
+                metrics.task_finished("timer", started.workflow_type, "stale-skipped", began)
+                return _result(
+                    "stale-skipped", ref, row_id, attempt, reason="lease lost before the timer ran"
+                )
+            outcome = runtime.service.execute_dynamic(
+                started.workflow_type, started.payload, connection=conn
+            ).kind
+            store.mark_timer_processed(timer_id, run_token, connection=conn)
+    except Exception as exc:
+        _failure.set(exc)
+        error = f"Failed to execute timer input: {describe_error(exc)}"
+        policy = _policy(runtime, "timer", started)
+        backoff = None
+        if attempt >= policy.max_attempts:
+            status = dead_letter(runtime, "timer", started, error)
+        else:
+            backoff = policy.backoff_duration(attempt)
+            recorded = store.record_timer_failure(
+                timer_id, run_token, error, backoff_seconds=backoff
+            )
+            status = "failed-will-retry" if recorded is not None else "stale-skipped"
+        _report_failure(runtime, "timer", started, ref, attempt, status, error, retry_in=backoff)
+        metrics.task_finished("timer", started.workflow_type, status, began)
+        extra = {} if backoff is None else {"retry_in_seconds": round(backoff, 3)}
+        return _result(
+            status, ref, row_id, attempt, error=error, effect_type=_payload_tag(started), **extra
+        )
+    metrics.task_finished("timer", started.workflow_type, "processed", began)
+    return _result("processed", ref, row_id, attempt, outcome=outcome)
+
+
+# -- Celery registration ------------------------------------------------------------------
+
+
+def register_workflow_tasks(
+    app: Any, runtime: WorkflowRuntime, workflow_types: list[str]
+) -> list[str]:
+    """Register ``ironflow.<type>.effect``, ``.timer`` and ``.execute`` for these types."""
+    from ironflow_celery.engine.inputs import register_execute_tasks
+
+    names = []
+    for workflow_type in workflow_types:
+        for kind, fn in (("effect", run_effect), ("timer", run_timer)):
+            name = task_name(workflow_type, kind)  # type: ignore[arg-type]
+            app.task(
+                name=name,
+                bind=True,
+                # ignore_result is left to the app (task_ignore_result, result_backend):
+                # the relay sends each message with the app's choice (`results_ignored`).
+                acks_late=False,
+                typing=False,
+                shared=False,
+            )(_bind(fn, runtime, name))
+            names.append(name)
+    return names + register_execute_tasks(app, runtime, workflow_types)
+
+
+def _raise_recorded_failure(task: Any, kind: str, result: dict) -> None:
+    """End the Celery task the way Celery users read failures, once the outbox holds the
+    outcome: a dead letter raises `DeadLettered` (FAILURE: ``task_failure``, Flower's
+    Failed view, Sentry), a failed attempt raises a `Retry` that sends no message (RETRY
+    in Flower and ``task_retry``; the outbox owns the next attempt and its backoff)."""
+    exc = _failure.get()
+    _failure.set(None)  # hold no handler frames between tasks
+    status = result["status"]
+    if status not in ("failed-will-retry", "dead-lettered"):
+        return
+    error = result.get("error") or ""
+    if status == "dead-lettered":
+        raise DeadLettered(
+            kind,
+            result["row_id"],
+            result["workflow"],
+            result.get("effect_type"),
+            result["attempt"],
+            error,
+        ) from exc
+    _report_to_sentry(task, exc)
+    from celery.exceptions import Retry
+    from celery.utils.serialization import get_pickleable_exception
+
+    # Celery sends a new message only from `Task.retry`; raised directly, `Retry` just
+    # records the state (and logs "retry" at INFO). `when` is what the outbox decided.
+    # A prefork pool pickles it back to the worker: keep an odd handler exception safe.
+    cause = get_pickleable_exception(exc if exc is not None else RuntimeError(error))
+    raise Retry(exc=cause, when=result.get("retry_in_seconds"))
+
+
+def _report_to_sentry(task: Any, exc: BaseException | None) -> None:
+    """Send a failed attempt's exception to Sentry when the app uses sentry-sdk: its
+    CeleryIntegration skips `Retry`, so without this only dead letters would reach it.
+    ``ironflow_sentry_failed_attempts = False`` keeps Sentry to dead letters only."""
+    sentry_sdk = sys.modules.get("sentry_sdk")
+    if exc is None or sentry_sdk is None or not sentry_sdk.get_client().is_active():
+        return
+    from ironflow_celery.model.config import setting
+
+    if not setting(task.app.conf, "sentry_failed_attempts", bool, True):
+        return
+    with sentry_sdk.new_scope() as scope:  # inherits the Celery task's tags and context
+        scope.level = "warning"  # the outbox will retry it; a dead letter is the error
+        scope.capture_exception(exc)
+
+
+def _bind(fn: Any, runtime: WorkflowRuntime, name: str) -> Any:
+    kind = name.rsplit(".", 1)[-1]
+
+    workflow_type = name.removeprefix("ironflow.").removesuffix(f".{kind}")
+    span_name = f"ironflow.{kind} {workflow_type}"
+
+    def task(
+        self: Any,
+        ref: str,
+        row_id: str,
+        attempt: int = 1,
+        lease: str = "",
+        effect_type: str | None = None,  # for Flower; the start guard loads the payload
+        due: float | None = None,
+    ) -> dict:
+        due_at = datetime.fromtimestamp(due, UTC) if due is not None else None
+        try:
+            if not tracing.AVAILABLE or not runtime.config.tracing:
+                result = fn(runtime, ref, row_id, attempt, lease, due_at=due_at)
+            else:
+                # The handler, its acknowledgement and its follow-up input run in this
+                # span: a child of the publishing input's trace (ironflow_celery.storage.tracing).
+                attributes = {"ironflow.workflow": ref, "ironflow.row_id": row_id}
+                with tracing.task_span(span_name, self.request, attributes) as current:
+                    result = fn(runtime, ref, row_id, attempt, lease, due_at=due_at)
+                    tracing.record_outcome(current, result)
+        except StartGuardUnavailable as exc:
+            # The message is already acknowledged to the broker (acks_late is off) and the
+            # row still waits under the relay's claim, whose lease the relay keeps alive:
+            # dropping the message would strand the row until ironflow_dispatch_timeout.
+            # Send it back through the broker instead. This is a transport retry, not an
+            # attempt: nothing ran, and attempts are counted in the outbox only.
+            runtime.metrics.ack_failed(kind)
+            # the relay sends `retries` = the attempts the outbox had recorded (for Flower);
+            # the transport retries on top of those set this redelivery's delay
+            retries = max(0, (self.request.retries or 0) - max(0, attempt - 1))
+            delay = min(0.5 * 2 ** min(retries, 5), 10.0)
+            log.warning(
+                "ironflow %s %s (%s): start guard failed (%s); redelivering in %.1fs",
+                kind, row_id, ref, exc, delay,
+            )  # fmt: skip
+            raise self.retry(exc=exc, countdown=delay, max_retries=None) from exc
+        except StorageError:  # the ack could not be written; the lease will expire
+            runtime.metrics.ack_failed(kind)
+            raise
+        _raise_recorded_failure(self, kind, result)
+        return result
+
+    task.__name__ = name.replace(".", "_")
+    task.__qualname__ = task.__name__
+    task.__doc__ = fn.__doc__
+    task.__module__ = __name__
+    return task

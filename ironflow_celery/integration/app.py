@@ -1,0 +1,230 @@
+"""The engine on a Celery app: `install_engine` attaches a runtime, registers the
+per-workflow-type tasks and routes, and adds the worker bootstep that runs the relays
+inside ``celery worker`` (off with ``--without-ironflow-relay`` or
+``ironflow_relay_enabled = False``). Under the prefork
+pool the relays run in a child process of the worker, as Celery's embedded beat does, so
+the pool never forks a process with relay threads in it; the worker supervises it
+(`ironflow_celery.integration.supervisor`) and ``celery inspect ironflow_relay`` reports it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import click
+from celery import Celery, bootsteps, signals
+from celery.worker.control import inspect_command
+
+from ironflow_celery.engine import metrics
+from ironflow_celery.engine.runtime import APP_ATTRIBUTE, WorkflowRuntime, WorkflowSpec, runtime_of
+from ironflow_celery.errors import ConfigurationError
+from ironflow_celery.integration.queue_check import QueueCheckStep
+from ironflow_celery.integration.supervisor import ServiceProcess, ServiceThread, start_service
+from ironflow_celery.model.config import runtime_config_from, setting
+from ironflow_celery.service.aio import LOOP
+from ironflow_celery.service.workflow_service import WorkflowServiceConfig
+
+log = logging.getLogger("ironflow_celery.celery_app")
+
+__all__ = ["AsyncLoopStep", "RelayStep", "install_engine", "runtime_of"]
+
+
+def install_engine(
+    app: Celery,
+    workflows: Iterable[WorkflowSpec] = (),
+    *,
+    database_url: str | None = None,
+    runtime: WorkflowRuntime | None = None,
+) -> WorkflowRuntime:
+    """The engine's part of `ironflow_celery.install`: the runtime attached to `app`, its
+    per-workflow-type tasks, routing, and the worker bootsteps of this layer.
+
+    `workflows` are Workflow classes, ``(class, handler)`` pairs, or module names
+    (``"myapp.workflows"`` registers every Workflow it defines; ``"mod:Class"`` one).
+    Module names in the ``ironflow_workflows`` setting / ``IRONFLOW_WORKFLOWS`` (comma
+    separated) are added too, and imported when the worker loads its modules.
+    """
+    conf = app.conf
+    if runtime is None:
+        runtime = WorkflowRuntime(
+            config=runtime_config_from(conf),
+            service_config=WorkflowServiceConfig(
+                record_input_observations=setting(conf, "record_input_observations", bool, False)
+            ),
+            database_url=database_url or setting(conf, "database_url"),
+            app=app,
+        )
+    else:
+        runtime.app = app
+    specs: list[WorkflowSpec] = list(workflows)
+    configured = setting(conf, "workflows")
+    if isinstance(configured, str):
+        specs.extend(m.strip() for m in configured.split(",") if m.strip())
+    elif configured:
+        specs.extend(configured)
+    runtime.add_workflow_specs(specs)
+    # Classes are registered (with their tasks) now; module names once the worker has
+    # imported its modules (or at first use), so a workflow module may import this package.
+    if not any(isinstance(s, str) for s in specs):
+        runtime.load_workflows()
+    setattr(app, APP_ATTRIBUTE, runtime)
+
+    _install_routing(app)
+    app.steps["worker"].add(RelayStep)
+    app.steps["worker"].add(QueueCheckStep)  # warns when -Q skips ironflow's queues
+    app.steps["worker"].add(AsyncLoopStep)  # stops the async handlers' loop with the worker
+    app.user_options["worker"].add(
+        click.Option(
+            ["--without-ironflow-relay"],
+            is_flag=True,
+            default=False,
+            help="Do not run ironflow's effect and timer relays in this worker.",
+        )
+    )
+
+    def _load(sender: Any = None, **kwargs: Any) -> None:
+        if sender is None or sender is app:
+            runtime.load_workflows()
+
+    signals.import_modules.connect(_load, weak=False)
+    return runtime
+
+
+@signals.worker_process_shutdown.connect(weak=False)
+def _pool_process_exiting(pid: int | None = None, **kwargs: Any) -> None:
+    """A prefork pool process exits: drop its live gauges (Prometheus multiprocess mode)."""
+    metrics.process_exiting(pid)
+
+
+def _install_routing(app: Celery) -> None:
+    """``ironflow_queue_per_workflow_type``: route ``ironflow.<type>.*`` to ``ironflow.<type>``;
+    ``ironflow_task_queue``: route every ironflow task to one queue."""
+    per_type = setting(app.conf, "queue_per_workflow_type", bool, False)
+    single = setting(app.conf, "task_queue")
+    if not per_type and not single:
+        return
+
+    def route(name: str, args: Any, kwargs: Any, options: Any, task: Any = None, **kw: Any):
+        if not name.startswith("ironflow."):
+            return None
+        parts = name.split(".")
+        if per_type and len(parts) >= 3 and parts[-1] in ("effect", "timer", "execute"):
+            return {"queue": "ironflow." + ".".join(parts[1:-1])}
+        return {"queue": single} if single else None
+
+    routes = app.conf.task_routes
+    if routes is None:
+        app.conf.task_routes = (route,)
+    elif isinstance(routes, (list, tuple)):
+        app.conf.task_routes = (route, *routes)
+    else:
+        app.conf.task_routes = (route, routes)
+
+
+# -- the worker bootstep -----------------------------------------------------------------
+
+
+class RelayStep(bootsteps.StartStopStep):
+    """Runs ironflow's relays inside ``celery worker``, supervised (see `supervisor`)."""
+
+    label = "ironflow relay"
+
+    def __init__(self, worker: Any, without_ironflow_relay: bool = False, **kwargs: Any) -> None:
+        super().__init__(worker, **kwargs)
+        self.enabled = not without_ironflow_relay and setting(
+            worker.app.conf, "relay_enabled", bool, True
+        )
+        self.service: ServiceProcess | ServiceThread | None = None
+        if not self.enabled:  # Celery never calls start() on a disabled step: say it here
+            log.info(
+                "ironflow relay disabled in this worker (%s)",
+                "--without-ironflow-relay" if without_ironflow_relay else "ironflow_relay_enabled",
+            )
+
+    def create(self, worker: Any) -> Any:
+        return self
+
+    def start(self, worker: Any) -> None:
+        runtime = runtime_of(worker.app)
+        if runtime._store is None and not runtime.database_url:
+            raise ConfigurationError(
+                "ironflow relay: no database configured; set IRONFLOW_DATABASE_URL (or "
+                "ironflow_database_url), or start the worker with --without-ironflow-relay"
+            )
+        runtime.load_workflows()
+        self.service = start_service(
+            "relay",
+            "ironflow-relay",
+            runtime.run,
+            worker=worker,
+            shutdown_timeout=runtime.config.shutdown_timeout,
+        )
+        log.info(
+            "ironflow relay started (%s) for %s",
+            self.service.mode,
+            ", ".join(runtime.registry.types) or "no workflow types",
+        )
+
+    def stop(self, worker: Any) -> None:
+        """Warm shutdown: the relays finish publishing, within ``shutdown_timeout``."""
+        if self.service is not None:
+            self.service.stop()
+            self.service = None
+
+    def terminate(self, worker: Any) -> None:
+        """Cold shutdown (SIGQUIT, a second Ctrl-C, the test worker's exit): a second at
+        most, then the relay process is killed (its claims come back after their lease)."""
+        if self.service is not None:
+            self.service.stop(cold=True)
+            self.service = None
+
+    def shutdown(self, worker: Any) -> None:
+        self.stop(worker)
+
+    def ironflow_state(self) -> dict[str, Any]:
+        """This step's part of ``celery inspect ironflow_relay``."""
+        return {"relay": self.service.state() if self.service is not None else {"mode": "stopped"}}
+
+
+@inspect_command()
+def ironflow_relay(state: Any) -> dict[str, Any]:
+    """ironflow's relay (and projections) process or thread: pid, alive, restarts, last exit."""
+    worker = getattr(state.consumer, "controller", None)
+    found: dict[str, Any] = {}
+    for step in getattr(worker, "steps", None) or ():
+        report = getattr(step, "ironflow_state", None)
+        if callable(report):
+            found.update(report())
+    found.setdefault("relay", {"mode": "disabled"})
+    return found
+
+
+# -- asyncio handlers' loop -----------------------------------------------------------------
+
+
+# Nothing outlives its owner: the loop stops with the pool process (prefork) and, through
+# `AsyncLoopStep`, with the worker (solo/threads pools, test workers); a later handler
+# call would start a fresh one.
+@signals.worker_process_shutdown.connect(weak=False)
+def _close_loop(**kwargs: Any) -> None:
+    LOOP.close()
+
+
+class AsyncLoopStep(bootsteps.StartStopStep):
+    """Stops this process's handler event loop when the worker stops (any pool)."""
+
+    label = "ironflow asyncio loop"
+
+    def start(self, worker: Any) -> None:
+        """Nothing to start: the first coroutine handler starts the loop."""
+
+    def stop(self, worker: Any) -> None:
+        LOOP.close()
+
+    def terminate(self, worker: Any) -> None:
+        LOOP.close()
+
+    def shutdown(self, worker: Any) -> None:
+        LOOP.close()

@@ -1,0 +1,81 @@
+"""Worker start check: are the queues ironflow's tasks route to consumed by this worker?
+
+A worker started with ``-Q`` (or ``task_queues``) that does not read the queue its relay
+publishes effects to starts silently, and every effect then waits out its dispatch
+timeout in a queue nobody reads. The check logs a WARNING naming both sides.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import bootsteps
+
+from ironflow_celery.engine.relay import task_name
+from ironflow_celery.model.config import setting
+
+log = logging.getLogger("ironflow_celery.queue_check")
+
+
+def routed_queues(app: Any, workflow_types: list[str]) -> dict[str, list[str]]:
+    """The queue each ironflow effect and timer task routes to: ``{queue: [task, …]}``."""
+    queues: dict[str, list[str]] = {}
+    for workflow_type in workflow_types:
+        for kind in ("effect", "timer"):
+            name = task_name(workflow_type, kind)  # type: ignore[arg-type]
+            queue = app.amqp.router.route({}, name).get("queue")
+            queue_name = getattr(queue, "name", queue) or app.conf.task_default_queue
+            queues.setdefault(str(queue_name), []).append(name)
+    return queues
+
+
+def unconsumed_queues(
+    app: Any, workflow_types: list[str]
+) -> tuple[dict[str, list[str]], list[str]]:
+    """(ironflow queues this worker does not consume, with their tasks; the queues it does)."""
+    consumed = sorted(app.amqp.queues.consume_from)
+    routed = routed_queues(app, workflow_types)
+    return {q: tasks for q, tasks in routed.items() if q not in consumed}, consumed
+
+
+class QueueCheckStep(bootsteps.StartStopStep):
+    """Logs at worker start when ironflow's tasks route to queues this worker ignores."""
+
+    label = "ironflow queue check"
+    requires = ("celery.worker.components:Pool",)
+
+    def __init__(self, worker: Any, without_ironflow_relay: bool = False, **kwargs: Any) -> None:
+        super().__init__(worker, **kwargs)
+        self.relay = not without_ironflow_relay and setting(
+            worker.app.conf, "relay_enabled", bool, True
+        )
+
+    def create(self, worker: Any) -> Any:
+        return None  # nothing to stop: the check runs once, in `start`
+
+    def start(self, worker: Any) -> None:
+        try:
+            from ironflow_celery.engine.runtime import runtime_of
+
+            runtime = runtime_of(worker.app)
+            runtime.load_workflows()
+            missing, consumed = unconsumed_queues(worker.app, list(runtime.registry.types))
+        except Exception as exc:  # a check must never stop a worker from starting
+            log.debug("ironflow queue check skipped: %s", exc)
+            return
+        if not missing:
+            return
+        # A worker that runs the relay publishes into those queues itself; one without it
+        # may serve other tasks on purpose, so it only says so at INFO.
+        level = logging.WARNING if self.relay else logging.INFO
+        log.log(
+            level,
+            "ironflow: this worker consumes %s, but ironflow's tasks route to %s, which it "
+            "does not consume (%s); effects will wait there until their dispatch timeout "
+            "unless another worker reads them. Add the queue to -Q, or route the tasks "
+            "(task_routes, ironflow_task_queue, ironflow_queue_per_workflow_type).",
+            ", ".join(consumed) or "no queue",
+            ", ".join(sorted(missing)),
+            "; ".join(f"{q}: {', '.join(tasks)}" for q, tasks in sorted(missing.items())),
+        )

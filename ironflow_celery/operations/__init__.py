@@ -1,0 +1,2 @@
+"""Layer 6, operations and read side: dead letters, cancellation, retention, status,
+projections and the metrics endpoint, as Python functions and Celery tasks."""

@@ -1,0 +1,433 @@
+"""`WorkflowService`: the one place every input goes through, and the workflow registry.
+
+External callers, effect handlers' follow-up inputs and timers all reach a workflow via
+`WorkflowService.execute` / `execute_dynamic`: lock the instance, replay its events,
+decide, and persist the decision in one transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy.engine import Connection
+
+from ironflow_celery.errors import (
+    DuplicateWorkflowType,
+    EventDeserializationError,
+    InvalidPayload,
+    InvalidWorkflowDefinition,
+    UnknownWorkflowType,
+)
+from ironflow_celery.model.messages import TAG, Message
+from ironflow_celery.model.storable import check_text, json_problem, text_problem
+from ironflow_celery.model.workflow import (
+    Accepted,
+    AlreadyCompleted,
+    Decision,
+    EffectContext,
+    EffectHandler,
+    ExecuteOutcome,
+    Rejected,
+    Workflow,
+)
+from ironflow_celery.service.aio import check_handler
+from ironflow_celery.storage import tracing
+from ironflow_celery.storage.store import (
+    PostgresStore,
+    StoredEvent,
+    TimerSpec,
+    WorkflowInstanceSummary,
+)
+
+log = logging.getLogger("ironflow_celery.service")
+
+_POOL_LOCK = threading.Lock()
+
+
+# -- registry -------------------------------------------------------------------------
+
+
+def _noop_handler(effect: Any, ctx: EffectContext) -> None:
+    log.warning(
+        "workflow %s should not emit effects (registered without effects); effect %s ignored",
+        ctx.workflow.workflow_type,
+        ctx.effect_id,
+    )
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    """A registered workflow and its effect handler."""
+
+    workflow: type[Workflow]
+    handler: EffectHandler
+
+    @property
+    def workflow_type(self) -> str:
+        return self.workflow.type
+
+
+class Registry:
+    """Workflow types by name; refuses a type registered twice."""
+
+    def __init__(self, workflows: Iterable[type[Workflow] | tuple[type[Workflow], Any]] = ()):
+        self._by_type: dict[str, Registration] = {}
+        self._by_input: dict[type, list[Registration]] = {}
+        for item in workflows:
+            if isinstance(item, tuple):
+                self.register(*item)
+            else:
+                self.register(item)
+
+    def register(
+        self, workflow: type[Workflow], handler: EffectHandler | None = None
+    ) -> Registration:
+        """Register a workflow with its effect handler: `handler`, else the workflow's own
+        ``handle_effect`` (one of them is required when it declares effects)."""
+        if not (isinstance(workflow, type) and issubclass(workflow, Workflow)) or not hasattr(
+            workflow, "inputs"
+        ):
+            raise InvalidWorkflowDefinition(f"{workflow!r} is not a concrete Workflow subclass")
+        if workflow.type in self._by_type:
+            raise DuplicateWorkflowType(workflow.type)
+        if handler is None:
+            # The README's way: a workflow carries its handler as ``handle_effect``.
+            handler = getattr(workflow, "handle_effect", None)
+        if handler is None:
+            if workflow.has_effects():
+                raise InvalidWorkflowDefinition(
+                    f"workflow '{workflow.type}' declares effects but no handler was given "
+                    "and it defines no handle_effect(effect, ctx); define one, pass "
+                    "handler=..., or use register_without_effects() to ignore them"
+                )
+            handler = _noop_handler
+        else:  # not callable, or a generator: it could never run to an outcome
+            check_handler(workflow.type, handler)
+        registration = Registration(workflow, handler)
+        self._by_type[workflow.type] = registration
+        for cls in workflow.inputs.classes:
+            self._by_input.setdefault(cls, []).append(registration)
+        return registration
+
+    def register_without_effects(self, workflow: type[Workflow]) -> Registration:
+        """Register a workflow with a handler that ignores (and warns about) any effect."""
+        if workflow.type in self._by_type:
+            raise DuplicateWorkflowType(workflow.type)
+        registration = Registration(workflow, _noop_handler)
+        self._by_type[workflow.type] = registration
+        for cls in workflow.inputs.classes:
+            self._by_input.setdefault(cls, []).append(registration)
+        return registration
+
+    def get(self, workflow_type: str) -> Registration:
+        """The registration of `workflow_type`, or `UnknownWorkflowType`."""
+        try:
+            return self._by_type[workflow_type]
+        except KeyError:
+            raise UnknownWorkflowType(workflow_type, self.types) from None
+
+    def for_workflow(self, workflow: type[Workflow]) -> Registration:
+        """The registration of a workflow class (typed dispatch)."""
+        registration = self._by_type.get(getattr(workflow, "type", ""))
+        if registration is None or registration.workflow is not workflow:
+            raise UnknownWorkflowType(getattr(workflow, "type", repr(workflow)), self.types)
+        return registration
+
+    def for_input(self, input: Any) -> Registration:
+        """The one registered workflow whose inputs include this input's class."""
+        found = self._by_input.get(type(input), [])
+        if len(found) == 1:
+            return found[0]
+        if not found:
+            what = type(input).__qualname__
+            hint = "" if isinstance(input, Message) else "; for JSON use execute_dynamic()"
+            raise UnknownWorkflowType(f"<no registered workflow takes {what}{hint}>", self.types)
+        names = ", ".join(r.workflow_type for r in found)
+        raise InvalidWorkflowDefinition(
+            f"{type(input).__qualname__} is an input of several workflows ({names}); "
+            "pass workflow=... to execute()"
+        )
+
+    @property
+    def types(self) -> tuple[str, ...]:
+        return tuple(self._by_type)
+
+    def __contains__(self, workflow_type: object) -> bool:
+        return workflow_type in self._by_type
+
+    def __iter__(self) -> Iterator[Registration]:
+        return iter(self._by_type.values())
+
+    def __len__(self) -> int:
+        return len(self._by_type)
+
+
+# -- service ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class WorkflowServiceConfig:
+    """Service options (ironflow has this one)."""
+
+    record_input_observations: bool = False
+
+
+def input_type_of(payload: Any, fallback: str) -> str:
+    """The input's JSON tag, or the class name when it has none."""
+    if isinstance(payload, dict) and isinstance(payload.get(TAG), str):
+        return payload[TAG]
+    return fallback
+
+
+def decode_events(workflow: type[Workflow], workflow_id: str, payloads: Iterable[Any]) -> list:
+    """Decode stored event payloads, naming the sequence of the first that fails."""
+    decoded = []
+    for sequence, payload in enumerate(payloads, start=1):
+        try:
+            decoded.append(workflow.events.decode(payload))
+        except InvalidPayload as exc:
+            raise EventDeserializationError(
+                workflow.type, workflow_id, sequence, exc.detail
+            ) from None
+    return decoded
+
+
+def check_storable(workflow_type: str, kind: str, value: Any) -> None:
+    """`InvalidPayload` naming the field when PostgreSQL cannot store a JSON value (a NUL
+    character or a lone surrogate in a string or key), before anything is written."""
+    found = json_problem(value)
+    if found is None:
+        return
+    field, problem = found
+    tag = value.get(TAG) if isinstance(value, dict) else None
+    prefix = f"{tag}: " if isinstance(tag, str) and text_problem(tag) is None else ""
+    raise InvalidPayload(workflow_type, kind, f"{prefix}{field or 'value'}: {problem}")
+
+
+def _check_key(workflow_type: str, what: str, value: str | None) -> None:
+    problem = None if value is None else text_problem(value)
+    if problem is not None:
+        raise InvalidPayload(workflow_type, "input", f"{what} {value!r}: {problem}")
+
+
+class WorkflowService:
+    """Executes inputs against registered workflows and answers queries about them."""
+
+    def __init__(
+        self,
+        store: PostgresStore,
+        registry: Registry,
+        config: WorkflowServiceConfig | None = None,
+        *,
+        clock: Callable[[], datetime] | None = None,
+    ) -> None:
+        self.store = store
+        self.registry = registry
+        self.config = config or WorkflowServiceConfig()
+        self._clock = clock or (lambda: datetime.now(UTC))
+
+    # -- execution -----------------------------------------------------------------------
+    def execute(
+        self,
+        input: Message,
+        *,
+        workflow: type[Workflow] | None = None,
+        connection: Connection | None = None,
+    ) -> ExecuteOutcome[Any]:
+        """Execute a typed input; the rejection payload comes back typed.
+
+        The workflow is the registered one that takes the input's class, or `workflow`.
+        With `connection`, the input runs inside the caller's transaction, which stays
+        usable after a `UniqueKeyConflict` or a rejection.
+        """
+        if workflow is not None:
+            registration = self.registry.for_workflow(workflow)
+            if input not in registration.workflow.inputs:
+                expected = registration.workflow.inputs.tags()
+                raise InvalidPayload(
+                    workflow.type, "input", f"{type(input).__qualname__} is not one of {expected}"
+                )
+        else:
+            registration = self.registry.for_input(input)
+        return self._execute(registration, input, None, connection)
+
+    def execute_dynamic(
+        self, workflow_type: str, payload: Any, *, connection: Connection | None = None
+    ) -> ExecuteOutcome[Any]:
+        """Execute a JSON input by workflow type name; a rejection comes back as JSON."""
+        registration = self.registry.get(workflow_type)
+        input = registration.workflow.inputs.decode(payload)
+        outcome = self._execute(registration, input, payload, connection)
+        if isinstance(outcome, Rejected):
+            return Rejected(registration.workflow.rejection_codec.encode(outcome.reason))
+        return outcome
+
+    async def execute_async(
+        self, input: Message, *, workflow: type[Workflow] | None = None
+    ) -> ExecuteOutcome[Any]:
+        """`execute` for asyncio callers (FastAPI): runs in a bounded thread pool, so the
+        event loop never blocks on PostgreSQL. Cancelling the await does not cancel the
+        input: it may still commit."""
+        call = functools.partial(self.execute, input, workflow=workflow)
+        return await asyncio.get_running_loop().run_in_executor(self._async_pool(), call)
+
+    async def execute_dynamic_async(self, workflow_type: str, payload: Any) -> ExecuteOutcome[Any]:
+        """`execute_dynamic` for asyncio callers, in the same bounded thread pool."""
+        call = functools.partial(self.execute_dynamic, workflow_type, payload)
+        return await asyncio.get_running_loop().run_in_executor(self._async_pool(), call)
+
+    def _async_pool(self) -> ThreadPoolExecutor:
+        """One pool per service, as many threads as the engine's pool has connections:
+        more would only queue on the connection pool, and its timeout, inside a thread."""
+        pool = self.__dict__.get("_executor")
+        if pool is None:
+            with _POOL_LOCK:
+                pool = self.__dict__.get("_executor")
+                if pool is None:
+                    size = getattr(self.store.engine.pool, "size", lambda: 5)()
+                    pool = ThreadPoolExecutor(max(1, size), thread_name_prefix="ironflow-execute")
+                    self.__dict__["_executor"] = pool
+        return pool
+
+    def _execute(
+        self,
+        registration: Registration,
+        input: Any,
+        payload: Any,
+        connection: Connection | None,
+    ) -> ExecuteOutcome[Any]:
+        # A span per input: the effects and timers it writes carry its trace onwards.
+        if not tracing.AVAILABLE:
+            return self._execute_input(registration, input, payload, connection)
+        wf = registration.workflow
+        attributes = {"ironflow.workflow_type": wf.type, "ironflow.input_type": input.type_tag}
+        with tracing.span(f"ironflow.execute {wf.type}", attributes) as current:
+            outcome = self._execute_input(registration, input, payload, connection)
+            if current is not None and current.is_recording():
+                current.set_attribute("ironflow.outcome", outcome.kind)
+            return outcome
+
+    def _execute_input(
+        self,
+        registration: Registration,
+        input: Any,
+        payload: Any,
+        connection: Connection | None,
+    ) -> ExecuteOutcome[Any]:
+        wf = registration.workflow
+        workflow_id = wf.workflow_id(input)
+        unique_key = wf.unique_key(input)
+        observe = self.config.record_input_observations
+        if payload is None and (observe or isinstance(input, Message)):
+            payload = input.to_json()
+        # Text PostgreSQL cannot store is bad input: say which field, before any write.
+        check_storable(wf.type, "input", payload)
+        _check_key(wf.type, "workflow id", workflow_id)
+        _check_key(wf.type, "unique key", unique_key)
+        input_type = input_type_of(payload, type(input).__name__) if observe else ""
+
+        uow = self.store.begin(wf.type, workflow_id, unique_key, connection=connection)
+        with uow:
+            if uow.completed:
+                if observe:
+                    self.store.record_observation(
+                        wf.type,
+                        workflow_id,
+                        input_type,
+                        payload,
+                        "already_completed",
+                        connection=connection,
+                    )
+                return AlreadyCompleted()
+
+            state = wf.replay(decode_events(wf, workflow_id, uow.events))
+            decision = wf.decide(self._clock(), state, input)
+            if not isinstance(decision, Decision):
+                raise InvalidWorkflowDefinition(
+                    f"{wf.type}.decide returned {type(decision).__name__}, not a Decision"
+                )
+
+            if decision.is_reject:
+                rejection_json = wf.rejection_codec.encode(decision.rejection)
+                uow.rollback()
+                if observe:
+                    check_storable(wf.type, "rejection", rejection_json)
+                    self.store.record_observation(
+                        wf.type,
+                        workflow_id,
+                        input_type,
+                        payload,
+                        "rejected",
+                        rejection_json,
+                        connection=connection,
+                    )
+                return Rejected(decision.rejection)
+
+            events = [wf.events.encode(e) for e in decision.events]
+            for event in decision.events:
+                state = wf.evolve(state, event)
+            effects = [wf.effects.encode(f) for f in decision.effects]
+            timers = [
+                TimerSpec(t.delay.total_seconds(), wf.inputs.encode(t.input), t.key)
+                for t in decision.timers
+            ]
+            # Workflow code may build text of its own (not only copy the input's).
+            for kind, values in (
+                ("event", events),
+                ("effect", effects),
+                ("timer input", [t.input for t in timers]),
+            ):
+                for value in values:
+                    check_storable(wf.type, kind, value)
+            for key in [*(t.key for t in timers), *decision.cancel_timer_keys]:
+                if key is not None and text_problem(key) is not None:
+                    raise InvalidPayload(wf.type, "timer key", f"{key!r}: {text_problem(key)}")
+            if observe:
+                uow.record_input_observation(input_type, payload, "accepted")
+            uow.append_events(events)
+            uow.enqueue_effects(effects)
+            uow.cancel_timers(list(decision.cancel_timer_keys))
+            uow.schedule_timers(timers)
+            if wf.is_terminal(state):
+                uow.mark_completed()
+            return Accepted(uow.commit())
+
+    # -- queries ---------------------------------------------------------------------------
+    def list_workflows(
+        self, workflow_type: str | None = None, limit: int = 100, offset: int = 0
+    ) -> list[WorkflowInstanceSummary]:
+        """Instances (optionally of one type), most recently active first."""
+        check_text(workflow_type, "workflow type")
+        return self.store.list_workflows(workflow_type, limit, offset)
+
+    def fetch_workflow_events(self, workflow_type: str, workflow_id: str) -> list[StoredEvent]:
+        """An instance's stored events in order."""
+        check_text(workflow_type, "workflow type")
+        check_text(workflow_id, "workflow id")
+        return self.store.fetch_workflow_events(workflow_type, workflow_id)
+
+    def fetch_latest_state(self, workflow: type[Workflow], workflow_id: str) -> Any:
+        """Replay an instance's events into its typed state (default state if unknown)."""
+        registration = self.registry.for_workflow(workflow)
+        return self._latest_state(registration, workflow_id)
+
+    def fetch_latest_state_dynamic(self, workflow_type: str, workflow_id: str) -> Any:
+        """Replay an instance's events; the state as JSON."""
+        registration = self.registry.get(workflow_type)
+        state = self._latest_state(registration, workflow_id)
+        return registration.workflow.state_codec.encode(state)
+
+    def _latest_state(self, registration: Registration, workflow_id: str) -> Any:
+        wf = registration.workflow
+        check_text(workflow_id, "workflow id")
+        stored = self.store.fetch_workflow_events(wf.type, workflow_id)
+        return wf.replay(decode_events(wf, workflow_id, (e.payload for e in stored)))

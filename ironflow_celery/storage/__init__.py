@@ -1,0 +1,2 @@
+"""Layer 2, storage: the PostgreSQL schema, every SQL statement (`sql`), the claimable row
+kinds, and `PostgresStore`, the one door to the database."""

@@ -1,0 +1,634 @@
+"""Dead letters: find, count, inspect, retry and discard them. The same operations are
+Celery tasks (``ironflow.dead_letters.*``, `ironflow_celery.operations.dead_letters`) and
+the ``dead-letters`` CLI (`ironflow_celery.cli.operations`).
+
+A dead letter is an unprocessed outbox (``kind="effect"``) or timer (``kind="timer"``) row
+that was dead-lettered explicitly (``dead_lettered_at``) or has used up its attempts::
+
+    processed_at IS NULL AND (dead_lettered_at IS NOT NULL OR attempts >= max_attempts)
+
+Unlike ironflow, a retry touches only rows that really are dead letters and never a row
+whose lease is live (``locked_by`` set and ``locked_until`` in the future), and it wakes
+the relays with ``pg_notify``. A discard marks the row handled (``processed_at``) and keeps
+it for audit with ``discarded_at`` and ``discard_reason``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import re
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, Literal
+
+from sqlalchemy import text
+
+from ironflow_celery.errors import IronflowError
+from ironflow_celery.model.config import AttemptLimits
+from ironflow_celery.model.storable import text_problem
+from ironflow_celery.model.workflow import WorkflowRef
+from ironflow_celery.storage import sql
+
+if TYPE_CHECKING:
+    from ironflow_celery.storage.store import PostgresStore
+
+Kind = Literal["effect", "timer"]
+KINDS: tuple[Kind, ...] = ("effect", "timer")
+
+# -- SQL ----------------------------------------------------------------------------------
+# One template per statement; {table} / {payload} are filled per kind below. Filters use
+# the ``CAST(:x AS …) IS NULL OR …`` form so one prepared statement serves every query.
+
+_DEAD = f"processed_at IS NULL AND (dead_lettered_at IS NOT NULL OR attempts >= {sql.MAX_ATTEMPTS})"
+_LIVE_LEASE = "locked_by IS NOT NULL AND locked_until > now()"
+_FILTERS = """
+      AND (CAST(:wt AS text) IS NULL OR workflow_type = :wt)
+      AND (CAST(:wid AS text) IS NULL OR workflow_id = :wid)
+      AND (CAST(:error AS text) IS NULL
+           OR strpos(lower(coalesce(last_error, '')), lower(:error)) > 0)
+      AND (CAST(:older AS float8) IS NULL
+           OR created_at < now() - make_interval(secs => :older))
+      AND (CAST(:newer AS float8) IS NULL
+           OR created_at >= now() - make_interval(secs => :newer))
+"""
+_COLUMNS = """id, workflow_type, workflow_id, {payload} AS payload, attempts, last_error,
+       created_at, dead_lettered_at, locked_by, locked_until, {fire_at} AS fire_at"""
+
+FETCH = f"""
+    SELECT {_COLUMNS}
+    FROM {{table}}
+    WHERE {_DEAD} {_FILTERS}
+      AND (CAST(:after_at AS timestamptz) IS NULL
+           OR (created_at, id) < (CAST(:after_at AS timestamptz), CAST(:after_id AS uuid)))
+    ORDER BY created_at DESC, id DESC
+    LIMIT :limit
+"""
+
+COUNT = f"SELECT count(*) FROM {{table}} WHERE {_DEAD} {_FILTERS}"
+
+# The row, locked, with what decides whether it may be retried or discarded.
+LOCK_ROW = f"""
+    SELECT {_COLUMNS}, processed_at, discarded_at,
+           ({_DEAD}) AS is_dead, ({_LIVE_LEASE}) AS in_flight
+    FROM {{table}} WHERE id = :id
+    FOR UPDATE
+"""
+
+GET_ROW = LOCK_ROW.replace("FOR UPDATE", "")
+
+RETRY_ONE = """
+    UPDATE {table}
+    SET attempts = 0, last_error = NULL, locked_until = NULL, locked_by = NULL,
+        dead_lettered_at = NULL, run_started_at = NULL
+    WHERE id = :id
+    RETURNING workflow_type, pg_notify(:channel, workflow_type) AS notified
+"""
+
+# A batch of the bulk retry; rows dead-lettered after the run began (a retried row that
+# failed again at once) are left alone so the loop always ends.
+RETRY_BATCH = f"""
+    UPDATE {{table}}
+    SET attempts = 0, last_error = NULL, locked_until = NULL, locked_by = NULL,
+        dead_lettered_at = NULL, run_started_at = NULL
+    WHERE id IN (
+        SELECT id FROM {{table}}
+        WHERE {_DEAD} {_FILTERS}
+          AND NOT ({_LIVE_LEASE})
+          AND (dead_lettered_at IS NULL OR dead_lettered_at <= :cutoff)
+        ORDER BY created_at, id
+        LIMIT :batch
+        FOR UPDATE SKIP LOCKED
+    )
+    RETURNING workflow_type
+"""
+
+NOTIFY = "SELECT pg_notify(:channel, wt) FROM unnest(CAST(:types AS text[])) AS u(wt)"
+
+DISCARD_ONE = """
+    UPDATE {table}
+    SET processed_at = now(), discarded_at = now(), discard_reason = :reason,
+        locked_until = NULL, locked_by = NULL
+    WHERE id = :id
+"""
+
+_TABLES: dict[Kind, dict[str, str]] = {
+    "effect": {"table": "ironflow.outbox", "payload": "payload", "fire_at": "NULL::timestamptz"},
+    "timer": {"table": "ironflow.timers", "payload": "input", "fire_at": "fire_at"},
+}
+_CHANNELS: dict[Kind, str] = {"effect": sql.EFFECTS_CHANNEL, "timer": sql.TIMERS_CHANNEL}
+
+
+def _statements(kind: Kind) -> dict[str, Any]:
+    names = {
+        "fetch": FETCH,
+        "count": COUNT,
+        "lock_row": LOCK_ROW,
+        "get_row": GET_ROW,
+        "retry_one": RETRY_ONE,
+        "retry_batch": RETRY_BATCH,
+        "discard_one": DISCARD_ONE,
+    }
+    return {name: text(stmt.format(**_TABLES[kind])) for name, stmt in names.items()}
+
+
+STATEMENTS: dict[Kind, dict[str, Any]] = {kind: _statements(kind) for kind in KINDS}
+NOTIFY_TYPES = text(NOTIFY)
+
+
+# -- errors and values ----------------------------------------------------------------------
+
+
+class InvalidDeadLetterRequest(IronflowError, ValueError):
+    """A malformed row id, cursor, age or kind (a usage error, not a database one)."""
+
+
+def parse_kind(kind: str) -> Kind:
+    """``"effect"`` or ``"timer"`` (plural and case are tolerated), else a clear error."""
+    value = str(kind).strip().lower().rstrip("s")
+    if value not in KINDS:
+        raise InvalidDeadLetterRequest(f"kind must be 'effect' or 'timer', got {kind!r}")
+    return value  # type: ignore[return-value]
+
+
+def parse_row_id(row_id: uuid.UUID | str) -> uuid.UUID:
+    """A row id as a UUID, or `InvalidDeadLetterRequest` naming the bad value."""
+    if isinstance(row_id, uuid.UUID):
+        return row_id
+    try:
+        return uuid.UUID(str(row_id).strip())
+    except (ValueError, AttributeError, TypeError):
+        raise InvalidDeadLetterRequest(f"not a valid row id (UUID): {row_id!r}") from None
+
+
+_AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$", re.IGNORECASE)
+_UNIT = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_age(value: timedelta | float | int | str | None) -> timedelta | None:
+    """``"90s"``, ``"15m"``, ``"12h"``, ``"7d"``, ``"2w"``, seconds or a timedelta."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, timedelta):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return timedelta(seconds=value)
+    match = _AGE.match(str(value))
+    if not match:
+        raise InvalidDeadLetterRequest(
+            f"not an age: {value!r} (use e.g. 90s, 15m, 12h, 7d or a number of seconds)"
+        )
+    return timedelta(seconds=float(match.group(1)) * _UNIT[(match.group(2) or "s").lower()])
+
+
+def encode_cursor(created_at: datetime, row_id: uuid.UUID) -> str:
+    """An opaque page cursor for ``(created_at, id)``."""
+    raw = f"{created_at.isoformat()}|{row_id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    """The ``(created_at, id)`` of an opaque cursor, or `InvalidDeadLetterRequest`."""
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        stamp, _, row_id = base64.urlsafe_b64decode(padded).decode().partition("|")
+        return datetime.fromisoformat(stamp), uuid.UUID(row_id)
+    except (ValueError, binascii.Error, UnicodeDecodeError, TypeError):
+        raise InvalidDeadLetterRequest(f"not a dead-letter page cursor: {cursor!r}") from None
+
+
+def _check_filter_text(what: str, value: str | None) -> None:
+    """A filter PostgreSQL cannot compare (NUL, lone surrogate) is a usage error."""
+    problem = text_problem(value) if isinstance(value, str) else None
+    if problem is not None:
+        raise InvalidDeadLetterRequest(f"invalid {what} {value!r}: {problem}")
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterQuery:
+    """Which dead letters: builder methods as ironflow's, plus error text, age and keyset
+    pagination. Newest first; `limit` defaults to 100 (`count` ignores it and the cursor).
+
+    ``DeadLetterQuery.new().workflow_type("orders").error_contains("timeout").limit(20)``
+    """
+
+    type_filter: str | None = None
+    id_filter: str | None = None
+    error_filter: str | None = None
+    min_age: timedelta | None = None
+    max_age: timedelta | None = None
+    max_rows: int = 100
+    cursor: tuple[datetime, uuid.UUID] | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_rows < 1:
+            raise InvalidDeadLetterRequest(f"limit must be at least 1, got {self.max_rows}")
+        for what, value in (
+            ("workflow type", self.type_filter),
+            ("workflow id", self.id_filter),
+            ("error filter", self.error_filter),
+        ):
+            _check_filter_text(what, value)
+
+    @classmethod
+    def new(cls) -> DeadLetterQuery:
+        """Every dead letter, newest first, 100 per page."""
+        return cls()
+
+    @classmethod
+    def of(
+        cls,
+        workflow_type: str | None = None,
+        workflow_id: str | None = None,
+        error: str | None = None,
+        older_than: timedelta | float | str | None = None,
+        newer_than: timedelta | float | str | None = None,
+        limit: int | None = None,
+        after: str | tuple[datetime, uuid.UUID] | None = None,
+    ) -> DeadLetterQuery:
+        """A query from plain keyword values (CLI options, Celery task kwargs)."""
+        cursor = decode_cursor(after) if isinstance(after, str) and after else after or None
+        return cls(
+            type_filter=workflow_type or None,
+            id_filter=workflow_id or None,
+            error_filter=error or None,
+            min_age=parse_age(older_than),
+            max_age=parse_age(newer_than),
+            max_rows=100 if limit is None else int(limit),
+            cursor=cursor,  # type: ignore[arg-type]
+        )
+
+    def workflow_type(self, workflow_type: str) -> DeadLetterQuery:
+        return dataclasses.replace(self, type_filter=workflow_type)
+
+    def workflow_id(self, workflow_id: str) -> DeadLetterQuery:
+        return dataclasses.replace(self, id_filter=workflow_id)
+
+    def error_contains(self, fragment: str) -> DeadLetterQuery:
+        """Case-insensitive substring of ``last_error``."""
+        return dataclasses.replace(self, error_filter=fragment)
+
+    def older_than(self, age: timedelta | float | str) -> DeadLetterQuery:
+        """Rows created more than `age` ago."""
+        return dataclasses.replace(self, min_age=parse_age(age))
+
+    def newer_than(self, age: timedelta | float | str) -> DeadLetterQuery:
+        """Rows created at most `age` ago."""
+        return dataclasses.replace(self, max_age=parse_age(age))
+
+    def limit(self, limit: int) -> DeadLetterQuery:
+        return dataclasses.replace(self, max_rows=int(limit))
+
+    def after(self, cursor: str | tuple[datetime, uuid.UUID] | DeadLetter) -> DeadLetterQuery:
+        """The page after `cursor`: an opaque cursor, ``(created_at, id)`` or a DeadLetter."""
+        if isinstance(cursor, DeadLetter):
+            value = (cursor.created_at, cursor.id)
+        elif isinstance(cursor, str):
+            value = decode_cursor(cursor)
+        else:
+            value = (cursor[0], parse_row_id(cursor[1]))
+        return dataclasses.replace(self, cursor=value)
+
+    def params(self) -> dict[str, Any]:
+        """Bind parameters of the filter (and page) SQL."""
+        return {
+            "wt": self.type_filter,
+            "wid": self.id_filter,
+            "error": self.error_filter,
+            "older": None if self.min_age is None else self.min_age.total_seconds(),
+            "newer": None if self.max_age is None else self.max_age.total_seconds(),
+            "after_at": self.cursor[0] if self.cursor else None,
+            "after_id": self.cursor[1] if self.cursor else None,
+            "limit": self.max_rows,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A dead-lettered effect (payload = the effect) or timer (payload = its input)."""
+
+    kind: Kind
+    id: uuid.UUID
+    workflow: WorkflowRef
+    payload: Any
+    attempts: int
+    last_error: str | None
+    created_at: datetime
+    dead_lettered_at: datetime | None = None
+    fire_at: datetime | None = None
+
+    @property
+    def workflow_type(self) -> str:
+        return self.workflow.workflow_type
+
+    @property
+    def workflow_id(self) -> str:
+        return self.workflow.workflow_id
+
+    @property
+    def cursor(self) -> str:
+        """The opaque cursor of the page that follows this row."""
+        return encode_cursor(self.created_at, self.id)
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-serialisable form: ids as strings, datetimes as ISO 8601."""
+        return {
+            "kind": self.kind,
+            "id": str(self.id),
+            "workflow": str(self.workflow),
+            "workflow_type": self.workflow_type,
+            "workflow_id": self.workflow_id,
+            "payload": self.payload,
+            "attempts": self.attempts,
+            "last_error": self.last_error,
+            "created_at": self.created_at.isoformat(),
+            "dead_lettered_at": _iso(self.dead_lettered_at),
+            "fire_at": _iso(self.fire_at),
+        }
+
+
+Reason = Literal[
+    "retried",
+    "discarded",
+    "dead_letter",
+    "not_found",
+    "not_dead_letter",
+    "in_flight",
+    "already_processed",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class RetryResult:
+    """What a retry or discard did, and why it was refused. Truthy when it happened."""
+
+    ok: bool
+    reason: Reason
+    kind: Kind
+    row_id: uuid.UUID
+    message: str
+    workflow: WorkflowRef | None = None
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "reason": self.reason,
+            "kind": self.kind,
+            "row_id": str(self.row_id),
+            "workflow": None if self.workflow is None else str(self.workflow),
+            "message": self.message,
+        }
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
+
+
+def _letter(kind: Kind, row: Any) -> DeadLetter:
+    return DeadLetter(
+        kind=kind,
+        id=row.id,
+        workflow=WorkflowRef(row.workflow_type, row.workflow_id),
+        payload=row.payload,
+        attempts=row.attempts,
+        last_error=row.last_error,
+        created_at=row.created_at,
+        dead_lettered_at=row.dead_lettered_at,
+        fire_at=row.fire_at,
+    )
+
+
+# -- functions ----------------------------------------------------------------------------
+
+
+def fetch_dead_letters(
+    store: PostgresStore,
+    query: DeadLetterQuery | None = None,
+    *,
+    kind: Kind = "effect",
+    max_attempts: int | AttemptLimits,
+) -> list[DeadLetter]:
+    """Dead letters matching `query`, newest first (``created_at DESC, id DESC``)."""
+    kind = parse_kind(kind)
+    query = query or DeadLetterQuery()
+    rows = store._run(
+        STATEMENTS[kind]["fetch"], {**query.params(), **AttemptLimits.of(max_attempts).params()}
+    )
+    return [_letter(kind, r) for r in rows]
+
+
+def next_cursor(letters: list[DeadLetter], query: DeadLetterQuery | None = None) -> str | None:
+    """The cursor of the next page, or None when `letters` was the last page."""
+    limit = (query or DeadLetterQuery()).max_rows
+    return letters[-1].cursor if letters and len(letters) >= limit else None
+
+
+def count_dead_letters(
+    store: PostgresStore,
+    query: DeadLetterQuery | None = None,
+    *,
+    kind: Kind = "effect",
+    max_attempts: int | AttemptLimits,
+) -> int:
+    """How many dead letters match `query` (its limit and cursor are ignored)."""
+    kind = parse_kind(kind)
+    query = query or DeadLetterQuery()
+    value = store._run(
+        STATEMENTS[kind]["count"], {**query.params(), **AttemptLimits.of(max_attempts).params()}
+    ).scalar()
+    return int(value or 0)
+
+
+def get_dead_letter(
+    store: PostgresStore,
+    row_id: uuid.UUID | str,
+    *,
+    kind: Kind = "effect",
+    max_attempts: int | AttemptLimits,
+) -> DeadLetter | None:
+    """One dead letter by id; None when the row is missing or not a dead letter."""
+    kind, rid = parse_kind(kind), parse_row_id(row_id)
+    params = {"id": rid, **AttemptLimits.of(max_attempts).params()}
+    row = store._run(STATEMENTS[kind]["get_row"], params).first()
+    if row is None or not row.is_dead:
+        return None
+    return _letter(kind, row)
+
+
+def explain_row(
+    store: PostgresStore,
+    row_id: uuid.UUID | str,
+    *,
+    kind: Kind = "effect",
+    max_attempts: int | AttemptLimits,
+) -> RetryResult:
+    """Whether the row is a dead letter that may be retried now, and if not, why."""
+    kind, rid = parse_kind(kind), parse_row_id(row_id)
+    params = {"id": rid, **AttemptLimits.of(max_attempts).params()}
+    row = store._run(STATEMENTS[kind]["get_row"], params).first()
+    refusal = _refusal(kind, rid, row, max_attempts)
+    if refusal is not None:
+        return refusal
+    ref = WorkflowRef(row.workflow_type, row.workflow_id)
+    return RetryResult(
+        True, "dead_letter", kind, rid, f"{kind} {rid} is a dead letter: retry or discard it", ref
+    )
+
+
+def _refusal(
+    kind: Kind, rid: uuid.UUID, row: Any, max_attempts: int | AttemptLimits
+) -> RetryResult | None:
+    """Why `row` may not be retried or discarded (None when it may)."""
+    if row is None:
+        return RetryResult(False, "not_found", kind, rid, f"no {kind} row with id {rid}")
+    ref = WorkflowRef(row.workflow_type, row.workflow_id)
+    if row.processed_at is not None:
+        what = (
+            f"discarded at {row.discarded_at.isoformat()}"
+            if row.discarded_at is not None
+            else f"processed at {row.processed_at.isoformat()}"
+        )
+        return RetryResult(False, "already_processed", kind, rid, f"{kind} {rid} was {what}", ref)
+    if row.in_flight:
+        return RetryResult(
+            False,
+            "in_flight",
+            kind,
+            rid,
+            f"{kind} {rid} is in flight: leased by {row.locked_by} until "
+            f"{row.locked_until.isoformat()}; retry it after the lease ends",
+            ref,
+        )
+    if not row.is_dead:
+        return RetryResult(
+            False,
+            "not_dead_letter",
+            kind,
+            rid,
+            f"{kind} {rid} is not a dead letter (attempts {row.attempts} of "
+            f"{AttemptLimits.of(max_attempts).for_type(row.workflow_type)}, "
+            "not dead-lettered); the relay will run it",
+            ref,
+        )
+    return None
+
+
+def try_retry_dead_letter(
+    store: PostgresStore,
+    row_id: uuid.UUID | str,
+    *,
+    kind: Kind = "effect",
+    max_attempts: int | AttemptLimits,
+) -> RetryResult:
+    """Make one dead letter claimable again (attempts 0, error and lease cleared) and wake
+    the relays; refused, with the reason, for a missing, processed, live or healthy row."""
+    kind, rid = parse_kind(kind), parse_row_id(row_id)
+    statements = STATEMENTS[kind]
+    with store.transaction() as conn:
+        row = conn.execute(
+            statements["lock_row"], {"id": rid, **AttemptLimits.of(max_attempts).params()}
+        ).first()
+        refusal = _refusal(kind, rid, row, max_attempts)
+        if refusal is not None:
+            return refusal
+        conn.execute(statements["retry_one"], {"id": rid, "channel": _CHANNELS[kind]})
+    ref = WorkflowRef(row.workflow_type, row.workflow_id)
+    return RetryResult(True, "retried", kind, rid, f"{kind} {rid} ({ref}) will run again", ref)
+
+
+def retry_dead_letter(
+    store: PostgresStore,
+    row_id: uuid.UUID | str,
+    *,
+    kind: Kind = "effect",
+    max_attempts: int | AttemptLimits,
+) -> bool:
+    """`try_retry_dead_letter` as ironflow's bool: True iff the row was retried."""
+    return try_retry_dead_letter(store, row_id, kind=kind, max_attempts=max_attempts).ok
+
+
+def retry_dead_letters(
+    store: PostgresStore,
+    query: DeadLetterQuery | None = None,
+    *,
+    kind: Kind = "effect",
+    max_attempts: int | AttemptLimits,
+    batch_size: int = 500,
+    max_rows: int | None = None,
+) -> int:
+    """Retry every dead letter matching `query`'s filters (its limit and cursor are
+    ignored; `max_rows` caps the total), one short transaction per batch, skipping rows
+    that are locked or leased. Returns how many were retried."""
+    kind = parse_kind(kind)
+    if batch_size < 1:
+        raise InvalidDeadLetterRequest("batch_size must be at least 1")
+    query = query or DeadLetterQuery()
+    statement = STATEMENTS[kind]["retry_batch"]
+    # now(), the clock dead_lettered_at is written with (a test clock's, in the testing
+    # kit); in this one-statement transaction it is the same instant as clock_timestamp().
+    cutoff = store._run(text("SELECT now()")).scalar()
+    total = 0
+    while max_rows is None or total < max_rows:
+        batch = batch_size if max_rows is None else min(batch_size, max_rows - total)
+        with store.transaction() as conn:
+            rows = conn.execute(
+                statement,
+                {
+                    **query.params(),
+                    **AttemptLimits.of(max_attempts).params(),
+                    "cutoff": cutoff,
+                    "batch": batch,
+                },
+            ).all()
+            if rows:
+                types = sorted({r.workflow_type for r in rows})
+                conn.execute(NOTIFY_TYPES, {"channel": _CHANNELS[kind], "types": types})
+        total += len(rows)
+        if len(rows) < batch:
+            break
+    return total
+
+
+def try_discard_dead_letter(
+    store: PostgresStore,
+    row_id: uuid.UUID | str,
+    reason: str,
+    *,
+    kind: Kind = "effect",
+    max_attempts: int | AttemptLimits,
+) -> RetryResult:
+    """Mark a dead letter handled without running it: ``processed_at``, ``discarded_at``
+    and ``discard_reason`` are set and the row stays for audit."""
+    kind, rid = parse_kind(kind), parse_row_id(row_id)
+    reason = (reason or "").strip()
+    if not reason:
+        raise InvalidDeadLetterRequest("a discard needs a reason (kept for audit)")
+    _check_filter_text("discard reason", reason)
+    statements = STATEMENTS[kind]
+    with store.transaction() as conn:
+        row = conn.execute(
+            statements["lock_row"], {"id": rid, **AttemptLimits.of(max_attempts).params()}
+        ).first()
+        refusal = _refusal(kind, rid, row, max_attempts)
+        if refusal is not None:
+            return refusal
+        conn.execute(statements["discard_one"], {"id": rid, "reason": reason})
+    ref = WorkflowRef(row.workflow_type, row.workflow_id)
+    return RetryResult(True, "discarded", kind, rid, f"{kind} {rid} ({ref}) discarded", ref)
+
+
+def discard_dead_letter(
+    store: PostgresStore,
+    row_id: uuid.UUID | str,
+    reason: str,
+    *,
+    kind: Kind = "effect",
+    max_attempts: int | AttemptLimits,
+) -> bool:
+    """`try_discard_dead_letter` as a bool: True iff the row was discarded."""
+    return try_discard_dead_letter(store, row_id, reason, kind=kind, max_attempts=max_attempts).ok

@@ -1,0 +1,1009 @@
+"""PostgreSQL storage: the unit of work per input, and the outbox/timer/query operations.
+
+SQLAlchemy Core over psycopg 3 on a pooled engine; statements live in `ironflow_celery.sql`.
+A `UnitOfWork` holds the instance's row lock (``SELECT … FOR UPDATE``) for one input,
+buffers what the decision writes and flushes it in as few round trips as possible at
+`commit`.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from ironflow_celery.errors import (
+    DatabaseUnavailable,
+    InvalidText,
+    IronflowError,
+    StorageError,
+    UniqueKeyConflict,
+)
+from ironflow_celery.model.config import AttemptLimits
+from ironflow_celery.storage import sql, tracing
+from ironflow_celery.storage.db import create_engine
+
+
+def dumps(value: Any) -> str:
+    """Compact JSON for jsonb parameters."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def _unavailable(exc: sa.exc.DBAPIError) -> bool:
+    """Whether the server could not be reached or dropped the connection.
+
+    psycopg's OperationalError also covers errors of a live server (deadlock, lock or
+    statement timeout): those keep their SQLSTATE and are plain `StorageError`s.
+    """
+    if exc.connection_invalidated:
+        return True
+    sqlstate = getattr(exc.orig, "sqlstate", None)
+    if sqlstate is None:  # no answer from a server at all (refused, unreachable, closed)
+        return isinstance(exc, sa.exc.OperationalError)
+    # 08: connection exception; 57P01-57P03: shutdown / cannot connect now.
+    return sqlstate.startswith("08") or sqlstate in {"57P01", "57P02", "57P03"}
+
+
+_UNSTORABLE = (
+    "contains a NUL character or a lone surrogate, which PostgreSQL cannot store; "
+    "the statement wrote nothing"
+)
+
+
+def _unstorable(exc: sa.exc.DBAPIError) -> bool:
+    """Whether a statement failed on text PostgreSQL cannot store (a last line of defence:
+    the service and the operations functions check their inputs by name first)."""
+    sqlstate = getattr(exc.orig, "sqlstate", None)
+    if sqlstate is None:  # psycopg refuses NUL in text client-side, as a DataError
+        return isinstance(exc, sa.exc.DataError) and "NUL" in str(exc.orig)
+    return sqlstate == "22P05"  # untranslatable character: "\u0000" in jsonb
+
+
+# undefined table, column, function; invalid schema name
+_SCHEMA_MISSING = {"42P01", "42703", "42883", "3F000"}
+
+
+@contextmanager
+def storage_errors() -> Iterator[None]:
+    """Translate driver errors into `StorageError` / `DatabaseUnavailable`, and text that
+    PostgreSQL cannot store into `InvalidText` (bad input, not a database failure)."""
+    try:
+        yield
+    except UnicodeEncodeError as exc:  # psycopg, client-side: a lone surrogate in a parameter
+        text = exc.object if isinstance(exc.object, str) else ""
+        raise InvalidText(
+            "parameter", text[max(0, exc.start - 20) : exc.end + 20], _UNSTORABLE
+        ) from None
+    except sa.exc.DBAPIError as exc:
+        if _unstorable(exc):
+            raise InvalidText("parameter", "", _UNSTORABLE) from None
+        if _unavailable(exc):
+            raise DatabaseUnavailable(f"PostgreSQL is unavailable: {exc.orig}") from exc
+        if getattr(exc.orig, "sqlstate", None) in _SCHEMA_MISSING:
+            from ironflow_celery.storage.hints import (
+                schema_missing_hint,  # the command as this process can run it
+            )
+
+            raise StorageError(f"postgres error: {exc.orig}; {schema_missing_hint()}") from exc
+        raise StorageError(f"postgres error: {exc.orig}") from exc
+    except sa.exc.SQLAlchemyError as exc:
+        raise StorageError(f"postgres error: {exc}") from exc
+
+
+# -- rows ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    """An event as stored: global and per-instance sequence, raw JSON payload."""
+
+    global_sequence: int
+    workflow_type: str
+    workflow_id: str
+    sequence: int
+    payload: Any
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class WorkflowInstanceSummary:
+    """One row of ``list_workflows``."""
+
+    workflow_type: str
+    workflow_id: str
+    created_at: datetime
+    event_count: int
+    last_event_at: datetime | None
+    completed_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class TimerSpec:
+    """A timer ready to persist: delay in seconds, JSON input, optional key."""
+
+    delay_seconds: float
+    input: Any
+    key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedRow:
+    """An outbox or timer row claimed by a relay under `token`."""
+
+    id: uuid.UUID
+    workflow_type: str
+    workflow_id: str
+    attempts: int
+    created_at: datetime
+    token: str
+    fire_at: datetime | None = None
+    server_started: datetime | None = None
+    """``pg_postmaster_start_time()`` of the server that granted the claim: a restart in
+    between may have lost lease writes made without a WAL flush (see `relaxed_engine`)."""
+    effect_type: str | None = None
+    """The tag of the payload (the effect's type; a timer's input type)."""
+    due_at: datetime | None = None
+    """When the row became claimable: created (or ``fire_at``), or its last backoff or
+    lease ended; what ``ironflow_dispatch_to_start_seconds`` measures from."""
+    trace_context: str | None = None
+    """The OpenTelemetry context stored by the input that wrote the row (see tracing)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StartedRow:
+    """A claimed row that passed its start guard: payload loaded, lease renewed."""
+
+    id: uuid.UUID
+    workflow_type: str
+    workflow_id: str
+    payload: Any
+    attempts: int
+    created_at: datetime
+    token: str
+    key: str | None = None
+    last_error: str | None = None
+
+
+def _lock_and_load(conn: Connection, key: dict[str, str]) -> tuple[bool, bool, list[Any]]:
+    """(found, completed, events): row-lock the instance and load its events, one round trip."""
+    rows = conn.execute(sql.LOCK_AND_LOAD, key).all()
+    if not rows:
+        return False, False, []
+    if rows[0].completed:
+        return True, True, []
+    # The "no events" row has no sequence; an event's payload may be JSON null (None here)
+    # and must reach decoding, which names its sequence.
+    return True, False, [r.payload for r in rows if r.sequence is not None]
+
+
+# What a start guard records when the previous run of a row never recorded an outcome.
+LOST_RUN_ERROR = (
+    "WorkerLost: the previous attempt never recorded an outcome (its worker process died, "
+    "lost the lease, or lost the database)"
+)
+
+
+# -- unit of work -------------------------------------------------------------------
+
+
+@dataclass
+class UnitOfWork:
+    """One input's transaction on one instance: lock held, events loaded, writes buffered.
+
+    Leaving it without `commit` rolls everything back (a brand-new instance row and its
+    unique-key reservation included). When it runs inside a caller's transaction
+    (``connection=`` given to `PostgresStore.begin`), `commit` flushes the writes and
+    leaves committing to the caller.
+    """
+
+    conn: Connection
+    workflow_type: str
+    workflow_id: str
+    completed: bool
+    events: list[Any]
+    created_instance: bool
+    owns_transaction: bool
+    _transaction: Any = None
+    _events: list[str] = field(default_factory=list)
+    _effects: list[str] = field(default_factory=list)
+    _cancel_keys: list[str] = field(default_factory=list)
+    _timers: list[TimerSpec] = field(default_factory=list)
+    _mark_completed: bool = False
+    _finished: bool = False
+
+    @property
+    def next_sequence(self) -> int:
+        return len(self.events) + len(self._events) + 1
+
+    def append_events(self, payloads: Sequence[Any]) -> int:
+        """Buffer events (JSON); sequences continue from the stored ones."""
+        self._events.extend(dumps(p) for p in payloads)
+        return len(payloads)
+
+    def enqueue_effects(self, payloads: Sequence[Any]) -> None:
+        """Buffer effects (JSON) for the outbox, in decision order."""
+        self._effects.extend(dumps(p) for p in payloads)
+
+    def cancel_timers(self, keys: Sequence[str]) -> None:
+        """Cancel this instance's pending timers with these keys (before scheduling)."""
+        self._cancel_keys.extend(keys)
+
+    def schedule_timers(self, timers: Sequence[TimerSpec]) -> None:
+        """Buffer timers; a keyed one replaces the pending timer with the same key."""
+        self._timers.extend(timers)
+
+    def mark_completed(self) -> None:
+        """Mark the instance terminal when the unit of work commits."""
+        self._mark_completed = True
+
+    def record_input_observation(
+        self, input_type: str, payload: Any, outcome: str = "accepted", rejection: Any = None
+    ) -> None:
+        """Write an input observation inside this transaction."""
+        with storage_errors():
+            self.conn.execute(
+                sql.INSERT_OBSERVATION,
+                {
+                    "wt": self.workflow_type,
+                    "wid": self.workflow_id,
+                    "input_type": input_type,
+                    "payload": dumps(payload),
+                    "outcome": outcome,
+                    "rejection": None if rejection is None else dumps(rejection),
+                },
+            )
+
+    def flush(self) -> int:
+        """Write everything buffered; returns the number of events appended."""
+        if self._finished:
+            state = "the instance is completed" if self.completed else "committed or rolled back"
+            raise IronflowError(
+                f"unit of work on {self.workflow_type}:{self.workflow_id} is finished "
+                f"({state}); begin a new one"
+            )
+        key = {"wt": self.workflow_type, "wid": self.workflow_id}
+        # The input's trace, stored with its effects and timers (see storage.tracing).
+        trace = tracing.current_carrier() if self._effects or self._timers else None
+        n_events = len(self._events)
+        first = len(self.events) + 1
+        with storage_errors():
+            if n_events or self._effects or self._mark_completed:
+                self.conn.execute(
+                    sql.WRITE_DECISION,
+                    {
+                        **key,
+                        "seqs": list(range(first, first + n_events)),
+                        "events": self._events,
+                        "effects": self._effects,
+                        "trace": trace,
+                        "n_events": n_events,
+                        "completed": self._mark_completed,
+                    },
+                )
+            if self._cancel_keys:
+                self.conn.execute(sql.CANCEL_TIMERS, {**key, "keys": self._cancel_keys})
+            if self._timers:
+                # Within one decision the last timer with a key wins (one pending row per key).
+                last_by_key: dict[str | None, int] = {}
+                for i, t in enumerate(self._timers):
+                    if t.key is not None:
+                        last_by_key[t.key] = i
+                timers = [
+                    t
+                    for i, t in enumerate(self._timers)
+                    if t.key is None or last_by_key[t.key] == i
+                ]
+                self.conn.execute(
+                    sql.SCHEDULE_TIMERS,
+                    {
+                        **key,
+                        "delays": [t.delay_seconds for t in timers],
+                        "inputs": [dumps(t.input) for t in timers],
+                        "keys": [t.key for t in timers],
+                        "trace": trace,
+                    },
+                )
+        self.events.extend(self._events)
+        self._events, self._effects, self._cancel_keys, self._timers = [], [], [], []
+        return n_events
+
+    def commit(self) -> int:
+        """Flush and commit (or only flush inside a caller's transaction)."""
+        n = self.flush()
+        if self.owns_transaction:
+            with storage_errors():
+                self._transaction.commit()
+                self.conn.close()
+        self._finished = True
+        return n
+
+    def rollback(self) -> None:
+        """Drop everything this unit of work did (a new instance row included)."""
+        if self._finished:
+            return
+        self._finished = True
+        if self.owns_transaction:
+            try:
+                self._transaction.rollback()
+            finally:
+                self.conn.close()
+        elif self.created_instance:
+            with storage_errors():
+                self.conn.execute(
+                    sql.DELETE_NEW_INSTANCE, {"wt": self.workflow_type, "wid": self.workflow_id}
+                )
+
+    def __enter__(self) -> UnitOfWork:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self._finished:
+            self.rollback()
+
+
+# -- the store ------------------------------------------------------------------------
+
+
+class PostgresStore:
+    """PostgreSQL persistence for workflows, the outbox, timers and projections."""
+
+    def __init__(
+        self, engine: Engine, *, relaxed_commits: bool = True, relaxed_acks: bool = False
+    ) -> None:
+        self.engine = engine
+        self.relaxed_commits = relaxed_commits
+        self.relaxed_acks = relaxed_acks
+        self._relaxed_engine: Engine | None = None
+        self._relaxed_lock = threading.Lock()
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        relaxed_commits: bool = True,
+        relaxed_acks: bool = False,
+        **engine_kwargs: Any,
+    ) -> PostgresStore:
+        """A store on a new pooled engine for `url`."""
+        return cls(
+            create_engine(url, **engine_kwargs),
+            relaxed_commits=relaxed_commits,
+            relaxed_acks=relaxed_acks,
+        )
+
+    @property
+    def relaxed_engine(self) -> Engine:
+        """The engine for lease bookkeeping: ``synchronous_commit = off``.
+
+        Only writes whose loss merely makes a row claimable again run here (DESIGN
+        invariant 9): claims, releases, start guards, lease renewals. Other sessions may
+        act on them before they reach disk, but all they can do is deliver a row: should
+        PostgreSQL crash and lose such a write, the row goes back to an earlier lease state
+        and is claimed again, under the same id (so the same idempotency key), and a
+        handler may run once more -- delivery is at-least-once in any case. Every later
+        durable commit flushes the WAL before it, so an acknowledgement that survives a
+        crash never outlives the start guard it followed. What others can observe as
+        *results* -- events, new outbox rows and timers, processed, failure and dead-letter
+        marks -- never commits here unless `relaxed_acks` opts in (see `ack_engine`).
+        """
+        if not self.relaxed_commits:
+            return self.engine
+        if self._relaxed_engine is None:
+            with self._relaxed_lock:
+                if self._relaxed_engine is None:
+                    self._relaxed_engine = create_engine(
+                        self.engine.url.render_as_string(hide_password=False),
+                        connect_args={"options": "-c synchronous_commit=off"},
+                    )
+        return self._relaxed_engine
+
+    @property
+    def ack_engine(self) -> Engine:
+        """The engine for acknowledgements: durable unless ``relaxed_acks`` opts out.
+
+        ``relaxed_acks=True`` (the ``ironflow_relaxed_acknowledgements`` setting) trades
+        durability for commit latency, and its risk is real: a PostgreSQL crash can lose an
+        acknowledgement that others already acted on -- a follow-up's new effect already
+        claimed and run, an event a projection already read. After recovery the effect runs
+        again and its follow-up decides a *new* effect row, so an external system sees the
+        same step under a second idempotency key. Use it only where that is acceptable.
+        """
+        return self.relaxed_engine if self.relaxed_acks else self.engine
+
+    def dispose(self) -> None:
+        """Close the pools' connections."""
+        self.engine.dispose()
+        if self._relaxed_engine is not None:
+            self._relaxed_engine.dispose()
+
+    def upgrade_schema(self) -> list[int]:
+        """Create or upgrade the ``ironflow`` schema; returns the versions applied."""
+        from ironflow_celery.storage import schema
+
+        return schema.upgrade(self.engine)
+
+    @contextmanager
+    def transaction(self, *, ack: bool = False) -> Iterator[Connection]:
+        """A connection in a transaction that commits on success, rolls back on error.
+
+        ``ack=True`` uses `ack_engine` (an acknowledgement and the follow-up input it
+        carries): durable unless the store opted into relaxed acknowledgements."""
+        engine = self.ack_engine if ack else self.engine
+        with storage_errors(), engine.begin() as conn:
+            yield conn
+
+    def _run(
+        self,
+        statement: Any,
+        params: dict[str, Any] | None = None,
+        *,
+        relaxed: bool = False,
+        ack: bool = False,
+    ) -> sa.CursorResult[Any]:
+        # One statement is atomic on its own: autocommit spares the BEGIN and COMMIT round
+        # trips (the hot path: claim, start guard, ack are one statement each). A connection
+        # that turns out dead (server restarted) is replaced and the statement sent once more:
+        # every statement run here is guarded or idempotent.
+        # relaxed: lease bookkeeping only (see `relaxed_engine`); ack: see `ack_engine`.
+        engine = self.relaxed_engine if relaxed else self.ack_engine if ack else self.engine
+        for attempt in (1, 2):
+            try:
+                with storage_errors(), engine.connect() as conn:
+                    conn.execution_options(isolation_level="AUTOCOMMIT")
+                    result = conn.execute(statement, params or {})
+                    rows = result.fetchall() if result.returns_rows else []
+                    return _Buffered(rows, result.rowcount)  # type: ignore[return-value]
+            except DatabaseUnavailable as error:
+                cause = error.__cause__
+                if attempt == 2 or not getattr(cause, "connection_invalidated", False):
+                    raise
+        raise AssertionError("unreachable")
+
+    # -- unit of work ---------------------------------------------------------------
+    def begin(
+        self,
+        workflow_type: str,
+        workflow_id: str,
+        unique_key: str | None = None,
+        *,
+        connection: Connection | None = None,
+    ) -> UnitOfWork:
+        """Open a unit of work: ensure the instance row, lock it, load its events.
+
+        Raises `UniqueKeyConflict` when a new instance's key is held by another active
+        instance of the same type.
+        """
+        owns = connection is None
+        if connection is None:
+            with storage_errors():  # a server that is down raises DatabaseUnavailable here
+                conn = self.engine.connect()
+        else:
+            conn = connection
+        transaction = None
+        key = {"wt": workflow_type, "wid": workflow_id}
+        try:
+            with storage_errors():
+                if owns:
+                    transaction = conn.begin()
+                created = False
+                found, completed, events = _lock_and_load(conn, key)
+                while not found and not created:
+                    created = (
+                        conn.execute(sql.INSERT_INSTANCE, {**key, "unique_key": unique_key}).first()
+                        is not None
+                    )
+                    if not created:  # lost a race to another creator, or the key is taken
+                        found, completed, events = _lock_and_load(conn, key)
+                        if (
+                            not found
+                            and unique_key is not None
+                            and conn.execute(
+                                sql.UNIQUE_KEY_HELD, {"wt": workflow_type, "unique_key": unique_key}
+                            ).first()
+                        ):
+                            raise UniqueKeyConflict(workflow_type, unique_key)
+                        # (still no row and no holder: the winner's row was deleted since)
+                    # else: a new instance has no events to load. Every writer (ironflow too)
+                    # creates the instance row in the transaction of its first events.
+        except BaseException:
+            if owns:
+                if transaction is not None:
+                    transaction.rollback()
+                conn.close()
+            raise
+        uow = UnitOfWork(
+            conn=conn,
+            workflow_type=workflow_type,
+            workflow_id=workflow_id,
+            completed=completed,
+            events=events,
+            created_instance=created,
+            owns_transaction=owns,
+            _transaction=transaction,
+        )
+        if completed:
+            uow.rollback()
+        return uow
+
+    def record_observation(
+        self,
+        workflow_type: str,
+        workflow_id: str,
+        input_type: str,
+        payload: Any,
+        outcome: str,
+        rejection: Any = None,
+        *,
+        connection: Connection | None = None,
+    ) -> None:
+        """Write one input observation (own statement, or in the caller's transaction)."""
+        params = {
+            "wt": workflow_type,
+            "wid": workflow_id,
+            "input_type": input_type,
+            "payload": dumps(payload),
+            "outcome": outcome,
+            "rejection": None if rejection is None else dumps(rejection),
+        }
+        if connection is not None:
+            with storage_errors():
+                connection.execute(sql.INSERT_OBSERVATION, params)
+        else:
+            self._run(sql.INSERT_OBSERVATION, params)
+
+    # -- queries ----------------------------------------------------------------------
+    def list_workflows(
+        self, workflow_type: str | None = None, limit: int = 100, offset: int = 0
+    ) -> list[WorkflowInstanceSummary]:
+        """Instances, most recently active first."""
+        rows = self._run(
+            sql.LIST_WORKFLOWS, {"wt": workflow_type, "limit": limit, "offset": offset}
+        )
+        return [WorkflowInstanceSummary(*row) for row in rows]
+
+    def fetch_workflow_events(self, workflow_type: str, workflow_id: str) -> list[StoredEvent]:
+        """An instance's events in sequence order."""
+        rows = self._run(sql.FETCH_WORKFLOW_EVENTS, {"wt": workflow_type, "wid": workflow_id})
+        return [StoredEvent(*row) for row in rows]
+
+    # -- effects -------------------------------------------------------------------------
+    def claim_effects(
+        self,
+        token: str,
+        workflow_types: Sequence[str],
+        *,
+        lease_seconds: float,
+        max_attempts: int | AttemptLimits,
+        limit: int = 1,
+        concurrency_limits: Mapping[str, int] | None = None,
+    ) -> list[ClaimedRow]:
+        """Claim up to `limit` due effects of registered types (SKIP LOCKED), oldest first.
+
+        Types in `concurrency_limits` never have more than their limit of effects leased at
+        once across all claimers (see `sql.CLAIM_LIMITED_EFFECTS`); they are claimed first,
+        in their own transaction, so a backlog of unlimited types cannot starve them."""
+        if not workflow_types or limit <= 0:
+            return []
+        attempts = AttemptLimits.of(max_attempts).params()
+        limits = concurrency_limits or {}
+        limited = sorted(t for t in set(workflow_types) if t in limits)
+        free = [t for t in workflow_types if t not in limits]
+        found: list[Any] = []
+        if limited:
+            found += self._claim_limited(token, limited, limits, lease_seconds, attempts, limit)
+        if free and len(found) < limit:
+            found += self._run(
+                sql.CLAIM_EFFECTS,
+                {
+                    "token": token,
+                    "types": free,
+                    "lease": float(lease_seconds),
+                    **attempts,
+                    "limit": limit - len(found),
+                },
+                relaxed=True,
+            )
+        claimed = [
+            ClaimedRow(
+                r.id,
+                r.workflow_type,
+                r.workflow_id,
+                r.attempts,
+                r.created_at,
+                token,
+                server_started=r.server_started,
+                effect_type=r.effect_type,
+                due_at=r.due_at,
+                trace_context=r.celery_trace_context,
+            )
+            for r in found
+        ]
+        claimed.sort(key=lambda c: (c.created_at, c.id))
+        return claimed
+
+    def _claim_limited(
+        self,
+        token: str,
+        types: list[str],
+        limits: Mapping[str, int],
+        lease_seconds: float,
+        attempts: dict[str, Any],
+        limit: int,
+    ) -> list[Any]:
+        """Claim effects of concurrency-limited types under their advisory locks."""
+        found: list[Any] = []
+        with storage_errors(), self.relaxed_engine.begin() as conn:
+            conn.execute(sql.LOCK_LIMITED_TYPES, {"types": types})
+            for wt in types:
+                if len(found) >= limit:
+                    break
+                found += conn.execute(
+                    sql.CLAIM_LIMITED_EFFECTS,
+                    {
+                        "token": token,
+                        "wt": wt,
+                        "cap": int(limits[wt]),
+                        "lease": float(lease_seconds),
+                        **attempts,
+                        "limit": limit - len(found),
+                    },
+                ).fetchall()
+        return found
+
+    def release_effects(self, ids: Sequence[uuid.UUID], token: str) -> int:
+        """Give claimed effects back at once (a publish failed)."""
+        if not ids:
+            return 0
+        return self._run(
+            sql.RELEASE_EFFECTS, {"ids": list(ids), "token": token}, relaxed=True
+        ).rowcount
+
+    def start_effect(
+        self, effect_id: uuid.UUID, token: str, run_token: str, *, lease_seconds: float
+    ) -> StartedRow | None:
+        """Start guard: None when the row is no longer held by `token` (stale)."""
+        row = self._run(
+            sql.START_EFFECT,
+            {
+                "id": effect_id,
+                "token": token,
+                "run_token": run_token,
+                "lease": float(lease_seconds),
+                "lost_error": LOST_RUN_ERROR,
+            },
+            relaxed=True,
+        ).first()
+        if row is None:
+            return None
+        return StartedRow(
+            effect_id,
+            row.workflow_type,
+            row.workflow_id,
+            row.payload,
+            row.attempts,
+            row.created_at,
+            run_token,
+            last_error=row.last_error,
+        )
+
+    def mark_processed(
+        self, effect_id: uuid.UUID, token: str, *, connection: Connection | None = None
+    ) -> bool:
+        """Mark an effect processed if `token` still holds it."""
+        params = {"id": effect_id, "token": token}
+        if connection is not None:
+            with storage_errors():
+                return connection.execute(sql.MARK_EFFECT_PROCESSED, params).rowcount == 1
+        return self._run(sql.MARK_EFFECT_PROCESSED, params, ack=True).rowcount == 1
+
+    def mark_many_processed(self, items: Sequence[tuple[uuid.UUID, str]]) -> set[uuid.UUID]:
+        """Mark several effects processed in one statement; returns those still held."""
+        if not items:
+            return set()
+        rows = self._run(
+            sql.MARK_EFFECTS_PROCESSED,
+            {"ids": [i for i, _ in items], "tokens": [t for _, t in items]},
+            ack=True,
+        )
+        return {r.id for r in rows}
+
+    def record_failure(
+        self,
+        effect_id: uuid.UUID,
+        token: str,
+        error: str,
+        *,
+        backoff_seconds: float,
+        connection: Connection | None = None,
+    ) -> int | None:
+        """attempts+1, last_error, backoff in locked_until; None when stale."""
+        params = {
+            "id": effect_id,
+            "token": token,
+            "error": error,
+            "backoff": float(backoff_seconds),
+        }
+        return self._scalar_or_none(sql.RECORD_EFFECT_FAILURE, params, connection, ack=True)
+
+    def record_permanent_failure(
+        self,
+        effect_id: uuid.UUID,
+        token: str,
+        error: str,
+        *,
+        max_attempts: int,
+        connection: Connection | None = None,
+    ) -> int | None:
+        """Dead-letter an effect now; None when stale."""
+        params = {"id": effect_id, "token": token, "error": error, "max_attempts": max_attempts}
+        return self._scalar_or_none(sql.DEAD_LETTER_EFFECT, params, connection, ack=True)
+
+    def mark_dead_letter_handled(
+        self, kind: str, row_id: uuid.UUID, reason: str, *, connection: Connection
+    ) -> bool:
+        """Close a dead letter that its workflow handled (kept for audit, with `reason`)."""
+        statement = (
+            sql.MARK_EFFECT_DEAD_LETTER_HANDLED
+            if kind == "effect"
+            else sql.MARK_TIMER_DEAD_LETTER_HANDLED
+        )
+        with storage_errors():
+            return connection.execute(statement, {"id": row_id, "reason": reason}).rowcount == 1
+
+    def renew_leases(
+        self, kind: str, items: Sequence[tuple[uuid.UUID, str]], *, lease_seconds: float
+    ) -> set[uuid.UUID]:
+        """Extend the leases of running rows still held by their tokens."""
+        if not items:
+            return set()
+        statement = sql.RENEW_EFFECT_LEASES if kind == "effect" else sql.RENEW_TIMER_LEASES
+        rows = self._run(
+            statement,
+            {
+                "ids": [i for i, _ in items],
+                "tokens": [t for _, t in items],
+                "lease": float(lease_seconds),
+            },
+            relaxed=True,
+        )
+        return {r.id for r in rows}
+
+    def renew_dispatched(
+        self,
+        kind: str,
+        items: Sequence[tuple[uuid.UUID, str]],
+        *,
+        lease_seconds: float,
+        server_started: datetime | None,
+    ) -> set[uuid.UUID]:
+        """Extend the leases of published rows still waiting under their claim tokens --
+        only while the server that granted the claims still runs (none renewed otherwise)."""
+        if not items:
+            return set()
+        statement = sql.RENEW_DISPATCHES[kind]
+        params = {
+            "ids": [i for i, _ in items],
+            "tokens": [t for _, t in items],
+            "lease": float(lease_seconds),
+            "server_started": server_started,
+        }
+        return {r.id for r in self._run(statement, params, relaxed=True)}
+
+    def still_dispatched(self, kind: str, items: Sequence[tuple[uuid.UUID, str]]) -> set[uuid.UUID]:
+        """Which of these published rows still wait to start under their claim tokens."""
+        if not items:
+            return set()
+        statement = sql.STILL_DISPATCHED[kind]
+        params = {"ids": [i for i, _ in items], "tokens": [t for _, t in items]}
+        return {r.id for r in self._run(statement, params, relaxed=True)}
+
+    # -- timers ----------------------------------------------------------------------------
+    def claim_timers(
+        self,
+        token: str,
+        workflow_types: Sequence[str],
+        *,
+        lease_seconds: float,
+        max_attempts: int | AttemptLimits,
+        limit: int = 1,
+    ) -> list[ClaimedRow]:
+        """Claim up to `limit` due timers of registered types, earliest first."""
+        if not workflow_types or limit <= 0:
+            return []
+        rows = self._run(
+            sql.CLAIM_TIMERS,
+            {
+                "token": token,
+                "types": list(workflow_types),
+                "lease": float(lease_seconds),
+                **AttemptLimits.of(max_attempts).params(),
+                "limit": limit,
+            },
+            relaxed=True,
+        )
+        claimed = [
+            ClaimedRow(
+                r.id,
+                r.workflow_type,
+                r.workflow_id,
+                r.attempts,
+                r.created_at,
+                token,
+                r.fire_at,
+                r.server_started,
+                effect_type=r.effect_type,
+                due_at=r.due_at,
+                trace_context=r.celery_trace_context,
+            )
+            for r in rows
+        ]
+        claimed.sort(key=lambda c: (c.fire_at, c.id))
+        return claimed
+
+    def release_timers(self, ids: Sequence[uuid.UUID], token: str) -> int:
+        """Give claimed timers back at once (a publish failed)."""
+        if not ids:
+            return 0
+        return self._run(
+            sql.RELEASE_TIMERS, {"ids": list(ids), "token": token}, relaxed=True
+        ).rowcount
+
+    def seconds_until_next_timer(
+        self, workflow_types: Sequence[str], *, max_attempts: int | AttemptLimits
+    ) -> float | None:
+        """Seconds until a timer can next be claimed (negative when overdue), or None."""
+        if not workflow_types:
+            return None
+        value = self._run(
+            sql.NEXT_TIMER_DUE,
+            {"types": list(workflow_types), **AttemptLimits.of(max_attempts).params()},
+            relaxed=True,
+        ).scalar()
+        return None if value is None else float(value)
+
+    def start_timer(
+        self, timer_id: uuid.UUID, token: str, run_token: str, *, lease_seconds: float
+    ) -> StartedRow | None:
+        """Start guard for a timer; None when stale."""
+        row = self._run(
+            sql.START_TIMER,
+            {
+                "id": timer_id,
+                "token": token,
+                "run_token": run_token,
+                "lease": float(lease_seconds),
+                "lost_error": LOST_RUN_ERROR,
+            },
+            relaxed=True,
+        ).first()
+        if row is None:
+            return None
+        return StartedRow(
+            timer_id,
+            row.workflow_type,
+            row.workflow_id,
+            row.input,
+            row.attempts,
+            row.created_at,
+            run_token,
+            row.key,
+            last_error=row.last_error,
+        )
+
+    def lock_timer(self, connection: Connection, timer_id: uuid.UUID, token: str) -> bool:
+        """Row-lock a timer still held by `token` inside the caller's transaction."""
+        with storage_errors():
+            return (
+                connection.execute(sql.LOCK_TIMER, {"id": timer_id, "token": token}).first()
+                is not None
+            )
+
+    def mark_timer_processed(
+        self, timer_id: uuid.UUID, token: str, *, connection: Connection | None = None
+    ) -> bool:
+        """Mark a timer processed if `token` still holds it (no-op when re-armed by key)."""
+        params = {"id": timer_id, "token": token}
+        if connection is not None:
+            with storage_errors():
+                return connection.execute(sql.MARK_TIMER_PROCESSED, params).rowcount == 1
+        return self._run(sql.MARK_TIMER_PROCESSED, params, ack=True).rowcount == 1
+
+    def record_timer_failure(
+        self,
+        timer_id: uuid.UUID,
+        token: str,
+        error: str,
+        *,
+        backoff_seconds: float,
+        connection: Connection | None = None,
+    ) -> int | None:
+        """attempts+1, last_error, backoff; None when stale."""
+        params = {"id": timer_id, "token": token, "error": error, "backoff": float(backoff_seconds)}
+        return self._scalar_or_none(sql.RECORD_TIMER_FAILURE, params, connection, ack=True)
+
+    def dead_letter_timer(
+        self,
+        timer_id: uuid.UUID,
+        token: str,
+        error: str,
+        *,
+        max_attempts: int,
+        connection: Connection | None = None,
+    ) -> int | None:
+        """Dead-letter a timer now; None when stale."""
+        params = {"id": timer_id, "token": token, "error": error, "max_attempts": max_attempts}
+        return self._scalar_or_none(sql.DEAD_LETTER_TIMER, params, connection, ack=True)
+
+    # -- projections -------------------------------------------------------------------------
+    def fetch_events_since(self, after: int, limit: int = 100) -> list[StoredEvent]:
+        """Events with ``global_sequence > after`` in global order (ironflow's reader)."""
+        rows = self._run(sql.FETCH_EVENTS_SINCE, {"after": after, "limit": limit})
+        return [StoredEvent(*row) for row in rows]
+
+    def load_projection_position(self, name: str) -> int:
+        """A projection's stored position (0 for a new one)."""
+        with storage_errors(), self.engine.begin() as conn:
+            conn.execute(sql.ENSURE_PROJECTION_POSITION, {"name": name})
+            return int(conn.execute(sql.LOAD_PROJECTION_POSITION, {"name": name}).scalar_one())
+
+    def store_projection_position(
+        self, name: str, sequence: int, *, connection: Connection | None = None
+    ) -> None:
+        """Move a projection's position forward (never backwards)."""
+        params = {"name": name, "seq": sequence}
+        if connection is not None:
+            with storage_errors():
+                connection.execute(sql.STORE_PROJECTION_POSITION, params)
+        else:
+            self._run(sql.STORE_PROJECTION_POSITION, params)
+
+    # -- helpers -------------------------------------------------------------------------------
+    def describe_stale(self, kind: str, row_id: uuid.UUID) -> Any | None:
+        """A row's state as a stale delivery sees it (None: the row is gone)."""
+        statement = sql.DESCRIBE_STALE_EFFECT if kind == "effect" else sql.DESCRIBE_STALE_TIMER
+        return self._run(statement, {"id": row_id}).first()
+
+    def _scalar_or_none(
+        self,
+        statement: Any,
+        params: dict[str, Any],
+        connection: Connection | None,
+        *,
+        relaxed: bool = False,
+        ack: bool = False,
+    ) -> Any:
+        if connection is not None:
+            with storage_errors():
+                row = connection.execute(statement, params).first()
+        else:
+            row = self._run(statement, params, relaxed=relaxed, ack=ack).first()
+        return None if row is None else row[0]
+
+
+class _Buffered:
+    """Rows fetched inside a finished transaction, with the statement's rowcount."""
+
+    def __init__(self, rows: list[Any], rowcount: int) -> None:
+        self._rows = rows
+        self.rowcount = rowcount
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._rows)
+
+    def first(self) -> Any:
+        return self._rows[0] if self._rows else None
+
+    def scalar(self) -> Any:
+        return self._rows[0][0] if self._rows else None
+
+    def all(self) -> list[Any]:
+        return self._rows
