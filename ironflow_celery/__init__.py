@@ -3,6 +3,7 @@
 from typing import TYPE_CHECKING, Any
 
 from ironflow_celery._version import __version__
+from ironflow_celery.celery_app import default_app, install
 from ironflow_celery.engine.runtime import WorkflowBuilder, WorkflowRuntime
 from ironflow_celery.errors import (
     ConfigurationError,
@@ -59,19 +60,10 @@ if TYPE_CHECKING:
     app: Celery
 
 
-def install(app: Any, workflows: Any = (), **kwargs: Any) -> WorkflowRuntime:
-    """Add ironflow to an existing Celery app (see `ironflow_celery.celery_app.install`)."""
-    from ironflow_celery.celery_app import install as _install
-
-    return _install(app, workflows, **kwargs)
-
-
 def __getattr__(name: str) -> Any:
     # The package's Celery app, created on first access so that importing the package
     # has no side effects; ``celery -A ironflow_celery worker`` finds it here.
     if name in ("app", "celery"):
-        from ironflow_celery.celery_app import default_app
-
         return default_app()
     raise AttributeError(f"module 'ironflow_celery' has no attribute {name!r}")
 

@@ -8,6 +8,8 @@ from typing import Any
 
 import click
 
+from ironflow_celery.celery_app import default_app
+from ironflow_celery.engine.runtime import runtime_of
 from ironflow_celery.errors import ConfigurationError, InvalidText, IronflowError, StorageError
 
 __all__ = [
@@ -50,15 +52,11 @@ class Context:
                         f"cannot load the Celery app {self.app_path!r}: {exc}"
                     ) from None
             else:
-                from ironflow_celery.celery_app import default_app
-
                 self._app = default_app()
         return self._app
 
     @property
     def runtime(self) -> Any:
-        from ironflow_celery.engine.runtime import runtime_of
-
         try:
             runtime = runtime_of(self.app)
         except LookupError as exc:

@@ -26,8 +26,11 @@ from ironflow_celery.cli._common import (
     fail,
     guarded,
 )
+from ironflow_celery.cli.operations import add_cancel_commands, add_operations_commands
+from ironflow_celery.cli.projections import add_projection_commands
 from ironflow_celery.errors import IronflowError
 from ironflow_celery.model.storable import text_problem
+from ironflow_celery.model.views import FORMATS, Format, describe
 
 
 class _TextCheckingGroup(click.Group):
@@ -121,8 +124,6 @@ def _add_commands(group: click.Group) -> None:
         clean = runtime.run(stop, effects=effects, timers=timers)
         sys.exit(EXIT_OK if clean else EXIT_REFUSED)
 
-    from ironflow_celery.cli.operations import add_operations_commands
-
     add_operations_commands(group)
 
 
@@ -138,8 +139,6 @@ def _add_workflow_commands(group: click.Group) -> None:
     def workflows_list(obj: Context, as_json: bool) -> None:
         """Each registered workflow type: its inputs, effects, state machine and tasks."""
         import json
-
-        from ironflow_celery.model.views import describe
 
         rows = []
         for registration in obj.runtime.registry:
@@ -174,16 +173,14 @@ def _add_workflow_commands(group: click.Group) -> None:
     @click.option(
         "--format",
         "fmt",
-        type=click.Choice(["mermaid", "dot"]),
+        type=click.Choice(FORMATS),
         default="mermaid",
         show_default=True,
     )
     @click.pass_obj
     @guarded
-    def workflows_graph(obj: Context, workflow_type: str, fmt: str) -> None:
+    def workflows_graph(obj: Context, workflow_type: str, fmt: Format) -> None:
         """Print WORKFLOW_TYPE's state machine as Mermaid or Graphviz DOT."""
-        from ironflow_celery.model.views import describe
-
         registry = obj.runtime.registry
         if workflow_type not in registry:
             fail(
@@ -194,15 +191,9 @@ def _add_workflow_commands(group: click.Group) -> None:
 
 
 def _add_more_commands(group: click.Group) -> None:
-    from ironflow_celery.cli.projections import add_projection_commands
-
     _add_workflow_commands(group)
     add_projection_commands(group)
-    from ironflow_celery.cli.operations import (
-        add_cancel_commands,  # after `workflows`: adds its `cancel`
-    )
-
-    add_cancel_commands(group)
+    add_cancel_commands(group)  # after `workflows`: adds its `cancel`
 
 
 main = _build_group("ironflow-celery", with_app_option=True)

@@ -16,6 +16,10 @@ import click
 
 from ironflow_celery.cli._common import EXIT_OK, EXIT_REFUSED, EXIT_USAGE, Context, fail, guarded
 from ironflow_celery.model.config import AttemptLimits
+from ironflow_celery.operations import cancel
+from ironflow_celery.operations.projections import projection_status
+from ironflow_celery.operations.retention import purge
+from ironflow_celery.operations.status import queue_status
 from ironflow_celery.storage import dead_letters as dl
 
 
@@ -100,16 +104,12 @@ def add_operations_commands(group: click.Group) -> None:
     @ops_guarded
     def status(obj: Context, as_json: bool) -> None:
         """Effects and timers per workflow type: pending, in flight, backing off, dead."""
-        from ironflow_celery.operations.status import queue_status
-
         runtime = obj.runtime
         rows = queue_status(
             runtime.store,
             max_attempts=runtime.attempt_limits,
             workflow_types=tuple(runtime.registry.types),
         )
-        from ironflow_celery.operations.projections import projection_status
-
         projections = projection_status(runtime.store)
         if as_json:
             _emit_json(
@@ -386,8 +386,6 @@ def add_operations_commands(group: click.Group) -> None:
         as_json: bool,
     ) -> None:
         """Delete processed rows in small batches (no long locks)."""
-        from ironflow_celery.operations.retention import purge
-
         counts = purge(
             obj.runtime.store,
             older_than,
@@ -419,8 +417,6 @@ def _report(result: dl.RetryResult, as_json: bool) -> None:
 def add_cancel_commands(group: click.Group) -> None:
     """Add ``effects cancel``, ``timers cancel`` and ``workflows cancel`` to a CLI group
     (after the ``workflows`` group exists)."""
-    from ironflow_celery.operations import cancel
-
     reason_option = click.option(
         "--reason", required=True, help="Why it is cancelled (kept for audit)."
     )

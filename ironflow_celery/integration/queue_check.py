@@ -13,6 +13,7 @@ from typing import Any
 from celery import bootsteps
 
 from ironflow_celery.engine.relay import task_name
+from ironflow_celery.engine.runtime import runtime_of
 from ironflow_celery.model.config import setting
 
 log = logging.getLogger("ironflow_celery.queue_check")
@@ -23,7 +24,7 @@ def routed_queues(app: Any, workflow_types: list[str]) -> dict[str, list[str]]:
     queues: dict[str, list[str]] = {}
     for workflow_type in workflow_types:
         for kind in ("effect", "timer"):
-            name = task_name(workflow_type, kind)  # type: ignore[arg-type]
+            name = task_name(workflow_type, kind)
             queue = app.amqp.router.route({}, name).get("queue")
             queue_name = getattr(queue, "name", queue) or app.conf.task_default_queue
             queues.setdefault(str(queue_name), []).append(name)
@@ -56,8 +57,6 @@ class QueueCheckStep(bootsteps.StartStopStep):
 
     def start(self, worker: Any) -> None:
         try:
-            from ironflow_celery.engine.runtime import runtime_of
-
             runtime = runtime_of(worker.app)
             runtime.load_workflows()
             missing, consumed = unconsumed_queues(worker.app, list(runtime.registry.types))

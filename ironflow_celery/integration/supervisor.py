@@ -28,6 +28,7 @@ from multiprocessing.connection import wait as wait_for
 from typing import Any
 
 from ironflow_celery.engine import metrics
+from ironflow_celery.storage.db import dispose_after_fork
 
 log = logging.getLogger("ironflow_celery.supervisor")
 
@@ -79,7 +80,7 @@ def _poke(fd: int) -> None:
         os.write(fd, b"x")
 
 
-class _Child(_FORK.Process):  # type: ignore[misc,name-defined]
+class _Child(_FORK.Process):
     """The child process: runs `target` in a thread until asked to stop."""
 
     def __init__(
@@ -91,8 +92,6 @@ class _Child(_FORK.Process):  # type: ignore[misc,name-defined]
         self._shutdown_timeout = shutdown_timeout
 
     def run(self) -> None:
-        from ironflow_celery.storage.db import dispose_after_fork
-
         os.close(self._stop_w)  # only the worker writes to it
         wake_r, wake_w = os.pipe()
         _set_nonblocking(wake_w)

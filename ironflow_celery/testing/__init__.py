@@ -38,6 +38,7 @@ from typing import Any, Literal
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine, make_url
 
+from ironflow_celery.celery_app import install
 from ironflow_celery.engine import tasks
 from ironflow_celery.engine.relay import celery_publisher
 from ironflow_celery.engine.runtime import (
@@ -783,8 +784,6 @@ class WorkflowTestEnv:
         """Install this env's runtime on a Celery `app` for ``drain(worker=True)``: a worker
         of `app` (e.g. ``celery.contrib.testing.worker.start_worker``) then runs the
         handlers; its relays are switched off, as the kit claims and publishes itself."""
-        from ironflow_celery.celery_app import install
-
         # The kit claims and publishes itself; relays in the worker would race it (and
         # `start_worker` would leave their threads running after the test).
         app.conf.ironflow_relay_enabled = False
