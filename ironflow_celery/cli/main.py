@@ -32,6 +32,11 @@ from ironflow_celery.errors import IronflowError
 from ironflow_celery.model.storable import text_problem
 from ironflow_celery.model.views import FORMATS, Format, describe
 
+__all__ = [
+    "celery_command",
+    "main",
+]
+
 
 class _TextCheckingGroup(click.Group):
     """Refuses, before any command runs, an argument that is not valid text.

@@ -22,6 +22,15 @@ from ironflow_celery.operations.retention import purge
 from ironflow_celery.operations.status import queue_status
 from ironflow_celery.storage import dead_letters as dl
 
+__all__ = [
+    "add_cancel_commands",
+    "add_operations_commands",
+    "filter_options",
+    "json_option",
+    "kind_option",
+    "ops_guarded",
+]
+
 
 def _console() -> Any:
     from rich.console import Console

@@ -17,6 +17,24 @@ from datetime import UTC, datetime
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+__all__ = [
+    "ACK_FAILURES",
+    "CLAIM_BATCH",
+    "DISPATCH_LATENCY",
+    "HANDLER_DURATION",
+    "REGISTRY",
+    "RELAY_IN_FLIGHT",
+    "RELAY_RESTARTS",
+    "RELAY_UP",
+    "TASK_RESULTS",
+    "UNKNOWN",
+    "Metrics",
+    "multiprocess_dir",
+    "process_exiting",
+    "relay_restarted",
+    "relay_up",
+]
+
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 CLAIM_BATCH = Histogram(

@@ -16,6 +16,12 @@ from ironflow_celery.engine.relay import task_name
 from ironflow_celery.engine.runtime import runtime_of
 from ironflow_celery.model.config import setting
 
+__all__ = [
+    "QueueCheckStep",
+    "routed_queues",
+    "unconsumed_queues",
+]
+
 log = logging.getLogger("ironflow_celery.queue_check")
 
 

@@ -30,6 +30,19 @@ from typing import Any
 from ironflow_celery.engine import metrics
 from ironflow_celery.storage.db import dispose_after_fork
 
+__all__ = [
+    "COLD_GRACE",
+    "RESTART_BACKOFF_BASE",
+    "RESTART_BACKOFF_MAX",
+    "STABLE_AFTER",
+    "THREAD_COLD_GRACE",
+    "ServiceProcess",
+    "ServiceThread",
+    "Target",
+    "describe_exit",
+    "start_service",
+]
+
 log = logging.getLogger("ironflow_celery.supervisor")
 
 Target = Callable[[Any], Any]

@@ -2,3 +2,5 @@
 
 Everything above may import it; it imports nothing of the package but `errors`.
 """
+
+__all__: list[str] = []

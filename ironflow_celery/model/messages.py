@@ -17,6 +17,14 @@ from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
 from ironflow_celery.errors import InvalidPayload, InvalidWorkflowDefinition
 
+__all__ = [
+    "TAG",
+    "Message",
+    "TaggedUnion",
+    "ValueCodec",
+    "union_members",
+]
+
 TAG = "type"
 
 

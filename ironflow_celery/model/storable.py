@@ -14,6 +14,13 @@ from typing import Any
 
 from ironflow_celery.errors import InvalidText
 
+__all__ = [
+    "check_text",
+    "json_problem",
+    "storable_text",
+    "text_problem",
+]
+
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 

@@ -20,6 +20,23 @@ from ironflow_celery.model.config import RetryPolicy
 from ironflow_celery.model.messages import Message, TaggedUnion, ValueCodec, union_members
 from ironflow_celery.model.storable import text_problem
 
+__all__ = [
+    "Accepted",
+    "AlreadyCompleted",
+    "CancelNotice",
+    "DeadLetterNotice",
+    "Decision",
+    "EffectContext",
+    "EffectHandler",
+    "ExecuteOutcome",
+    "R",
+    "Rejected",
+    "S",
+    "Timer",
+    "Workflow",
+    "WorkflowRef",
+]
+
 R = TypeVar("R")
 S = TypeVar("S")
 

@@ -24,6 +24,14 @@ from typing import Any, TypeVar
 
 from ironflow_celery.errors import InvalidWorkflowDefinition
 
+__all__ = [
+    "LOOP",
+    "EventLoopThread",
+    "call_handler",
+    "check_handler",
+    "is_async_handler",
+]
+
 T = TypeVar("T")
 
 

@@ -47,6 +47,16 @@ from ironflow_celery.storage.store import (
     WorkflowInstanceSummary,
 )
 
+__all__ = [
+    "Registration",
+    "Registry",
+    "WorkflowService",
+    "WorkflowServiceConfig",
+    "check_storable",
+    "decode_events",
+    "input_type_of",
+]
+
 log = logging.getLogger("ironflow_celery.service")
 
 _POOL_LOCK = threading.Lock()
