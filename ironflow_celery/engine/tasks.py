@@ -40,7 +40,13 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from ironflow_celery.engine.relay import Kind, task_name
 from ironflow_celery.engine.signals import dead_lettered
-from ironflow_celery.errors import DeadLettered, InvalidPayload, PermanentEffectError, StorageError
+from ironflow_celery.errors import (
+    DeadLettered,
+    InvalidPayload,
+    PermanentEffectError,
+    StartGuardUnavailable,
+    StorageError,
+)
 from ironflow_celery.model.config import RetryPolicy
 from ironflow_celery.model.messages import Message
 from ironflow_celery.model.storable import storable_text
@@ -63,10 +69,6 @@ _WORKER_TAG = f"{socket.gethostname()}:{os.getpid()}"
 _failure: contextvars.ContextVar[BaseException | None] = contextvars.ContextVar(
     "ironflow_failure", default=None
 )
-
-
-class StartGuardUnavailable(StorageError):
-    """The start guard could not reach the database: the row was not started."""
 
 
 def _run_token(lease: str) -> str:

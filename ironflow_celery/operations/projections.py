@@ -32,7 +32,12 @@ from celery.utils.imports import import_from_cwd
 from sqlalchemy.engine import Connection
 
 from ironflow_celery.engine.runtime import runtime_of
-from ironflow_celery.errors import ConfigurationError, InvalidPayload
+from ironflow_celery.errors import (
+    ConfigurationError,
+    EventDeserializationError,
+    InvalidPayload,
+    ProjectionError,
+)
 from ironflow_celery.integration.supervisor import start_service
 from ironflow_celery.model.config import env_setting, setting
 from ironflow_celery.model.storable import check_text, storable_text
@@ -190,14 +195,6 @@ class BatchResult:
     error: str | None = None
     failed_sequence: int | None = None
     more: bool = False
-
-
-class ProjectionError(Exception):
-    """A handler (or the decoding of an event) failed at one event."""
-
-    def __init__(self, event_sequence: int, message: str) -> None:
-        super().__init__(message)
-        self.global_sequence = event_sequence
 
 
 def _check_projection(p: Any) -> Projection:
@@ -415,9 +412,8 @@ class ProjectionRunner:
             try:
                 payload = workflow.events.decode(row.payload)
             except InvalidPayload as exc:
-                raise ValueError(
-                    f"cannot decode event {row.workflow_type}:{row.workflow_id} "
-                    f"#{row.sequence}: {exc}"
+                raise EventDeserializationError(
+                    row.workflow_type, row.workflow_id, row.sequence, str(exc)
                 ) from None
             typed = True
         event = ProjectionEvent(

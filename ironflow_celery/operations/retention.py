@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import text
 
-from ironflow_celery.errors import IronflowError
+from ironflow_celery.errors import InvalidDeadLetterRequest, InvalidRetentionRequest, IronflowError
 from ironflow_celery.model.config import setting
-from ironflow_celery.storage.dead_letters import InvalidDeadLetterRequest, parse_age
+from ironflow_celery.storage.dead_letters import parse_age
 
 if TYPE_CHECKING:
     from ironflow_celery.storage.store import PostgresStore
@@ -80,11 +80,14 @@ def purge(
 
     Returns counts ``{"outbox": n, "timers": n, "observations": n, "batches": n}``.
     """
-    age = parse_age(older_than)
+    try:
+        age = parse_age(older_than)
+    except InvalidDeadLetterRequest as exc:
+        raise InvalidRetentionRequest(str(exc)) from None
     if age is None or age < timedelta(0):
-        raise InvalidDeadLetterRequest(f"older_than must be a non-negative age: {older_than!r}")
+        raise InvalidRetentionRequest(f"older_than must be a non-negative age: {older_than!r}")
     if batch_size < 1:
-        raise InvalidDeadLetterRequest("batch_size must be at least 1")
+        raise InvalidRetentionRequest("batch_size must be at least 1")
     params = {
         "age": age.total_seconds(),
         "batch": batch_size,
