@@ -672,9 +672,9 @@ def _report_to_sentry(task: Any, exc: BaseException | None) -> None:
     sentry_sdk = sys.modules.get("sentry_sdk")
     if exc is None or sentry_sdk is None or not sentry_sdk.get_client().is_active():
         return
-    from ironflow_celery.model.config import setting
+    from ironflow_celery.model.settings import read_settings
 
-    if not setting(task.app.conf, "sentry_failed_attempts", bool, True):
+    if not read_settings(task.app.conf)["sentry_failed_attempts"]:
         return
     with sentry_sdk.new_scope() as scope:  # inherits the Celery task's tags and context
         scope.level = "warning"  # the outbox will retry it; a dead letter is the error

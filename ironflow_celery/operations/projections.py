@@ -39,7 +39,7 @@ from ironflow_celery.errors import (
     ProjectionError,
 )
 from ironflow_celery.integration.supervisor import start_service
-from ironflow_celery.model.config import env_setting, setting
+from ironflow_celery.model.settings import read_settings
 from ironflow_celery.model.storable import check_text, storable_text
 from ironflow_celery.storage import sql
 from ironflow_celery.storage.store import PostgresStore, storage_errors
@@ -535,25 +535,12 @@ def load_projections(specs: Iterable[Any] | str | None) -> list[Projection]:
 
 def configured_projections(conf: Any) -> list[Projection]:
     """``ironflow_projections`` on a Celery app's conf, else ``IRONFLOW_PROJECTIONS``."""
-    value = conf.get("ironflow_projections") if conf is not None else None
-    if value is None:
-        value = env_setting("projections")
-    return load_projections(value)
+    return load_projections(read_settings(conf)["projections"])
 
 
 def projection_config_from(conf: Any) -> ProjectionConfig:
     """A `ProjectionConfig` from ``ironflow_projection_*`` settings."""
-    changes: dict[str, Any] = {}
-    for name, kind in (
-        ("poll_interval", float),
-        ("batch_size", int),
-        ("error_backoff_base", float),
-        ("error_backoff_max", float),
-    ):
-        value = setting(conf, f"projection_{name}", kind)
-        if value is not None:
-            changes[name] = value
-    return ProjectionConfig(**changes)
+    return ProjectionConfig(**read_settings(conf).fields("ProjectionConfig"))
 
 
 def run_projections(

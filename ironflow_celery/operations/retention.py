@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import text
 
 from ironflow_celery.errors import InvalidDeadLetterRequest, InvalidRetentionRequest, IronflowError
-from ironflow_celery.model.config import setting
+from ironflow_celery.model.settings import read_settings
 from ironflow_celery.storage.dead_letters import parse_age
 
 if TYPE_CHECKING:
@@ -112,13 +112,14 @@ def purge(
 
 def retention_settings(conf: Any) -> dict[str, Any]:
     """``ironflow_retention_*`` settings: interval (None = off), age, observations."""
-    interval = setting(conf, "retention_interval", float)
-    age = parse_age(setting(conf, "retention_age") or DEFAULT_AGE)
+    settings = read_settings(conf)
+    interval = settings["retention_interval"]
+    age = parse_age(settings["retention_age"] or DEFAULT_AGE)
     return {
         "interval": interval if interval and interval > 0 else None,
         "older_than": age,
-        "include_observations": setting(conf, "retention_include_observations", bool, False),
-        "batch_size": setting(conf, "retention_batch_size", int, 1000),
+        "include_observations": settings["retention_include_observations"],
+        "batch_size": settings["retention_batch_size"],
     }
 
 
