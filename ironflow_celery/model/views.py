@@ -276,7 +276,8 @@ class StateMachineBuilder:
         return self
 
     def build(self) -> StateMachineDefinition:
-        """The validated, immutable definition (ValueError names what is wrong)."""
+        """The validated, immutable definition (an `InvalidArgument`, a ValueError, names
+        what is wrong)."""
         return StateMachineDefinition(
             tuple(self._states.values()), tuple(self._transitions), self._initial
         )
