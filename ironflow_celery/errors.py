@@ -1,12 +1,80 @@
-"""One exception hierarchy for everything the engine raises.
+"""Every exception ironflow_celery raises, in one tree.
 
 Framework failures are exceptions; a workflow's own "no" is a `Rejected` outcome,
-never an exception. Every failing call leaves the database as it was.
+never an exception. Every failing call leaves the database as it was. Errors caused by
+a wrong argument also subclass the builtin a caller would catch (``ValueError``,
+``TypeError``, ``LookupError``/``KeyError``, ``TimeoutError``)::
+
+    IronflowError
+    ├── ConfigurationError             a setting or the wiring is missing or wrong
+    │   └── NotInstalled               runtime_of(app) before install(app)   (LookupError)
+    ├── InvalidArgument                a value the API does not accept        (ValueError)
+    │   ├── InvalidText                text PostgreSQL cannot store (NUL, lone surrogate)
+    │   └── InvalidDeadLetterRequest   a malformed row id, cursor, age, kind, limit, reason
+    │       ├── InvalidCancelRequest   a malformed cancel (ids, kind, workflow, reason)
+    │       └── InvalidRetentionRequest  a malformed purge (age, batch size)
+    ├── InvalidArgumentType            an argument of the wrong type           (TypeError)
+    ├── UnknownName                    a name a definition does not declare    (KeyError)
+    ├── UnknownWorkflowType            a workflow type that is not registered
+    ├── DuplicateWorkflowType          the same workflow type registered twice
+    ├── InvalidWorkflowDefinition      a Workflow class missing or misdeclaring a member
+    ├── InvalidPayload                 an input, event, effect or state that does not validate
+    ├── InputRefused                   the execute task's input refused; nothing written
+    ├── EventDeserializationError      a stored event that no longer decodes
+    ├── UniqueKeyConflict              a unique key held by another active instance
+    ├── StorageError                   PostgreSQL failed; the transaction was rolled back
+    │   ├── DatabaseUnavailable        PostgreSQL could not be reached at all
+    │   ├── MigrationError             the schema could not be brought up to date
+    │   └── StartGuardUnavailable      a task's start guard could not reach the database
+    ├── PublishError                   a relay's publish to the broker failed mid-batch
+    ├── ProjectionError                a projection handler failed at one event
+    ├── PermanentEffectError           raised by a handler: dead-letter now, no retries
+    ├── DeadLettered                   raised by a task after dead-lettering its row
+    ├── DrainLimitExceeded             testing kit: drain() ran max_steps, rows still due
+    └── DrainTimedOut                  testing kit: no worker finished the rows  (TimeoutError)
+
+Deliberately outside the tree: ``NotImplementedError`` of abstract methods,
+``AttributeError`` of the package's module ``__getattr__``, ``AssertionError`` of the
+testing kit's ``assert_*`` helpers, Celery's ``Retry`` and SQLAlchemy's
+``DisconnectionError`` (protocols those libraries define). Classes are re-exported
+where they were first defined (e.g. `ironflow_celery.dead_letters`,
+`ironflow_celery.engine.relay`, `ironflow_celery.testing`).
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterable
+
+__all__ = [
+    "ConfigurationError",
+    "DatabaseUnavailable",
+    "DeadLettered",
+    "DrainLimitExceeded",
+    "DrainTimedOut",
+    "DuplicateWorkflowType",
+    "EventDeserializationError",
+    "InputRefused",
+    "InvalidArgument",
+    "InvalidArgumentType",
+    "InvalidCancelRequest",
+    "InvalidDeadLetterRequest",
+    "InvalidPayload",
+    "InvalidRetentionRequest",
+    "InvalidText",
+    "InvalidWorkflowDefinition",
+    "IronflowError",
+    "MigrationError",
+    "NotInstalled",
+    "PermanentEffectError",
+    "ProjectionError",
+    "PublishError",
+    "StartGuardUnavailable",
+    "StorageError",
+    "UniqueKeyConflict",
+    "UnknownName",
+    "UnknownWorkflowType",
+]
 
 
 class IronflowError(Exception):
@@ -15,6 +83,22 @@ class IronflowError(Exception):
 
 class ConfigurationError(IronflowError):
     """A setting is missing or wrong (database URL, workflow modules, ...)."""
+
+
+class NotInstalled(ConfigurationError, LookupError):
+    """ironflow is not installed on a Celery app (`runtime_of` before `install`)."""
+
+
+class InvalidArgument(IronflowError, ValueError):
+    """An argument has a value the API does not accept (a usage error, not a database one)."""
+
+
+class InvalidArgumentType(IronflowError, TypeError):
+    """An argument is of a type the API does not accept."""
+
+
+class UnknownName(IronflowError, KeyError):
+    """A name (e.g. a state of a state machine) that the definition does not declare."""
 
 
 class UnknownWorkflowType(IronflowError):
@@ -54,7 +138,7 @@ class InvalidPayload(IronflowError):
         super().__init__(f"invalid {kind} for workflow type '{workflow_type}': {detail}")
 
 
-class InvalidText(IronflowError, ValueError):
+class InvalidText(InvalidArgument):
     """A text argument (workflow id or type, filter, name, reason) that PostgreSQL cannot
     store: it contains a NUL character or a lone surrogate (an undecodable byte)."""
 
@@ -67,7 +151,8 @@ class InvalidText(IronflowError, ValueError):
 
 
 class EventDeserializationError(IronflowError):
-    """A stored event does not deserialise during replay (a corrupt or outdated row)."""
+    """A stored event does not deserialise, in a replay or for a projection (a corrupt or
+    outdated row)."""
 
     def __init__(self, workflow_type: str, workflow_id: str, sequence: int, detail: str) -> None:
         self.workflow_type = workflow_type
@@ -104,7 +189,52 @@ class MigrationError(StorageError):
     """The schema could not be brought up to date."""
 
 
-class PermanentEffectError(Exception):
+class StartGuardUnavailable(StorageError):
+    """The start guard could not reach the database: the row was not started."""
+
+
+# -- operations -----------------------------------------------------------------------
+
+
+class InvalidDeadLetterRequest(InvalidArgument):
+    """A malformed row id, cursor, age or kind (a usage error, not a database one)."""
+
+
+class InvalidCancelRequest(InvalidDeadLetterRequest):
+    """A malformed cancel: bad row id, kind, workflow type or id, or reason (a usage error)."""
+
+
+class InvalidRetentionRequest(InvalidDeadLetterRequest):
+    """A malformed purge: an age that is not one, a batch size below 1. A subclass of
+    `InvalidDeadLetterRequest` only because that is what ``purge`` raised before."""
+
+
+class InputRefused(IronflowError):
+    """The execute task refused its input (not an object, unknown tag, invalid fields, a held
+    unique key); nothing was written. One message argument, so Celery rebuilds it."""
+
+
+class PublishError(IronflowError):
+    """Publishing a batch failed after `published` rows went out."""
+
+    def __init__(self, published: list[uuid.UUID], cause: BaseException) -> None:
+        self.published = published
+        self.cause = cause
+        super().__init__(f"publish failed after {len(published)} messages: {cause!r}")
+
+
+class ProjectionError(IronflowError):
+    """A handler (or the decoding of an event) failed at one event."""
+
+    def __init__(self, event_sequence: int, message: str) -> None:
+        super().__init__(message)
+        self.global_sequence = event_sequence
+
+
+# -- effects and timers -----------------------------------------------------------------
+
+
+class PermanentEffectError(IronflowError):
     """Raised by an effect handler to dead-letter its effect at once, without retries.
 
     Any other exception is a retryable failure, counted in the outbox until
@@ -112,7 +242,7 @@ class PermanentEffectError(Exception):
     """
 
 
-class DeadLettered(Exception):
+class DeadLettered(IronflowError):
     """What an effect or timer task raises after dead-lettering its row, so that Celery
     marks the task FAILURE: Flower's Failed view, ``task_failure`` receivers and Sentry's
     CeleryIntegration see it. The row's outcome is already committed in the outbox; the
@@ -146,3 +276,14 @@ class DeadLettered(Exception):
 
     def __repr__(self) -> str:  # what Flower and Celery's log show
         return f"{type(self).__name__}({str(self)!r})"
+
+
+# -- the testing kit ----------------------------------------------------------------------
+
+
+class DrainLimitExceeded(IronflowError):
+    """`drain` ran `max_steps` rows and rows were still due: a workflow that never settles."""
+
+
+class DrainTimedOut(IronflowError, TimeoutError):
+    """``drain(worker=True)``: no Celery worker finished the published rows in time."""

@@ -35,8 +35,8 @@ import sqlalchemy as sa
 
 from ironflow_celery.errors import (
     DatabaseUnavailable,
+    InputRefused,
     InvalidPayload,
-    IronflowError,
     UniqueKeyConflict,
     UnknownWorkflowType,
 )
@@ -70,11 +70,6 @@ _RECORD = sa.text(
             CAST(:rejection AS jsonb))
     """
 )
-
-
-class InputRefused(IronflowError):
-    """The execute task refused its input (not an object, unknown tag, invalid fields, a held
-    unique key); nothing was written. One message argument, so Celery rebuilds it."""
 
 
 def execute_task_name(workflow_type: str) -> str:

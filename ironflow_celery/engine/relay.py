@@ -34,7 +34,7 @@ from typing import Any, Literal
 import psycopg
 from kombu.common import Broadcast
 
-from ironflow_celery.errors import StorageError
+from ironflow_celery.errors import PublishError, StorageError
 from ironflow_celery.model.config import AttemptLimits, RuntimeConfig, results_ignored
 from ironflow_celery.storage import sql, tracing
 from ironflow_celery.storage.store import ClaimedRow, PostgresStore
@@ -51,15 +51,6 @@ def task_name(workflow_type: str, kind: Kind) -> str:
 
 DISPATCH_HOLD_MIN = 30.0
 """Seconds a relay's renewal holds a waiting row for, at least (see `Relay.keep_alive`)."""
-
-
-class PublishError(Exception):
-    """Publishing a batch failed after `published` rows went out."""
-
-    def __init__(self, published: list[uuid.UUID], cause: BaseException) -> None:
-        self.published = published
-        self.cause = cause
-        super().__init__(f"publish failed after {len(published)} messages: {cause!r}")
 
 
 Publisher = Callable[[Kind, Sequence[ClaimedRow]], list[uuid.UUID]]

@@ -23,7 +23,7 @@ from celery.utils.imports import import_from_cwd
 
 from ironflow_celery.engine.metrics import Metrics
 from ironflow_celery.engine.relay import RelayGroup, celery_publisher
-from ironflow_celery.errors import ConfigurationError, InvalidWorkflowDefinition
+from ironflow_celery.errors import ConfigurationError, NotInstalled
 from ironflow_celery.model.config import AttemptLimits, RetryPolicy, RuntimeConfig
 from ironflow_celery.model.workflow import EffectHandler, Workflow
 from ironflow_celery.service.workflow_service import (
@@ -100,7 +100,7 @@ def runtime_of(app: Any) -> WorkflowRuntime:
     """The runtime `ironflow_celery.install` attached to `app`."""
     runtime = getattr(app, APP_ATTRIBUTE, None)
     if runtime is None:
-        raise LookupError("ironflow is not installed on this Celery app: call install(app)")
+        raise NotInstalled("ironflow is not installed on this Celery app: call install(app)")
     return runtime
 
 
@@ -451,7 +451,7 @@ class WorkflowBuilder:
         if self._error is not None:
             raise self._error
         if self._store is None:
-            raise InvalidWorkflowDefinition("WorkflowRuntime.builder needs a store")
+            raise ConfigurationError("WorkflowRuntime.builder needs a store")
 
     def build_service(self) -> WorkflowService:
         self._check()

@@ -40,7 +40,13 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from ironflow_celery.engine.relay import Kind, task_name
 from ironflow_celery.engine.signals import dead_lettered
-from ironflow_celery.errors import DeadLettered, InvalidPayload, PermanentEffectError, StorageError
+from ironflow_celery.errors import (
+    DeadLettered,
+    InvalidPayload,
+    PermanentEffectError,
+    StartGuardUnavailable,
+    StorageError,
+)
 from ironflow_celery.model.config import RetryPolicy
 from ironflow_celery.model.messages import Message
 from ironflow_celery.model.storable import storable_text
@@ -63,10 +69,6 @@ _WORKER_TAG = f"{socket.gethostname()}:{os.getpid()}"
 _failure: contextvars.ContextVar[BaseException | None] = contextvars.ContextVar(
     "ironflow_failure", default=None
 )
-
-
-class StartGuardUnavailable(StorageError):
-    """The start guard could not reach the database: the row was not started."""
 
 
 def _run_token(lease: str) -> str:
@@ -670,9 +672,9 @@ def _report_to_sentry(task: Any, exc: BaseException | None) -> None:
     sentry_sdk = sys.modules.get("sentry_sdk")
     if exc is None or sentry_sdk is None or not sentry_sdk.get_client().is_active():
         return
-    from ironflow_celery.model.config import setting
+    from ironflow_celery.model.settings import read_settings
 
-    if not setting(task.app.conf, "sentry_failed_attempts", bool, True):
+    if not read_settings(task.app.conf)["sentry_failed_attempts"]:
         return
     with sentry_sdk.new_scope() as scope:  # inherits the Celery task's tags and context
         scope.level = "warning"  # the outbox will retry it; a dead letter is the error

@@ -22,7 +22,8 @@ from ironflow_celery.engine.runtime import APP_ATTRIBUTE, WorkflowRuntime, Workf
 from ironflow_celery.errors import ConfigurationError
 from ironflow_celery.integration.queue_check import QueueCheckStep
 from ironflow_celery.integration.supervisor import ServiceProcess, ServiceThread, start_service
-from ironflow_celery.model.config import runtime_config_from, setting
+from ironflow_celery.model.config import runtime_config_from
+from ironflow_celery.model.settings import read_settings
 from ironflow_celery.service.aio import LOOP
 from ironflow_celery.service.workflow_service import WorkflowServiceConfig
 
@@ -46,24 +47,18 @@ def install_engine(
     Module names in the ``ironflow_workflows`` setting / ``IRONFLOW_WORKFLOWS`` (comma
     separated) are added too, and imported when the worker loads its modules.
     """
-    conf = app.conf
+    settings = read_settings(app.conf)
     if runtime is None:
         runtime = WorkflowRuntime(
-            config=runtime_config_from(conf),
-            service_config=WorkflowServiceConfig(
-                record_input_observations=setting(conf, "record_input_observations", bool, False)
-            ),
-            database_url=database_url or setting(conf, "database_url"),
+            config=runtime_config_from(settings),
+            service_config=WorkflowServiceConfig(**settings.fields("WorkflowServiceConfig")),
+            database_url=database_url or settings["database_url"],
             app=app,
         )
     else:
         runtime.app = app
     specs: list[WorkflowSpec] = list(workflows)
-    configured = setting(conf, "workflows")
-    if isinstance(configured, str):
-        specs.extend(m.strip() for m in configured.split(",") if m.strip())
-    elif configured:
-        specs.extend(configured)
+    specs.extend(settings["workflows"] or ())  # module names (comma separated) or a list
     runtime.add_workflow_specs(specs)
     # Classes are registered (with their tasks) now; module names once the worker has
     # imported its modules (or at first use), so a workflow module may import this package.
@@ -101,8 +96,9 @@ def _pool_process_exiting(pid: int | None = None, **kwargs: Any) -> None:
 def _install_routing(app: Celery) -> None:
     """``ironflow_queue_per_workflow_type``: route ``ironflow.<type>.*`` to ``ironflow.<type>``;
     ``ironflow_task_queue``: route every ironflow task to one queue."""
-    per_type = setting(app.conf, "queue_per_workflow_type", bool, False)
-    single = setting(app.conf, "task_queue")
+    settings = read_settings(app.conf)
+    per_type = settings["queue_per_workflow_type"]
+    single = settings["task_queue"]
     if not per_type and not single:
         return
 
@@ -133,8 +129,8 @@ class RelayStep(bootsteps.StartStopStep):
 
     def __init__(self, worker: Any, without_ironflow_relay: bool = False, **kwargs: Any) -> None:
         super().__init__(worker, **kwargs)
-        self.enabled = not without_ironflow_relay and setting(
-            worker.app.conf, "relay_enabled", bool, True
+        self.enabled = (
+            not without_ironflow_relay and read_settings(worker.app.conf)["relay_enabled"]
         )
         self.service: ServiceProcess | ServiceThread | None = None
         if not self.enabled:  # Celery never calls start() on a disabled step: say it here

@@ -14,7 +14,7 @@ from celery import bootsteps
 
 from ironflow_celery.engine.relay import task_name
 from ironflow_celery.engine.runtime import runtime_of
-from ironflow_celery.model.config import setting
+from ironflow_celery.model.settings import read_settings
 
 __all__ = [
     "QueueCheckStep",
@@ -54,9 +54,7 @@ class QueueCheckStep(bootsteps.StartStopStep):
 
     def __init__(self, worker: Any, without_ironflow_relay: bool = False, **kwargs: Any) -> None:
         super().__init__(worker, **kwargs)
-        self.relay = not without_ironflow_relay and setting(
-            worker.app.conf, "relay_enabled", bool, True
-        )
+        self.relay = not without_ironflow_relay and read_settings(worker.app.conf)["relay_enabled"]
 
     def create(self, worker: Any) -> Any:
         return None  # nothing to stop: the check runs once, in `start`

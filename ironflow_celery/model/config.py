@@ -1,12 +1,12 @@
 """Runtime configuration: ironflow's `RuntimeConfig` and `RetryPolicy` with the same
-defaults, plus the relay settings ironflow lacks, and how each is read from a Celery app's
-``ironflow_*`` settings (``IRONFLOW_*`` environment variables are their defaults).
+defaults, plus the relay settings ironflow lacks, and `runtime_config_from`, which builds
+one from a Celery app's ``ironflow_*`` settings (their table and reader:
+`ironflow_celery.model.settings`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from ironflow_celery.errors import ConfigurationError
+from ironflow_celery.model.settings import Settings, read_settings
 
 
 def seconds(value: timedelta | float | int | str) -> float:
@@ -170,56 +171,6 @@ class RuntimeConfig:
 
 # -- Celery settings ---------------------------------------------------------------------
 
-# setting name (on app.conf, prefixed ironflow_) -> (RuntimeConfig/RetryPolicy field, kind)
-_RUNTIME_SETTINGS = {
-    "effect_poll_interval": float,
-    "timer_poll_interval": float,
-    "effect_lock_duration": float,
-    "timer_lock_duration": float,
-    "shutdown_timeout": float,
-    "worker_id": str,
-    "effect_workers": int,
-    "timer_workers": int,
-    "claim_batch_size": int,
-    "max_in_flight": int,
-    "dispatch_timeout": float,
-    "relaxed_acknowledgements": bool,
-    "tracing": bool,
-}
-_RETRY_SETTINGS = {
-    "max_attempts": int,
-    "backoff_base": float,
-    "backoff_max": float,
-    "backoff_jitter": float,
-}
-
-
-def env_setting(name: str, environ: Mapping[str, str] | None = None) -> str | None:
-    """``IRONFLOW_<NAME>`` from the environment, or None."""
-    value = (environ if environ is not None else os.environ).get(f"IRONFLOW_{name.upper()}")
-    return value if value not in (None, "") else None
-
-
-def _convert(name: str, kind: type, value: Any) -> Any:
-    try:
-        if kind is bool:
-            if isinstance(value, str):
-                return value.strip().lower() in ("1", "true", "yes", "on")
-            return bool(value)
-        return kind(value)
-    except (TypeError, ValueError):
-        raise ConfigurationError(f"setting ironflow_{name}: cannot read {value!r}") from None
-
-
-def setting(conf: Mapping[str, Any], name: str, kind: type = str, default: Any = None) -> Any:
-    """``conf['ironflow_<name>']``, else ``IRONFLOW_<NAME>``, else `default`."""
-    value = conf.get(f"ironflow_{name}") if conf is not None else None
-    if value is None:
-        value = env_setting(name)
-    if value is None:
-        return default
-    return _convert(name, kind, value)
-
 
 def results_ignored(conf: Mapping[str, Any]) -> bool:
     """Whether effect and timer results go unstored: Celery's own rule, ``task_ignore_result``
@@ -228,25 +179,14 @@ def results_ignored(conf: Mapping[str, Any]) -> bool:
 
 
 def runtime_config_from(
-    conf: Mapping[str, Any], base: RuntimeConfig | None = None
+    conf: Mapping[str, Any] | Settings, base: RuntimeConfig | None = None
 ) -> RuntimeConfig:
-    """A `RuntimeConfig` from ``ironflow_*`` settings, over `base` (or the defaults)."""
+    """A `RuntimeConfig` from ``ironflow_*`` settings (a conf, or `Settings` read from one),
+    over `base` (or the defaults): only the settings that are set change a field."""
+    settings = conf if isinstance(conf, Settings) else read_settings(conf)
     base = base or RuntimeConfig()
-    changes: dict[str, Any] = {}
-    for name, kind in _RUNTIME_SETTINGS.items():
-        value = setting(conf, name, kind)
-        if value is not None:
-            changes[name] = value
-    retry: dict[str, Any] = {}
-    for name, kind in _RETRY_SETTINGS.items():
-        value = setting(conf, name, kind)
-        if value is not None:
-            target = {
-                "backoff_base": "base_delay",
-                "backoff_max": "max_delay",
-                "backoff_jitter": "jitter",
-            }.get(name, name)
-            retry[target] = value
+    changes: dict[str, Any] = settings.fields("RuntimeConfig")
+    retry = settings.fields("RetryPolicy")
     if retry:
         changes["retry_policy"] = dataclasses.replace(base.retry_policy, **retry)
     return dataclasses.replace(base, **changes) if changes else base

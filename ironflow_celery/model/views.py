@@ -23,7 +23,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from ironflow_celery.errors import InvalidWorkflowDefinition
+from ironflow_celery.errors import (
+    InvalidArgument,
+    InvalidArgumentType,
+    InvalidWorkflowDefinition,
+    UnknownName,
+)
 
 __all__ = [
     "StateDefinition",
@@ -130,21 +135,23 @@ class StateMachineDefinition:
         seen: set[str] = set()
         for state in self.states:
             if not isinstance(state, StateDefinition):
-                raise TypeError(f"states must be StateDefinition objects, got {state!r}")
+                raise InvalidArgumentType(f"states must be StateDefinition objects, got {state!r}")
             if state.name in seen:
-                raise ValueError(f"state {state.name!r} is declared twice")
+                raise InvalidArgument(f"state {state.name!r} is declared twice")
             seen.add(state.name)
         known = ", ".join(repr(s.name) for s in self.states) or "none"
         if self.initial_state not in seen:
-            raise ValueError(
+            raise InvalidArgument(
                 f"initial state {self.initial_state!r} is not a declared state (declared: {known})"
             )
         for t in self.transitions:
             if not isinstance(t, TransitionDefinition):
-                raise TypeError(f"transitions must be TransitionDefinition objects, got {t!r}")
+                raise InvalidArgumentType(
+                    f"transitions must be TransitionDefinition objects, got {t!r}"
+                )
             for role, name in (("source", t.from_state), ("target", t.to_state)):
                 if name not in seen:
-                    raise ValueError(
+                    raise InvalidArgument(
                         f"transition {t.from_state!r} --{t.input}--> {t.to_state!r} names an "
                         f"unknown {role} state {name!r} (declared: {known})"
                     )
@@ -156,11 +163,11 @@ class StateMachineDefinition:
 
     # -- queries ----------------------------------------------------------------
     def state(self, name: str) -> StateDefinition:
-        """The state called `name` (KeyError when there is none)."""
+        """The state called `name` (`UnknownName`, a KeyError, when there is none)."""
         for state in self.states:
             if state.name == name:
                 return state
-        raise KeyError(name)
+        raise UnknownName(name)
 
     @property
     def terminal_states(self) -> tuple[str, ...]:
@@ -269,7 +276,8 @@ class StateMachineBuilder:
         return self
 
     def build(self) -> StateMachineDefinition:
-        """The validated, immutable definition (ValueError names what is wrong)."""
+        """The validated, immutable definition (an `InvalidArgument`, a ValueError, names
+        what is wrong)."""
         return StateMachineDefinition(
             tuple(self._states.values()), tuple(self._transitions), self._initial
         )
@@ -315,7 +323,7 @@ def render(definition: StateMachineDefinition, fmt: Format) -> str:
         return definition.to_mermaid()
     if fmt == "dot":
         return definition.to_dot()
-    raise ValueError(f"unknown diagram format {fmt!r}; expected one of {list(FORMATS)}")
+    raise InvalidArgument(f"unknown diagram format {fmt!r}; expected one of {list(FORMATS)}")
 
 
 # -- helpers --------------------------------------------------------------------------
@@ -323,14 +331,14 @@ def render(definition: StateMachineDefinition, fmt: Format) -> str:
 
 def _check_name(value: object, what: str) -> None:
     if not isinstance(value, str):
-        raise TypeError(f"{what} must be a string, got {type(value).__name__}")
+        raise InvalidArgumentType(f"{what} must be a string, got {type(value).__name__}")
     if not value.strip():
-        raise ValueError(f"{what} must be a non-empty string")
+        raise InvalidArgument(f"{what} must be a non-empty string")
 
 
 def _names(values: Iterable[str], what: str) -> tuple[str, ...]:
     if isinstance(values, str):  # ("Ship") is a string, not a list of one name
-        raise TypeError(f"{what} must be a list of names, not the string {values!r}")
+        raise InvalidArgumentType(f"{what} must be a list of names, not the string {values!r}")
     names = tuple(values)
     for name in names:
         _check_name(name, f"a name in {what}")

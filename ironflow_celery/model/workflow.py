@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, ClassVar, Generic, Literal, TypeVar
 
-from ironflow_celery.errors import InvalidWorkflowDefinition
+from ironflow_celery.errors import InvalidArgument, InvalidArgumentType, InvalidWorkflowDefinition
 from ironflow_celery.model.config import RetryPolicy
 from ironflow_celery.model.messages import Message, TaggedUnion, ValueCodec, union_members
 from ironflow_celery.model.storable import text_problem
@@ -56,7 +56,7 @@ class WorkflowRef:
         """Parse ``type:id`` (the id may itself contain colons)."""
         workflow_type, sep, workflow_id = text.partition(":")
         if not sep or not workflow_type or not workflow_id:
-            raise ValueError(f"expected 'workflow_type:workflow_id', got {text!r}")
+            raise InvalidArgument(f"expected 'workflow_type:workflow_id', got {text!r}")
         return cls(workflow_type, workflow_id)
 
 
@@ -66,9 +66,11 @@ def _as_timedelta(delay: timedelta | float | int) -> timedelta:
     elif isinstance(delay, (int, float)) and not isinstance(delay, bool):
         value = timedelta(seconds=delay)
     else:
-        raise TypeError(f"a timer delay is a timedelta or seconds, got {type(delay).__name__}")
+        raise InvalidArgumentType(
+            f"a timer delay is a timedelta or seconds, got {type(delay).__name__}"
+        )
     if value < timedelta(0):
-        raise ValueError(f"a timer delay cannot be negative ({value})")
+        raise InvalidArgument(f"a timer delay cannot be negative ({value})")
     return value
 
 
@@ -139,7 +141,7 @@ class Decision:
         """Accept with a non-empty sequence of events; an empty one is a programming error."""
         evs = tuple(events)
         if not evs:
-            raise ValueError("Decision.accept_events needs at least one event")
+            raise InvalidArgument("Decision.accept_events needs at least one event")
         return cls(events=evs)
 
     @classmethod
@@ -244,7 +246,7 @@ class ExecuteOutcome(Generic[R]):
             return Rejected(data.get("reason"))
         if kind == "already_completed":
             return AlreadyCompleted()
-        raise ValueError(f"not an execute outcome: {data!r}")
+        raise InvalidArgument(f"not an execute outcome: {data!r}")
 
 
 def _jsonable(value: Any) -> Any:

@@ -28,11 +28,16 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from celery import signals
 
-from ironflow_celery.errors import DatabaseUnavailable, InvalidPayload
+from ironflow_celery.errors import (
+    DatabaseUnavailable,
+    InvalidCancelRequest,
+    InvalidDeadLetterRequest,
+    InvalidPayload,
+)
 from ironflow_celery.model.messages import Message
 from ironflow_celery.model.workflow import CancelNotice, WorkflowRef
 from ironflow_celery.storage import sql
-from ironflow_celery.storage.dead_letters import InvalidDeadLetterRequest, parse_kind, parse_row_id
+from ironflow_celery.storage.dead_letters import parse_kind, parse_row_id
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
@@ -47,10 +52,6 @@ Reason = Literal["cancelled", "not_found", "already_processed", "running", "alre
 
 REVOKE_REASON = "revoked: celery control revoke"
 MAX_REASON_LENGTH = 2000
-
-
-class InvalidCancelRequest(InvalidDeadLetterRequest):
-    """A malformed cancel: bad row id, kind, workflow type or id, or reason (a usage error)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,7 +12,7 @@ from prometheus_client.core import GaugeMetricFamily
 
 from ironflow_celery.engine.metrics import REGISTRY, multiprocess_dir
 from ironflow_celery.errors import IronflowError
-from ironflow_celery.model.config import setting
+from ironflow_celery.model.settings import read_settings
 from ironflow_celery.operations.projections import projection_status
 from ironflow_celery.operations.status import queue_status
 
@@ -130,7 +130,7 @@ def serve_metrics(runtime: Any, port: int, addr: str = "0.0.0.0") -> Any:
 def serve_metrics_from_settings(runtime: Any, conf: Any) -> Any:
     """`serve_metrics` on ``ironflow_metrics_port`` / ``IRONFLOW_METRICS_PORT``; off when
     unset. A port already in use is logged, not fatal (e.g. several workers on one host)."""
-    port = setting(conf, "metrics_port", int)
+    port = read_settings(conf)["metrics_port"]
     if not port:
         return None
     try:

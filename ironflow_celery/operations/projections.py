@@ -32,9 +32,14 @@ from celery.utils.imports import import_from_cwd
 from sqlalchemy.engine import Connection
 
 from ironflow_celery.engine.runtime import runtime_of
-from ironflow_celery.errors import ConfigurationError, InvalidPayload
+from ironflow_celery.errors import (
+    ConfigurationError,
+    EventDeserializationError,
+    InvalidPayload,
+    ProjectionError,
+)
 from ironflow_celery.integration.supervisor import start_service
-from ironflow_celery.model.config import env_setting, setting
+from ironflow_celery.model.settings import read_settings
 from ironflow_celery.model.storable import check_text, storable_text
 from ironflow_celery.storage import sql
 from ironflow_celery.storage.store import PostgresStore, storage_errors
@@ -190,14 +195,6 @@ class BatchResult:
     error: str | None = None
     failed_sequence: int | None = None
     more: bool = False
-
-
-class ProjectionError(Exception):
-    """A handler (or the decoding of an event) failed at one event."""
-
-    def __init__(self, event_sequence: int, message: str) -> None:
-        super().__init__(message)
-        self.global_sequence = event_sequence
 
 
 def _check_projection(p: Any) -> Projection:
@@ -415,9 +412,8 @@ class ProjectionRunner:
             try:
                 payload = workflow.events.decode(row.payload)
             except InvalidPayload as exc:
-                raise ValueError(
-                    f"cannot decode event {row.workflow_type}:{row.workflow_id} "
-                    f"#{row.sequence}: {exc}"
+                raise EventDeserializationError(
+                    row.workflow_type, row.workflow_id, row.sequence, str(exc)
                 ) from None
             typed = True
         event = ProjectionEvent(
@@ -539,25 +535,12 @@ def load_projections(specs: Iterable[Any] | str | None) -> list[Projection]:
 
 def configured_projections(conf: Any) -> list[Projection]:
     """``ironflow_projections`` on a Celery app's conf, else ``IRONFLOW_PROJECTIONS``."""
-    value = conf.get("ironflow_projections") if conf is not None else None
-    if value is None:
-        value = env_setting("projections")
-    return load_projections(value)
+    return load_projections(read_settings(conf)["projections"])
 
 
 def projection_config_from(conf: Any) -> ProjectionConfig:
     """A `ProjectionConfig` from ``ironflow_projection_*`` settings."""
-    changes: dict[str, Any] = {}
-    for name, kind in (
-        ("poll_interval", float),
-        ("batch_size", int),
-        ("error_backoff_base", float),
-        ("error_backoff_max", float),
-    ):
-        value = setting(conf, f"projection_{name}", kind)
-        if value is not None:
-            changes[name] = value
-    return ProjectionConfig(**changes)
+    return ProjectionConfig(**read_settings(conf).fields("ProjectionConfig"))
 
 
 def run_projections(

@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import text
 
-from ironflow_celery.errors import IronflowError
-from ironflow_celery.model.config import setting
-from ironflow_celery.storage.dead_letters import InvalidDeadLetterRequest, parse_age
+from ironflow_celery.errors import InvalidDeadLetterRequest, InvalidRetentionRequest, IronflowError
+from ironflow_celery.model.settings import read_settings
+from ironflow_celery.storage.dead_letters import parse_age
 
 if TYPE_CHECKING:
     from ironflow_celery.storage.store import PostgresStore
@@ -80,11 +80,14 @@ def purge(
 
     Returns counts ``{"outbox": n, "timers": n, "observations": n, "batches": n}``.
     """
-    age = parse_age(older_than)
+    try:
+        age = parse_age(older_than)
+    except InvalidDeadLetterRequest as exc:
+        raise InvalidRetentionRequest(str(exc)) from None
     if age is None or age < timedelta(0):
-        raise InvalidDeadLetterRequest(f"older_than must be a non-negative age: {older_than!r}")
+        raise InvalidRetentionRequest(f"older_than must be a non-negative age: {older_than!r}")
     if batch_size < 1:
-        raise InvalidDeadLetterRequest("batch_size must be at least 1")
+        raise InvalidRetentionRequest("batch_size must be at least 1")
     params = {
         "age": age.total_seconds(),
         "batch": batch_size,
@@ -109,13 +112,14 @@ def purge(
 
 def retention_settings(conf: Any) -> dict[str, Any]:
     """``ironflow_retention_*`` settings: interval (None = off), age, observations."""
-    interval = setting(conf, "retention_interval", float)
-    age = parse_age(setting(conf, "retention_age") or DEFAULT_AGE)
+    settings = read_settings(conf)
+    interval = settings["retention_interval"]
+    age = parse_age(settings["retention_age"] or DEFAULT_AGE)
     return {
         "interval": interval if interval and interval > 0 else None,
         "older_than": age,
-        "include_observations": setting(conf, "retention_include_observations", bool, False),
-        "batch_size": setting(conf, "retention_batch_size", int, 1000),
+        "include_observations": settings["retention_include_observations"],
+        "batch_size": settings["retention_batch_size"],
     }
 
 

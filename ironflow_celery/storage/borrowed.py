@@ -27,6 +27,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 from sqlalchemy.pool import StaticPool
 
+from ironflow_celery.errors import InvalidArgument, InvalidArgumentType
+
 
 class _Lent:
     """A DBAPI connection lent to SQLAlchemy: the owner keeps the transaction."""
@@ -57,16 +59,16 @@ def borrowed_connection(dbapi_connection: Any) -> Iterator[Connection]:
     try:
         import psycopg
     except ImportError as exc:  # pragma: no cover - psycopg is a dependency
-        raise TypeError("borrowed_connection needs psycopg 3") from exc
+        raise InvalidArgumentType("borrowed_connection needs psycopg 3") from exc
     if not isinstance(dbapi_connection, psycopg.Connection):
-        raise TypeError(
+        raise InvalidArgumentType(
             "borrowed_connection needs a psycopg 3 connection (Django: "
             f"django.db.connection.connection with psycopg), got {type(dbapi_connection)!r}"
         )
     if dbapi_connection.closed:
-        raise ValueError("borrowed_connection: the connection is closed")
+        raise InvalidArgument("borrowed_connection: the connection is closed")
     if dbapi_connection.autocommit:
-        raise ValueError(
+        raise InvalidArgument(
             "borrowed_connection: the connection is in autocommit mode, so there is no "
             "transaction to join (in Django, call it inside transaction.atomic())"
         )

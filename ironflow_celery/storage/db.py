@@ -18,8 +18,9 @@ from sqlalchemy import event, exc
 from sqlalchemy.engine import Engine, make_url
 
 from ironflow_celery.errors import ConfigurationError
+from ironflow_celery.model.settings import SETTINGS
 
-DATABASE_URL_ENV = "IRONFLOW_DATABASE_URL"
+DATABASE_URL_ENV = SETTINGS["database_url"].env  # IRONFLOW_DATABASE_URL
 
 IDLE_PING_AFTER = 5.0
 """Seconds a pooled connection may sit unused before it is pinged on checkout."""

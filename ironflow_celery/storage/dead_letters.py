@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from sqlalchemy import text
 
-from ironflow_celery.errors import IronflowError
+from ironflow_celery.errors import InvalidDeadLetterRequest
 from ironflow_celery.model.config import AttemptLimits
 from ironflow_celery.model.storable import text_problem
 from ironflow_celery.model.workflow import WorkflowRef
@@ -139,10 +139,6 @@ NOTIFY_TYPES = text(NOTIFY)
 
 
 # -- errors and values ----------------------------------------------------------------------
-
-
-class InvalidDeadLetterRequest(IronflowError, ValueError):
-    """A malformed row id, cursor, age or kind (a usage error, not a database one)."""
 
 
 def parse_kind(kind: str) -> Kind:

@@ -47,7 +47,13 @@ from ironflow_celery.engine.runtime import (
     handler_of,
     resolve_workflow_specs,
 )
-from ironflow_celery.errors import InvalidPayload, IronflowError
+from ironflow_celery.errors import (
+    DrainLimitExceeded,
+    DrainTimedOut,
+    InvalidArgument,
+    InvalidArgumentType,
+    InvalidPayload,
+)
 from ironflow_celery.model.config import RuntimeConfig
 from ironflow_celery.model.messages import Message
 from ironflow_celery.model.workflow import EffectContext, ExecuteOutcome, Workflow, WorkflowRef
@@ -200,7 +206,7 @@ def drop_database(url: str) -> None:
     """Drop a test database, closing whatever is still connected to it."""
     name = make_url(normalize_url(url)).database
     if not name or not name.startswith("ironflow_test_"):
-        raise ValueError(f"refusing to drop {name!r}: not a database made by the testing kit")
+        raise InvalidArgument(f"refusing to drop {name!r}: not a database made by the testing kit")
     with _admin(url) as conn:
         conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
@@ -246,7 +252,7 @@ class TestClock:
     def __init__(self, start: datetime | None = None) -> None:
         start = start or datetime.now(UTC).replace(microsecond=0)
         if start.tzinfo is None:
-            raise ValueError("a TestClock's start must be timezone-aware (e.g. tzinfo=UTC)")
+            raise InvalidArgument("a TestClock's start must be timezone-aware (e.g. tzinfo=UTC)")
         self._now = start.astimezone(UTC)
         self._engines: list[Engine] = []
         self._lock = threading.Lock()
@@ -274,17 +280,17 @@ class TestClock:
             days=days, hours=hours, minutes=minutes, seconds=seconds, milliseconds=milliseconds
         )
         if step < timedelta(0):
-            raise ValueError("a TestClock does not go backwards")
+            raise InvalidArgument("a TestClock does not go backwards")
         return self.set(self._now + step)
 
     def set(self, when: datetime) -> datetime:
         """Move time to `when` (not earlier than now: leases and backoffs assume so)."""
         if when.tzinfo is None:
-            raise ValueError("TestClock.set needs a timezone-aware datetime")
+            raise InvalidArgument("TestClock.set needs a timezone-aware datetime")
         when = when.astimezone(UTC)
         with self._lock:
             if when < self._now:
-                raise ValueError(f"a TestClock does not go backwards ({when} < {self._now})")
+                raise InvalidArgument(f"a TestClock does not go backwards ({when} < {self._now})")
             self._now = when
             for engine in self._engines:
                 self._publish(engine)
@@ -343,10 +349,6 @@ class Ran:
         if self.error:
             text += f" [{self.error}]"
         return text
-
-
-class DrainLimitExceeded(IronflowError):
-    """`drain` ran `max_steps` rows and rows were still due: a workflow that never settles."""
 
 
 # Effect handlers built by the kit record their return values here, keyed by effect id
@@ -437,9 +439,9 @@ def drain(
     the next due timer or backoff — without limit, or at most that far for a timedelta.
     """
     if skip_time is not False and clock is None:
-        raise ValueError("drain(skip_time=...) needs the test clock (clock=...)")
+        raise InvalidArgument("drain(skip_time=...) needs the test clock (clock=...)")
     if worker and runtime.app is None:
-        raise ValueError("drain(worker=True) needs a runtime installed on a Celery app")
+        raise InvalidArgument("drain(worker=True) needs a runtime installed on a Celery app")
     horizon = None
     if clock is not None and isinstance(skip_time, timedelta):
         horizon = clock.now() + skip_time
@@ -559,7 +561,7 @@ def _worker_round(
     pause = 0.01
     while _unfinished(runtime, kind, ids):
         if time.monotonic() > deadline:
-            raise TimeoutError(
+            raise DrainTimedOut(
                 f"no Celery worker finished {len(ids)} {kind}(s) within {timeout:.0f}s: "
                 "is a worker consuming runtime.app's queue?"
             )
@@ -626,7 +628,9 @@ def _store_of(target: Any) -> PostgresStore:
     store = getattr(target, "store", None)
     if isinstance(store, PostgresStore):
         return store
-    raise TypeError(f"expected a store, service, runtime or WorkflowTestEnv, got {target!r}")
+    raise InvalidArgumentType(
+        f"expected a store, service, runtime or WorkflowTestEnv, got {target!r}"
+    )
 
 
 def _service_of(target: Any) -> WorkflowService:
@@ -635,7 +639,7 @@ def _service_of(target: Any) -> WorkflowService:
     service = getattr(target, "service", None)
     if isinstance(service, WorkflowService):
         return service
-    raise TypeError(f"expected a service, runtime or WorkflowTestEnv, got {target!r}")
+    raise InvalidArgumentType(f"expected a service, runtime or WorkflowTestEnv, got {target!r}")
 
 
 def _type_name(workflow: type[Workflow] | str | None) -> str | None:
