@@ -156,7 +156,7 @@ class DeadLetterQuery:
             min_age=parse_age(older_than),
             max_age=parse_age(newer_than),
             max_rows=100 if limit is None else int(limit),
-            cursor=cursor,  # type: ignore[arg-type]
+            cursor=cursor,
         )
 
     def workflow_type(self, workflow_type: str) -> DeadLetterQuery:
