@@ -573,7 +573,7 @@ class Bench:
         with self.engine.connect() as conn:
             t0 = time.perf_counter()
             while True:
-                got = len(conn.execute(sql.CLAIM_EFFECTS, params).fetchall())
+                got = len(conn.execute(sql.EFFECT_STATEMENTS.claim, params).fetchall())
                 if not got:
                     break
                 claimed += got

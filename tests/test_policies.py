@@ -201,7 +201,8 @@ def test_concurrent_claimers_never_exceed_the_limit(store: PostgresStore, db: sa
                 k = (len(held) + 1) // 2
                 done, held = held[:k], held[k:]
                 if done:
-                    store.mark_many_processed(done)
+                    for row_id, held_by in done:
+                        store.mark_processed(row_id, held_by)
         except BaseException as exc:  # reported by the main thread
             failures.append(exc)
 

@@ -31,8 +31,6 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-import sqlalchemy as sa
-
 from ironflow_celery.errors import (
     DatabaseUnavailable,
     InputRefused,
@@ -42,7 +40,6 @@ from ironflow_celery.errors import (
 )
 from ironflow_celery.model.workflow import ExecuteOutcome
 from ironflow_celery.service.workflow_service import input_type_of
-from ironflow_celery.storage.store import dumps, storage_errors
 
 if TYPE_CHECKING:
     from ironflow_celery.engine.runtime import WorkflowRuntime
@@ -51,25 +48,6 @@ log = logging.getLogger("ironflow_celery.inputs")
 
 RECORD_TYPE = "ironflow.celery.execute"
 """``input_type`` of the observation row that records an idempotency key and its outcome."""
-
-_LOCK = sa.text("SELECT pg_advisory_xact_lock(hashtextextended(:lock, 0))")
-_FIND = sa.text(
-    """
-    SELECT payload -> 'outcome' AS outcome
-    FROM ironflow.input_observations
-    WHERE workflow_type = :wt AND workflow_id = :wid AND input_type = :record
-      AND payload ->> 'idempotency_key' = :key
-    ORDER BY id LIMIT 1
-    """
-)
-_RECORD = sa.text(
-    """
-    INSERT INTO ironflow.input_observations
-        (workflow_type, workflow_id, input_type, payload, outcome, rejection_payload)
-    VALUES (:wt, :wid, :record, CAST(:payload AS jsonb), :outcome,
-            CAST(:rejection AS jsonb))
-    """
-)
 
 
 def execute_task_name(workflow_type: str) -> str:
@@ -99,13 +77,14 @@ def execute_input(
         outcome = runtime.service.execute_dynamic(workflow_type, payload)
         return {**outcome.to_json(), **answer, "duplicate": False}
 
-    key = {"wt": workflow_type, "wid": workflow_id, "record": RECORD_TYPE}
     store = runtime.store
     with store.transaction() as conn:  # an input: durable like every execute
         # Two deliveries of one key queue here, so the second sees the first's record.
-        conn.execute(_LOCK, {"lock": f"ironflow.execute:{workflow_type}:{idempotency_key}"})
-        with storage_errors():
-            earlier = conn.execute(_FIND, {**key, "key": idempotency_key}).scalar()
+        lock = f"ironflow.execute:{workflow_type}:{idempotency_key}"
+        store.lock_idempotency_key(lock, connection=conn)
+        earlier = store.find_execute_record(
+            workflow_type, workflow_id, RECORD_TYPE, idempotency_key, connection=conn
+        )
         if earlier is not None:
             log.info(
                 "ironflow: %s %s already executed (key %s); answering its recorded outcome",
@@ -116,23 +95,21 @@ def execute_input(
             return {**earlier, **answer, "duplicate": True}
         outcome = runtime.service.execute_dynamic(workflow_type, payload, connection=conn)
         result = outcome.to_json()
-        with storage_errors():
-            conn.execute(
-                _RECORD,
-                {
-                    **key,
-                    "payload": dumps(
-                        {
-                            "idempotency_key": idempotency_key,
-                            "input_type": input_type_of(payload, "?"),
-                            "input": payload,
-                            "outcome": result,
-                        }
-                    ),
-                    "outcome": outcome.kind,
-                    "rejection": dumps(result["reason"]) if outcome.is_rejected else None,
-                },
-            )
+        store.record_execute(
+            workflow_type,
+            workflow_id,
+            RECORD_TYPE,
+            {
+                "idempotency_key": idempotency_key,
+                "input_type": input_type_of(payload, "?"),
+                "input": payload,
+                "outcome": result,
+            },
+            outcome.kind,
+            rejection=result.get("reason"),
+            rejected=outcome.is_rejected,
+            connection=conn,
+        )
     return {**result, **answer, "duplicate": False}
 
 
@@ -140,16 +117,11 @@ def recorded_outcome(
     runtime: WorkflowRuntime, workflow_type: str, workflow_id: str, idempotency_key: str
 ) -> ExecuteOutcome[Any] | None:
     """The outcome recorded for an idempotency key on an instance, or None."""
-    with runtime.store.transaction() as conn, storage_errors():
-        found = conn.execute(
-            _FIND,
-            {
-                "wt": workflow_type,
-                "wid": workflow_id,
-                "record": RECORD_TYPE,
-                "key": idempotency_key,
-            },
-        ).scalar()
+    store = runtime.store
+    with store.transaction() as conn:
+        found = store.find_execute_record(
+            workflow_type, workflow_id, RECORD_TYPE, idempotency_key, connection=conn
+        )
     return None if found is None else ExecuteOutcome.from_json(found)
 
 

@@ -29,24 +29,23 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
 import psycopg
 from kombu.common import Broadcast
 
 from ironflow_celery.errors import PublishError, StorageError
 from ironflow_celery.model.config import AttemptLimits, RuntimeConfig, results_ignored
-from ironflow_celery.storage import sql, tracing
+from ironflow_celery.storage import tracing
+from ironflow_celery.storage.kinds import EFFECT, KINDS, TIMER, Kind, RowKind, kind_of
 from ironflow_celery.storage.store import ClaimedRow, PostgresStore
 
 log = logging.getLogger("ironflow_celery.relay")
 
-Kind = Literal["effect", "timer"]
 
-
-def task_name(workflow_type: str, kind: Kind) -> str:
+def task_name(workflow_type: str, kind: Kind | RowKind) -> str:
     """The Celery task of a workflow type: ``ironflow.<type>.effect`` / ``.timer``."""
-    return f"ironflow.{workflow_type}.{kind}"
+    return kind_of(kind).task_name(workflow_type)
 
 
 DISPATCH_HOLD_MIN = 30.0
@@ -73,6 +72,7 @@ def celery_publisher(app: Any, *, forward_traces: bool = True) -> Publisher:
     ignore_result = results_ignored(app.conf)
 
     def publish(kind: Kind, rows: Sequence[ClaimedRow]) -> list[uuid.UUID]:
+        row_kind = kind_of(kind)
         published: list[uuid.UUID] = []
         pipelined = False
         try:
@@ -82,9 +82,9 @@ def celery_publisher(app: Any, *, forward_traces: bool = True) -> Publisher:
                 # row is given back (a message that did go out then fails its start guard).
                 batch = getattr(producer, "batch", None)
                 pipelined = batch is not None
-                buffered = batch(max_size=8 * len(rows) + 8) if pipelined else nullcontext()
+                buffered = batch(max_size=8 * len(rows) + 8) if batch is not None else nullcontext()
                 with buffered:
-                    names = {task_name(row.workflow_type, kind) for row in rows}
+                    names = {row_kind.task_name(row.workflow_type) for row in rows}
                     _declare_queues(app, producer, names)
                     for row in rows:
                         args = [
@@ -109,7 +109,7 @@ def celery_publisher(app: Any, *, forward_traces: bool = True) -> Publisher:
                         # instrumentation's publish span joins it and injects itself.
                         with tracing.attached(headers):
                             app.send_task(
-                                task_name(row.workflow_type, kind),
+                                row_kind.task_name(row.workflow_type),
                                 args=args,
                                 kwargs=kwargs,
                                 declare=(),  # declared once per batch above
@@ -158,14 +158,11 @@ class Waker:
     def __init__(self, conninfo: str, stop: threading.Event) -> None:
         self.conninfo = conninfo
         self.stop = stop
-        self.events: dict[str, threading.Event] = {
-            sql.EFFECTS_CHANNEL: threading.Event(),
-            sql.TIMERS_CHANNEL: threading.Event(),
-        }
+        self.events: dict[str, threading.Event] = {k.channel: threading.Event() for k in KINDS}
         self._thread = threading.Thread(target=self._run, name="ironflow-waker", daemon=True)
 
-    def event(self, kind: Kind) -> threading.Event:
-        return self.events[sql.EFFECTS_CHANNEL if kind == "effect" else sql.TIMERS_CHANNEL]
+    def event(self, kind: Kind | RowKind) -> threading.Event:
+        return self.events[kind_of(kind).channel]
 
     def start(self) -> None:
         self._thread.start()
@@ -231,7 +228,8 @@ class Relay:
         attempt_limits: AttemptLimits | None = None,
         concurrency_limits: Mapping[str, int] | None = None,
     ) -> None:
-        self.kind: Kind = kind
+        self.row_kind = kind_of(kind)
+        self.kind: Kind = self.row_kind.name
         self.store = store
         self.workflow_types = list(workflow_types)
         self.config = config
@@ -249,9 +247,7 @@ class Relay:
         self._refreshed_at = 0.0
         self._full_check_at = 0.0
         self._drained = True
-        self._lease = (
-            config.effect_lock_duration if kind == "effect" else config.timer_lock_duration
-        )
+        self._lease = self.row_kind.lock_duration(config)
         # Each hold is renewed when a third of it has passed: two renewals may be late (a
         # busy machine, a slow statement) before it runs out. The claim holds a row for one
         # lease; renewals hold it for `_hold`, at least DISPATCH_HOLD_MIN: a waiting row's
@@ -262,7 +258,7 @@ class Relay:
         self._renew_due = 0.0
         self.renewed_total = 0
         self.given_up_total = 0
-        self._poll = config.effect_poll_interval if kind == "effect" else config.timer_poll_interval
+        self._poll = self.row_kind.poll_interval(config)
         self.claimed_total = 0
         self.published_total = 0
 
@@ -314,23 +310,15 @@ class Relay:
             return False
         token = f"{self.name}#{next(self._batches)}"
         limit = min(self.config.claim_batch_size, capacity)
-        if self.kind == "effect":
-            rows = self.store.claim_effects(
-                token,
-                self.workflow_types,
-                lease_seconds=self._lease,
-                max_attempts=self.attempt_limits,
-                limit=limit,
-                concurrency_limits=self.concurrency_limits,
-            )
-        else:
-            rows = self.store.claim_timers(
-                token,
-                self.workflow_types,
-                lease_seconds=self._lease,
-                max_attempts=self.attempt_limits,
-                limit=limit,
-            )
+        rows = self.store.claim(
+            self.row_kind,
+            token,
+            self.workflow_types,
+            lease_seconds=self._lease,
+            max_attempts=self.attempt_limits,
+            limit=limit,
+            concurrency_limits=self.concurrency_limits,
+        )
         self._drained = len(rows) < limit
         if not rows:
             return False
@@ -343,11 +331,8 @@ class Relay:
             self._track(exc.published, token, rows[0].server_started)
             sent = set(exc.published)
             unsent = [r.id for r in rows if r.id not in sent]
-            release = (
-                self.store.release_effects if self.kind == "effect" else (self.store.release_timers)
-            )
             try:
-                release(unsent, token)
+                self.store.release(self.row_kind, unsent, token)
             except StorageError:
                 log.warning(
                     "ironflow: could not release %d claims; their leases will expire", len(unsent)
@@ -402,7 +387,7 @@ class Relay:
     def _finished(self, ids: list[uuid.UUID]) -> list[uuid.UUID]:
         """Those of `ids` that no longer wait under our claim (started, finished, released)."""
         still = self.store.still_dispatched(
-            self.kind, [(row_id, self.in_flight[row_id].token) for row_id in ids]
+            self.row_kind, [(row_id, self.in_flight[row_id].token) for row_id in ids]
         )
         return [row_id for row_id in ids if row_id not in still]
 
@@ -437,7 +422,7 @@ class Relay:
         if not self.in_flight:
             return
         # Normally one group: the claims of one server run. After a PostgreSQL restart the
-        # older group renews nothing (see sql.RENEW_DISPATCHES) and is forgotten.
+        # older group renews nothing (see sql._RENEW_DISPATCHED) and is forgotten.
         # Rows coming due within one short period are renewed together, so a stream of
         # claims costs one renewal statement per period, not one per claim batch.
         horizon = now + self._renew_every
@@ -449,7 +434,7 @@ class Relay:
         try:
             for server_started, items in groups.items():
                 held |= self.store.renew_dispatched(
-                    self.kind, items, lease_seconds=self._hold, server_started=server_started
+                    self.row_kind, items, lease_seconds=self._hold, server_started=server_started
                 )
         except StorageError:
             self._renew_due = now  # try again first thing once the database answers
@@ -465,16 +450,17 @@ class Relay:
         self._renew_due = min((d.renew_at for d in self.in_flight.values()), default=now)
 
     def idle_wait(self) -> None:
-        """Sleep until a NOTIFY, the poll interval, or (timers) the next due time."""
+        """Sleep until a NOTIFY, the poll interval, or the next due time (timers; an
+        effect is due when written)."""
         timeout = self._poll
         if self.in_flight:
             timeout = min(timeout, max(self._renew_due - time.monotonic(), 0.0))
         if self.len_in_flight_at_limit():
             timeout = min(timeout, 0.05)
-        elif self.kind == "timer":
+        elif self.row_kind.statements.next_due is not None:
             try:
-                due = self.store.seconds_until_next_timer(
-                    self.workflow_types, max_attempts=self.attempt_limits
+                due = self.store.seconds_until_due(
+                    self.row_kind, self.workflow_types, max_attempts=self.attempt_limits
                 )
             except StorageError:
                 due = None
@@ -508,24 +494,23 @@ class RelayGroup:
         url = store.engine.url.set(drivername="postgresql")
         self.waker = Waker(url.render_as_string(hide_password=False), self.stop_event)
         self.relays: list[Relay] = []
-        for kind, enabled, count in (
-            ("effect", effects, config.effect_workers),
-            ("timer", timers, config.timer_workers),
-        ):
-            if not enabled:
+        enabled = {EFFECT.name: effects, TIMER.name: timers}
+        for kind in KINDS:
+            if not enabled[kind.name]:
                 continue
+            count = kind.workers(config)
             for i in range(count):
                 name = f"{worker_id}-{kind}" if count == 1 else f"{worker_id}-{kind}-{i}"
                 self.relays.append(
                     Relay(
-                        kind,
+                        kind.name,
                         store,
                         workflow_types,
                         config,
                         publish,
-                        name=name,  # type: ignore[arg-type]
+                        name=name,
                         wake=self.waker.event(kind),
-                        stop=self.stop_event,  # type: ignore[arg-type]
+                        stop=self.stop_event,
                         on_claimed=on_claimed,
                         attempt_limits=attempt_limits,
                         concurrency_limits=concurrency_limits,

@@ -32,6 +32,9 @@ from ironflow_celery.service.workflow_service import (
     WorkflowService,
     WorkflowServiceConfig,
 )
+from ironflow_celery.storage import dead_letters
+from ironflow_celery.storage.dead_letters import DeadLetter, DeadLetterQuery
+from ironflow_celery.storage.kinds import EFFECT, KINDS, TIMER
 from ironflow_celery.storage.store import PostgresStore
 
 log = logging.getLogger("ironflow_celery.runtime")
@@ -299,9 +302,10 @@ class WorkflowRuntime:
         )
         try:
             while not shutdown.wait(0.5):
-                for kind in ("effect", "timer"):
+                for kind in KINDS:
                     self.metrics.in_flight(
-                        kind, sum(len(r.in_flight) for r in group.relays if r.kind == kind)
+                        kind.name,
+                        sum(len(r.in_flight) for r in group.relays if r.kind == kind.name),
                     )
         finally:
             clean = group.stop(self.config.shutdown_timeout)
@@ -332,79 +336,72 @@ class WorkflowRuntime:
         return await runner
 
     # -- dead letters -----------------------------------------------------------------------
-    def _dl(self) -> Any:
-        from ironflow_celery.storage import dead_letters
-
-        return dead_letters
-
-    def fetch_dead_letters(self, query: Any = None) -> list[Any]:
+    # ironflow's API: the effect methods and their ``timer_`` twins, each one call of
+    # `storage.dead_letters` with the row kind and this runtime's attempt limits.
+    def fetch_dead_letters(self, query: DeadLetterQuery | None = None) -> list[DeadLetter]:
         """Dead-lettered effects matching `query` (newest first)."""
-        return self._dl().fetch_dead_letters(
-            self.store, query, kind="effect", max_attempts=self.attempt_limits
+        return dead_letters.fetch_dead_letters(
+            self.store, query, kind=EFFECT.name, max_attempts=self.attempt_limits
         )
 
-    def count_dead_letters(self, query: Any = None) -> int:
-        return self._dl().count_dead_letters(
-            self.store, query, kind="effect", max_attempts=self.attempt_limits
+    def count_dead_letters(self, query: DeadLetterQuery | None = None) -> int:
+        return dead_letters.count_dead_letters(
+            self.store, query, kind=EFFECT.name, max_attempts=self.attempt_limits
         )
 
     def retry_dead_letter(self, row_id: uuid.UUID | str) -> bool:
         """Make one dead-lettered effect claimable again (never touches an in-flight row)."""
-        return self._dl().retry_dead_letter(
-            self.store, row_id, kind="effect", max_attempts=self.attempt_limits
+        return dead_letters.retry_dead_letter(
+            self.store, row_id, kind=EFFECT.name, max_attempts=self.attempt_limits
         )
 
-    def fetch_timer_dead_letters(self, query: Any = None) -> list[Any]:
-        return self._dl().fetch_dead_letters(
-            self.store, query, kind="timer", max_attempts=self.attempt_limits
-        )
-
-    def count_timer_dead_letters(self, query: Any = None) -> int:
-        return self._dl().count_dead_letters(
-            self.store, query, kind="timer", max_attempts=self.attempt_limits
-        )
-
-    def retry_timer_dead_letter(self, row_id: uuid.UUID | str) -> bool:
-        return self._dl().retry_dead_letter(
-            self.store, row_id, kind="timer", max_attempts=self.attempt_limits
-        )
-
-    def retry_dead_letters(self, query: Any = None, *, batch_size: int = 500) -> int:
+    def retry_dead_letters(
+        self, query: DeadLetterQuery | None = None, *, batch_size: int = 500
+    ) -> int:
         """Retry every dead-lettered effect matching `query`'s filters, in batches."""
-        return self._dl().retry_dead_letters(
+        return dead_letters.retry_dead_letters(
             self.store,
             query,
-            kind="effect",
+            kind=EFFECT.name,
             max_attempts=self.attempt_limits,
             batch_size=batch_size,
         )
 
     def discard_dead_letter(self, row_id: uuid.UUID | str, reason: str) -> bool:
         """Mark a dead-lettered effect handled without running it (kept for audit)."""
-        return self._dl().discard_dead_letter(
-            self.store,
-            row_id,
-            reason,
-            kind="effect",
-            max_attempts=self.attempt_limits,
+        return dead_letters.discard_dead_letter(
+            self.store, row_id, reason, kind=EFFECT.name, max_attempts=self.attempt_limits
         )
 
-    def retry_timer_dead_letters(self, query: Any = None, *, batch_size: int = 500) -> int:
-        return self._dl().retry_dead_letters(
+    def fetch_timer_dead_letters(self, query: DeadLetterQuery | None = None) -> list[DeadLetter]:
+        return dead_letters.fetch_dead_letters(
+            self.store, query, kind=TIMER.name, max_attempts=self.attempt_limits
+        )
+
+    def count_timer_dead_letters(self, query: DeadLetterQuery | None = None) -> int:
+        return dead_letters.count_dead_letters(
+            self.store, query, kind=TIMER.name, max_attempts=self.attempt_limits
+        )
+
+    def retry_timer_dead_letter(self, row_id: uuid.UUID | str) -> bool:
+        return dead_letters.retry_dead_letter(
+            self.store, row_id, kind=TIMER.name, max_attempts=self.attempt_limits
+        )
+
+    def retry_timer_dead_letters(
+        self, query: DeadLetterQuery | None = None, *, batch_size: int = 500
+    ) -> int:
+        return dead_letters.retry_dead_letters(
             self.store,
             query,
-            kind="timer",
+            kind=TIMER.name,
             max_attempts=self.attempt_limits,
             batch_size=batch_size,
         )
 
     def discard_timer_dead_letter(self, row_id: uuid.UUID | str, reason: str) -> bool:
-        return self._dl().discard_dead_letter(
-            self.store,
-            row_id,
-            reason,
-            kind="timer",
-            max_attempts=self.attempt_limits,
+        return dead_letters.discard_dead_letter(
+            self.store, row_id, reason, kind=TIMER.name, max_attempts=self.attempt_limits
         )
 
 

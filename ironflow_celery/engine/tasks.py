@@ -38,7 +38,6 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
-from ironflow_celery.engine.relay import Kind, task_name
 from ironflow_celery.engine.signals import dead_lettered
 from ironflow_celery.errors import (
     DeadLettered,
@@ -53,6 +52,7 @@ from ironflow_celery.model.storable import storable_text
 from ironflow_celery.model.workflow import DeadLetterNotice, EffectContext, WorkflowRef
 from ironflow_celery.service.aio import call_handler
 from ironflow_celery.storage import tracing
+from ironflow_celery.storage.kinds import EFFECT, KINDS, TIMER, Kind, kind_of
 from ironflow_celery.storage.store import LOST_RUN_ERROR, StartedRow
 
 if TYPE_CHECKING:
@@ -108,8 +108,7 @@ class LeaseKeeper:
         self._pid = os.getpid()
 
     def _lease(self, kind: Kind) -> float:
-        cfg = self.runtime.config
-        return cfg.effect_lock_duration if kind == "effect" else cfg.timer_lock_duration
+        return kind_of(kind).lock_duration(self.runtime.config)
 
     @contextmanager
     def keep(self, kind: Kind, row_id: uuid.UUID, token: str) -> Iterator[None]:
@@ -133,7 +132,7 @@ class LeaseKeeper:
     def _run(self) -> None:
         idle_since: float | None = None
         while True:
-            interval = max(0.2, min(self._lease("effect"), self._lease("timer")) / 3)
+            interval = max(0.2, min(k.lock_duration(self.runtime.config) for k in KINDS) / 3)
             with self._lock:
                 # Idle for a while: end the thread, so none outlives the worker that ran
                 # the handlers (e.g. Celery's in-thread test worker); `keep` starts a new one.
@@ -148,29 +147,25 @@ class LeaseKeeper:
             self._wake.wait(interval if idle_since is None else KEEPER_IDLE_EXIT)
             self._wake.clear()  # before the state is read again at the top: no lost wake-up
             now = time.monotonic()
-            for kind in ("effect", "timer"):
-                third = self._lease(kind) / 3  # type: ignore[arg-type]
+            for kind in KINDS:
+                lease = kind.lock_duration(self.runtime.config)
                 with self._lock:
                     due = [
                         (row_id, token)
                         for (k, row_id), (token, since) in self._running.items()
-                        if k == kind and now - since >= third
+                        if k == kind.name and now - since >= lease / 3
                     ]
                 if not due:
                     continue
                 try:
-                    renewed = self.runtime.store.renew_leases(
-                        kind,
-                        due,
-                        lease_seconds=self._lease(kind),  # type: ignore[arg-type]
-                    )
+                    renewed = self.runtime.store.renew_leases(kind, due, lease_seconds=lease)
                 except StorageError as exc:
                     log.warning("ironflow: lease renewal failed: %s", exc)
                     continue
                 with self._lock:
                     for row_id, token in due:
-                        if row_id in renewed and (kind, row_id) in self._running:
-                            self._running[(kind, row_id)] = (token, now)
+                        if row_id in renewed and (kind.name, row_id) in self._running:
+                            self._running[(kind.name, row_id)] = (token, now)
 
 
 # -- stale deliveries ------------------------------------------------------------------
@@ -182,7 +177,7 @@ def stale_reason(runtime: WorkflowRuntime, kind: Kind, row_id: uuid.UUID, lease:
     One extra SELECT, only on the stale path; the state may move on after it is read, so
     it describes the row as it was just after this delivery was refused.
     """
-    noun = "row" if kind == "effect" else "timer"
+    noun = kind_of(kind).noun
     try:
         row = runtime.store.describe_stale(kind, row_id)
     except StorageError as exc:
@@ -232,8 +227,8 @@ def run_effect(
     run_token = _run_token(lease)
     _failure.set(None)
     try:
-        started = store.start_effect(
-            effect_id, lease, run_token, lease_seconds=cfg.effect_lock_duration
+        started = store.start(
+            EFFECT, effect_id, lease, run_token, lease_seconds=EFFECT.lock_duration(cfg)
         )
     except StorageError as exc:
         raise StartGuardUnavailable(str(exc)) from exc
@@ -281,10 +276,10 @@ def run_effect(
     outcome = None
     try:
         if follow_up is None:
-            held = store.mark_processed(effect_id, run_token)
+            held = store.record_processed(EFFECT, effect_id, run_token)
         else:
             with store.transaction(ack=True) as conn:
-                held = store.mark_processed(effect_id, run_token, connection=conn)
+                held = store.record_processed(EFFECT, effect_id, run_token, connection=conn)
                 if held:
                     outcome = runtime.service.execute(
                         follow_up, workflow=workflow, connection=conn
@@ -318,7 +313,8 @@ def run_effect(
 def _policy(runtime: WorkflowRuntime, kind: Kind, started: StartedRow) -> RetryPolicy:
     """The row's retry policy: its effect type's, its workflow's or the runtime's."""
     payload = started.payload
-    tag = payload.get("type") if kind == "effect" and isinstance(payload, dict) else None
+    typed = kind_of(kind).typed_retry_policies
+    tag = payload.get("type") if typed and isinstance(payload, dict) else None
     return runtime.retry_policy_for(started.workflow_type, tag)
 
 
@@ -384,10 +380,10 @@ def _fail_effect(
             status, ref, started.id, attempt, error=error, effect_type=_payload_tag(started)
         )
     backoff = policy.backoff_duration(attempt)
-    recorded = runtime.store.record_failure(
-        started.id, started.token, error, backoff_seconds=backoff
+    recorded = runtime.store.record_failed_attempt(
+        EFFECT, started.id, started.token, error, backoff_seconds=backoff
     )
-    status: Status = "failed-will-retry" if recorded is not None else "stale-skipped"
+    status = "failed-will-retry" if recorded is not None else "stale-skipped"
     _report_failure(runtime, "effect", started, ref, attempt, status, error, retry_in=backoff)
     metrics.task_finished("effect", started.workflow_type, status, began)
     return _result(
@@ -416,7 +412,7 @@ def _effect_label(runtime: WorkflowRuntime, kind: Kind, started: StartedRow) -> 
     tag = _payload_tag(started)
     try:
         workflow = runtime.registry.get(started.workflow_type).workflow
-        union = workflow.effects if kind == "effect" else workflow.inputs
+        union = kind_of(kind).union_of(workflow)
         return tag if tag is not None and tag in union.tags() else UNKNOWN
     except Exception:  # an unregistered type or a workflow without effects
         return UNKNOWN
@@ -478,13 +474,18 @@ def dead_letter(runtime: WorkflowRuntime, kind: Kind, started: StartedRow, error
     If the delivery fails the row is still dead-lettered, with the reason in its error."""
     store = runtime.store
     policy = _policy(runtime, kind, started)
-    write = store.record_permanent_failure if kind == "effect" else store.dead_letter_timer
+    row_kind = kind_of(kind)
     registration = runtime.registry.get(started.workflow_type)
     workflow = registration.workflow
     try:
         with store.transaction(ack=True) as conn:
-            attempts = write(
-                started.id, started.token, error, max_attempts=policy.max_attempts, connection=conn
+            attempts = store.record_dead_letter(
+                row_kind,
+                started.id,
+                started.token,
+                error,
+                max_attempts=policy.max_attempts,
+                connection=conn,
             )
             if attempts is None:
                 conn.rollback()
@@ -503,16 +504,17 @@ def dead_letter(runtime: WorkflowRuntime, kind: Kind, started: StartedRow, error
     except Exception as exc:
         log.warning("ironflow: on_dead_letter of %s failed: %s", workflow.type, exc)
         error = f"{error}; on_dead_letter failed: {describe_error(exc)}"
-    attempts = write(started.id, started.token, error, max_attempts=policy.max_attempts)
+    attempts = store.record_dead_letter(
+        row_kind, started.id, started.token, error, max_attempts=policy.max_attempts
+    )
     return "dead-lettered" if attempts is not None else "stale-skipped"
 
 
 def _dead_letter_input(
     workflow: Any, kind: Kind, started: StartedRow, attempts: int, error: str
 ) -> Message | None:
-    union = workflow.effects if kind == "effect" else workflow.inputs
     try:
-        decoded = union.decode(started.payload)
+        decoded = kind_of(kind).union_of(workflow).decode(started.payload)
     except InvalidPayload:
         decoded = None
     notice = DeadLetterNotice(
@@ -549,8 +551,8 @@ def run_timer(
     run_token = _run_token(lease)
     _failure.set(None)
     try:
-        started = store.start_timer(
-            timer_id, lease, run_token, lease_seconds=cfg.timer_lock_duration
+        started = store.start(
+            TIMER, timer_id, lease, run_token, lease_seconds=TIMER.lock_duration(cfg)
         )
     except StorageError as exc:
         raise StartGuardUnavailable(str(exc)) from exc
@@ -575,7 +577,7 @@ def run_timer(
             runtime.lease_keeper.keep("timer", timer_id, run_token),
             store.transaction(ack=True) as conn,
         ):
-            if not store.lock_timer(conn, timer_id, run_token):
+            if not store.lock_running(TIMER, conn, timer_id, run_token):
                 conn.rollback()
                 metrics.task_finished("timer", started.workflow_type, "stale-skipped", began)
                 return _result(
@@ -584,7 +586,7 @@ def run_timer(
             outcome = runtime.service.execute_dynamic(
                 started.workflow_type, started.payload, connection=conn
             ).kind
-            store.mark_timer_processed(timer_id, run_token, connection=conn)
+            store.record_processed(TIMER, timer_id, run_token, connection=conn)
     except Exception as exc:
         _failure.set(exc)
         error = f"Failed to execute timer input: {describe_error(exc)}"
@@ -594,8 +596,8 @@ def run_timer(
             status = dead_letter(runtime, "timer", started, error)
         else:
             backoff = policy.backoff_duration(attempt)
-            recorded = store.record_timer_failure(
-                timer_id, run_token, error, backoff_seconds=backoff
+            recorded = store.record_failed_attempt(
+                TIMER, timer_id, run_token, error, backoff_seconds=backoff
             )
             status = "failed-will-retry" if recorded is not None else "stale-skipped"
         _report_failure(runtime, "timer", started, ref, attempt, status, error, retry_in=backoff)
@@ -619,8 +621,8 @@ def register_workflow_tasks(
 
     names = []
     for workflow_type in workflow_types:
-        for kind, fn in (("effect", run_effect), ("timer", run_timer)):
-            name = task_name(workflow_type, kind)  # type: ignore[arg-type]
+        for kind, fn in ((EFFECT, run_effect), (TIMER, run_timer)):
+            name = kind.task_name(workflow_type)
             app.task(
                 name=name,
                 bind=True,

@@ -36,8 +36,8 @@ from ironflow_celery.errors import (
 )
 from ironflow_celery.model.messages import Message
 from ironflow_celery.model.workflow import CancelNotice, WorkflowRef
-from ironflow_celery.storage import sql
 from ironflow_celery.storage.dead_letters import parse_kind, parse_row_id
+from ironflow_celery.storage.kinds import KIND_NAMES, KINDS, Kind, RowKind, kind_of
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
@@ -46,7 +46,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ironflow_celery.cancel")
 
-Kind = Literal["effect", "timer"]
 Scope = Literal["effect", "timer", "instance"]
 Reason = Literal["cancelled", "not_found", "already_processed", "running", "already_completed"]
 
@@ -147,10 +146,9 @@ def _deliver_on_cancel(
     return f"{value.type_tag}: {outcome.kind}"
 
 
-def _decoded(workflow: Any, kind: Kind, payload: Any) -> Any:
-    union = workflow.effects if kind == "effect" else workflow.inputs
+def _decoded(workflow: Any, kind: RowKind, payload: Any) -> Any:
     try:
-        return union.decode(payload)
+        return kind.union_of(workflow).decode(payload)
     except InvalidPayload:
         return None
 
@@ -198,14 +196,16 @@ def _cancel_row(
     deliver: bool = True,
 ) -> CancelResult:
     store = runtime.store
+    row_kind = kind_of(kind)
+    ids: dict[str, Any] = {row_kind.plural: (rid,)}  # effects=(rid,) or timers=(rid,)
     with store.transaction() as conn:
-        row = conn.execute(sql.LOCK_ROW_FOR_CANCEL[kind], {"id": rid}).first()
+        row = store.lock_row_for_cancel(row_kind, rid, connection=conn)
         refusal = _row_refusal(kind, rid, row, own_run=own_run)
         if refusal is not None:
             return refusal
         ref = WorkflowRef(row.workflow_type, row.workflow_id)
         workflow = runtime.registry.get(row.workflow_type).workflow if deliver else None
-        conn.execute(sql.CANCEL_ROW[kind], {"id": rid, "reason": reason})
+        store.cancel_row(row_kind, rid, reason, connection=conn)
         delivered = None
         if workflow is not None:
             notice = CancelNotice(
@@ -215,9 +215,8 @@ def _cancel_row(
                 revoked=revoked,
                 row_id=rid,
                 payload=row.payload,
-                decoded=_decoded(workflow, kind, row.payload),
-                effects=(rid,) if kind == "effect" else (),
-                timers=(rid,) if kind == "timer" else (),
+                decoded=_decoded(workflow, row_kind, row.payload),
+                **ids,
             )
             delivered = _deliver_on_cancel(runtime, conn, workflow, notice)
     return CancelResult(
@@ -228,9 +227,8 @@ def _cancel_row(
         + (f"; on_cancel: {delivered}" if delivered else ""),
         ref,
         rid,
-        effects=(rid,) if kind == "effect" else (),
-        timers=(rid,) if kind == "timer" else (),
         on_cancel=delivered,
+        **ids,
     )
 
 
@@ -271,21 +269,17 @@ def cancel_instance(
     reason = _clean_text(reason, "reason")
     ref = WorkflowRef(wt, wid)
     workflow = runtime.registry.get(wt).workflow  # unknown type: a clear error, nothing done
-    key = {"wt": wt, "wid": wid}
-    with runtime.store.transaction() as conn:
-        instance = conn.execute(sql.LOCK_INSTANCE_FOR_CANCEL, key).first()
+    store = runtime.store
+    with store.transaction() as conn:
+        instance = store.lock_instance_for_cancel(wt, wid, connection=conn)
         if instance is None:
             return CancelResult(False, "not_found", "instance", f"no workflow instance {ref}", ref)
         running = {
-            kind: [r.id for r in conn.execute(sql.RUNNING_ROWS_OF_INSTANCE[kind], key)]
-            for kind in ("effect", "timer")
+            kind: store.running_rows_of_instance(kind, wt, wid, connection=conn) for kind in KINDS
         }
-        busy = tuple(running["effect"] + running["timer"])
+        busy = tuple(i for ids in running.values() for i in ids)
         if busy:
-            listed = ", ".join(
-                [f"effect {i}" for i in running["effect"]]
-                + [f"timer {i}" for i in running["timer"]]
-            )
+            listed = ", ".join(f"{kind} {i}" for kind, ids in running.items() for i in ids)
             return CancelResult(
                 False,
                 "running",
@@ -295,9 +289,11 @@ def cancel_instance(
                 ref,
                 running=busy,
             )
-        params = {**key, "reason": reason}
-        effects = tuple(r.id for r in conn.execute(sql.CANCEL_ROWS_OF_INSTANCE["effect"], params))
-        timers = tuple(r.id for r in conn.execute(sql.CANCEL_ROWS_OF_INSTANCE["timer"], params))
+        closed = {
+            kind.plural: store.cancel_rows_of_instance(kind, wt, wid, reason, connection=conn)
+            for kind in KINDS
+        }
+        effects, timers = closed["effects"], closed["timers"]
         if instance.completed_at is not None and not effects and not timers:
             conn.rollback()
             return CancelResult(
@@ -366,8 +362,10 @@ def _revoked_kind(name: str) -> Kind | None:
     """``effect`` / ``timer`` for an ironflow row task name (``ironflow.<type>.<kind>``)."""
     if not name.startswith("ironflow."):
         return None
-    kind = name.rsplit(".", 1)[-1]
-    return kind if kind in ("effect", "timer") and name.count(".") >= 2 else None  # type: ignore[return-value]
+    suffix = name.rsplit(".", 1)[-1]
+    if name.count(".") < 2:
+        return None
+    return next((kind for kind in KIND_NAMES if kind == suffix), None)
 
 
 def on_task_revoked(
@@ -385,7 +383,7 @@ def on_task_revoked(
     runtime = getattr(getattr(sender, "app", None), APP_ATTRIBUTE, None)
     if kind is None or runtime is None or request is None or expired:
         return  # not ours (our messages carry no expiry)
-    row_id = getattr(request, "id", None)
+    row_id: Any = getattr(request, "id", None)  # None: revoke_row refuses it, logged below
     kwargs = getattr(request, "kwargs", None) or {}
     lease = kwargs.get("lease") if isinstance(kwargs, dict) else None
     try:

@@ -42,7 +42,7 @@ from ironflow_celery.integration.supervisor import start_service
 from ironflow_celery.model.settings import read_settings
 from ironflow_celery.model.storable import check_text, storable_text
 from ironflow_celery.storage import sql
-from ironflow_celery.storage.store import PostgresStore, storage_errors
+from ironflow_celery.storage.store import PostgresStore
 
 log = logging.getLogger("ironflow_celery.projections")
 
@@ -188,8 +188,6 @@ class BatchResult:
     """What one batch did."""
 
     delivered: int = 0
-    locked: bool = True
-    """False when another runner of the same projection held the lock."""
     waiting: bool = False
     """True when older transactions were still open (events may still appear below)."""
     error: str | None = None
@@ -300,7 +298,7 @@ class ProjectionRunner:
 
     def _new_fence(self) -> _Fence | None:
         """Read the high-water mark, then draw an xid (only when there may be new events)."""
-        with storage_errors(), self.store.engine.begin() as conn:
+        with self.store.transaction() as conn:
             high_water = int(conn.execute(sql.PROJECTION_FENCE_MARK).scalar_one())
             position = conn.execute(sql.LOAD_PROJECTION_POSITION, {"name": self.name}).scalar()
             if high_water <= int(position or 0):
@@ -312,12 +310,12 @@ class ProjectionRunner:
     def _batch(self, fence: _Fence) -> BatchResult:
         limit = self.config.batch_size
         transactional = bool(getattr(self.projection, "transactional", False))
-        with storage_errors(), self.store.engine.connect() as conn:
+        with self.store.connection() as conn:
             tx = conn.begin()
             try:
                 if not conn.execute(sql.TRY_LOCK_PROJECTION, {"name": self.name}).scalar():
                     tx.rollback()
-                    return BatchResult(locked=False)
+                    return BatchResult()  # another runner of this projection holds its lock
                 position = int(
                     conn.execute(sql.LOAD_PROJECTION_POSITION, {"name": self.name}).scalar() or 0
                 )
@@ -378,9 +376,9 @@ class ProjectionRunner:
         self, before: Sequence[Any], failed: ProjectionError, position: int
     ) -> BatchResult:
         """Transactional mode: commit the events before the poison one, then the error."""
-        with storage_errors(), self.store.engine.connect() as conn, conn.begin():
+        with self.store.connection() as conn, conn.begin():
             if not conn.execute(sql.TRY_LOCK_PROJECTION, {"name": self.name}).scalar():
-                return BatchResult(locked=False)
+                return BatchResult()  # another runner of this projection holds its lock
             last = position
             done = 0
             for row in before:
@@ -442,7 +440,7 @@ def reset_projection(store: PostgresStore, projection: Projection | str) -> None
     (its read model) in the same transaction, under the projection's lock."""
     name = projection if isinstance(projection, str) else projection.name
     check_text(name, "projection name")
-    with storage_errors(), store.engine.begin() as conn:
+    with store.transaction() as conn:
         conn.execute(sql.LOCK_PROJECTION, {"name": name})
         if not isinstance(projection, str):
             reset = getattr(projection, "reset", None)
@@ -458,7 +456,7 @@ def projection_status(
     last_error, failed_sequence, failed_at, updated_at. Lag counts from the newest event
     of the projection's workflow types when the projection object is given."""
     known = {p.name: p for p in projections}
-    with storage_errors(), store.engine.connect() as conn:
+    with store.connection() as conn:
         rows = conn.execute(sql.PROJECTION_STATUS).all()
         heads: dict[str, int] = {}
         for p in known.values():

@@ -16,14 +16,15 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from datetime import timedelta
+from functools import partial
 from typing import TYPE_CHECKING, Any
-
-from sqlalchemy import text
 
 from ironflow_celery.errors import InvalidDeadLetterRequest, InvalidRetentionRequest, IronflowError
 from ironflow_celery.model.settings import read_settings
 from ironflow_celery.storage.dead_letters import parse_age
+from ironflow_celery.storage.kinds import EFFECT, TIMER
 
 if TYPE_CHECKING:
     from ironflow_celery.storage.store import PostgresStore
@@ -31,40 +32,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("ironflow_celery.retention")
 
 DEFAULT_AGE = timedelta(days=7)
-
-# Each batch: the oldest processed rows first (``*_processed_idx``), rows another purge
-# has locked are skipped.
-PURGE_OUTBOX = text("""
-    DELETE FROM ironflow.outbox WHERE id IN (
-        SELECT id FROM ironflow.outbox
-        WHERE processed_at < now() - make_interval(secs => :age)
-          AND (:include_discarded OR discarded_at IS NULL)
-        ORDER BY processed_at
-        LIMIT :batch
-        FOR UPDATE SKIP LOCKED)
-""")
-
-PURGE_TIMERS = text("""
-    DELETE FROM ironflow.timers WHERE id IN (
-        SELECT id FROM ironflow.timers
-        WHERE processed_at < now() - make_interval(secs => :age)
-          AND (:include_discarded OR discarded_at IS NULL)
-        ORDER BY processed_at
-        LIMIT :batch
-        FOR UPDATE SKIP LOCKED)
-""")
-
-# Observations of instances completed more than `age` ago (the instance row and its
-# events stay: they are the workflow's history).
-PURGE_OBSERVATIONS = text("""
-    DELETE FROM ironflow.input_observations WHERE id IN (
-        SELECT o.id FROM ironflow.input_observations o
-        JOIN ironflow.workflow_instances i
-          ON i.workflow_type = o.workflow_type AND i.workflow_id = o.workflow_id
-        WHERE i.completed_at < now() - make_interval(secs => :age)
-        LIMIT :batch
-        FOR UPDATE OF o SKIP LOCKED)
-""")
 
 
 def purge(
@@ -88,18 +55,28 @@ def purge(
         raise InvalidRetentionRequest(f"older_than must be a non-negative age: {older_than!r}")
     if batch_size < 1:
         raise InvalidRetentionRequest("batch_size must be at least 1")
-    params = {
-        "age": age.total_seconds(),
-        "batch": batch_size,
-        "include_discarded": include_discarded,
-    }
+    seconds = age.total_seconds()
     counts = {"outbox": 0, "timers": 0, "observations": 0, "batches": 0}
-    targets = [("outbox", PURGE_OUTBOX), ("timers", PURGE_TIMERS)]
+    # Each batch: the oldest processed rows first, rows another purge has locked skipped.
+    targets: list[tuple[str, Callable[[], int]]] = [
+        (
+            name,
+            partial(
+                store.purge_processed,
+                kind,
+                age_seconds=seconds,
+                batch_size=batch_size,
+                include_discarded=include_discarded,
+            ),
+        )
+        for name, kind in (("outbox", EFFECT), ("timers", TIMER))
+    ]
     if include_observations:
-        targets.append(("observations", PURGE_OBSERVATIONS))
-    for name, statement in targets:
+        observations = partial(store.purge_observations, age_seconds=seconds, batch_size=batch_size)
+        targets.append(("observations", observations))
+    for name, purge_batch in targets:
         while max_batches is None or counts["batches"] < max_batches:
-            deleted = store._run(statement, params).rowcount
+            deleted = purge_batch()
             counts["batches"] += 1
             counts[name] += deleted
             if deleted < batch_size:

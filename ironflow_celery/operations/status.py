@@ -21,60 +21,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import text
+from ironflow_celery.model.config import AttemptLimits
 
 if TYPE_CHECKING:
     from ironflow_celery.storage.store import PostgresStore
-
-from ironflow_celery.model.config import AttemptLimits
-from ironflow_celery.storage import sql
-
-_DEAD = f"(dead_lettered_at IS NOT NULL OR attempts >= {sql.MAX_ATTEMPTS})"
-
-STATUS = text(f"""
-    WITH e AS (
-        SELECT workflow_type, created_at, locked_by, locked_until, {_DEAD} AS dead
-        FROM ironflow.outbox WHERE processed_at IS NULL
-    ), t AS (
-        SELECT workflow_type, fire_at, locked_by, locked_until, {_DEAD} AS dead
-        FROM ironflow.timers WHERE processed_at IS NULL
-    ), effects AS (
-        SELECT workflow_type,
-            count(*) FILTER (WHERE NOT dead AND (locked_until IS NULL OR locked_until <= now()))
-                AS pending,
-            count(*) FILTER (WHERE NOT dead AND locked_by IS NOT NULL AND locked_until > now())
-                AS in_flight,
-            count(*) FILTER (WHERE NOT dead AND locked_by IS NULL AND locked_until > now())
-                AS backing_off,
-            count(*) FILTER (WHERE dead) AS dead,
-            EXTRACT(EPOCH FROM now() - min(created_at) FILTER (WHERE NOT dead)) AS oldest
-        FROM e GROUP BY workflow_type
-    ), timers AS (
-        SELECT workflow_type,
-            count(*) FILTER (WHERE NOT dead AND fire_at <= now()
-                             AND (locked_until IS NULL OR locked_until <= now())) AS due,
-            count(*) FILTER (WHERE NOT dead AND fire_at > now()
-                             AND (locked_until IS NULL OR locked_until <= now())) AS pending,
-            count(*) FILTER (WHERE NOT dead AND locked_by IS NOT NULL AND locked_until > now())
-                AS in_flight,
-            count(*) FILTER (WHERE NOT dead AND locked_by IS NULL AND locked_until > now())
-                AS backing_off,
-            count(*) FILTER (WHERE dead) AS dead,
-            EXTRACT(EPOCH FROM now() - min(fire_at) FILTER (
-                WHERE NOT dead AND fire_at <= now()
-                  AND (locked_until IS NULL OR locked_until <= now()))) AS oldest
-        FROM t GROUP BY workflow_type
-    )
-    SELECT coalesce(e.workflow_type, t.workflow_type) AS workflow_type,
-           coalesce(e.pending, 0) AS e_pending, coalesce(e.in_flight, 0) AS e_in_flight,
-           coalesce(e.backing_off, 0) AS e_backing_off, coalesce(e.dead, 0) AS e_dead,
-           e.oldest AS e_oldest,
-           coalesce(t.due, 0) AS t_due, coalesce(t.pending, 0) AS t_pending,
-           coalesce(t.in_flight, 0) AS t_in_flight, coalesce(t.backing_off, 0) AS t_backing_off,
-           coalesce(t.dead, 0) AS t_dead, t.oldest AS t_oldest
-    FROM effects e FULL JOIN timers t ON e.workflow_type = t.workflow_type
-    ORDER BY 1
-""")
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,8 +76,9 @@ def queue_status(
     max_attempts: int | AttemptLimits,
     workflow_types: tuple[str, ...] = (),
 ) -> list[TypeStatus]:
-    """Depth per workflow type, one statement; `workflow_types` are listed even when idle."""
-    rows = store._run(STATUS, AttemptLimits.of(max_attempts).params())
+    """Depth per workflow type, one statement (`sql.QUEUE_STATUS`); `workflow_types` are
+    listed even when idle."""
+    rows = store.queue_status_rows(max_attempts=max_attempts)
     found: dict[str, TypeStatus] = {}
     for r in rows:
         found[r.workflow_type] = TypeStatus(

@@ -1,14 +1,14 @@
-"""Engines: one pooled SQLAlchemy engine over psycopg 3 per process and URL.
+"""Engines: `create_engine` makes the pooled SQLAlchemy engine over psycopg 3 that a
+`PostgresStore` owns (and its relaxed-commit twin).
 
 URLs may be given as ``postgresql://``, ``postgres://`` or ``postgresql+psycopg://``;
-they are normalised to the psycopg 3 driver. Engines are disposed after a fork (Celery's
-prefork pool) so no child reuses its parent's sockets.
+they are normalised to the psycopg 3 driver. Every engine made here is disposed after a
+fork (Celery's prefork pool) so no child reuses its parent's sockets.
 """
 
 from __future__ import annotations
 
 import os
-import threading
 import time
 import weakref
 from typing import Any
@@ -25,9 +25,7 @@ DATABASE_URL_ENV = SETTINGS["database_url"].env  # IRONFLOW_DATABASE_URL
 IDLE_PING_AFTER = 5.0
 """Seconds a pooled connection may sit unused before it is pinged on checkout."""
 
-_engines: dict[tuple[str, int], Engine] = {}
 _all_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
-_lock = threading.Lock()
 
 
 def normalize_url(url: str) -> str:
@@ -45,17 +43,6 @@ def normalize_url(url: str) -> str:
     if parsed.drivername != "postgresql+psycopg":
         parsed = parsed.set(drivername="postgresql+psycopg")
     return parsed.render_as_string(hide_password=False)
-
-
-def database_url_from_env() -> str:
-    """``IRONFLOW_DATABASE_URL``, or a clear error when it is not set."""
-    url = os.environ.get(DATABASE_URL_ENV)
-    if not url:
-        raise ConfigurationError(
-            f"{DATABASE_URL_ENV} is not set: point it at PostgreSQL, "
-            "e.g. postgresql://postgres@127.0.0.1:5432/app"
-        )
-    return url
 
 
 def create_engine(url: str, *, pool_size: int = 5, max_overflow: int = 10, **kwargs: Any) -> Engine:
@@ -101,26 +88,10 @@ def _ping_idle_connections(engine: Engine) -> None:
             raise exc.DisconnectionError(str(error)) from error
 
 
-def get_engine(url: str) -> Engine:
-    """The shared engine of this process for `url` (created on first use)."""
-    key = (normalize_url(url), os.getpid())
-    engine = _engines.get(key)
-    if engine is None:
-        with _lock:
-            engine = _engines.get(key)
-            if engine is None:
-                engine = create_engine(url)
-                _engines[key] = engine
-    return engine
-
-
 def dispose_after_fork() -> None:
     """Drop pooled connections inherited from the parent without closing its sockets."""
     for engine in list(_all_engines):
         engine.dispose(close=False)
-    pid = os.getpid()
-    for key in [k for k in _engines if k[1] != pid]:
-        del _engines[key]
 
 
 if hasattr(os, "register_at_fork"):

@@ -24,119 +24,17 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal
 
-from sqlalchemy import text
-
 from ironflow_celery.errors import InvalidDeadLetterRequest
 from ironflow_celery.model.config import AttemptLimits
 from ironflow_celery.model.storable import text_problem
 from ironflow_celery.model.workflow import WorkflowRef
-from ironflow_celery.storage import sql
+from ironflow_celery.storage.kinds import KIND_NAMES, Kind
 
 if TYPE_CHECKING:
     from ironflow_celery.storage.store import PostgresStore
 
-Kind = Literal["effect", "timer"]
-KINDS: tuple[Kind, ...] = ("effect", "timer")
-
-# -- SQL ----------------------------------------------------------------------------------
-# One template per statement; {table} / {payload} are filled per kind below. Filters use
-# the ``CAST(:x AS …) IS NULL OR …`` form so one prepared statement serves every query.
-
-_DEAD = f"processed_at IS NULL AND (dead_lettered_at IS NOT NULL OR attempts >= {sql.MAX_ATTEMPTS})"
-_LIVE_LEASE = "locked_by IS NOT NULL AND locked_until > now()"
-_FILTERS = """
-      AND (CAST(:wt AS text) IS NULL OR workflow_type = :wt)
-      AND (CAST(:wid AS text) IS NULL OR workflow_id = :wid)
-      AND (CAST(:error AS text) IS NULL
-           OR strpos(lower(coalesce(last_error, '')), lower(:error)) > 0)
-      AND (CAST(:older AS float8) IS NULL
-           OR created_at < now() - make_interval(secs => :older))
-      AND (CAST(:newer AS float8) IS NULL
-           OR created_at >= now() - make_interval(secs => :newer))
-"""
-_COLUMNS = """id, workflow_type, workflow_id, {payload} AS payload, attempts, last_error,
-       created_at, dead_lettered_at, locked_by, locked_until, {fire_at} AS fire_at"""
-
-FETCH = f"""
-    SELECT {_COLUMNS}
-    FROM {{table}}
-    WHERE {_DEAD} {_FILTERS}
-      AND (CAST(:after_at AS timestamptz) IS NULL
-           OR (created_at, id) < (CAST(:after_at AS timestamptz), CAST(:after_id AS uuid)))
-    ORDER BY created_at DESC, id DESC
-    LIMIT :limit
-"""
-
-COUNT = f"SELECT count(*) FROM {{table}} WHERE {_DEAD} {_FILTERS}"
-
-# The row, locked, with what decides whether it may be retried or discarded.
-LOCK_ROW = f"""
-    SELECT {_COLUMNS}, processed_at, discarded_at,
-           ({_DEAD}) AS is_dead, ({_LIVE_LEASE}) AS in_flight
-    FROM {{table}} WHERE id = :id
-    FOR UPDATE
-"""
-
-GET_ROW = LOCK_ROW.replace("FOR UPDATE", "")
-
-RETRY_ONE = """
-    UPDATE {table}
-    SET attempts = 0, last_error = NULL, locked_until = NULL, locked_by = NULL,
-        dead_lettered_at = NULL, run_started_at = NULL
-    WHERE id = :id
-    RETURNING workflow_type, pg_notify(:channel, workflow_type) AS notified
-"""
-
-# A batch of the bulk retry; rows dead-lettered after the run began (a retried row that
-# failed again at once) are left alone so the loop always ends.
-RETRY_BATCH = f"""
-    UPDATE {{table}}
-    SET attempts = 0, last_error = NULL, locked_until = NULL, locked_by = NULL,
-        dead_lettered_at = NULL, run_started_at = NULL
-    WHERE id IN (
-        SELECT id FROM {{table}}
-        WHERE {_DEAD} {_FILTERS}
-          AND NOT ({_LIVE_LEASE})
-          AND (dead_lettered_at IS NULL OR dead_lettered_at <= :cutoff)
-        ORDER BY created_at, id
-        LIMIT :batch
-        FOR UPDATE SKIP LOCKED
-    )
-    RETURNING workflow_type
-"""
-
-NOTIFY = "SELECT pg_notify(:channel, wt) FROM unnest(CAST(:types AS text[])) AS u(wt)"
-
-DISCARD_ONE = """
-    UPDATE {table}
-    SET processed_at = now(), discarded_at = now(), discard_reason = :reason,
-        locked_until = NULL, locked_by = NULL
-    WHERE id = :id
-"""
-
-_TABLES: dict[Kind, dict[str, str]] = {
-    "effect": {"table": "ironflow.outbox", "payload": "payload", "fire_at": "NULL::timestamptz"},
-    "timer": {"table": "ironflow.timers", "payload": "input", "fire_at": "fire_at"},
-}
-_CHANNELS: dict[Kind, str] = {"effect": sql.EFFECTS_CHANNEL, "timer": sql.TIMERS_CHANNEL}
-
-
-def _statements(kind: Kind) -> dict[str, Any]:
-    names = {
-        "fetch": FETCH,
-        "count": COUNT,
-        "lock_row": LOCK_ROW,
-        "get_row": GET_ROW,
-        "retry_one": RETRY_ONE,
-        "retry_batch": RETRY_BATCH,
-        "discard_one": DISCARD_ONE,
-    }
-    return {name: text(stmt.format(**_TABLES[kind])) for name, stmt in names.items()}
-
-
-STATEMENTS: dict[Kind, dict[str, Any]] = {kind: _statements(kind) for kind in KINDS}
-NOTIFY_TYPES = text(NOTIFY)
-
+KINDS: tuple[Kind, ...] = KIND_NAMES
+"""The kinds' names, ``("effect", "timer")`` (their data: `ironflow_celery.storage.kinds`)."""
 
 # -- errors and values ----------------------------------------------------------------------
 
@@ -144,9 +42,10 @@ NOTIFY_TYPES = text(NOTIFY)
 def parse_kind(kind: str) -> Kind:
     """``"effect"`` or ``"timer"`` (plural and case are tolerated), else a clear error."""
     value = str(kind).strip().lower().rstrip("s")
-    if value not in KINDS:
-        raise InvalidDeadLetterRequest(f"kind must be 'effect' or 'timer', got {kind!r}")
-    return value  # type: ignore[return-value]
+    for name in KIND_NAMES:
+        if value == name:
+            return name
+    raise InvalidDeadLetterRequest(f"kind must be 'effect' or 'timer', got {kind!r}")
 
 
 def parse_row_id(row_id: uuid.UUID | str) -> uuid.UUID:
@@ -253,7 +152,7 @@ class DeadLetterQuery:
             min_age=parse_age(older_than),
             max_age=parse_age(newer_than),
             max_rows=100 if limit is None else int(limit),
-            cursor=cursor,  # type: ignore[arg-type]
+            cursor=cursor,
         )
 
     def workflow_type(self, workflow_type: str) -> DeadLetterQuery:
@@ -406,16 +305,14 @@ def fetch_dead_letters(
     store: PostgresStore,
     query: DeadLetterQuery | None = None,
     *,
-    kind: Kind = "effect",
+    kind: str = "effect",
     max_attempts: int | AttemptLimits,
 ) -> list[DeadLetter]:
     """Dead letters matching `query`, newest first (``created_at DESC, id DESC``)."""
-    kind = parse_kind(kind)
+    row_kind = parse_kind(kind)
     query = query or DeadLetterQuery()
-    rows = store._run(
-        STATEMENTS[kind]["fetch"], {**query.params(), **AttemptLimits.of(max_attempts).params()}
-    )
-    return [_letter(kind, r) for r in rows]
+    params = {**query.params(), **AttemptLimits.of(max_attempts).params()}
+    return [_letter(row_kind, r) for r in store.fetch_dead_letter_rows(row_kind, params)]
 
 
 def next_cursor(letters: list[DeadLetter], query: DeadLetterQuery | None = None) -> str | None:
@@ -428,51 +325,52 @@ def count_dead_letters(
     store: PostgresStore,
     query: DeadLetterQuery | None = None,
     *,
-    kind: Kind = "effect",
+    kind: str = "effect",
     max_attempts: int | AttemptLimits,
 ) -> int:
     """How many dead letters match `query` (its limit and cursor are ignored)."""
-    kind = parse_kind(kind)
+    row_kind = parse_kind(kind)
     query = query or DeadLetterQuery()
-    value = store._run(
-        STATEMENTS[kind]["count"], {**query.params(), **AttemptLimits.of(max_attempts).params()}
-    ).scalar()
-    return int(value or 0)
+    params = {**query.params(), **AttemptLimits.of(max_attempts).params()}
+    return store.count_dead_letter_rows(row_kind, params)
 
 
 def get_dead_letter(
     store: PostgresStore,
     row_id: uuid.UUID | str,
     *,
-    kind: Kind = "effect",
+    kind: str = "effect",
     max_attempts: int | AttemptLimits,
 ) -> DeadLetter | None:
     """One dead letter by id; None when the row is missing or not a dead letter."""
-    kind, rid = parse_kind(kind), parse_row_id(row_id)
-    params = {"id": rid, **AttemptLimits.of(max_attempts).params()}
-    row = store._run(STATEMENTS[kind]["get_row"], params).first()
+    row_kind, rid = parse_kind(kind), parse_row_id(row_id)
+    row = store.get_dead_letter_row(row_kind, rid, AttemptLimits.of(max_attempts).params())
     if row is None or not row.is_dead:
         return None
-    return _letter(kind, row)
+    return _letter(row_kind, row)
 
 
 def explain_row(
     store: PostgresStore,
     row_id: uuid.UUID | str,
     *,
-    kind: Kind = "effect",
+    kind: str = "effect",
     max_attempts: int | AttemptLimits,
 ) -> RetryResult:
     """Whether the row is a dead letter that may be retried now, and if not, why."""
-    kind, rid = parse_kind(kind), parse_row_id(row_id)
-    params = {"id": rid, **AttemptLimits.of(max_attempts).params()}
-    row = store._run(STATEMENTS[kind]["get_row"], params).first()
-    refusal = _refusal(kind, rid, row, max_attempts)
+    row_kind, rid = parse_kind(kind), parse_row_id(row_id)
+    row = store.get_dead_letter_row(row_kind, rid, AttemptLimits.of(max_attempts).params())
+    refusal = _refusal(row_kind, rid, row, max_attempts)
     if refusal is not None:
         return refusal
     ref = WorkflowRef(row.workflow_type, row.workflow_id)
     return RetryResult(
-        True, "dead_letter", kind, rid, f"{kind} {rid} is a dead letter: retry or discard it", ref
+        True,
+        "dead_letter",
+        row_kind,
+        rid,
+        f"{row_kind} {rid} is a dead letter: retry or discard it",
+        ref,
     )
 
 
@@ -518,30 +416,30 @@ def try_retry_dead_letter(
     store: PostgresStore,
     row_id: uuid.UUID | str,
     *,
-    kind: Kind = "effect",
+    kind: str = "effect",
     max_attempts: int | AttemptLimits,
 ) -> RetryResult:
     """Make one dead letter claimable again (attempts 0, error and lease cleared) and wake
     the relays; refused, with the reason, for a missing, processed, live or healthy row."""
-    kind, rid = parse_kind(kind), parse_row_id(row_id)
-    statements = STATEMENTS[kind]
+    row_kind, rid = parse_kind(kind), parse_row_id(row_id)
     with store.transaction() as conn:
-        row = conn.execute(
-            statements["lock_row"], {"id": rid, **AttemptLimits.of(max_attempts).params()}
-        ).first()
-        refusal = _refusal(kind, rid, row, max_attempts)
+        params = AttemptLimits.of(max_attempts).params()
+        row = store.get_dead_letter_row(row_kind, rid, params, connection=conn)
+        refusal = _refusal(row_kind, rid, row, max_attempts)
         if refusal is not None:
             return refusal
-        conn.execute(statements["retry_one"], {"id": rid, "channel": _CHANNELS[kind]})
+        store.retry_dead_letter_row(row_kind, rid, connection=conn)
     ref = WorkflowRef(row.workflow_type, row.workflow_id)
-    return RetryResult(True, "retried", kind, rid, f"{kind} {rid} ({ref}) will run again", ref)
+    return RetryResult(
+        True, "retried", row_kind, rid, f"{row_kind} {rid} ({ref}) will run again", ref
+    )
 
 
 def retry_dead_letter(
     store: PostgresStore,
     row_id: uuid.UUID | str,
     *,
-    kind: Kind = "effect",
+    kind: str = "effect",
     max_attempts: int | AttemptLimits,
 ) -> bool:
     """`try_retry_dead_letter` as ironflow's bool: True iff the row was retried."""
@@ -552,7 +450,7 @@ def retry_dead_letters(
     store: PostgresStore,
     query: DeadLetterQuery | None = None,
     *,
-    kind: Kind = "effect",
+    kind: str = "effect",
     max_attempts: int | AttemptLimits,
     batch_size: int = 500,
     max_rows: int | None = None,
@@ -560,32 +458,25 @@ def retry_dead_letters(
     """Retry every dead letter matching `query`'s filters (its limit and cursor are
     ignored; `max_rows` caps the total), one short transaction per batch, skipping rows
     that are locked or leased. Returns how many were retried."""
-    kind = parse_kind(kind)
+    row_kind = parse_kind(kind)
     if batch_size < 1:
         raise InvalidDeadLetterRequest("batch_size must be at least 1")
     query = query or DeadLetterQuery()
-    statement = STATEMENTS[kind]["retry_batch"]
     # now(), the clock dead_lettered_at is written with (a test clock's, in the testing
     # kit); in this one-statement transaction it is the same instant as clock_timestamp().
-    cutoff = store._run(text("SELECT now()")).scalar()
+    cutoff = store.database_now()
     total = 0
     while max_rows is None or total < max_rows:
         batch = batch_size if max_rows is None else min(batch_size, max_rows - total)
-        with store.transaction() as conn:
-            rows = conn.execute(
-                statement,
-                {
-                    **query.params(),
-                    **AttemptLimits.of(max_attempts).params(),
-                    "cutoff": cutoff,
-                    "batch": batch,
-                },
-            ).all()
-            if rows:
-                types = sorted({r.workflow_type for r in rows})
-                conn.execute(NOTIFY_TYPES, {"channel": _CHANNELS[kind], "types": types})
-        total += len(rows)
-        if len(rows) < batch:
+        params = {
+            **query.params(),
+            **AttemptLimits.of(max_attempts).params(),
+            "cutoff": cutoff,
+            "batch": batch,
+        }
+        retried = store.retry_dead_letter_batch(row_kind, params)
+        total += retried
+        if retried < batch:
             break
     return total
 
@@ -595,27 +486,25 @@ def try_discard_dead_letter(
     row_id: uuid.UUID | str,
     reason: str,
     *,
-    kind: Kind = "effect",
+    kind: str = "effect",
     max_attempts: int | AttemptLimits,
 ) -> RetryResult:
     """Mark a dead letter handled without running it: ``processed_at``, ``discarded_at``
     and ``discard_reason`` are set and the row stays for audit."""
-    kind, rid = parse_kind(kind), parse_row_id(row_id)
+    row_kind, rid = parse_kind(kind), parse_row_id(row_id)
     reason = (reason or "").strip()
     if not reason:
         raise InvalidDeadLetterRequest("a discard needs a reason (kept for audit)")
     _check_filter_text("discard reason", reason)
-    statements = STATEMENTS[kind]
     with store.transaction() as conn:
-        row = conn.execute(
-            statements["lock_row"], {"id": rid, **AttemptLimits.of(max_attempts).params()}
-        ).first()
-        refusal = _refusal(kind, rid, row, max_attempts)
+        params = AttemptLimits.of(max_attempts).params()
+        row = store.get_dead_letter_row(row_kind, rid, params, connection=conn)
+        refusal = _refusal(row_kind, rid, row, max_attempts)
         if refusal is not None:
             return refusal
-        conn.execute(statements["discard_one"], {"id": rid, "reason": reason})
+        store.discard_dead_letter_row(row_kind, rid, reason, connection=conn)
     ref = WorkflowRef(row.workflow_type, row.workflow_id)
-    return RetryResult(True, "discarded", kind, rid, f"{kind} {rid} ({ref}) discarded", ref)
+    return RetryResult(True, "discarded", row_kind, rid, f"{row_kind} {rid} ({ref}) discarded", ref)
 
 
 def discard_dead_letter(
@@ -623,7 +512,7 @@ def discard_dead_letter(
     row_id: uuid.UUID | str,
     reason: str,
     *,
-    kind: Kind = "effect",
+    kind: str = "effect",
     max_attempts: int | AttemptLimits,
 ) -> bool:
     """`try_discard_dead_letter` as a bool: True iff the row was discarded."""

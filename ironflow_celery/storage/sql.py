@@ -1,4 +1,15 @@
-"""Every SQL statement the engine runs, in one readable place.
+"""Every SQL statement the runtime runs, in one place, by name.
+
+Two kinds of SQL live elsewhere, on purpose: the migrations (``storage/schema/migrations``)
+with the migration runner's own bookkeeping (its advisory lock and
+``celery_schema_migrations``, in `storage.schema`), which run before anything here may
+exist; and the testing kit's test-clock, scratch-database and inspection statements
+(`ironflow_celery.testing`), which production code never runs. Everything else is here,
+and runs through `storage.store.PostgresStore`.
+
+Statements on effects (``ironflow.outbox``) and timers (``ironflow.timers``) are written
+once as templates and rendered per table into a `RowStatements` each (`EFFECT_STATEMENTS`,
+`TIMER_STATEMENTS`), which `storage.kinds` hands out with the rest of a row kind's data.
 
 Times that decide leases, backoff and ``fire_at`` are PostgreSQL's ``now()``; intervals
 are passed as float seconds. Statements that finish or fail a claimed row carry the
@@ -7,11 +18,21 @@ lease-token guard ``locked_by = :token``: a stale worker changes nothing.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from sqlalchemy import TextClause, text
 
 # -- channels -----------------------------------------------------------------------
 EFFECTS_CHANNEL = "ironflow_effects"
 TIMERS_CHANNEL = "ironflow_timers"
+
+# -- advisory locks ---------------------------------------------------------------------
+# The key of ironflow_celery's transaction advisory locks (an arbitrary constant): the seed
+# of the single-bigint keys of new instances, and the class of the two-int4 keys of
+# projections. Concurrency-limited types use class ADVISORY_LOCK_KEY + 2; the migrations
+# use their own class (`storage.schema.LOCK_NAMESPACE`).
+ADVISORY_LOCK_KEY = 1768083310
+LIMITED_TYPES_LOCK_CLASS = ADVISORY_LOCK_KEY + 2
 
 # -- unit of work -------------------------------------------------------------------
 
@@ -29,10 +50,11 @@ LOCK_AND_LOAD = text("""
 # primary key (a racing creator won) or on the active unique key (another instance holds it)
 # both return no row instead of raising, so a caller's own transaction (``connection=``)
 # stays usable after a `UniqueKeyConflict`; the store tells the two apart by looking.
-INSERT_INSTANCE = text("""
+INSERT_INSTANCE = text(f"""
     WITH queued AS (
         SELECT pg_advisory_xact_lock(
-            hashtextextended(CAST(:wt AS text) || chr(31) || CAST(:wid AS text), 1768083310))
+            hashtextextended(CAST(:wt AS text) || chr(31) || CAST(:wid AS text),
+                             {ADVISORY_LOCK_KEY}))
     )
     INSERT INTO ironflow.workflow_instances (workflow_type, workflow_id, unique_key)
     SELECT :wt, :wid, CAST(:unique_key AS text) FROM queued
@@ -51,7 +73,7 @@ DELETE_NEW_INSTANCE = text("""
 """)
 
 # One round trip for a decision's events, effects, instance counters and wake-up.
-WRITE_DECISION = text("""
+WRITE_DECISION = text(f"""
     WITH ev AS (
         INSERT INTO ironflow.events (workflow_type, workflow_id, sequence, payload)
         SELECT :wt, :wid, s, CAST(p AS jsonb)
@@ -74,7 +96,7 @@ WRITE_DECISION = text("""
            (SELECT count(*) FROM ob) AS effects,
            (SELECT count(*) FROM inst) AS instances,
            CASE WHEN cardinality(CAST(:effects AS text[])) > 0
-                THEN pg_notify('ironflow_effects', :wt) END AS notified
+                THEN pg_notify('{EFFECTS_CHANNEL}', :wt) END AS notified
 """)
 
 CANCEL_TIMERS = text("""
@@ -86,7 +108,7 @@ CANCEL_TIMERS = text("""
 
 # Keyed timers replace the pending timer with the same key (same row, retry state reset);
 # un-keyed timers never conflict.
-SCHEDULE_TIMERS = text("""
+SCHEDULE_TIMERS = text(f"""
     WITH t AS (
         INSERT INTO ironflow.timers
             (workflow_type, workflow_id, fire_at, input, key, celery_trace_context)
@@ -101,7 +123,7 @@ SCHEDULE_TIMERS = text("""
                       celery_trace_context = EXCLUDED.celery_trace_context
         RETURNING 1
     )
-    SELECT (SELECT count(*) FROM t) AS scheduled, pg_notify('ironflow_timers', :wt) AS notified
+    SELECT (SELECT count(*) FROM t) AS scheduled, pg_notify('{TIMERS_CHANNEL}', :wt) AS notified
 """)
 
 INSERT_OBSERVATION = text("""
@@ -128,7 +150,20 @@ FETCH_WORKFLOW_EVENTS = text("""
     ORDER BY sequence
 """)
 
-# -- effect relay -------------------------------------------------------------------
+
+# -- claimable rows: effects and timers -------------------------------------------------
+# Effects live in the outbox, timers in their own table; both go through the same states
+# with the same statements. Each statement below is a template rendered once per table by
+# `_row_statements` at the end of this module. Fields: {table} and {payload} (the JSON
+# column a handler runs); {order}, the column a row is due by (created_at / fire_at); {due},
+# the timer's extra "has fired" condition; {fire_at} and {key}, columns only timers have;
+# {due_at}, when a claimed row became claimable.
+
+OUTBOX = "ironflow.outbox"
+OUTBOX_PAYLOAD = "payload"
+TIMERS = "ironflow.timers"
+TIMERS_PAYLOAD = "input"
+
 # A row's max attempts: its workflow type's own (`config.AttemptLimits`, a workflow's
 # `retry_policy`) or the global one. An array lookup per row, not a join: the claim still
 # walks the partial index on created_at / fire_at and filters as before.
@@ -142,34 +177,37 @@ MAX_ATTEMPTS = (
 # `ORDER BY created_at, id` cannot use that index: with a backlog of 20,000 the planner
 # sorted every pending row on each claim (6.7 ms vs 1.3 ms per claim of 100). Rows with
 # equal created_at come in index (insertion) order; the store sorts each batch by (time, id).
-
-CLAIM_EFFECTS = text(f"""
-    UPDATE ironflow.outbox
+_CLAIM = """
+    UPDATE {table} AS r
     SET locked_until = now() + make_interval(secs => :lease), locked_by = :token
     WHERE id = ANY(ARRAY(
-        SELECT id FROM ironflow.outbox
-        WHERE processed_at IS NULL
+        SELECT id FROM {table}
+        WHERE {due}processed_at IS NULL
           AND dead_lettered_at IS NULL
-          AND attempts < {MAX_ATTEMPTS}
+          AND attempts < {max_attempts}
           AND (locked_until IS NULL OR locked_until < now())
           AND workflow_type = ANY(CAST(:types AS text[]))
-        ORDER BY created_at
+        ORDER BY {order}
         LIMIT :limit
         FOR UPDATE SKIP LOCKED
     ))
-    RETURNING id, workflow_type, workflow_id, attempts, created_at,
+    RETURNING id, workflow_type, workflow_id, attempts, created_at, {fire_at} AS fire_at,
               pg_postmaster_start_time() AS server_started, celery_trace_context,
-              payload->>'type' AS effect_type,
-              -- when the row became due: the end of its previous backoff or lease (a
-              -- sub-select sees the row as it was before this UPDATE), else its creation
-              COALESCE((SELECT p.locked_until FROM ironflow.outbox AS p WHERE p.id = outbox.id),
-                       created_at) AS due_at
-""")
+              {payload}->>'type' AS effect_type,
+              {due_at} AS due_at
+"""
 
-RELEASE_EFFECTS = text("""
-    UPDATE ironflow.outbox SET locked_until = NULL, locked_by = NULL
+# When a claimed row became due (a sub-select sees the row as it was before the claim's
+# UPDATE). An effect: the end of its previous backoff or lease, else its creation. A timer:
+# its fire time, or the end of its previous backoff or lease if later.
+_PREVIOUS_LEASE_END = "(SELECT p.locked_until FROM {table} AS p WHERE p.id = r.id)"
+_EFFECT_DUE_AT = f"COALESCE({_PREVIOUS_LEASE_END}, created_at)"
+_TIMER_DUE_AT = f"GREATEST(fire_at, {_PREVIOUS_LEASE_END})"
+
+_RELEASE = """
+    UPDATE {table} SET locked_until = NULL, locked_by = NULL
     WHERE id = ANY(CAST(:ids AS uuid[])) AND locked_by = :token AND processed_at IS NULL
-""")
+"""
 
 # Start guard: the row is still held by the claim's token. It moves to a per-delivery run
 # token (so a duplicate broker delivery finds the claim token gone), renews the lease and
@@ -177,128 +215,104 @@ RELEASE_EFFECTS = text("""
 # every recorded outcome clears: finding it still set means the previous run never recorded
 # one (its worker died, lost the lease, or lost the database), and that run counts as a
 # failed attempt. A handler that kills its process thus ends as a dead letter.
-START_EFFECT = text("""
-    UPDATE ironflow.outbox
+_START = """
+    UPDATE {table}
     SET locked_by = :run_token, locked_until = now() + make_interval(secs => :lease),
         run_started_at = now(),
         attempts = attempts + CASE WHEN run_started_at IS NULL THEN 0 ELSE 1 END,
         last_error = CASE WHEN run_started_at IS NULL THEN last_error ELSE :lost_error END
     WHERE id = :id AND locked_by = :token AND processed_at IS NULL
-    RETURNING workflow_type, workflow_id, payload, attempts, created_at, last_error
-""")
+    RETURNING workflow_type, workflow_id, {payload} AS payload, attempts, created_at,
+              {key} AS key, last_error
+"""
 
-MARK_EFFECT_PROCESSED = text("""
-    UPDATE ironflow.outbox
+# Row-lock a started row still held by its run token, inside the acknowledging transaction
+# (a timer's input runs under it).
+_LOCK_RUNNING = """
+    SELECT 1 FROM {table}
+    WHERE id = :id AND locked_by = :token AND processed_at IS NULL
+    FOR UPDATE
+"""
+
+# A no-op for a timer whose own execution re-armed the same key (the upsert cleared
+# locked_by): the re-armed timer stays pending.
+_MARK_PROCESSED = """
+    UPDATE {table}
     SET processed_at = now(), locked_until = NULL, locked_by = NULL, run_started_at = NULL
     WHERE id = :id AND locked_by = :token
-""")
+"""
 
-MARK_EFFECTS_PROCESSED = text("""
-    UPDATE ironflow.outbox AS o
-    SET processed_at = now(), locked_until = NULL, locked_by = NULL, run_started_at = NULL
-    FROM unnest(CAST(:ids AS uuid[]), CAST(:tokens AS text[])) AS a(id, token)
-    WHERE o.id = a.id AND o.locked_by = a.token
-    RETURNING o.id
-""")
-
-RECORD_EFFECT_FAILURE = text("""
-    UPDATE ironflow.outbox
+_RECORD_FAILURE = """
+    UPDATE {table}
     SET attempts = attempts + 1, last_error = :error, locked_by = NULL,
         locked_until = now() + make_interval(secs => :backoff), run_started_at = NULL
     WHERE id = :id AND locked_by = :token
     RETURNING attempts
-""")
+"""
 
 # A dead letter's attempts are max_attempts (ironflow's convention), or more when the
 # max was lowered or lost runs already counted past it.
-DEAD_LETTER_EFFECT = text("""
-    UPDATE ironflow.outbox
+_DEAD_LETTER = """
+    UPDATE {table}
     SET attempts = GREATEST(attempts, :max_attempts), last_error = :error,
         locked_until = NULL, locked_by = NULL, dead_lettered_at = now(), run_started_at = NULL
     WHERE id = :id AND locked_by = :token
     RETURNING attempts
-""")
+"""
 
 # A dead letter whose workflow accepted its on_dead_letter input is handled: it stays in
 # the table for audit (dead_lettered_at, discard_reason) but is no longer open.
-MARK_EFFECT_DEAD_LETTER_HANDLED = text("""
-    UPDATE ironflow.outbox
+_MARK_DEAD_LETTER_HANDLED = """
+    UPDATE {table}
     SET processed_at = now(), discarded_at = now(), discard_reason = :reason
     WHERE id = :id AND processed_at IS NULL
-""")
+"""
 
 # The lease keeper: extends the leases of running handlers' rows (run tokens).
-RENEW_EFFECT_LEASES = text("""
-    UPDATE ironflow.outbox AS o
+_RENEW_LEASES = """
+    UPDATE {table} AS r
     SET locked_until = now() + make_interval(secs => :lease)
     FROM unnest(CAST(:ids AS uuid[]), CAST(:tokens AS text[])) AS a(id, token)
-    WHERE o.id = a.id AND o.locked_by = a.token AND o.processed_at IS NULL
-    RETURNING o.id
-""")
+    WHERE r.id = a.id AND r.locked_by = a.token AND r.processed_at IS NULL
+    RETURNING r.id
+"""
 
 # A relay keeps its published, unstarted rows leased (invariant 10) -- but only while the
 # server that granted their claims still runs. Start guards commit without a WAL flush, so
 # a crash may lose one whose handler already ran (its message consumed): that row would be
 # back under the claim token, and renewing it would strand it. After any restart, rows
 # claimed before it are left to expire once and are published again.
-_RELAY_TABLES = {"effect": "ironflow.outbox", "timer": "ironflow.timers"}
-
-RENEW_DISPATCHES = {
-    kind: text(f"""
-        UPDATE {table} AS r
-        SET locked_until = now() + make_interval(secs => :lease)
-        FROM unnest(CAST(:ids AS uuid[]), CAST(:tokens AS text[])) AS a(id, token)
-        WHERE r.id = a.id AND r.locked_by = a.token AND r.processed_at IS NULL
-          AND pg_postmaster_start_time() = CAST(:server_started AS timestamptz)
-        RETURNING r.id
-    """)
-    for kind, table in _RELAY_TABLES.items()
-}
+_RENEW_DISPATCHED = """
+    UPDATE {table} AS r
+    SET locked_until = now() + make_interval(secs => :lease)
+    FROM unnest(CAST(:ids AS uuid[]), CAST(:tokens AS text[])) AS a(id, token)
+    WHERE r.id = a.id AND r.locked_by = a.token AND r.processed_at IS NULL
+      AND pg_postmaster_start_time() = CAST(:server_started AS timestamptz)
+    RETURNING r.id
+"""
 
 # Back-pressure: which of a relay's published rows still wait to start, i.e. are still held
 # by the claim's own token (the start guard moves a row to a run token; finishing, failing
 # or releasing it clears the token; another relay's re-claim replaces it).
-STILL_DISPATCHED = {
-    kind: text(f"""
-        SELECT r.id FROM {table} AS r
-        JOIN unnest(CAST(:ids AS uuid[]), CAST(:tokens AS text[])) AS a(id, token)
-          ON r.id = a.id AND r.locked_by = a.token
-        WHERE r.processed_at IS NULL
-    """)
-    for kind, table in _RELAY_TABLES.items()
-}
+_STILL_DISPATCHED = """
+    SELECT r.id FROM {table} AS r
+    JOIN unnest(CAST(:ids AS uuid[]), CAST(:tokens AS text[])) AS a(id, token)
+      ON r.id = a.id AND r.locked_by = a.token
+    WHERE r.processed_at IS NULL
+"""
 
-# -- timer relay --------------------------------------------------------------------
-
-CLAIM_TIMERS = text(f"""
-    UPDATE ironflow.timers
-    SET locked_until = now() + make_interval(secs => :lease), locked_by = :token
-    WHERE id = ANY(ARRAY(
-        SELECT id FROM ironflow.timers
-        WHERE fire_at <= now()
-          AND processed_at IS NULL
-          AND dead_lettered_at IS NULL
-          AND attempts < {MAX_ATTEMPTS}
-          AND (locked_until IS NULL OR locked_until < now())
-          AND workflow_type = ANY(CAST(:types AS text[]))
-        ORDER BY fire_at
-        LIMIT :limit
-        FOR UPDATE SKIP LOCKED
-    ))
-    RETURNING id, workflow_type, workflow_id, attempts, created_at, fire_at,
-              pg_postmaster_start_time() AS server_started, celery_trace_context,
-              input->>'type' AS effect_type,
-              GREATEST(fire_at, (SELECT p.locked_until FROM ironflow.timers AS p
-                                 WHERE p.id = timers.id)) AS due_at
-""")
-
-RELEASE_TIMERS = text("""
-    UPDATE ironflow.timers SET locked_until = NULL, locked_by = NULL
-    WHERE id = ANY(CAST(:ids AS uuid[])) AND locked_by = :token AND processed_at IS NULL
-""")
+# Why a start guard found nothing: read only on the stale path, so a skipped delivery can
+# say what actually happened.
+_DESCRIBE_STALE = """
+    SELECT processed_at IS NOT NULL AS processed, discarded_at IS NOT NULL AS discarded,
+           dead_lettered_at IS NOT NULL AS dead_lettered, attempts, locked_by,
+           coalesce(locked_until > now(), false) AS lease_live
+    FROM {table} WHERE id = :id
+"""
 
 # Seconds until the next timer can be claimed: the earliest free due time, or the end of
-# the earliest backoff/lease among due timers. NULL when nothing is pending.
+# the earliest backoff/lease among due timers. NULL when nothing is pending. (Effects are
+# due when written: their relays need no such look-ahead.)
 NEXT_TIMER_DUE = text(f"""
     SELECT EXTRACT(EPOCH FROM (LEAST(
         (SELECT fire_at FROM ironflow.timers
@@ -314,59 +328,224 @@ NEXT_TIMER_DUE = text(f"""
     ) - now())) AS seconds
 """)
 
-START_TIMER = text("""
-    UPDATE ironflow.timers
-    SET locked_by = :run_token, locked_until = now() + make_interval(secs => :lease),
-        run_started_at = now(),
-        attempts = attempts + CASE WHEN run_started_at IS NULL THEN 0 ELSE 1 END,
-        last_error = CASE WHEN run_started_at IS NULL THEN last_error ELSE :lost_error END
-    WHERE id = :id AND locked_by = :token AND processed_at IS NULL
-    RETURNING workflow_type, workflow_id, input, attempts, created_at, fire_at, key, last_error
-""")
+# -- dead letters (ironflow_celery.storage.dead_letters) ---------------------------------
+# A dead letter: unprocessed, and dead-lettered explicitly or out of attempts. Filters use
+# the ``CAST(:x AS …) IS NULL OR …`` form so one prepared statement serves every query.
 
-LOCK_TIMER = text("""
-    SELECT 1 FROM ironflow.timers
-    WHERE id = :id AND locked_by = :token AND processed_at IS NULL
+_DEAD = f"processed_at IS NULL AND (dead_lettered_at IS NOT NULL OR attempts >= {MAX_ATTEMPTS})"
+_LIVE_LEASE = "locked_by IS NOT NULL AND locked_until > now()"
+_DEAD_LETTER_FILTERS = """
+      AND (CAST(:wt AS text) IS NULL OR workflow_type = :wt)
+      AND (CAST(:wid AS text) IS NULL OR workflow_id = :wid)
+      AND (CAST(:error AS text) IS NULL
+           OR strpos(lower(coalesce(last_error, '')), lower(:error)) > 0)
+      AND (CAST(:older AS float8) IS NULL
+           OR created_at < now() - make_interval(secs => :older))
+      AND (CAST(:newer AS float8) IS NULL
+           OR created_at >= now() - make_interval(secs => :newer))
+"""
+_DEAD_LETTER_COLUMNS = """id, workflow_type, workflow_id, {payload} AS payload, attempts,
+       last_error, created_at, dead_lettered_at, locked_by, locked_until, {fire_at} AS fire_at"""
+
+_FETCH_DEAD_LETTERS = f"""
+    SELECT {_DEAD_LETTER_COLUMNS}
+    FROM {{table}}
+    WHERE {_DEAD} {_DEAD_LETTER_FILTERS}
+      AND (CAST(:after_at AS timestamptz) IS NULL
+           OR (created_at, id) < (CAST(:after_at AS timestamptz), CAST(:after_id AS uuid)))
+    ORDER BY created_at DESC, id DESC
+    LIMIT :limit
+"""
+
+_COUNT_DEAD_LETTERS = f"SELECT count(*) FROM {{table}} WHERE {_DEAD} {_DEAD_LETTER_FILTERS}"
+
+# The row with what decides whether it may be retried or discarded: read (`explain`,
+# `get`), or locked for the retry or discard that follows.
+_GET_DEAD_LETTER = f"""
+    SELECT {_DEAD_LETTER_COLUMNS}, processed_at, discarded_at,
+           ({_DEAD}) AS is_dead, ({_LIVE_LEASE}) AS in_flight
+    FROM {{table}} WHERE id = :id
+"""
+
+_LOCK_DEAD_LETTER = f"""
+    SELECT {_DEAD_LETTER_COLUMNS}, processed_at, discarded_at,
+           ({_DEAD}) AS is_dead, ({_LIVE_LEASE}) AS in_flight
+    FROM {{table}} WHERE id = :id
+    FOR UPDATE
+"""
+
+_RETRY_DEAD_LETTER = """
+    UPDATE {table}
+    SET attempts = 0, last_error = NULL, locked_until = NULL, locked_by = NULL,
+        dead_lettered_at = NULL, run_started_at = NULL
+    WHERE id = :id
+    RETURNING workflow_type, pg_notify(:channel, workflow_type) AS notified
+"""
+
+# A batch of the bulk retry; rows dead-lettered after the run began (a retried row that
+# failed again at once) are left alone so the loop always ends.
+_RETRY_DEAD_LETTERS = f"""
+    UPDATE {{table}}
+    SET attempts = 0, last_error = NULL, locked_until = NULL, locked_by = NULL,
+        dead_lettered_at = NULL, run_started_at = NULL
+    WHERE id IN (
+        SELECT id FROM {{table}}
+        WHERE {_DEAD} {_DEAD_LETTER_FILTERS}
+          AND NOT ({_LIVE_LEASE})
+          AND (dead_lettered_at IS NULL OR dead_lettered_at <= :cutoff)
+        ORDER BY created_at, id
+        LIMIT :batch
+        FOR UPDATE SKIP LOCKED
+    )
+    RETURNING workflow_type
+"""
+
+_DISCARD_DEAD_LETTER = """
+    UPDATE {table}
+    SET processed_at = now(), discarded_at = now(), discard_reason = :reason,
+        locked_until = NULL, locked_by = NULL
+    WHERE id = :id
+"""
+
+NOTIFY_TYPES = text("SELECT pg_notify(:channel, wt) FROM unnest(CAST(:types AS text[])) AS u(wt)")
+
+# The database's clock (a test clock's, in the testing kit).
+DATABASE_NOW = text("SELECT now()")
+
+# -- cancel and revoke (ironflow_celery.operations.cancel) -------------------------------
+# A row is *running* while a handler holds it: started (run_started_at) under a live lease.
+# A claimed row whose message still waits in the broker is not running: closing it makes
+# its start guard fail, so the handler never runs. A cancelled row is closed as a discarded
+# dead letter is (processed_at, discarded_at, discard_reason) and kept for audit.
+
+_RUNNING = "(run_started_at IS NOT NULL AND locked_by IS NOT NULL AND locked_until > now())"
+
+_LOCK_FOR_CANCEL = f"""
+    SELECT id, workflow_type, workflow_id, {{payload}} AS payload, attempts, processed_at,
+           discarded_at, discard_reason, locked_by, locked_until, run_started_at,
+           {_RUNNING} AS running
+    FROM {{table}} WHERE id = :id
+    FOR UPDATE
+"""
+
+_CANCEL = """
+    UPDATE {table}
+    SET processed_at = now(), discarded_at = now(), discard_reason = :reason,
+        locked_until = NULL, locked_by = NULL, run_started_at = NULL
+    WHERE id = :id AND processed_at IS NULL
+"""
+
+LOCK_INSTANCE_FOR_CANCEL = text("""
+    SELECT completed_at FROM ironflow.workflow_instances
+    WHERE workflow_type = :wt AND workflow_id = :wid
     FOR UPDATE
 """)
 
-# A no-op when the timer's own execution re-armed the same key (the upsert cleared
-# locked_by): the re-armed timer stays pending.
-MARK_TIMER_PROCESSED = text("""
-    UPDATE ironflow.timers
-    SET processed_at = now(), locked_until = NULL, locked_by = NULL, run_started_at = NULL
-    WHERE id = :id AND locked_by = :token
+# Plain reads: a running row may be locked by its ack, which waits for the instance lock
+# this transaction holds, so locking it here could deadlock.
+_RUNNING_OF_INSTANCE = f"""
+    SELECT id, locked_by, run_started_at FROM {{table}}
+    WHERE workflow_type = :wt AND workflow_id = :wid AND processed_at IS NULL AND {_RUNNING}
+    ORDER BY id
+"""
+
+_CANCEL_OF_INSTANCE = f"""
+    UPDATE {{table}}
+    SET processed_at = now(), discarded_at = now(), discard_reason = :reason,
+        locked_until = NULL, locked_by = NULL, run_started_at = NULL
+    WHERE workflow_type = :wt AND workflow_id = :wid AND processed_at IS NULL
+      AND NOT {_RUNNING}
+    RETURNING id
+"""
+
+# -- retention (ironflow_celery.operations.retention) ------------------------------------
+# Each batch: the oldest processed rows first (``*_processed_idx``), rows another purge
+# has locked are skipped.
+_PURGE_PROCESSED = """
+    DELETE FROM {table} WHERE id IN (
+        SELECT id FROM {table}
+        WHERE processed_at < now() - make_interval(secs => :age)
+          AND (:include_discarded OR discarded_at IS NULL)
+        ORDER BY processed_at
+        LIMIT :batch
+        FOR UPDATE SKIP LOCKED)
+"""
+
+# Observations of instances completed more than `age` ago (the instance row and its
+# events stay: they are the workflow's history).
+PURGE_OBSERVATIONS = text("""
+    DELETE FROM ironflow.input_observations WHERE id IN (
+        SELECT o.id FROM ironflow.input_observations o
+        JOIN ironflow.workflow_instances i
+          ON i.workflow_type = o.workflow_type AND i.workflow_id = o.workflow_id
+        WHERE i.completed_at < now() - make_interval(secs => :age)
+        LIMIT :batch
+        FOR UPDATE OF o SKIP LOCKED)
 """)
 
-RECORD_TIMER_FAILURE = text("""
-    UPDATE ironflow.timers
-    SET attempts = attempts + 1, last_error = :error, locked_by = NULL,
-        locked_until = now() + make_interval(secs => :backoff), run_started_at = NULL
-    WHERE id = :id AND locked_by = :token
-    RETURNING attempts
+# -- queue status (ironflow_celery.operations.status) --------------------------------------
+# Every unprocessed row in exactly one state, per workflow type; one statement over both
+# tables (their states differ: only timers have a fire time).
+_UNPROCESSED_DEAD = f"(dead_lettered_at IS NOT NULL OR attempts >= {MAX_ATTEMPTS})"
+
+QUEUE_STATUS = text(f"""
+    WITH e AS (
+        SELECT workflow_type, created_at, locked_by, locked_until, {_UNPROCESSED_DEAD} AS dead
+        FROM ironflow.outbox WHERE processed_at IS NULL
+    ), t AS (
+        SELECT workflow_type, fire_at, locked_by, locked_until, {_UNPROCESSED_DEAD} AS dead
+        FROM ironflow.timers WHERE processed_at IS NULL
+    ), effects AS (
+        SELECT workflow_type,
+            count(*) FILTER (WHERE NOT dead AND (locked_until IS NULL OR locked_until <= now()))
+                AS pending,
+            count(*) FILTER (WHERE NOT dead AND locked_by IS NOT NULL AND locked_until > now())
+                AS in_flight,
+            count(*) FILTER (WHERE NOT dead AND locked_by IS NULL AND locked_until > now())
+                AS backing_off,
+            count(*) FILTER (WHERE dead) AS dead,
+            EXTRACT(EPOCH FROM now() - min(created_at) FILTER (WHERE NOT dead)) AS oldest
+        FROM e GROUP BY workflow_type
+    ), timers AS (
+        SELECT workflow_type,
+            count(*) FILTER (WHERE NOT dead AND fire_at <= now()
+                             AND (locked_until IS NULL OR locked_until <= now())) AS due,
+            count(*) FILTER (WHERE NOT dead AND fire_at > now()
+                             AND (locked_until IS NULL OR locked_until <= now())) AS pending,
+            count(*) FILTER (WHERE NOT dead AND locked_by IS NOT NULL AND locked_until > now())
+                AS in_flight,
+            count(*) FILTER (WHERE NOT dead AND locked_by IS NULL AND locked_until > now())
+                AS backing_off,
+            count(*) FILTER (WHERE dead) AS dead,
+            EXTRACT(EPOCH FROM now() - min(fire_at) FILTER (
+                WHERE NOT dead AND fire_at <= now()
+                  AND (locked_until IS NULL OR locked_until <= now()))) AS oldest
+        FROM t GROUP BY workflow_type
+    )
+    SELECT coalesce(e.workflow_type, t.workflow_type) AS workflow_type,
+           coalesce(e.pending, 0) AS e_pending, coalesce(e.in_flight, 0) AS e_in_flight,
+           coalesce(e.backing_off, 0) AS e_backing_off, coalesce(e.dead, 0) AS e_dead,
+           e.oldest AS e_oldest,
+           coalesce(t.due, 0) AS t_due, coalesce(t.pending, 0) AS t_pending,
+           coalesce(t.in_flight, 0) AS t_in_flight, coalesce(t.backing_off, 0) AS t_backing_off,
+           coalesce(t.dead, 0) AS t_dead, t.oldest AS t_oldest
+    FROM effects e FULL JOIN timers t ON e.workflow_type = t.workflow_type
+    ORDER BY 1
 """)
 
-DEAD_LETTER_TIMER = text("""
-    UPDATE ironflow.timers
-    SET attempts = GREATEST(attempts, :max_attempts), last_error = :error,
-        locked_until = NULL, locked_by = NULL, dead_lettered_at = now(), run_started_at = NULL
-    WHERE id = :id AND locked_by = :token
-    RETURNING attempts
+# -- execute tasks' idempotency keys (ironflow_celery.engine.inputs) -----------------------
+# Two deliveries of one key queue on a transaction advisory lock on the key, so the second
+# sees the first's record (an input observation, written with INSERT_OBSERVATION).
+LOCK_IDEMPOTENCY_KEY = text("SELECT pg_advisory_xact_lock(hashtextextended(:lock, 0))")
+
+FIND_EXECUTE_RECORD = text("""
+    SELECT payload -> 'outcome' AS outcome
+    FROM ironflow.input_observations
+    WHERE workflow_type = :wt AND workflow_id = :wid AND input_type = :record
+      AND payload ->> 'idempotency_key' = :key
+    ORDER BY id LIMIT 1
 """)
 
-MARK_TIMER_DEAD_LETTER_HANDLED = text("""
-    UPDATE ironflow.timers
-    SET processed_at = now(), discarded_at = now(), discard_reason = :reason
-    WHERE id = :id AND processed_at IS NULL
-""")
-
-RENEW_TIMER_LEASES = text("""
-    UPDATE ironflow.timers AS t
-    SET locked_until = now() + make_interval(secs => :lease)
-    FROM unnest(CAST(:ids AS uuid[]), CAST(:tokens AS text[])) AS a(id, token)
-    WHERE t.id = a.id AND t.locked_by = a.token AND t.processed_at IS NULL
-    RETURNING t.id
-""")
 
 # -- projections ---------------------------------------------------------------------
 
@@ -410,11 +589,11 @@ PROJECTION_FENCE_MARK = text("""
 
 PROJECTION_FENCE_XID = text("SELECT CAST(pg_current_xact_id() AS text) AS fence_xid")
 
-TRY_LOCK_PROJECTION = text("""
-    SELECT pg_try_advisory_xact_lock(1768083310, hashtext(:name)) AS locked
+TRY_LOCK_PROJECTION = text(f"""
+    SELECT pg_try_advisory_xact_lock({ADVISORY_LOCK_KEY}, hashtext(:name)) AS locked
 """)
 
-LOCK_PROJECTION = text("SELECT pg_advisory_xact_lock(1768083310, hashtext(:name))")
+LOCK_PROJECTION = text(f"SELECT pg_advisory_xact_lock({ADVISORY_LOCK_KEY}, hashtext(:name))")
 
 # One row always: whether the fence has passed in this statement's snapshot, then the
 # events (none unless it has). Rows and xmin come from the same snapshot.
@@ -477,93 +656,18 @@ EVENTS_HEAD_FOR_TYPES = text("""
     WHERE workflow_type = ANY(CAST(:types AS text[]))
 """)
 
-# -- cancel and revoke (ironflow_celery.operations.cancel) ---------------------------------------
-# A row is *running* while a handler holds it: started (run_started_at) under a live lease.
-# A claimed row whose message still waits in the broker is not running: closing it makes
-# its start guard fail, so the handler never runs. A cancelled row is closed as a discarded
-# dead letter is (processed_at, discarded_at, discard_reason) and kept for audit.
-
-_RUNNING = "(run_started_at IS NOT NULL AND locked_by IS NOT NULL AND locked_until > now())"
-
-_CANCEL_TABLES = {
-    "effect": ("ironflow.outbox", "payload"),
-    "timer": ("ironflow.timers", "input"),
-}
-
-
-def _per_kind(template: str) -> dict[str, TextClause]:
-    return {
-        kind: text(template.format(table=table, payload=payload))
-        for kind, (table, payload) in _CANCEL_TABLES.items()
-    }
-
-
-LOCK_ROW_FOR_CANCEL = _per_kind(f"""
-    SELECT id, workflow_type, workflow_id, {{payload}} AS payload, attempts, processed_at,
-           discarded_at, discard_reason, locked_by, locked_until, run_started_at,
-           {_RUNNING} AS running
-    FROM {{table}} WHERE id = :id
-    FOR UPDATE
-""")
-
-CANCEL_ROW = _per_kind("""
-    UPDATE {table}
-    SET processed_at = now(), discarded_at = now(), discard_reason = :reason,
-        locked_until = NULL, locked_by = NULL, run_started_at = NULL
-    WHERE id = :id AND processed_at IS NULL
-""")
-
-LOCK_INSTANCE_FOR_CANCEL = text("""
-    SELECT completed_at FROM ironflow.workflow_instances
-    WHERE workflow_type = :wt AND workflow_id = :wid
-    FOR UPDATE
-""")
-
-# Plain reads: a running row may be locked by its ack, which waits for the instance lock
-# this transaction holds, so locking it here could deadlock.
-RUNNING_ROWS_OF_INSTANCE = _per_kind(f"""
-    SELECT id, locked_by, run_started_at FROM {{table}}
-    WHERE workflow_type = :wt AND workflow_id = :wid AND processed_at IS NULL AND {_RUNNING}
-    ORDER BY id
-""")
-
-CANCEL_ROWS_OF_INSTANCE = _per_kind(f"""
-    UPDATE {{table}}
-    SET processed_at = now(), discarded_at = now(), discard_reason = :reason,
-        locked_until = NULL, locked_by = NULL, run_started_at = NULL
-    WHERE workflow_type = :wt AND workflow_id = :wid AND processed_at IS NULL
-      AND NOT {_RUNNING}
-    RETURNING id
-""")
-
-# -- stale deliveries (why a start guard found nothing) --------------------------------
-# Read only on the stale path, so a skipped delivery can say what actually happened.
-
-DESCRIBE_STALE_EFFECT = text("""
-    SELECT processed_at IS NOT NULL AS processed, discarded_at IS NOT NULL AS discarded,
-           dead_lettered_at IS NOT NULL AS dead_lettered, attempts, locked_by,
-           coalesce(locked_until > now(), false) AS lease_live
-    FROM ironflow.outbox WHERE id = :id
-""")
-
-DESCRIBE_STALE_TIMER = text("""
-    SELECT processed_at IS NOT NULL AS processed, discarded_at IS NOT NULL AS discarded,
-           dead_lettered_at IS NOT NULL AS dead_lettered, attempts, locked_by,
-           coalesce(locked_until > now(), false) AS lease_live
-    FROM ironflow.timers WHERE id = :id
-""")
 
 # -- per-type policies (issue 14 §6) ---------------------------------------------------
 # A workflow type's concurrency limit is a database invariant: at most `limit` of its
 # effects leased at once (claimed and waiting in the broker, or running), across every
 # relay. Claimers of limited types queue on a transaction advisory lock per type (two-int4
-# key space, class "iron"+2, apart from migrations and projections), taken in type order
-# in its own statement BEFORE the claim: under READ COMMITTED each statement takes a fresh
-# snapshot, so the claim's count sees every claim committed by the previous lock holder. A
-# count in the same statement as the lock would use a snapshot taken before the wait and
-# miss them (the race behind pgqueuer's concurrency_limit bug fixed in its 1.4).
-LOCK_LIMITED_TYPES = text("""
-    SELECT count(pg_advisory_xact_lock(1768083312, hashtext(t)))
+# key space, class LIMITED_TYPES_LOCK_CLASS, apart from migrations and projections), taken
+# in type order in its own statement BEFORE the claim: under READ COMMITTED each statement
+# takes a fresh snapshot, so the claim's count sees every claim committed by the previous
+# lock holder. A count in the same statement as the lock would use a snapshot taken before
+# the wait and miss them (the race behind pgqueuer's concurrency_limit bug fixed in its 1.4).
+LOCK_LIMITED_TYPES = text(f"""
+    SELECT count(pg_advisory_xact_lock({LIMITED_TYPES_LOCK_CLASS}, hashtext(t)))
     FROM (SELECT t FROM unnest(CAST(:types AS text[])) AS u(t) ORDER BY t) AS s
 """)
 
@@ -589,9 +693,125 @@ CLAIM_LIMITED_EFFECTS = text(f"""
         FOR UPDATE SKIP LOCKED
     ))
     RETURNING id, workflow_type, workflow_id, attempts, created_at,
+              CAST(NULL AS timestamptz) AS fire_at,
               pg_postmaster_start_time() AS server_started, celery_trace_context,
               payload->>'type' AS effect_type,
-              -- as CLAIM_EFFECTS: the end of its previous backoff or lease, else its creation
+              -- as the effect claim: the end of its previous backoff or lease, else its creation
               COALESCE((SELECT p.locked_until FROM ironflow.outbox AS p WHERE p.id = outbox.id),
                        created_at) AS due_at
 """)
+
+# -- the statements of each row kind -----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RowStatements:
+    """Every statement on one claimable table, each written once above as a template."""
+
+    claim: TextClause
+    claim_limited: TextClause | None
+    """The claim under per-type concurrency limits (effects only; None: not limited)."""
+    next_due: TextClause | None
+    """Seconds until a row can next be claimed (timers only; None: rows are due at once)."""
+    release: TextClause
+    start: TextClause
+    lock_running: TextClause
+    mark_processed: TextClause
+    record_failure: TextClause
+    dead_letter: TextClause
+    mark_dead_letter_handled: TextClause
+    renew_leases: TextClause
+    renew_dispatched: TextClause
+    still_dispatched: TextClause
+    describe_stale: TextClause
+    fetch_dead_letters: TextClause
+    count_dead_letters: TextClause
+    get_dead_letter: TextClause
+    lock_dead_letter: TextClause
+    retry_dead_letter: TextClause
+    retry_dead_letters: TextClause
+    discard_dead_letter: TextClause
+    lock_for_cancel: TextClause
+    cancel: TextClause
+    running_of_instance: TextClause
+    cancel_of_instance: TextClause
+    purge_processed: TextClause
+
+
+def _row_statements(
+    *,
+    table: str,
+    payload: str,
+    order: str,
+    due: str,
+    fire_at: str,
+    key: str,
+    due_at: str,
+    claim_limited: TextClause | None = None,
+    next_due: TextClause | None = None,
+) -> RowStatements:
+    fields = {
+        "table": table,
+        "payload": payload,
+        "order": order,
+        "due": due,
+        "fire_at": fire_at,
+        "key": key,
+        "max_attempts": MAX_ATTEMPTS,
+        "due_at": due_at.format(table=table),
+    }
+
+    def render(template: str) -> TextClause:
+        return text(template.format(**fields))
+
+    return RowStatements(
+        claim=render(_CLAIM),
+        claim_limited=claim_limited,
+        next_due=next_due,
+        release=render(_RELEASE),
+        start=render(_START),
+        lock_running=render(_LOCK_RUNNING),
+        mark_processed=render(_MARK_PROCESSED),
+        record_failure=render(_RECORD_FAILURE),
+        dead_letter=render(_DEAD_LETTER),
+        mark_dead_letter_handled=render(_MARK_DEAD_LETTER_HANDLED),
+        renew_leases=render(_RENEW_LEASES),
+        renew_dispatched=render(_RENEW_DISPATCHED),
+        still_dispatched=render(_STILL_DISPATCHED),
+        describe_stale=render(_DESCRIBE_STALE),
+        fetch_dead_letters=render(_FETCH_DEAD_LETTERS),
+        count_dead_letters=render(_COUNT_DEAD_LETTERS),
+        get_dead_letter=render(_GET_DEAD_LETTER),
+        lock_dead_letter=render(_LOCK_DEAD_LETTER),
+        retry_dead_letter=render(_RETRY_DEAD_LETTER),
+        retry_dead_letters=render(_RETRY_DEAD_LETTERS),
+        discard_dead_letter=render(_DISCARD_DEAD_LETTER),
+        lock_for_cancel=render(_LOCK_FOR_CANCEL),
+        cancel=render(_CANCEL),
+        running_of_instance=render(_RUNNING_OF_INSTANCE),
+        cancel_of_instance=render(_CANCEL_OF_INSTANCE),
+        purge_processed=render(_PURGE_PROCESSED),
+    )
+
+
+EFFECT_STATEMENTS = _row_statements(
+    table=OUTBOX,
+    payload=OUTBOX_PAYLOAD,
+    order="created_at",
+    due="",
+    fire_at="CAST(NULL AS timestamptz)",
+    key="CAST(NULL AS text)",
+    due_at=_EFFECT_DUE_AT,
+    claim_limited=CLAIM_LIMITED_EFFECTS,
+)
+
+TIMER_STATEMENTS = _row_statements(
+    table=TIMERS,
+    payload=TIMERS_PAYLOAD,
+    order="fire_at",
+    due="fire_at <= now()\n          AND ",
+    fire_at="fire_at",
+    key="key",
+    due_at=_TIMER_DUE_AT,
+    next_due=NEXT_TIMER_DUE,
+)

@@ -1,6 +1,8 @@
 """PostgreSQL storage: the unit of work per input, and the outbox/timer/query operations.
 
-SQLAlchemy Core over psycopg 3 on a pooled engine; statements live in `ironflow_celery.sql`.
+SQLAlchemy Core over psycopg 3 on a pooled engine; statements live in
+`ironflow_celery.storage.sql`. The store is the one door to the database: every other
+module reads and writes through its methods, or inside its `transaction` / `connection`.
 A `UnitOfWork` holds the instance's row lock (``SELECT … FOR UPDATE``) for one input,
 buffers what the decision writes and flushes it in as few round trips as possible at
 `commit`.
@@ -30,6 +32,7 @@ from ironflow_celery.errors import (
 from ironflow_celery.model.config import AttemptLimits
 from ironflow_celery.storage import sql, tracing
 from ironflow_celery.storage.db import create_engine
+from ironflow_celery.storage.kinds import EFFECT, TIMER, Kind, RowKind, kind_of
 
 
 def dumps(value: Any) -> str:
@@ -441,6 +444,13 @@ class PostgresStore:
         with storage_errors(), engine.begin() as conn:
             yield conn
 
+    @contextmanager
+    def connection(self) -> Iterator[Connection]:
+        """A pooled connection (no transaction begun; the caller begins and ends its own),
+        with driver errors translated as everywhere in the store."""
+        with storage_errors(), self.engine.connect() as conn:
+            yield conn
+
     def _run(
         self,
         statement: Any,
@@ -448,7 +458,7 @@ class PostgresStore:
         *,
         relaxed: bool = False,
         ack: bool = False,
-    ) -> sa.CursorResult[Any]:
+    ) -> _Buffered:
         # One statement is atomic on its own: autocommit spares the BEGIN and COMMIT round
         # trips (the hot path: claim, start guard, ack are one statement each). A connection
         # that turns out dead (server restarted) is replaced and the statement sent once more:
@@ -460,8 +470,8 @@ class PostgresStore:
                 with storage_errors(), engine.connect() as conn:
                     conn.execution_options(isolation_level="AUTOCOMMIT")
                     result = conn.execute(statement, params or {})
-                    rows = result.fetchall() if result.returns_rows else []
-                    return _Buffered(rows, result.rowcount)  # type: ignore[return-value]
+                    rows = list(result.fetchall()) if result.returns_rows else []
+                    return _Buffered(rows, result.rowcount)
             except DatabaseUnavailable as error:
                 cause = error.__cause__
                 if attempt == 2 or not getattr(cause, "connection_invalidated", False):
@@ -575,9 +585,12 @@ class PostgresStore:
         rows = self._run(sql.FETCH_WORKFLOW_EVENTS, {"wt": workflow_type, "wid": workflow_id})
         return [StoredEvent(*row) for row in rows]
 
-    # -- effects -------------------------------------------------------------------------
-    def claim_effects(
+    # -- claimable rows: effects and timers ----------------------------------------------
+    # One set of transitions for both kinds; `kind` is a `RowKind` or its name, and its
+    # statements are the only thing that differs (see `storage.kinds`).
+    def claim(
         self,
+        kind: Kind | RowKind,
         token: str,
         workflow_types: Sequence[str],
         *,
@@ -586,23 +599,28 @@ class PostgresStore:
         limit: int = 1,
         concurrency_limits: Mapping[str, int] | None = None,
     ) -> list[ClaimedRow]:
-        """Claim up to `limit` due effects of registered types (SKIP LOCKED), oldest first.
+        """Claim up to `limit` due rows of registered types (SKIP LOCKED), earliest first.
 
         Types in `concurrency_limits` never have more than their limit of effects leased at
         once across all claimers (see `sql.CLAIM_LIMITED_EFFECTS`); they are claimed first,
-        in their own transaction, so a backlog of unlimited types cannot starve them."""
+        in their own transaction, so a backlog of unlimited types cannot starve them. A kind
+        without a limited claim (timers) ignores the limits."""
+        row_kind = kind_of(kind)
         if not workflow_types or limit <= 0:
             return []
+        statements = row_kind.statements
         attempts = AttemptLimits.of(max_attempts).params()
-        limits = concurrency_limits or {}
+        limits = (concurrency_limits or {}) if statements.claim_limited is not None else {}
         limited = sorted(t for t in set(workflow_types) if t in limits)
         free = [t for t in workflow_types if t not in limits]
         found: list[Any] = []
         if limited:
-            found += self._claim_limited(token, limited, limits, lease_seconds, attempts, limit)
+            found += self._claim_limited(
+                row_kind, token, limited, limits, lease_seconds, attempts, limit
+            )
         if free and len(found) < limit:
             found += self._run(
-                sql.CLAIM_EFFECTS,
+                statements.claim,
                 {
                     "token": token,
                     "types": free,
@@ -620,18 +638,22 @@ class PostgresStore:
                 r.attempts,
                 r.created_at,
                 token,
-                server_started=r.server_started,
+                r.fire_at,
+                r.server_started,
                 effect_type=r.effect_type,
                 due_at=r.due_at,
                 trace_context=r.celery_trace_context,
             )
             for r in found
         ]
-        claimed.sort(key=lambda c: (c.created_at, c.id))
+        # Due order: an effect by creation, a timer by fire time (`fire_at` is None for
+        # effects).
+        claimed.sort(key=lambda c: (c.fire_at or c.created_at, c.id))
         return claimed
 
     def _claim_limited(
         self,
+        kind: RowKind,
         token: str,
         types: list[str],
         limits: Mapping[str, int],
@@ -639,7 +661,9 @@ class PostgresStore:
         attempts: dict[str, Any],
         limit: int,
     ) -> list[Any]:
-        """Claim effects of concurrency-limited types under their advisory locks."""
+        """Claim rows of concurrency-limited types under their advisory locks."""
+        statement = kind.statements.claim_limited
+        assert statement is not None  # claim() passes limits only for kinds that have one
         found: list[Any] = []
         with storage_errors(), self.relaxed_engine.begin() as conn:
             conn.execute(sql.LOCK_LIMITED_TYPES, {"types": types})
@@ -647,7 +671,7 @@ class PostgresStore:
                 if len(found) >= limit:
                     break
                 found += conn.execute(
-                    sql.CLAIM_LIMITED_EFFECTS,
+                    statement,
                     {
                         "token": token,
                         "wt": wt,
@@ -659,22 +683,46 @@ class PostgresStore:
                 ).fetchall()
         return found
 
-    def release_effects(self, ids: Sequence[uuid.UUID], token: str) -> int:
-        """Give claimed effects back at once (a publish failed)."""
+    def release(self, kind: Kind | RowKind, ids: Sequence[uuid.UUID], token: str) -> int:
+        """Give claimed rows back at once (a publish failed)."""
         if not ids:
             return 0
-        return self._run(
-            sql.RELEASE_EFFECTS, {"ids": list(ids), "token": token}, relaxed=True
-        ).rowcount
+        statement = kind_of(kind).statements.release
+        return self._run(statement, {"ids": list(ids), "token": token}, relaxed=True).rowcount
 
-    def start_effect(
-        self, effect_id: uuid.UUID, token: str, run_token: str, *, lease_seconds: float
+    def seconds_until_due(
+        self,
+        kind: Kind | RowKind,
+        workflow_types: Sequence[str],
+        *,
+        max_attempts: int | AttemptLimits,
+    ) -> float | None:
+        """Seconds until a row can next be claimed (negative when overdue), or None: nothing
+        pending, or a kind whose rows are due when written (effects)."""
+        statement = kind_of(kind).statements.next_due
+        if statement is None or not workflow_types:
+            return None
+        value = self._run(
+            statement,
+            {"types": list(workflow_types), **AttemptLimits.of(max_attempts).params()},
+            relaxed=True,
+        ).scalar()
+        return None if value is None else float(value)
+
+    def start(
+        self,
+        kind: Kind | RowKind,
+        row_id: uuid.UUID,
+        token: str,
+        run_token: str,
+        *,
+        lease_seconds: float,
     ) -> StartedRow | None:
         """Start guard: None when the row is no longer held by `token` (stale)."""
         row = self._run(
-            sql.START_EFFECT,
+            kind_of(kind).statements.start,
             {
-                "id": effect_id,
+                "id": row_id,
                 "token": token,
                 "run_token": run_token,
                 "lease": float(lease_seconds),
@@ -685,40 +733,45 @@ class PostgresStore:
         if row is None:
             return None
         return StartedRow(
-            effect_id,
+            row_id,
             row.workflow_type,
             row.workflow_id,
             row.payload,
             row.attempts,
             row.created_at,
             run_token,
+            row.key,
             last_error=row.last_error,
         )
 
-    def mark_processed(
-        self, effect_id: uuid.UUID, token: str, *, connection: Connection | None = None
+    def lock_running(
+        self, kind: Kind | RowKind, connection: Connection, row_id: uuid.UUID, token: str
     ) -> bool:
-        """Mark an effect processed if `token` still holds it."""
-        params = {"id": effect_id, "token": token}
+        """Row-lock a started row still held by `token` inside the caller's transaction."""
+        statement = kind_of(kind).statements.lock_running
+        with storage_errors():
+            return connection.execute(statement, {"id": row_id, "token": token}).first() is not None
+
+    def record_processed(
+        self,
+        kind: Kind | RowKind,
+        row_id: uuid.UUID,
+        token: str,
+        *,
+        connection: Connection | None = None,
+    ) -> bool:
+        """Mark a row processed if `token` still holds it (a timer re-armed by key: no-op)."""
+        statement = kind_of(kind).statements.mark_processed
+        params = {"id": row_id, "token": token}
         if connection is not None:
             with storage_errors():
-                return connection.execute(sql.MARK_EFFECT_PROCESSED, params).rowcount == 1
-        return self._run(sql.MARK_EFFECT_PROCESSED, params, ack=True).rowcount == 1
+                return connection.execute(statement, params).rowcount == 1
+        return self._run(statement, params, ack=True).rowcount == 1
 
-    def mark_many_processed(self, items: Sequence[tuple[uuid.UUID, str]]) -> set[uuid.UUID]:
-        """Mark several effects processed in one statement; returns those still held."""
-        if not items:
-            return set()
-        rows = self._run(
-            sql.MARK_EFFECTS_PROCESSED,
-            {"ids": [i for i, _ in items], "tokens": [t for _, t in items]},
-            ack=True,
-        )
-        return {r.id for r in rows}
-
-    def record_failure(
+    def record_failed_attempt(
         self,
-        effect_id: uuid.UUID,
+        kind: Kind | RowKind,
+        row_id: uuid.UUID,
         token: str,
         error: str,
         *,
@@ -726,48 +779,45 @@ class PostgresStore:
         connection: Connection | None = None,
     ) -> int | None:
         """attempts+1, last_error, backoff in locked_until; None when stale."""
-        params = {
-            "id": effect_id,
-            "token": token,
-            "error": error,
-            "backoff": float(backoff_seconds),
-        }
-        return self._scalar_or_none(sql.RECORD_EFFECT_FAILURE, params, connection, ack=True)
+        params = {"id": row_id, "token": token, "error": error, "backoff": float(backoff_seconds)}
+        statement = kind_of(kind).statements.record_failure
+        return self._scalar_or_none(statement, params, connection, ack=True)
 
-    def record_permanent_failure(
+    def record_dead_letter(
         self,
-        effect_id: uuid.UUID,
+        kind: Kind | RowKind,
+        row_id: uuid.UUID,
         token: str,
         error: str,
         *,
         max_attempts: int,
         connection: Connection | None = None,
     ) -> int | None:
-        """Dead-letter an effect now; None when stale."""
-        params = {"id": effect_id, "token": token, "error": error, "max_attempts": max_attempts}
-        return self._scalar_or_none(sql.DEAD_LETTER_EFFECT, params, connection, ack=True)
+        """Dead-letter a row now; None when stale."""
+        params = {"id": row_id, "token": token, "error": error, "max_attempts": max_attempts}
+        statement = kind_of(kind).statements.dead_letter
+        return self._scalar_or_none(statement, params, connection, ack=True)
 
     def mark_dead_letter_handled(
-        self, kind: str, row_id: uuid.UUID, reason: str, *, connection: Connection
+        self, kind: Kind | RowKind, row_id: uuid.UUID, reason: str, *, connection: Connection
     ) -> bool:
         """Close a dead letter that its workflow handled (kept for audit, with `reason`)."""
-        statement = (
-            sql.MARK_EFFECT_DEAD_LETTER_HANDLED
-            if kind == "effect"
-            else sql.MARK_TIMER_DEAD_LETTER_HANDLED
-        )
+        statement = kind_of(kind).statements.mark_dead_letter_handled
         with storage_errors():
             return connection.execute(statement, {"id": row_id, "reason": reason}).rowcount == 1
 
     def renew_leases(
-        self, kind: str, items: Sequence[tuple[uuid.UUID, str]], *, lease_seconds: float
+        self,
+        kind: Kind | RowKind,
+        items: Sequence[tuple[uuid.UUID, str]],
+        *,
+        lease_seconds: float,
     ) -> set[uuid.UUID]:
         """Extend the leases of running rows still held by their tokens."""
         if not items:
             return set()
-        statement = sql.RENEW_EFFECT_LEASES if kind == "effect" else sql.RENEW_TIMER_LEASES
         rows = self._run(
-            statement,
+            kind_of(kind).statements.renew_leases,
             {
                 "ids": [i for i, _ in items],
                 "tokens": [t for _, t in items],
@@ -779,7 +829,7 @@ class PostgresStore:
 
     def renew_dispatched(
         self,
-        kind: str,
+        kind: Kind | RowKind,
         items: Sequence[tuple[uuid.UUID, str]],
         *,
         lease_seconds: float,
@@ -789,7 +839,7 @@ class PostgresStore:
         only while the server that granted the claims still runs (none renewed otherwise)."""
         if not items:
             return set()
-        statement = sql.RENEW_DISPATCHES[kind]
+        statement = kind_of(kind).statements.renew_dispatched
         params = {
             "ids": [i for i, _ in items],
             "tokens": [t for _, t in items],
@@ -798,150 +848,243 @@ class PostgresStore:
         }
         return {r.id for r in self._run(statement, params, relaxed=True)}
 
-    def still_dispatched(self, kind: str, items: Sequence[tuple[uuid.UUID, str]]) -> set[uuid.UUID]:
+    def still_dispatched(
+        self, kind: Kind | RowKind, items: Sequence[tuple[uuid.UUID, str]]
+    ) -> set[uuid.UUID]:
         """Which of these published rows still wait to start under their claim tokens."""
         if not items:
             return set()
-        statement = sql.STILL_DISPATCHED[kind]
+        statement = kind_of(kind).statements.still_dispatched
         params = {"ids": [i for i, _ in items], "tokens": [t for _, t in items]}
         return {r.id for r in self._run(statement, params, relaxed=True)}
 
-    # -- timers ----------------------------------------------------------------------------
-    def claim_timers(
-        self,
-        token: str,
-        workflow_types: Sequence[str],
-        *,
-        lease_seconds: float,
-        max_attempts: int | AttemptLimits,
-        limit: int = 1,
+    def describe_stale(self, kind: Kind | RowKind, row_id: uuid.UUID) -> Any:
+        """A row's state as a stale delivery sees it (None: the row is gone)."""
+        return self._run(kind_of(kind).statements.describe_stale, {"id": row_id}).first()
+
+    # -- the per-kind names the tests use (one-line delegations) ---------------------------
+    def claim_effects(
+        self, token: str, workflow_types: Sequence[str], **kw: Any
     ) -> list[ClaimedRow]:
-        """Claim up to `limit` due timers of registered types, earliest first."""
-        if not workflow_types or limit <= 0:
-            return []
-        rows = self._run(
-            sql.CLAIM_TIMERS,
-            {
-                "token": token,
-                "types": list(workflow_types),
-                "lease": float(lease_seconds),
-                **AttemptLimits.of(max_attempts).params(),
-                "limit": limit,
-            },
-            relaxed=True,
-        )
-        claimed = [
-            ClaimedRow(
-                r.id,
-                r.workflow_type,
-                r.workflow_id,
-                r.attempts,
-                r.created_at,
-                token,
-                r.fire_at,
-                r.server_started,
-                effect_type=r.effect_type,
-                due_at=r.due_at,
-                trace_context=r.celery_trace_context,
-            )
-            for r in rows
-        ]
-        claimed.sort(key=lambda c: (c.fire_at, c.id))
-        return claimed
+        """`claim` of effects."""
+        return self.claim(EFFECT, token, workflow_types, **kw)
 
-    def release_timers(self, ids: Sequence[uuid.UUID], token: str) -> int:
-        """Give claimed timers back at once (a publish failed)."""
-        if not ids:
-            return 0
-        return self._run(
-            sql.RELEASE_TIMERS, {"ids": list(ids), "token": token}, relaxed=True
-        ).rowcount
+    def claim_timers(
+        self, token: str, workflow_types: Sequence[str], **kw: Any
+    ) -> list[ClaimedRow]:
+        """`claim` of timers."""
+        return self.claim(TIMER, token, workflow_types, **kw)
 
-    def seconds_until_next_timer(
-        self, workflow_types: Sequence[str], *, max_attempts: int | AttemptLimits
-    ) -> float | None:
-        """Seconds until a timer can next be claimed (negative when overdue), or None."""
-        if not workflow_types:
-            return None
-        value = self._run(
-            sql.NEXT_TIMER_DUE,
-            {"types": list(workflow_types), **AttemptLimits.of(max_attempts).params()},
-            relaxed=True,
-        ).scalar()
-        return None if value is None else float(value)
+    def start_effect(
+        self, effect_id: uuid.UUID, token: str, run_token: str, **kw: Any
+    ) -> StartedRow | None:
+        return self.start(EFFECT, effect_id, token, run_token, **kw)
 
     def start_timer(
-        self, timer_id: uuid.UUID, token: str, run_token: str, *, lease_seconds: float
+        self, timer_id: uuid.UUID, token: str, run_token: str, **kw: Any
     ) -> StartedRow | None:
-        """Start guard for a timer; None when stale."""
-        row = self._run(
-            sql.START_TIMER,
-            {
-                "id": timer_id,
-                "token": token,
-                "run_token": run_token,
-                "lease": float(lease_seconds),
-                "lost_error": LOST_RUN_ERROR,
-            },
-            relaxed=True,
-        ).first()
-        if row is None:
-            return None
-        return StartedRow(
-            timer_id,
-            row.workflow_type,
-            row.workflow_id,
-            row.input,
-            row.attempts,
-            row.created_at,
-            run_token,
-            row.key,
-            last_error=row.last_error,
-        )
+        return self.start(TIMER, timer_id, token, run_token, **kw)
 
-    def lock_timer(self, connection: Connection, timer_id: uuid.UUID, token: str) -> bool:
-        """Row-lock a timer still held by `token` inside the caller's transaction."""
-        with storage_errors():
-            return (
-                connection.execute(sql.LOCK_TIMER, {"id": timer_id, "token": token}).first()
-                is not None
-            )
+    def mark_processed(self, effect_id: uuid.UUID, token: str, **kw: Any) -> bool:
+        return self.record_processed(EFFECT, effect_id, token, **kw)
 
-    def mark_timer_processed(
-        self, timer_id: uuid.UUID, token: str, *, connection: Connection | None = None
-    ) -> bool:
-        """Mark a timer processed if `token` still holds it (no-op when re-armed by key)."""
-        params = {"id": timer_id, "token": token}
-        if connection is not None:
-            with storage_errors():
-                return connection.execute(sql.MARK_TIMER_PROCESSED, params).rowcount == 1
-        return self._run(sql.MARK_TIMER_PROCESSED, params, ack=True).rowcount == 1
+    def mark_timer_processed(self, timer_id: uuid.UUID, token: str, **kw: Any) -> bool:
+        return self.record_processed(TIMER, timer_id, token, **kw)
+
+    def record_failure(self, effect_id: uuid.UUID, token: str, error: str, **kw: Any) -> int | None:
+        return self.record_failed_attempt(EFFECT, effect_id, token, error, **kw)
 
     def record_timer_failure(
-        self,
-        timer_id: uuid.UUID,
-        token: str,
-        error: str,
-        *,
-        backoff_seconds: float,
-        connection: Connection | None = None,
+        self, timer_id: uuid.UUID, token: str, error: str, **kw: Any
     ) -> int | None:
-        """attempts+1, last_error, backoff; None when stale."""
-        params = {"id": timer_id, "token": token, "error": error, "backoff": float(backoff_seconds)}
-        return self._scalar_or_none(sql.RECORD_TIMER_FAILURE, params, connection, ack=True)
+        return self.record_failed_attempt(TIMER, timer_id, token, error, **kw)
+
+    def record_permanent_failure(
+        self, effect_id: uuid.UUID, token: str, error: str, **kw: Any
+    ) -> int | None:
+        return self.record_dead_letter(EFFECT, effect_id, token, error, **kw)
 
     def dead_letter_timer(
-        self,
-        timer_id: uuid.UUID,
-        token: str,
-        error: str,
-        *,
-        max_attempts: int,
-        connection: Connection | None = None,
+        self, timer_id: uuid.UUID, token: str, error: str, **kw: Any
     ) -> int | None:
-        """Dead-letter a timer now; None when stale."""
-        params = {"id": timer_id, "token": token, "error": error, "max_attempts": max_attempts}
-        return self._scalar_or_none(sql.DEAD_LETTER_TIMER, params, connection, ack=True)
+        return self.record_dead_letter(TIMER, timer_id, token, error, **kw)
+
+    # -- dead letters (storage.dead_letters) ---------------------------------------------
+    def fetch_dead_letter_rows(self, kind: Kind | RowKind, params: dict[str, Any]) -> list[Any]:
+        """Dead-letter rows matching a `DeadLetterQuery`'s bind parameters, newest first."""
+        return self._run(kind_of(kind).statements.fetch_dead_letters, params).all()
+
+    def count_dead_letter_rows(self, kind: Kind | RowKind, params: dict[str, Any]) -> int:
+        """How many dead-letter rows match a `DeadLetterQuery`'s bind parameters."""
+        value = self._run(kind_of(kind).statements.count_dead_letters, params).scalar()
+        return int(value or 0)
+
+    def get_dead_letter_row(
+        self,
+        kind: Kind | RowKind,
+        row_id: uuid.UUID,
+        params: dict[str, Any],
+        *,
+        connection: Connection | None = None,
+    ) -> Any:
+        """A row with what decides whether it may be retried or discarded (``is_dead``,
+        ``in_flight``); inside the caller's transaction it is row-locked. None: no row."""
+        statements = kind_of(kind).statements
+        if connection is None:
+            return self._run(statements.get_dead_letter, {"id": row_id, **params}).first()
+        with storage_errors():
+            return connection.execute(statements.lock_dead_letter, {"id": row_id, **params}).first()
+
+    def retry_dead_letter_row(
+        self, kind: Kind | RowKind, row_id: uuid.UUID, *, connection: Connection
+    ) -> None:
+        """Make a (locked, checked) dead letter claimable again and wake the relays."""
+        row_kind = kind_of(kind)
+        with storage_errors():
+            connection.execute(
+                row_kind.statements.retry_dead_letter, {"id": row_id, "channel": row_kind.channel}
+            )
+
+    def retry_dead_letter_batch(self, kind: Kind | RowKind, params: dict[str, Any]) -> int:
+        """One transaction of a bulk retry (see `sql._RETRY_DEAD_LETTERS`); wakes the relays
+        of the retried rows' types. Returns how many rows it retried."""
+        row_kind = kind_of(kind)
+        with self.transaction() as conn:
+            rows = conn.execute(row_kind.statements.retry_dead_letters, params).all()
+            if rows:
+                types = sorted({r.workflow_type for r in rows})
+                conn.execute(sql.NOTIFY_TYPES, {"channel": row_kind.channel, "types": types})
+        return len(rows)
+
+    def discard_dead_letter_row(
+        self, kind: Kind | RowKind, row_id: uuid.UUID, reason: str, *, connection: Connection
+    ) -> None:
+        """Close a (locked, checked) dead letter without running it, kept for audit."""
+        with storage_errors():
+            connection.execute(
+                kind_of(kind).statements.discard_dead_letter, {"id": row_id, "reason": reason}
+            )
+
+    def database_now(self) -> datetime:
+        """PostgreSQL's ``now()`` (a test clock's, in the testing kit)."""
+        now: datetime = self._run(sql.DATABASE_NOW).scalar()
+        return now
+
+    # -- cancel (operations.cancel) ---------------------------------------------------------
+    def lock_row_for_cancel(
+        self, kind: Kind | RowKind, row_id: uuid.UUID, *, connection: Connection
+    ) -> Any:
+        """The row, locked, with whether a handler is running it; None: no such row."""
+        statement = kind_of(kind).statements.lock_for_cancel
+        with storage_errors():
+            return connection.execute(statement, {"id": row_id}).first()
+
+    def cancel_row(
+        self, kind: Kind | RowKind, row_id: uuid.UUID, reason: str, *, connection: Connection
+    ) -> None:
+        """Close an open row as cancelled (kept for audit, with `reason`)."""
+        statement = kind_of(kind).statements.cancel
+        with storage_errors():
+            connection.execute(statement, {"id": row_id, "reason": reason})
+
+    def lock_instance_for_cancel(
+        self, workflow_type: str, workflow_id: str, *, connection: Connection
+    ) -> Any:
+        """The instance row (``completed_at``), locked; None: no such instance."""
+        params = {"wt": workflow_type, "wid": workflow_id}
+        with storage_errors():
+            return connection.execute(sql.LOCK_INSTANCE_FOR_CANCEL, params).first()
+
+    def running_rows_of_instance(
+        self, kind: Kind | RowKind, workflow_type: str, workflow_id: str, *, connection: Connection
+    ) -> list[uuid.UUID]:
+        """Ids of an instance's rows whose handlers are running (plain reads, no locks)."""
+        params = {"wt": workflow_type, "wid": workflow_id}
+        with storage_errors():
+            rows = connection.execute(kind_of(kind).statements.running_of_instance, params)
+            return [r.id for r in rows]
+
+    def cancel_rows_of_instance(
+        self,
+        kind: Kind | RowKind,
+        workflow_type: str,
+        workflow_id: str,
+        reason: str,
+        *,
+        connection: Connection,
+    ) -> tuple[uuid.UUID, ...]:
+        """Close every open, not running row of an instance; their ids."""
+        params = {"wt": workflow_type, "wid": workflow_id, "reason": reason}
+        with storage_errors():
+            rows = connection.execute(kind_of(kind).statements.cancel_of_instance, params)
+            return tuple(r.id for r in rows)
+
+    # -- retention and status (operations.retention, operations.status) ---------------------
+    def purge_processed(
+        self, kind: Kind | RowKind, *, age_seconds: float, batch_size: int, include_discarded: bool
+    ) -> int:
+        """Delete one batch of rows processed more than `age_seconds` ago; how many."""
+        params = {"age": age_seconds, "batch": batch_size, "include_discarded": include_discarded}
+        return self._run(kind_of(kind).statements.purge_processed, params).rowcount
+
+    def purge_observations(self, *, age_seconds: float, batch_size: int) -> int:
+        """Delete one batch of input observations of instances completed `age_seconds` ago."""
+        params = {"age": age_seconds, "batch": batch_size}
+        return self._run(sql.PURGE_OBSERVATIONS, params).rowcount
+
+    def queue_status_rows(self, *, max_attempts: int | AttemptLimits) -> list[Any]:
+        """Unprocessed rows per workflow type and state (`sql.QUEUE_STATUS`)."""
+        return self._run(sql.QUEUE_STATUS, AttemptLimits.of(max_attempts).params()).all()
+
+    # -- execute tasks' idempotency keys (engine.inputs) ----------------------------------
+    def lock_idempotency_key(self, lock: str, *, connection: Connection) -> None:
+        """Queue on a transaction advisory lock named `lock` (released at commit)."""
+        with storage_errors():
+            connection.execute(sql.LOCK_IDEMPOTENCY_KEY, {"lock": lock})
+
+    def record_execute(
+        self,
+        workflow_type: str,
+        workflow_id: str,
+        record_type: str,
+        record: Any,
+        outcome: str,
+        *,
+        rejection: Any,
+        rejected: bool,
+        connection: Connection,
+    ) -> None:
+        """Write an execute task's record (an input observation of type `record_type`); a
+        rejection's reason is stored as JSON even when it is null."""
+        params = {
+            "wt": workflow_type,
+            "wid": workflow_id,
+            "input_type": record_type,
+            "payload": dumps(record),
+            "outcome": outcome,
+            "rejection": dumps(rejection) if rejected else None,
+        }
+        with storage_errors():
+            connection.execute(sql.INSERT_OBSERVATION, params)
+
+    def find_execute_record(
+        self,
+        workflow_type: str,
+        workflow_id: str,
+        record_type: str,
+        idempotency_key: str,
+        *,
+        connection: Connection,
+    ) -> Any:
+        """The outcome recorded for an idempotency key (an observation's payload), or None."""
+        params = {
+            "wt": workflow_type,
+            "wid": workflow_id,
+            "record": record_type,
+            "key": idempotency_key,
+        }
+        with storage_errors():
+            return connection.execute(sql.FIND_EXECUTE_RECORD, params).scalar()
 
     # -- projections -------------------------------------------------------------------------
     def fetch_events_since(self, after: int, limit: int = 100) -> list[StoredEvent]:
@@ -967,11 +1110,6 @@ class PostgresStore:
             self._run(sql.STORE_PROJECTION_POSITION, params)
 
     # -- helpers -------------------------------------------------------------------------------
-    def describe_stale(self, kind: str, row_id: uuid.UUID) -> Any | None:
-        """A row's state as a stale delivery sees it (None: the row is gone)."""
-        statement = sql.DESCRIBE_STALE_EFFECT if kind == "effect" else sql.DESCRIBE_STALE_TIMER
-        return self._run(statement, {"id": row_id}).first()
-
     def _scalar_or_none(
         self,
         statement: Any,

@@ -61,6 +61,7 @@ from ironflow_celery.service.aio import call_handler
 from ironflow_celery.service.workflow_service import Registry, WorkflowService, decode_events
 from ironflow_celery.storage import schema, sql
 from ironflow_celery.storage.db import normalize_url
+from ironflow_celery.storage.kinds import kind_of
 from ironflow_celery.storage.store import ClaimedRow, PostgresStore
 
 __all__ = [
@@ -490,12 +491,11 @@ def _unfinished(runtime: WorkflowRuntime, kind: Kind, ids: list[uuid.UUID]) -> b
 
 
 def _claim(runtime: WorkflowRuntime, kind: Kind, token: str, limit: int) -> list[ClaimedRow]:
-    store, cfg = runtime.store, runtime.config
-    claim = store.claim_effects if kind == "effect" else store.claim_timers
-    return claim(
+    return runtime.store.claim(
+        kind,
         token,
         runtime.registry.types,
-        lease_seconds=cfg.effect_lock_duration if kind == "effect" else cfg.timer_lock_duration,
+        lease_seconds=kind_of(kind).lock_duration(runtime.config),
         max_attempts=runtime.attempt_limits,
         limit=limit,
     )
@@ -552,9 +552,7 @@ def _worker_round(
     try:
         celery_publisher(runtime.app, forward_traces=runtime.config.tracing)(kind, rows)
     except Exception:
-        (runtime.store.release_effects if kind == "effect" else runtime.store.release_timers)(
-            [r.id for r in rows], token
-        )
+        runtime.store.release(kind, [r.id for r in rows], token)
         raise
     ids = [row.id for row in rows]
     deadline = time.monotonic() + timeout
