@@ -190,7 +190,7 @@ def add_operations_commands(group: click.Group) -> None:
             obj.runtime.store,
             query,
             kind=kind,
-            max_attempts=_max_attempts(obj),  # type: ignore[arg-type]
+            max_attempts=_max_attempts(obj),
         )
         cursor = dl.next_cursor(letters, query)
         if as_json:
@@ -240,7 +240,7 @@ def add_operations_commands(group: click.Group) -> None:
             obj.runtime.store,
             query,
             kind=kind,
-            max_attempts=_max_attempts(obj),  # type: ignore[arg-type]
+            max_attempts=_max_attempts(obj),
         )
         if as_json:
             _emit_json({"kind": kind, "count": n})
@@ -256,9 +256,9 @@ def add_operations_commands(group: click.Group) -> None:
     def dl_show(obj: Context, row_id: str, kind: str, as_json: bool) -> None:
         """One dead letter: workflow, attempts, error and payload."""
         store, max_attempts = obj.runtime.store, _max_attempts(obj)
-        letter = dl.get_dead_letter(store, row_id, kind=kind, max_attempts=max_attempts)  # type: ignore[arg-type]
+        letter = dl.get_dead_letter(store, row_id, kind=kind, max_attempts=max_attempts)
         if letter is None:
-            why = dl.explain_row(store, row_id, kind=kind, max_attempts=max_attempts)  # type: ignore[arg-type]
+            why = dl.explain_row(store, row_id, kind=kind, max_attempts=max_attempts)
             if as_json:
                 _emit_json(why.to_json())
                 sys.exit(EXIT_REFUSED)
@@ -297,7 +297,7 @@ def add_operations_commands(group: click.Group) -> None:
             obj.runtime.store,
             row_id,
             kind=kind,
-            max_attempts=_max_attempts(obj),  # type: ignore[arg-type]
+            max_attempts=_max_attempts(obj),
         )
         _report(result, as_json)
 
@@ -325,7 +325,7 @@ def add_operations_commands(group: click.Group) -> None:
         if not yes:
             if not sys.stdin.isatty():
                 fail("retry-all needs --yes when not run from a terminal", EXIT_REFUSED)
-            n = dl.count_dead_letters(store, query, kind=kind, max_attempts=max_attempts)  # type: ignore[arg-type]
+            n = dl.count_dead_letters(store, query, kind=kind, max_attempts=max_attempts)
             if n == 0:
                 click.echo(f"no dead-lettered {kind}s match")
                 return
@@ -334,7 +334,7 @@ def add_operations_commands(group: click.Group) -> None:
             store,
             query,
             kind=kind,
-            max_attempts=max_attempts,  # type: ignore[arg-type]
+            max_attempts=max_attempts,
             batch_size=batch_size,
             max_rows=max_rows,
         )
@@ -357,7 +357,7 @@ def add_operations_commands(group: click.Group) -> None:
             row_id,
             reason,
             kind=kind,
-            max_attempts=_max_attempts(obj),  # type: ignore[arg-type]
+            max_attempts=_max_attempts(obj),
         )
         _report(result, as_json)
 
@@ -411,7 +411,7 @@ def add_operations_commands(group: click.Group) -> None:
             )
 
 
-def _report(result: dl.RetryResult, as_json: bool) -> None:
+def _report(result: dl.RetryResult | cancel.CancelResult, as_json: bool) -> None:
     if as_json:
         _emit_json(result.to_json())
     elif result.ok:

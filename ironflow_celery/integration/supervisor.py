@@ -59,10 +59,6 @@ COLD_GRACE = 1.0
 THREAD_COLD_GRACE = 5.0
 """Cold shutdown of an in-thread service: seconds to wait for its threads to end."""
 
-# fork, never spawn/forkserver: the child needs the loaded app, registry and runtime as
-# they are (Python 3.14 changes the platform default).
-_FORK = multiprocessing.get_context("fork")
-
 
 def describe_exit(code: int | None) -> str:
     """A child's exit status in words: ``exit code 1`` / ``killed by SIGKILL``."""
@@ -93,7 +89,9 @@ def _poke(fd: int) -> None:
         os.write(fd, b"x")
 
 
-class _Child(_FORK.Process):
+# fork, never spawn/forkserver: the child needs the loaded app, registry and runtime as
+# they are (Python 3.14 changes the platform default).
+class _Child(multiprocessing.context.ForkProcess):
     """The child process: runs `target` in a thread until asked to stop."""
 
     def __init__(
