@@ -44,6 +44,14 @@ from ironflow_celery.service.workflow_service import input_type_of
 if TYPE_CHECKING:
     from ironflow_celery.engine.runtime import WorkflowRuntime
 
+__all__ = [
+    "RECORD_TYPE",
+    "execute_input",
+    "execute_task_name",
+    "recorded_outcome",
+    "register_execute_tasks",
+]
+
 log = logging.getLogger("ironflow_celery.inputs")
 
 RECORD_TYPE = "ironflow.celery.execute"

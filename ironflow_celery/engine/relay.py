@@ -40,6 +40,17 @@ from ironflow_celery.storage import tracing
 from ironflow_celery.storage.kinds import EFFECT, KINDS, TIMER, Kind, RowKind, kind_of
 from ironflow_celery.storage.store import ClaimedRow, PostgresStore
 
+__all__ = [
+    "DISPATCH_HOLD_MIN",
+    "Dispatched",
+    "Publisher",
+    "Relay",
+    "RelayGroup",
+    "Waker",
+    "celery_publisher",
+    "task_name",
+]
+
 log = logging.getLogger("ironflow_celery.relay")
 
 

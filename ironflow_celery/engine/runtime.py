@@ -37,6 +37,17 @@ from ironflow_celery.storage.dead_letters import DeadLetter, DeadLetterQuery
 from ironflow_celery.storage.kinds import EFFECT, KINDS, TIMER
 from ironflow_celery.storage.store import PostgresStore
 
+__all__ = [
+    "APP_ATTRIBUTE",
+    "WorkflowBuilder",
+    "WorkflowRuntime",
+    "WorkflowSpec",
+    "handler_of",
+    "resolve_workflow_specs",
+    "runtime_of",
+    "workflows_in",
+]
+
 log = logging.getLogger("ironflow_celery.runtime")
 
 WorkflowSpec = type[Workflow] | tuple[type[Workflow], EffectHandler | None] | str | ModuleType

@@ -58,6 +58,18 @@ from ironflow_celery.storage.store import LOST_RUN_ERROR, StartedRow
 if TYPE_CHECKING:
     from ironflow_celery.engine.runtime import WorkflowRuntime
 
+__all__ = [
+    "KEEPER_IDLE_EXIT",
+    "LeaseKeeper",
+    "Status",
+    "dead_letter",
+    "describe_error",
+    "register_workflow_tasks",
+    "run_effect",
+    "run_timer",
+    "stale_reason",
+]
+
 log = logging.getLogger("ironflow_celery.tasks")
 
 Status = Literal["processed", "failed-will-retry", "dead-lettered", "stale-skipped"]

@@ -16,6 +16,15 @@ from typing import Any
 from ironflow_celery.errors import ConfigurationError
 from ironflow_celery.model.settings import Settings, read_settings
 
+__all__ = [
+    "AttemptLimits",
+    "RetryPolicy",
+    "RuntimeConfig",
+    "results_ignored",
+    "runtime_config_from",
+    "seconds",
+]
+
 
 def seconds(value: timedelta | float | int | str) -> float:
     """A duration as float seconds (accepts timedelta, numbers and numeric strings)."""

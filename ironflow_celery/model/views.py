@@ -31,6 +31,8 @@ from ironflow_celery.errors import (
 )
 
 __all__ = [
+    "FORMATS",
+    "Format",
     "StateDefinition",
     "StateInfo",
     "StateMachineBuilder",

@@ -44,6 +44,23 @@ if TYPE_CHECKING:
 
     from ironflow_celery.engine.runtime import WorkflowRuntime
 
+__all__ = [
+    "MAX_REASON_LENGTH",
+    "REVOKE_REASON",
+    "TASK_PREFIX",
+    "CancelResult",
+    "Reason",
+    "Scope",
+    "cancel_effect",
+    "cancel_instance",
+    "cancel_row",
+    "cancel_timer",
+    "connect_revoke_handler",
+    "on_task_revoked",
+    "register_cancel_tasks",
+    "revoke_row",
+]
+
 log = logging.getLogger("ironflow_celery.cancel")
 
 Scope = Literal["effect", "timer", "instance"]

@@ -29,6 +29,14 @@ from ironflow_celery.storage.kinds import EFFECT, TIMER
 if TYPE_CHECKING:
     from ironflow_celery.storage.store import PostgresStore
 
+__all__ = [
+    "DEFAULT_AGE",
+    "purge",
+    "register_retention_tasks",
+    "retention_settings",
+    "start_retention_duty",
+]
+
 log = logging.getLogger("ironflow_celery.retention")
 
 DEFAULT_AGE = timedelta(days=7)

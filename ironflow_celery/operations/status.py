@@ -26,6 +26,13 @@ from ironflow_celery.model.config import AttemptLimits
 if TYPE_CHECKING:
     from ironflow_celery.storage.store import PostgresStore
 
+__all__ = [
+    "EffectDepth",
+    "TimerDepth",
+    "TypeStatus",
+    "queue_status",
+]
+
 
 @dataclass(frozen=True, slots=True)
 class EffectDepth:

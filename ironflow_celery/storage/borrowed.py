@@ -29,6 +29,10 @@ from sqlalchemy.pool import StaticPool
 
 from ironflow_celery.errors import InvalidArgument, InvalidArgumentType
 
+__all__ = [
+    "borrowed_connection",
+]
+
 
 class _Lent:
     """A DBAPI connection lent to SQLAlchemy: the owner keeps the transaction."""

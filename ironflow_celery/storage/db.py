@@ -20,6 +20,14 @@ from sqlalchemy.engine import Engine, make_url
 from ironflow_celery.errors import ConfigurationError
 from ironflow_celery.model.settings import SETTINGS
 
+__all__ = [
+    "DATABASE_URL_ENV",
+    "IDLE_PING_AFTER",
+    "create_engine",
+    "dispose_after_fork",
+    "normalize_url",
+]
+
 DATABASE_URL_ENV = SETTINGS["database_url"].env  # IRONFLOW_DATABASE_URL
 
 IDLE_PING_AFTER = 5.0

@@ -33,6 +33,31 @@ from ironflow_celery.storage.kinds import KIND_NAMES, Kind
 if TYPE_CHECKING:
     from ironflow_celery.storage.store import PostgresStore
 
+__all__ = [
+    "KINDS",
+    "DeadLetter",
+    "DeadLetterQuery",
+    "InvalidDeadLetterRequest",
+    "Kind",
+    "Reason",
+    "RetryResult",
+    "count_dead_letters",
+    "decode_cursor",
+    "discard_dead_letter",
+    "encode_cursor",
+    "explain_row",
+    "fetch_dead_letters",
+    "get_dead_letter",
+    "next_cursor",
+    "parse_age",
+    "parse_kind",
+    "parse_row_id",
+    "retry_dead_letter",
+    "retry_dead_letters",
+    "try_discard_dead_letter",
+    "try_retry_dead_letter",
+]
+
 KINDS: tuple[Kind, ...] = KIND_NAMES
 """The kinds' names, ``("effect", "timer")`` (their data: `ironflow_celery.storage.kinds`)."""
 

@@ -8,6 +8,13 @@ import shlex
 import sys
 from collections.abc import Sequence
 
+__all__ = [
+    "DEFAULT_APP",
+    "celery_app_argument",
+    "schema_missing_hint",
+    "upgrade_command",
+]
+
 DEFAULT_APP = "ironflow_celery"
 
 

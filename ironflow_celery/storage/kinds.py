@@ -18,6 +18,16 @@ from typing import Any, Literal
 from ironflow_celery.errors import IronflowError
 from ironflow_celery.storage import sql
 
+__all__ = [
+    "EFFECT",
+    "KINDS",
+    "KIND_NAMES",
+    "TIMER",
+    "Kind",
+    "RowKind",
+    "kind_of",
+]
+
 Kind = Literal["effect", "timer"]
 """A row kind's name, as public APIs, task names, metrics and signals spell it."""
 

@@ -34,6 +34,19 @@ from ironflow_celery.storage import sql, tracing
 from ironflow_celery.storage.db import create_engine
 from ironflow_celery.storage.kinds import EFFECT, TIMER, Kind, RowKind, kind_of
 
+__all__ = [
+    "LOST_RUN_ERROR",
+    "ClaimedRow",
+    "PostgresStore",
+    "StartedRow",
+    "StoredEvent",
+    "TimerSpec",
+    "UnitOfWork",
+    "WorkflowInstanceSummary",
+    "dumps",
+    "storage_errors",
+]
+
 
 def dumps(value: Any) -> str:
     """Compact JSON for jsonb parameters."""

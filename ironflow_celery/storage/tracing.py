@@ -26,6 +26,16 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
+__all__ = [
+    "AVAILABLE",
+    "attached",
+    "current_carrier",
+    "headers_of",
+    "record_outcome",
+    "span",
+    "task_span",
+]
+
 try:
     from opentelemetry import context as _context
     from opentelemetry import propagate as _propagate

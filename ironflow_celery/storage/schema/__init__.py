@@ -17,6 +17,15 @@ from sqlalchemy.engine import Connection, Engine
 
 from ironflow_celery.errors import MigrationError
 
+__all__ = [
+    "LOCK_MIGRATIONS",
+    "LOCK_NAMESPACE",
+    "Migration",
+    "current_version",
+    "migrations",
+    "upgrade",
+]
+
 # pg_advisory_xact_lock(classid, objid): 0x69726F6E is "iron"; 1 = migrations.
 LOCK_NAMESPACE = 0x69726F6E
 LOCK_MIGRATIONS = 1
