@@ -29,8 +29,9 @@ result backend and Flower, nothing written.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from ironflow_celery.engine.host import TaskHost
 from ironflow_celery.errors import (
     DatabaseUnavailable,
     InputRefused,
@@ -40,9 +41,6 @@ from ironflow_celery.errors import (
 )
 from ironflow_celery.model.workflow import ExecuteOutcome
 from ironflow_celery.service.workflow_service import input_type_of
-
-if TYPE_CHECKING:
-    from ironflow_celery.engine.runtime import WorkflowRuntime
 
 __all__ = [
     "RECORD_TYPE",
@@ -64,7 +62,7 @@ def execute_task_name(workflow_type: str) -> str:
 
 
 def execute_input(
-    runtime: WorkflowRuntime, workflow_type: str, payload: Any, idempotency_key: str | None
+    runtime: TaskHost, workflow_type: str, payload: Any, idempotency_key: str | None
 ) -> dict[str, Any]:
     """Execute one JSON input at most once per idempotency key; the outcome as JSON."""
     registration = runtime.registry.get(workflow_type)
@@ -122,7 +120,7 @@ def execute_input(
 
 
 def recorded_outcome(
-    runtime: WorkflowRuntime, workflow_type: str, workflow_id: str, idempotency_key: str
+    runtime: TaskHost, workflow_type: str, workflow_id: str, idempotency_key: str
 ) -> ExecuteOutcome[Any] | None:
     """The outcome recorded for an idempotency key on an instance, or None."""
     store = runtime.store
@@ -138,9 +136,7 @@ def recorded_outcome(
 _REFUSED = (InvalidPayload, UnknownWorkflowType, UniqueKeyConflict)
 
 
-def register_execute_tasks(
-    app: Any, runtime: WorkflowRuntime, workflow_types: list[str]
-) -> list[str]:
+def register_execute_tasks(app: Any, runtime: TaskHost, workflow_types: list[str]) -> list[str]:
     """Register ``ironflow.<type>.execute`` for these workflow types."""
     names = []
     for workflow_type in workflow_types:
@@ -160,7 +156,7 @@ def register_execute_tasks(
     return names
 
 
-def _bind(runtime: WorkflowRuntime, workflow_type: str, name: str) -> Any:
+def _bind(runtime: TaskHost, workflow_type: str, name: str) -> Any:
     def task(self: Any, input: Any, idempotency_key: str | None = None) -> dict[str, Any]:
         key = idempotency_key if idempotency_key is not None else self.request.id
         try:

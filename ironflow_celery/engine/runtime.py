@@ -23,6 +23,7 @@ from celery.utils.imports import import_from_cwd
 
 from ironflow_celery.engine.metrics import Metrics
 from ironflow_celery.engine.relay import RelayGroup, celery_publisher
+from ironflow_celery.engine.tasks import LeaseKeeper, register_workflow_tasks
 from ironflow_celery.errors import ConfigurationError, NotInstalled
 from ironflow_celery.model.config import AttemptLimits, RetryPolicy, RuntimeConfig
 from ironflow_celery.model.workflow import EffectHandler, Workflow
@@ -32,7 +33,7 @@ from ironflow_celery.service.workflow_service import (
     WorkflowService,
     WorkflowServiceConfig,
 )
-from ironflow_celery.storage import dead_letters
+from ironflow_celery.storage import dead_letters, schema
 from ironflow_celery.storage.dead_letters import DeadLetter, DeadLetterQuery
 from ironflow_celery.storage.kinds import EFFECT, KINDS, TIMER
 from ironflow_celery.storage.store import PostgresStore
@@ -190,8 +191,6 @@ class WorkflowRuntime:
     def _register_tasks(self) -> None:
         if self.app is None:
             return
-        from ironflow_celery.engine.tasks import register_workflow_tasks
-
         fresh = [t for t in self.registry.types if t not in self._tasks_registered]
         if fresh:
             register_workflow_tasks(self.app, self, fresh)
@@ -221,8 +220,6 @@ class WorkflowRuntime:
 
     @cached_property
     def lease_keeper(self) -> Any:
-        from ironflow_celery.engine.tasks import LeaseKeeper
-
         return LeaseKeeper(self)
 
     @property
@@ -273,8 +270,6 @@ class WorkflowRuntime:
 
     def upgrade_schema(self) -> list[int]:
         """Apply pending migrations to this runtime's database."""
-        from ironflow_celery.storage import schema
-
         return schema.upgrade(self.store.engine)
 
     # -- relays ---------------------------------------------------------------------------

@@ -36,8 +36,11 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
+from ironflow_celery.engine.host import TaskHost
+from ironflow_celery.engine.inputs import register_execute_tasks
+from ironflow_celery.engine.metrics import UNKNOWN
 from ironflow_celery.engine.signals import dead_lettered
 from ironflow_celery.errors import (
     DeadLettered,
@@ -48,15 +51,13 @@ from ironflow_celery.errors import (
 )
 from ironflow_celery.model.config import RetryPolicy
 from ironflow_celery.model.messages import Message
+from ironflow_celery.model.settings import read_settings
 from ironflow_celery.model.storable import storable_text
 from ironflow_celery.model.workflow import DeadLetterNotice, EffectContext, WorkflowRef
 from ironflow_celery.service.aio import call_handler
 from ironflow_celery.storage import tracing
 from ironflow_celery.storage.kinds import EFFECT, KINDS, TIMER, Kind, kind_of
 from ironflow_celery.storage.store import LOST_RUN_ERROR, StartedRow
-
-if TYPE_CHECKING:
-    from ironflow_celery.engine.runtime import WorkflowRuntime
 
 __all__ = [
     "KEEPER_IDLE_EXIT",
@@ -111,7 +112,7 @@ class LeaseKeeper:
     One daemon thread per process; handlers register while they run.
     """
 
-    def __init__(self, runtime: WorkflowRuntime) -> None:
+    def __init__(self, runtime: TaskHost) -> None:
         self.runtime = runtime
         self._running: dict[tuple[Kind, uuid.UUID], tuple[str, float]] = {}
         self._lock = threading.Lock()
@@ -183,7 +184,7 @@ class LeaseKeeper:
 # -- stale deliveries ------------------------------------------------------------------
 
 
-def stale_reason(runtime: WorkflowRuntime, kind: Kind, row_id: uuid.UUID, lease: str) -> str:
+def stale_reason(runtime: TaskHost, kind: Kind, row_id: uuid.UUID, lease: str) -> str:
     """Why a start guard found the row no longer held by `lease`, read after the fact.
 
     One extra SELECT, only on the stale path; the state may move on after it is read, so
@@ -222,7 +223,7 @@ def stale_reason(runtime: WorkflowRuntime, kind: Kind, row_id: uuid.UUID, lease:
 
 
 def run_effect(
-    runtime: WorkflowRuntime,
+    runtime: TaskHost,
     ref: str,
     row_id: str,
     attempt: int,
@@ -322,7 +323,7 @@ def run_effect(
     return _result("processed", ref, row_id, attempt, **extra)
 
 
-def _policy(runtime: WorkflowRuntime, kind: Kind, started: StartedRow) -> RetryPolicy:
+def _policy(runtime: TaskHost, kind: Kind, started: StartedRow) -> RetryPolicy:
     """The row's retry policy: its effect type's, its workflow's or the runtime's."""
     payload = started.payload
     typed = kind_of(kind).typed_retry_policies
@@ -330,9 +331,7 @@ def _policy(runtime: WorkflowRuntime, kind: Kind, started: StartedRow) -> RetryP
     return runtime.retry_policy_for(started.workflow_type, tag)
 
 
-def _exhausted_by_lost_runs(
-    runtime: WorkflowRuntime, kind: Kind, started: StartedRow, ref: str
-) -> dict:
+def _exhausted_by_lost_runs(runtime: TaskHost, kind: Kind, started: StartedRow, ref: str) -> dict:
     """The start guard counted the previous run as lost and that used up the attempts (a
     handler that kills its worker, say): dead-letter the row without running it again."""
     error = started.last_error or LOST_RUN_ERROR
@@ -373,7 +372,7 @@ def _as_input(workflow: Any, value: Any) -> Message:
 
 
 def _fail_effect(
-    runtime: WorkflowRuntime,
+    runtime: TaskHost,
     started: StartedRow,
     ref: str,
     error: str,
@@ -416,11 +415,9 @@ def _payload_tag(started: StartedRow) -> str | None:
     return tag if isinstance(tag, str) else None
 
 
-def _effect_label(runtime: WorkflowRuntime, kind: Kind, started: StartedRow) -> str:
+def _effect_label(runtime: TaskHost, kind: Kind, started: StartedRow) -> str:
     """The effect-type metric label: the payload's tag when the workflow declares it
     (its effects; a timer's inputs), else ``unknown``, so labels stay bounded."""
-    from ironflow_celery.engine.metrics import UNKNOWN
-
     tag = _payload_tag(started)
     try:
         workflow = runtime.registry.get(started.workflow_type).workflow
@@ -431,7 +428,7 @@ def _effect_label(runtime: WorkflowRuntime, kind: Kind, started: StartedRow) -> 
 
 
 def _report_failure(
-    runtime: WorkflowRuntime,
+    runtime: TaskHost,
     kind: Kind,
     started: StartedRow,
     ref: str,
@@ -479,7 +476,7 @@ def _traceback_text(exc: BaseException) -> str:
     return storable_text("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
 
 
-def dead_letter(runtime: WorkflowRuntime, kind: Kind, started: StartedRow, error: str) -> Status:
+def dead_letter(runtime: TaskHost, kind: Kind, started: StartedRow, error: str) -> Status:
     """Dead-letter a row and, in the same transaction, deliver the workflow's
     ``on_dead_letter`` input. When the workflow accepts it, the dead letter is handled:
     closed but kept for audit, so nobody retries what the workflow already compensated.
@@ -546,7 +543,7 @@ def _dead_letter_input(
 
 
 def run_timer(
-    runtime: WorkflowRuntime,
+    runtime: TaskHost,
     ref: str,
     row_id: str,
     attempt: int,
@@ -625,12 +622,8 @@ def run_timer(
 # -- Celery registration ------------------------------------------------------------------
 
 
-def register_workflow_tasks(
-    app: Any, runtime: WorkflowRuntime, workflow_types: list[str]
-) -> list[str]:
+def register_workflow_tasks(app: Any, runtime: TaskHost, workflow_types: list[str]) -> list[str]:
     """Register ``ironflow.<type>.effect``, ``.timer`` and ``.execute`` for these types."""
-    from ironflow_celery.engine.inputs import register_execute_tasks
-
     names = []
     for workflow_type in workflow_types:
         for kind, fn in ((EFFECT, run_effect), (TIMER, run_timer)):
@@ -686,8 +679,6 @@ def _report_to_sentry(task: Any, exc: BaseException | None) -> None:
     sentry_sdk = sys.modules.get("sentry_sdk")
     if exc is None or sentry_sdk is None or not sentry_sdk.get_client().is_active():
         return
-    from ironflow_celery.model.settings import read_settings
-
     if not read_settings(task.app.conf)["sentry_failed_attempts"]:
         return
     with sentry_sdk.new_scope() as scope:  # inherits the Celery task's tags and context
@@ -695,7 +686,7 @@ def _report_to_sentry(task: Any, exc: BaseException | None) -> None:
         scope.capture_exception(exc)
 
 
-def _bind(fn: Any, runtime: WorkflowRuntime, name: str) -> Any:
+def _bind(fn: Any, runtime: TaskHost, name: str) -> Any:
     kind = name.rsplit(".", 1)[-1]
 
     workflow_type = name.removeprefix("ironflow.").removesuffix(f".{kind}")

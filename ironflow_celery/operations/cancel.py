@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from celery import signals
 
+from ironflow_celery.engine.runtime import APP_ATTRIBUTE, WorkflowRuntime
 from ironflow_celery.errors import (
     DatabaseUnavailable,
     InvalidCancelRequest,
@@ -42,7 +43,6 @@ from ironflow_celery.storage.kinds import KIND_NAMES, KINDS, Kind, RowKind, kind
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
 
-    from ironflow_celery.engine.runtime import WorkflowRuntime
 
 __all__ = [
     "MAX_REASON_LENGTH",
@@ -394,8 +394,6 @@ def on_task_revoked(
     **_: Any,
 ) -> None:
     """``task_revoked`` handler: cancel the row of a revoked ironflow effect or timer."""
-    from ironflow_celery.engine.runtime import APP_ATTRIBUTE
-
     kind = _revoked_kind(getattr(sender, "name", "") or "")
     runtime = getattr(getattr(sender, "app", None), APP_ATTRIBUTE, None)
     if kind is None or runtime is None or request is None or expired:
