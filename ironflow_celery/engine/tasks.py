@@ -56,7 +56,7 @@ from ironflow_celery.model.storable import storable_text
 from ironflow_celery.model.workflow import DeadLetterNotice, EffectContext, WorkflowRef
 from ironflow_celery.service.aio import call_handler
 from ironflow_celery.storage import tracing
-from ironflow_celery.storage.kinds import EFFECT, KINDS, TIMER, Kind, kind_of
+from ironflow_celery.storage.kinds import EFFECT, KINDS, TIMER, Kind, RowKind, kind_of
 from ironflow_celery.storage.store import LOST_RUN_ERROR, StartedRow
 
 __all__ = [
@@ -222,6 +222,41 @@ def stale_reason(runtime: TaskHost, kind: Kind, row_id: uuid.UUID, lease: str) -
 # -- effects ---------------------------------------------------------------------------
 
 
+def _begin(
+    runtime: TaskHost,
+    kind: RowKind,
+    row_id: str,
+    ref: str,
+    attempt: int,
+    lease: str,
+    run_token: str,
+) -> StartedRow | dict:
+    """The start guard every run passes first, for either kind: the started row, or the
+    task's result when the delivery is stale or the row's attempts were used up by runs
+    that never finished. A database it cannot reach raises `StartGuardUnavailable` (the
+    task sends its message back through the broker)."""
+    _failure.set(None)
+    rid = uuid.UUID(row_id)
+    try:
+        started = runtime.store.start(
+            kind, rid, lease, run_token, lease_seconds=kind.lock_duration(runtime.config)
+        )
+    except StorageError as exc:
+        raise StartGuardUnavailable(str(exc)) from exc
+    if started is None:
+        runtime.metrics.task_finished(kind.name, None, "stale-skipped", None)
+        return _result(
+            "stale-skipped",
+            ref,
+            row_id,
+            attempt,
+            reason=stale_reason(runtime, kind.name, rid, lease),
+        )
+    if started.attempts >= _policy(runtime, kind.name, started).max_attempts:
+        return _exhausted_by_lost_runs(runtime, kind.name, started, ref)
+    return started
+
+
 def run_effect(
     runtime: TaskHost,
     ref: str,
@@ -235,27 +270,12 @@ def run_effect(
     `due_at`: when the row became due, as its claim said (for the dispatch metric)."""
     effect_id = uuid.UUID(row_id)
     store = runtime.store
-    cfg = runtime.config
     metrics = runtime.metrics
     run_token = _run_token(lease)
-    _failure.set(None)
-    try:
-        started = store.start(
-            EFFECT, effect_id, lease, run_token, lease_seconds=EFFECT.lock_duration(cfg)
-        )
-    except StorageError as exc:
-        raise StartGuardUnavailable(str(exc)) from exc
-    if started is None:
-        metrics.task_finished("effect", None, "stale-skipped", None)
-        return _result(
-            "stale-skipped",
-            ref,
-            row_id,
-            attempt,
-            reason=stale_reason(runtime, "effect", effect_id, lease),
-        )
-    if started.attempts >= _policy(runtime, "effect", started).max_attempts:
-        return _exhausted_by_lost_runs(runtime, "effect", started, ref)
+    begun = _begin(runtime, EFFECT, row_id, ref, attempt, lease, run_token)
+    if isinstance(begun, dict):
+        return begun
+    started = begun
     attempt = started.attempts + 1
     registration = runtime.registry.get(started.workflow_type)
     workflow = registration.workflow
@@ -555,27 +575,12 @@ def run_timer(
     `due_at`: when the timer became due (``fire_at``, or its backoff's end)."""
     timer_id = uuid.UUID(row_id)
     store = runtime.store
-    cfg = runtime.config
     metrics = runtime.metrics
     run_token = _run_token(lease)
-    _failure.set(None)
-    try:
-        started = store.start(
-            TIMER, timer_id, lease, run_token, lease_seconds=TIMER.lock_duration(cfg)
-        )
-    except StorageError as exc:
-        raise StartGuardUnavailable(str(exc)) from exc
-    if started is None:
-        metrics.task_finished("timer", None, "stale-skipped", None)
-        return _result(
-            "stale-skipped",
-            ref,
-            row_id,
-            attempt,
-            reason=stale_reason(runtime, "timer", timer_id, lease),
-        )
-    if started.attempts >= _policy(runtime, "timer", started).max_attempts:
-        return _exhausted_by_lost_runs(runtime, "timer", started, ref)
+    begun = _begin(runtime, TIMER, row_id, ref, attempt, lease, run_token)
+    if isinstance(begun, dict):
+        return begun
+    started = begun
     attempt = started.attempts + 1
     metrics.task_started(
         "timer", started.workflow_type, due_at, _effect_label(runtime, "timer", started)
