@@ -247,6 +247,7 @@ def row10(
                 "rates": [round(m.rate, 1) for m in got],
                 "n": got[0].n,
                 "completed": [m.completed for m in got],
+                "spans_s": [m.span_s for m in got],
             }
             if any(m.partial for m in got):
                 cell["partial"] = True
