@@ -85,7 +85,7 @@ SIZES: dict[str, dict[str, float]] = {
         r10_drain=20_000,
         r10_cycle=2_000,
         r10_rounds=1,
-        r10_cap=60,
+        r10_cap=45,
     ),
     "quick": dict(
         r1=5_000,

@@ -31,7 +31,14 @@ from typing import Any
 import sqlalchemy as sa
 from dbos import DBOS, DBOSClient
 
-from benchmarks.peers.common import DSN_ENV, Measure, PeerRun, cycle_measure, drain_measure
+from benchmarks.peers.common import (
+    DSN_ENV,
+    WARM_UP_S,
+    Measure,
+    PeerRun,
+    cycle_measure,
+    drain_measure,
+)
 
 APP = "ironflow-bench"
 QUEUE = "bench"
@@ -146,7 +153,7 @@ def cycle(run: PeerRun, n: int) -> Measure:
     client, engine, dsn = _setup(run)
     _workers(run, dsn)
     client.enqueue({"queue_name": QUEUE, "workflow_name": "bench_noop"})  # warm-up
-    run.wait_until_true(lambda: _succeeded(engine, "bench_noop")[0] >= 1, 60, "the warm-up")
+    run.wait_until_true(lambda: _succeeded(engine, "bench_noop")[0] >= 1, WARM_UP_S, "the warm-up")
     options: Any = {"queue_name": QUEUE, "workflow_name": "bench_cycle"}
     t0 = time.time()
     deadline = time.monotonic() + run.cap

@@ -14,7 +14,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from benchmarks.peers.common import Measure, PeerRun, cycle_measure, drain_measure
+from benchmarks.peers.common import WARM_UP_S, Measure, PeerRun, cycle_measure, drain_measure
 
 
 def describe(worker: dict[str, Any]) -> str:
@@ -38,6 +38,7 @@ def drain(run: PeerRun, n: int) -> Measure:
         "EXTRACT(EPOCH FROM max(processed_at)) FROM ironflow.outbox WHERE workflow_id LIKE :p",
         p=prefix + "%",
     )
+    _clear(run, prefix)
     return drain_measure(n, int(row[0]), _f(row[1]), _f(row[2]))
 
 
@@ -48,7 +49,7 @@ def cycle(run: PeerRun, n: int) -> Measure:
     queue = bench.queue(f"r10-{run.label}")
     proc = bench.worker(f"r10-{run.label}", queue)
     run.adopt(proc)
-    bench.warm_up(proc)
+    bench.warm_up(proc, timeout=WARM_UP_S)
     prefix = f"r10c-{run.label}-"
     ids = [f"{prefix}{i}" for i in range(n)]
     t0 = time.time()
@@ -67,7 +68,21 @@ def cycle(run: PeerRun, n: int) -> Measure:
 
     run.wait(lambda: counts()[0] >= n, deadline, every=0.2)
     done, last = counts()
+    _clear(run, prefix)
     return cycle_measure(n, int(done), t0, _f(last))
+
+
+def _clear(run: PeerRun, prefix: str) -> None:
+    """Stop the worker, then drop what a cut (partial) run left pending in the outbox: the
+    Bench's database is shared by the rounds, and a leftover backlog would be drained by
+    the next ironflow measurement before its own work (the peers get a fresh database
+    each)."""
+    for proc in run.procs:
+        run.stop(proc)
+    run.bench.execute(
+        "DELETE FROM ironflow.outbox WHERE processed_at IS NULL AND workflow_id LIKE :p",
+        p=prefix + "%",
+    )
 
 
 def _one(bench: Any, statement: str, **params: Any) -> Any:

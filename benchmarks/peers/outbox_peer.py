@@ -38,7 +38,14 @@ import django
 import sqlalchemy as sa
 from celery import Celery
 
-from benchmarks.peers.common import DSN_ENV, Measure, PeerRun, cycle_measure, drain_measure
+from benchmarks.peers.common import (
+    DSN_ENV,
+    WARM_UP_S,
+    Measure,
+    PeerRun,
+    cycle_measure,
+    drain_measure,
+)
 
 SETTINGS = "benchmarks.peers.outbox_settings"
 RELAY_BATCH = 100
@@ -179,7 +186,7 @@ def cycle(run: PeerRun, n: int) -> Measure:
             ).one()
         return int(row[0]), None if row[1] is None else float(row[1])
 
-    run.wait_until_true(lambda: _warm(engine), 60, "the warm-up cycle")
+    run.wait_until_true(lambda: _warm(engine), WARM_UP_S, "the warm-up cycle")
     t0 = _submit(run, env, "cycle", n)
     deadline = time.monotonic() + run.cap
     run.wait(lambda: finished()[0] >= n, deadline, 0.2)

@@ -38,7 +38,14 @@ import pgqueuer
 import sqlalchemy as sa
 from pgqueuer import AsyncpgDriver, AsyncpgPoolDriver, PgQueuer, Queries
 
-from benchmarks.peers.common import DSN_ENV, Measure, PeerRun, cycle_measure, drain_measure
+from benchmarks.peers.common import (
+    DSN_ENV,
+    WARM_UP_S,
+    Measure,
+    PeerRun,
+    cycle_measure,
+    drain_measure,
+)
 
 BATCH_SIZE = 10
 
@@ -128,7 +135,9 @@ def cycle(run: PeerRun, n: int) -> Measure:
     engine = run.engine(url)
     asyncio.run(_install_and_enqueue(dsn, "bench_noop", 1))  # schema, and a warm-up job
     _workers(run, dsn)
-    run.wait_until_true(lambda: _succeeded(engine, "bench_noop")[0] >= 1, 60, "the warm-up job")
+    run.wait_until_true(
+        lambda: _succeeded(engine, "bench_noop")[0] >= 1, WARM_UP_S, "the warm-up job"
+    )
 
     def submit(ids: range) -> None:
         async def go() -> None:

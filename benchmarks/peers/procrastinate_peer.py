@@ -28,7 +28,14 @@ from typing import Any
 import procrastinate
 import sqlalchemy as sa
 
-from benchmarks.peers.common import DSN_ENV, Measure, PeerRun, cycle_measure, drain_measure
+from benchmarks.peers.common import (
+    DSN_ENV,
+    WARM_UP_S,
+    Measure,
+    PeerRun,
+    cycle_measure,
+    drain_measure,
+)
 
 QUEUE = "bench"
 
@@ -119,7 +126,9 @@ def cycle(run: PeerRun, n: int) -> Measure:
     _workers(run, dsn)
     warm = local.configure_task("bench.noop", queue=QUEUE)
     warm.defer()
-    run.wait_until_true(lambda: _succeeded(engine, "bench.noop")[0] >= 1, 60, "the warm-up job")
+    run.wait_until_true(
+        lambda: _succeeded(engine, "bench.noop")[0] >= 1, WARM_UP_S, "the warm-up job"
+    )
     task = local.configure_task("bench.cycle_a", queue=QUEUE)
     t0 = time.time()
     deadline = time.monotonic() + run.cap
