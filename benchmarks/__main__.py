@@ -926,6 +926,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="row 10: only these peers (comma-separated: procrastinate,pgqueuer,dbos,outbox)",
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="row 10: interleaved rounds, medians reported (default: r10_rounds of the size)",
+    )
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results.json"))
     parser.add_argument(
         "--concurrency",
@@ -937,7 +943,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     rows = sorted({int(r) for r in args.rows.split(",") if r.strip()})
-    sizes = SIZES[mode]
+    sizes = dict(SIZES[mode])
+    if args.rounds:
+        sizes["r10_rounds"] = args.rounds
     WORKER["concurrency"] = args.concurrency
 
     from ironflow_celery.local_services import resolve_services
