@@ -19,7 +19,7 @@ import time
 import traceback
 from collections.abc import Callable
 from contextlib import ExitStack, suppress
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -291,7 +291,3 @@ def _describe(system: str, worker: dict[str, Any]) -> str:
         return importlib.import_module(MODULES[system]).describe(worker)
     except Exception as exc:
         return f"not available: {_error(exc)}"
-
-
-def as_dict(measure: Measure) -> dict[str, Any]:
-    return asdict(measure)
