@@ -7,8 +7,9 @@
     python3 dev.py services             start/find the services, print their env vars, wait
 
 Needs only Python 3.11+. It creates `.venv` beside this file, installs `-e .[dev]` into it
-(again only when pyproject.toml changed), then re-runs itself inside the venv, where it
-finds PostgreSQL and a broker (configured, local, or embedded — see
+(again only when pyproject.toml changed; `bench` also installs the `bench` extra, the peers
+of benchmark row 10, which the other commands do not need), then re-runs itself inside the
+venv, where it finds PostgreSQL and a broker (configured, local, or embedded — see
 `devtools.local_services`), exports them as IRONFLOW_DATABASE_URL and
 CELERY_BROKER_URL, runs the command, stops what it started and exits with the command's code.
 
@@ -31,6 +32,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 STAMP = VENV / ".ironflow-installed"
+#: The extras each command needs beyond `dev`, each with its own stamp, so that `dev.py test`
+#: never waits for the benchmark's peers (row 10) to install.
+EXTRA_EXTRAS = {"bench": ["bench"]}
 WORKDIR = ROOT / ".ironflow"  # embedded servers' data and logs
 #: Packages the dev extras no longer list; removed from an existing .venv on reinstall because
 #: pip never removes them, and pytest-celery's plugin clashes with celery.contrib.pytest.
@@ -49,7 +53,7 @@ def main(argv: list[str]) -> int:
     if sys.version_info < (3, 11):  # noqa: UP036
         sys.exit(f"dev.py: Python 3.11 or newer is needed, this is {sys.version.split()[0]}")
     command, extra = parse_args(argv)
-    python = ensure_venv()
+    python = ensure_venv(EXTRA_EXTRAS.get(command, []))
     if not running_in(VENV):
         return reexec(python, argv)
     return run(command, extra)
@@ -87,8 +91,11 @@ def running_in(env: Path) -> bool:
     return Path(sys.prefix).resolve() == env.resolve()
 
 
-def ensure_venv() -> Path:
-    """Create .venv if missing and (re)install the project when pyproject.toml changed."""
+def ensure_venv(extras: list[str] | None = None) -> Path:
+    """Create .venv if missing and (re)install the project when pyproject.toml changed.
+
+    `extras` (beyond `dev`) are installed too, each tracked by its own stamp file.
+    """
     python = venv_python()
     if not python.exists():
         print(f"dev.py: creating virtualenv {VENV.relative_to(ROOT)}", flush=True)
@@ -101,15 +108,24 @@ def ensure_venv() -> Path:
                 "On Debian/Ubuntu install the venv module first: apt install python3-venv"
             )
     wanted = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
-    installed = STAMP.read_text().strip() if STAMP.exists() else None
-    if installed != wanted:
+    stamps = {"dev": STAMP, **{e: VENV / f".ironflow-installed-{e}" for e in extras or []}}
+    stale = [
+        extra
+        for extra, path in stamps.items()
+        if not path.exists() or path.read_text().strip() != wanted
+    ]
+    if stale:
+        installed = STAMP.read_text().strip() if STAMP.exists() else None
+        spec = f".[{','.join(stamps)}]"
         why = "first run" if installed is None else "pyproject.toml changed"
-        print(f"dev.py: installing -e .[dev] into .venv ({why}; takes a minute)", flush=True)
+        if "dev" not in stale:
+            why = f"{', '.join(stale)} extra not installed yet"
+        print(f"dev.py: installing -e {spec} into .venv ({why}; takes a minute)", flush=True)
         log = VENV / "pip-install.log"  # pip and setuptools are chatty: show it on failure only
         with open(log, "w") as out:
             result = subprocess.run(
                 [str(python), "-m", "pip", "install", "--disable-pip-version-check",
-                 "-e", ".[dev]"],
+                 "-e", spec],
                 cwd=ROOT,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -117,16 +133,17 @@ def ensure_venv() -> Path:
         if result.returncode != 0:
             print(log.read_text()[-5000:], file=sys.stderr)
             sys.exit(
-                f"dev.py: pip install -e .[dev] failed (exit code {result.returncode}), log: {log}"
+                f"dev.py: pip install -e {spec} failed (exit code {result.returncode}), log: {log}"
             )
-        if installed is not None:
+        if installed is not None and "dev" in stale:
             with open(log, "a") as out:
                 subprocess.run(
                     [str(python), "-m", "pip", "uninstall", "--disable-pip-version-check",
                      "-y", *DROPPED],
                     cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, check=False,
                 )  # fmt: skip
-        STAMP.write_text(wanted + "\n")
+        for path in stamps.values():
+            path.write_text(wanted + "\n")
     return python
 
 

@@ -28,6 +28,12 @@ Rows (what is measured, and how):
    message waits anywhere near a lease), then N more with the lease set to a tenth of that
    drain's time, so the broker holds ten leases' worth of work; ratio of the two rates,
    and the share of stale-skipped deliveries (from the workers' task result log lines).
+10. peers: the same two workloads on ironflow_celery and on procrastinate, pgqueuer, DBOS
+    Transact and django-celery-outbox (the optional extra ``bench``), each with
+    `WORKER["concurrency"]` worker processes: (a) drain N no-op jobs enqueued first, rate
+    from the first to the last durably recorded completion; (b) N two-step durable cycles
+    (input → effect → follow-up → terminal), rate from the first submission to the last
+    terminal. Ratios ironflow/peer in the same run; see `benchmarks.peers`.
 """
 
 from __future__ import annotations
@@ -76,6 +82,10 @@ SIZES: dict[str, dict[str, float]] = {
         r7_big=100_000,
         r8=5_000,
         r9=10_000,
+        r10_drain=20_000,
+        r10_cycle=2_000,
+        r10_rounds=1,
+        r10_cap=45,
     ),
     "quick": dict(
         r1=5_000,
@@ -90,6 +100,10 @@ SIZES: dict[str, dict[str, float]] = {
         r7_big=5_000,
         r8=2_000,
         r9=3_000,
+        r10_drain=5_000,
+        r10_cycle=1_000,
+        r10_rounds=1,
+        r10_cap=45,
     ),
     "smoke": dict(
         r1=200,
@@ -104,6 +118,10 @@ SIZES: dict[str, dict[str, float]] = {
         r7_big=300,
         r8=100,
         r9=200,
+        r10_drain=200,
+        r10_cycle=50,
+        r10_rounds=1,
+        r10_cap=30,
     ),
 }
 
@@ -116,7 +134,10 @@ GOALS = {
     7: "≤ +50 MB",
     8: "≤ 3",
     9: "ratio ≥ 0.9, stale ≤ 1 %",
+    10: "ratio > 1 vs dbos, procrastinate, outbox (both workloads)",
 }
+#: Row 10's goal: ahead of these peers on both workloads; pgqueuer's ratio is reported as is.
+ROW10_MUST_LEAD = ("dbos", "procrastinate", "outbox")
 
 
 def goal_met(row: dict[str, Any]) -> bool | None:
@@ -138,6 +159,9 @@ def goal_met(row: dict[str, Any]) -> bool | None:
             return row["value"] <= 3
         if rid == 9:
             return row["ratio"] >= 0.9 and row["stale_pct"] <= 1.0
+        if rid == 10:
+            ratios = [row["ratios"][p][w] for p in ROW10_MUST_LEAD for w in ("drain", "cycle")]
+            return None if None in ratios else all(r > 1 for r in ratios)
     except (KeyError, TypeError):
         return None
     return None
@@ -711,6 +735,13 @@ class Bench:
 
     # -- main -----------------------------------------------------------------------------------
 
+    def row10_peers(self, peers: list[str] | None = None) -> dict[str, Any]:
+        from benchmarks.peers.common import row10
+
+        return row10(
+            self, WORKER, self.sizes, log=lambda m: console.print(m, markup=False), only=peers
+        )
+
     def row9_overload(self) -> dict[str, Any]:
         n = int(self.sizes["r9"])
         rates: dict[str, float] = {}
@@ -845,7 +876,39 @@ def render(result: dict[str, Any], title: str) -> Table:
             GOALS.get(row["id"], "—"),
             "" if met is None else ("[green]✓[/green]" if met else "[red]✗[/red]"),
         )
+        if row["id"] == 10:
+            render_peers(table, row)
     return table
+
+
+def render_peers(table: Table, row: dict[str, Any]) -> None:
+    """Row 10's cells, one line per workload and peer: ironflow's rate, the peer's, ratio."""
+    from rich.markup import escape
+
+    units = {"drain": "jobs/s", "cycle": "cycles/s"}
+    for workload in ("drain", "cycle"):
+        ours = row["peers"]["ironflow"][workload]
+        for peer, cells in row["peers"].items():
+            if peer == "ironflow":
+                continue
+            cell = cells[workload]
+            ratio = row["ratios"][peer][workload]
+            lead = peer in ROW10_MUST_LEAD
+            flag = " (partial)" if cell.get("partial") or ours.get("partial") else ""
+            table.add_row(
+                "",
+                f"  {workload}: ironflow vs {peer}{flag}",
+                str(ours.get("rate", "error")),
+                units[workload],
+                str(cell["rate"]) if "rate" in cell else escape(f"error: {cell['error'][:60]}"),
+                f"{ratio}x" if ratio is not None else "",
+                "",
+                "",
+                "> 1" if lead else "report",
+                ""
+                if not lead
+                else ("[green]✓[/green]" if ratio is not None and ratio > 1 else "[red]✗[/red]"),
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -855,7 +918,20 @@ def main(argv: list[str] | None = None) -> int:
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="every row at a small size (~2 min)")
     size.add_argument("--smoke", action="store_true", help="tiny sizes, for the test suite")
-    parser.add_argument("--rows", default="1,2,3,4,5,6,7,8,9", help="comma-separated row numbers")
+    parser.add_argument(
+        "--rows", default="1,2,3,4,5,6,7,8,9,10", help="comma-separated row numbers"
+    )
+    parser.add_argument(
+        "--peers",
+        default=None,
+        help="row 10: only these peers (comma-separated: procrastinate,pgqueuer,dbos,outbox)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="row 10: interleaved rounds, medians reported (default: r10_rounds of the size)",
+    )
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results.json"))
     parser.add_argument(
         "--concurrency",
@@ -867,7 +943,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     rows = sorted({int(r) for r in args.rows.split(",") if r.strip()})
-    sizes = SIZES[mode]
+    sizes = dict(SIZES[mode])
+    if args.rounds:
+        sizes["r10_rounds"] = args.rounds
     WORKER["concurrency"] = args.concurrency
 
     from devtools.local_services import resolve_services
@@ -925,6 +1003,9 @@ def main(argv: list[str] | None = None) -> int:
             attempt(8, bench.row8_round_trips)
         if 9 in rows:
             attempt(9, bench.row9_overload)
+        if 10 in rows:
+            peers = args.peers.split(",") if args.peers else None
+            attempt(10, lambda: bench.row10_peers(peers))
 
     results.sort(key=lambda r: r["id"])
     output = {
