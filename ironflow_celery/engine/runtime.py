@@ -176,11 +176,13 @@ class WorkflowRuntime:
     def _register_tasks(self) -> None:
         if self.app is None:
             return
+        from ironflow_celery.engine.batches import register_batch_tasks
         from ironflow_celery.engine.tasks import register_workflow_tasks
 
         fresh = [t for t in self.registry.types if t not in self._tasks_registered]
         if fresh:
             register_workflow_tasks(self.app, self, fresh)
+            register_batch_tasks(self.app, self, fresh)
             self._tasks_registered.update(fresh)
 
     # -- parts ----------------------------------------------------------------------------
@@ -257,6 +259,15 @@ class WorkflowRuntime:
             if (limit := self.registry.get(wt).workflow.concurrency_limit) is not None
         }
 
+    @property
+    def effect_batch_sizes(self) -> dict[str, int]:
+        """Registered types with an ``effect_batch_size`` (worker-side batches), and it."""
+        return {
+            wt: size
+            for wt in self.registry.types
+            if (size := self.registry.get(wt).workflow.effect_batch_size) is not None
+        }
+
     def upgrade_schema(self) -> list[int]:
         """Apply pending migrations to this runtime's database."""
         from ironflow_celery.storage import schema
@@ -273,7 +284,11 @@ class WorkflowRuntime:
             self.store,
             self.registry.types,
             self.config,
-            celery_publisher(self.app, forward_traces=self.config.tracing),
+            celery_publisher(
+                self.app,
+                forward_traces=self.config.tracing,
+                batch_sizes=self.effect_batch_sizes,
+            ),
             worker_id=self.worker_id,
             effects=effects,
             timers=timers,

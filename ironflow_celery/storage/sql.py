@@ -187,6 +187,21 @@ START_EFFECT = text("""
     RETURNING workflow_type, workflow_id, payload, attempts, created_at, last_error
 """)
 
+# The start guard of a worker-side batch (engine/batches.py): START_EFFECT for each
+# (id, claim token, run token), in one statement; rows no longer held are simply absent.
+START_EFFECTS = text("""
+    UPDATE ironflow.outbox AS o
+    SET locked_by = a.run_token, locked_until = now() + make_interval(secs => :lease),
+        run_started_at = now(),
+        attempts = o.attempts + CASE WHEN o.run_started_at IS NULL THEN 0 ELSE 1 END,
+        last_error = CASE WHEN o.run_started_at IS NULL THEN o.last_error ELSE :lost_error END
+    FROM unnest(CAST(:ids AS uuid[]), CAST(:tokens AS text[]), CAST(:run_tokens AS text[]))
+         AS a(id, token, run_token)
+    WHERE o.id = a.id AND o.locked_by = a.token AND o.processed_at IS NULL
+    RETURNING o.id, o.workflow_type, o.workflow_id, o.payload, o.attempts, o.created_at,
+              o.last_error
+""")
+
 MARK_EFFECT_PROCESSED = text("""
     UPDATE ironflow.outbox
     SET processed_at = now(), locked_until = NULL, locked_by = NULL, run_started_at = NULL
