@@ -104,7 +104,7 @@ def batch_publisher(
             with app.producer_or_acquire() as producer:
                 batch = getattr(producer, "batch", None)  # kombu >= 5.7: one round trip
                 pipelined = batch is not None
-                buffered = batch(max_size=8 * len(rows) + 8) if pipelined else nullcontext()
+                buffered = batch(max_size=8 * len(rows) + 8) if batch is not None else nullcontext()
                 with buffered:
                     _declare_queues(app, producer, {batch_task_name(wt) for wt in grouped})
                     for wt, members in grouped.items():
@@ -219,10 +219,10 @@ def run_effect_batch(
             else:
                 failed.append(outcome)
         results.update(_acknowledge(runtime, done))
-        for row, ref, exc, permanent, began in failed:
-            _failure.set(exc)
+        for row, ref, error, permanent, began in failed:
+            _failure.set(error)
             results[row.id] = _fail_effect(
-                runtime, row, ref, describe_error(exc), permanent=permanent, began=began
+                runtime, row, ref, describe_error(error), permanent=permanent, began=began
             )
     _failure.set(None)
     return [results[row_id] for row_id, _, _ in guard]
