@@ -124,9 +124,10 @@ class LeaseKeeper:
             yield
         finally:
             with self._lock:
+                # No wake-up here: setting the Event after every task woke the keeper
+                # thread once per effect (a GIL hand-off, ~15% of a worker's samples under
+                # load); the thread notices it is idle within KEEPER_IDLE_EXIT by itself.
                 self._running.pop((kind, row_id), None)
-                if not self._running:  # let the thread see it is idle (it may sleep lease/3)
-                    self._wake.set()
 
     def _run(self) -> None:
         idle_since: float | None = None
@@ -143,7 +144,7 @@ class LeaseKeeper:
                     if self._thread is threading.current_thread():
                         self._thread = None
                     return
-            self._wake.wait(interval if idle_since is None else KEEPER_IDLE_EXIT)
+            self._wake.wait(min(interval, KEEPER_IDLE_EXIT))
             self._wake.clear()  # before the state is read again at the top: no lost wake-up
             now = time.monotonic()
             for kind in ("effect", "timer"):
