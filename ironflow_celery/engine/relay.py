@@ -65,20 +65,12 @@ class PublishError(Exception):
 Publisher = Callable[[Kind, Sequence[ClaimedRow]], list[uuid.UUID]]
 
 
-def celery_publisher(
-    app: Any, *, forward_traces: bool = True, batch_sizes: Mapping[str, int] | None = None
-) -> Publisher:
+def celery_publisher(app: Any, *, forward_traces: bool = True) -> Publisher:
     """Publish claimed rows as Celery tasks on `app`, reusing one producer per batch.
 
     With opentelemetry-api installed and `forward_traces`, each row is published inside the
     trace of the input that wrote it (the claim returns its stored context; see
-    `ironflow_celery.storage.tracing`). `batch_sizes`: the workflow types whose effects go
-    out in groups per message (``effect_batch_size``; `ironflow_celery.engine.batches`)."""
-    if batch_sizes:
-        from ironflow_celery.engine.batches import batch_publisher
-
-        single = celery_publisher(app, forward_traces=forward_traces)
-        return batch_publisher(app, single, batch_sizes, forward_traces=forward_traces)
+    `ironflow_celery.storage.tracing`)."""
     retry_policy = {
         "max_retries": 2,
         "interval_start": 0,

@@ -21,8 +21,9 @@ from typing import Any
 
 from celery.utils.imports import import_from_cwd
 
+from ironflow_celery.engine.batches import batch_publisher, register_batch_tasks
 from ironflow_celery.engine.metrics import Metrics
-from ironflow_celery.engine.relay import RelayGroup, celery_publisher
+from ironflow_celery.engine.relay import Publisher, RelayGroup, celery_publisher
 from ironflow_celery.errors import ConfigurationError, InvalidWorkflowDefinition
 from ironflow_celery.model.config import AttemptLimits, RetryPolicy, RuntimeConfig
 from ironflow_celery.model.workflow import EffectHandler, Workflow
@@ -176,7 +177,6 @@ class WorkflowRuntime:
     def _register_tasks(self) -> None:
         if self.app is None:
             return
-        from ironflow_celery.engine.batches import register_batch_tasks
         from ironflow_celery.engine.tasks import register_workflow_tasks
 
         fresh = [t for t in self.registry.types if t not in self._tasks_registered]
@@ -284,11 +284,7 @@ class WorkflowRuntime:
             self.store,
             self.registry.types,
             self.config,
-            celery_publisher(
-                self.app,
-                forward_traces=self.config.tracing,
-                batch_sizes=self.effect_batch_sizes,
-            ),
+            self._publisher(),
             worker_id=self.worker_id,
             effects=effects,
             timers=timers,
@@ -298,6 +294,15 @@ class WorkflowRuntime:
         )
         group.start()
         return group
+
+    def _publisher(self) -> Publisher:
+        """Celery publishing of claimed rows; the types with an ``effect_batch_size`` get
+        their effects grouped per message (`ironflow_celery.engine.batches`)."""
+        publish = celery_publisher(self.app, forward_traces=self.config.tracing)
+        sizes = self.effect_batch_sizes
+        if sizes:
+            publish = batch_publisher(self.app, publish, sizes, forward_traces=self.config.tracing)
+        return publish
 
     def run(self, shutdown: Any, *, effects: bool = True, timers: bool = True) -> bool:
         """Run the relays until `shutdown` (a threading/multiprocessing Event) is set, then
