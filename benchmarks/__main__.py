@@ -940,7 +940,24 @@ def main(argv: list[str] | None = None) -> int:
         help="prefork processes of every worker, plain Celery and ironflow alike "
         f"(default {WORKER['concurrency']})",
     )
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=0,
+        help="bench_noop opts into worker-side batches of this many effects per message "
+        "(effect_batch_size; rows 2, 4, 8, 9 use it); 0: one message per effect (default)",
+    )
+    parser.add_argument(
+        "--batch-cycles",
+        type=int,
+        default=0,
+        help="bench_cycle opts into worker-side batches of this many effects (row 3)",
+    )
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.batch:
+        os.environ["IRONFLOW_BENCH_BATCH"] = str(args.batch)  # read by the workers' workloads
+    if args.batch_cycles:
+        os.environ["IRONFLOW_BENCH_BATCH_CYCLES"] = str(args.batch_cycles)
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     rows = sorted({int(r) for r in args.rows.split(",") if r.strip()})
     sizes = dict(SIZES[mode])
@@ -1010,6 +1027,8 @@ def main(argv: list[str] | None = None) -> int:
     results.sort(key=lambda r: r["id"])
     output = {
         "mode": mode,
+        "effect_batch_size": args.batch or None,
+        "cycle_batch_size": args.batch_cycles or None,
         "sizes": sizes,
         "machine": info,
         "rows": results,

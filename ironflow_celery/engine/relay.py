@@ -48,6 +48,7 @@ __all__ = [
     "RelayGroup",
     "Waker",
     "celery_publisher",
+    "declare_queues",
     "task_name",
 ]
 
@@ -96,7 +97,7 @@ def celery_publisher(app: Any, *, forward_traces: bool = True) -> Publisher:
                 buffered = batch(max_size=8 * len(rows) + 8) if batch is not None else nullcontext()
                 with buffered:
                     names = {row_kind.task_name(row.workflow_type) for row in rows}
-                    _declare_queues(app, producer, names)
+                    declare_queues(app, producer, names)
                     for row in rows:
                         args = [
                             f"{row.workflow_type}:{row.workflow_id}",
@@ -146,7 +147,7 @@ def celery_publisher(app: Any, *, forward_traces: bool = True) -> Publisher:
     return publish
 
 
-def _declare_queues(app: Any, producer: Any, names: set[str]) -> None:
+def declare_queues(app: Any, producer: Any, names: set[str]) -> None:
     """Declare the queue each task routes to, once per batch instead of once per message.
 
     Celery declares the destination queue on every ``send_task`` (kombu caches the

@@ -21,8 +21,9 @@ from typing import Any
 
 from celery.utils.imports import import_from_cwd
 
+from ironflow_celery.engine.batches import batch_publisher, register_batch_tasks
 from ironflow_celery.engine.metrics import Metrics
-from ironflow_celery.engine.relay import RelayGroup, celery_publisher
+from ironflow_celery.engine.relay import Publisher, RelayGroup, celery_publisher
 from ironflow_celery.engine.tasks import LeaseKeeper, register_workflow_tasks
 from ironflow_celery.errors import ConfigurationError, NotInstalled
 from ironflow_celery.model.config import AttemptLimits, RetryPolicy, RuntimeConfig
@@ -194,6 +195,7 @@ class WorkflowRuntime:
         fresh = [t for t in self.registry.types if t not in self._tasks_registered]
         if fresh:
             register_workflow_tasks(self.app, self, fresh)
+            register_batch_tasks(self.app, self, fresh)
             self._tasks_registered.update(fresh)
 
     # -- parts ----------------------------------------------------------------------------
@@ -268,6 +270,15 @@ class WorkflowRuntime:
             if (limit := self.registry.get(wt).workflow.concurrency_limit) is not None
         }
 
+    @property
+    def effect_batch_sizes(self) -> dict[str, int]:
+        """Registered types with an ``effect_batch_size`` (worker-side batches), and it."""
+        return {
+            wt: size
+            for wt in self.registry.types
+            if (size := self.registry.get(wt).workflow.effect_batch_size) is not None
+        }
+
     def upgrade_schema(self) -> list[int]:
         """Apply pending migrations to this runtime's database."""
         return schema.upgrade(self.store.engine)
@@ -282,7 +293,7 @@ class WorkflowRuntime:
             self.store,
             self.registry.types,
             self.config,
-            celery_publisher(self.app, forward_traces=self.config.tracing),
+            self._publisher(),
             worker_id=self.worker_id,
             effects=effects,
             timers=timers,
@@ -292,6 +303,15 @@ class WorkflowRuntime:
         )
         group.start()
         return group
+
+    def _publisher(self) -> Publisher:
+        """Celery publishing of claimed rows; the types with an ``effect_batch_size`` get
+        their effects grouped per message (`ironflow_celery.engine.batches`)."""
+        publish = celery_publisher(self.app, forward_traces=self.config.tracing)
+        sizes = self.effect_batch_sizes
+        if sizes:
+            publish = batch_publisher(self.app, publish, sizes, forward_traces=self.config.tracing)
+        return publish
 
     def run(self, shutdown: Any, *, effects: bool = True, timers: bool = True) -> bool:
         """Run the relays until `shutdown` (a threading/multiprocessing Event) is set, then

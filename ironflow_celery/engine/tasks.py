@@ -63,12 +63,20 @@ __all__ = [
     "KEEPER_IDLE_EXIT",
     "LeaseKeeper",
     "Status",
+    "as_input",
     "dead_letter",
     "describe_error",
+    "effect_label",
+    "exhausted_by_lost_runs",
+    "fail_effect",
+    "handler_failure",
     "register_workflow_tasks",
+    "row_policy",
     "run_effect",
     "run_timer",
+    "run_token_for",
     "stale_reason",
+    "task_result",
 ]
 
 log = logging.getLogger("ironflow_celery.tasks")
@@ -79,12 +87,12 @@ _WORKER_TAG = f"{socket.gethostname()}:{os.getpid()}"
 
 # The exception behind this task run's failed attempt or dead letter: the Celery task
 # re-raises it (as Retry's `exc`, or as DeadLettered's cause) once the outcome is stored.
-_failure: contextvars.ContextVar[BaseException | None] = contextvars.ContextVar(
+handler_failure: contextvars.ContextVar[BaseException | None] = contextvars.ContextVar(
     "ironflow_failure", default=None
 )
 
 
-def _run_token(lease: str) -> str:
+def run_token_for(lease: str) -> str:
     return f"{lease}>{_WORKER_TAG}:{uuid.uuid4().hex[:8]}"
 
 
@@ -95,7 +103,9 @@ def describe_error(exc: BaseException) -> str:
     return storable_text(f"{type(exc).__name__}: {text}"[:4000])
 
 
-def _result(status: Status, ref: str, row_id: Any, attempt: int, **extra: Any) -> dict[str, Any]:
+def task_result(
+    status: Status, ref: str, row_id: Any, attempt: int, **extra: Any
+) -> dict[str, Any]:
     return {"status": status, "workflow": ref, "row_id": str(row_id), "attempt": attempt, **extra}
 
 
@@ -103,7 +113,8 @@ def _result(status: Status, ref: str, row_id: Any, attempt: int, **extra: Any) -
 
 
 KEEPER_IDLE_EXIT = 1.0
-"""Seconds the lease keeper's thread lingers with no handler running before it ends."""
+"""Seconds the lease keeper's thread lingers with no handler running before it ends; it
+also checks its state this often (it is never woken per task), so it ends within twice this."""
 
 
 class LeaseKeeper:
@@ -138,9 +149,10 @@ class LeaseKeeper:
             yield
         finally:
             with self._lock:
+                # No wake-up here: setting the Event after every task woke the keeper
+                # thread once per effect (a GIL hand-off, ~15% of a worker's samples under
+                # load); the thread notices it is idle within KEEPER_IDLE_EXIT by itself.
                 self._running.pop((kind, row_id), None)
-                if not self._running:  # let the thread see it is idle (it may sleep lease/3)
-                    self._wake.set()
 
     def _run(self) -> None:
         idle_since: float | None = None
@@ -157,7 +169,7 @@ class LeaseKeeper:
                     if self._thread is threading.current_thread():
                         self._thread = None
                     return
-            self._wake.wait(interval if idle_since is None else KEEPER_IDLE_EXIT)
+            self._wake.wait(min(interval, KEEPER_IDLE_EXIT))
             self._wake.clear()  # before the state is read again at the top: no lost wake-up
             now = time.monotonic()
             for kind in KINDS:
@@ -204,7 +216,7 @@ def stale_reason(runtime: TaskHost, kind: Kind, row_id: uuid.UUID, lease: str) -
     if row.dead_lettered or row.attempts >= runtime.config.retry_policy.max_attempts:
         return f"the {noun} is a dead letter"
     locked_by = row.locked_by or ""
-    # A start guard hands the claim token on to a run token "<claim token>>…" (_run_token).
+    # A start guard hands the claim token on to a run token "<claim token>>…" (run_token_for).
     if locked_by.startswith(f"{lease}>"):
         if row.lease_live:
             return f"another delivery of this claim is running the {noun} (duplicate message)"
@@ -235,7 +247,7 @@ def _begin(
     task's result when the delivery is stale or the row's attempts were used up by runs
     that never finished. A database it cannot reach raises `StartGuardUnavailable` (the
     task sends its message back through the broker)."""
-    _failure.set(None)
+    handler_failure.set(None)
     rid = uuid.UUID(row_id)
     try:
         started = runtime.store.start(
@@ -245,15 +257,15 @@ def _begin(
         raise StartGuardUnavailable(str(exc)) from exc
     if started is None:
         runtime.metrics.task_finished(kind.name, None, "stale-skipped", None)
-        return _result(
+        return task_result(
             "stale-skipped",
             ref,
             row_id,
             attempt,
             reason=stale_reason(runtime, kind.name, rid, lease),
         )
-    if started.attempts >= _policy(runtime, kind.name, started).max_attempts:
-        return _exhausted_by_lost_runs(runtime, kind.name, started, ref)
+    if started.attempts >= row_policy(runtime, kind.name, started).max_attempts:
+        return exhausted_by_lost_runs(runtime, kind.name, started, ref)
     return started
 
 
@@ -271,7 +283,7 @@ def run_effect(
     effect_id = uuid.UUID(row_id)
     store = runtime.store
     metrics = runtime.metrics
-    run_token = _run_token(lease)
+    run_token = run_token_for(lease)
     begun = _begin(runtime, EFFECT, row_id, ref, attempt, lease, run_token)
     if isinstance(begun, dict):
         return begun
@@ -288,7 +300,7 @@ def run_effect(
     if due_at is None and started.attempts == 0:
         due_at = started.created_at  # called without the claim's due time: a first attempt
     metrics.task_started(
-        "effect", started.workflow_type, due_at, _effect_label(runtime, "effect", started)
+        "effect", started.workflow_type, due_at, effect_label(runtime, "effect", started)
     )
     began = time.monotonic()
     try:
@@ -296,15 +308,13 @@ def run_effect(
             effect = workflow.effects.decode(started.payload)
             follow_up = call_handler(registration.handler, effect, ctx)  # async def too
             if follow_up is not None:
-                follow_up = _as_input(workflow, follow_up)
+                follow_up = as_input(workflow, follow_up)
     except PermanentEffectError as exc:
-        _failure.set(exc)
-        return _fail_effect(runtime, started, ref, describe_error(exc), permanent=True, began=began)
+        handler_failure.set(exc)
+        return fail_effect(runtime, started, ref, describe_error(exc), permanent=True, began=began)
     except Exception as exc:
-        _failure.set(exc)
-        return _fail_effect(
-            runtime, started, ref, describe_error(exc), permanent=False, began=began
-        )
+        handler_failure.set(exc)
+        return fail_effect(runtime, started, ref, describe_error(exc), permanent=False, began=began)
 
     outcome = None
     try:
@@ -320,8 +330,8 @@ def run_effect(
                 else:
                     conn.rollback()
     except Exception as exc:
-        _failure.set(exc)
-        return _fail_effect(
+        handler_failure.set(exc)
+        return fail_effect(
             runtime,
             started,
             ref,
@@ -331,7 +341,7 @@ def run_effect(
         )
     if not held:
         metrics.task_finished("effect", started.workflow_type, "stale-skipped", began)
-        return _result(
+        return task_result(
             "stale-skipped",
             ref,
             row_id,
@@ -340,10 +350,10 @@ def run_effect(
         )
     metrics.task_finished("effect", started.workflow_type, "processed", began)
     extra = {"follow_up": follow_up.type_tag, "outcome": outcome} if follow_up is not None else {}
-    return _result("processed", ref, row_id, attempt, **extra)
+    return task_result("processed", ref, row_id, attempt, **extra)
 
 
-def _policy(runtime: TaskHost, kind: Kind, started: StartedRow) -> RetryPolicy:
+def row_policy(runtime: TaskHost, kind: Kind, started: StartedRow) -> RetryPolicy:
     """The row's retry policy: its effect type's, its workflow's or the runtime's."""
     payload = started.payload
     typed = kind_of(kind).typed_retry_policies
@@ -351,7 +361,7 @@ def _policy(runtime: TaskHost, kind: Kind, started: StartedRow) -> RetryPolicy:
     return runtime.retry_policy_for(started.workflow_type, tag)
 
 
-def _exhausted_by_lost_runs(runtime: TaskHost, kind: Kind, started: StartedRow, ref: str) -> dict:
+def exhausted_by_lost_runs(runtime: TaskHost, kind: Kind, started: StartedRow, ref: str) -> dict:
     """The start guard counted the previous run as lost and that used up the attempts (a
     handler that kills its worker, say): dead-letter the row without running it again."""
     error = started.last_error or LOST_RUN_ERROR
@@ -364,14 +374,14 @@ def _exhausted_by_lost_runs(runtime: TaskHost, kind: Kind, started: StartedRow, 
     )
     status = dead_letter(runtime, kind, started, error)
     _report_failure(runtime, kind, started, ref, started.attempts, status, error)
-    label = _effect_label(runtime, kind, started)
+    label = effect_label(runtime, kind, started)
     runtime.metrics.task_finished(kind, started.workflow_type, status, None, label)
-    return _result(
+    return task_result(
         status, ref, started.id, started.attempts, error=error, effect_type=_payload_tag(started)
     )
 
 
-def _as_input(workflow: Any, value: Any) -> Message:
+def as_input(workflow: Any, value: Any) -> Message:
     """The handler's return value as an input of its workflow, or a clear error."""
     if isinstance(value, Message):
         if value not in workflow.inputs:
@@ -391,7 +401,7 @@ def _as_input(workflow: Any, value: Any) -> Message:
     )
 
 
-def _fail_effect(
+def fail_effect(
     runtime: TaskHost,
     started: StartedRow,
     ref: str,
@@ -401,13 +411,13 @@ def _fail_effect(
     began: float,
 ) -> dict:
     attempt = started.attempts + 1
-    policy = _policy(runtime, "effect", started)
+    policy = row_policy(runtime, "effect", started)
     metrics = runtime.metrics
     if permanent or attempt >= policy.max_attempts:
         status = dead_letter(runtime, "effect", started, error)
         _report_failure(runtime, "effect", started, ref, attempt, status, error)
         metrics.task_finished("effect", started.workflow_type, status, began)
-        return _result(
+        return task_result(
             status, ref, started.id, attempt, error=error, effect_type=_payload_tag(started)
         )
     backoff = policy.backoff_duration(attempt)
@@ -417,7 +427,7 @@ def _fail_effect(
     status = "failed-will-retry" if recorded is not None else "stale-skipped"
     _report_failure(runtime, "effect", started, ref, attempt, status, error, retry_in=backoff)
     metrics.task_finished("effect", started.workflow_type, status, began)
-    return _result(
+    return task_result(
         status,
         ref,
         started.id,
@@ -435,7 +445,7 @@ def _payload_tag(started: StartedRow) -> str | None:
     return tag if isinstance(tag, str) else None
 
 
-def _effect_label(runtime: TaskHost, kind: Kind, started: StartedRow) -> str:
+def effect_label(runtime: TaskHost, kind: Kind, started: StartedRow) -> str:
     """The effect-type metric label: the payload's tag when the workflow declares it
     (its effects; a timer's inputs), else ``unknown``, so labels stay bounded."""
     tag = _payload_tag(started)
@@ -461,7 +471,7 @@ def _report_failure(
     """Log a recorded failure where operators look (a failed attempt at WARNING, a dead
     letter at ERROR with its traceback) and send `signals.dead_lettered` once per dead
     letter. Called after the outcome is committed; a stale outcome reports nothing."""
-    exc = _failure.get()
+    exc = handler_failure.get()
     tag = _payload_tag(started) or "unknown type"
     if status == "failed-will-retry":
         log.warning(
@@ -502,7 +512,7 @@ def dead_letter(runtime: TaskHost, kind: Kind, started: StartedRow, error: str) 
     closed but kept for audit, so nobody retries what the workflow already compensated.
     If the delivery fails the row is still dead-lettered, with the reason in its error."""
     store = runtime.store
-    policy = _policy(runtime, kind, started)
+    policy = row_policy(runtime, kind, started)
     row_kind = kind_of(kind)
     registration = runtime.registry.get(started.workflow_type)
     workflow = registration.workflow
@@ -556,7 +566,7 @@ def _dead_letter_input(
         last_error=error,
     )
     value = workflow.on_dead_letter(notice)
-    return None if value is None else _as_input(workflow, value)
+    return None if value is None else as_input(workflow, value)
 
 
 # -- timers ----------------------------------------------------------------------------
@@ -576,14 +586,14 @@ def run_timer(
     timer_id = uuid.UUID(row_id)
     store = runtime.store
     metrics = runtime.metrics
-    run_token = _run_token(lease)
+    run_token = run_token_for(lease)
     begun = _begin(runtime, TIMER, row_id, ref, attempt, lease, run_token)
     if isinstance(begun, dict):
         return begun
     started = begun
     attempt = started.attempts + 1
     metrics.task_started(
-        "timer", started.workflow_type, due_at, _effect_label(runtime, "timer", started)
+        "timer", started.workflow_type, due_at, effect_label(runtime, "timer", started)
     )
     began = time.monotonic()
     try:
@@ -594,7 +604,7 @@ def run_timer(
             if not store.lock_running(TIMER, conn, timer_id, run_token):
                 conn.rollback()
                 metrics.task_finished("timer", started.workflow_type, "stale-skipped", began)
-                return _result(
+                return task_result(
                     "stale-skipped", ref, row_id, attempt, reason="lease lost before the timer ran"
                 )
             outcome = runtime.service.execute_dynamic(
@@ -602,9 +612,9 @@ def run_timer(
             ).kind
             store.record_processed(TIMER, timer_id, run_token, connection=conn)
     except Exception as exc:
-        _failure.set(exc)
+        handler_failure.set(exc)
         error = f"Failed to execute timer input: {describe_error(exc)}"
-        policy = _policy(runtime, "timer", started)
+        policy = row_policy(runtime, "timer", started)
         backoff = None
         if attempt >= policy.max_attempts:
             status = dead_letter(runtime, "timer", started, error)
@@ -617,11 +627,11 @@ def run_timer(
         _report_failure(runtime, "timer", started, ref, attempt, status, error, retry_in=backoff)
         metrics.task_finished("timer", started.workflow_type, status, began)
         extra = {} if backoff is None else {"retry_in_seconds": round(backoff, 3)}
-        return _result(
+        return task_result(
             status, ref, row_id, attempt, error=error, effect_type=_payload_tag(started), **extra
         )
     metrics.task_finished("timer", started.workflow_type, "processed", began)
-    return _result("processed", ref, row_id, attempt, outcome=outcome)
+    return task_result("processed", ref, row_id, attempt, outcome=outcome)
 
 
 # -- Celery registration ------------------------------------------------------------------
@@ -651,8 +661,8 @@ def _raise_recorded_failure(task: Any, kind: str, result: dict) -> None:
     outcome: a dead letter raises `DeadLettered` (FAILURE: ``task_failure``, Flower's
     Failed view, Sentry), a failed attempt raises a `Retry` that sends no message (RETRY
     in Flower and ``task_retry``; the outbox owns the next attempt and its backoff)."""
-    exc = _failure.get()
-    _failure.set(None)  # hold no handler frames between tasks
+    exc = handler_failure.get()
+    handler_failure.set(None)  # hold no handler frames between tasks
     status = result["status"]
     if status not in ("failed-will-retry", "dead-lettered"):
         return

@@ -378,6 +378,11 @@ class Workflow:
     concurrency_limit: ClassVar[int | None] = None
     """At most this many of this type's effects leased (published or running) at once,
     across all workers and relays; enforced by the claim in PostgreSQL. None: no limit."""
+    effect_batch_size: ClassVar[int | None] = None
+    """Opt-in worker-side batches: the relay publishes up to this many of this type's
+    claimed effects in one message (task ``ironflow.<type>.effects``), whose task starts them
+    with one statement, runs their handlers in turn and acknowledges them in one durable
+    transaction. For short effects; None (the default): one message per effect."""
 
     inputs: ClassVar[TaggedUnion]
     events: ClassVar[TaggedUnion]
@@ -497,6 +502,11 @@ def _check_policies(cls: type[Workflow], wf_type: str) -> None:
             raise InvalidWorkflowDefinition(
                 f"workflow '{wf_type}': effect_retry_policies[{tag!r}] must be a RetryPolicy"
             )
+    size = cls.effect_batch_size
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        raise InvalidWorkflowDefinition(
+            f"workflow '{wf_type}': effect_batch_size must be a positive int or None, got {size!r}"
+        )
     limit = cls.concurrency_limit
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise InvalidWorkflowDefinition(

@@ -47,6 +47,7 @@ __all__ = [
     "LOCK_INSTANCE_FOR_CANCEL",
     "LOCK_LIMITED_TYPES",
     "LOCK_PROJECTION",
+    "MARK_EFFECTS_PROCESSED",
     "MAX_ATTEMPTS",
     "NEXT_TIMER_DUE",
     "NOTIFY_TYPES",
@@ -61,6 +62,7 @@ __all__ = [
     "RECORD_PROJECTION_ERROR",
     "RESET_PROJECTION_POSITION",
     "SCHEDULE_TIMERS",
+    "START_EFFECTS",
     "STORE_PROJECTION_POSITION",
     "TIMERS",
     "TIMERS_CHANNEL",
@@ -865,3 +867,31 @@ TIMER_STATEMENTS = _row_statements(
     due_at=_TIMER_DUE_AT,
     next_due=NEXT_TIMER_DUE,
 )
+
+
+# -- worker-side batches (engine/batches.py; effects only) ----------------------------------
+
+# The start guard of a batch: the effect start guard for each (id, claim token, run token),
+# in one statement; rows no longer held by their claim tokens are simply absent.
+START_EFFECTS = text("""
+    UPDATE ironflow.outbox AS o
+    SET locked_by = a.run_token, locked_until = now() + make_interval(secs => :lease),
+        run_started_at = now(),
+        attempts = o.attempts + CASE WHEN o.run_started_at IS NULL THEN 0 ELSE 1 END,
+        last_error = CASE WHEN o.run_started_at IS NULL THEN o.last_error ELSE :lost_error END
+    FROM unnest(CAST(:ids AS uuid[]), CAST(:tokens AS text[]), CAST(:run_tokens AS text[]))
+         AS a(id, token, run_token)
+    WHERE o.id = a.id AND o.locked_by = a.token AND o.processed_at IS NULL
+    RETURNING o.id, o.workflow_type, o.workflow_id, o.payload, o.attempts, o.created_at,
+              o.last_error
+""")
+
+# A batch's processed marks, in its acknowledging transaction: the rows still held by
+# their run tokens are marked and returned.
+MARK_EFFECTS_PROCESSED = text("""
+    UPDATE ironflow.outbox AS o
+    SET processed_at = now(), locked_until = NULL, locked_by = NULL, run_started_at = NULL
+    FROM unnest(CAST(:ids AS uuid[]), CAST(:tokens AS text[])) AS a(id, token)
+    WHERE o.id = a.id AND o.locked_by = a.token
+    RETURNING o.id
+""")

@@ -781,6 +781,50 @@ class PostgresStore:
                 return connection.execute(statement, params).rowcount == 1
         return self._run(statement, params, ack=True).rowcount == 1
 
+    def start_effects(
+        self, items: Sequence[tuple[uuid.UUID, str, str]], *, lease_seconds: float
+    ) -> dict[uuid.UUID, StartedRow]:
+        """Start guard of a batch, one statement: (id, claim token, run token) each; the
+        rows still held by their claim tokens, started (the others are stale)."""
+        if not items:
+            return {}
+        rows = self._run(
+            sql.START_EFFECTS,
+            {
+                "ids": [i for i, _, _ in items],
+                "tokens": [t for _, t, _ in items],
+                "run_tokens": [r for _, _, r in items],
+                "lease": float(lease_seconds),
+                "lost_error": LOST_RUN_ERROR,
+            },
+            relaxed=True,
+        )
+        run_tokens = {i: r for i, _, r in items}
+        return {
+            row.id: StartedRow(
+                row.id,
+                row.workflow_type,
+                row.workflow_id,
+                row.payload,
+                row.attempts,
+                row.created_at,
+                run_tokens[row.id],
+                last_error=row.last_error,
+            )
+            for row in rows
+        }
+
+    def mark_many_processed_in(
+        self, connection: Connection, items: Sequence[tuple[uuid.UUID, str]]
+    ) -> set[uuid.UUID]:
+        """Mark a batch's effects processed inside the caller's acknowledgement transaction;
+        returns the ids still held by their run tokens (the others were lost)."""
+        if not items:
+            return set()
+        params = {"ids": [i for i, _ in items], "tokens": [t for _, t in items]}
+        with storage_errors():
+            return {r.id for r in connection.execute(sql.MARK_EFFECTS_PROCESSED, params)}
+
     def record_failed_attempt(
         self,
         kind: Kind | RowKind,
