@@ -27,9 +27,9 @@ from ironflow_celery import (
     EffectContext,
     Message,
     PermanentEffectError,
+    StateMachineDefinition,
     Workflow,
 )
-from ironflow_celery import StateMachineDefinition
 
 PAYMENT_TIMEOUT = timedelta(minutes=2)
 DECLINED_CARD_SUFFIX = "0002"
