@@ -30,8 +30,9 @@ from ironflow_celery.errors import (
     UniqueKeyConflict,
 )
 from ironflow_celery.model.config import AttemptLimits
-from ironflow_celery.storage import sql, tracing
+from ironflow_celery.storage import schema, sql, tracing
 from ironflow_celery.storage.db import create_engine
+from ironflow_celery.storage.hints import schema_missing_hint
 from ironflow_celery.storage.kinds import EFFECT, TIMER, Kind, RowKind, kind_of
 
 __all__ = [
@@ -104,10 +105,7 @@ def storage_errors() -> Iterator[None]:
         if _unavailable(exc):
             raise DatabaseUnavailable(f"PostgreSQL is unavailable: {exc.orig}") from exc
         if getattr(exc.orig, "sqlstate", None) in _SCHEMA_MISSING:
-            from ironflow_celery.storage.hints import (
-                schema_missing_hint,  # the command as this process can run it
-            )
-
+            # the hint names the command as this process can run it
             raise StorageError(f"postgres error: {exc.orig}; {schema_missing_hint()}") from exc
         raise StorageError(f"postgres error: {exc.orig}") from exc
     except sa.exc.SQLAlchemyError as exc:
@@ -443,8 +441,6 @@ class PostgresStore:
 
     def upgrade_schema(self) -> list[int]:
         """Create or upgrade the ``ironflow`` schema; returns the versions applied."""
-        from ironflow_celery.storage import schema
-
         return schema.upgrade(self.engine)
 
     @contextmanager
