@@ -46,7 +46,7 @@ class AckCounter:
     def __init__(self, store: PostgresStore) -> None:
         self.lock = threading.Lock()
         self.calls: list[str] = []
-        for name in ("record_processed", "mark_many_processed_in"):
+        for name in ("record_processed", "mark_many_processed", "mark_many_processed_in"):
             original = getattr(store, name)
             setattr(store, name, self._wrap(name, original))
 
@@ -91,7 +91,7 @@ def test_a_batch_of_noops_is_started_and_acknowledged_once(store: PostgresStore,
         effects = effects_of(db, "b1")
         # One durable statement acknowledged all eight: they share its transaction's now().
         assert len({r.processed_at for r in effects}) == 1
-        assert counter.calls == ["mark_many_processed_in"]
+        assert counter.calls == ["mark_many_processed"]
         assert all(r.attempts == 0 and r.locked_by is None for r in effects)
         assert all(CALLS.counts[("b1", i)] == 1 for i in range(8))
 

@@ -285,15 +285,18 @@ def _acknowledge(runtime: TaskHost, done: list[_Done]) -> dict[uuid.UUID, dict]:
         outcomes: dict[uuid.UUID, str] = {}
         current: _Done | None = None
         try:
-            with store.transaction(ack=True) as conn:
-                held = store.mark_many_processed_in(conn, items)
-                for d in follow_ups:
-                    if d.started.id in held:
-                        current = d
-                        outcomes[d.started.id] = runtime.service.execute(
-                            d.follow_up, workflow=d.workflow, connection=conn
-                        ).kind
-                current = None
+            if not follow_ups:  # one autocommit statement: no BEGIN/COMMIT round trips
+                held = store.mark_many_processed(items)
+            else:
+                with store.transaction(ack=True) as conn:
+                    held = store.mark_many_processed_in(conn, items)
+                    for d in follow_ups:
+                        if d.started.id in held:
+                            current = d
+                            outcomes[d.started.id] = runtime.service.execute(
+                                d.follow_up, workflow=d.workflow, connection=conn
+                            ).kind
+                    current = None
         except Exception as exc:
             # A follow-up failed: its row is recorded as failed, the others go again.
             # Else the acknowledgement itself failed: each row as the single path does it.

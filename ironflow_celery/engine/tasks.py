@@ -241,17 +241,17 @@ def _begin(
     ref: str,
     attempt: int,
     lease: str,
-    run_token: str,
 ) -> StartedRow | dict:
     """The start guard every run passes first, for either kind: the started row, or the
     task's result when the delivery is stale or the row's attempts were used up by runs
     that never finished. A database it cannot reach raises `StartGuardUnavailable` (the
-    task sends its message back through the broker)."""
+    task sends its message back through the broker). The started row's ``token`` is this
+    run's own token, which every later statement of the run presents."""
     handler_failure.set(None)
     rid = uuid.UUID(row_id)
     try:
         started = runtime.store.start(
-            kind, rid, lease, run_token, lease_seconds=kind.lock_duration(runtime.config)
+            kind, rid, lease, run_token_for(lease), lease_seconds=kind.lock_duration(runtime.config)
         )
     except StorageError as exc:
         raise StartGuardUnavailable(str(exc)) from exc
@@ -283,11 +283,10 @@ def run_effect(
     effect_id = uuid.UUID(row_id)
     store = runtime.store
     metrics = runtime.metrics
-    run_token = run_token_for(lease)
-    begun = _begin(runtime, EFFECT, row_id, ref, attempt, lease, run_token)
+    begun = _begin(runtime, EFFECT, row_id, ref, attempt, lease)
     if isinstance(begun, dict):
         return begun
-    started = begun
+    started, run_token = begun, begun.token
     attempt = started.attempts + 1
     registration = runtime.registry.get(started.workflow_type)
     workflow = registration.workflow
@@ -586,11 +585,10 @@ def run_timer(
     timer_id = uuid.UUID(row_id)
     store = runtime.store
     metrics = runtime.metrics
-    run_token = run_token_for(lease)
-    begun = _begin(runtime, TIMER, row_id, ref, attempt, lease, run_token)
+    begun = _begin(runtime, TIMER, row_id, ref, attempt, lease)
     if isinstance(begun, dict):
         return begun
-    started = begun
+    started, run_token = begun, begun.token
     attempt = started.attempts + 1
     metrics.task_started(
         "timer", started.workflow_type, due_at, effect_label(runtime, "timer", started)

@@ -186,6 +186,11 @@ class StartedRow:
     last_error: str | None = None
 
 
+def _many_params(items: Sequence[tuple[uuid.UUID, str]]) -> dict[str, list[Any]]:
+    """Bind parameters of `sql.MARK_EFFECTS_PROCESSED`: parallel id and token arrays."""
+    return {"ids": [i for i, _ in items], "tokens": [t for _, t in items]}
+
+
 def _lock_and_load(conn: Connection, key: dict[str, str]) -> tuple[bool, bool, list[Any]]:
     """(found, completed, events): row-lock the instance and load its events, one round trip."""
     rows = conn.execute(sql.LOCK_AND_LOAD, key).all()
@@ -810,16 +815,24 @@ class PostgresStore:
             for row in rows
         }
 
+    def mark_many_processed(self, items: Sequence[tuple[uuid.UUID, str]]) -> set[uuid.UUID]:
+        """Mark a batch's effects processed, (id, run token) each, in one durable statement
+        (autocommit: no BEGIN/COMMIT round trips); returns the ids still held."""
+        if not items:
+            return set()
+        rows = self._run(sql.MARK_EFFECTS_PROCESSED, _many_params(items), ack=True)
+        return {r.id for r in rows}
+
     def mark_many_processed_in(
         self, connection: Connection, items: Sequence[tuple[uuid.UUID, str]]
     ) -> set[uuid.UUID]:
-        """Mark a batch's effects processed inside the caller's acknowledgement transaction;
-        returns the ids still held by their run tokens (the others were lost)."""
+        """`mark_many_processed` inside the caller's acknowledgement transaction (when the
+        batch carries follow-up inputs that must commit with it)."""
         if not items:
             return set()
-        params = {"ids": [i for i, _ in items], "tokens": [t for _, t in items]}
         with storage_errors():
-            return {r.id for r in connection.execute(sql.MARK_EFFECTS_PROCESSED, params)}
+            rows = connection.execute(sql.MARK_EFFECTS_PROCESSED, _many_params(items))
+            return {r.id for r in rows}
 
     def record_failed_attempt(
         self,
