@@ -161,6 +161,19 @@ class PeerRun:
             raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+def epoch(value: Any) -> float | None:
+    """A database's epoch-seconds value (numeric or NULL) as a float or None."""
+    return None if value is None else float(value)
+
+
+def completions(engine: sa.Engine, statement: str, **params: Any) -> tuple[int, Any, Any]:
+    """``(count, first, last)`` from a peer's ``SELECT count(*), <first epoch>, <last epoch>``
+    over its durable record of finished jobs: how every peer's progress is read."""
+    with engine.connect() as conn:
+        row = conn.execute(sa.text(statement), params).one()
+    return int(row[0]), epoch(row[1]), epoch(row[2])
+
+
 def drain_measure(n: int, completed: int, first: float | None, last: float | None) -> Measure:
     """Rate from the first to the last completion (epoch seconds) of `completed` jobs."""
     if completed < 2 or first is None or last is None:

@@ -36,6 +36,7 @@ from benchmarks.peers.common import (
     WARM_UP_S,
     Measure,
     PeerRun,
+    completions,
     cycle_measure,
     drain_measure,
 )
@@ -126,15 +127,12 @@ def _workers(run: PeerRun, dsn: str) -> None:
 
 
 def _succeeded(engine: sa.Engine, name: str) -> tuple[int, float | None, float | None]:
-    with engine.connect() as conn:
-        row = conn.execute(
-            sa.text(
-                "SELECT count(*), min(updated_at) / 1000.0, max(updated_at) / 1000.0 "
-                "FROM dbos.workflow_status WHERE status = 'SUCCESS' AND name = :n"
-            ),
-            {"n": name},
-        ).one()
-    return int(row[0]), _f(row[1]), _f(row[2])
+    return completions(
+        engine,
+        "SELECT count(*), min(updated_at) / 1000.0, max(updated_at) / 1000.0 "
+        "FROM dbos.workflow_status WHERE status = 'SUCCESS' AND name = :n",
+        n=name,
+    )
 
 
 def drain(run: PeerRun, n: int) -> Measure:
@@ -162,10 +160,6 @@ def cycle(run: PeerRun, n: int) -> Measure:
     run.wait(lambda: _succeeded(engine, "bench_cycle")[0] >= n, deadline, 0.2)
     done, _first, last = _succeeded(engine, "bench_cycle")
     return cycle_measure(n, done, t0, last)
-
-
-def _f(value: Any) -> float | None:
-    return None if value is None else float(value)
 
 
 if __name__ == "__main__":

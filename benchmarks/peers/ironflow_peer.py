@@ -14,7 +14,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from benchmarks.peers.common import WARM_UP_S, Measure, PeerRun, cycle_measure, drain_measure
+from benchmarks.peers.common import (
+    WARM_UP_S,
+    Measure,
+    PeerRun,
+    cycle_measure,
+    drain_measure,
+    epoch,
+)
 
 
 def describe(worker: dict[str, Any]) -> str:
@@ -39,7 +46,7 @@ def drain(run: PeerRun, n: int) -> Measure:
         p=prefix + "%",
     )
     _clear(run, prefix)
-    return drain_measure(n, int(row[0]), _f(row[1]), _f(row[2]))
+    return drain_measure(n, int(row[0]), epoch(row[1]), epoch(row[2]))
 
 
 def cycle(run: PeerRun, n: int) -> Measure:
@@ -69,7 +76,7 @@ def cycle(run: PeerRun, n: int) -> Measure:
     run.wait(lambda: counts()[0] >= n, deadline, every=0.2)
     done, last = counts()
     _clear(run, prefix)
-    return cycle_measure(n, int(done), t0, _f(last))
+    return cycle_measure(n, int(done), t0, epoch(last))
 
 
 def _clear(run: PeerRun, prefix: str) -> None:
@@ -90,7 +97,3 @@ def _one(bench: Any, statement: str, **params: Any) -> Any:
 
     with bench.engine.connect() as conn:
         return conn.execute(sa.text(statement), params).one()
-
-
-def _f(value: Any) -> float | None:
-    return None if value is None else float(value)

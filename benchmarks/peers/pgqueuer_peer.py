@@ -43,6 +43,7 @@ from benchmarks.peers.common import (
     WARM_UP_S,
     Measure,
     PeerRun,
+    completions,
     cycle_measure,
     drain_measure,
 )
@@ -108,16 +109,13 @@ def _workers(run: PeerRun, dsn: str) -> None:
 
 
 def _succeeded(engine: sa.Engine, entrypoint: str) -> tuple[int, float | None, float | None]:
-    with engine.connect() as conn:
-        row = conn.execute(
-            sa.text(
-                "SELECT count(*), EXTRACT(EPOCH FROM min(created)), "
-                "EXTRACT(EPOCH FROM max(created)) FROM pgqueuer_log "
-                "WHERE status = 'successful' AND entrypoint = :e"
-            ),
-            {"e": entrypoint},
-        ).one()
-    return int(row[0]), _f(row[1]), _f(row[2])
+    return completions(
+        engine,
+        "SELECT count(*), EXTRACT(EPOCH FROM min(created)), "
+        "EXTRACT(EPOCH FROM max(created)) FROM pgqueuer_log "
+        "WHERE status = 'successful' AND entrypoint = :e",
+        e=entrypoint,
+    )
 
 
 def drain(run: PeerRun, n: int) -> Measure:
@@ -158,10 +156,6 @@ def cycle(run: PeerRun, n: int) -> Measure:
     run.wait(lambda: _succeeded(engine, "bench_cycle_b")[0] >= n, deadline, 0.2)
     done, _first, last = _succeeded(engine, "bench_cycle_b")
     return cycle_measure(n, done, t0, last)
-
-
-def _f(value: Any) -> float | None:
-    return None if value is None else float(value)
 
 
 def main(argv: list[str]) -> None:

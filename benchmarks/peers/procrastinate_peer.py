@@ -33,6 +33,7 @@ from benchmarks.peers.common import (
     WARM_UP_S,
     Measure,
     PeerRun,
+    completions,
     cycle_measure,
     drain_measure,
 )
@@ -98,16 +99,13 @@ def _workers(run: PeerRun, dsn: str) -> None:
 
 
 def _succeeded(engine: sa.Engine, task: str) -> tuple[int, float | None, float | None]:
-    with engine.connect() as conn:
-        row = conn.execute(
-            sa.text(
-                "SELECT count(*), EXTRACT(EPOCH FROM min(e.at)), EXTRACT(EPOCH FROM max(e.at)) "
-                "FROM procrastinate_events e JOIN procrastinate_jobs j ON j.id = e.job_id "
-                "WHERE e.type = 'succeeded' AND j.task_name = :t"
-            ),
-            {"t": task},
-        ).one()
-    return int(row[0]), _f(row[1]), _f(row[2])
+    return completions(
+        engine,
+        "SELECT count(*), EXTRACT(EPOCH FROM min(e.at)), EXTRACT(EPOCH FROM max(e.at)) "
+        "FROM procrastinate_events e JOIN procrastinate_jobs j ON j.id = e.job_id "
+        "WHERE e.type = 'succeeded' AND j.task_name = :t",
+        t=task,
+    )
 
 
 def drain(run: PeerRun, n: int) -> Measure:
@@ -137,7 +135,3 @@ def cycle(run: PeerRun, n: int) -> Measure:
     run.wait(lambda: _succeeded(engine, "bench.cycle_b")[0] >= n, deadline, 0.2)
     done, _first, last = _succeeded(engine, "bench.cycle_b")
     return cycle_measure(n, done, t0, last)
-
-
-def _f(value: Any) -> float | None:
-    return None if value is None else float(value)
