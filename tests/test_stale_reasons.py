@@ -16,6 +16,7 @@ from runtime_helpers import TestApp, execute, insert_effect, insert_timer, test_
 from workflows import CALLS, TestWorkflow
 
 from ironflow_celery.engine.tasks import run_effect, run_timer
+from ironflow_celery.model.config import RetryPolicy
 from ironflow_celery.storage.store import PostgresStore
 
 T = TestWorkflow.type
@@ -116,3 +117,38 @@ def test_a_stale_timer_delivery_names_what_happened(app: TestApp, db: sa.Engine)
     result = run_timer(app.runtime, ref, str(timer_id), 1, LEASE)
     assert "the timer is already processed" in result["reason"]
     assert app.store.fetch_workflow_events(T, "stale-timer") == []  # the input never ran
+
+
+class PatientWorkflow(TestWorkflow):
+    """A type whose own retry policy allows more attempts than the runtime's (3)."""
+
+    __test__ = False
+    type = "stale_patient"
+    retry_policy = RetryPolicy(max_attempts=10, base_delay=0.05, max_delay=0.1)
+
+
+def test_a_row_under_its_own_types_limit_is_not_called_a_dead_letter(
+    store: PostgresStore, db: sa.Engine
+) -> None:
+    """6 attempts under the type's limit of 10 (global 3): the row waits for its next claim."""
+    app = TestApp(store, config=test_config(), workflows=[(PatientWorkflow, lambda *a, **k: None)])
+    try:
+        row_id = insert_effect(
+            db, PatientWorkflow.type, "patient", PROCESS, locked_by=LEASE, attempts=0
+        )
+        execute(
+            db,
+            "UPDATE ironflow.outbox SET attempts = 6, locked_by = NULL,"
+            " locked_until = now() + interval '1 minute'",
+        )
+        ref = f"{PatientWorkflow.type}:patient"
+        result = run_effect(app.runtime, ref, str(row_id), 1, LEASE)
+        assert result["status"] == "stale-skipped"
+        assert "dead letter" not in result["reason"], result["reason"]
+        assert "was released: it waits for its backoff or its next claim" in result["reason"]
+
+        execute(db, "UPDATE ironflow.outbox SET attempts = 10")  # ironflow's dead letter
+        result = run_effect(app.runtime, ref, str(row_id), 1, LEASE)
+        assert "is a dead letter" in result["reason"], result["reason"]
+    finally:
+        app.stop()

@@ -12,7 +12,7 @@ from contextlib import AbstractContextManager
 from typing import Protocol
 
 from ironflow_celery.engine.metrics import Metrics
-from ironflow_celery.model.config import RetryPolicy, RuntimeConfig
+from ironflow_celery.model.config import AttemptLimits, RetryPolicy, RuntimeConfig
 from ironflow_celery.service.workflow_service import Registry, WorkflowService
 from ironflow_celery.storage.kinds import Kind
 from ironflow_celery.storage.store import PostgresStore
@@ -48,6 +48,11 @@ class TaskHost(Protocol):
 
     @property
     def lease_keeper(self) -> LeaseKeeping: ...
+
+    @property
+    def attempt_limits(self) -> AttemptLimits:
+        """``max_attempts`` per workflow type, as the claim compares them."""
+        ...
 
     def retry_policy_for(self, workflow_type: str, effect_type: str | None = None) -> RetryPolicy:
         """The retry policy of a row: its effect type's, its workflow's, or the runtime's."""

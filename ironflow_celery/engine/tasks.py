@@ -213,7 +213,9 @@ def stale_reason(runtime: TaskHost, kind: Kind, row_id: uuid.UUID, lease: str) -
         return f"the {noun} was closed without running (cancelled, or a discarded dead letter)"
     if row.processed:
         return f"the {noun} is already processed"
-    if row.dead_lettered or row.attempts >= runtime.config.retry_policy.max_attempts:
+    # ironflow marks a dead letter only by attempts: compare with the limit the claim uses
+    # for this row's type (its workflow's own policy), not the global one.
+    if row.dead_lettered or row.attempts >= runtime.attempt_limits.for_type(row.workflow_type):
         return f"the {noun} is a dead letter"
     locked_by = row.locked_by or ""
     # A start guard hands the claim token on to a run token "<claim token>>…" (run_token_for).

@@ -356,7 +356,8 @@ _STILL_DISPATCHED = """
 # Why a start guard found nothing: read only on the stale path, so a skipped delivery can
 # say what actually happened.
 _DESCRIBE_STALE = """
-    SELECT processed_at IS NOT NULL AS processed, discarded_at IS NOT NULL AS discarded,
+    SELECT workflow_type, processed_at IS NOT NULL AS processed,
+           discarded_at IS NOT NULL AS discarded,
            dead_lettered_at IS NOT NULL AS dead_lettered, attempts, locked_by,
            coalesce(locked_until > now(), false) AS lease_live
     FROM {table} WHERE id = :id
