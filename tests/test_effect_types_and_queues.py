@@ -223,3 +223,43 @@ def test_messages_carry_the_effect_type_and_the_recorded_attempts_as_retries(
     assert [retries for _, retries, _ in mine] == [0, 1]  # attempt 1 failed, 2 succeeded
     assert {kwargs["effect_type"] for _, _, kwargs in mine} == {"Process"}
     assert all(isinstance(kwargs["due"], float) for _, _, kwargs in mine)
+
+
+def test_per_type_queues_route_every_task_the_engine_registers(
+    database_url: str, tmp_path: Path
+) -> None:
+    """``ironflow_queue_per_workflow_type``: the batch task ``ironflow.<type>.effects`` goes
+    to ``ironflow.<type>`` like the others (it went to the default queue, where a worker
+    started with ``-Q ironflow.<type>`` never ran it), the queue check names it, and
+    ``workflows list --json`` lists it."""
+    from celery import Celery
+
+    from ironflow_celery import install
+    from ironflow_celery.integration.queue_check import routed_queues
+    from tests.e2e_apps.batch_app import BatchWorkflow, handle_job
+
+    app = Celery("per_type", broker="memory://", set_as_current=False)
+    app.conf.ironflow_queue_per_workflow_type = True
+    app.conf.ironflow_database_url = database_url
+    install(app, workflows=[(BatchWorkflow, handle_job)])
+    wt = BatchWorkflow.type
+    for suffix in ("execute", "effect", "timer", "effects"):
+        queue = app.amqp.router.route({}, f"ironflow.{wt}.{suffix}")["queue"]
+        assert queue.name == f"ironflow.{wt}", suffix
+    assert routed_queues(app, [wt]) == {
+        f"ironflow.{wt}": [
+            f"ironflow.{wt}.effect",
+            f"ironflow.{wt}.timer",
+            f"ironflow.{wt}.effects",
+        ]
+    }
+    listed = subprocess.run(
+        [str(BIN / "ironflow-celery"), "-A", "tests.e2e_apps.batch_app:app", "workflows", "list",
+         "--json"],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO), "IRONFLOW_DATABASE_URL": database_url,
+             "BATCH_TEST_APP": "1", "CELERY_IRONFLOW_QUEUE_PER_WORKFLOW_TYPE": "true"},
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert listed.returncode == 0, listed.stderr
+    assert f"ironflow.{wt}.effects" in listed.stdout

@@ -29,6 +29,7 @@ from ironflow_celery.cli._common import (
 from ironflow_celery.cli.operations import add_cancel_commands, add_operations_commands
 from ironflow_celery.cli.projections import add_projection_commands
 from ironflow_celery.errors import IronflowError
+from ironflow_celery.integration.queue_check import task_names_of
 from ironflow_celery.model.storable import text_problem
 from ironflow_celery.model.views import FORMATS, Format, describe
 
@@ -159,7 +160,7 @@ def _add_workflow_commands(group: click.Group) -> None:
                     "inputs": list(wf.inputs.tags()),
                     "effects": list(wf.effects.tags()) if wf.has_effects() else [],
                     "state_machine": graph,
-                    "tasks": [f"ironflow.{wf.type}.{k}" for k in ("execute", "effect", "timer")],
+                    "tasks": list(task_names_of(wf).values()),
                 }
             )
         if as_json:

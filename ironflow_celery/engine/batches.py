@@ -59,6 +59,7 @@ from ironflow_celery.errors import (
     StorageError,
 )
 from ironflow_celery.model.config import results_ignored
+from ironflow_celery.model.tasknames import task_name_for
 from ironflow_celery.model.workflow import EffectContext, WorkflowRef
 from ironflow_celery.service.aio import call_handler
 from ironflow_celery.storage import tracing
@@ -75,7 +76,7 @@ __all__ = [
 
 def batch_task_name(workflow_type: str) -> str:
     """The batch task of a workflow type: ``ironflow.<type>.effects``."""
-    return f"ironflow.{workflow_type}.effects"
+    return task_name_for(workflow_type, "effects")
 
 
 # -- the relay side -------------------------------------------------------------------------

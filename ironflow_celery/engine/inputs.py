@@ -39,6 +39,7 @@ from ironflow_celery.errors import (
     UniqueKeyConflict,
     UnknownWorkflowType,
 )
+from ironflow_celery.model.tasknames import task_name_for
 from ironflow_celery.model.workflow import ExecuteOutcome
 from ironflow_celery.service.workflow_service import input_type_of
 
@@ -58,7 +59,7 @@ RECORD_TYPE = "ironflow.celery.execute"
 
 def execute_task_name(workflow_type: str) -> str:
     """``ironflow.<type>.execute``."""
-    return f"ironflow.{workflow_type}.execute"
+    return task_name_for(workflow_type, "execute")
 
 
 def execute_input(

@@ -24,6 +24,7 @@ from ironflow_celery.integration.queue_check import QueueCheckStep
 from ironflow_celery.integration.supervisor import ServiceProcess, ServiceThread, start_service
 from ironflow_celery.model.config import runtime_config_from
 from ironflow_celery.model.settings import read_settings
+from ironflow_celery.model.tasknames import PREFIX, split_task_name
 from ironflow_celery.service.aio import LOOP
 from ironflow_celery.service.workflow_service import WorkflowServiceConfig
 
@@ -103,11 +104,11 @@ def _install_routing(app: Celery) -> None:
         return
 
     def route(name: str, args: Any, kwargs: Any, options: Any, task: Any = None, **kw: Any):
-        if not name.startswith("ironflow."):
+        if not name.startswith(PREFIX):
             return None
-        parts = name.split(".")
-        if per_type and len(parts) >= 3 and parts[-1] in ("effect", "timer", "execute"):
-            return {"queue": "ironflow." + ".".join(parts[1:-1])}
+        per_type_task = split_task_name(name)
+        if per_type and per_type_task is not None:
+            return {"queue": PREFIX + per_type_task[0]}
         return {"queue": single} if single else None
 
     routes = app.conf.task_routes

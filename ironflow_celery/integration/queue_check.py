@@ -12,25 +12,39 @@ from typing import Any
 
 from celery import bootsteps
 
-from ironflow_celery.engine.relay import task_name
 from ironflow_celery.engine.runtime import runtime_of
 from ironflow_celery.model.settings import read_settings
+from ironflow_celery.model.tasknames import task_names_for
 
 __all__ = [
     "QueueCheckStep",
     "routed_queues",
+    "task_names_of",
     "unconsumed_queues",
 ]
 
 log = logging.getLogger("ironflow_celery.queue_check")
 
 
+def task_names_of(workflow: Any) -> dict[str, str]:
+    """The tasks the engine registers for `workflow`, by suffix (`model.tasknames`): the
+    batch task ``effects`` only for a type with an ``effect_batch_size``."""
+    names = task_names_for(workflow.type)
+    if getattr(workflow, "effect_batch_size", None) is None:
+        names.pop("effects")
+    return names
+
+
 def routed_queues(app: Any, workflow_types: list[str]) -> dict[str, list[str]]:
-    """The queue each ironflow effect and timer task routes to: ``{queue: [task, …]}``."""
+    """The queue each ironflow task a relay publishes routes to: ``{queue: [task, …]}``.
+
+    Effects, timers, and the batch task of the types that have one."""
     queues: dict[str, list[str]] = {}
+    runtime = runtime_of(app)
     for workflow_type in workflow_types:
-        for kind in ("effect", "timer"):
-            name = task_name(workflow_type, kind)
+        published = dict(task_names_of(runtime.registry.get(workflow_type).workflow))
+        published.pop("execute")  # submitted by users, not by a relay
+        for name in published.values():
             queue = app.amqp.router.route({}, name).get("queue")
             queue_name = getattr(queue, "name", queue) or app.conf.task_default_queue
             queues.setdefault(str(queue_name), []).append(name)

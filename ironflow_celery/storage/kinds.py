@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from ironflow_celery.errors import IronflowError
+from ironflow_celery.model.tasknames import task_name_for
 from ironflow_celery.storage import sql
 
 __all__ = [
@@ -65,7 +66,7 @@ class RowKind:
 
     def task_name(self, workflow_type: str) -> str:
         """The Celery task of a workflow type: ``ironflow.<type>.effect`` / ``.timer``."""
-        return f"ironflow.{workflow_type}.{self.name}"
+        return task_name_for(workflow_type, self.name)
 
     def lock_duration(self, config: Any) -> float:
         """The lease of this kind's rows under `config` (a `RuntimeConfig`)."""

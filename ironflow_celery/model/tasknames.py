@@ -1,0 +1,41 @@
+"""The Celery task names the engine registers per workflow type, in one table.
+
+``ironflow.<type>.<suffix>``: the route function, the start-up queue check, ``workflows
+list`` and the docs all read `TASK_SUFFIXES`, so a new task kind cannot be routed by one
+and forgotten by another (batched effects once went to the default queue that way).
+"""
+
+from __future__ import annotations
+
+__all__ = ["PREFIX", "TASK_SUFFIXES", "split_task_name", "task_name_for", "task_names_for"]
+
+PREFIX = "ironflow."
+
+TASK_SUFFIXES: tuple[str, ...] = ("execute", "effect", "timer", "effects")
+"""What each suffix runs: an input (``execute``), one effect row, one timer row, a group of
+effect rows of one type (``effects``, the batch task)."""
+
+
+def task_name_for(workflow_type: str, suffix: str) -> str:
+    """``ironflow.<workflow_type>.<suffix>``; `suffix` must be one of `TASK_SUFFIXES`."""
+    if suffix not in TASK_SUFFIXES:
+        raise ValueError(f"unknown ironflow task suffix {suffix!r}; one of {TASK_SUFFIXES}")
+    return f"{PREFIX}{workflow_type}.{suffix}"
+
+
+def task_names_for(workflow_type: str) -> dict[str, str]:
+    """Every task name of `workflow_type`, by suffix."""
+    return {suffix: task_name_for(workflow_type, suffix) for suffix in TASK_SUFFIXES}
+
+
+def split_task_name(name: str) -> tuple[str, str] | None:
+    """(workflow type, suffix) of a per-type ironflow task name, else None.
+
+    Workflow types may contain dots, so the suffix is the last component and the type is
+    everything between the prefix and it."""
+    if not name.startswith(PREFIX):
+        return None
+    workflow_type, _, suffix = name[len(PREFIX) :].rpartition(".")
+    if not workflow_type or suffix not in TASK_SUFFIXES:
+        return None
+    return workflow_type, suffix
