@@ -3,6 +3,10 @@
 A worker started with ``-Q`` (or ``task_queues``) that does not read the queue its relay
 publishes effects to starts silently, and every effect then waits out its dispatch
 timeout in a queue nobody reads. The check logs a WARNING naming both sides.
+
+The same routes decide which workflow types a worker's relays claim (`relay_types`): the
+types whose tasks go to a queue the worker consumes, so a worker group never publishes
+(and holds budget for) rows only another group's workers would run.
 """
 
 from __future__ import annotations
@@ -12,12 +16,14 @@ from typing import Any
 
 from celery import bootsteps
 
-from ironflow_celery.engine.relay import task_name
-from ironflow_celery.engine.runtime import runtime_of
+from ironflow_celery.engine.runtime import WorkflowRuntime, runtime_of
 from ironflow_celery.model.settings import read_settings
+from ironflow_celery.storage.kinds import KINDS
 
 __all__ = [
     "QueueCheckStep",
+    "consumed_queues",
+    "relay_types",
     "routed_queues",
     "unconsumed_queues",
 ]
@@ -25,25 +31,47 @@ __all__ = [
 log = logging.getLogger("ironflow_celery.queue_check")
 
 
-def routed_queues(app: Any, workflow_types: list[str]) -> dict[str, list[str]]:
+def routed_queues(runtime: WorkflowRuntime) -> dict[str, list[str]]:
     """The queue each ironflow effect and timer task routes to: ``{queue: [task, …]}``."""
     queues: dict[str, list[str]] = {}
-    for workflow_type in workflow_types:
-        for kind in ("effect", "timer"):
-            name = task_name(workflow_type, kind)
-            queue = app.amqp.router.route({}, name).get("queue")
-            queue_name = getattr(queue, "name", queue) or app.conf.task_default_queue
-            queues.setdefault(str(queue_name), []).append(name)
+    for workflow_type in runtime.workflow_types:
+        for kind in KINDS:
+            queue = runtime.task_queue(kind.name, workflow_type)
+            queues.setdefault(queue, []).append(kind.task_name(workflow_type))
     return queues
 
 
-def unconsumed_queues(
-    app: Any, workflow_types: list[str]
-) -> tuple[dict[str, list[str]], list[str]]:
+def consumed_queues(app: Any) -> list[str]:
+    """The queues this worker consumes: ``-Q`` (less ``-X``), else the default ones; the
+    set Celery's task consumer is built from."""
+    return sorted(app.amqp.queues.consume_from)
+
+
+def unconsumed_queues(runtime: WorkflowRuntime) -> tuple[dict[str, list[str]], list[str]]:
     """(ironflow queues this worker does not consume, with their tasks; the queues it does)."""
-    consumed = sorted(app.amqp.queues.consume_from)
-    routed = routed_queues(app, workflow_types)
+    consumed = consumed_queues(runtime.app)
+    routed = routed_queues(runtime)
     return {q: tasks for q, tasks in routed.items() if q not in consumed}, consumed
+
+
+def relay_types(runtime: WorkflowRuntime) -> dict[str, list[str]]:
+    """Per kind (``effect``/``timer``), the workflow types a worker's relays claim: those
+    whose tasks of that kind route to a queue the worker consumes.
+
+    A worker that consumes none of ironflow's queues (``-Q`` of other queues only, or a
+    relay host whose workers run elsewhere) claims every type, as before: it cannot tell
+    which groups exist, and the per-queue budgets keep one stalled queue from holding up
+    the others. ``ironflow_relay_types`` overrides both (`WorkflowRuntime.relay_routes`).
+    """
+    consumed = set(consumed_queues(runtime.app))
+    types = runtime.workflow_types
+    chosen: dict[str, list[str]] = {
+        kind.name: [t for t in types if runtime.task_queue(kind.name, t) in consumed]
+        for kind in KINDS
+    }
+    if not any(chosen.values()):
+        return {kind.name: list(types) for kind in KINDS}
+    return chosen
 
 
 class QueueCheckStep(bootsteps.StartStopStep):
@@ -63,7 +91,7 @@ class QueueCheckStep(bootsteps.StartStopStep):
         try:
             runtime = runtime_of(worker.app)
             runtime.load_workflows()
-            missing, consumed = unconsumed_queues(worker.app, list(runtime.registry.types))
+            missing, consumed = unconsumed_queues(runtime)
         except Exception as exc:  # a check must never stop a worker from starting
             log.debug("ironflow queue check skipped: %s", exc)
             return
