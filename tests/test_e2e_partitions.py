@@ -115,7 +115,12 @@ def test_group_b_down_does_not_stall_group_a_and_b_runs_once_later(
             depths.append(int(client.llen(QUEUE_B)))
             return processed(database_url, A)
 
-        wait_for_progress(a_done, ROWS_A, f"group A's {ROWS_A} rows while group B is down")
+        wait_for_progress(
+            a_done,
+            ROWS_A,
+            f"group A's {ROWS_A} rows while group B is down",
+            diagnose=lambda: f"B's queue held up to {max(depths, default=0)} messages",
+        )
 
         # The relay's dispatch timeout passes again and again (it says so each time), for
         # longer than a hold (30 s): its B rows stay held, never published a second time.

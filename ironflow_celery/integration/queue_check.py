@@ -18,7 +18,7 @@ from celery import bootsteps
 
 from ironflow_celery.engine.runtime import WorkflowRuntime, runtime_of
 from ironflow_celery.model.settings import read_settings
-from ironflow_celery.storage.kinds import KINDS
+from ironflow_celery.storage.kinds import KINDS, kind_of
 
 __all__ = [
     "QueueCheckStep",
@@ -47,10 +47,21 @@ def consumed_queues(app: Any) -> list[str]:
     return sorted(app.amqp.queues.consume_from)
 
 
-def unconsumed_queues(runtime: WorkflowRuntime) -> tuple[dict[str, list[str]], list[str]]:
-    """(ironflow queues this worker does not consume, with their tasks; the queues it does)."""
+def unconsumed_queues(
+    runtime: WorkflowRuntime, *, relay: bool = False
+) -> tuple[dict[str, list[str]], list[str]]:
+    """(ironflow queues this worker does not consume, with their tasks; the queues it does).
+
+    With `relay`, only the queues of the types this worker's relays claim: a worker group's
+    relay never publishes another group's types, so their queues are none of its concern."""
     consumed = consumed_queues(runtime.app)
-    routed = routed_queues(runtime)
+    if relay:
+        routed: dict[str, list[str]] = {}
+        for kind, queues in runtime.relay_routes(relay_types(runtime)).items():
+            for workflow_type, queue in queues.items():
+                routed.setdefault(queue, []).append(kind_of(kind).task_name(workflow_type))
+    else:
+        routed = routed_queues(runtime)
     return {q: tasks for q, tasks in routed.items() if q not in consumed}, consumed
 
 
@@ -91,7 +102,7 @@ class QueueCheckStep(bootsteps.StartStopStep):
         try:
             runtime = runtime_of(worker.app)
             runtime.load_workflows()
-            missing, consumed = unconsumed_queues(runtime)
+            missing, consumed = unconsumed_queues(runtime, relay=self.relay)
         except Exception as exc:  # a check must never stop a worker from starting
             log.debug("ironflow queue check skipped: %s", exc)
             return
