@@ -9,8 +9,10 @@ with two worker groups is ``test_e2e_partitions.py``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import threading
 import uuid
 from collections.abc import Sequence
@@ -184,3 +186,27 @@ def test_rows_in_a_queue_nobody_consumes_are_held_not_published_again(
 
 def _task_ids(client: redis.Redis, queue: str) -> list[str]:
     return [json.loads(m)["headers"]["id"] for m in client.lrange(queue, 0, -1)]
+
+
+AMQP_URL = os.environ.get("IRONFLOW_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
+
+
+@pytest.mark.parametrize("broker", ["redis", "amqp"])
+def test_queue_depth_is_read_from_the_broker(broker: str) -> None:
+    """What the hold decision reads: the messages waiting in a queue, on Redis and on
+    RabbitMQ; a queue that does not exist holds none; an unreachable broker is unknown."""
+    queue = f"t-{uuid.uuid4().hex}"
+    app = celery_app(queue, BROKER_URL if broker == "redis" else AMQP_URL)
+    depth = celery_queue_depth(app)
+    try:
+        assert depth(queue) == 0
+        with app.producer_or_acquire() as producer:
+            for i in range(3):
+                app.send_task("ironflow.depth.effect", args=[i], producer=producer)
+        wait_until(lambda: depth(queue) == 3, 30, what="three messages counted")
+    finally:
+        with app.connection_for_write() as conn, contextlib.suppress(Exception):
+            conn.default_channel.queue_delete(queue)
+        if broker == "redis":
+            delete_queue(queue)
+    assert celery_queue_depth(celery_app(queue, "redis://127.0.0.1:1/0"))(queue) is None

@@ -98,7 +98,8 @@ def celery_queue_depth(app: Any) -> QueueDepth:
 
     def depth(queue: str) -> int | None:
         try:
-            with app.connection_for_write() as conn:
+            # a broker that does not answer must not hold the relay up for long
+            with app.connection_for_write(connect_timeout=5) as conn:
                 channel = conn.channel()
                 try:
                     return int(channel.queue_declare(queue=queue, passive=True).message_count)

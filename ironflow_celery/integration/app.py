@@ -162,9 +162,11 @@ class RelayStep(bootsteps.StartStopStep):
             worker=worker,
             shutdown_timeout=runtime.config.shutdown_timeout,
         )
+        claimed = {t for queues in routes.values() for t in queues}
         log.info(
-            "ironflow relay started (%s) for %s",
+            "ironflow relay started (%s) for %s; %s",
             self.service.mode,
+            ", ".join(t for t in runtime.registry.types if t in claimed) or "no workflow types",
             "; ".join(
                 f"{kind} {', '.join(f'{t} -> {q}' for t, q in queues.items()) or 'none'}"
                 for kind, queues in routes.items()
