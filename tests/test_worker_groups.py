@@ -14,7 +14,9 @@ import json
 import logging
 import os
 import threading
+import time
 import uuid
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,6 +30,7 @@ from runtime_helpers import (
     celery_app,
     delete_queue,
     insert_effect,
+    insert_timer,
     test_config,
     wait_until,
 )
@@ -210,3 +213,60 @@ def test_queue_depth_is_read_from_the_broker(broker: str) -> None:
         if broker == "redis":
             delete_queue(queue)
     assert celery_queue_depth(celery_app(queue, "redis://127.0.0.1:1/0"))(queue) is None
+
+
+class CountingStore:
+    """The real store, counting the relay's statements by method."""
+
+    def __init__(self, store: PostgresStore) -> None:
+        self.store = store
+        self.calls: Counter[str] = Counter()
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.store, name)
+        if not callable(attr):
+            return attr
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            self.calls[name] += 1
+            return attr(*args, **kwargs)
+
+        return counted
+
+
+def test_due_rows_of_a_queue_at_its_limit_do_not_make_the_relay_spin(
+    store: PostgresStore, db: sa.Engine
+) -> None:
+    """Timers of a stalled queue stay due while its budget is full: the relay sleeps its
+    poll interval instead of waking at once for a row it may not claim."""
+    for i in range(4):
+        insert_timer(db, TT, f"w{i}", {"type": "TimeoutFired", "id": f"w{i}"}, notify=False)
+    config = test_config(max_in_flight=2, claim_batch_size=2, timer_poll_interval=0.2)
+    counting = CountingStore(store)
+    relay = Relay(
+        "timer",
+        counting,  # type: ignore[arg-type]
+        [T, TT],
+        config,
+        Recorder(),
+        name="spin",
+        wake=threading.Event(),
+        stop=threading.Event(),
+        queues={T: "queue-a", TT: "queue-b"},
+    )
+    thread = threading.Thread(target=relay.run, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: relay.claimed_total == 2, 30, what="queue-b's budget published")
+        time.sleep(1.5)  # nothing of queue-b starts: after a second it counts as quiet
+        before = sum(counting.calls.values())
+        window = 2.0
+        time.sleep(window)  # a rate bound over a window: a slow machine only lowers it
+        statements = sum(counting.calls.values()) - before
+    finally:
+        relay.stop.set()
+        relay.wake.set()
+        thread.join(10)
+    # at most a claim and a next-due query per poll (0.2 s), plus the once-a-second checks
+    assert statements <= 2 * window / 0.2 + 3 * window + 5, counting.calls
+    assert relay.claimed_total == 2

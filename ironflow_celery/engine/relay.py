@@ -658,15 +658,30 @@ class Relay:
         if self.len_in_flight_at_limit():
             timeout = min(timeout, 0.05)
         elif self.row_kind.statements.next_due is not None:
+            # Only the types a claim could take now: a due row of a queue at its limit
+            # waits for room, and waking for it would spin.
+            types = self._open_types()
             try:
-                due = self.store.seconds_until_due(
-                    self.row_kind, self.workflow_types, max_attempts=self.attempt_limits
+                due = (
+                    self.store.seconds_until_due(
+                        self.row_kind, types, max_attempts=self.attempt_limits
+                    )
+                    if types
+                    else None
                 )
             except StorageError:
                 due = None
             if due is not None:
                 timeout = min(timeout, max(due, 0.005))
         self.wake.wait(timeout)
+
+    def _open_types(self) -> list[str]:
+        """The types whose queue has room for a claim (see `_claimable`)."""
+        room = {
+            q: self.config.max_in_flight - len(waiting) >= self._min_claim or not waiting
+            for q, waiting in self._waiting.items()
+        }
+        return [t for t in self.workflow_types if room[self.queues[t]]]
 
     def len_in_flight_at_limit(self) -> bool:
         """Back-pressure holds on a queue whose rows are starting: less room than the
