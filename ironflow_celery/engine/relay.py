@@ -7,6 +7,11 @@ decision transaction notifies) with a polling fallback, and stops claiming while
 backlog never floods the broker. A publish that fails gives its unpublished claims back
 at once. Any number of relays may share one database.
 
+Back-pressure holds per queue (DESIGN invariant 13): ``max_in_flight`` bounds the rows
+waiting in each broker queue the relay publishes to, so a queue nobody consumes (a worker
+group that is down) holds at most that many of its rows and never stops the relay from
+publishing the other queues' rows.
+
 Waiting is not failing (DESIGN invariant 10). A published row stays held by its claim
 token until a worker's start guard takes it over, and the relay keeps renewing the lease
 of every such row, so a message that waits in the broker behind a backlog -- longer than
@@ -16,10 +21,15 @@ unstarted ``dispatch_timeout`` after it was published (its message was lost by t
 or discarded by a worker) is given up and comes back after one more lease; and after a
 PostgreSQL restart, rows claimed before it are not renewed (a start guard the server lost
 in a crash would leave its row looking unstarted although its message was consumed).
+A row is not given up while its queue still holds at least as many messages as the relay
+has rows waiting in it and none of them started since it was published: nobody consumes
+that queue, its message is still there, and publishing it again would only pile up
+duplicates.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import threading
@@ -44,11 +54,14 @@ __all__ = [
     "DISPATCH_HOLD_MIN",
     "Dispatched",
     "Publisher",
+    "QueueDepth",
     "Relay",
     "RelayGroup",
     "Waker",
     "celery_publisher",
+    "celery_queue_depth",
     "declare_queues",
+    "queue_of",
     "task_name",
 ]
 
@@ -65,6 +78,43 @@ DISPATCH_HOLD_MIN = 30.0
 
 
 Publisher = Callable[[Kind, Sequence[ClaimedRow]], list[uuid.UUID]]
+
+QueueDepth = Callable[[str], int | None]
+"""The number of messages waiting in a broker queue (None: the broker could not say)."""
+
+DEFAULT_QUEUE = ""
+"""The partition of rows whose queue the relay was not told (one budget for all of them)."""
+
+
+def queue_of(app: Any, task: str) -> str:
+    """The name of the queue `app` routes the task named `task` to."""
+    queue = app.amqp.router.route({}, task).get("queue")
+    return str(getattr(queue, "name", queue) or app.conf.task_default_queue)
+
+
+def celery_queue_depth(app: Any) -> QueueDepth:
+    """How many messages wait in a queue of `app`'s broker (a passive declare: Redis
+    counts the list, AMQP reports the ready messages); a queue that does not exist holds 0."""
+
+    def depth(queue: str) -> int | None:
+        try:
+            # a broker that does not answer must not hold the relay up for long
+            with app.connection_for_write(connect_timeout=5) as conn:
+                channel = conn.channel()
+                try:
+                    return int(channel.queue_declare(queue=queue, passive=True).message_count)
+                except conn.channel_errors as exc:
+                    if "NOT_FOUND" in str(exc) or type(exc).__name__ == "NotFound":
+                        return 0
+                    raise
+                finally:
+                    with contextlib.suppress(Exception):
+                        channel.close()
+        except Exception as exc:  # unknown: the relay then acts as if it could not check
+            log.debug("ironflow: could not read the depth of queue %s: %s", queue, exc)
+            return None
+
+    return depth
 
 
 def celery_publisher(app: Any, *, forward_traces: bool = True) -> Publisher:
@@ -220,6 +270,8 @@ class Dispatched:
     """The start time of the PostgreSQL server that granted the claim."""
     renew_at: float = 0.0
     """When its hold must next be renewed (monotonic clock)."""
+    queue: str = DEFAULT_QUEUE
+    """The broker queue its message went to (back-pressure holds per queue)."""
 
 
 class Relay:
@@ -239,6 +291,8 @@ class Relay:
         on_claimed: Callable[[Kind, int], None] | None = None,
         attempt_limits: AttemptLimits | None = None,
         concurrency_limits: Mapping[str, int] | None = None,
+        queues: Mapping[str, str] | None = None,
+        queue_depth: QueueDepth | None = None,
     ) -> None:
         self.row_kind = kind_of(kind)
         self.kind: Kind = self.row_kind.name
@@ -253,11 +307,23 @@ class Relay:
         # Per-type max attempts (a workflow's retry_policy) and concurrency limits (effects).
         self.attempt_limits = attempt_limits or AttemptLimits(config.retry_policy.max_attempts)
         self.concurrency_limits = dict(concurrency_limits or {})
-        # Published rows not yet started by a worker, in dispatch order.
+        # The queue each type's tasks of this kind route to: ``max_in_flight`` holds per
+        # queue, so one nobody consumes cannot take the room of the others (types not
+        # named share one partition). `queue_depth` lets a dispatch timeout tell a queue
+        # nobody consumes (its messages still there) from lost messages.
+        self.queues = {t: (queues or {}).get(t, DEFAULT_QUEUE) for t in self.workflow_types}
+        self.queue_depth = queue_depth
+        # Published rows not yet started by a worker, in dispatch order; and per queue.
         self.in_flight: dict[uuid.UUID, Dispatched] = {}
+        self._waiting: dict[str, dict[uuid.UUID, None]] = {
+            q: {} for q in dict.fromkeys(self.queues.values())
+        }
+        self._checked_at: dict[str, float] = {}  # per queue: its last check for started rows
+        self._full_checked_at: dict[str, float] = {}
+        self._started_at: dict[str, float] = {}  # per queue: when a row of it last started
+        self.held_total = 0
+        """Rows kept past ``dispatch_timeout`` because their queue still held them."""
         self._batches = itertools.count(1)
-        self._refreshed_at = 0.0
-        self._full_check_at = 0.0
         self._drained = True
         self._lease = self.row_kind.lock_duration(config)
         # Each hold is renewed when a third of it has passed: two renewals may be late (a
@@ -278,7 +344,7 @@ class Relay:
     def run(self) -> None:
         """Claim and publish until `stop` is set."""
         if not self.workflow_types:
-            log.warning("ironflow %s relay %s: no workflow types registered", self.kind, self.name)
+            log.warning("ironflow %s relay %s: no workflow types to claim", self.kind, self.name)
         failures = 0
         while not self.stop.is_set():
             try:
@@ -315,17 +381,14 @@ class Relay:
         # Renew before claiming: after a database outage this takes our waiting rows back
         # before this relay could re-claim (and re-publish) them as expired.
         self.keep_alive()
-        capacity = self.capacity()
-        if capacity <= 0 or (self.in_flight and capacity < self._min_claim):
-            # At the limit, wait for a quarter batch of room: claims of a handful of rows
-            # cost as much database work as full ones, while the broker still holds plenty.
+        types, limit = self._claimable()
+        if not types:
             return False
         token = f"{self.name}#{next(self._batches)}"
-        limit = min(self.config.claim_batch_size, capacity)
         rows = self.store.claim(
             self.row_kind,
             token,
-            self.workflow_types,
+            types,
             lease_seconds=self._lease,
             max_attempts=self.attempt_limits,
             limit=limit,
@@ -340,7 +403,7 @@ class Relay:
         try:
             published = self.publish(self.kind, rows)
         except PublishError as exc:
-            self._track(exc.published, token, rows[0].server_started)
+            self._track(self._queued(rows, exc.published), token, rows[0].server_started)
             sent = set(exc.published)
             unsent = [r.id for r in rows if r.id not in sent]
             try:
@@ -351,7 +414,7 @@ class Relay:
                 )
             self.published_total += len(exc.published)
             raise
-        self._track(published, token, rows[0].server_started)
+        self._track(self._queued(rows, published), token, rows[0].server_started)
         self.published_total += len(published)
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
@@ -364,29 +427,108 @@ class Relay:
             )
         return True
 
+    def _claimable(self) -> tuple[list[str], int]:
+        """The types the next claim takes and its limit: one statement, within the room of
+        every queue it may fill.
+
+        The queues with a full batch of room are claimed together, a batch at most (no
+        queue can overflow); only when none has, those with a quarter batch of room, at
+        most the smallest room among them. A queue at its limit is left out (at the limit,
+        wait for a quarter batch of room: claims of a handful of rows cost as much database
+        work as full ones, while the broker still holds plenty).
+        """
+        rooms = self.rooms()
+        batch = min(self.config.claim_batch_size, self.config.max_in_flight)
+        chosen = {q: room for q, room in rooms.items() if room >= batch}
+        if not chosen:
+            chosen = {
+                q: room
+                for q, room in rooms.items()
+                if room > 0 and (room >= self._min_claim or not self._waiting[q])
+            }
+        if not chosen:
+            return [], 0
+        types = [t for t in self.workflow_types if self.queues[t] in chosen]
+        return types, min(self.config.claim_batch_size, *chosen.values())
+
+    def _queued(
+        self, rows: Sequence[ClaimedRow], published: Iterable[uuid.UUID]
+    ) -> list[tuple[uuid.UUID, str]]:
+        """The published rows with the queue each went to."""
+        types = {row.id: row.workflow_type for row in rows}
+        return [
+            (row_id, self.queues.get(types.get(row_id, ""), DEFAULT_QUEUE)) for row_id in published
+        ]
+
     def capacity(self) -> int:
-        """Rows this relay may still claim before back-pressure stops it.
+        """Rows this relay may still claim before back-pressure stops it: the most room
+        any of its queues has (`rooms`)."""
+        return max(self.rooms().values(), default=0)
+
+    def rooms(self) -> dict[str, int]:
+        """Rows this relay may still publish to each of its queues before back-pressure
+        stops it (``max_in_flight`` minus its rows still waiting there).
 
         Started rows are found by asking the database about the oldest published ones:
         rows start roughly in dispatch order, so a claim batch's worth of the oldest ids
         frees room at a fraction of the cost of checking all of them (with 1,000 in flight,
         that full check, repeated while at the limit, was a third of a busy relay's CPU and
         of its PostgreSQL backend's). All of them are checked, at most once a second, only
-        when the relay is at its limit and the oldest still wait (several queues, say).
+        when a queue is at its limit and its oldest still wait. A queue at its limit is
+        checked at every round while its rows start, once a second while none did for a
+        second (a queue nobody consumes costs a statement a second, not one per round), and
+        all its rows at most every ten seconds then.
         """
         now = time.monotonic()
-        free = self.config.max_in_flight - len(self.in_flight)
-        at_limit = free < self.config.claim_batch_size
-        if not self.in_flight or (not at_limit and now - self._refreshed_at < 1):
-            return free
-        self._refreshed_at = now
-        done = self._finished(list(itertools.islice(self.in_flight, self._oldest_window)))
-        if at_limit and not done and now - self._full_check_at >= 1:
-            self._full_check_at = now
-            done = self._finished(list(self.in_flight))
-        for row_id in done:
-            del self.in_flight[row_id]
-        return self.config.max_in_flight - len(self.in_flight)
+        limit = self.config.max_in_flight
+        due = [
+            q
+            for q, waiting in self._waiting.items()
+            if waiting
+            and (
+                now - self._checked_at.get(q, 0.0) >= 1
+                or (self._at_limit(q) and not self._quiet(q, now))
+            )
+        ]
+        if due:
+            window = [
+                r for q in due for r in itertools.islice(self._waiting[q], self._oldest_window)
+            ]
+            found = self._forget(self._finished(window), started=True)
+            for q in due:
+                self._checked_at[q] = now
+                full_every = 10.0 if self._quiet(q, now) else 1.0
+                if (
+                    q not in found
+                    and self._at_limit(q)
+                    and now - self._full_checked_at.get(q, 0.0) >= full_every
+                ):
+                    self._full_checked_at[q] = now
+                    self._forget(self._finished(list(self._waiting[q])), started=True)
+        return {q: limit - len(waiting) for q, waiting in self._waiting.items()}
+
+    def _at_limit(self, queue: str) -> bool:
+        """Less than a batch of room left in `queue`."""
+        return self.config.max_in_flight - len(self._waiting[queue]) < self.config.claim_batch_size
+
+    def _quiet(self, queue: str, now: float) -> bool:
+        """None of this relay's rows in `queue` started for a second."""
+        return now - self._started_at.get(queue, 0.0) >= 1.0
+
+    def _forget(self, ids: Iterable[uuid.UUID], *, started: bool = False) -> set[str]:
+        """Stop tracking `ids` (`started`: no longer waiting under our claim); their queues."""
+        now = time.monotonic()
+        queues: set[str] = set()
+        for row_id in ids:
+            dispatched = self.in_flight.pop(row_id, None)
+            if dispatched is None:
+                continue
+            self._waiting[dispatched.queue].pop(row_id, None)
+            queues.add(dispatched.queue)
+        if started:
+            for q in queues:
+                self._started_at[q] = now
+        return queues
 
     @property
     def _min_claim(self) -> int:
@@ -404,13 +546,20 @@ class Relay:
         return [row_id for row_id in ids if row_id not in still]
 
     def _track(
-        self, ids: Iterable[uuid.UUID], token: str, server_started: datetime | None = None
+        self,
+        ids: Iterable[tuple[uuid.UUID, str]],
+        token: str,
+        server_started: datetime | None = None,
     ) -> None:
         now = time.monotonic()
         renew_at = now + self._renew_every
         self._renew_due = min(self._renew_due, renew_at) if self.in_flight else renew_at
-        for row_id in ids:
-            self.in_flight[row_id] = Dispatched(token, now, server_started, renew_at)
+        for row_id, queue in ids:
+            self.in_flight[row_id] = Dispatched(token, now, server_started, renew_at, queue)
+            waiting = self._waiting.setdefault(queue, {})
+            if not waiting:  # the queue's one-second "quiet" clock starts with its first row
+                self._started_at[queue] = max(self._started_at.get(queue, 0.0), now)
+            waiting[row_id] = None
 
     def keep_alive(self) -> None:
         """Renew the holds of published rows that still wait to start (when a third of a
@@ -422,8 +571,9 @@ class Relay:
         limit = self.config.dispatch_timeout
         overdue = [row_id for row_id, d in self.in_flight.items() if now - d.at >= limit]
         if overdue:
-            for row_id in overdue:
-                del self.in_flight[row_id]
+            overdue = self._hold_unconsumed(overdue, now)
+        if overdue:
+            self._forget(overdue)
             self.given_up_total += len(overdue)
             log.warning(
                 "ironflow %s relay %s: %d published rows did not start within %.0fs "
@@ -458,8 +608,46 @@ class Relay:
                 if row_id in held:
                     self.in_flight[row_id].renew_at = next_renewal
                 else:  # started, finished, released, re-claimed, or the server restarted
-                    del self.in_flight[row_id]
+                    self._forget([row_id], started=True)
         self._renew_due = min((d.renew_at for d in self.in_flight.values()), default=now)
+
+    def _hold_unconsumed(self, overdue: list[uuid.UUID], now: float) -> list[uuid.UUID]:
+        """Those of the `overdue` rows to give up; the others are held another
+        ``dispatch_timeout``.
+
+        A row is held when none of this relay's rows in its queue started since it was
+        published and the queue still holds at least as many messages as the relay has rows
+        waiting there: nobody consumes the queue (its worker group is down), the message is
+        there, and publishing it again would only pile up a duplicate. A queue that moves,
+        or holds fewer messages (the broker lost some), gives its overdue rows up as before.
+        """
+        if self.queue_depth is None:
+            return overdue
+        by_queue: dict[str, list[uuid.UUID]] = {}
+        for row_id in overdue:
+            by_queue.setdefault(self.in_flight[row_id].queue, []).append(row_id)
+        give_up: list[uuid.UUID] = []
+        for queue, ids in by_queue.items():
+            oldest = min(self.in_flight[row_id].at for row_id in ids)
+            waiting = len(self._waiting[queue])
+            depth = None
+            if self._started_at.get(queue, 0.0) <= oldest and queue != DEFAULT_QUEUE:
+                depth = self.queue_depth(queue)
+            if depth is None or depth < waiting:
+                give_up.extend(ids)
+                continue
+            for row_id in ids:
+                self.in_flight[row_id].at = now
+            self.held_total += len(ids)
+            log.warning(
+                "ironflow %s relay %s: %d published rows did not start within %.0fs "
+                "(ironflow_dispatch_timeout), and queue %s still holds %d messages with none "
+                "of this relay's %d rows there started since: is a worker consuming it "
+                "(celery worker -Q %s)? They stay held, not published again",
+                self.kind, self.name, len(ids), self.config.dispatch_timeout, queue, depth,
+                waiting, queue,
+            )  # fmt: skip
+        return give_up
 
     def idle_wait(self) -> None:
         """Sleep until a NOTIFY, the poll interval, or the next due time (timers; an
@@ -470,9 +658,16 @@ class Relay:
         if self.len_in_flight_at_limit():
             timeout = min(timeout, 0.05)
         elif self.row_kind.statements.next_due is not None:
+            # Only the types a claim could take now: a due row of a queue at its limit
+            # waits for room, and waking for it would spin.
+            types = self._open_types()
             try:
-                due = self.store.seconds_until_due(
-                    self.row_kind, self.workflow_types, max_attempts=self.attempt_limits
+                due = (
+                    self.store.seconds_until_due(
+                        self.row_kind, types, max_attempts=self.attempt_limits
+                    )
+                    if types
+                    else None
                 )
             except StorageError:
                 due = None
@@ -480,9 +675,24 @@ class Relay:
                 timeout = min(timeout, max(due, 0.005))
         self.wake.wait(timeout)
 
+    def _open_types(self) -> list[str]:
+        """The types whose queue has room for a claim (see `_claimable`)."""
+        room = {
+            q: self.config.max_in_flight - len(waiting) >= self._min_claim or not waiting
+            for q, waiting in self._waiting.items()
+        }
+        return [t for t in self.workflow_types if room[self.queues[t]]]
+
     def len_in_flight_at_limit(self) -> bool:
-        """Back-pressure holds: less room than the smallest claim worth making."""
-        return self.config.max_in_flight - len(self.in_flight) < self._min_claim
+        """Back-pressure holds on a queue whose rows are starting: less room than the
+        smallest claim worth making (a queue where nothing started for a second, nobody
+        may consume: its room is looked for at the usual pace)."""
+        now = time.monotonic()
+        return any(
+            self.config.max_in_flight - len(waiting) < self._min_claim
+            and not self._quiet(queue, now)
+            for queue, waiting in self._waiting.items()
+        )
 
 
 class RelayGroup:
@@ -501,7 +711,12 @@ class RelayGroup:
         on_claimed: Callable[[Kind, int], None] | None = None,
         attempt_limits: AttemptLimits | None = None,
         concurrency_limits: Mapping[str, int] | None = None,
+        routes: Mapping[str, Mapping[str, str]] | None = None,
+        queue_depth: QueueDepth | None = None,
     ) -> None:
+        """`routes`, per kind (``"effect"``/``"timer"``): the workflow types its relays claim
+        and the queue each one's tasks go to (back-pressure per queue); without it every
+        relay claims `workflow_types` under one budget."""
         self.stop_event = threading.Event()
         url = store.engine.url.set(drivername="postgresql")
         self.waker = Waker(url.render_as_string(hide_password=False), self.stop_event)
@@ -513,11 +728,12 @@ class RelayGroup:
             count = kind.workers(config)
             for i in range(count):
                 name = f"{worker_id}-{kind}" if count == 1 else f"{worker_id}-{kind}-{i}"
+                queues = routes.get(kind.name, {}) if routes is not None else None
                 self.relays.append(
                     Relay(
                         kind.name,
                         store,
-                        workflow_types,
+                        list(queues) if queues is not None else workflow_types,
                         config,
                         publish,
                         name=name,
@@ -526,6 +742,8 @@ class RelayGroup:
                         on_claimed=on_claimed,
                         attempt_limits=attempt_limits,
                         concurrency_limits=concurrency_limits,
+                        queues=queues,
+                        queue_depth=queue_depth,
                     )
                 )
         self._threads = [

@@ -13,7 +13,7 @@ import inspect
 import logging
 import threading
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from datetime import datetime
 from functools import cached_property
 from types import ModuleType
@@ -21,9 +21,19 @@ from typing import Any
 
 from celery.utils.imports import import_from_cwd
 
-from ironflow_celery.engine.batches import batch_publisher, register_batch_tasks
+from ironflow_celery.engine.batches import (
+    batch_publisher,
+    batch_task_name,
+    register_batch_tasks,
+)
 from ironflow_celery.engine.metrics import Metrics
-from ironflow_celery.engine.relay import Publisher, RelayGroup, celery_publisher
+from ironflow_celery.engine.relay import (
+    Publisher,
+    RelayGroup,
+    celery_publisher,
+    celery_queue_depth,
+    queue_of,
+)
 from ironflow_celery.engine.tasks import LeaseKeeper, register_workflow_tasks
 from ironflow_celery.errors import ConfigurationError, NotInstalled
 from ironflow_celery.model.config import AttemptLimits, RetryPolicy, RuntimeConfig
@@ -284,8 +294,54 @@ class WorkflowRuntime:
         return schema.upgrade(self.store.engine)
 
     # -- relays ---------------------------------------------------------------------------
-    def start_relays(self, *, effects: bool = True, timers: bool = True) -> RelayGroup:
-        """Start the relay threads of this process (caller stops them)."""
+    def task_queue(self, kind: str, workflow_type: str) -> str:
+        """The queue the app routes `workflow_type`'s `kind` tasks to (``"effect"`` /
+        ``"timer"``; effects of a type with an ``effect_batch_size`` go as batches)."""
+        if kind == EFFECT.name and workflow_type in self.effect_batch_sizes:
+            task = batch_task_name(workflow_type)
+        else:
+            task = (EFFECT if kind == EFFECT.name else TIMER).task_name(workflow_type)
+        return queue_of(self.app, task)
+
+    def relay_routes(
+        self, types: Mapping[str, Collection[str]] | None = None
+    ) -> dict[str, dict[str, str]]:
+        """Per kind, the workflow types this process's relays claim and each one's queue.
+
+        ``relay_types`` (the setting) decides when set; else `types` (per kind: the worker's
+        derivation from ``-Q``), else every registered type. Unknown types are refused."""
+        self.load_workflows()
+        registered = self.registry.types
+        configured = self.config.relay_types
+        if configured is not None:
+            unknown = sorted(set(configured) - {*registered, "*"})
+            if unknown:
+                raise ConfigurationError(
+                    f"ironflow_relay_types names unknown workflow types {', '.join(unknown)}; "
+                    f"registered: {', '.join(registered) or 'none'}"
+                )
+            chosen = registered if "*" in configured else configured
+            types = {kind.name: chosen for kind in KINDS}
+        elif types is None:
+            types = {kind.name: registered for kind in KINDS}
+        return {
+            kind.name: {
+                t: self.task_queue(kind.name, t)
+                for t in registered
+                if t in types.get(kind.name, ())
+            }
+            for kind in KINDS
+        }
+
+    def start_relays(
+        self,
+        *,
+        effects: bool = True,
+        timers: bool = True,
+        types: Mapping[str, Collection[str]] | None = None,
+    ) -> RelayGroup:
+        """Start the relay threads of this process (caller stops them); `types`: per kind,
+        the workflow types to claim (see `relay_routes`)."""
         if self.app is None:
             raise ConfigurationError("this runtime has no Celery app to publish to")
         self.load_workflows()
@@ -300,6 +356,8 @@ class WorkflowRuntime:
             on_claimed=lambda kind, n: self.metrics.claimed(kind, n),
             attempt_limits=self.attempt_limits,
             concurrency_limits=self.concurrency_limits,
+            routes=self.relay_routes(types),
+            queue_depth=celery_queue_depth(self.app),
         )
         group.start()
         return group
@@ -313,16 +371,28 @@ class WorkflowRuntime:
             publish = batch_publisher(self.app, publish, sizes, forward_traces=self.config.tracing)
         return publish
 
-    def run(self, shutdown: Any, *, effects: bool = True, timers: bool = True) -> bool:
+    def run(
+        self,
+        shutdown: Any,
+        *,
+        effects: bool = True,
+        timers: bool = True,
+        types: Mapping[str, Collection[str]] | None = None,
+    ) -> bool:
         """Run the relays until `shutdown` (a threading/multiprocessing Event) is set, then
         stop claiming and return within ``shutdown_timeout``; True when all stopped cleanly.
+        `types`: per kind, the workflow types to claim (see `relay_routes`).
         """
-        group = self.start_relays(effects=effects, timers=timers)
+        group = self.start_relays(effects=effects, timers=timers, types=types)
         self._start_duties(shutdown)
         log.info(
-            "ironflow relays running (%s) for %s: claim batch %d, max in flight %d per relay",
+            "ironflow relays running (%s) for %s: claim batch %d, max in flight %d per queue",
             ", ".join(f"{r.kind} {r.name}" for r in group.relays) or "none",
-            ", ".join(self.registry.types) or "no workflow types",
+            "; ".join(
+                f"{r.kind} {', '.join(f'{t} -> {q}' for t, q in r.queues.items()) or 'none'}"
+                for r in group.relays
+            )
+            or "no workflow types",
             self.config.claim_batch_size,
             self.config.max_in_flight,
         )

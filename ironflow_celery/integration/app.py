@@ -9,6 +9,7 @@ the pool never forks a process with relay threads in it; the worker supervises i
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterable
 from typing import Any
@@ -20,7 +21,7 @@ from celery.worker.control import inspect_command
 from ironflow_celery.engine import metrics
 from ironflow_celery.engine.runtime import APP_ATTRIBUTE, WorkflowRuntime, WorkflowSpec, runtime_of
 from ironflow_celery.errors import ConfigurationError
-from ironflow_celery.integration.queue_check import QueueCheckStep
+from ironflow_celery.integration.queue_check import QueueCheckStep, relay_types
 from ironflow_celery.integration.supervisor import ServiceProcess, ServiceThread, start_service
 from ironflow_celery.model.config import runtime_config_from
 from ironflow_celery.model.settings import read_settings
@@ -151,17 +152,26 @@ class RelayStep(bootsteps.StartStopStep):
                 "ironflow_database_url), or start the worker with --without-ironflow-relay"
             )
         runtime.load_workflows()
+        # Decided here, in the worker, from the queues it consumes (-Q): the relay process
+        # or thread claims only the types this worker group serves (DESIGN invariant 13).
+        types = relay_types(runtime)
+        routes = runtime.relay_routes(types)  # refuses unknown ironflow_relay_types at start
         self.service = start_service(
             "relay",
             "ironflow-relay",
-            runtime.run,
+            functools.partial(runtime.run, types=types),
             worker=worker,
             shutdown_timeout=runtime.config.shutdown_timeout,
         )
+        claimed = {t for queues in routes.values() for t in queues}
         log.info(
-            "ironflow relay started (%s) for %s",
+            "ironflow relay started (%s) for %s; %s",
             self.service.mode,
-            ", ".join(runtime.registry.types) or "no workflow types",
+            ", ".join(t for t in runtime.registry.types if t in claimed) or "no workflow types",
+            "; ".join(
+                f"{kind} {', '.join(f'{t} -> {q}' for t, q in queues.items()) or 'none'}"
+                for kind, queues in routes.items()
+            ),
         )
 
     def stop(self, worker: Any) -> None:

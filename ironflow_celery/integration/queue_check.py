@@ -3,6 +3,10 @@
 A worker started with ``-Q`` (or ``task_queues``) that does not read the queue its relay
 publishes effects to starts silently, and every effect then waits out its dispatch
 timeout in a queue nobody reads. The check logs a WARNING naming both sides.
+
+The same routes decide which workflow types a worker's relays claim (`relay_types`): the
+types whose tasks go to a queue the worker consumes, so a worker group never publishes
+(and holds budget for) rows only another group's workers would run.
 """
 
 from __future__ import annotations
@@ -12,12 +16,15 @@ from typing import Any
 
 from celery import bootsteps
 
-from ironflow_celery.engine.runtime import runtime_of
+from ironflow_celery.engine.runtime import WorkflowRuntime, runtime_of
 from ironflow_celery.model.settings import read_settings
 from ironflow_celery.model.tasknames import task_names_for
+from ironflow_celery.storage.kinds import KINDS, kind_of
 
 __all__ = [
     "QueueCheckStep",
+    "consumed_queues",
+    "relay_types",
     "routed_queues",
     "task_names_of",
     "unconsumed_queues",
@@ -35,29 +42,62 @@ def task_names_of(workflow: Any) -> dict[str, str]:
     return names
 
 
-def routed_queues(app: Any, workflow_types: list[str]) -> dict[str, list[str]]:
-    """The queue each ironflow task a relay publishes routes to: ``{queue: [task, …]}``.
-
-    Effects, timers, and the batch task of the types that have one."""
+def routed_queues(runtime: WorkflowRuntime) -> dict[str, list[str]]:
+    """The queue each task a relay publishes routes to: ``{queue: [task, …]}`` (effects, or
+    the batch task of a type with an ``effect_batch_size``, and timers)."""
     queues: dict[str, list[str]] = {}
-    runtime = runtime_of(app)
-    for workflow_type in workflow_types:
-        published = dict(task_names_of(runtime.registry.get(workflow_type).workflow))
-        published.pop("execute")  # submitted by users, not by a relay
-        for name in published.values():
-            queue = app.amqp.router.route({}, name).get("queue")
-            queue_name = getattr(queue, "name", queue) or app.conf.task_default_queue
-            queues.setdefault(str(queue_name), []).append(name)
+    for workflow_type in runtime.workflow_types:
+        names = task_names_of(runtime.registry.get(workflow_type).workflow)
+        for kind in KINDS:
+            name = (
+                names.get("effects", names["effect"]) if kind.name == "effect" else names[kind.name]
+            )
+            queues.setdefault(runtime.task_queue(kind.name, workflow_type), []).append(name)
     return queues
 
 
+def consumed_queues(app: Any) -> list[str]:
+    """The queues this worker consumes: ``-Q`` (less ``-X``), else the default ones; the
+    set Celery's task consumer is built from."""
+    return sorted(app.amqp.queues.consume_from)
+
+
 def unconsumed_queues(
-    app: Any, workflow_types: list[str]
+    runtime: WorkflowRuntime, *, relay: bool = False
 ) -> tuple[dict[str, list[str]], list[str]]:
-    """(ironflow queues this worker does not consume, with their tasks; the queues it does)."""
-    consumed = sorted(app.amqp.queues.consume_from)
-    routed = routed_queues(app, workflow_types)
+    """(ironflow queues this worker does not consume, with their tasks; the queues it does).
+
+    With `relay`, only the queues of the types this worker's relays claim: a worker group's
+    relay never publishes another group's types, so their queues are none of its concern."""
+    consumed = consumed_queues(runtime.app)
+    if relay:
+        routed: dict[str, list[str]] = {}
+        for kind, queues in runtime.relay_routes(relay_types(runtime)).items():
+            for workflow_type, queue in queues.items():
+                routed.setdefault(queue, []).append(kind_of(kind).task_name(workflow_type))
+    else:
+        routed = routed_queues(runtime)
     return {q: tasks for q, tasks in routed.items() if q not in consumed}, consumed
+
+
+def relay_types(runtime: WorkflowRuntime) -> dict[str, list[str]]:
+    """Per kind (``effect``/``timer``), the workflow types a worker's relays claim: those
+    whose tasks of that kind route to a queue the worker consumes.
+
+    A worker that consumes none of ironflow's queues (``-Q`` of other queues only, or a
+    relay host whose workers run elsewhere) claims every type, as before: it cannot tell
+    which groups exist, and the per-queue budgets keep one stalled queue from holding up
+    the others. ``ironflow_relay_types`` overrides both (`WorkflowRuntime.relay_routes`).
+    """
+    consumed = set(consumed_queues(runtime.app))
+    types = runtime.workflow_types
+    chosen: dict[str, list[str]] = {
+        kind.name: [t for t in types if runtime.task_queue(kind.name, t) in consumed]
+        for kind in KINDS
+    }
+    if not any(chosen.values()):
+        return {kind.name: list(types) for kind in KINDS}
+    return chosen
 
 
 class QueueCheckStep(bootsteps.StartStopStep):
@@ -77,7 +117,7 @@ class QueueCheckStep(bootsteps.StartStopStep):
         try:
             runtime = runtime_of(worker.app)
             runtime.load_workflows()
-            missing, consumed = unconsumed_queues(worker.app, list(runtime.registry.types))
+            missing, consumed = unconsumed_queues(runtime, relay=self.relay)
         except Exception as exc:  # a check must never stop a worker from starting
             log.debug("ironflow queue check skipped: %s", exc)
             return

@@ -137,8 +137,9 @@ class RuntimeConfig:
     claim_batch_size: int = 100
     """Rows one claim statement takes (ironflow: always 1)."""
     max_in_flight: int = 1000
-    """Back-pressure: a relay stops claiming while this many of its published rows are
-    still waiting to start (in the broker, or prefetched by a worker)."""
+    """Back-pressure, per queue: a relay stops claiming rows for a queue while this many of
+    its published rows there are still waiting to start (in the broker, or prefetched by a
+    worker), so a queue nobody consumes never takes the room of the others."""
     dispatch_timeout: float = 1800.0
     """How long a relay keeps the lease of a published row that has not started yet alive.
 
@@ -147,6 +148,10 @@ class RuntimeConfig:
     again. This bounds that hold, so a message the broker lost (a Redis restart without
     persistence, a purge, a worker that discarded it) is claimed and published again at
     most ``dispatch_timeout`` + the lease after it was first published."""
+    relay_types: tuple[str, ...] | None = None
+    """The workflow types this process's relays claim (``*``: every registered type).
+    None: inside ``celery worker``, the types whose tasks route to a queue the worker
+    consumes (``-Q``); elsewhere every registered type."""
     publish_retry_delay: float = 1.0
     """Pause after a failed publish (its claims are released at once)."""
     tracing: bool = True
@@ -171,6 +176,8 @@ class RuntimeConfig:
             object.__setattr__(self, name, seconds(getattr(self, name)))
         object.__setattr__(self, "effect_workers", max(1, int(self.effect_workers)))
         object.__setattr__(self, "timer_workers", max(1, int(self.timer_workers)))
+        if self.relay_types is not None:
+            object.__setattr__(self, "relay_types", tuple(self.relay_types))
         if self.claim_batch_size < 1 or self.max_in_flight < 1:
             raise ConfigurationError("claim_batch_size and max_in_flight must be positive")
 

@@ -196,9 +196,19 @@ _TABLE: tuple[Setting, ...] = (
         "max_in_flight",
         int,
         1000,
-        "back-pressure: a relay stops claiming while this many of its published rows have "
-        "not started",
+        "back-pressure: a relay stops claiming for a queue while this many of its published "
+        "rows there have not started",
         field="RuntimeConfig.max_in_flight",
+    ),
+    Setting(
+        "relay_types",
+        list,
+        None,
+        "workflow types this process's relays claim (`*`: all); by default a worker's "
+        "relays claim the types whose queues it consumes (`-Q`) "
+        "([worker groups](docs/scaling.md#worker-groups-and-queues))",
+        field="RuntimeConfig.relay_types",
+        shown="from `-Q`",
     ),
     Setting(
         "dispatch_timeout",
