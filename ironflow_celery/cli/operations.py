@@ -8,13 +8,23 @@ Human tables by default (rich), ``--json`` for scripts. Exit codes as in `cli`: 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from datetime import UTC, datetime
 from typing import Any
 
 import click
 
-from ironflow_celery.cli._common import EXIT_OK, EXIT_REFUSED, EXIT_USAGE, Context, fail, guarded
+from ironflow_celery.cli._common import (
+    EXIT_OK,
+    EXIT_REFUSED,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    Context,
+    fail,
+    guarded,
+)
+from ironflow_celery.errors import ConfigurationError, InvalidText, IronflowError, StorageError
 from ironflow_celery.model.config import AttemptLimits
 from ironflow_celery.operations import cancel
 from ironflow_celery.operations.projections import projection_status
@@ -45,18 +55,49 @@ def _emit_json(value: Any) -> None:
     click.echo(json.dumps(value, indent=2, default=str))
 
 
+def _error_reason(exc: BaseException) -> str:
+    """``UnknownWorkflowType`` -> ``unknown_workflow_type``: the JSON ``reason`` of an error."""
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", type(exc).__name__).lower()
+
+
 def ops_guarded(fn: Any) -> Any:
-    """`cli.guarded`, with malformed ids/ages/cursors reported as usage errors (exit 2)."""
+    """`cli.guarded`, with malformed ids/ages/cursors reported as usage errors (exit 2).
+
+    With ``--json`` every refusal is JSON on stdout, as a refused operation's result is:
+    ``{"ok": false, "reason": "unknown_workflow_type", "error": …, "message": …}``, with
+    the same exit code as the text form."""
 
     def checked(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except dl.InvalidDeadLetterRequest as exc:
+            if kwargs.get("as_json"):
+                _emit_refusal(exc, EXIT_USAGE)
             fail(str(exc), EXIT_USAGE)
+        except IronflowError as exc:
+            if not kwargs.get("as_json"):
+                raise  # `guarded` prints it and picks the exit code
+            if isinstance(exc, InvalidText):
+                _emit_refusal(exc, EXIT_USAGE)
+            if isinstance(exc, (StorageError, ConfigurationError)):
+                _emit_refusal(exc, EXIT_UNAVAILABLE)
+            _emit_refusal(exc, EXIT_REFUSED)
 
     checked.__name__ = fn.__name__
     checked.__doc__ = fn.__doc__
     return guarded(checked)
+
+
+def _emit_refusal(exc: BaseException, code: int) -> None:
+    _emit_json(
+        {
+            "ok": False,
+            "reason": _error_reason(exc),
+            "error": type(exc).__name__,
+            "message": str(exc),
+        }
+    )
+    sys.exit(code)
 
 
 def _age(value: datetime | None) -> str:
@@ -211,6 +252,7 @@ def add_operations_commands(group: click.Group) -> None:
         table = Table(title=f"dead-lettered {kind}s")
         table.add_column("id", no_wrap=True)
         table.add_column("workflow", no_wrap=True)
+        table.add_column("effect type" if kind == "effect" else "input type", no_wrap=True)
         table.add_column("attempts", justify="right")
         table.add_column("age", justify="right")
         table.add_column("last error", overflow="fold")
@@ -218,6 +260,7 @@ def add_operations_commands(group: click.Group) -> None:
             table.add_row(
                 str(d.id),
                 str(d.workflow),
+                d.effect_type or "-",
                 str(d.attempts),
                 _age(d.created_at),
                 (d.last_error or "")[:120],
@@ -273,6 +316,9 @@ def add_operations_commands(group: click.Group) -> None:
         table.add_column("field", style="bold")
         table.add_column("value", overflow="fold")
         table.add_row("workflow", str(letter.workflow))
+        table.add_row(
+            "effect type" if kind == "effect" else "input type", letter.effect_type or "-"
+        )
         table.add_row(
             "attempts", f"{letter.attempts} (max {max_attempts.for_type(letter.workflow_type)})"
         )
