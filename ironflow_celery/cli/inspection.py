@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from ironflow_celery.cli._common import EXIT_REFUSED, Context, fail
-from ironflow_celery.cli.operations import _console, _emit_json, _human_seconds, json_option
+from ironflow_celery.cli.operations import console, emit_json, human_seconds, json_option
 from ironflow_celery.cli.operations import ops_guarded as guarded
 from ironflow_celery.operations import inspection as ins
 from ironflow_celery.storage.inspection import RowInfo
@@ -30,8 +30,8 @@ def _when(value: datetime | None, now: datetime | None = None) -> str:
         return "-"
     seconds = ((now or datetime.now(UTC)) - value).total_seconds()
     if seconds >= 0:
-        return f"{_human_seconds(seconds)} ago"
-    return f"in {_human_seconds(-seconds)}"
+        return f"{human_seconds(seconds)} ago"
+    return f"in {human_seconds(-seconds)}"
 
 
 def _stamp(value: datetime | None, now: datetime | None = None) -> str:
@@ -95,7 +95,7 @@ def _row_list_command(kind: str) -> click.Command:
         )
         page = ins.list_rows(obj.runtime, query)
         if as_json:
-            _emit_json(page.to_json())
+            emit_json(page.to_json())
             return
         if not page.items:
             click.echo(f"no {plural} match" + (" on this page" if after else ""))
@@ -122,10 +122,10 @@ def _row_list_command(kind: str) -> click.Command:
                 r.held_by or "-",
                 _short(r.last_error),
             )
-        console = _console()
-        console.print(table)
+        out = console()
+        out.print(table)
         if page.next_cursor:
-            console.print(f"next page: --after {page.next_cursor}")
+            out.print(f"next page: --after {page.next_cursor}")
 
     row_list.help = (
         f"Find {plural}: filter by workflow type and id, "
@@ -152,12 +152,12 @@ def _row_show_command(kind: str) -> click.Command:
         if info is None:
             message = f"no {kind} row with id {row_id}"
             if as_json:
-                _emit_json({"ok": False, "reason": "not_found", "kind": kind, "message": message})
+                emit_json({"ok": False, "reason": "not_found", "kind": kind, "message": message})
                 sys.exit(EXIT_REFUSED)
             fail(message, EXIT_REFUSED)
             return
         if as_json:
-            _emit_json(info.to_json())
+            emit_json(info.to_json())
             return
         _print_row(info)
 
@@ -205,13 +205,13 @@ def _print_row(r: RowInfo) -> None:
     elif r.processed_at is not None:
         table.add_row("processed", _stamp(r.processed_at, now))
     table.add_row("payload", json.dumps(r.payload, indent=2, ensure_ascii=False, default=str))
-    _console().print(table)
+    console().print(table)
 
 
 def _print_instance(d: ins.InstanceDetail) -> None:
     from rich.table import Table
 
-    console = _console()
+    out = console()
     table = Table(show_header=False, title=f"workflow {d.workflow}")
     table.add_column("field", style="bold")
     table.add_column("value", overflow="fold")
@@ -231,14 +231,14 @@ def _print_instance(d: ins.InstanceDetail) -> None:
         table.add_row("state", f"[red]cannot replay: {d.state_error}[/red]")
     else:
         table.add_row("state", json.dumps(d.state, indent=2, ensure_ascii=False, default=str))
-    console.print(table)
+    out.print(table)
 
     history = Table(title="history")
     for column in ("seq", "event", "at", "payload"):
         history.add_column(column, overflow="fold" if column == "payload" else "ellipsis")
     for e in d.events:
         history.add_row(str(e.sequence), e.type, e.created_at.isoformat(), e.summary)
-    console.print(history)
+    out.print(history)
 
     rows = Table(title="effects and timers")
     for column in ("kind", "id", "type", "state", "attempts", "due", "last error"):
@@ -254,10 +254,10 @@ def _print_instance(d: ins.InstanceDetail) -> None:
             _short(r.last_error, 60),
         )
     if d.effects or d.timers:
-        console.print(rows)
+        out.print(rows)
     else:
-        console.print("no effects or timers")
-    console.print(
+        out.print("no effects or timers")
+    out.print(
         f"pending: {len(d.open_effects)} effect(s), {len(d.open_timers)} timer(s); "
         f"dead letters: {len(d.dead_letters)}"
     )
@@ -271,7 +271,7 @@ def print_instances(
     page = ins.list_instances(runtime, workflow_type, state=state, limit=limit, offset=offset)
     counts = ins.instance_counts(runtime, workflow_type)
     if as_json:
-        _emit_json({**page.to_json(), "active": counts.active, "completed": counts.completed})
+        emit_json({**page.to_json(), "active": counts.active, "completed": counts.completed})
         return
     click.echo(
         f"{workflow_type}: {counts.active} active, {counts.completed} completed"
@@ -314,11 +314,11 @@ def add_inspection_commands(group: click.Group) -> None:
         if detail is None:
             message = f"no workflow instance {workflow_type}:{workflow_id}"
             if as_json:
-                _emit_json({"ok": False, "reason": "not_found", "message": message})
+                emit_json({"ok": False, "reason": "not_found", "message": message})
                 sys.exit(EXIT_REFUSED)
             fail(message, EXIT_REFUSED)
             return
         if as_json:
-            _emit_json(detail.to_json())
+            emit_json(detail.to_json())
             return
         _print_instance(detail)

@@ -35,14 +35,17 @@ from ironflow_celery.storage import dead_letters as dl
 __all__ = [
     "add_cancel_commands",
     "add_operations_commands",
+    "console",
+    "emit_json",
     "filter_options",
+    "human_seconds",
     "json_option",
     "kind_option",
     "ops_guarded",
 ]
 
 
-def _console() -> Any:
+def console() -> Any:
     from rich.console import Console
 
     console = Console(highlight=False)
@@ -51,7 +54,7 @@ def _console() -> Any:
     return console
 
 
-def _emit_json(value: Any) -> None:
+def emit_json(value: Any) -> None:
     click.echo(json.dumps(value, indent=2, default=str))
 
 
@@ -89,7 +92,7 @@ def ops_guarded(fn: Any) -> Any:
 
 
 def _emit_refusal(exc: BaseException, code: int) -> None:
-    _emit_json(
+    emit_json(
         {
             "ok": False,
             "reason": _error_reason(exc),
@@ -104,10 +107,10 @@ def _age(value: datetime | None) -> str:
     if value is None:
         return "-"
     seconds = (datetime.now(UTC) - value).total_seconds()
-    return _human_seconds(seconds)
+    return human_seconds(seconds)
 
 
-def _human_seconds(seconds: float | None) -> str:
+def human_seconds(seconds: float | None) -> str:
     if seconds is None:
         return "-"
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
@@ -162,7 +165,7 @@ def add_operations_commands(group: click.Group) -> None:
         )
         projections = projection_status(runtime.store)
         if as_json:
-            _emit_json(
+            emit_json(
                 {
                     "max_attempts": runtime.config.retry_policy.max_attempts,
                     "workflow_types": [r.to_json() for r in rows],
@@ -193,12 +196,12 @@ def add_operations_commands(group: click.Group) -> None:
                 str(e.in_flight),
                 str(e.backing_off),
                 f"[red]{e.dead}[/red]" if e.dead else "0",
-                _human_seconds(e.oldest_pending_age),
+                human_seconds(e.oldest_pending_age),
                 str(t.due),
                 str(t.pending),
                 f"[red]{t.dead}[/red]" if t.dead else "0",
             )
-        _console().print(table)
+        console().print(table)
         if projections:
             ptable = Table(title="projections")
             for column in ("projection", "position", "lag", "status"):
@@ -208,7 +211,7 @@ def add_operations_commands(group: click.Group) -> None:
                 if p.get("last_error"):
                     state = f"[red]failing at event {p['failed_sequence']}: {p['last_error']}[/red]"
                 ptable.add_row(p["name"], str(p["position"]), str(p["lag"]), state)
-            _console().print(ptable)
+            console().print(ptable)
 
     @group.group("dead-letters")
     def dead_letters() -> None:
@@ -235,7 +238,7 @@ def add_operations_commands(group: click.Group) -> None:
         )
         cursor = dl.next_cursor(letters, query)
         if as_json:
-            _emit_json(
+            emit_json(
                 {
                     "kind": kind,
                     "count": len(letters),
@@ -265,10 +268,10 @@ def add_operations_commands(group: click.Group) -> None:
                 _age(d.created_at),
                 (d.last_error or "")[:120],
             )
-        console = _console()
-        console.print(table)
+        out = console()
+        out.print(table)
         if cursor:
-            console.print(f"next page: --after {cursor}")
+            out.print(f"next page: --after {cursor}")
 
     @dead_letters.command("count")
     @kind_option
@@ -286,7 +289,7 @@ def add_operations_commands(group: click.Group) -> None:
             max_attempts=_max_attempts(obj),
         )
         if as_json:
-            _emit_json({"kind": kind, "count": n})
+            emit_json({"kind": kind, "count": n})
         else:
             click.echo(str(n))
 
@@ -303,12 +306,12 @@ def add_operations_commands(group: click.Group) -> None:
         if letter is None:
             why = dl.explain_row(store, row_id, kind=kind, max_attempts=max_attempts)
             if as_json:
-                _emit_json(why.to_json())
+                emit_json(why.to_json())
                 sys.exit(EXIT_REFUSED)
             fail(why.message, EXIT_REFUSED)
             return
         if as_json:
-            _emit_json(letter.to_json())
+            emit_json(letter.to_json())
             return
         from rich.table import Table
 
@@ -329,7 +332,7 @@ def add_operations_commands(group: click.Group) -> None:
             table.add_row("fire at", letter.fire_at.isoformat())
         table.add_row("last error", letter.last_error or "-")
         table.add_row("payload", json.dumps(letter.payload, indent=2))
-        _console().print(table)
+        console().print(table)
 
     @dead_letters.command("retry")
     @click.argument("row_id")
@@ -385,7 +388,7 @@ def add_operations_commands(group: click.Group) -> None:
             max_rows=max_rows,
         )
         if as_json:
-            _emit_json({"kind": kind, "retried": retried})
+            emit_json({"kind": kind, "retried": retried})
         else:
             click.echo(f"retried {retried} dead-lettered {kind}(s)")
 
@@ -449,7 +452,7 @@ def add_operations_commands(group: click.Group) -> None:
             include_discarded=include_discarded,
         )
         if as_json:
-            _emit_json(counts)
+            emit_json(counts)
         else:
             click.echo(
                 f"deleted {counts['outbox']} outbox rows, {counts['timers']} timers, "
@@ -459,7 +462,7 @@ def add_operations_commands(group: click.Group) -> None:
 
 def _report(result: dl.RetryResult | cancel.CancelResult, as_json: bool) -> None:
     if as_json:
-        _emit_json(result.to_json())
+        emit_json(result.to_json())
     elif result.ok:
         click.echo(result.message)
     if not result.ok:

@@ -28,8 +28,8 @@ from ironflow_celery import (
     Workflow,
     install,
 )
-from ironflow_celery.model.views import StateInfo, StateMachineView
 from ironflow_celery.celery_app import settings_from_env
+from ironflow_celery.model.views import StateInfo, StateMachineView
 
 
 class Submit(Message):
