@@ -2,7 +2,9 @@
 
 A worker started with ``-Q`` (or ``task_queues``) that does not read the queue its relay
 publishes effects to starts silently, and every effect then waits out its dispatch
-timeout in a queue nobody reads. The check logs a WARNING naming both sides.
+timeout in a queue nobody reads. The same holds for the operations tasks
+(``ironflow.dead_letters.*``, ``ironflow.cancel.*``, …) an operator calls: they would wait
+unanswered. The check logs a WARNING naming both sides.
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ from celery import bootsteps
 
 from ironflow_celery.engine.runtime import runtime_of
 from ironflow_celery.model.settings import read_settings
-from ironflow_celery.model.tasknames import task_names_for
+from ironflow_celery.model.tasknames import is_operations_task, task_names_for
 
 __all__ = [
     "QueueCheckStep",
+    "operations_queues",
     "routed_queues",
     "task_names_of",
     "unconsumed_queues",
@@ -45,19 +48,46 @@ def routed_queues(app: Any, workflow_types: list[str]) -> dict[str, list[str]]:
         published = dict(task_names_of(runtime.registry.get(workflow_type).workflow))
         published.pop("execute")  # submitted by users, not by a relay
         for name in published.values():
-            queue = app.amqp.router.route({}, name).get("queue")
-            queue_name = getattr(queue, "name", queue) or app.conf.task_default_queue
-            queues.setdefault(str(queue_name), []).append(name)
+            queues.setdefault(_queue_of(app, name), []).append(name)
+    return queues
+
+
+def _queue_of(app: Any, name: str) -> str:
+    queue = app.amqp.router.route({}, name).get("queue")
+    return str(getattr(queue, "name", queue) or app.conf.task_default_queue)
+
+
+def operations_queues(app: Any) -> dict[str, list[str]]:
+    """The queue each operations task registered on `app` routes to: ``{queue: [task, …]}``
+    (`model.tasknames.OPERATIONS_PREFIXES`)."""
+    queues: dict[str, list[str]] = {}
+    for name in sorted(app.tasks):
+        if is_operations_task(name):
+            queues.setdefault(_queue_of(app, name), []).append(name)
     return queues
 
 
 def unconsumed_queues(
     app: Any, workflow_types: list[str]
 ) -> tuple[dict[str, list[str]], list[str]]:
-    """(ironflow queues this worker does not consume, with their tasks; the queues it does)."""
+    """(ironflow queues this worker does not consume, with their tasks; the queues it does):
+    the relay's tasks and the operations tasks."""
     consumed = sorted(app.amqp.queues.consume_from)
     routed = routed_queues(app, workflow_types)
+    for queue, names in operations_queues(app).items():
+        routed.setdefault(queue, []).extend(names)
     return {q: tasks for q, tasks in routed.items() if q not in consumed}, consumed
+
+
+def _shown(tasks: list[str]) -> str:
+    """Task names with the operations tasks folded into their prefixes (``…dead_letters.*``)."""
+    shown: list[str] = []
+    for name in tasks:
+        if is_operations_task(name):
+            name = name.rsplit(".", 1)[0] + ".*"
+        if name not in shown:
+            shown.append(name)
+    return ", ".join(shown)
 
 
 class QueueCheckStep(bootsteps.StartStopStep):
@@ -89,10 +119,11 @@ class QueueCheckStep(bootsteps.StartStopStep):
         log.log(
             level,
             "ironflow: this worker consumes %s, but ironflow's tasks route to %s, which it "
-            "does not consume (%s); effects will wait there until their dispatch timeout "
-            "unless another worker reads them. Add the queue to -Q, or route the tasks "
+            "does not consume (%s); effects will wait there until their dispatch timeout, "
+            "and operations tasks (dead letters, cancel, inspect) unanswered, unless another "
+            "worker reads them. Add the queue to -Q, or route the tasks "
             "(task_routes, ironflow_task_queue, ironflow_queue_per_workflow_type).",
             ", ".join(consumed) or "no queue",
             ", ".join(sorted(missing)),
-            "; ".join(f"{q}: {', '.join(tasks)}" for q, tasks in sorted(missing.items())),
+            "; ".join(f"{q}: {_shown(tasks)}" for q, tasks in sorted(missing.items())),
         )
