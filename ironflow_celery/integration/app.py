@@ -66,10 +66,20 @@ def install_engine(
     specs: list[WorkflowSpec] = list(workflows)
     specs.extend(settings["workflows"] or ())  # module names (comma separated) or a list
     runtime.add_workflow_specs(specs)
-    # Classes are registered (with their tasks) now; module names once the worker has
-    # imported its modules (or at first use), so a workflow module may import this package.
+    # Classes are registered (with their tasks) now; module names when the app is finalized
+    # -- the first `app.tasks` lookup (`.delay()`, `app.tasks["ironflow.<type>.execute"]`)
+    # in any process: a web process, a script, a worker -- or when the worker imports its
+    # modules, whichever comes first; late enough that a workflow module may import the app.
     if not any(isinstance(s, str) for s in specs):
         runtime.load_workflows()
+    elif app.finalized:
+        runtime.load_workflows()
+    else:
+
+        def _on_finalize(sender: Any = None, **kwargs: Any) -> None:
+            runtime.load_workflows()
+
+        app.on_after_finalize.connect(_on_finalize, weak=False)
     setattr(app, APP_ATTRIBUTE, runtime)
 
     _install_routing(app)
