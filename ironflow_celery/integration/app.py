@@ -70,9 +70,7 @@ def install_engine(
     # -- the first `app.tasks` lookup (`.delay()`, `app.tasks["ironflow.<type>.execute"]`)
     # in any process: a web process, a script, a worker -- or when the worker imports its
     # modules, whichever comes first; late enough that a workflow module may import the app.
-    if not any(isinstance(s, str) for s in specs):
-        runtime.load_workflows()
-    elif app.finalized:
+    if not any(isinstance(s, str) for s in specs) or app.finalized:
         runtime.load_workflows()
     else:
 

@@ -10,6 +10,7 @@ unanswered. The check logs a WARNING naming both sides.
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 from celery import bootsteps
@@ -20,10 +21,13 @@ from ironflow_celery.model.tasknames import is_operations_task, task_names_for
 
 __all__ = [
     "QueueCheckStep",
+    "check_unregistered",
     "operations_queues",
     "routed_queues",
+    "start_unregistered_watch",
     "task_names_of",
     "unconsumed_queues",
+    "unregistered_consumers",
 ]
 
 log = logging.getLogger("ironflow_celery.queue_check")
@@ -127,3 +131,80 @@ class QueueCheckStep(bootsteps.StartStopStep):
             ", ".join(sorted(missing)),
             "; ".join(f"{q}: {_shown(tasks)}" for q, tasks in sorted(missing.items())),
         )
+
+
+# -- workers that would reject the relay's messages as unregistered --------------------------
+# A worker without a workflow type (deployed before it, or without `install`/the module)
+# that shares a queue takes ironflow's messages and drops them ("Received unregistered
+# task"): Celery's `task_unknown` signal fires in that worker, never in the relay, and the
+# row only runs again after the relay gives it up (ironflow_dispatch_timeout) and its lease
+# ends. The relay process asks the live workers instead (remote control: which queues they
+# consume, which tasks they have) shortly after it starts and every few minutes: one
+# broadcast, cheap, and a fact rather than a guess from timings.
+
+UNREGISTERED_FIRST_CHECK = 15.0
+"""Seconds after the relay process starts (workers started with it have said hello)."""
+UNREGISTERED_CHECK_EVERY = 300.0
+
+
+def unregistered_consumers(
+    app: Any, workflow_types: list[str], *, timeout: float = 2.0
+) -> dict[str, dict[str, list[str]]]:
+    """``{worker: {queue: [task, …]}}``: live workers that consume a queue the relay
+    publishes ironflow tasks to without having those tasks registered. Workers that do not
+    answer within `timeout` are not judged."""
+    routed = routed_queues(app, workflow_types)
+    inspect = app.control.inspect(timeout=timeout)
+    consumed = inspect.active_queues() or {}
+    registered = inspect.registered() or {}
+    found: dict[str, dict[str, list[str]]] = {}
+    for worker, queues in sorted(consumed.items()):
+        if worker not in registered:
+            continue
+        # `registered` lists "name [rate_limit=…]" for tasks with options
+        have = {str(name).split(" ", 1)[0] for name in registered[worker] or ()}
+        names = {q.get("name") for q in queues or () if isinstance(q, dict)}
+        for queue, tasks in routed.items():
+            missing = [t for t in tasks if t not in have]
+            if queue in names and missing:
+                found.setdefault(worker, {})[queue] = missing
+    return found
+
+
+def check_unregistered(app: Any, workflow_types: list[str], *, timeout: float = 2.0) -> int:
+    """Log an ERROR per worker that would reject the relay's messages as unregistered
+    (`unregistered_consumers`); how many such workers there are."""
+    found = unregistered_consumers(app, workflow_types, timeout=timeout)
+    for worker, queues in found.items():
+        log.error(
+            "ironflow: worker %s consumes %s but does not have %s registered: it rejects "
+            "those messages as unregistered tasks, and each row it drops runs again only "
+            "after the relay gives it up (ironflow_dispatch_timeout) and its lease ends. "
+            "Deploy workers that register the workflow before relays that publish it "
+            "(docs/operations.md, rolling deploys), or keep that worker off the queue.",
+            worker,
+            ", ".join(sorted(queues)),
+            ", ".join(t for tasks in queues.values() for t in tasks),
+        )
+    return len(found)
+
+
+def start_unregistered_watch(runtime: Any, conf: Any, shutdown: Any) -> threading.Thread | None:
+    """A relay process's duty: `check_unregistered` after `UNREGISTERED_FIRST_CHECK` s and
+    every `UNREGISTERED_CHECK_EVERY` s, in a daemon thread, until `shutdown` is set."""
+    app = getattr(runtime, "app", None)
+    if app is None:
+        return None
+
+    def watch() -> None:
+        delay = UNREGISTERED_FIRST_CHECK
+        while not shutdown.wait(delay):
+            delay = UNREGISTERED_CHECK_EVERY
+            try:
+                check_unregistered(app, list(runtime.registry.types))
+            except Exception as exc:  # a broker without remote control, a network error
+                log.debug("ironflow: unregistered-task check skipped: %s", exc)
+
+    thread = threading.Thread(target=watch, name="ironflow-unregistered-watch", daemon=True)
+    thread.start()
+    return thread
