@@ -138,6 +138,8 @@ def test_every_state_filter_and_page(runtime: Any, db: sa.Engine) -> None:
         ins.InspectQuery.of(state="sleeping")
     with pytest.raises(InvalidInspectionRequest, match="not a time"):
         ins.InspectQuery.of(due_before="yesterday-ish")
+    with pytest.raises(InvalidInspectionRequest, match="out of range"):
+        ins.InspectQuery.of(due_after="+99999999999999d")
     with pytest.raises(InvalidInspectionRequest, match="NUL"):
         ins.InspectQuery.of(workflow_type="or\x00ders")
     with pytest.raises(InvalidInspectionRequest, match="not a page cursor"):

@@ -144,10 +144,12 @@ def parse_time(value: datetime | str | None, *, now: datetime | None = None) -> 
         text_age = text
     try:
         age = parse_age(text_age)
+        if age is not None:
+            return now + sign * age
     except InvalidDeadLetterRequest:
-        age = None
-    if age is not None:
-        return now + sign * age
+        pass
+    except OverflowError:
+        raise InvalidInspectionRequest(f"time out of range: {value!r}") from None
     try:
         stamp = datetime.fromisoformat(text)
     except ValueError:
