@@ -18,8 +18,10 @@ from celery.app.defaults import DEFAULTS
 
 from ironflow_celery.engine.runtime import WorkflowRuntime, WorkflowSpec
 from ironflow_celery.integration.app import install_engine
+from ironflow_celery.integration.queue_check import start_unregistered_watch
 from ironflow_celery.operations.cancel import register_cancel_tasks
 from ironflow_celery.operations.dead_letters import register_dead_letter_tasks
+from ironflow_celery.operations.inspection import register_inspection_tasks
 from ironflow_celery.operations.metrics_endpoint import serve_metrics_from_settings
 from ironflow_celery.operations.projections import ProjectionStep
 from ironflow_celery.operations.retention import register_retention_tasks, start_retention_duty
@@ -46,8 +48,9 @@ def install(
     register_dead_letter_tasks(app, runtime)
     register_retention_tasks(app, runtime)
     register_cancel_tasks(app, runtime)  # ironflow.cancel.* and the revoke handler
+    register_inspection_tasks(app, runtime)  # ironflow.inspect.*: list and show rows, instances
     app.steps["worker"].add(ProjectionStep)  # off unless ironflow_projections is set
-    runtime.duties = [_serve_metrics, start_retention_duty]
+    runtime.duties = [_serve_metrics, start_retention_duty, start_unregistered_watch]
     return runtime
 
 

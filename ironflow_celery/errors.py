@@ -12,6 +12,7 @@ a wrong argument also subclass the builtin a caller would catch (``ValueError``,
     │   ├── InvalidText                text PostgreSQL cannot store (NUL, lone surrogate)
     │   └── InvalidDeadLetterRequest   a malformed row id, cursor, age, kind, limit, reason
     │       ├── InvalidCancelRequest   a malformed cancel (ids, kind, workflow, reason)
+    │       ├── InvalidInspectionRequest  a malformed list/show (state, time, cursor, limit)
     │       └── InvalidRetentionRequest  a malformed purge (age, batch size)
     ├── InvalidArgumentType            an argument of the wrong type           (TypeError)
     ├── UnknownName                    a name a definition does not declare    (KeyError)
@@ -59,6 +60,7 @@ __all__ = [
     "InvalidArgumentType",
     "InvalidCancelRequest",
     "InvalidDeadLetterRequest",
+    "InvalidInspectionRequest",
     "InvalidPayload",
     "InvalidRetentionRequest",
     "InvalidText",
@@ -202,6 +204,11 @@ class InvalidDeadLetterRequest(InvalidArgument):
 
 class InvalidCancelRequest(InvalidDeadLetterRequest):
     """A malformed cancel: bad row id, kind, workflow type or id, or reason (a usage error)."""
+
+
+class InvalidInspectionRequest(InvalidDeadLetterRequest):
+    """A malformed ``effects list`` / ``show`` / ``workflows show`` request: an unknown
+    state, a time that does not parse, a bad cursor, limit or row id (a usage error)."""
 
 
 class InvalidRetentionRequest(InvalidDeadLetterRequest):

@@ -157,7 +157,9 @@ def test_discard(cli, db):
     assert ok["reason"] == "discarded"
     assert row(db, dead).discard_reason == "refunded"
     twice = cli("dead-letters", "discard", str(dead), "--reason", "again")
-    assert twice.exit_code == EXIT_REFUSED and "already_processed" in twice.stderr
+    # issue 23: a discarded row says it was discarded (it said "already_processed")
+    assert twice.exit_code == EXIT_REFUSED and "already_discarded" in twice.stderr
+    assert "already discarded at" in twice.stderr and "(refunded)" in twice.stderr
 
 
 def test_retention_purge(cli, db):

@@ -198,9 +198,10 @@ def test_discard_keeps_the_row_for_audit(store, db):
     assert r.processed_at is not None and r.discarded_at is not None
     assert r.discard_reason == "customer cancelled" and r.last_error == "RuntimeError: boom"
     assert dl.count_dead_letters(store, **M) == 0
-    assert dl.try_retry_dead_letter(store, dead, **M).reason == "already_processed"
+    assert dl.try_retry_dead_letter(store, dead, **M).reason == "already_discarded"
     again = dl.try_discard_dead_letter(store, dead, "twice", **M)
-    assert again.reason == "already_processed" and "discarded at" in again.message
+    assert again.reason == "already_discarded"
+    assert "already discarded at" in again.message and "(customer cancelled)" in again.message
     in_flight = insert_row(db, locked_by="r#1", lease_seconds=60)
     assert dl.try_discard_dead_letter(store, in_flight, "no", **M).reason == "in_flight"
     assert dl.discard_dead_letter(store, uuid.uuid4(), "gone", **M) is False

@@ -767,6 +767,8 @@ def test_prefork_worker_metrics_count_every_pool_process(
     with redis_queue_cleanup(queue):
         worker = procs.worker("worker", env, pool="prefork", concurrency=2)
         worker.wait_for_output("ironflow relay started (process)", 60)
+        # issue 23 §3: the worker's log says where the endpoint listens
+        worker.wait_for_output(f"metrics endpoint listening on http://0.0.0.0:{port}/metrics", 60)
         insert_effects(database_url, n, "m-")
         wait_until(lambda: all_processed(database_url, n), 60, "the effects to be processed")
 

@@ -80,7 +80,8 @@ def test_failed_attempts_log_warning_and_the_dead_letter_logs_error_with_traceba
         results = run_until_final(app)
     assert [r["status"] for r in results] == ["failed-will-retry"] * (MAX - 1) + ["dead-lettered"]
     row_id = results[0]["row_id"]
-    mine = [r for r in caplog.records if r.name == "ironflow_celery.tasks"]
+    # the dead-letter line has its own child logger (Sentry's logging integration skips it)
+    mine = [r for r in caplog.records if r.name.startswith("ironflow_celery.tasks")]
     warnings = [r for r in mine if r.levelno == logging.WARNING]
     errors = [r for r in mine if r.levelno == logging.ERROR]
     assert len(warnings) == MAX - 1 and len(errors) == 1
@@ -239,6 +240,77 @@ def test_a_real_worker_reports_retries_and_the_dead_letter_to_celery_and_sentry(
         assert event["tags"]["celery_task_id"] == str(row.id)
     assert exception_types(dead) == ["RuntimeError", "DeadLettered"]  # the handler's as cause
     assert dead["level"] == "error" and dead["tags"]["celery_task_id"] == str(row.id)
+
+
+def test_one_sentry_event_per_dead_letter_with_default_integrations(
+    store: PostgresStore,
+    db: sa.Engine,
+    on_dead_letter: Received,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 23 §2: with sentry-sdk's default integrations (logging included; Celery's is
+    auto-enabled) each dead letter is one error event, not two (the ERROR log line was a
+    second one, titled by its format string, grouping every type into one issue); grouped
+    by workflow type and effect type, with the row id as a tag. A real in-thread worker;
+    the transport keeps envelopes in memory instead of sending them."""
+    import celery.app.trace
+    import celery.worker.consumer.consumer
+    import sentry_sdk
+    from sentry_sdk.integrations.celery import CeleryIntegration
+    from sentry_sdk.integrations.logging import LoggingIntegration
+
+    transport = MemoryTransport()
+    failed: list[Any] = []
+
+    def on_failure(sender: Any = None, task_id: Any = None, **kw: Any) -> None:
+        failed.append(task_id)
+
+    celery_signals.task_failure.connect(on_failure, weak=False)
+    sentry_sdk.init(transport=transport, traces_sample_rate=0)  # default integrations
+    client = sentry_sdk.get_client()
+    assert client.get_integration(LoggingIntegration) is not None
+    assert client.get_integration(CeleryIntegration) is not None
+    monkeypatch.setattr(
+        celery.worker.consumer.consumer, "build_tracer", celery.app.trace.build_tracer
+    )
+    try:
+        with running_app(store, config=test_config()) as app:
+            for wid in ("s-1", "s-2"):
+                app.service.execute(Start(id=wid, mode=Mode(mode="PermanentFailure")))
+            timer_id = insert_timer(db, T, "s-3", {"type": "Nope", "id": "s-3"})
+            wait_until(lambda: len(on_dead_letter.calls) >= 3, 180, what="3 dead letters")
+            # task_failure follows the CeleryIntegration's own capture of the same task
+            wait_until(lambda: len(failed) >= 3, 60, what="task_failure x3")
+            sentry_sdk.flush()
+            events = transport.events()
+    finally:
+        sentry_sdk.get_client().close()
+        sentry_sdk.get_global_scope().set_client(None)
+        celery_signals.task_failure.disconnect(on_failure)
+
+    rows = {str(c["row_id"]): c for c in on_dead_letter.calls}
+    assert len(rows) == 3 and str(timer_id) in rows
+    errors = [e for e in events if e.get("level") in ("error", "fatal")]
+    # exactly one error event per dead letter, each a structured DeadLettered
+    assert sorted(e["tags"]["ironflow.row_id"] for e in errors) == sorted(rows), [
+        (e.get("logentry"), exception_types(e)) for e in errors
+    ]
+    for event in errors:
+        call = rows[event["tags"]["ironflow.row_id"]]
+        assert exception_types(event)[-1] == "DeadLettered"
+        assert event["fingerprint"] == [
+            "ironflow-dead-letter",
+            call["kind"],
+            T,
+            call["effect_type"],
+        ]
+        assert event["tags"]["ironflow.effect_type"] == call["effect_type"]
+        assert event["tags"]["celery_task_id"] == event["tags"]["ironflow.row_id"]
+        assert "logentry" not in event  # not a log line's event
+    assert {tuple(e["fingerprint"]) for e in errors} == {
+        ("ironflow-dead-letter", "effect", T, "Process"),
+        ("ironflow-dead-letter", "timer", T, "Nope"),
+    }
 
 
 def test_sentry_failed_attempts_setting_keeps_sentry_to_dead_letters() -> None:

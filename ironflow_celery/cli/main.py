@@ -26,7 +26,12 @@ from ironflow_celery.cli._common import (
     fail,
     guarded,
 )
-from ironflow_celery.cli.operations import add_cancel_commands, add_operations_commands
+from ironflow_celery.cli.inspection import add_inspection_commands, print_instances
+from ironflow_celery.cli.operations import (
+    add_cancel_commands,
+    add_operations_commands,
+    ops_guarded,
+)
 from ironflow_celery.cli.projections import add_projection_commands
 from ironflow_celery.errors import IronflowError
 from ironflow_celery.integration.queue_check import task_names_of
@@ -139,13 +144,33 @@ def _add_workflow_commands(group: click.Group) -> None:
         """Registered workflow types and their state machines."""
 
     @workflows.command("list")
+    @click.argument("workflow_type", required=False)
+    @click.option(
+        "--state",
+        help="With WORKFLOW_TYPE: active, completed, or a state of its state machine.",
+    )
+    @click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True)
+    @click.option("--offset", type=click.IntRange(min=0), default=0, show_default=True)
     @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
     @click.pass_obj
-    @guarded
-    def workflows_list(obj: Context, as_json: bool) -> None:
-        """Each registered workflow type: its inputs, effects, state machine and tasks."""
+    @ops_guarded
+    def workflows_list(
+        obj: Context,
+        workflow_type: str | None,
+        state: str | None,
+        limit: int,
+        offset: int,
+        as_json: bool,
+    ) -> None:
+        """Each registered workflow type: its inputs, effects, state machine and tasks.
+        With WORKFLOW_TYPE: its instances (by --state), most recently active first."""
         import json
 
+        if workflow_type is not None:
+            print_instances(obj, workflow_type, state, limit, offset, as_json)
+            return
+        if state is not None:
+            fail("--state needs a WORKFLOW_TYPE", EXIT_USAGE)
         rows = []
         for registration in obj.runtime.registry:
             wf = registration.workflow
@@ -200,6 +225,7 @@ def _add_more_commands(group: click.Group) -> None:
     _add_workflow_commands(group)
     add_projection_commands(group)
     add_cancel_commands(group)  # after `workflows`: adds its `cancel`
+    add_inspection_commands(group)  # effects/timers list and show, workflows show
 
 
 main = _build_group("ironflow-celery", with_app_option=True)

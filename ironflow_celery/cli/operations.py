@@ -8,13 +8,23 @@ Human tables by default (rich), ``--json`` for scripts. Exit codes as in `cli`: 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from datetime import UTC, datetime
 from typing import Any
 
 import click
 
-from ironflow_celery.cli._common import EXIT_OK, EXIT_REFUSED, EXIT_USAGE, Context, fail, guarded
+from ironflow_celery.cli._common import (
+    EXIT_OK,
+    EXIT_REFUSED,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    Context,
+    fail,
+    guarded,
+)
+from ironflow_celery.errors import ConfigurationError, InvalidText, IronflowError, StorageError
 from ironflow_celery.model.config import AttemptLimits
 from ironflow_celery.operations import cancel
 from ironflow_celery.operations.projections import projection_status
@@ -25,14 +35,17 @@ from ironflow_celery.storage import dead_letters as dl
 __all__ = [
     "add_cancel_commands",
     "add_operations_commands",
+    "console",
+    "emit_json",
     "filter_options",
+    "human_seconds",
     "json_option",
     "kind_option",
     "ops_guarded",
 ]
 
 
-def _console() -> Any:
+def console() -> Any:
     from rich.console import Console
 
     console = Console(highlight=False)
@@ -41,32 +54,63 @@ def _console() -> Any:
     return console
 
 
-def _emit_json(value: Any) -> None:
+def emit_json(value: Any) -> None:
     click.echo(json.dumps(value, indent=2, default=str))
 
 
+def _error_reason(exc: BaseException) -> str:
+    """``UnknownWorkflowType`` -> ``unknown_workflow_type``: the JSON ``reason`` of an error."""
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", type(exc).__name__).lower()
+
+
 def ops_guarded(fn: Any) -> Any:
-    """`cli.guarded`, with malformed ids/ages/cursors reported as usage errors (exit 2)."""
+    """`cli.guarded`, with malformed ids/ages/cursors reported as usage errors (exit 2).
+
+    With ``--json`` every refusal is JSON on stdout, as a refused operation's result is:
+    ``{"ok": false, "reason": "unknown_workflow_type", "error": …, "message": …}``, with
+    the same exit code as the text form."""
 
     def checked(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except dl.InvalidDeadLetterRequest as exc:
+            if kwargs.get("as_json"):
+                _emit_refusal(exc, EXIT_USAGE)
             fail(str(exc), EXIT_USAGE)
+        except IronflowError as exc:
+            if not kwargs.get("as_json"):
+                raise  # `guarded` prints it and picks the exit code
+            if isinstance(exc, InvalidText):
+                _emit_refusal(exc, EXIT_USAGE)
+            if isinstance(exc, (StorageError, ConfigurationError)):
+                _emit_refusal(exc, EXIT_UNAVAILABLE)
+            _emit_refusal(exc, EXIT_REFUSED)
 
     checked.__name__ = fn.__name__
     checked.__doc__ = fn.__doc__
     return guarded(checked)
 
 
+def _emit_refusal(exc: BaseException, code: int) -> None:
+    emit_json(
+        {
+            "ok": False,
+            "reason": _error_reason(exc),
+            "error": type(exc).__name__,
+            "message": str(exc),
+        }
+    )
+    sys.exit(code)
+
+
 def _age(value: datetime | None) -> str:
     if value is None:
         return "-"
     seconds = (datetime.now(UTC) - value).total_seconds()
-    return _human_seconds(seconds)
+    return human_seconds(seconds)
 
 
-def _human_seconds(seconds: float | None) -> str:
+def human_seconds(seconds: float | None) -> str:
     if seconds is None:
         return "-"
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
@@ -121,7 +165,7 @@ def add_operations_commands(group: click.Group) -> None:
         )
         projections = projection_status(runtime.store)
         if as_json:
-            _emit_json(
+            emit_json(
                 {
                     "max_attempts": runtime.config.retry_policy.max_attempts,
                     "workflow_types": [r.to_json() for r in rows],
@@ -152,12 +196,12 @@ def add_operations_commands(group: click.Group) -> None:
                 str(e.in_flight),
                 str(e.backing_off),
                 f"[red]{e.dead}[/red]" if e.dead else "0",
-                _human_seconds(e.oldest_pending_age),
+                human_seconds(e.oldest_pending_age),
                 str(t.due),
                 str(t.pending),
                 f"[red]{t.dead}[/red]" if t.dead else "0",
             )
-        _console().print(table)
+        console().print(table)
         if projections:
             ptable = Table(title="projections")
             for column in ("projection", "position", "lag", "status"):
@@ -167,7 +211,7 @@ def add_operations_commands(group: click.Group) -> None:
                 if p.get("last_error"):
                     state = f"[red]failing at event {p['failed_sequence']}: {p['last_error']}[/red]"
                 ptable.add_row(p["name"], str(p["position"]), str(p["lag"]), state)
-            _console().print(ptable)
+            console().print(ptable)
 
     @group.group("dead-letters")
     def dead_letters() -> None:
@@ -194,7 +238,7 @@ def add_operations_commands(group: click.Group) -> None:
         )
         cursor = dl.next_cursor(letters, query)
         if as_json:
-            _emit_json(
+            emit_json(
                 {
                     "kind": kind,
                     "count": len(letters),
@@ -211,6 +255,7 @@ def add_operations_commands(group: click.Group) -> None:
         table = Table(title=f"dead-lettered {kind}s")
         table.add_column("id", no_wrap=True)
         table.add_column("workflow", no_wrap=True)
+        table.add_column("effect type" if kind == "effect" else "input type", no_wrap=True)
         table.add_column("attempts", justify="right")
         table.add_column("age", justify="right")
         table.add_column("last error", overflow="fold")
@@ -218,14 +263,15 @@ def add_operations_commands(group: click.Group) -> None:
             table.add_row(
                 str(d.id),
                 str(d.workflow),
+                d.effect_type or "-",
                 str(d.attempts),
                 _age(d.created_at),
                 (d.last_error or "")[:120],
             )
-        console = _console()
-        console.print(table)
+        out = console()
+        out.print(table)
         if cursor:
-            console.print(f"next page: --after {cursor}")
+            out.print(f"next page: --after {cursor}")
 
     @dead_letters.command("count")
     @kind_option
@@ -243,7 +289,7 @@ def add_operations_commands(group: click.Group) -> None:
             max_attempts=_max_attempts(obj),
         )
         if as_json:
-            _emit_json({"kind": kind, "count": n})
+            emit_json({"kind": kind, "count": n})
         else:
             click.echo(str(n))
 
@@ -260,12 +306,12 @@ def add_operations_commands(group: click.Group) -> None:
         if letter is None:
             why = dl.explain_row(store, row_id, kind=kind, max_attempts=max_attempts)
             if as_json:
-                _emit_json(why.to_json())
+                emit_json(why.to_json())
                 sys.exit(EXIT_REFUSED)
             fail(why.message, EXIT_REFUSED)
             return
         if as_json:
-            _emit_json(letter.to_json())
+            emit_json(letter.to_json())
             return
         from rich.table import Table
 
@@ -273,6 +319,9 @@ def add_operations_commands(group: click.Group) -> None:
         table.add_column("field", style="bold")
         table.add_column("value", overflow="fold")
         table.add_row("workflow", str(letter.workflow))
+        table.add_row(
+            "effect type" if kind == "effect" else "input type", letter.effect_type or "-"
+        )
         table.add_row(
             "attempts", f"{letter.attempts} (max {max_attempts.for_type(letter.workflow_type)})"
         )
@@ -283,7 +332,7 @@ def add_operations_commands(group: click.Group) -> None:
             table.add_row("fire at", letter.fire_at.isoformat())
         table.add_row("last error", letter.last_error or "-")
         table.add_row("payload", json.dumps(letter.payload, indent=2))
-        _console().print(table)
+        console().print(table)
 
     @dead_letters.command("retry")
     @click.argument("row_id")
@@ -339,7 +388,7 @@ def add_operations_commands(group: click.Group) -> None:
             max_rows=max_rows,
         )
         if as_json:
-            _emit_json({"kind": kind, "retried": retried})
+            emit_json({"kind": kind, "retried": retried})
         else:
             click.echo(f"retried {retried} dead-lettered {kind}(s)")
 
@@ -403,7 +452,7 @@ def add_operations_commands(group: click.Group) -> None:
             include_discarded=include_discarded,
         )
         if as_json:
-            _emit_json(counts)
+            emit_json(counts)
         else:
             click.echo(
                 f"deleted {counts['outbox']} outbox rows, {counts['timers']} timers, "
@@ -413,7 +462,7 @@ def add_operations_commands(group: click.Group) -> None:
 
 def _report(result: dl.RetryResult | cancel.CancelResult, as_json: bool) -> None:
     if as_json:
-        _emit_json(result.to_json())
+        emit_json(result.to_json())
     elif result.ok:
         click.echo(result.message)
     if not result.ok:

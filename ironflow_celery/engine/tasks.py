@@ -80,6 +80,11 @@ __all__ = [
 ]
 
 log = logging.getLogger("ironflow_celery.tasks")
+# The dead-letter ERROR line has its own (child) logger, which Sentry's logging integration
+# is told to ignore: the dead letter is sent to Sentry once, as a structured event
+# (`_send_dead_letter_to_sentry`), not a second time as a log line titled by its format.
+DEAD_LETTER_LOGGER = "ironflow_celery.tasks.dead_letters"
+dead_letter_log = logging.getLogger(DEAD_LETTER_LOGGER)
 
 Status = Literal["processed", "failed-will-retry", "dead-lettered", "stale-skipped"]
 
@@ -483,11 +488,14 @@ def _report_failure(
         if exc is not None:
             log.debug("handler traceback:\n%s", _traceback_text(exc))
     elif status == "dead-lettered":
-        log.error(
+        sentry = _active_sentry()
+        dead_letter_log.error(
             "ironflow %s %s of %s (%s) dead-lettered after %d attempt(s): %s%s",
             kind, started.id, ref, tag, attempt, error,
             "" if exc is None else "\n" + _traceback_text(exc),
         )  # fmt: skip
+        if sentry is not None:
+            _send_dead_letter_to_sentry(sentry, kind, started, ref, attempt, error, exc)
         dead_lettered.send(
             sender=runtime.registry.get(started.workflow_type).workflow,
             kind=kind,
@@ -498,6 +506,50 @@ def _report_failure(
             error=error,
             exception=exc,
         )
+
+
+def _active_sentry() -> Any:
+    """sentry-sdk when the app initialised it (never imported here), else None. Its logging
+    integration is told to skip the dead-letter log line first (see `DEAD_LETTER_LOGGER`)."""
+    sentry_sdk = sys.modules.get("sentry_sdk")
+    if sentry_sdk is None or not sentry_sdk.get_client().is_active():
+        return None
+    from sentry_sdk.integrations.logging import ignore_logger
+
+    ignore_logger(DEAD_LETTER_LOGGER)
+    return sentry_sdk
+
+
+def _send_dead_letter_to_sentry(
+    sentry_sdk: Any,
+    kind: Kind,
+    started: StartedRow,
+    ref: str,
+    attempt: int,
+    error: str,
+    exc: BaseException | None,
+) -> None:
+    """One Sentry error event per dead letter: `DeadLettered` caused by the handler's
+    exception, grouped by workflow type and effect type (its fingerprint; the error text
+    varies per row), with the row id as a tag. The effect and timer tasks declare
+    `DeadLettered` in ``throws``, so Sentry's CeleryIntegration does not send it again."""
+    effect_type = _payload_tag(started)
+    dead = DeadLettered(kind, str(started.id), ref, effect_type, attempt, error)
+    dead.__cause__ = exc
+    with sentry_sdk.new_scope() as scope:  # inherits the Celery task's tags and context
+        scope.level = "error"
+        scope.fingerprint = [
+            "ironflow-dead-letter",
+            kind,
+            started.workflow_type,
+            effect_type or "unknown",
+        ]
+        scope.set_tag("ironflow.row_id", str(started.id))
+        scope.set_tag("ironflow.kind", kind)
+        scope.set_tag("ironflow.workflow_type", started.workflow_type)
+        scope.set_tag("ironflow.effect_type", effect_type or "unknown")
+        scope.set_tag("ironflow.workflow", ref)
+        scope.capture_exception(dead)
 
 
 def _traceback_text(exc: BaseException) -> str:
@@ -651,6 +703,9 @@ def register_workflow_tasks(app: Any, runtime: TaskHost, workflow_types: list[st
                 acks_late=False,
                 typing=False,
                 shared=False,
+                # A dead letter is expected: logged and sent to Sentry once by ironflow
+                # (Celery logs it at INFO; Sentry's CeleryIntegration skips `throws`).
+                throws=(DeadLettered,),
             )(_bind(fn, runtime, name))
             names.append(name)
     return names + register_execute_tasks(app, runtime, workflow_types)

@@ -25,7 +25,12 @@ from ironflow_celery.integration.queue_check import QueueCheckStep, relay_types
 from ironflow_celery.integration.supervisor import ServiceProcess, ServiceThread, start_service
 from ironflow_celery.model.config import runtime_config_from
 from ironflow_celery.model.settings import read_settings
-from ironflow_celery.model.tasknames import PREFIX, split_task_name
+from ironflow_celery.model.tasknames import (
+    OPERATIONS_QUEUE,
+    PREFIX,
+    is_operations_task,
+    split_task_name,
+)
 from ironflow_celery.service.aio import LOOP
 from ironflow_celery.service.workflow_service import WorkflowServiceConfig
 
@@ -62,10 +67,18 @@ def install_engine(
     specs: list[WorkflowSpec] = list(workflows)
     specs.extend(settings["workflows"] or ())  # module names (comma separated) or a list
     runtime.add_workflow_specs(specs)
-    # Classes are registered (with their tasks) now; module names once the worker has
-    # imported its modules (or at first use), so a workflow module may import this package.
-    if not any(isinstance(s, str) for s in specs):
+    # Classes are registered (with their tasks) now; module names when the app is finalized
+    # -- the first `app.tasks` lookup (`.delay()`, `app.tasks["ironflow.<type>.execute"]`)
+    # in any process: a web process, a script, a worker -- or when the worker imports its
+    # modules, whichever comes first; late enough that a workflow module may import the app.
+    if not any(isinstance(s, str) for s in specs) or app.finalized:
         runtime.load_workflows()
+    else:
+
+        def _on_finalize(sender: Any = None, **kwargs: Any) -> None:
+            runtime.load_workflows()
+
+        app.on_after_finalize.connect(_on_finalize, weak=False)
     setattr(app, APP_ATTRIBUTE, runtime)
 
     _install_routing(app)
@@ -96,8 +109,9 @@ def _pool_process_exiting(pid: int | None = None, **kwargs: Any) -> None:
 
 
 def _install_routing(app: Celery) -> None:
-    """``ironflow_queue_per_workflow_type``: route ``ironflow.<type>.*`` to ``ironflow.<type>``;
-    ``ironflow_task_queue``: route every ironflow task to one queue."""
+    """``ironflow_queue_per_workflow_type``: route ``ironflow.<type>.*`` to ``ironflow.<type>``
+    and the operations tasks to ``ironflow.operations``; ``ironflow_task_queue``: route
+    every ironflow task to one queue."""
     settings = read_settings(app.conf)
     per_type = settings["queue_per_workflow_type"]
     single = settings["task_queue"]
@@ -112,13 +126,20 @@ def _install_routing(app: Celery) -> None:
             return {"queue": PREFIX + per_type_task[0]}
         return {"queue": single} if single else None
 
+    def operations_route(
+        name: str, args: Any, kwargs: Any, options: Any, task: Any = None, **kw: Any
+    ) -> dict[str, str] | None:
+        # Per-type queues: the operations tasks get a queue of their own (last in the
+        # chain, so the app's own routes for them win), instead of the default queue that
+        # workers reading only `ironflow.<type>` never consume.
+        return {"queue": OPERATIONS_QUEUE} if is_operations_task(name) else None
+
     routes = app.conf.task_routes
     if routes is None:
-        app.conf.task_routes = (route,)
-    elif isinstance(routes, (list, tuple)):
-        app.conf.task_routes = (route, *routes)
-    else:
-        app.conf.task_routes = (route, routes)
+        routes = ()
+    elif not isinstance(routes, (list, tuple)):
+        routes = (routes,)
+    app.conf.task_routes = (route, *routes, *((operations_route,) if per_type else ()))
 
 
 # -- the worker bootstep -----------------------------------------------------------------

@@ -7,7 +7,16 @@ and forgotten by another (batched effects once went to the default queue that wa
 
 from __future__ import annotations
 
-__all__ = ["PREFIX", "TASK_SUFFIXES", "split_task_name", "task_name_for", "task_names_for"]
+__all__ = [
+    "OPERATIONS_PREFIXES",
+    "OPERATIONS_QUEUE",
+    "PREFIX",
+    "TASK_SUFFIXES",
+    "is_operations_task",
+    "split_task_name",
+    "task_name_for",
+    "task_names_for",
+]
 
 PREFIX = "ironflow."
 
@@ -39,3 +48,23 @@ def split_task_name(name: str) -> tuple[str, str] | None:
     if not workflow_type or suffix not in TASK_SUFFIXES:
         return None
     return workflow_type, suffix
+
+
+OPERATIONS_PREFIXES: tuple[str, ...] = (
+    "ironflow.dead_letters.",
+    "ironflow.cancel.",
+    "ironflow.retention.",
+    "ironflow.inspect.",
+)
+"""The operations tasks `install` registers once per app (not per type): dead letters,
+cancel, retention, inspection. Operators call them (``celery call``, Flower)."""
+
+OPERATIONS_QUEUE = "ironflow.operations"
+"""Where operations tasks go when ``ironflow_queue_per_workflow_type`` is on and
+``ironflow_task_queue`` is not set (a worker reading only ``ironflow.<type>`` queues would
+otherwise leave them in the default queue). Routes of your own take precedence."""
+
+
+def is_operations_task(name: str) -> bool:
+    """Whether `name` is one of the operations tasks (`OPERATIONS_PREFIXES`)."""
+    return split_task_name(name) is None and name.startswith(OPERATIONS_PREFIXES)

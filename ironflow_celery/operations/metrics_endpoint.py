@@ -5,6 +5,7 @@ projection gauges read from PostgreSQL at each scrape (`DepthCollector`)."""
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from prometheus_client import CollectorRegistry, multiprocess, start_http_server
@@ -124,6 +125,16 @@ def serve_metrics(runtime: Any, port: int, addr: str = "0.0.0.0") -> Any:
     _collector = DepthCollector(runtime)
     registry.register(_collector)
     _server = server
+    httpd = server[0] if isinstance(server, tuple) else server
+    # Said at worker start (the relay process starts it), so operators need not guess
+    # which of several workers on a host got the port.
+    log.info(
+        "ironflow: metrics endpoint listening on http://%s:%s/metrics (pid %d%s)",
+        addr,
+        getattr(httpd, "server_port", port),
+        os.getpid(),
+        ", multiprocess mode" if multiprocess_dir() else "",
+    )
     return _server
 
 

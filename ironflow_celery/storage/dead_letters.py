@@ -248,6 +248,12 @@ class DeadLetter:
         return self.workflow.workflow_id
 
     @property
+    def effect_type(self) -> str | None:
+        """The payload's type tag: the effect's type (a timer's input type)."""
+        tag = self.payload.get("type") if isinstance(self.payload, dict) else None
+        return tag if isinstance(tag, str) else None
+
+    @property
     def cursor(self) -> str:
         """The opaque cursor of the page that follows this row."""
         return encode_cursor(self.created_at, self.id)
@@ -260,6 +266,7 @@ class DeadLetter:
             "workflow": str(self.workflow),
             "workflow_type": self.workflow_type,
             "workflow_id": self.workflow_id,
+            "effect_type": self.effect_type,
             "payload": self.payload,
             "attempts": self.attempts,
             "last_error": self.last_error,
@@ -277,6 +284,7 @@ Reason = Literal[
     "not_dead_letter",
     "in_flight",
     "already_processed",
+    "already_discarded",
 ]
 
 
@@ -406,12 +414,19 @@ def _refusal(
     if row is None:
         return RetryResult(False, "not_found", kind, rid, f"no {kind} row with id {rid}")
     ref = WorkflowRef(row.workflow_type, row.workflow_id)
-    if row.processed_at is not None:
-        what = (
-            f"discarded at {row.discarded_at.isoformat()}"
-            if row.discarded_at is not None
-            else f"processed at {row.processed_at.isoformat()}"
+    if row.processed_at is not None and row.discarded_at is not None:
+        # discarded (or cancelled): said as such, with why, not as "processed"
+        why = f" ({row.discard_reason})" if row.discard_reason else ""
+        return RetryResult(
+            False,
+            "already_discarded",
+            kind,
+            rid,
+            f"{kind} {rid} was already discarded at {row.discarded_at.isoformat()}{why}",
+            ref,
         )
+    if row.processed_at is not None:
+        what = f"processed at {row.processed_at.isoformat()}"
         return RetryResult(False, "already_processed", kind, rid, f"{kind} {rid} was {what}", ref)
     if row.in_flight:
         return RetryResult(

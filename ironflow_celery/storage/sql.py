@@ -27,6 +27,7 @@ __all__ = [
     "ADVISORY_LOCK_KEY",
     "CANCEL_TIMERS",
     "CLAIM_LIMITED_EFFECTS",
+    "COUNT_INSTANCES",
     "DATABASE_NOW",
     "DELETE_NEW_INSTANCE",
     "EFFECTS_CHANNEL",
@@ -37,9 +38,12 @@ __all__ = [
     "FETCH_EVENTS_SINCE",
     "FETCH_WORKFLOW_EVENTS",
     "FIND_EXECUTE_RECORD",
+    "GET_INSTANCE",
     "INSERT_INSTANCE",
     "INSERT_OBSERVATION",
+    "INSPECT_STATEMENTS",
     "LIMITED_TYPES_LOCK_CLASS",
+    "LIST_INSTANCES",
     "LIST_WORKFLOWS",
     "LOAD_PROJECTION_POSITION",
     "LOCK_AND_LOAD",
@@ -61,6 +65,7 @@ __all__ = [
     "QUEUE_STATUS",
     "RECORD_PROJECTION_ERROR",
     "RESET_PROJECTION_POSITION",
+    "ROW_STATES",
     "SCHEDULE_TIMERS",
     "START_EFFECTS",
     "STORE_PROJECTION_POSITION",
@@ -71,6 +76,7 @@ __all__ = [
     "TRY_LOCK_PROJECTION",
     "UNIQUE_KEY_HELD",
     "WRITE_DECISION",
+    "InspectStatements",
     "RowStatements",
 ]
 
@@ -415,13 +421,13 @@ _COUNT_DEAD_LETTERS = f"SELECT count(*) FROM {{table}} WHERE {_DEAD} {_DEAD_LETT
 # The row with what decides whether it may be retried or discarded: read (`explain`,
 # `get`), or locked for the retry or discard that follows.
 _GET_DEAD_LETTER = f"""
-    SELECT {_DEAD_LETTER_COLUMNS}, processed_at, discarded_at,
+    SELECT {_DEAD_LETTER_COLUMNS}, processed_at, discarded_at, discard_reason,
            ({_DEAD}) AS is_dead, ({_LIVE_LEASE}) AS in_flight
     FROM {{table}} WHERE id = :id
 """
 
 _LOCK_DEAD_LETTER = f"""
-    SELECT {_DEAD_LETTER_COLUMNS}, processed_at, discarded_at,
+    SELECT {_DEAD_LETTER_COLUMNS}, processed_at, discarded_at, discard_reason,
            ({_DEAD}) AS is_dead, ({_LIVE_LEASE}) AS in_flight
     FROM {{table}} WHERE id = :id
     FOR UPDATE
@@ -895,4 +901,130 @@ MARK_EFFECTS_PROCESSED = text("""
     FROM unnest(CAST(:ids AS uuid[]), CAST(:tokens AS text[])) AS a(id, token)
     WHERE o.id = a.id AND o.locked_by = a.token
     RETURNING o.id
+""")
+
+
+# == inspection: find and show effects, timers and instances ===============================
+# (ironflow_celery.operations.inspection; read-only.) A row's state is one CASE over the
+# columns every writer keeps current, in the order `operations.status` counts them: closed
+# (cancelled or discarded: discarded_at; else processed), dead, leased (in flight), backing
+# off, a timer whose fire time is ahead (scheduled), else pending. `due_at` is when the row
+# became or becomes claimable: created_at (fire_at for timers), or the end of its backoff.
+# Filters use the ``CAST(:x AS …) IS NULL OR …`` form, so one statement serves every query.
+
+ROW_STATES: tuple[str, ...] = (
+    "pending",
+    "scheduled",
+    "in_flight",
+    "backing_off",
+    "dead",
+    "cancelled",
+    "processed",
+)
+
+_INSPECT_STATE = f"""CASE
+        WHEN processed_at IS NOT NULL AND discarded_at IS NOT NULL THEN 'cancelled'
+        WHEN processed_at IS NOT NULL THEN 'processed'
+        WHEN dead_lettered_at IS NOT NULL OR attempts >= {MAX_ATTEMPTS} THEN 'dead'
+        WHEN locked_by IS NOT NULL AND locked_until > now() THEN 'in_flight'
+        WHEN locked_until > now() THEN 'backing_off'
+        {{scheduled}}
+        ELSE 'pending' END"""
+
+_INSPECT_DUE = """CASE
+        WHEN processed_at IS NULL AND locked_by IS NULL AND locked_until IS NOT NULL
+        THEN GREATEST(locked_until, {order}) ELSE {order} END"""
+
+_INSPECT_COLUMNS = """id, workflow_type, workflow_id, {payload}->>'type' AS effect_type,
+        attempts, {max_attempts} AS max_attempts, last_error, created_at,
+        {fire_at} AS fire_at, {key} AS key, locked_by, locked_until, run_started_at,
+        processed_at, dead_lettered_at, discarded_at, discard_reason,
+        {state} AS state, {due} AS due_at"""
+
+# Keyset pages on (created_at, id), newest or oldest first; `:open` (processed_at IS NULL)
+# is derived from the state filter so open-row queries can use the partial indexes.
+_INSPECT_LIST = """
+    SELECT * FROM (
+        SELECT {columns}
+        FROM {table}
+        WHERE (CAST(:wt AS text) IS NULL OR workflow_type = :wt)
+          AND (CAST(:wid AS text) IS NULL OR workflow_id = :wid)
+          AND (CAST(:effect_type AS text) IS NULL OR {payload}->>'type' = :effect_type)
+          AND (CAST(:open AS boolean) IS NULL OR (processed_at IS NULL) = :open)
+    ) AS r
+    WHERE (CAST(:state AS text) IS NULL OR state = :state)
+      AND (CAST(:due_before AS timestamptz) IS NULL OR due_at < :due_before)
+      AND (CAST(:due_after AS timestamptz) IS NULL OR due_at >= :due_after)
+      AND (CAST(:after_at AS timestamptz) IS NULL
+           OR (created_at, id) {cmp} (CAST(:after_at AS timestamptz), CAST(:after_id AS uuid)))
+    ORDER BY created_at {direction}, id {direction}
+    LIMIT :limit
+"""
+
+_INSPECT_GET = """
+    SELECT {columns}, {payload} AS payload, now() AS read_at
+    FROM {table} WHERE id = :id
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class InspectStatements:
+    """The inspection statements of one row table (`INSPECT_STATEMENTS`)."""
+
+    list_newest: TextClause
+    list_oldest: TextClause
+    get: TextClause
+
+
+def _inspect_statements(table: str, payload: str, order: str, timer: bool) -> InspectStatements:
+    scheduled = "WHEN fire_at > now() THEN 'scheduled'" if timer else ""
+    columns = _INSPECT_COLUMNS.format(
+        payload=payload,
+        max_attempts=MAX_ATTEMPTS,
+        fire_at="fire_at" if timer else "CAST(NULL AS timestamptz)",
+        key="key" if timer else "CAST(NULL AS text)",
+        state=_INSPECT_STATE.format(scheduled=scheduled),
+        due=_INSPECT_DUE.format(order=order),
+    )
+
+    def listing(cmp: str, direction: str) -> TextClause:
+        return text(
+            _INSPECT_LIST.format(
+                columns=columns, table=table, payload=payload, cmp=cmp, direction=direction
+            )
+        )
+
+    return InspectStatements(
+        list_newest=listing("<", "DESC"),
+        list_oldest=listing(">", "ASC"),
+        get=text(_INSPECT_GET.format(columns=columns, table=table, payload=payload)),
+    )
+
+
+INSPECT_STATEMENTS: dict[str, InspectStatements] = {
+    OUTBOX: _inspect_statements(OUTBOX, OUTBOX_PAYLOAD, "created_at", timer=False),
+    TIMERS: _inspect_statements(TIMERS, TIMERS_PAYLOAD, "fire_at", timer=True),
+}
+"""By table (`RowKind.table`)."""
+
+GET_INSTANCE = text("""
+    SELECT workflow_type, workflow_id, created_at, event_count, last_event_at, completed_at
+    FROM ironflow.workflow_instances
+    WHERE workflow_type = :wt AND workflow_id = :wid
+""")
+
+# An instance type's instances, most recently active first; `:completed` NULL = all.
+LIST_INSTANCES = text("""
+    SELECT workflow_type, workflow_id, created_at, event_count, last_event_at, completed_at
+    FROM ironflow.workflow_instances
+    WHERE workflow_type = :wt
+      AND (CAST(:completed AS boolean) IS NULL OR (completed_at IS NOT NULL) = :completed)
+    ORDER BY last_event_at DESC NULLS LAST, created_at DESC, workflow_id
+    LIMIT :limit OFFSET :offset
+""")
+
+COUNT_INSTANCES = text("""
+    SELECT count(*) FILTER (WHERE completed_at IS NULL) AS active,
+           count(*) FILTER (WHERE completed_at IS NOT NULL) AS completed
+    FROM ironflow.workflow_instances WHERE workflow_type = :wt
 """)

@@ -33,6 +33,7 @@ from ironflow_celery.model.config import AttemptLimits
 from ironflow_celery.storage import schema, sql, tracing
 from ironflow_celery.storage.db import create_engine
 from ironflow_celery.storage.hints import schema_missing_hint
+from ironflow_celery.storage.inspection import RowInfo
 from ironflow_celery.storage.kinds import EFFECT, TIMER, Kind, RowKind, kind_of
 
 __all__ = [
@@ -1174,6 +1175,42 @@ class PostgresStore:
                 connection.execute(sql.STORE_PROJECTION_POSITION, params)
         else:
             self._run(sql.STORE_PROJECTION_POSITION, params)
+
+    # -- inspection (operations.inspection; read-only) ---------------------------------------
+    def inspect_rows(
+        self, kind: Kind | RowKind, params: dict[str, Any], *, newest_first: bool = True
+    ) -> list[RowInfo]:
+        """A page of effects or timers matching an `InspectQuery`'s bind parameters."""
+        row_kind = kind_of(kind)
+        statements = sql.INSPECT_STATEMENTS[row_kind.table]
+        statement = statements.list_newest if newest_first else statements.list_oldest
+        return [RowInfo.of(row_kind.name, r) for r in self._run(statement, params)]
+
+    def inspect_row(
+        self, kind: Kind | RowKind, row_id: uuid.UUID, limits: AttemptLimits
+    ) -> RowInfo | None:
+        """One effect or timer with its payload and the database's clock; None: no row."""
+        row_kind = kind_of(kind)
+        statement = sql.INSPECT_STATEMENTS[row_kind.table].get
+        row = self._run(statement, {"id": row_id, **limits.params()}).first()
+        return None if row is None else RowInfo.of(row_kind.name, row)
+
+    def get_instance(self, workflow_type: str, workflow_id: str) -> WorkflowInstanceSummary | None:
+        """One instance row; None when it does not exist."""
+        row = self._run(sql.GET_INSTANCE, {"wt": workflow_type, "wid": workflow_id}).first()
+        return None if row is None else WorkflowInstanceSummary(*row)
+
+    def list_instances(
+        self, workflow_type: str, *, completed: bool | None, limit: int, offset: int
+    ) -> list[WorkflowInstanceSummary]:
+        """One type's instances (all, active or completed), most recently active first."""
+        params = {"wt": workflow_type, "completed": completed, "limit": limit, "offset": offset}
+        return [WorkflowInstanceSummary(*row) for row in self._run(sql.LIST_INSTANCES, params)]
+
+    def count_instances(self, workflow_type: str) -> tuple[int, int]:
+        """(active, completed) instances of one type."""
+        row = self._run(sql.COUNT_INSTANCES, {"wt": workflow_type}).first()
+        return int(row.active), int(row.completed)
 
     # -- helpers -------------------------------------------------------------------------------
     def _scalar_or_none(

@@ -24,10 +24,12 @@ from ironflow_celery import (
     EffectContext,
     Message,
     PermanentEffectError,
+    StateMachineDefinition,
     Workflow,
     install,
 )
 from ironflow_celery.celery_app import settings_from_env
+from ironflow_celery.model.views import StateInfo, StateMachineView
 
 
 class Submit(Message):
@@ -60,7 +62,7 @@ def _allowed(workflow_id: str) -> bool:
     return bool(flag_dir) and (Path(flag_dir) / workflow_id).exists()
 
 
-class OpsDemoWorkflow(Workflow):
+class OpsDemoWorkflow(StateMachineView, Workflow):
     type = "ops_demo"
     State = OpsState
     Input = Submit | Delivered
@@ -78,6 +80,22 @@ class OpsDemoWorkflow(Workflow):
         if isinstance(input, Submit):
             return Decision.accept(Submitted()).with_effect(Deliver(recipient=input.id))
         return Decision.accept(DeliveredEvent())
+
+    @classmethod
+    def state_machine(cls) -> StateMachineDefinition:
+        return (
+            StateMachineDefinition.builder(initial="new")
+            .state("submitted")
+            .terminal("delivered")
+            .transition("new", "submitted", "Submit", effects=["Deliver"])
+            .transition("submitted", "delivered", "Delivered")
+            .build()
+        )
+
+    @staticmethod
+    def state_info(state: OpsState) -> StateInfo:
+        status = "delivered" if state.delivered else "submitted" if state.submitted else "new"
+        return StateInfo(status, is_terminal=state.delivered)
 
     @staticmethod
     def handle_effect(effect: Deliver, ctx: EffectContext) -> Message:

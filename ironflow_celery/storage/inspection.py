@@ -1,0 +1,139 @@
+"""Typed rows of the read-only inspection queries (`sql.INSPECT_STATEMENTS`): one effect or
+timer as stored, with its state and when it is due, for ``effects list/show`` and
+``timers list/show`` (`ironflow_celery.operations.inspection`) and a web view."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
+
+from ironflow_celery.model.workflow import WorkflowRef
+from ironflow_celery.storage.kinds import Kind
+
+__all__ = ["RowInfo", "RowState"]
+
+RowState = Literal[
+    "pending", "scheduled", "in_flight", "backing_off", "dead", "cancelled", "processed"
+]
+"""Exactly one per row (`sql.ROW_STATES`): ``pending`` claimable now; ``scheduled`` a timer
+whose fire time is ahead; ``in_flight`` leased (published and waiting, or running);
+``backing_off`` waiting to retry after a failed attempt; ``dead`` a dead letter;
+``cancelled`` closed without running (cancelled, revoked or a discarded dead letter,
+``discard_reason`` says which); ``processed`` done."""
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
+
+
+@dataclass(frozen=True, slots=True)
+class RowInfo:
+    """One effect (outbox row) or timer as stored, with its state.
+
+    ``locked_by`` holds the lease: a relay's claim token while the message waits in the
+    broker, a run token (``<claim>><delivery>``) once a worker's start guard took it;
+    ``run_started_at`` is when the running handler started (the holder's "since").
+    ``attempts`` counts finished attempts (the store keeps no per-attempt history: the
+    last error is in ``last_error``). ``payload`` is filled by `show`, not by `list`."""
+
+    kind: Kind
+    id: uuid.UUID
+    workflow: WorkflowRef
+    effect_type: str | None
+    state: RowState
+    attempts: int
+    max_attempts: int
+    last_error: str | None
+    created_at: datetime
+    due_at: datetime | None
+    fire_at: datetime | None = None
+    key: str | None = None
+    locked_by: str | None = None
+    locked_until: datetime | None = None
+    run_started_at: datetime | None = None
+    processed_at: datetime | None = None
+    dead_lettered_at: datetime | None = None
+    discarded_at: datetime | None = None
+    discard_reason: str | None = None
+    payload: Any = None
+    read_at: datetime | None = None
+    """The database's clock when the row was read (`show`): what lease times compare to."""
+
+    @property
+    def workflow_type(self) -> str:
+        return self.workflow.workflow_type
+
+    @property
+    def workflow_id(self) -> str:
+        return self.workflow.workflow_id
+
+    @property
+    def running(self) -> bool:
+        """A handler holds it: started under a live lease."""
+        return self.state == "in_flight" and self.run_started_at is not None
+
+    @property
+    def held_by(self) -> str | None:
+        """Who holds the live lease: ``relay`` (claimed, the message not started yet) or
+        ``worker`` (a start guard took it: a handler runs); None without a live lease."""
+        if self.state != "in_flight":
+            return None
+        return "worker" if self.run_started_at is not None else "relay"
+
+    @classmethod
+    def of(cls, kind: Kind, row: Any) -> RowInfo:
+        """From a row of `sql.INSPECT_STATEMENTS` (payload and read_at when selected)."""
+        fields = row._mapping
+        return cls(
+            kind=kind,
+            id=row.id,
+            workflow=WorkflowRef(row.workflow_type, row.workflow_id),
+            effect_type=row.effect_type,
+            state=row.state,
+            attempts=row.attempts,
+            max_attempts=row.max_attempts,
+            last_error=row.last_error,
+            created_at=row.created_at,
+            due_at=row.due_at,
+            fire_at=row.fire_at,
+            key=row.key,
+            locked_by=row.locked_by,
+            locked_until=row.locked_until,
+            run_started_at=row.run_started_at,
+            processed_at=row.processed_at,
+            dead_lettered_at=row.dead_lettered_at,
+            discarded_at=row.discarded_at,
+            discard_reason=row.discard_reason,
+            payload=fields.get("payload"),
+            read_at=fields.get("read_at"),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-serialisable form: ids as strings, datetimes as ISO 8601."""
+        return {
+            "kind": self.kind,
+            "id": str(self.id),
+            "workflow": str(self.workflow),
+            "workflow_type": self.workflow_type,
+            "workflow_id": self.workflow_id,
+            "effect_type": self.effect_type,
+            "state": self.state,
+            "attempts": self.attempts,
+            "max_attempts": self.max_attempts,
+            "last_error": self.last_error,
+            "created_at": _iso(self.created_at),
+            "due_at": _iso(self.due_at),
+            "fire_at": _iso(self.fire_at),
+            "key": self.key,
+            "locked_by": self.locked_by,
+            "locked_until": _iso(self.locked_until),
+            "held_by": self.held_by,
+            "run_started_at": _iso(self.run_started_at),
+            "processed_at": _iso(self.processed_at),
+            "dead_lettered_at": _iso(self.dead_lettered_at),
+            "discarded_at": _iso(self.discarded_at),
+            "discard_reason": self.discard_reason,
+            "payload": self.payload,
+        }
