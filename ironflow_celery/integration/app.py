@@ -20,6 +20,7 @@ from celery.worker.control import inspect_command
 from ironflow_celery.engine import metrics
 from ironflow_celery.engine.runtime import APP_ATTRIBUTE, WorkflowRuntime, WorkflowSpec, runtime_of
 from ironflow_celery.errors import ConfigurationError
+from ironflow_celery.integration.db_gate import DatabaseGateStep
 from ironflow_celery.integration.queue_check import QueueCheckStep
 from ironflow_celery.integration.supervisor import ServiceProcess, ServiceThread, start_service
 from ironflow_celery.model.config import runtime_config_from
@@ -70,6 +71,8 @@ def install_engine(
     app.steps["worker"].add(RelayStep)
     app.steps["worker"].add(QueueCheckStep)  # warns when -Q skips ironflow's queues
     app.steps["worker"].add(AsyncLoopStep)  # stops the async handlers' loop with the worker
+    # pauses ironflow's queues while this host cannot reach PostgreSQL
+    app.steps["consumer"].add(DatabaseGateStep)
     app.user_options["worker"].add(
         click.Option(
             ["--without-ironflow-relay"],

@@ -1,0 +1,129 @@
+"""End-to-end: a worker host that dies or loses a service (DESIGN invariant 13).
+
+Real ``celery worker`` processes (the fixtures of ``test_e2e_workers``), each test on its
+own queue and database; the services a test stops, pauses or cuts off are disposable
+instances of its own (a PostgreSQL cluster, a redis-server, a TCP proxy per host).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from ironflow_celery.storage import schema
+from ironflow_celery.storage.db import create_engine
+from tests.e2e_apps.workflows import Place
+from tests.test_e2e_workers import (  # noqa: F401 (procs, queue: fixtures)
+    PG_BIN,
+    REDIS_URL,
+    DisposablePostgres,
+    DisposableRedis,
+    Processes,
+    all_processed,
+    calls_per_effect,
+    charged_per_instance,
+    descendants,
+    make_env,
+    outbox_counts,
+    prepare_database,
+    procs,
+    queue,
+    redis_queue_cleanup,
+    scalar,
+    service_for,
+    sql,
+    wait_until,
+)
+from tests.waiting import wait_for_progress
+
+pytestmark = pytest.mark.e2e
+
+
+@contextlib.contextmanager
+def disposable_database() -> Iterator[tuple[DisposablePostgres, str]]:
+    """A PostgreSQL cluster of our own with the schema and the e2e table in database e2e."""
+    pg = DisposablePostgres()
+    try:
+        pg.init()
+        sql(pg.url, "CREATE DATABASE e2e")
+        url = pg.url.rsplit("/", 1)[0] + "/e2e"
+        engine = create_engine(url, pool_size=1)
+        schema.upgrade(engine)
+        engine.dispose()
+        prepare_database(url)
+        yield pg, url
+    finally:
+        pg.destroy()
+
+
+def stop_postgres(pg: DisposablePostgres) -> None:
+    pg._run(str(PG_BIN / "pg_ctl"), "stop", "-D", str(pg.data), "-m", "fast", "-w", "-t", "30")
+
+
+# -- 1. a host that reaches the broker but not PostgreSQL --------------------------------------
+
+
+@pytest.mark.timeout(600)  # waits for progress (90 s stall), not for a wall time
+def test_host_without_postgres_pauses_its_queues_and_drops_nothing(
+    procs: Processes, queue: str
+) -> None:
+    """Invariant 13: a worker whose start guards cannot reach PostgreSQL sends every message
+    back (none ends in ``raised unexpected``: Celery's default of 3 retries no longer
+    applies), stops consuming ironflow's queue and says so, and resumes by itself once the
+    database answers; every effect then completes, its follow-up once."""
+    n = 60
+    with disposable_database() as (pg, url), redis_queue_cleanup(queue) as client:
+        env = make_env(
+            url, REDIS_URL, queue,
+            effect_lock_duration=5, max_attempts=50, backoff_base=0.2, backoff_max=1,
+        )  # fmt: skip
+        worker = procs.worker("worker", env, pool="prefork", concurrency=2)
+        worker.wait_for_output("ironflow relay started (process)", 60)
+        service = service_for(url)
+        for i in range(n):
+            service.execute(Place(id=f"nodb-{i}", sleep=0.3))
+        service.store.dispose()
+        wait_until(
+            lambda: scalar(url, "SELECT count(*) FROM e2e_calls") >= 4,
+            60,
+            "handlers to be under way",
+            interval=0.05,
+        )
+        assert outbox_counts(url)[0] < n, "finished before the outage; slow the handler"
+        stop_postgres(pg)
+
+        worker.wait_for_output("paused consuming", 120)
+        # Down long enough for Celery's default (3 retries, 0.5 + 1 + 2 + 4 s) to run out.
+        started = time.monotonic()
+        bounced = worker.output().count("start guard failed")
+        wait_until(lambda: time.monotonic() - started > 20, 60, "20 s of outage", interval=1)
+        # Paused: the messages wait in the broker instead of bouncing through the worker.
+        assert client.llen(queue) > 0
+        assert worker.output().count("start guard failed") - bounced < 40
+
+        pg.start()
+        worker.wait_for_output("resumed consuming", 120)
+        wait_for_progress(
+            lambda: outbox_counts(url)[0],
+            n,
+            f"{n} effects after the outage",
+            diagnose=lambda: f"(processed, total): {outbox_counts(url)}",
+        )
+        time.sleep(0.5)  # room for a duplicate follow-up to show
+        assert all_processed(url, n)
+        assert charged_per_instance(url) == {1: n}
+        log = worker.output()
+        # A handler whose acknowledgement failed mid-outage may end "raised unexpected:
+        # DatabaseUnavailable" (its row comes back after its lease); a message that never
+        # started must never end that way.
+        assert "raised unexpected: StartGuardUnavailable" not in log, log[-3000:]
+        assert "start guard failed" in log  # the outage did reach start guards
