@@ -8,11 +8,8 @@ instances of its own (a PostgreSQL cluster, a redis-server, a TCP proxy per host
 from __future__ import annotations
 
 import contextlib
-import json
-import signal
-import socket
-import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,21 +19,18 @@ import redis
 from ironflow_celery.storage import schema
 from ironflow_celery.storage.db import create_engine
 from tests.e2e_apps.workflows import Place
-from tests.test_e2e_workers import (  # noqa: F401 (procs, queue: fixtures)
+from tests.test_e2e_workers import (
     PG_BIN,
     REDIS_URL,
     DisposablePostgres,
     DisposableRedis,
     Processes,
     all_processed,
-    calls_per_effect,
     charged_per_instance,
     descendants,
     make_env,
     outbox_counts,
     prepare_database,
-    procs,
-    queue,
     redis_queue_cleanup,
     scalar,
     service_for,
@@ -46,6 +40,36 @@ from tests.test_e2e_workers import (  # noqa: F401 (procs, queue: fixtures)
 from tests.waiting import wait_for_progress
 
 pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def procs(tmp_path: Path) -> Iterator[Processes]:
+    processes = Processes(tmp_path)
+    try:
+        yield processes
+    finally:
+        processes.kill_all()
+        print(processes.report())  # pytest shows it when the test failed
+
+
+@pytest.fixture
+def queue() -> str:
+    return f"e2e-hosts-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[DisposableRedis]:
+    """A redis-server of our own: the tests read kombu's ``unacked`` hash on it."""
+    server = DisposableRedis(tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def handler_pids(url: str) -> set[int]:
+    return {r[0] for r in sql(url, "SELECT DISTINCT pid FROM e2e_calls")}
 
 
 @contextlib.contextmanager
@@ -127,3 +151,47 @@ def test_host_without_postgres_pauses_its_queues_and_drops_nothing(
         # started must never end that way.
         assert "raised unexpected: StartGuardUnavailable" not in log, log[-3000:]
         assert "start guard failed" in log  # the outage did reach start guards
+
+
+# -- 2. a worker host killed with prefetched messages (Redis) ----------------------------------
+
+
+@pytest.mark.timeout(600)
+def test_killed_host_prefetched_rows_return_within_leases(
+    database_url: str, procs: Processes, queue: str, broker: DisposableRedis
+) -> None:
+    """Invariant 13: a worker killed with messages in its prefetch (kombu's ``unacked`` hash,
+    restored only after the 1 h visibility timeout) costs its rows a few leases, not
+    ``ironflow_dispatch_timeout`` (30 min): the surviving relay finds that no live worker
+    holds them and releases them. Rows whose messages wait in a live worker's prefetch are
+    left alone (invariant 10): the survivor skips nothing as stale."""
+    n = 24
+    prepare_database(database_url)
+    env = make_env(database_url, broker.url, queue, effect_lock_duration=3)
+    survivor = procs.worker("survivor", env, pool="prefork", concurrency=1)
+    victim = procs.worker("victim", env, pool="prefork", concurrency=1, relay=False)
+    survivor.wait_for_output("ironflow relay started (process)", 60)
+    victim.wait_for_output("ready.", 60)
+    service = service_for(database_url)
+    for i in range(n):
+        service.execute(Place(id=f"dead-{i}", sleep=0.5, sleep_once=True))
+    service.store.dispose()
+    client = redis.Redis.from_url(broker.url)
+    wait_until(
+        lambda: {p.pid for p in descendants(victim.pid)} & handler_pids(database_url),
+        60,
+        "the victim to run a handler",
+        interval=0.05,
+    )
+    assert client.hlen("unacked") > 0
+    victim.kill()  # kill -9, the whole host
+    killed_at = time.monotonic()
+
+    wait_until(lambda: all_processed(database_url, n), 240, "every row after the kill")
+    elapsed = time.monotonic() - killed_at
+    time.sleep(0.5)  # room for a duplicate follow-up to show
+    assert charged_per_instance(database_url) == {1: n}
+    log = survivor.output()
+    assert "taken off the queue by a worker that is gone" in log, log[-3000:]
+    assert "stale-skipped" not in log  # no message of a live worker was given up
+    assert elapsed < 240  # dispatch_timeout is 1800 s: found, not waited out

@@ -22,6 +22,7 @@ from typing import Any
 from celery.utils.imports import import_from_cwd
 
 from ironflow_celery.engine.batches import batch_publisher, register_batch_tasks
+from ironflow_celery.engine.deliveries import LostDeliveries
 from ironflow_celery.engine.metrics import Metrics
 from ironflow_celery.engine.relay import Publisher, RelayGroup, celery_publisher
 from ironflow_celery.engine.tasks import LeaseKeeper, register_workflow_tasks
@@ -300,6 +301,7 @@ class WorkflowRuntime:
             on_claimed=lambda kind, n: self.metrics.claimed(kind, n),
             attempt_limits=self.attempt_limits,
             concurrency_limits=self.concurrency_limits,
+            lost_finder=lambda: LostDeliveries(self.app),
         )
         group.start()
         return group
