@@ -8,9 +8,13 @@ instances of its own (a PostgreSQL cluster, a redis-server, a TCP proxy per host
 from __future__ import annotations
 
 import contextlib
+import select
+import socket
+import threading
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -66,6 +70,70 @@ def broker(tmp_path: Path) -> Iterator[DisposableRedis]:
         yield server
     finally:
         server.stop()
+
+
+class BlackHoleProxy:
+    """A TCP proxy to one server (a host's own link to the broker) that can silently drop
+    everything, as a cut link or a black-holed route does: connections stay open, bytes
+    in either direction vanish, nothing is reset."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.dropping = threading.Event()
+        self.closed = threading.Event()
+        self._sockets: list[socket.socket] = [self.listener]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def _accept(self) -> None:
+        while not self.closed.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            self._sockets += [client, upstream]
+            threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
+
+    def _pump(self, a: socket.socket, b: socket.socket) -> None:
+        peers = {a: b, b: a}
+        while not self.closed.is_set():
+            try:
+                ready, _, _ = select.select(list(peers), [], [], 0.2)
+                for sock in ready:
+                    data = sock.recv(65536)
+                    if not data:
+                        raise OSError("closed")
+                    if not self.dropping.is_set():
+                        peers[sock].sendall(data)
+            except OSError:
+                break
+        for sock in (a, b):
+            with contextlib.suppress(OSError):
+                sock.close()
+
+    def close(self) -> None:
+        self.closed.set()
+        for sock in self._sockets:
+            with contextlib.suppress(OSError):
+                sock.close()
+
+
+BROKER_TROUBLE = ("Connection to broker lost", "Couldn't ack", "missed 2 health check")
+"""What a worker logs when a command on its broker connection times out or fails."""
+
+
+def first_logged(output: str, marks: tuple[str, ...]) -> datetime | None:
+    """When a worker first logged a line holding one of `marks` (its log's local time)."""
+    for line in output.splitlines():
+        if line.startswith("[") and any(mark in line for mark in marks):
+            return datetime.strptime(line[1:24], "%Y-%m-%d %H:%M:%S,%f")
+    return None
 
 
 def handler_pids(url: str) -> set[int]:
@@ -195,3 +263,57 @@ def test_killed_host_prefetched_rows_return_within_leases(
     assert "taken off the queue by a worker that is gone" in log, log[-3000:]
     assert "stale-skipped" not in log  # no message of a live worker was given up
     assert elapsed < 240  # dispatch_timeout is 1800 s: found, not waited out
+
+
+# -- 3. a worker host cut off from the broker ---------------------------------------------------
+
+
+@pytest.mark.timeout(600)
+def test_host_cut_off_from_broker_gives_its_reserved_rows_back(
+    database_url: str, procs: Processes, queue: str, broker: DisposableRedis
+) -> None:
+    """Invariant 13: a worker whose link to Redis silently drops everything holds no rows
+    hostage. It notices the dead connection within seconds (the socket timeout and health
+    check ironflow's install sets where the app did not) and says so, and the rows it had
+    reserved are released by the surviving relay and run elsewhere, each follow-up once,
+    while the link is still cut."""
+    n = 24
+    prepare_database(database_url)
+    proxy = BlackHoleProxy(broker.port)
+    try:
+        env = make_env(database_url, broker.url, queue, effect_lock_duration=3)
+        survivor = procs.worker("survivor", env, pool="prefork", concurrency=1)
+        cut = procs.worker(
+            "cut", {**env, "CELERY_BROKER_URL": proxy.url}, concurrency=1, relay=False
+        )
+        survivor.wait_for_output("ironflow relay started (process)", 60)
+        cut.wait_for_output("ready.", 60)
+        service = service_for(database_url)
+        for i in range(n):
+            service.execute(Place(id=f"cut-{i}", sleep=0.5, sleep_once=True))
+        service.store.dispose()
+        wait_until(
+            lambda: {p.pid for p in descendants(cut.pid)} & handler_pids(database_url),
+            60,
+            "the cut-off worker to run a handler",
+            interval=0.05,
+        )
+        proxy.dropping.set()
+        cut_at = datetime.now()  # the workers log local time
+
+        wait_until(lambda: all_processed(database_url, n), 240, "every row while cut off")
+        assert proxy.dropping.is_set()
+        time.sleep(0.5)  # room for a duplicate follow-up to show
+        assert charged_per_instance(database_url) == {1: n}
+        assert "taken off the queue by a worker that is gone" in survivor.output()
+        # The cut-off host says so by itself: its first command on the dead link times out
+        # (without a socket timeout the acknowledgement blocked its event loop for good).
+        logged = wait_until(
+            lambda: first_logged(cut.output(), BROKER_TROUBLE),
+            120,
+            "the cut-off worker to log its broker trouble",
+        )
+        assert (logged - cut_at).total_seconds() < 60, (logged, cut_at)
+        cut.wait_for_output("Connection to broker lost", 120)
+    finally:
+        proxy.close()
