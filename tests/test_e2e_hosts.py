@@ -8,6 +8,7 @@ instances of its own (a PostgreSQL cluster, a redis-server, a TCP proxy per host
 from __future__ import annotations
 
 import contextlib
+import json
 import select
 import socket
 import threading
@@ -19,10 +20,13 @@ from pathlib import Path
 
 import pytest
 import redis
+from celery import Celery
 
+from ironflow_celery import install
+from ironflow_celery.engine.deliveries import LostDeliveries
 from ironflow_celery.storage import schema
 from ironflow_celery.storage.db import create_engine
-from tests.e2e_apps.workflows import Place
+from tests.e2e_apps.workflows import OrderWorkflow, Place
 from tests.test_e2e_workers import (
     PG_BIN,
     REDIS_URL,
@@ -96,7 +100,11 @@ class BlackHoleProxy:
                 client, _ = self.listener.accept()
             except OSError:
                 return
-            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:  # the server is gone (teardown)
+                client.close()
+                continue
             self._sockets += [client, upstream]
             threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
 
@@ -317,3 +325,69 @@ def test_host_cut_off_from_broker_gives_its_reserved_rows_back(
         cut.wait_for_output("Connection to broker lost", 120)
     finally:
         proxy.close()
+
+
+# -- the parts on their own ---------------------------------------------------------------------
+
+
+def _app(broker_url: str, **conf: object) -> Celery:
+    app = Celery("hosts-unit", broker=broker_url)
+    app.conf.update(conf)
+    install(app, workflows=[OrderWorkflow], database_url="postgresql://postgres@127.0.0.1/x")
+    return app
+
+
+def test_ironflow_tasks_send_their_messages_back_without_a_retry_limit() -> None:
+    """Celery's ``retry(max_retries=None)`` means the task's default (3): ironflow's tasks
+    carry None (unlimited) themselves, so a message sent back is never dropped."""
+    app = _app(REDIS_URL)
+    names = [name for name in app.tasks if name.startswith("ironflow.e2e_order.")]
+    assert {name.rsplit(".", 1)[1] for name in names} >= {"effect", "timer", "execute"}
+    assert all(app.tasks[name].max_retries is None for name in names)
+
+
+def test_broker_defaults_fill_only_what_the_app_left_unset() -> None:
+    app = _app(REDIS_URL, broker_transport_options={"socket_timeout": 3, "visibility_timeout": 60})
+    assert app.conf.broker_transport_options == {
+        "socket_timeout": 3,
+        "visibility_timeout": 60,
+        "socket_connect_timeout": 5.0,
+        "socket_keepalive": True,
+        "health_check_interval": 5,
+    }
+    assert _app("amqp://guest:guest@127.0.0.1:5672//").conf.broker_heartbeat == 20.0
+    assert _app("amqp://guest@127.0.0.1//", broker_heartbeat=120).conf.broker_heartbeat == 20.0
+    assert _app("amqp://guest@127.0.0.1//", broker_heartbeat=0).conf.broker_heartbeat == 0
+    assert _app("amqp://guest@127.0.0.1//").conf.broker_transport_options == {}
+
+
+def test_lost_deliveries_take_two_looks_and_spare_young_messages(
+    broker: DisposableRedis,
+) -> None:
+    """A row counts as lost only when its message has been unacknowledged for a while and
+    no live worker held it at two looks in a row; its stale ``unacked`` entry goes."""
+    app = Celery("hosts-lost", broker=broker.url)
+    client = redis.Redis.from_url(broker.url)
+    old, young, other = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+
+    def unacked(task_id: uuid.UUID, age: float) -> None:
+        tag = f"tag-{task_id}"
+        message = {"headers": {"id": str(task_id)}, "properties": {}, "body": ""}
+        client.zadd("unacked_index", {tag: time.time() - age})
+        client.hset("unacked", tag, json.dumps([message, "q", "q"]))
+
+    unacked(old, 60)
+    unacked(young, 0)
+    unacked(other, 60)  # not one of the relay's rows
+    finder = LostDeliveries(app, reply_timeout=0.5)  # no worker runs: nobody holds anything
+    try:
+        assert finder([old, young], 10) == set()  # the first look only suspects
+        assert finder([old, young], 10) == {old}
+        assert client.hexists("unacked", f"tag-{old}") is False
+        assert client.hexists("unacked", f"tag-{young}") and client.hexists(
+            "unacked", f"tag-{other}"
+        )
+        assert finder([young], 10) == set()
+    finally:
+        app.pool.force_close_all()
+        client.close()
