@@ -301,7 +301,9 @@ class WorkflowRuntime:
             on_claimed=lambda kind, n: self.metrics.claimed(kind, n),
             attempt_limits=self.attempt_limits,
             concurrency_limits=self.concurrency_limits,
-            lost_finder=lambda: LostDeliveries(self.app),
+            lost_finder=(
+                (lambda: LostDeliveries(self.app)) if self.config.release_lost_deliveries else None
+            ),
         )
         group.start()
         return group

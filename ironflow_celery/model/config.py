@@ -147,6 +147,10 @@ class RuntimeConfig:
     again. This bounds that hold, so a message the broker lost (a Redis restart without
     persistence, a purge, a worker that discarded it) is claimed and published again at
     most ``dispatch_timeout`` + the lease after it was first published."""
+    release_lost_deliveries: bool = True
+    """Redis: relays release published rows whose message a worker that is gone had taken
+    (kombu's ``unacked`` hash, held by no live worker), instead of waiting for
+    ``dispatch_timeout`` (see `ironflow_celery.engine.deliveries`)."""
     publish_retry_delay: float = 1.0
     """Pause after a failed publish (its claims are released at once)."""
     tracing: bool = True
