@@ -510,6 +510,8 @@ class Relay:
         def look() -> None:
             try:
                 found.append(find_lost(list(looked_at), every))
+                if found[0]:
+                    self.wake.set()  # release them now, not at the next poll
             except Exception as exc:  # the broker is away: the renewals hold the rows
                 log.warning(
                     "ironflow %s relay: could not look for lost messages: %s", self.kind, exc
@@ -542,7 +544,10 @@ class Relay:
         effect is due when written)."""
         timeout = self._poll
         if self.in_flight:
-            timeout = min(timeout, max(self._renew_due - time.monotonic(), 0.0))
+            next_at = self._renew_due
+            if self.find_lost is not None and self._lost_look is None:  # a look is due
+                next_at = min(next_at, self._lost_check_at)
+            timeout = min(timeout, max(next_at - time.monotonic(), 0.0))
         if self.len_in_flight_at_limit():
             timeout = min(timeout, 0.05)
         elif self.row_kind.statements.next_due is not None:
