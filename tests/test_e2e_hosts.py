@@ -227,6 +227,10 @@ def test_host_without_postgres_pauses_its_queues_and_drops_nothing(
         # started must never end that way.
         assert "raised unexpected: StartGuardUnavailable" not in log, log[-3000:]
         assert "start guard failed" in log  # the outage did reach start guards
+        print(
+            f"FIGURE no database: {log.count('start guard failed')} messages sent back, "
+            f"{log.count('raised unexpected: StartGuardUnavailable')} dropped"
+        )
 
 
 # -- 2. a worker host killed with prefetched messages (Redis) ----------------------------------
@@ -265,6 +269,7 @@ def test_killed_host_prefetched_rows_return_within_leases(
 
     wait_until(lambda: all_processed(database_url, n), 240, "every row after the kill")
     elapsed = time.monotonic() - killed_at
+    print(f"FIGURE killed host: all {n} rows done {elapsed:.1f}s after the kill")
     time.sleep(0.5)  # room for a duplicate follow-up to show
     assert charged_per_instance(database_url) == {1: n}
     log = survivor.output()
@@ -310,6 +315,7 @@ def test_host_cut_off_from_broker_gives_its_reserved_rows_back(
         cut_at = datetime.now()  # the workers log local time
 
         wait_until(lambda: all_processed(database_url, n), 240, "every row while cut off")
+        done_at = datetime.now()
         assert proxy.dropping.is_set()
         time.sleep(0.5)  # room for a duplicate follow-up to show
         assert charged_per_instance(database_url) == {1: n}
@@ -322,6 +328,12 @@ def test_host_cut_off_from_broker_gives_its_reserved_rows_back(
             "the cut-off worker to log its broker trouble",
         )
         assert (logged - cut_at).total_seconds() < 60, (logged, cut_at)
+        noticed = (logged - cut_at).total_seconds()
+        done = (done_at - cut_at).total_seconds()
+        print(
+            f"FIGURE cut-off host: all {n} rows done {done:.1f}s after the cut; "
+            f"it noticed after {noticed:.1f}s"
+        )
         cut.wait_for_output("Connection to broker lost", 120)
     finally:
         proxy.close()
