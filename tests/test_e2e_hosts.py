@@ -7,6 +7,7 @@ instances of its own (a PostgreSQL cluster, a redis-server, a TCP proxy per host
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import select
@@ -391,11 +392,24 @@ def test_lost_deliveries_take_two_looks_and_spare_young_messages(
     unacked(old, 60)
     unacked(young, 0)
     unacked(other, 60)  # not one of the relay's rows
+    # a grouped message (effect_batch_size) carrying two rows, one of them the relay's
+    grouped, mine, theirs = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    items = [[str(row), "w", 1, "token", None] for row in (mine, theirs)]
+    body = json.dumps([["e2e_order", items], {}, {}]).encode()
+    message = {
+        "headers": {"id": str(grouped), "task": "ironflow.e2e_order.effects"},
+        "properties": {"body_encoding": "base64"},
+        "content-type": "application/json",
+        "body": base64.b64encode(body).decode(),
+    }
+    client.zadd("unacked_index", {"tag-grouped": time.time() - 60})
+    client.hset("unacked", "tag-grouped", json.dumps([message, "q", "q"]))
     finder = LostDeliveries(app, reply_timeout=0.5)  # no worker runs: nobody holds anything
     try:
-        assert finder([old, young], 10) == set()  # the first look only suspects
-        assert finder([old, young], 10) == {old}
+        assert finder([old, young, mine], 10) == set()  # the first look only suspects
+        assert finder([old, young, mine], 10) == {old, mine}
         assert client.hexists("unacked", f"tag-{old}") is False
+        assert client.hexists("unacked", "tag-grouped") is False
         assert client.hexists("unacked", f"tag-{young}") and client.hexists(
             "unacked", f"tag-{other}"
         )

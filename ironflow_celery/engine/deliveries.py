@@ -13,12 +13,14 @@ worker reports holding it (Celery's ``inspect query_task`` for reserved and runn
 and ``inspect scheduled`` for countdowns), twice in a row. The relay then releases the row's
 claim, so it is claimed and published again at once; the stale message is removed from the
 ``unacked`` hash (it would only be skipped as stale an hour later). A live worker that is
-slow to answer costs at worst a duplicate message, which the start guard skips.
+slow to answer costs at worst a duplicate message, which the start guard skips. A grouped
+message (``effect_batch_size``) counts for every row it carries.
 Other transports (RabbitMQ requeues a dead consumer's messages at once) are left alone.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import time
@@ -48,7 +50,7 @@ class LostDeliveries:
 
     def __call__(self, ids: Sequence[uuid.UUID], older_than: float) -> set[uuid.UUID]:
         """Those of `ids` whose message has waited unacknowledged over `older_than` seconds
-        with no live worker holding it, at this check and the one before."""
+        with no live worker holding it, at this look and the one before."""
         if not self.enabled or not ids:
             return set()
         wanted = {str(row_id): row_id for row_id in ids}
@@ -65,25 +67,31 @@ class LostDeliveries:
             lost = missing & self._suspects
             self._suspects = missing - lost
             if lost:
-                tags = [tag for row_id in lost for tag in taken[row_id]]
+                tags = [tag for task_id in lost for tag in taken[task_id][1]]
                 channel.client.pipeline().zrem(channel.unacked_index_key, *tags).hdel(
                     channel.unacked_key, *tags
                 ).execute()
-        return {wanted[row_id] for row_id in lost}
+        return {wanted[row] for task_id in lost for row in taken[task_id][0]}
 
-    def _unacked(self, channel: Any, wanted: set[str], older_than: float) -> dict[str, list[str]]:
-        """{row id: delivery tags} of `wanted` rows unacknowledged for over `older_than` s."""
+    def _unacked(
+        self, channel: Any, wanted: set[str], older_than: float
+    ) -> dict[str, tuple[list[str], list[str]]]:
+        """{task id: (its rows among `wanted`, delivery tags)} of the messages
+        unacknowledged for over `older_than` seconds that carry any of `wanted`."""
         client = channel.client
         tags = client.zrangebyscore(
             channel.unacked_index_key, "-inf", time.time() - older_than, start=0, num=_SCAN_LIMIT
         )
-        found: dict[str, list[str]] = {}
+        found: dict[str, tuple[list[str], list[str]]] = {}
         for start in range(0, len(tags), 500):
             chunk = tags[start : start + 500]
             for tag, raw in zip(chunk, client.hmget(channel.unacked_key, chunk), strict=True):
-                task_id = _task_id(raw)
-                if task_id in wanted:
-                    found.setdefault(task_id, []).append(tag)
+                task_id, rows = _rows_of(raw)
+                rows = [row for row in rows if row in wanted]
+                if task_id is not None and rows:
+                    entry = found.setdefault(task_id, ([], []))
+                    entry[0].extend(r for r in rows if r not in entry[0])
+                    entry[1].append(tag)
         return found
 
     def _held(self, task_ids: list[str]) -> set[str]:
@@ -97,15 +105,28 @@ class LostDeliveries:
         return held
 
 
-def _task_id(raw: bytes | str | None) -> str | None:
-    """The task id of an entry of kombu's ``unacked`` hash (``[message, exchange, key]``)."""
+def _rows_of(raw: bytes | str | None) -> tuple[str | None, list[str]]:
+    """The task id of an entry of kombu's ``unacked`` hash (``[message, exchange, key]``)
+    and the rows its message carries: the task id itself (a row's task id is its id), or
+    the row ids of a grouped message (``ironflow.<type>.effects``, JSON only)."""
     if raw is None:
-        return None
+        return None, []
     try:
         message = json.loads(raw)[0]
-        task_id = (message.get("headers") or {}).get("id") or (message.get("properties") or {}).get(
-            "correlation_id"
-        )
-    except (ValueError, TypeError, IndexError, AttributeError):
-        return None
-    return task_id if isinstance(task_id, str) else None
+        headers = message.get("headers") or {}
+        properties = message.get("properties") or {}
+        task_id = headers.get("id") or properties.get("correlation_id")
+        name = headers.get("task") or ""
+        if not isinstance(task_id, str):
+            return None, []
+        if not (name.startswith("ironflow.") and name.endswith(".effects")):
+            return task_id, [task_id]
+        body = message.get("body") or ""
+        if properties.get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        if "json" not in (message.get("content-type") or ""):
+            return task_id, []
+        items = json.loads(body)[0][1]  # body [args, kwargs, embed]; args [type, items]
+        return task_id, [str(item[0]) for item in items]
+    except (ValueError, TypeError, IndexError, KeyError, AttributeError):
+        return None, []
