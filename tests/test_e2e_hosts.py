@@ -335,7 +335,6 @@ def test_host_cut_off_from_broker_gives_its_reserved_rows_back(
             f"FIGURE cut-off host: all {n} rows done {done:.1f}s after the cut; "
             f"it noticed after {noticed:.1f}s"
         )
-        cut.wait_for_output("Connection to broker lost", 120)
     finally:
         proxy.close()
 

@@ -42,7 +42,7 @@ _SCAN_LIMIT = 5000
 class LostDeliveries:
     """Finds published rows whose message a worker that is gone took (Redis only)."""
 
-    def __init__(self, app: Any, *, reply_timeout: float = 2.0) -> None:
+    def __init__(self, app: Any, *, reply_timeout: float = 3.0) -> None:
         self.app = app
         self.reply_timeout = reply_timeout
         self.enabled = True
