@@ -39,6 +39,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ironflow_celery.engine.host import TaskHost
+from ironflow_celery.engine.redelivery import send_back
 from ironflow_celery.engine.relay import Publisher, declare_queues
 from ironflow_celery.engine.tasks import (
     as_input,
@@ -348,9 +349,9 @@ def register_batch_tasks(app: Any, runtime: TaskHost, workflow_types: Sequence[s
         if getattr(workflow, "effect_batch_size", None) is None:
             continue
         name = batch_task_name(workflow_type)
-        app.task(name=name, bind=True, acks_late=False, typing=False, shared=False)(
-            _bind_batch(runtime, name)
-        )
+        app.task(
+            name=name, bind=True, acks_late=False, max_retries=None, typing=False, shared=False
+        )(_bind_batch(runtime, name))
         names.append(name)
     return names
 
@@ -364,7 +365,7 @@ def _bind_batch(runtime: TaskHost, name: str) -> Any:
             # task does); the relay keeps the rows' claims alive meanwhile.
             runtime.metrics.ack_failed("effect")
             delay = min(0.5 * 2 ** min(self.request.retries or 0, 5), 10.0)
-            raise self.retry(exc=exc, countdown=delay, max_retries=None) from exc
+            raise send_back(self, exc, delay=delay) from exc
         except StorageError:
             runtime.metrics.ack_failed("effect")
             raise

@@ -32,6 +32,7 @@ import logging
 from typing import Any
 
 from ironflow_celery.engine.host import TaskHost
+from ironflow_celery.engine.redelivery import send_back
 from ironflow_celery.errors import (
     DatabaseUnavailable,
     InputRefused,
@@ -150,6 +151,7 @@ def register_execute_tasks(app: Any, runtime: TaskHost, workflow_types: list[str
             acks_late=True,
             # Expected failures: logged at INFO without a traceback, still FAILURE.
             throws=(InputRefused,),
+            max_retries=None,  # a message sent back (send_back) is never dropped
             typing=False,
             shared=False,
         )(_bind(runtime, workflow_type, name))
@@ -170,7 +172,7 @@ def _bind(runtime: TaskHost, workflow_type: str, name: str) -> Any:
             retries = self.request.retries or 0
             delay = min(0.5 * 2 ** min(retries, 5), 10.0)
             log.warning("ironflow %s: %s; retrying in %.1fs", name, exc, delay)
-            raise self.retry(exc=exc, countdown=delay, max_retries=None) from exc
+            raise send_back(self, exc, delay=delay) from exc
 
     task.__name__ = name.replace(".", "_")
     task.__qualname__ = task.__name__

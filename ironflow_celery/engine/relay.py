@@ -44,6 +44,7 @@ from typing import Any
 import psycopg
 from kombu.common import Broadcast
 
+from ironflow_celery.engine.deliveries import LostFinder
 from ironflow_celery.errors import PublishError, StorageError
 from ironflow_celery.model.config import AttemptLimits, RuntimeConfig, results_ignored
 from ironflow_celery.storage import tracing
@@ -52,6 +53,7 @@ from ironflow_celery.storage.store import ClaimedRow, PostgresStore
 
 __all__ = [
     "DISPATCH_HOLD_MIN",
+    "LOST_CHECK_MAX",
     "Dispatched",
     "Publisher",
     "QueueDepth",
@@ -75,6 +77,9 @@ def task_name(workflow_type: str, kind: Kind | RowKind) -> str:
 
 DISPATCH_HOLD_MIN = 30.0
 """Seconds a relay's renewal holds a waiting row for, at least (see `Relay.keep_alive`)."""
+
+LOST_CHECK_MAX = 15.0
+"""Seconds between two looks for rows a dead worker took, at most (`Relay.release_lost`)."""
 
 
 Publisher = Callable[[Kind, Sequence[ClaimedRow]], list[uuid.UUID]]
@@ -293,6 +298,7 @@ class Relay:
         concurrency_limits: Mapping[str, int] | None = None,
         queues: Mapping[str, str] | None = None,
         queue_depth: QueueDepth | None = None,
+        find_lost: LostFinder | None = None,
     ) -> None:
         self.row_kind = kind_of(kind)
         self.kind: Kind = self.row_kind.name
@@ -334,6 +340,16 @@ class Relay:
         self._renew_every = max(self._lease / 3, 0.05)
         self._hold = max(self._lease, DISPATCH_HOLD_MIN)
         self._renew_due = 0.0
+        # Rows whose message a worker that is gone took (engine.deliveries): checked this
+        # often, for rows published at least this long ago; 15 s at most, so a dead host
+        # costs well under one (300 s) lease, not dispatch_timeout.
+        self.find_lost = find_lost
+        self._lost_every = min(max(self._lease / 3, 1.0), LOST_CHECK_MAX)
+        self._lost_check_at = 0.0
+        self._lost_look: (
+            tuple[threading.Thread, dict[uuid.UUID, str], list[set[uuid.UUID]]] | None
+        ) = None
+        self.lost_total = 0
         self.renewed_total = 0
         self.given_up_total = 0
         self._poll = self.row_kind.poll_interval(config)
@@ -381,6 +397,7 @@ class Relay:
         # Renew before claiming: after a database outage this takes our waiting rows back
         # before this relay could re-claim (and re-publish) them as expired.
         self.keep_alive()
+        self.release_lost()
         types, limit = self._claimable()
         if not types:
             return False
@@ -649,12 +666,76 @@ class Relay:
             )  # fmt: skip
         return give_up
 
+    def release_lost(self) -> None:
+        """Give back the published rows whose message a worker that is gone had taken
+        (`find_lost`), so they are claimed and published again now, not after
+        ``dispatch_timeout``; a row whose message merely waits is never among them.
+
+        The look runs in a thread of its own (it waits for the workers' replies to a
+        broadcast): the relay keeps claiming and renewing meanwhile, and releases what
+        the previous look found, each row only if it is still under the claim looked at.
+        """
+        if self.find_lost is None:
+            return
+        if self._lost_look is not None:
+            thread, previous, result = self._lost_look
+            if thread.is_alive():
+                return
+            self._lost_look = None
+            self._release_lost(previous, result[0] if result else set())
+        now = time.monotonic()
+        if not self.in_flight or now < self._lost_check_at:
+            return
+        self._lost_check_at = now + self._lost_every
+        looked_at = {
+            i: d.token for i, d in self.in_flight.items() if now - d.at >= self._lost_every
+        }
+        if not looked_at:
+            return
+        found: list[set[uuid.UUID]] = []
+        find_lost, every = self.find_lost, self._lost_every
+
+        def look() -> None:
+            try:
+                found.append(find_lost(list(looked_at), every))
+                if found[0]:
+                    self.wake.set()  # release them now, not at the next poll
+            except Exception as exc:  # the broker is away: the renewals hold the rows
+                log.warning(
+                    "ironflow %s relay: could not look for lost messages: %s", self.kind, exc
+                )
+
+        thread = threading.Thread(target=look, name=f"ironflow-lost-{self.name}", daemon=True)
+        self._lost_look = (thread, looked_at, found)
+        thread.start()
+
+    def _release_lost(self, looked_at: dict[uuid.UUID, str], lost: set[uuid.UUID]) -> None:
+        tokens: dict[str, list[uuid.UUID]] = {}
+        for row_id in lost:
+            dispatched = self.in_flight.get(row_id)
+            if dispatched is not None and dispatched.token == looked_at.get(row_id):
+                self._forget([row_id])
+                tokens.setdefault(dispatched.token, []).append(row_id)
+        if not tokens:
+            return
+        released = sum(self.store.release(self.row_kind, ids, t) for t, ids in tokens.items())
+        self.lost_total += released
+        log.warning(
+            "ironflow %s relay %s: %d published rows were taken off the queue by a worker that "
+            "is gone (unacknowledged in the broker, held by no live worker); released, they "
+            "are claimed and published again",
+            self.kind, self.name, released,
+        )  # fmt: skip
+
     def idle_wait(self) -> None:
         """Sleep until a NOTIFY, the poll interval, or the next due time (timers; an
         effect is due when written)."""
         timeout = self._poll
         if self.in_flight:
-            timeout = min(timeout, max(self._renew_due - time.monotonic(), 0.0))
+            next_at = self._renew_due
+            if self.find_lost is not None and self._lost_look is None:  # a look is due
+                next_at = min(next_at, self._lost_check_at)
+            timeout = min(timeout, max(next_at - time.monotonic(), 0.0))
         if self.len_in_flight_at_limit():
             timeout = min(timeout, 0.05)
         elif self.row_kind.statements.next_due is not None:
@@ -713,6 +794,7 @@ class RelayGroup:
         concurrency_limits: Mapping[str, int] | None = None,
         routes: Mapping[str, Mapping[str, str]] | None = None,
         queue_depth: QueueDepth | None = None,
+        lost_finder: Callable[[], LostFinder] | None = None,
     ) -> None:
         """`routes`, per kind (``"effect"``/``"timer"``): the workflow types its relays claim
         and the queue each one's tasks go to (back-pressure per queue); without it every
@@ -744,6 +826,7 @@ class RelayGroup:
                         concurrency_limits=concurrency_limits,
                         queues=queues,
                         queue_depth=queue_depth,
+                        find_lost=lost_finder() if lost_finder is not None else None,
                     )
                 )
         self._threads = [

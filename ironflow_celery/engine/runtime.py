@@ -26,6 +26,7 @@ from ironflow_celery.engine.batches import (
     batch_task_name,
     register_batch_tasks,
 )
+from ironflow_celery.engine.deliveries import LostDeliveries
 from ironflow_celery.engine.metrics import Metrics
 from ironflow_celery.engine.relay import (
     Publisher,
@@ -358,6 +359,9 @@ class WorkflowRuntime:
             concurrency_limits=self.concurrency_limits,
             routes=self.relay_routes(types),
             queue_depth=celery_queue_depth(self.app),
+            lost_finder=(
+                (lambda: LostDeliveries(self.app)) if self.config.release_lost_deliveries else None
+            ),
         )
         group.start()
         return group

@@ -41,6 +41,7 @@ from typing import Any, Literal
 from ironflow_celery.engine.host import TaskHost
 from ironflow_celery.engine.inputs import register_execute_tasks
 from ironflow_celery.engine.metrics import UNKNOWN
+from ironflow_celery.engine.redelivery import send_back
 from ironflow_celery.engine.signals import dead_lettered
 from ironflow_celery.errors import (
     DeadLettered,
@@ -701,6 +702,7 @@ def register_workflow_tasks(app: Any, runtime: TaskHost, workflow_types: list[st
                 # ignore_result is left to the app (task_ignore_result, result_backend):
                 # the relay sends each message with the app's choice (`results_ignored`).
                 acks_late=False,
+                max_retries=None,  # a message sent back (send_back) is never dropped
                 typing=False,
                 shared=False,
                 # A dead letter is expected: logged and sent to Sentry once by ironflow
@@ -797,7 +799,7 @@ def _bind(fn: Any, runtime: TaskHost, name: str) -> Any:
                 "ironflow %s %s (%s): start guard failed (%s); redelivering in %.1fs",
                 kind, row_id, ref, exc, delay,
             )  # fmt: skip
-            raise self.retry(exc=exc, countdown=delay, max_retries=None) from exc
+            raise send_back(self, exc, delay=delay) from exc
         except StorageError:  # the ack could not be written; the lease will expire
             runtime.metrics.ack_failed(kind)
             raise

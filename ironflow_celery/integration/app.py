@@ -21,6 +21,7 @@ from celery.worker.control import inspect_command
 from ironflow_celery.engine import metrics
 from ironflow_celery.engine.runtime import APP_ATTRIBUTE, WorkflowRuntime, WorkflowSpec, runtime_of
 from ironflow_celery.errors import ConfigurationError
+from ironflow_celery.integration.db_gate import DatabaseGateStep
 from ironflow_celery.integration.queue_check import QueueCheckStep, relay_types
 from ironflow_celery.integration.supervisor import ServiceProcess, ServiceThread, start_service
 from ironflow_celery.model.config import runtime_config_from
@@ -36,7 +37,32 @@ from ironflow_celery.service.workflow_service import WorkflowServiceConfig
 
 log = logging.getLogger("ironflow_celery.celery_app")
 
-__all__ = ["AsyncLoopStep", "RelayStep", "install_engine", "runtime_of"]
+__all__ = [
+    "AMQP_HEARTBEAT",
+    "REDIS_TRANSPORT_DEFAULTS",
+    "AsyncLoopStep",
+    "RelayStep",
+    "install_engine",
+    "runtime_of",
+]
+
+REDIS_TRANSPORT_DEFAULTS: dict[str, Any] = {
+    # a command on a connection whose peer vanished (a cut link, a black-holed route)
+    # fails after this many seconds instead of blocking the worker's event loop for good
+    "socket_timeout": 10.0,
+    "socket_connect_timeout": 5.0,
+    "socket_keepalive": True,
+    # kombu pings its long-lived connections this often and drops a BRPOP connection
+    # whose reply is overdue by more (kombu's default, 25 s, takes ~51 s to notice)
+    "health_check_interval": 5,
+}
+"""``broker_transport_options`` ironflow adds on a Redis broker, each only where the app
+did not set it: a host cut off from the broker notices within about 10 s, drops its
+reserved messages and reconnects, instead of sitting on them for minutes."""
+
+AMQP_HEARTBEAT = 20.0
+"""``broker_heartbeat`` on an AMQP broker where the app kept Celery's 120 s: a dead
+connection is noticed within about two heartbeats."""
 
 
 def install_engine(
@@ -82,9 +108,12 @@ def install_engine(
     setattr(app, APP_ATTRIBUTE, runtime)
 
     _install_routing(app)
+    _broker_defaults(app)
     app.steps["worker"].add(RelayStep)
     app.steps["worker"].add(QueueCheckStep)  # warns when -Q skips ironflow's queues
     app.steps["worker"].add(AsyncLoopStep)  # stops the async handlers' loop with the worker
+    # pauses ironflow's queues while this host cannot reach PostgreSQL
+    app.steps["consumer"].add(DatabaseGateStep)
     app.user_options["worker"].add(
         click.Option(
             ["--without-ironflow-relay"],
@@ -106,6 +135,25 @@ def install_engine(
 def _pool_process_exiting(pid: int | None = None, **kwargs: Any) -> None:
     """A prefork pool process exits: drop its live gauges (Prometheus multiprocess mode)."""
     metrics.process_exiting(pid)
+
+
+def _broker_defaults(app: Celery) -> None:
+    """Bound how long a worker may sit on a dead broker connection (see
+    `REDIS_TRANSPORT_DEFAULTS`, `AMQP_HEARTBEAT`); what the app set is left as it is."""
+    from celery.app.defaults import DEFAULTS
+
+    try:
+        driver = app.connection_for_write().transport.driver_type
+    except Exception:  # an unknown transport: nothing of ours applies
+        return
+    conf = app.conf
+    if driver == "redis":
+        options = dict(conf.broker_transport_options or {})
+        missing = {k: v for k, v in REDIS_TRANSPORT_DEFAULTS.items() if k not in options}
+        if missing:
+            conf.broker_transport_options = {**options, **missing}
+    elif driver == "amqp" and conf.broker_heartbeat == DEFAULTS["broker_heartbeat"]:
+        conf.broker_heartbeat = AMQP_HEARTBEAT
 
 
 def _install_routing(app: Celery) -> None:

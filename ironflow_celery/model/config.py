@@ -152,6 +152,10 @@ class RuntimeConfig:
     """The workflow types this process's relays claim (``*``: every registered type).
     None: inside ``celery worker``, the types whose tasks route to a queue the worker
     consumes (``-Q``); elsewhere every registered type."""
+    release_lost_deliveries: bool = True
+    """Redis: relays release published rows whose message a worker that is gone had taken
+    (kombu's ``unacked`` hash, held by no live worker), instead of waiting for
+    ``dispatch_timeout`` (see `ironflow_celery.engine.deliveries`)."""
     publish_retry_delay: float = 1.0
     """Pause after a failed publish (its claims are released at once)."""
     tracing: bool = True

@@ -219,6 +219,15 @@ _TABLE: tuple[Setting, ...] = (
         field="RuntimeConfig.dispatch_timeout",
     ),
     Setting(
+        "release_lost_deliveries",
+        bool,
+        True,
+        "Redis: a relay releases published rows whose message a worker that is gone had "
+        "taken (unacknowledged, held by no live worker); off if some workers run without "
+        "remote control ([scaling](docs/scaling.md#lost-deliveries-on-redis))",
+        field="RuntimeConfig.release_lost_deliveries",
+    ),
+    Setting(
         "relaxed_acknowledgements",
         bool,
         False,
