@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import uuid
 from dataclasses import dataclass, field
@@ -34,7 +35,11 @@ NETWORKS = {"dbnet": "10.231.1", "brnet": "10.231.2"}
 
 
 def _ip(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["ip", *argv], check=check, capture_output=True, text=True, timeout=30)
+    """Run `ip ARGV`; with `check`, a failure raises naming the command and ip's message."""
+    done = subprocess.run(["ip", *argv], capture_output=True, text=True, timeout=30)
+    if check and done.returncode != 0:
+        raise RuntimeError(f"`ip {' '.join(argv)}` failed: {done.stderr.strip()}")
+    return done
 
 
 def refused() -> str | None:
@@ -136,7 +141,7 @@ class HostNetwork:
             pids = _ip("netns", "pids", netns, check=False).stdout.split()
             for pid in pids:
                 with contextlib.suppress(ProcessLookupError, ValueError):
-                    os.kill(int(pid), 9)
+                    os.kill(int(pid), signal.SIGKILL)
             _ip("netns", "del", netns, check=False)
         self.namespaces.clear()
 
