@@ -36,9 +36,10 @@ def _adopt_broker_from_environment() -> None:
         return
     os.environ.setdefault("IRONFLOW_TEST_REDIS_URL", url)
     base = make_url(url)
-    os.environ.setdefault(
-        "IRONFLOW_TEST_BROKER_URL", base.set(database="5").render_as_string(hide_password=False)
-    )
+    # Each role its own Redis database, on that same server: test apps' broker (5) and
+    # result backend (6), so a machine without a local Redis runs every test.
+    for name, number in (("IRONFLOW_TEST_BROKER_URL", "5"), ("IRONFLOW_TEST_RESULT_BACKEND", "6")):
+        os.environ.setdefault(name, base.set(database=number).render_as_string(hide_password=False))
 
 
 _adopt_broker_from_environment()
