@@ -270,10 +270,10 @@ def test_docs_testing_example_runs_as_a_users_test_suite(tmp_path: Path):
     code = re.search(r"```python\n(.*?)```", section, re.S)
     assert code, "no python block in docs/testing.md's complete example"
     (tmp_path / "test_orders.py").write_text(code.group(1))
-    # The README's short example, with the imports it leaves out.
-    readme = (REPO / "README.md").read_text().split("## Testing your workflows", 1)[1]
-    snippet = re.search(r"```python\n(.*?)```", readme, re.S)
-    assert snippet, "no python block in the README's testing section"
+    # The short example before it ("In short"), with the imports it leaves out.
+    short = docs.split("## In short", 1)[1].split("## A complete example", 1)[0]
+    snippet = re.search(r"```python\n(.*?)```", short, re.S)
+    assert snippet, "no python block in docs/testing.md's short example"
     imports = "import pytest\nfrom examples.orders.workflow import OrderSaga, PlaceOrder\n\n"
     (tmp_path / "test_readme.py").write_text(imports + snippet.group(1))
     result = _pytest(tmp_path, "test_orders.py", "test_readme.py")
