@@ -204,8 +204,11 @@ def own_database(run_id: str, stack: ExitStack) -> None:
         return
 
     def drop() -> None:
-        with psycopg.connect(_admin_url(configured), autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        try:
+            with psycopg.connect(_admin_url(configured), autocommit=True) as conn:
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        except psycopg.Error as exc:  # say so; the next run drops it once nobody uses it
+            console.print(f"cleanup: could not drop {name}: {str(exc).strip()}")
 
     stack.callback(drop)
     os.environ["IRONFLOW_DATABASE_URL"] = url.set(database=name).render_as_string(
@@ -218,13 +221,16 @@ def delete_queue(broker_url: str, queue: str) -> None:
     """Delete a run's queue and its binding (Redis keeps both after the worker stops)."""
     from kombu import Connection, Exchange, Queue
 
-    with Connection(broker_url, connect_timeout=10) as conn:
-        # Declared as Celery declares its default queue, so the binding removed is that one.
-        bound = Queue(queue, Exchange(queue, type="direct"), routing_key=queue)(
-            conn.default_channel
-        )
-        bound.declare()
-        bound.delete()
+    try:
+        with Connection(broker_url, connect_timeout=10) as conn:
+            # Declared as Celery declares its default queue, so the binding removed is that.
+            bound = Queue(queue, Exchange(queue, type="direct"), routing_key=queue)(
+                conn.default_channel
+            )
+            bound.declare()
+            bound.delete()
+    except Exception as exc:  # the broker went away: say so rather than end in a traceback
+        console.print(f"cleanup: could not delete the queue {queue}: {exc}")
 
 
 def main(argv: list[str] | None = None) -> int:
