@@ -11,6 +11,9 @@ WORKDIR /app
 # Only what the package needs, so editing tests or docs does not rebuild this layer.
 COPY pyproject.toml README.md LICENSE ./
 COPY ironflow_celery ./ironflow_celery
+# The pytest plugin the package declares (entry point pytest11): without it any pytest run
+# in the image fails to load it.
+COPY ironflow_celery_pytest ./ironflow_celery_pytest
 RUN pip install . "flower>=2.0"
 
 # The example workflows the compose file's worker runs (IRONFLOW_WORKFLOWS).

@@ -43,6 +43,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -216,6 +217,7 @@ class Bench:
         self.stack = stack
         self.run_id = uuid.uuid4().hex[:8]
         self.tmp = Path(tempfile.mkdtemp(prefix=f"ironflow-bench-{self.run_id}-"))
+        stack.callback(shutil.rmtree, self.tmp, ignore_errors=True)  # nothing left in /tmp
         self.logs = ROOT / ".ironflow" / "bench-logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.queues: list[str] = []

@@ -555,12 +555,25 @@ def _places_for_account(
 
 def _prune_orphaned_data(home: Path) -> None:
     """Delete relocated clusters whose workdir is gone (a test's temp dir) and that are idle."""
+    prune_relocated_data(home=home)
+
+
+def prune_relocated_data(*, under: Path | None = None, home: Path | None = None) -> list[Path]:
+    """Delete the idle relocated clusters whose workdir is gone or lies inside `under`.
+
+    A relocated cluster (see `_places_for_account`) outlives its workdir's deletion, and a
+    test's workdir under pytest's temporary directory outlives the session; the test suite
+    calls this at its end with `under` = its temporary directory, so nothing it started
+    stays in the system temp dir. Returns the directories deleted.
+    """
+    home = home or Path(tempfile.gettempdir()) / "ironflow-embedded-postgres"
+    deleted = []
     for parent in home.glob("data-*"):
         try:
             workdir = Path((parent / "workdir.txt").read_text().strip())
         except OSError:
             continue  # being created right now, or not ours: leave it
-        if workdir.exists():
+        if workdir.exists() and (under is None or not workdir.is_relative_to(under)):
             continue
         pids = []
         for pid_file in parent.glob("*/postmaster.pid"):
@@ -568,6 +581,8 @@ def _prune_orphaned_data(home: Path) -> None:
                 pids.append(int(pid_file.read_text().splitlines()[0]))
         if not any(_pid_alive(pid) for pid in pids):
             shutil.rmtree(parent, ignore_errors=True)
+            deleted.append(parent)
+    return deleted
 
 
 def _initdb(bin_dir: Path, data_dir: Path, log_path: Path, owner: tuple[int, int] | None) -> None:

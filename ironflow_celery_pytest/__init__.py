@@ -14,11 +14,17 @@ importing anything inside that package imports the whole of it.
 - ``ironflow_env``: a `WorkflowTestEnv` (service, runtime, clock, drain, asserts).
 
 The server comes from ``--ironflow-database-url``, else ``IRONFLOW_TEST_DATABASE_URL``,
-else ``IRONFLOW_DATABASE_URL``'s server, else postgresql://postgres@127.0.0.1:5432.
+else ``IRONFLOW_DATABASE_URL``'s server, else postgresql://postgres@127.0.0.1:5432; when it
+does not answer, the session stops with one line naming the URL tried and the option.
+Database names start with ``--ironflow-database-prefix`` (else
+``IRONFLOW_TEST_DATABASE_PREFIX``, else ``ironflow_test_``): projects sharing a server
+each give their own.
 """
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -38,14 +44,76 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="PostgreSQL server for ironflow test databases "
         "(default: IRONFLOW_TEST_DATABASE_URL, then the local server)",
     )
+    group.addoption(
+        "--ironflow-database-prefix",
+        default=None,
+        help="start of the test databases' names, so projects sharing a server tell theirs "
+        "apart (default: IRONFLOW_TEST_DATABASE_PREFIX, then ironflow_test_)",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A bad ``--ironflow-database-prefix`` is a usage error before any test runs."""
+    if config.getoption("--ironflow-database-prefix", None) or os.environ.get(
+        "IRONFLOW_TEST_DATABASE_PREFIX"
+    ):
+        _prefix(config)
+
+
+def _prefix(config: pytest.Config) -> str:
+    """This session's database name prefix, checked (a `pytest.UsageError` if unusable)."""
+    from ironflow_celery.errors import InvalidArgument
+    from ironflow_celery.testing import DEFAULT_DATABASE_PREFIX, check_database_prefix
+
+    given = config.getoption("--ironflow-database-prefix", None)
+    prefix = given or os.environ.get("IRONFLOW_TEST_DATABASE_PREFIX") or DEFAULT_DATABASE_PREFIX
+    try:
+        return check_database_prefix(prefix)
+    except InvalidArgument as exc:
+        source = "--ironflow-database-prefix" if given else "IRONFLOW_TEST_DATABASE_PREFIX"
+        raise pytest.UsageError(f"{source}: {exc}") from None
+
+
+def _where(config: pytest.Config) -> tuple[str, str]:
+    """(server URL, where it came from) for this session's test databases."""
+    from ironflow_celery.testing import server_url
+
+    explicit = config.getoption("--ironflow-database-url")
+    for source, value in (
+        ("--ironflow-database-url", explicit),
+        ("IRONFLOW_TEST_DATABASE_URL", os.environ.get("IRONFLOW_TEST_DATABASE_URL")),
+        ("IRONFLOW_DATABASE_URL", os.environ.get("IRONFLOW_DATABASE_URL")),
+    ):
+        if value:
+            return server_url(value), source
+    return server_url(None), "the default"
+
+
+def _redacted(url: str) -> str:
+    """`url` without its password (safe to print)."""
+    return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", url)
 
 
 @pytest.fixture(scope="session")
 def ironflow_databases(request: pytest.FixtureRequest) -> Iterator[TestDatabases]:
     """Makes this session's test databases (and drops their template at the end)."""
-    from ironflow_celery.testing import TestDatabases
+    from ironflow_celery.testing import TestDatabases, server_unreachable
 
-    databases = TestDatabases(request.config.getoption("--ironflow-database-url"))
+    server, source = _where(request.config)
+    databases = TestDatabases(server, prefix=_prefix(request.config))
+    # One line instead of a driver traceback per test: which URL, from where, what to pass.
+    why = server_unreachable(server)
+    if why is not None:
+        message = (
+            f"ironflow testing kit: no PostgreSQL answers at {_redacted(server)} ({source}): "
+            f"{why}. Start it, or pass --ironflow-database-url=postgresql://USER@HOST:PORT "
+            "(or set IRONFLOW_TEST_DATABASE_URL)"
+        )
+        if hasattr(request.config, "workerinput"):
+            # pytest-xdist turns a worker's pytest.exit into an INTERNALERROR: fail instead
+            # (each test using the databases then reports this one line, no traceback).
+            pytest.fail(message, pytrace=False)
+        pytest.exit(message, returncode=pytest.ExitCode.USAGE_ERROR)
     yield databases
     databases.close()
 

@@ -8,6 +8,7 @@ Celery's in-process fixtures (``celery_app``, ``celery_worker``, …) come from
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import uuid
@@ -36,9 +37,10 @@ def _adopt_broker_from_environment() -> None:
         return
     os.environ.setdefault("IRONFLOW_TEST_REDIS_URL", url)
     base = make_url(url)
-    os.environ.setdefault(
-        "IRONFLOW_TEST_BROKER_URL", base.set(database="5").render_as_string(hide_password=False)
-    )
+    # Each role its own Redis database, on that same server: test apps' broker (5) and
+    # result backend (6), so a machine without a local Redis runs every test.
+    for name, number in (("IRONFLOW_TEST_BROKER_URL", "5"), ("IRONFLOW_TEST_RESULT_BACKEND", "6")):
+        os.environ.setdefault(name, base.set(database=number).render_as_string(hide_password=False))
 
 
 _adopt_broker_from_environment()
@@ -128,3 +130,48 @@ def store(database_url: str) -> Iterator[PostgresStore]:
 def db(store: PostgresStore) -> sa.Engine:
     """The test database's engine, for direct SQL in assertions."""
     return store.engine
+
+
+# -- what the suite does to the machine, said once and undone at the end ------------------
+
+_ACCOUNT_LINES = pytest.StashKey[list[str]]()
+
+
+def service_account_note() -> list[str]:
+    """As root, create the embedded PostgreSQL's OS account now, if missing; what was done.
+
+    Several tests run PostgreSQL as that account, each creating it when it is missing, but
+    the line that says so is captured with the test's output: creating an OS account is
+    something the user must see, so the controller does it up front and the header says it.
+    Empty when not root, or when the account exists already.
+    """
+    if os.name != "posix" or os.geteuid() != 0:
+        return []
+    from devtools import local_services
+
+    lines: list[str] = []
+    with contextlib.suppress(local_services.EmbeddedServiceError):
+        local_services._service_account(lines.append)
+    return [line for line in lines if "created the OS account" in line]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if not hasattr(config, "workerinput"):  # the controller (or a run without xdist)
+        config.stash[_ACCOUNT_LINES] = service_account_note()
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    return [f"ironflow tests: {line}" for line in config.stash.get(_ACCOUNT_LINES, [])]
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Delete the embedded clusters this session's tests relocated to the system temp dir."""
+    if hasattr(session.config, "workerinput"):
+        return
+    factory = getattr(session.config, "_tmp_path_factory", None)
+    if factory is None:
+        return
+    from devtools.local_services import prune_relocated_data
+
+    with contextlib.suppress(OSError):
+        prune_relocated_data(under=factory.getbasetemp())

@@ -38,7 +38,9 @@ FIELDS = {
 def test_benchmarks_smoke_run_reports_every_row(tmp_path: Path) -> None:
     output = tmp_path / "results.json"
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    env = dict(os.environ, PYTHONPATH=path)
+    scratch = tmp_path / "tmp"  # the run's temp dir, to see what it leaves there
+    scratch.mkdir()
+    env = dict(os.environ, PYTHONPATH=path, TMPDIR=str(scratch))
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks", "--smoke", "--rows", ROWS, "--output", str(output)],
         cwd=ROOT,
@@ -49,6 +51,7 @@ def test_benchmarks_smoke_run_reports_every_row(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "ironflow_celery benchmarks (smoke)" in proc.stdout
+    assert [p.name for p in scratch.iterdir() if p.name.startswith("ironflow-")] == []
     result = json.loads(output.read_text())
     assert set(result["machine"]) >= {"cores", "memory", "postgres", "redis", "celery", "worker"}
     assert result["machine"]["worker"]["concurrency"] == 2

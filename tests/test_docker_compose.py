@@ -9,15 +9,27 @@ a test database.
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shlex
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from test_e2e_workers import (
+    BIN,
+    REDIS_URL,
+    Processes,
+    procs,  # noqa: F401 - the fixture
+    redis_queue_cleanup,
+    sql,
+    wait_until,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 #: The services built from ./Dockerfile (the ironflow image).
@@ -127,3 +139,96 @@ def test_the_migration_command_works_as_written(
     )
     assert done.returncode == 0, done.stderr
     assert "applied migrations" in done.stdout
+
+
+# -- issue 24 §3 -----------------------------------------------------------------------------
+
+#: The ports a PostgreSQL, Redis or RabbitMQ already running on the host listens on.
+USUAL_PORTS = {"5432", "6379", "5672"}
+
+
+def test_the_image_holds_every_package_the_wheel_declares() -> None:
+    """Each ``ironflow_celery*`` package (the pytest plugin too: an entry point names it) is
+    copied before ``pip install .``, so the installed distribution is complete."""
+    dockerfile = (REPO / "Dockerfile").read_text()
+    before_install = dockerfile.split("\nRUN pip install .", 1)[0]
+    copied = {
+        path.rstrip("/")
+        for source in re.findall(r"^COPY (.+) \S+$", before_install, re.M)
+        for path in source.split()
+    }
+    packages = {p.parent.name for p in REPO.glob("ironflow_celery*/__init__.py")}
+    assert "ironflow_celery_pytest" in packages
+    assert packages <= copied, f"the Dockerfile does not copy {sorted(packages - copied)}"
+
+
+def test_no_service_takes_the_hosts_usual_ports(compose: dict[str, Any]) -> None:
+    """A local PostgreSQL or Redis keeps its port: compose publishes its own elsewhere."""
+    for name, service in compose["services"].items():
+        for port in service.get("ports", []):
+            host_port = port.split(":")[-2]
+            assert host_port not in USUAL_PORTS, f"{name} publishes {port} on a usual port"
+
+
+def readme_docker_commands() -> list[list[str]]:
+    """The README's commands run inside the worker container (``docker compose exec
+    worker …``), continuation lines joined, as argv."""
+    section = (REPO / "README.md").read_text().split("### With Docker", 1)[1].split("\n## ", 1)[0]
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", section, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            if line.startswith("docker compose exec worker "):
+                commands.append(shlex.split(line)[4:])
+    return commands
+
+
+@pytest.mark.e2e
+def test_the_readme_submits_an_order_to_the_compose_worker(
+    compose: dict[str, Any],
+    database_url: str,
+    procs: Processes,  # noqa: F811 - the fixture imported above
+) -> None:
+    """The worker's command, in the compose environment (database and broker pointed at
+    test ones, a queue of its own): the README's submit command takes an order to its end,
+    and its status command runs."""
+    commands = readme_docker_commands()
+    submit = next(c for c in commands if c[:4] == ["celery", "-A", "ironflow_celery", "call"])
+    status = next(c for c in commands if c[0] == "ironflow-celery")
+    (args,) = [a.split("=", 1)[1] for a in submit if a.startswith("--args=")]
+    order_id = json.loads(args)[0]["id"]
+    worker = compose["services"]["worker"]
+    queue = f"compose-{uuid.uuid4().hex[:8]}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("IRONFLOW_", "CELERY_"))}
+    env.update(worker["environment"])
+    env.update(
+        IRONFLOW_DATABASE_URL=database_url.replace("postgresql+psycopg://", "postgresql://"),
+        CELERY_BROKER_URL=REDIS_URL,
+        CELERY_TASK_DEFAULT_QUEUE=queue,
+        PYTHONPATH=str(REPO),  # the image's PYTHONPATH=/app
+        PATH=os.pathsep.join([str(BIN), env.get("PATH", "")]),
+    )
+
+    def in_container(argv: list[str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(BIN / argv[0]), *argv[1:]], env=env, cwd="/", capture_output=True, text=True,
+            timeout=180,
+        )  # fmt: skip
+
+    with redis_queue_cleanup(queue):
+        argv = worker["command"]
+        proc = procs.spawn("compose-worker", [str(BIN / argv[0]), *argv[1:]], env)
+        sent = in_container(submit)
+        assert sent.returncode == 0, sent.stderr
+        wait_until(
+            lambda: sql(
+                database_url,
+                "SELECT 1 FROM ironflow.workflow_instances WHERE workflow_type = 'orders' "
+                "AND workflow_id = %s AND completed_at IS NOT NULL",
+                [order_id],
+            ),
+            180,  # a loaded machine boots a worker slowly
+            lambda: f"{order_id} did not finish:\n{proc.output()[-4000:]}",
+        )
+        shown = in_container(status)
+        assert shown.returncode == 0, shown.stderr
+        assert order_id in proc.output()  # what `docker compose logs worker | grep` finds

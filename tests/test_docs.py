@@ -46,7 +46,7 @@ def _run(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[
 
 
 def test_readme_workflow_in_a_dozen_lines_prints_what_its_comments_say(database_url, tmp_path):
-    code = _block(README, "## A workflow in a dozen lines", "python")
+    code = _block(README, "**2. One workflow.**", "python")
     assert README_URL in code
     (tmp_path / "account.py").write_text(code.replace(README_URL, database_url))
     result = _run([sys.executable, "account.py"], tmp_path, IRONFLOW_DATABASE_URL=database_url)
@@ -81,8 +81,9 @@ def test_projection_example_runs_and_the_cli_sees_its_position(database_url, tmp
     assert reset.returncode == 0, reset.stderr
 
 
-def test_readme_diagram_is_what_the_graph_command_prints():
-    diagram = _block(README, "## State machines", "mermaid")
+def test_the_state_machine_diagram_is_what_the_graph_command_prints():
+    page = (REPO / "docs" / "state-machines.md").read_text()
+    diagram = _block(page, "# State machines", "mermaid")
     result = _run(
         [str(BIN / "ironflow-celery"), "workflows", "graph", "orders", "--format", "mermaid"],
         REPO,
@@ -91,3 +92,60 @@ def test_readme_diagram_is_what_the_graph_command_prints():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == diagram.strip()
+
+
+# -- issue 24 §4: the README is a short tour, the rest lives in docs/ ----------------------
+
+
+def _anchors(path: Path) -> set[str]:
+    """GitHub's anchors of a Markdown file's headings (code blocks skipped)."""
+    anchors, fence = set(), False
+    for line in path.read_text().splitlines():
+        if line.startswith("```"):
+            fence = not fence
+        elif not fence and line.startswith("#"):
+            title = line.lstrip("#").strip().lower()
+            anchors.add(re.sub(r"[^\w\- ]", "", title).replace(" ", "-"))
+    return anchors
+
+
+def test_every_relative_link_of_the_readme_and_docs_resolves():
+    """Moving sections out of the README must not leave a link pointing nowhere."""
+    broken = []
+    for page in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):
+                continue  # http(s), mailto
+            file, _, anchor = target.partition("#")
+            resolved = (page.parent / file).resolve() if file else page
+            if not resolved.exists():
+                broken.append(f"{page.name}: {target} (no such file)")
+            elif anchor and resolved.suffix == ".md" and anchor not in _anchors(resolved):
+                broken.append(f"{page.name}: {target} (no such heading)")
+    assert broken == []
+
+
+def test_the_readme_is_a_short_tour_for_a_celery_user():
+    """Three sentences, the quick start, the seven steps into a Celery app, then links."""
+    headings = re.findall(r"^(#{1,3} .+)$", re.sub(r"```.*?```", "", README, flags=re.S), re.M)
+    assert headings == [
+        "# ironflow_celery",
+        "## Quick start",
+        "### With Docker",
+        "## Add it to your Celery app",
+        "## Documentation",
+    ]
+    steps = re.findall(r"^\*\*(\d)\. ([^*]+)\*\*", README, re.M)
+    assert [title.rstrip(".") for _, title in steps] == [
+        "Install",
+        "One workflow",
+        "One call",
+        "Start the worker",
+        "Submit",
+        "Watch it in Flower",
+        "Retry a dead letter",
+    ]
+    before_quick_start = README.split("## Quick start", 1)[0]
+    assert len(before_quick_start.split()) < 120, len(before_quick_start.split())
+    assert len(README.split()) < 1500, len(README.split())

@@ -7,16 +7,21 @@ traceback) after stopping the worker.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
+import psycopg
 import pytest
+import redis
 
 pytestmark = pytest.mark.e2e
 
@@ -32,8 +37,81 @@ def example_env(database_url: str) -> dict[str, str]:
     return env
 
 
-def test_piped_output_names_each_step_and_keeps_lines_whole(empty_database_url: str) -> None:
-    """Not a TTY: the worker's start is a line of its own, and no line wraps at 80 columns."""
+@pytest.fixture
+def one_example_at_a_time(
+    tmp_path_factory: pytest.TempPathFactory, worker_id: str
+) -> Iterator[None]:
+    """Runs of the example in this session take turns (xdist workers share a lock file):
+    each sweeps what killed runs left, and a test asserting its own sweep must be alone."""
+    shared = tmp_path_factory.getbasetemp()
+    if worker_id != "master":
+        shared = shared.parent
+    with open(shared / "example-run.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def leftovers(database_url: str, run_id: str) -> dict[str, object]:
+    """What a run left: its database, its Redis keys, unfinished work in the configured one."""
+    admin = re.sub(r"^postgresql\+\w+://", "postgresql://", database_url).rsplit("/", 1)[0]
+    with psycopg.connect(f"{admin}/postgres", autocommit=True) as conn:
+        databases = [
+            r[0]
+            for r in conn.execute(
+                "SELECT datname FROM pg_database WHERE datname LIKE %s", [f"%{run_id}%"]
+            )
+        ]
+    with psycopg.connect(re.sub(r"^postgresql\+\w+://", "postgresql://", database_url)) as conn:
+        has_schema = conn.execute("SELECT to_regclass('ironflow.outbox')").fetchone()[0]
+        unfinished = (
+            conn.execute(
+                "SELECT count(*) FROM ironflow.outbox WHERE processed_at IS NULL"
+            ).fetchone()[0]
+            if has_schema
+            else 0
+        )
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        keys = sorted(k.decode() for k in client.scan_iter(match=f"*{run_id}*"))
+    finally:
+        client.close()
+    return {"databases": databases, "redis keys": keys, "unfinished effects": unfinished}
+
+
+NOTHING_LEFT = {"databases": [], "redis keys": [], "unfinished effects": 0}
+
+
+def run_id_of(output: str) -> str:
+    """The run id in the example's ``database: ironflow_example_<time>_<run id> …`` line."""
+    match = re.search(r"^database: ironflow_example_\d+_([0-9a-f]+) on ", output, re.M)
+    assert match, output
+    return match[1]
+
+
+def test_piped_output_names_each_step_and_keeps_lines_whole(
+    empty_database_url: str, one_example_at_a_time: None
+) -> None:
+    """Not a TTY: the worker's start is a line of its own, and no line wraps at 80 columns.
+
+    Also (issue 24 §2): the databases and queues of runs killed before they cleaned up are
+    dropped, saying so, and this run leaves nothing behind either.
+    """
+    admin = re.sub(r"^postgresql\+\w+://", "postgresql://", empty_database_url)
+    admin = admin.rsplit("/", 1)[0] + "/postgres"
+    killed_run = uuid.uuid4().hex[:8]
+    killed_database = f"ironflow_example_{int(time.time()) - 3600}_{killed_run}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{killed_database}"')
+    client = redis.Redis.from_url(REDIS_URL)
+    try:  # what a killed run leaves in Redis: its queue with messages, and its binding
+        client.lpush(f"ironflow-orders-example-{killed_run}", b"{}")
+        client.sadd(
+            f"_kombu.binding.ironflow-orders-example-{killed_run}",
+            f"ironflow-orders-example-{killed_run}\x06\x16\x06\x16"
+            f"ironflow-orders-example-{killed_run}",
+        )
+    finally:
+        client.close()
     done = subprocess.run(
         [sys.executable, "-m", "examples.orders", "--orders", "20", "--timeout", "240"],
         cwd=REPO,
@@ -57,10 +135,14 @@ def test_piped_output_names_each_step_and_keeps_lines_whole(empty_database_url: 
         next(line for line in lines if line.startswith("throughput:")),
     )
     assert lines[-1].endswith("worker stopped")
+    cleanup = next(line for line in lines if line.startswith("cleanup: dropped"))
+    assert killed_database in cleanup
+    assert leftovers(empty_database_url, killed_run) == NOTHING_LEFT
+    assert leftovers(empty_database_url, run_id_of(done.stdout)) == NOTHING_LEFT
 
 
 def test_ctrl_c_stops_the_worker_and_ends_with_one_line(
-    empty_database_url: str, tmp_path: Path
+    empty_database_url: str, tmp_path: Path, one_example_at_a_time: None
 ) -> None:
     """SIGINT to the foreground process group, as a terminal sends it: exit 130, one line."""
     out = tmp_path / "out.txt"
@@ -89,6 +171,8 @@ def test_ctrl_c_stops_the_worker_and_ends_with_one_line(
             example.wait(10)
     text = out.read_text()
     assert "Traceback" not in text, text
+    # Issue 24 §2: the next run starts clean, whatever this one had not finished.
+    assert leftovers(empty_database_url, run_id_of(text)) == NOTHING_LEFT
     after_ready = text.split("worker: ready", 1)[1].splitlines()
     last = [line for line in after_ready if line.strip()][-1]
     assert last == "interrupted: the worker and any embedded servers were stopped", text

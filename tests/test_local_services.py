@@ -295,3 +295,51 @@ def test_as_root_no_permission_outside_the_project_changes(
 def stat_mode(path: Path) -> int:
     """The permission bits of `path` (no file type)."""
     return path.stat().st_mode & 0o7777
+
+
+# -- issue 24 §2: what the suite leaves on the machine ---------------------------------------
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() != 0, reason="needs root")
+def test_the_suite_says_once_that_it_created_the_os_account(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The controller creates the account before any test (whose output pytest captures)
+    and its report header carries the line; a second session, finding it, says nothing."""
+    import pwd
+    import uuid
+
+    from conftest import service_account_note
+
+    from devtools import local_services
+
+    name = f"ironflow_t{uuid.uuid4().hex[:8]}"  # a fresh account: the real one exists here
+    monkeypatch.setattr(local_services, "EMBEDDED_POSTGRES_USER", name)
+    try:
+        lines = service_account_note()
+        assert len(lines) == 1, lines
+        assert f"created the OS account {name!r}" in lines[0]
+        assert f"userdel {name}" in lines[0]  # and how to undo it
+        pwd.getpwnam(name)
+        assert service_account_note() == []  # once
+    finally:
+        subprocess.run(["userdel", name], capture_output=True, check=False)
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() != 0, reason="needs root")
+def test_relocated_clusters_of_the_session_are_deleted_at_its_end(tmp_path: Path) -> None:
+    """A workdir in pytest's 0700 temp dir puts the cluster in the system temp dir; the
+    suite's end (conftest's pytest_sessionfinish) deletes it, and only clusters of its own."""
+    from devtools import local_services
+
+    server = start_embedded_postgres(tmp_path / "work", database="pruned")
+    relocated = server.data_dir.parent
+    try:
+        assert relocated.is_relative_to(local_services.root_embedded_home())
+        assert local_services.prune_relocated_data(under=tmp_path) == []  # running: kept
+    finally:
+        server.stop()
+    assert local_services.prune_relocated_data(under=tmp_path / "elsewhere") == []
+    assert relocated.exists()
+    assert local_services.prune_relocated_data(under=tmp_path) == [relocated]
+    assert not relocated.exists()

@@ -2,12 +2,16 @@
 
 Issue 13 §1: ``pip install <checkout>`` without extras once gave a worker that crashed on
 start with a Redis broker (kombu's Redis transport imports ``packaging``, which only its
-``redis`` extra brings). Here the wheel is built from a clean copy of the sources, its
-runtime dependencies (and nothing else) are collected into a wheelhouse with the test
-venv's pip (from its cache, or the index on a fresh machine), and installed offline
-(``--no-index``) into a new virtualenv. Then ``celery -A ironflow_celery worker`` from that
-venv, run outside the checkout, takes one workflow from its input through an effect and
-the effect's follow-up to a terminal state, over Redis and over RabbitMQ.
+``redis`` extra brings). Here the wheel is built from a clean copy of the sources with the
+test venv's setuptools (no build isolation, so no index is needed), its runtime
+dependencies (and nothing else) are collected into a wheelhouse with the test venv's pip
+(from its cache or the index), and installed offline (``--no-index``) into a new
+virtualenv. Without a reachable index (issue 24 §1: a machine in a network namespace)
+the same dependencies are copied from the test venv's installed distributions instead,
+and pip then installs the wheel with ``--no-index``, checking that they satisfy it. Then
+``celery -A ironflow_celery worker`` from that venv, run outside the checkout, takes one
+workflow from its input through an effect and the effect's follow-up to a terminal
+state, over Redis and over RabbitMQ.
 
 The build is done once per test session (shared by xdist workers through a lock file).
 """
@@ -127,18 +131,80 @@ def build(root: Path) -> Path:
         )
     dist, wheelhouse, venv = root / "dist", root / "wheelhouse", root / "venv"
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
-    run([*pip, "wheel", "--no-deps", "--wheel-dir", str(dist), str(source)])
+    # The backend from the dev extras (setuptools>=77), not a download: works offline.
+    run([*pip, "wheel", "--no-build-isolation", "--no-deps", "--wheel-dir", str(dist),
+         str(source)])  # fmt: skip
     (wheel,) = dist.glob("ironflow_celery-*.whl")
-    # Only what the wheel declares without extras; pip takes them from its cache when it can.
-    run([*pip, "wheel", "--wheel-dir", str(wheelhouse), str(wheel)])
     # No pip inside (ensurepip costs seconds): this pip installs into it with --python.
     run([sys.executable, "-m", "venv", "--without-pip", str(venv)])
     python = venv / "bin" / "python"
+    # Only what the wheel declares without extras; pip takes them from its cache when it can.
+    collected = subprocess.run(
+        [*pip, "wheel", "--timeout", "15", "--retries", "1", "--wheel-dir", str(wheelhouse),
+         str(wheel)],
+        capture_output=True, text=True, timeout=BUILD_TIMEOUT, check=False,
+    )  # fmt: skip
+    if collected.returncode != 0:
+        copy_installed_requirements(wheel, python)
     run(
         [*pip, "--python", str(python), "install", "--no-index",
          "--find-links", str(wheelhouse), str(wheel)]
     )  # fmt: skip
     return python
+
+
+def copy_installed_requirements(wheel: Path, python: Path) -> None:
+    """Copy the wheel's runtime requirements (no extras), as installed here, into `python`'s venv.
+
+    The offline stand-in for a wheelhouse: the closure of the wheel's ``Requires-Dist`` is
+    followed through the installed distributions' own metadata, each copied file by file
+    as its RECORD lists them; a declared dependency missing here fails the `pip install`.
+    """
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    from packaging.requirements import Requirement
+
+    with zipfile.ZipFile(wheel) as archive:
+        (metadata,) = [n for n in archive.namelist() if n.endswith(".dist-info/METADATA")]
+        text = archive.read(metadata).decode()
+    requires = [line.split(":", 1)[1].strip() for line in text.splitlines()
+                if line.startswith("Requires-Dist:")]  # fmt: skip
+    venv = python.parents[1]
+    (site,) = venv.glob("lib/python*/site-packages")
+    pending = [(Requirement(r), "") for r in requires]
+    followed: set[tuple[str, str]] = set()
+    copied: set[str] = set()
+    while pending:
+        requirement, extra = pending.pop()
+        if requirement.marker and not requirement.marker.evaluate({"extra": extra}):
+            continue
+        try:
+            dist = distribution(requirement.name)
+        except PackageNotFoundError:
+            continue  # the later pip install names the missing requirement
+        name = dist.metadata["Name"].lower()
+        for wanted in ["", *requirement.extras]:
+            if (name, wanted) not in followed:
+                followed.add((name, wanted))
+                pending.extend((Requirement(r), wanted) for r in dist.requires or [])
+        if name in copied:
+            continue
+        copied.add(name)
+        for file in dist.files or []:
+            source = Path(str(dist.locate_file(file)))
+            if file.suffix == ".pyc" or not source.is_file():
+                continue
+            if file.parts[0] == "..":  # a console script: point it at the new venv
+                target = venv / "bin" / file.name
+                content = source.read_bytes()
+                if content.startswith(b"#!"):
+                    content = b"#!" + bytes(python) + content[content.index(b"\n") :]
+                target.write_bytes(content)
+                target.chmod(0o755)
+            else:
+                target = site / file
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(source, target)
 
 
 @pytest.fixture(scope="session")

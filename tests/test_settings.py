@@ -1,5 +1,5 @@
 """The settings table (ironflow_celery.model.settings): one row per ``ironflow_*`` setting,
-the one reader every module uses, and the README's configuration table rendered from it."""
+the one reader every module uses, and docs/configuration.md's table rendered from it."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from ironflow_celery.service.workflow_service import WorkflowServiceConfig
 from ironflow_celery.storage.dead_letters import parse_age
 
 PACKAGE = Path(ironflow_celery.__file__).parent
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
 START = "<!-- settings table: rendered from ironflow_celery/model/settings.py"
 END = "<!-- end of settings table -->"
 ENV_NAMES = {entry.env for entry in SETTINGS.values()}
@@ -45,7 +45,7 @@ def readme_table() -> str:
 def test_readme_table_is_the_rendering_of_the_settings_table() -> None:
     expected = markdown_table()
     assert readme_table() == expected, (
-        "README.md's configuration table differs from ironflow_celery.model.settings; "
+        "docs/configuration.md's table differs from ironflow_celery.model.settings; "
         f"paste this between its markers:\n{expected}"
     )
 

@@ -19,6 +19,7 @@ import sqlalchemy as sa
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
 from pydantic import BaseModel
+from sqlalchemy.engine import make_url
 
 from ironflow_celery import (
     Decision,
@@ -29,8 +30,10 @@ from ironflow_celery import (
     RuntimeConfig,
     Workflow,
 )
+from ironflow_celery.errors import InvalidArgument
 from ironflow_celery.testing import (
     TestClock,
+    TestDatabases,
     WorkflowTestEnv,
     assert_events,
     create_database,
@@ -267,13 +270,76 @@ def test_docs_testing_example_runs_as_a_users_test_suite(tmp_path: Path):
     code = re.search(r"```python\n(.*?)```", section, re.S)
     assert code, "no python block in docs/testing.md's complete example"
     (tmp_path / "test_orders.py").write_text(code.group(1))
-    # The README's short example, with the imports it leaves out.
-    readme = (REPO / "README.md").read_text().split("## Testing your workflows", 1)[1]
-    snippet = re.search(r"```python\n(.*?)```", readme, re.S)
-    assert snippet, "no python block in the README's testing section"
+    # The short example before it ("In short"), with the imports it leaves out.
+    short = docs.split("## In short", 1)[1].split("## A complete example", 1)[0]
+    snippet = re.search(r"```python\n(.*?)```", short, re.S)
+    assert snippet, "no python block in docs/testing.md's short example"
     imports = "import pytest\nfrom examples.orders.workflow import OrderSaga, PlaceOrder\n\n"
     (tmp_path / "test_readme.py").write_text(imports + snippet.group(1))
     result = _pytest(tmp_path, "test_orders.py", "test_readme.py")
     assert result.returncode == 0, result.stdout + result.stderr
     count = len(re.findall(r"^def test_", code.group(1) + snippet.group(1), re.M))
     assert f"{count} passed" in result.stdout
+
+
+# -- issue 24 §5: an unreachable server, and a prefix per project -----------------------------
+
+USES_A_DATABASE = (
+    "def test_one(ironflow_database_url):\n"
+    "    print('DATABASE', ironflow_database_url.rsplit('/', 1)[1])\n"
+    "\n"
+    "def test_two(ironflow_database_url):\n"
+    "    pass\n"
+)
+
+
+@pytest.mark.parametrize("workers", [[], ["-p", "xdist", "-n", "2"]], ids=["plain", "xdist"])
+def test_an_unreachable_server_is_one_line_naming_the_url_and_the_option(
+    tmp_path: Path, workers: list[str]
+):
+    """No driver traceback: the URL tried, where it came from, and the option to pass."""
+    (tmp_path / "test_user.py").write_text(USES_A_DATABASE)
+    url = "postgresql://someone:secret@127.0.0.1:1/postgres"
+    result = _pytest(tmp_path, *workers, f"--ironflow-database-url={url}")
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert "INTERNALERROR" not in output and "Traceback" not in output, output
+    lines = [line for line in output.splitlines() if "no PostgreSQL answers at" in line]
+    assert lines, output
+    assert "postgresql://someone:***@127.0.0.1:1/postgres" in lines[0]  # no password shown
+    assert "--ironflow-database-url" in lines[0]
+    assert "secret" not in output
+    assert len(output.splitlines()) < 40, output  # not 253 lines of psycopg and SQLAlchemy
+
+
+def test_test_databases_take_the_projects_prefix(tmp_path: Path):
+    """Two projects sharing a server name their databases apart; a bad prefix is refused."""
+    (tmp_path / "test_user.py").write_text(USES_A_DATABASE)
+    server = os.environ.get("IRONFLOW_TEST_DATABASE_URL") or os.environ.get(
+        "IRONFLOW_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+    )
+    result = _pytest(
+        tmp_path,
+        "-s",
+        f"--ironflow-database-url={server}",
+        "--ironflow-database-prefix=billing_test_",
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    (name,) = re.findall(r"^DATABASE (\S+)", result.stdout, re.M)
+    assert name.startswith("billing_test_test_one_"), name
+    databases = TestDatabases(server, prefix="shipping_")
+    try:
+        url = databases.create("x")
+        assert make_url(url).database.startswith("shipping_x_")
+        with pytest.raises(InvalidArgument, match="refusing to drop"):
+            drop_database(url)  # not a name of the default prefix
+        databases.drop(url)
+    finally:
+        databases.close()
+
+    refused = _pytest(tmp_path, f"--ironflow-database-url={server}",
+                      "--ironflow-database-prefix=Billing-Test")  # fmt: skip
+    assert refused.returncode == pytest.ExitCode.USAGE_ERROR, refused.stdout + refused.stderr
+    assert "--ironflow-database-prefix: test database prefix 'Billing-Test'" in refused.stderr
+    with pytest.raises(InvalidArgument, match="lower-case letters"):
+        TestDatabases(server, prefix="x" * 31)

@@ -8,6 +8,10 @@ servers, else embedded ones, saying so), upgrades the schema, starts
 waits until it is ready, submits a batch of orders, waits for every order to finish,
 prints a summary and stops the worker. Exits 1, with the reason, if any order does not end
 as expected; Ctrl-C stops the worker and ends with one line (exit code 130).
+
+Every run works in a database and a broker queue of its own, both removed when it ends
+(Ctrl-C included), so no run inherits the unfinished orders of an interrupted one; the
+databases of runs that were killed outright are dropped by the next run, which says so.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from collections import Counter
 from contextlib import ExitStack
 from pathlib import Path
 
+import psycopg
 import sqlalchemy as sa
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -35,6 +40,11 @@ ROOT = Path(__file__).resolve().parents[2]
 console = Console() if sys.stdout.isatty() else Console(width=200, soft_wrap=True)
 #: What `celery worker` logs once it consumes (after its bootsteps, relays included).
 READY_MARK = " ready."
+#: A run's own database is ``<prefix><unix time>_<run id>`` and its queue ``<prefix><run id>``.
+RUN_DATABASE_PREFIX = "ironflow_example_"
+QUEUE_PREFIX = "ironflow-orders-example-"
+#: A run's database older than this with nobody connected belongs to a killed run.
+ABANDONED_AFTER = 60.0
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -132,6 +142,97 @@ def stop_worker(process: subprocess.Popen, timeout: float = 30.0) -> int | None:
     return process.returncode
 
 
+def _admin_url(url: str, database: str = "postgres") -> str:
+    """`url` (any SQLAlchemy driver spelling) as a libpq URL of `database` on that server."""
+    return (
+        sa.engine.make_url(url)
+        .set(drivername="postgresql", database=database)
+        .render_as_string(hide_password=False)
+    )
+
+
+def sweep_abandoned_runs(server_url: str, broker_url: str) -> list[str]:
+    """Drop the databases (and queues) of earlier runs that were killed before cleaning up.
+
+    Only a database nobody is connected to is dropped (``DROP DATABASE`` without FORCE
+    refuses otherwise), so a run going on at the same time keeps its own.
+    """
+    dropped = []
+    with psycopg.connect(_admin_url(server_url), autocommit=True) as conn:
+        names = [
+            row[0]
+            for row in conn.execute(
+                "SELECT datname FROM pg_database WHERE datname LIKE %s",
+                [RUN_DATABASE_PREFIX.replace("_", r"\_") + "%"],
+            )
+        ]
+        for name in names:
+            stamp, _, run_id = name.removeprefix(RUN_DATABASE_PREFIX).partition("_")
+            if not stamp.isdigit() or time.time() - int(stamp) < ABANDONED_AFTER:
+                continue
+            try:
+                conn.execute(f'DROP DATABASE "{name}"')
+            except psycopg.errors.ObjectInUse:
+                continue  # a run still going on
+            except psycopg.errors.InvalidCatalogName:
+                continue  # another run's sweep dropped it first
+            delete_queue(broker_url, QUEUE_PREFIX + run_id)
+            dropped.append(name)
+    return dropped
+
+
+def own_database(run_id: str, stack: ExitStack) -> None:
+    """Point IRONFLOW_DATABASE_URL at a new database for this run, dropped when it ends."""
+    configured = os.environ["IRONFLOW_DATABASE_URL"]
+    url = sa.engine.make_url(configured)
+    where = f"{url.host or 'localhost'}:{url.port or 5432}"
+    abandoned = sweep_abandoned_runs(configured, os.environ["CELERY_BROKER_URL"])
+    if abandoned:
+        console.print(
+            f"cleanup: dropped {len(abandoned)} database(s) and queue(s) of earlier runs that "
+            f"were killed before cleaning up: {', '.join(abandoned)}"
+        )
+    name = f"{RUN_DATABASE_PREFIX}{int(time.time())}_{run_id}"
+    try:
+        with psycopg.connect(_admin_url(configured), autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+    except psycopg.errors.InsufficientPrivilege as exc:
+        console.print(
+            f"database: {url.database} on {where} as configured (no database of this run's own: "
+            f"{str(exc).strip()}); work an interrupted run left there is run first"
+        )
+        return
+
+    def drop() -> None:
+        try:
+            with psycopg.connect(_admin_url(configured), autocommit=True) as conn:
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        except psycopg.Error as exc:  # say so; the next run drops it once nobody uses it
+            console.print(f"cleanup: could not drop {name}: {str(exc).strip()}")
+
+    stack.callback(drop)
+    os.environ["IRONFLOW_DATABASE_URL"] = url.set(database=name).render_as_string(
+        hide_password=False
+    )
+    console.print(f"database: {name} on {where}, this run's own (dropped when the run ends)")
+
+
+def delete_queue(broker_url: str, queue: str) -> None:
+    """Delete a run's queue and its binding (Redis keeps both after the worker stops)."""
+    from kombu import Connection, Exchange, Queue
+
+    try:
+        with Connection(broker_url, connect_timeout=10) as conn:
+            # Declared as Celery declares its default queue, so the binding removed is that.
+            bound = Queue(queue, Exchange(queue, type="direct"), routing_key=queue)(
+                conn.default_channel
+            )
+            bound.declare()
+            bound.delete()
+    except Exception as exc:  # the broker went away: say so rather than end in a traceback
+        console.print(f"cleanup: could not delete the queue {queue}: {exc}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     from devtools.local_services import resolve_services
@@ -142,7 +243,9 @@ def main(argv: list[str] | None = None) -> int:
             os.environ["IRONFLOW_DATABASE_URL"] = services.database_url
             os.environ["CELERY_BROKER_URL"] = services.broker_url
         os.environ.setdefault("IRONFLOW_WORKFLOWS", "examples.orders.workflow")
-        return run(args, stack)
+        run_id = uuid.uuid4().hex[:8]
+        own_database(run_id, stack)
+        return run(args, stack, run_id)
 
 
 def run_interruptibly(argv: list[str] | None = None) -> int:
@@ -156,7 +259,7 @@ def run_interruptibly(argv: list[str] | None = None) -> int:
         return 130
 
 
-def run(args: argparse.Namespace, stack: ExitStack) -> int:
+def run(args: argparse.Namespace, stack: ExitStack, run_id: str) -> int:
     import ironflow_celery
     from examples.orders.workflow import OrderSaga, expected_status
 
@@ -167,8 +270,9 @@ def run(args: argparse.Namespace, stack: ExitStack) -> int:
         console.print(f"schema: applied migrations {applied}")
     service = runtime.service
 
-    run_id = uuid.uuid4().hex[:8]
-    queue = f"ironflow-orders-example-{run_id}"
+    queue = f"{QUEUE_PREFIX}{run_id}"
+    # After the worker stops (callbacks run last-in first-out): nothing is left queued.
+    stack.callback(delete_queue, os.environ["CELERY_BROKER_URL"], queue)
     log_path = ROOT / ".ironflow" / "example-worker.log"
     log_path.parent.mkdir(exist_ok=True)
     worker = start_worker(run_id, queue, args.concurrency, log_path)
@@ -262,8 +366,7 @@ def run(args: argparse.Namespace, stack: ExitStack) -> int:
             f"({window:.2f} s from the first processed order to the last)"
         )
 
-    code = stop_worker(worker)
-    stack.pop_all()
+    code = stop_worker(worker)  # the stack's own call later finds it stopped
     problems = [
         f"{o.id}: {final[o.id].status}, expected {expected_status(o)}"
         for o in orders

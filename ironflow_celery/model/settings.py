@@ -4,7 +4,7 @@ A setting lives on a Celery app's ``conf`` as ``ironflow_<name>`` (Django projec
 ``CELERY_IRONFLOW_<NAME>`` through Celery's namespace); the ``IRONFLOW_<NAME>``
 environment variable is its default, and the table's default applies when neither is
 set. `read_settings` takes a conf in one pass and returns a `Settings` mapping; every
-module that reads a setting goes through it, by name. The README's configuration table
+module that reads a setting goes through it, by name. docs/configuration.md's table
 is rendered from `SETTINGS` (`markdown_table`; ``tests/test_settings.py`` checks it).
 
 Values are converted as they always were: a boolean string is true when it is one of
@@ -427,11 +427,15 @@ def read_settings(
     return Settings(raw)
 
 
-# -- the README's table ---------------------------------------------------------------------
+# -- docs/configuration.md's table -------------------------------------------------------
 
 
 def markdown_table() -> str:
-    """The README's configuration table, rendered from `SETTINGS`."""
+    """docs/configuration.md's table, rendered from `SETTINGS`.
+
+    A setting's doc links other pages from the repository root (``docs/operations.md#…``);
+    the table lives in docs/, so those links are rendered relative to it.
+    """
     lines = [
         "| setting | default | meaning (and how it maps onto Celery) |",
         "|---|---|---|",
@@ -450,5 +454,6 @@ def markdown_table() -> str:
         ]
         defaults = [s.shown_default() for s in row]
         shown = defaults[0] if len(set(defaults)) == 1 else " / ".join(defaults)
-        lines.append(f"| {' / '.join(names)} | {shown} | {first.doc} |")
+        doc = first.doc.replace("](docs/", "](")
+        lines.append(f"| {' / '.join(names)} | {shown} | {doc} |")
     return "\n".join(lines) + "\n"

@@ -66,6 +66,7 @@ from ironflow_celery.storage.store import ClaimedRow, PostgresStore
 
 __all__ = [
     "CLOCK_SCHEMA",
+    "DEFAULT_DATABASE_PREFIX",
     "DEFAULT_SERVER_URL",
     "DrainLimitExceeded",
     "Ran",
@@ -74,6 +75,7 @@ __all__ = [
     "TestDatabases",
     "WorkflowTestEnv",
     "assert_events",
+    "check_database_prefix",
     "create_database",
     "dead_letters",
     "drain",
@@ -82,12 +84,17 @@ __all__ = [
     "install_clock",
     "pending_effects",
     "pending_timers",
+    "server_unreachable",
     "server_url",
 ]
 
 Kind = Literal["effect", "timer"]
 
 DEFAULT_SERVER_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+#: Test databases are named ``<prefix><hint>_<random>``; projects sharing a server give
+#: theirs a prefix of their own (``--ironflow-database-prefix``) to tell them apart.
+DEFAULT_DATABASE_PREFIX = "ironflow_test_"
+_PREFIX_RE = re.compile(r"[a-z_][a-z0-9_]{0,29}")
 CLOCK_SCHEMA = "ironflow_test_clock"
 # pg_catalog is searched first unless named in the path: naming it last lets the clock
 # schema's now() win, while "$user" and public keep being where unqualified tables go.
@@ -128,8 +135,29 @@ def server_url(explicit: str | None = None) -> str:
     )
 
 
+def server_unreachable(server: str | None = None) -> str | None:
+    """None when PostgreSQL answers at `server` (see `server_url`), else why not, in a line."""
+    try:
+        with _admin(server_url(server)) as conn:
+            conn.exec_driver_sql("SELECT 1")
+    except sa.exc.OperationalError as exc:
+        reason = str(exc.orig or exc).strip().splitlines()
+        return reason[0] if reason else type(exc).__name__
+    return None
+
+
 def _with_database(url: str, name: str) -> str:
     return make_url(normalize_url(url)).set(database=name).render_as_string(hide_password=False)
+
+
+def check_database_prefix(prefix: str) -> str:
+    """`prefix` if it makes valid, unquoted-safe database names, else `InvalidArgument`."""
+    if not isinstance(prefix, str) or not _PREFIX_RE.fullmatch(prefix):
+        raise InvalidArgument(
+            f"test database prefix {prefix!r}: use lower-case letters, digits and _ "
+            "(not starting with a digit, at most 30 characters), e.g. 'billing_test_'"
+        )
+    return prefix
 
 
 def _plain_url(url: str) -> str:
@@ -154,9 +182,9 @@ def _admin(url: str) -> Iterator[sa.Connection]:
         engine.dispose()
 
 
-def _database_name(hint: str) -> str:
-    base = re.sub(r"[^a-z0-9]+", "_", hint.lower()).strip("_")[:30] or "db"
-    return f"ironflow_test_{base}_{uuid.uuid4().hex[:10]}"
+def _database_name(hint: str, prefix: str = DEFAULT_DATABASE_PREFIX) -> str:
+    base = re.sub(r"[^a-z0-9]+", "_", hint.lower()).strip("_")[:20] or "db"
+    return f"{check_database_prefix(prefix)}{base}_{uuid.uuid4().hex[:10]}"
 
 
 def install_clock(url: str) -> None:
@@ -174,15 +202,20 @@ def install_clock(url: str) -> None:
 
 
 def create_database(
-    server: str | None = None, *, hint: str = "db", template: str | None = None
+    server: str | None = None,
+    *,
+    hint: str = "db",
+    template: str | None = None,
+    prefix: str = DEFAULT_DATABASE_PREFIX,
 ) -> str:
     """Create a database with the ironflow schema and the test clock; returns its URL.
 
     With `template` (a database made by this function) it is a clone: much faster than
-    migrating. The clock starts absent (real time) until a `TestClock` is attached.
+    migrating. The clock starts absent (real time) until a `TestClock` is attached. The
+    name is ``<prefix><hint>_<random>``.
     """
     server = server_url(server)
-    name = _database_name(hint)
+    name = _database_name(hint, prefix)
     with _admin(server) as conn:
         clause = f' TEMPLATE "{template}"' if template else ""
         conn.exec_driver_sql(f'CREATE DATABASE "{name}"{clause}')
@@ -198,15 +231,15 @@ def create_database(
                 engine.dispose()
             install_clock(url)
         except BaseException:
-            drop_database(url)
+            drop_database(url, prefix=prefix)
             raise
     return _plain_url(url)
 
 
-def drop_database(url: str) -> None:
-    """Drop a test database, closing whatever is still connected to it."""
+def drop_database(url: str, *, prefix: str = DEFAULT_DATABASE_PREFIX) -> None:
+    """Drop a test database (its name starts with `prefix`), closing its connections."""
     name = make_url(normalize_url(url)).database
-    if not name or not name.startswith("ironflow_test_"):
+    if not name or not name.startswith(check_database_prefix(prefix)):
         raise InvalidArgument(f"refusing to drop {name!r}: not a database made by the testing kit")
     with _admin(url) as conn:
         conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -217,8 +250,9 @@ class TestDatabases:
 
     __test__ = False  # not a pytest test class
 
-    def __init__(self, server: str | None = None) -> None:
+    def __init__(self, server: str | None = None, *, prefix: str = DEFAULT_DATABASE_PREFIX) -> None:
         self.server = server_url(server)
+        self.prefix = check_database_prefix(prefix)
         self._template: str | None = None
         self._lock = threading.Lock()
 
@@ -226,18 +260,18 @@ class TestDatabases:
         """A fresh database (schema and clock installed); returns its URL."""
         with self._lock:
             if self._template is None:
-                template_url = create_database(self.server, hint="template")
+                template_url = create_database(self.server, hint="template", prefix=self.prefix)
                 self._template = make_url(template_url).database
-        return create_database(self.server, hint=hint, template=self._template)
+        return create_database(self.server, hint=hint, template=self._template, prefix=self.prefix)
 
     def drop(self, url: str) -> None:
-        drop_database(url)
+        drop_database(url, prefix=self.prefix)
 
     def close(self) -> None:
         """Drop the template."""
         with self._lock:
             if self._template is not None:
-                drop_database(_with_database(self.server, self._template))
+                drop_database(_with_database(self.server, self._template), prefix=self.prefix)
                 self._template = None
 
 
