@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 import time
 import weakref
@@ -216,19 +217,44 @@ def _relaxed_statements(engine: Engine) -> None:
 
 def behind_transaction_pooler(conn: psycopg.Connection[Any]) -> bool:
     """Whether `conn` reaches PostgreSQL through a transaction pooler (PgBouncer's
-    ``pool_mode = transaction``): a second client connection holding a transaction sees
-    the same backend `conn` just used, or `conn`'s next transaction runs on another one.
-    Directly or through a session pooler each client connection keeps its own backend."""
-    first = _backend_pid(conn)
-    with (
-        psycopg.connect(
-            conn.info.dsn, password=conn.info.password, autocommit=True, prepare_threshold=None
-        ) as other,
-        other.transaction(),
-    ):
-        held = _backend_pid(other)
-        again = _backend_pid(conn)
-    return held == first or again != first
+    ``pool_mode = transaction``), where one client connection's transactions may each run
+    on another backend.
+
+    A connection whose backend sees our own socket's port is direct (one query). Else a
+    second client connection holds a transaction (pinning its backend) while `conn` runs
+    one, then releases it and `conn` runs another: through a transaction pooler `conn`
+    reports two backend pids (PgBouncer hands out the backend released last); directly or
+    through a session pooler, always the same one. A few rounds settle it under load.
+    """
+    if _direct(conn):
+        return False
+    seen: set[int] = set()
+    with psycopg.connect(
+        conn.info.dsn, password=conn.info.password, autocommit=True, prepare_threshold=None
+    ) as other:
+        for _ in range(5):
+            with other.transaction():
+                _backend_pid(other)
+                seen.add(_backend_pid(conn))
+            seen.add(_backend_pid(conn))
+            if len(seen) > 1:
+                return True
+    return False
+
+
+def _direct(conn: psycopg.Connection[Any]) -> bool:
+    """Whether `conn`'s backend sees our socket's own address (no proxy in between)."""
+    try:
+        with socket.socket(fileno=os.dup(conn.pgconn.socket)) as sock:
+            local = sock.getsockname()
+    except OSError:
+        return False
+    with conn.cursor() as cur:
+        cur.execute("SELECT inet_client_port()", prepare=False)
+        row = cur.fetchone()
+    if not conn.autocommit:
+        conn.rollback()
+    return isinstance(local, tuple) and row is not None and row[0] == local[1]
 
 
 def _backend_pid(conn: psycopg.Connection[Any]) -> int:
