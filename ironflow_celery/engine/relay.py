@@ -229,7 +229,12 @@ class Waker:
             except psycopg.Error as exc:
                 if self.stop.is_set():
                     break
-                log.warning("ironflow: LISTEN connection lost (%s); retrying in %.1fs", exc, delay)
+                log.warning(
+                    "ironflow: LISTEN connection lost (PostgreSQL at %s: %s); retrying in %.1fs",
+                    psycopg.conninfo.conninfo_to_dict(self.conninfo).get("host", "localhost"),
+                    exc,
+                    delay,
+                )
                 self.stop.wait(delay)
                 delay = min(delay * 2, 5.0)
         if self.polling:

@@ -303,14 +303,20 @@ def _warn_on_disconnect(engine: Engine) -> None:
 
     @event.listens_for(engine, "handle_error")
     def _handle_error(context: Any) -> None:
-        if context.is_disconnect:
+        error = context.original_exception
+        connecting = context.connection is None and isinstance(error, psycopg.OperationalError)
+        if context.is_disconnect or connecting:
             log.warning(
-                "ironflow: lost the connection to PostgreSQL at %s (%s)",
+                "ironflow: %s PostgreSQL at %s (%s)",
+                "cannot connect to" if connecting else "lost the connection to",
                 _where(engine),
-                str(context.original_exception).strip().splitlines()[0]
-                if str(context.original_exception).strip()
-                else type(context.original_exception).__name__,
+                _first_line(error),
             )
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _ping_idle_connections(engine: Engine) -> None:
@@ -337,6 +343,11 @@ def _ping_idle_connections(engine: Engine) -> None:
             if not dbapi_connection.autocommit:
                 dbapi_connection.rollback()
         except Exception as error:  # the pool replaces the connection and retries
+            log.warning(
+                "ironflow: a pooled connection to PostgreSQL at %s is dead (%s); reconnecting",
+                _where(engine),
+                _first_line(error),
+            )
             raise exc.DisconnectionError(str(error)) from error
 
 
