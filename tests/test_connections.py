@@ -89,6 +89,7 @@ def test_prefork_worker_holds_one_backend_per_pool_process_and_two_for_its_relay
             return all_processed(database_url, EFFECTS)
 
         wait_until(sample, 180, "every effect processed")
+        print(f"most backends per process: {dict(most)}; relay: {listeners}")  # with -s
         assert len(listeners) == 1, f"one relay process with a LISTEN connection: {dict(most)}"
         (relay,) = listeners
         assert most[relay] <= 2, f"relay process: {most[relay]} backends"
