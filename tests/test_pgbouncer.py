@@ -38,8 +38,8 @@ from tests.test_e2e_workers import (
     queue,  # noqa: F401 - the fixture
     redis_queue_cleanup,
     scalar,
-    sql,
     service_for,
+    sql,
     wait_until,
 )
 
