@@ -401,6 +401,7 @@ _IDLE = _IdleCloser()
 
 def dispose_after_fork() -> None:
     """Drop pooled connections inherited from the parent without closing its sockets."""
+    _IDLE._lock = threading.Lock()  # a thread may have held it across the fork
     for engine in list(_all_engines):
         engine.dispose(close=False)
 

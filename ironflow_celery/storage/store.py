@@ -402,7 +402,7 @@ class PostgresStore:
         """A store like this one on a new engine for the same URL (e.g. the relays' own,
         ``pool_size=1, max_overflow=0``); the caller disposes it."""
         url = self.engine.url.render_as_string(hide_password=False)
-        return PostgresStore.from_url(
+        return type(self).from_url(
             url,
             relaxed_commits=self.relaxed_commits,
             relaxed_acks=self.relaxed_acks,
