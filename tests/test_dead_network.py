@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -58,6 +59,8 @@ def two_hosts() -> Iterator[tuple[str, str, str, str]]:
     """(worker namespace, database namespace, database address, database-side link)."""
     if os.geteuid() != 0:
         pytest.skip("network namespaces need root")
+    if shutil.which("ip") is None:
+        pytest.skip("iproute2's `ip` is not installed")
     tag = f"{os.getpid() % 100000}"
     host, db = f"ifw{tag}", f"ifd{tag}"
     link_host, link_db = f"ifw{tag}v", f"ifd{tag}v"
