@@ -186,3 +186,25 @@ def test_idle_connections_are_closed(database_url: str) -> None:
         assert time.monotonic() - started < 30
     finally:
         store.dispose()
+
+
+def test_a_spare_connection_is_closed_while_the_other_stays_in_use(database_url: str) -> None:
+    """Two connections opened for a moment of concurrency (a lease renewal beside a
+    task's statement): while the process keeps working on one, the spare one is closed
+    after ``pool_idle_timeout``, so a busy pool process is back to one backend."""
+    store = PostgresStore.from_url(database_url, idle_timeout=1.0)
+    pid = sa.text("SELECT pg_backend_pid()")
+    try:
+        with store.engine.connect() as a, store.engine.connect() as b:
+            pids = {a.execute(pid).scalar(), b.execute(pid).scalar()}
+        assert len(pids) == 2 and store.engine.pool.checkedin() == 2
+
+        def one_left() -> bool:
+            store._run(pid)  # keeps working: the engine as a whole is never idle
+            return store.engine.pool.checkedin() == 1
+
+        wait_until(one_left, 60, "the spare connection to be closed", interval=0.2)
+        alive = "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s)"
+        assert sql(database_url, alive, (list(pids),))[0][0] == 1
+    finally:
+        store.dispose()

@@ -113,7 +113,7 @@ _TABLE: tuple[Setting, ...] = (
         "pool_idle_timeout",
         float,
         60.0,
-        "a process's idle pooled connections are closed after this long unused",
+        "a pooled connection is closed after this long unused",
         row="pool",
     ),
     Setting(

@@ -27,6 +27,7 @@ import sqlalchemy as sa
 from sqlalchemy import event, exc
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.pool import NullPool, QueuePool
+from sqlalchemy.util.queue import Empty, Full
 
 from ironflow_celery.errors import ConfigurationError
 from ironflow_celery.model.settings import SETTINGS, Settings, read_settings
@@ -143,6 +144,7 @@ def create_engine(url: str, **kwargs: Any) -> Engine:
     if issubclass(poolclass, QueuePool):
         kwargs.setdefault("pool_size", int(options["pool_size"]))
         kwargs.setdefault("max_overflow", int(options["max_overflow"]))
+        kwargs.setdefault("pool_use_lifo", True)  # spare connections go idle (`close_idle`)
     if poolclass is not NullPool:
         kwargs.setdefault("pool_recycle", float(options["pool_recycle"]))
     engine = sa.create_engine(
@@ -156,7 +158,7 @@ def create_engine(url: str, **kwargs: Any) -> Engine:
     _warn_on_disconnect(engine)
     if threshold == "auto":
         _auto_prepare(engine)
-    if poolclass is not NullPool and float(options["idle_timeout"] or 0) > 0:
+    if issubclass(poolclass, QueuePool) and float(options["idle_timeout"] or 0) > 0:
         _IDLE.watch(engine, float(options["idle_timeout"]))
     _all_engines.add(engine)
     return engine
@@ -355,25 +357,21 @@ def _ping_idle_connections(engine: Engine) -> None:
 
 
 class _IdleCloser:
-    """Closes the pooled connections of engines unused for their idle timeout (one daemon
-    thread per process, started when first needed, again in a forked child)."""
+    """Closes pooled connections left unused for their engine's idle timeout, one by one
+    (one daemon thread per process, started when first needed, again in a forked child).
+
+    Pools hand out the connection returned last (LIFO), so a connection opened for a
+    moment of concurrency sinks to the bottom, goes idle and is closed here while the
+    process keeps using the other one."""
 
     def __init__(self) -> None:
         self._timeouts: weakref.WeakKeyDictionary[Engine, float] = weakref.WeakKeyDictionary()
-        self._last_used: weakref.WeakKeyDictionary[Engine, float] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
         self._pid = 0
 
     def watch(self, engine: Engine, timeout: float) -> None:
         self._timeouts[engine] = timeout
-        self._last_used[engine] = time.monotonic()
-
-        def used(*args: Any) -> None:
-            self._last_used[engine] = time.monotonic()
-            self._ensure_thread()
-
-        event.listen(engine, "checkout", used)
-        event.listen(engine, "checkin", used)
+        event.listen(engine, "checkin", lambda *args: self._ensure_thread())
 
     def _ensure_thread(self) -> None:
         if self._pid == os.getpid():
@@ -386,14 +384,38 @@ class _IdleCloser:
     def _run(self) -> None:
         while True:
             timeouts = dict(self._timeouts.items())
-            time.sleep(max(0.5, min(timeouts.values(), default=60.0) / 4))
-            now = time.monotonic()
+            time.sleep(max(0.25, min(timeouts.values(), default=60.0) / 4))
             for engine, timeout in timeouts.items():
                 pool = engine.pool
-                idle = now - self._last_used.get(engine, now)
-                if idle >= timeout and pool.checkedout() == 0 and pool.checkedin() > 0:  # type: ignore[attr-defined]
-                    engine.dispose()  # closes the idle connections; the next use reconnects
+                if isinstance(pool, QueuePool) and close_idle(pool, timeout):
                     log.debug("ironflow: closed idle connections to %s", _where(engine))
+
+
+def close_idle(pool: QueuePool, timeout: float) -> int:
+    """Close `pool`'s connections that sat returned for `timeout` seconds or more; the
+    others go back in their order. Returns how many were closed."""
+    now = time.monotonic()
+    queue = pool._pool
+    held: list[Any] = []
+    while True:  # newest first under LIFO
+        try:
+            held.append(queue.get(False))
+        except Empty:
+            break
+    closed = 0
+    for record in reversed(held):  # oldest first: put back in the same order
+        if now - record.info.get("ironflow_checkin", now) < timeout:
+            try:
+                queue.put(record, False)
+                continue
+            except Full:  # a connection opened meanwhile took its place
+                pass
+        try:
+            record.close()
+        finally:
+            pool._dec_overflow()  # as QueuePool does with a connection it does not keep
+        closed += 1
+    return closed
 
 
 _IDLE = _IdleCloser()
