@@ -43,11 +43,17 @@ from typing import Any
 
 import psycopg
 from kombu.common import Broadcast
+from sqlalchemy.engine import make_url
 
 from ironflow_celery.engine.deliveries import LostFinder
 from ironflow_celery.errors import PublishError, StorageError
 from ironflow_celery.model.config import AttemptLimits, RuntimeConfig, results_ignored
 from ironflow_celery.storage import tracing
+from ironflow_celery.storage.db import (
+    behind_transaction_pooler,
+    dead_connection_params,
+    normalize_url,
+)
 from ironflow_celery.storage.kinds import EFFECT, KINDS, TIMER, Kind, RowKind, kind_of
 from ironflow_celery.storage.store import ClaimedRow, PostgresStore
 
@@ -219,13 +225,28 @@ def declare_queues(app: Any, producer: Any, names: set[str]) -> None:
 class Waker:
     """One LISTEN connection that wakes the effect and timer relays on NOTIFY.
 
-    It reconnects after a database outage; relays fall back to polling meanwhile.
+    It reconnects after a database outage; relays fall back to polling meanwhile. Behind
+    a transaction pooler (PgBouncer ``pool_mode = transaction``), where notifications
+    never reach a listener, it says so once and wakes the relays every poll interval
+    instead -- unless a direct `listen_url` (``ironflow_listen_url``) was given.
     """
 
-    def __init__(self, conninfo: str, stop: threading.Event) -> None:
+    def __init__(
+        self,
+        conninfo: str,
+        stop: threading.Event,
+        *,
+        poll_intervals: Mapping[str, float] | None = None,
+        direct: bool = False,
+        connect_params: Mapping[str, Any] | None = None,
+    ) -> None:
         self.conninfo = conninfo
         self.stop = stop
         self.events: dict[str, threading.Event] = {k.channel: threading.Event() for k in KINDS}
+        self.poll_intervals = dict(poll_intervals or {})
+        self.direct = direct  # a listen URL of its own: never checked for a pooler
+        self.connect_params = dict(connect_params or {})
+        self.polling = False
         self._thread = threading.Thread(target=self._run, name="ironflow-waker", daemon=True)
 
     def event(self, kind: Kind | RowKind) -> threading.Event:
@@ -245,7 +266,12 @@ class Waker:
         delay = 0.5
         while not self.stop.is_set():
             try:
-                with psycopg.connect(self.conninfo, autocommit=True, connect_timeout=5) as conn:
+                with psycopg.connect(
+                    self.conninfo, autocommit=True, connect_timeout=5, **self.connect_params
+                ) as conn:
+                    if not self.direct and behind_transaction_pooler(conn):
+                        self.polling = True
+                        break
                     for channel in self.events:
                         conn.execute(f"LISTEN {channel}")
                     delay = 0.5
@@ -258,9 +284,34 @@ class Waker:
             except psycopg.Error as exc:
                 if self.stop.is_set():
                     break
-                log.warning("ironflow: LISTEN connection lost (%s); retrying in %.1fs", exc, delay)
+                log.warning(
+                    "ironflow: LISTEN connection lost (PostgreSQL at %s: %s); retrying in %.1fs",
+                    psycopg.conninfo.conninfo_to_dict(self.conninfo).get("host", "localhost"),
+                    exc,
+                    delay,
+                )
                 self.stop.wait(delay)
                 delay = min(delay * 2, 5.0)
+        if self.polling:
+            self._poll()
+
+    def _poll(self) -> None:
+        """Wake each kind's relays every its poll interval (no NOTIFY to wait for)."""
+        intervals = {c: self.poll_intervals.get(c, 1.0) for c in self.events}
+        log.warning(
+            "ironflow: the database URL goes through a transaction pooler, where LISTEN "
+            "receives no notifications: the relays poll (every %s); set "
+            "ironflow_listen_url to a direct PostgreSQL URL to have them woken by NOTIFY",
+            ", ".join(f"{s:g} s for {c}" for c, s in intervals.items()),
+        )
+        due = dict.fromkeys(intervals, 0.0)
+        while not self.stop.is_set():
+            now = time.monotonic()
+            for channel, at in due.items():
+                if now >= at:
+                    self.events[channel].set()
+                    due[channel] = now + intervals[channel]
+            self.stop.wait(max(0.01, min(due.values()) - time.monotonic()))
 
 
 @dataclass(slots=True)
@@ -776,6 +827,11 @@ class Relay:
         )
 
 
+def _libpq_url(url: str) -> str:
+    """`url` as psycopg.connect takes it (no SQLAlchemy driver suffix)."""
+    return make_url(normalize_url(url)).set(drivername="postgresql").render_as_string(False)
+
+
 class RelayGroup:
     """The effect and timer relays of one process, with their waker, as threads."""
 
@@ -795,13 +851,27 @@ class RelayGroup:
         routes: Mapping[str, Mapping[str, str]] | None = None,
         queue_depth: QueueDepth | None = None,
         lost_finder: Callable[[], LostFinder] | None = None,
+        listen_url: str | None = None,
+        tcp_user_timeout: float | None = None,
+        owns_store: bool = False,
     ) -> None:
         """`routes`, per kind (``"effect"``/``"timer"``): the workflow types its relays claim
         and the queue each one's tasks go to (back-pressure per queue); without it every
         relay claims `workflow_types` under one budget."""
         self.stop_event = threading.Event()
+        self.store = store
+        self.owns_store = owns_store  # disposed when the relays stop
         url = store.engine.url.set(drivername="postgresql")
-        self.waker = Waker(url.render_as_string(hide_password=False), self.stop_event)
+        self.waker = Waker(
+            _libpq_url(listen_url) if listen_url else url.render_as_string(hide_password=False),
+            self.stop_event,
+            poll_intervals={k.channel: k.poll_interval(config) for k in KINDS},
+            direct=bool(listen_url),
+            connect_params={
+                "application_name": "ironflow_celery",
+                **dead_connection_params(tcp_user_timeout),
+            },
+        )
         self.relays: list[Relay] = []
         enabled = {EFFECT.name: effects, TIMER.name: timers}
         for kind in KINDS:
@@ -847,7 +917,10 @@ class RelayGroup:
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
         self.waker.join(max(0.0, deadline - time.monotonic()))
-        return not any(t.is_alive() for t in self._threads)
+        stopped = not any(t.is_alive() for t in self._threads)
+        if stopped and self.owns_store:
+            self.store.dispose()
+        return stopped
 
     @property
     def in_flight(self) -> int:

@@ -38,6 +38,7 @@ from ironflow_celery.engine.relay import (
 from ironflow_celery.engine.tasks import LeaseKeeper, register_workflow_tasks
 from ironflow_celery.errors import ConfigurationError, NotInstalled
 from ironflow_celery.model.config import AttemptLimits, RetryPolicy, RuntimeConfig
+from ironflow_celery.model.settings import read_settings
 from ironflow_celery.model.workflow import EffectHandler, Workflow
 from ironflow_celery.service.workflow_service import (
     Registration,
@@ -46,6 +47,7 @@ from ironflow_celery.service.workflow_service import (
     WorkflowServiceConfig,
 )
 from ironflow_celery.storage import dead_letters, schema
+from ironflow_celery.storage.db import engine_options
 from ironflow_celery.storage.dead_letters import DeadLetter, DeadLetterQuery
 from ironflow_celery.storage.kinds import EFFECT, KINDS, TIMER
 from ironflow_celery.storage.store import PostgresStore
@@ -223,6 +225,7 @@ class WorkflowRuntime:
                     self._store = PostgresStore.from_url(
                         self.database_url,
                         relaxed_acks=self.config.relaxed_acknowledgements,
+                        **engine_options(read_settings(getattr(self.app, "conf", None))),
                     )
         return self._store
 
@@ -346,8 +349,15 @@ class WorkflowRuntime:
         if self.app is None:
             raise ConfigurationError("this runtime has no Celery app to publish to")
         self.load_workflows()
+        settings = read_settings(self.app.conf)
+        options = engine_options(settings)
+        if options["pool_size"]:
+            # The relay threads share one connection (their statements are short): with
+            # the LISTEN connection a relay holds two backends (docs/scaling.md).
+            options.update(pool_size=1, max_overflow=0)
+        store = self.store.with_pool(**options)
         group = RelayGroup(
-            self.store,
+            store,
             self.registry.types,
             self.config,
             self._publisher(),
@@ -362,6 +372,9 @@ class WorkflowRuntime:
             lost_finder=(
                 (lambda: LostDeliveries(self.app)) if self.config.release_lost_deliveries else None
             ),
+            listen_url=settings["listen_url"],
+            tcp_user_timeout=settings["tcp_user_timeout"],
+            owns_store=True,
         )
         group.start()
         return group

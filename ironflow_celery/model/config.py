@@ -165,7 +165,7 @@ class RuntimeConfig:
     relaxed_acknowledgements: bool = False
     """Opt-in: commit acknowledgements (and their follow-up inputs) with
     ``synchronous_commit = off``. Faster, but a PostgreSQL crash can lose an acknowledgement
-    others already acted on (see `PostgresStore.ack_engine`). Off by default."""
+    others already acted on (see `PostgresStore._commit_mode`). Off by default."""
 
     def __post_init__(self) -> None:
         for name in (

@@ -94,8 +94,50 @@ class Setting:
 
 
 _OPS = "docs/operations.md"
+_SCALING = "docs/scaling.md"
 _TABLE: tuple[Setting, ...] = (
     Setting("database_url", str, None, "PostgreSQL (`postgresql://…`)"),
+    Setting(
+        "pool_size",
+        int,
+        5,
+        "connections each process keeps per engine (`0`: no pool, a connection per use); "
+        f"a prefork pool process uses 1, a relay 1 + LISTEN ([scaling]({_SCALING}))",
+        row="pool",
+    ),
+    Setting("pool_max_overflow", int, 10, "connections opened past `size` under load", row="pool"),
+    Setting(
+        "pool_recycle", float, 1800.0, "a pooled connection older than this is replaced", row="pool"
+    ),
+    Setting(
+        "pool_idle_timeout",
+        float,
+        60.0,
+        "a pooled connection is closed after this long unused",
+        row="pool",
+    ),
+    Setting(
+        "prepare_threshold",
+        str,
+        "auto",
+        "psycopg's server-side prepared statements: `auto` (off behind a transaction pooler), "
+        f"`off`, or executions before a statement is prepared ([PgBouncer]({_SCALING}#pgbouncer))",
+    ),
+    Setting(
+        "listen_url",
+        str,
+        None,
+        "a direct (not transaction-pooled) URL for the relays' LISTEN connection; behind a "
+        "transaction pooler without one the relays poll",
+        shown="the database URL",
+    ),
+    Setting(
+        "tcp_user_timeout",
+        float,
+        10.0,
+        "a connection whose packets go unanswered this long is dropped (TCP keepalives and "
+        f"`tcp_user_timeout`; [scaling]({_SCALING}#connections-per-host))",
+    ),
     Setting(
         "workflows",
         list,

@@ -1,37 +1,65 @@
 """Engines: `create_engine` makes the pooled SQLAlchemy engine over psycopg 3 that a
-`PostgresStore` owns (and its relaxed-commit twin).
+`PostgresStore` owns, with the pool, prepared-statement and dead-connection settings.
 
 URLs may be given as ``postgresql://``, ``postgres://`` or ``postgresql+psycopg://``;
 they are normalised to the psycopg 3 driver. Every engine made here is disposed after a
-fork (Celery's prefork pool) so no child reuses its parent's sockets.
+fork (Celery's prefork pool) so no child reuses its parent's sockets, and its idle
+connections are closed after ``ironflow_pool_idle_timeout`` (an idle host holds no
+backends). Nothing here leaves session state on a connection: the commit mode of lease
+bookkeeping is chosen per transaction (`relaxed_commits`), so a transaction pooler
+(PgBouncer ``pool_mode = transaction``) may hand each transaction another backend.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import socket
+import threading
 import time
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
+import psycopg
 import sqlalchemy as sa
 from sqlalchemy import event, exc
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.pool import NullPool, QueuePool
+from sqlalchemy.util.queue import Empty, Full
 
 from ironflow_celery.errors import ConfigurationError
-from ironflow_celery.model.settings import SETTINGS
+from ironflow_celery.model.settings import SETTINGS, Settings, read_settings
 
 __all__ = [
     "DATABASE_URL_ENV",
     "IDLE_PING_AFTER",
+    "RELAXED_PREFIX",
+    "behind_transaction_pooler",
     "create_engine",
+    "dead_connection_params",
     "dispose_after_fork",
+    "engine_options",
     "normalize_url",
+    "relaxed_commits",
 ]
 
 DATABASE_URL_ENV = SETTINGS["database_url"].env  # IRONFLOW_DATABASE_URL
 
 IDLE_PING_AFTER = 5.0
 """Seconds a pooled connection may sit unused before it is pinged on checkout."""
+
+RELAXED_PREFIX = "SET LOCAL synchronous_commit = off; "
+"""Sent in the same simple query as a relaxed statement: one transaction, one round trip."""
+
+KEEPALIVES_IDLE = 5
+"""Seconds a connection may be silent before TCP keepalive probes start."""
+KEEPALIVES_INTERVAL = 2
+KEEPALIVES_COUNT = 3
+"""Unanswered probes after which the kernel drops the connection (5 + 3·2 = 11 s)."""
+
+log = logging.getLogger("ironflow_celery.storage")
 
 _all_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
 
@@ -53,21 +81,244 @@ def normalize_url(url: str) -> str:
     return parsed.render_as_string(hide_password=False)
 
 
-def create_engine(url: str, *, pool_size: int = 5, max_overflow: int = 10, **kwargs: Any) -> Engine:
-    """A new pooled engine: pre-ping on checkout, short connect timeout, app name set."""
-    connect_args = {"connect_timeout": 5, "application_name": "ironflow_celery"}
+def engine_options(settings: Settings | None = None) -> dict[str, Any]:
+    """`create_engine` keyword arguments from the ``ironflow_pool_*``,
+    ``ironflow_prepare_threshold`` and ``ironflow_tcp_user_timeout`` settings (`settings`,
+    else the ``IRONFLOW_*`` environment)."""
+    s = settings if settings is not None else read_settings(None)
+    return {
+        "pool_size": s["pool_size"],
+        "max_overflow": s["pool_max_overflow"],
+        "pool_recycle": s["pool_recycle"],
+        "idle_timeout": s["pool_idle_timeout"],
+        "prepare_threshold": s["prepare_threshold"],
+        "tcp_user_timeout": s["tcp_user_timeout"],
+    }
+
+
+def _prepare_threshold(value: Any) -> int | str | None:
+    """``auto`` (off behind a transaction pooler), None (off), or an int."""
+    if value is None or isinstance(value, int):
+        return value
+    text = str(value).strip().lower()
+    if text == "auto":
+        return "auto"
+    if text in ("", "off", "none", "false", "no"):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigurationError(
+            f"prepare_threshold: expected auto, off or a number, got {value!r}"
+        ) from None
+
+
+def create_engine(url: str, **kwargs: Any) -> Engine:
+    """A new engine for `url`: pooled per the ``ironflow_pool_*`` settings (``pool_size=0``
+    or ``poolclass=NullPool``: no pool), short connect timeout, TCP keepalives and
+    ``tcp_user_timeout`` so a dead network path fails within seconds, app name set.
+
+    Keyword arguments override the settings read from the environment (`engine_options`);
+    the rest go to `sqlalchemy.create_engine`. libpq parameters in the URL's query
+    (``?keepalives_idle=…``) win over the defaults here; ``prepare_threshold`` may be
+    given there too (``?prepare_threshold=0`` or ``off``).
+    """
+    options = engine_options()
+    for key in list(options):
+        if key in kwargs:
+            options[key] = kwargs.pop(key)
+    parsed = make_url(normalize_url(url))
+    query = dict(parsed.query)
+    threshold = _prepare_threshold(query.pop("prepare_threshold", options["prepare_threshold"]))
+    parsed = parsed.set(query=query)
+    connect_args: dict[str, Any] = {"connect_timeout": 5, "application_name": "ironflow_celery"}
+    connect_args.update(dead_connection_params(options["tcp_user_timeout"]))
+    for key in query:  # the URL's own libpq parameters win
+        connect_args.pop(key, None)
     connect_args.update(kwargs.pop("connect_args", {}))
+    if threshold != "auto":
+        connect_args["prepare_threshold"] = threshold
+    poolclass = kwargs.pop("poolclass", None)
+    if poolclass is None:
+        poolclass = NullPool if int(options["pool_size"]) == 0 else QueuePool
+    if issubclass(poolclass, QueuePool):
+        kwargs.setdefault("pool_size", int(options["pool_size"]))
+        kwargs.setdefault("max_overflow", int(options["max_overflow"]))
+        kwargs.setdefault("pool_use_lifo", True)  # spare connections go idle (`close_idle`)
+    if poolclass is not NullPool:
+        kwargs.setdefault("pool_recycle", float(options["pool_recycle"]))
     engine = sa.create_engine(
-        normalize_url(url),
-        pool_size=pool_size,
-        max_overflow=max_overflow,
-        pool_recycle=1800,
+        parsed.render_as_string(hide_password=False),
+        poolclass=poolclass,
         connect_args=connect_args,
         **kwargs,
     )
     _ping_idle_connections(engine)
+    _relaxed_statements(engine)
+    _warn_on_disconnect(engine)
+    if threshold == "auto":
+        _auto_prepare(engine)
+    if issubclass(poolclass, QueuePool) and float(options["idle_timeout"] or 0) > 0:
+        _IDLE.watch(engine, float(options["idle_timeout"]))
     _all_engines.add(engine)
     return engine
+
+
+def dead_connection_params(tcp_user_timeout: float | None) -> dict[str, Any]:
+    """libpq parameters that make a connection whose packets vanish fail within about
+    `tcp_user_timeout` seconds (unacknowledged data) or ``5 + 3·2`` s (a silent idle
+    connection, TCP keepalives) instead of the kernel's ~15 minutes; ``0``/None: none."""
+    seconds = float(tcp_user_timeout or 0)
+    if seconds <= 0:
+        return {}
+    return {
+        "keepalives": 1,
+        "keepalives_idle": KEEPALIVES_IDLE,
+        "keepalives_interval": KEEPALIVES_INTERVAL,
+        "keepalives_count": KEEPALIVES_COUNT,
+        "tcp_user_timeout": int(seconds * 1000),
+    }
+
+
+# -- per-transaction commit mode ------------------------------------------------------------
+
+
+@contextmanager
+def relaxed_commits(conn: Connection) -> Iterator[Connection]:
+    """`conn` with every statement's transaction committing ``synchronous_commit = off``.
+
+    The ``SET LOCAL`` goes in the same simple query as the statement (psycopg's client-side
+    binding cursor sends both at once), so it costs no round trip and leaves no session
+    state behind: the setting ends with the transaction, on whatever backend ran it.
+    """
+    raw = conn.connection.driver_connection
+    assert isinstance(raw, psycopg.Connection)
+    previous = raw.cursor_factory
+    raw.cursor_factory = psycopg.ClientCursor
+    try:
+        yield conn.execution_options(ironflow_relaxed=True)
+    finally:
+        raw.cursor_factory = previous
+
+
+def _relaxed_statements(engine: Engine) -> None:
+    @event.listens_for(engine, "before_cursor_execute", retval=True)
+    def _prefix(conn: Any, cursor: Any, statement: str, params: Any, context: Any, many: bool):
+        if not many and context is not None and context.execution_options.get("ironflow_relaxed"):
+            statement = RELAXED_PREFIX + statement
+        return statement, params
+
+    @event.listens_for(engine, "after_cursor_execute")
+    def _skip_set(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement.startswith(RELAXED_PREFIX):
+            cursor.nextset()  # the statement's own result, not the SET's
+
+
+# -- transaction poolers -------------------------------------------------------------------
+
+
+def behind_transaction_pooler(conn: psycopg.Connection[Any]) -> bool:
+    """Whether `conn` reaches PostgreSQL through a transaction pooler (PgBouncer's
+    ``pool_mode = transaction``), where one client connection's transactions may each run
+    on another backend.
+
+    A connection whose backend sees our own socket's port is direct (one query). Else a
+    second client connection holds a transaction (pinning its backend) while `conn` runs
+    one, then releases it and `conn` runs another: through a transaction pooler `conn`
+    reports two backend pids (PgBouncer hands out the backend released last); directly or
+    through a session pooler, always the same one. A few rounds settle it under load.
+    """
+    if _direct(conn):
+        return False
+    seen: set[int] = set()
+    with psycopg.connect(
+        conn.info.dsn, password=conn.info.password, autocommit=True, prepare_threshold=None
+    ) as other:
+        for _ in range(5):
+            with other.transaction():
+                _backend_pid(other)
+                seen.add(_backend_pid(conn))
+            seen.add(_backend_pid(conn))
+            if len(seen) > 1:
+                return True
+    return False
+
+
+def _direct(conn: psycopg.Connection[Any]) -> bool:
+    """Whether `conn`'s backend sees our socket's own address (no proxy in between)."""
+    try:
+        with socket.socket(fileno=os.dup(conn.pgconn.socket)) as sock:
+            local = sock.getsockname()
+    except OSError:
+        return False
+    with conn.cursor() as cur:
+        cur.execute("SELECT inet_client_port()", prepare=False)
+        row = cur.fetchone()
+    if not conn.autocommit:
+        conn.rollback()
+    return isinstance(local, tuple) and row is not None and row[0] == local[1]
+
+
+def _backend_pid(conn: psycopg.Connection[Any]) -> int:
+    with conn.cursor() as cur:
+        cur.execute("SELECT pg_backend_pid()", prepare=False)
+        row = cur.fetchone()
+    if not conn.autocommit:
+        conn.rollback()
+    return int(row[0]) if row else 0
+
+
+def _auto_prepare(engine: Engine) -> None:
+    """``prepare_threshold = auto``: psycopg's default, except behind a transaction pooler
+    (checked on the engine's first connection), where a statement prepared on one backend
+    is unknown on the next and is never prepared."""
+    pooled: list[bool] = []
+
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_connection: Any, record: Any) -> None:
+        if not pooled:
+            try:
+                pooled.append(behind_transaction_pooler(dbapi_connection))
+            except psycopg.Error as error:
+                log.warning("ironflow: could not check for a transaction pooler (%s)", error)
+                return
+            if pooled[0]:
+                log.info(
+                    "ironflow: %s is a transaction pooler; prepared statements are off",
+                    _where(engine),
+                )
+        if pooled[0]:
+            dbapi_connection.prepare_threshold = None
+
+
+# -- dead connections ------------------------------------------------------------------------
+
+
+def _where(engine: Engine) -> str:
+    return f"{engine.url.host or 'localhost'}:{engine.url.port or 5432}"
+
+
+def _warn_on_disconnect(engine: Engine) -> None:
+    """Say so, naming the server, when a connection turns out dead (keepalives or
+    ``tcp_user_timeout`` ran out, the server went away): a host cut off from PostgreSQL
+    must not fail silently."""
+
+    @event.listens_for(engine, "handle_error")
+    def _handle_error(context: Any) -> None:
+        error = context.original_exception
+        connecting = context.connection is None and isinstance(error, psycopg.OperationalError)
+        if context.is_disconnect or connecting:
+            log.warning(
+                "ironflow: %s PostgreSQL at %s (%s)",
+                "cannot connect to" if connecting else "lost the connection to",
+                _where(engine),
+                _first_line(error),
+            )
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _ping_idle_connections(engine: Engine) -> None:
@@ -89,15 +340,90 @@ def _ping_idle_connections(engine: Engine) -> None:
         if last is None or time.monotonic() - last < IDLE_PING_AFTER:
             return
         try:
-            dbapi_connection.execute("SELECT 1")
+            with dbapi_connection.cursor() as cur:
+                cur.execute("SELECT 1", prepare=False)
             if not dbapi_connection.autocommit:
                 dbapi_connection.rollback()
         except Exception as error:  # the pool replaces the connection and retries
+            log.warning(
+                "ironflow: a pooled connection to PostgreSQL at %s is dead (%s); reconnecting",
+                _where(engine),
+                _first_line(error),
+            )
             raise exc.DisconnectionError(str(error)) from error
+
+
+# -- idle connections ------------------------------------------------------------------------
+
+
+class _IdleCloser:
+    """Closes pooled connections left unused for their engine's idle timeout, one by one
+    (one daemon thread per process, started when first needed, again in a forked child).
+
+    Pools hand out the connection returned last (LIFO), so a connection opened for a
+    moment of concurrency sinks to the bottom, goes idle and is closed here while the
+    process keeps using the other one."""
+
+    def __init__(self) -> None:
+        self._timeouts: weakref.WeakKeyDictionary[Engine, float] = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
+        self._pid = 0
+
+    def watch(self, engine: Engine, timeout: float) -> None:
+        self._timeouts[engine] = timeout
+        event.listen(engine, "checkin", lambda *args: self._ensure_thread())
+
+    def _ensure_thread(self) -> None:
+        if self._pid == os.getpid():
+            return
+        with self._lock:
+            if self._pid != os.getpid():
+                self._pid = os.getpid()
+                threading.Thread(target=self._run, name="ironflow-idle-closer", daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            timeouts = dict(self._timeouts.items())
+            time.sleep(max(0.25, min(timeouts.values(), default=60.0) / 4))
+            for engine, timeout in timeouts.items():
+                pool = engine.pool
+                if isinstance(pool, QueuePool) and close_idle(pool, timeout):
+                    log.debug("ironflow: closed idle connections to %s", _where(engine))
+
+
+def close_idle(pool: QueuePool, timeout: float) -> int:
+    """Close `pool`'s connections that sat returned for `timeout` seconds or more; the
+    others go back in their order. Returns how many were closed."""
+    now = time.monotonic()
+    queue = pool._pool
+    held: list[Any] = []
+    while True:  # newest first under LIFO
+        try:
+            held.append(queue.get(False))
+        except Empty:
+            break
+    closed = 0
+    for record in reversed(held):  # oldest first: put back in the same order
+        if now - record.info.get("ironflow_checkin", now) < timeout:
+            try:
+                queue.put(record, False)
+                continue
+            except Full:  # a connection opened meanwhile took its place
+                pass
+        try:
+            record.close()
+        finally:
+            pool._dec_overflow()  # as QueuePool does with a connection it does not keep
+        closed += 1
+    return closed
+
+
+_IDLE = _IdleCloser()
 
 
 def dispose_after_fork() -> None:
     """Drop pooled connections inherited from the parent without closing its sockets."""
+    _IDLE._lock = threading.Lock()  # a thread may have held it across the fork
     for engine in list(_all_engines):
         engine.dispose(close=False)
 

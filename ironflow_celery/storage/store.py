@@ -11,7 +11,6 @@ buffers what the decision writes and flushes it in as few round trips as possibl
 from __future__ import annotations
 
 import json
-import threading
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -31,7 +30,7 @@ from ironflow_celery.errors import (
 )
 from ironflow_celery.model.config import AttemptLimits
 from ironflow_celery.storage import schema, sql, tracing
-from ironflow_celery.storage.db import create_engine
+from ironflow_celery.storage.db import create_engine, relaxed_commits
 from ironflow_celery.storage.hints import schema_missing_hint
 from ironflow_celery.storage.inspection import RowInfo
 from ironflow_celery.storage.kinds import EFFECT, TIMER, Kind, RowKind, kind_of
@@ -162,7 +161,7 @@ class ClaimedRow:
     fire_at: datetime | None = None
     server_started: datetime | None = None
     """``pg_postmaster_start_time()`` of the server that granted the claim: a restart in
-    between may have lost lease writes made without a WAL flush (see `relaxed_engine`)."""
+    between may have lost lease writes made without a WAL flush (`_commit_mode`)."""
     effect_type: str | None = None
     """The tag of the payload (the effect's type; a timer's input type)."""
     due_at: datetime | None = None
@@ -381,8 +380,6 @@ class PostgresStore:
         self.engine = engine
         self.relaxed_commits = relaxed_commits
         self.relaxed_acks = relaxed_acks
-        self._relaxed_engine: Engine | None = None
-        self._relaxed_lock = threading.Lock()
 
     @classmethod
     def from_url(
@@ -393,18 +390,31 @@ class PostgresStore:
         relaxed_acks: bool = False,
         **engine_kwargs: Any,
     ) -> PostgresStore:
-        """A store on a new pooled engine for `url`."""
+        """A store on a new engine for `url`; `engine_kwargs` go to `create_engine`
+        (``pool_size``, ``max_overflow``, ``poolclass=NullPool``, ...; unset ones come from
+        the ``IRONFLOW_POOL_*`` environment)."""
         return cls(
             create_engine(url, **engine_kwargs),
             relaxed_commits=relaxed_commits,
             relaxed_acks=relaxed_acks,
         )
 
-    @property
-    def relaxed_engine(self) -> Engine:
-        """The engine for lease bookkeeping: ``synchronous_commit = off``.
+    def with_pool(self, **engine_kwargs: Any) -> PostgresStore:
+        """A store like this one on a new engine for the same URL (e.g. the relays' own,
+        ``pool_size=1, max_overflow=0``); the caller disposes it."""
+        url = self.engine.url.render_as_string(hide_password=False)
+        return type(self).from_url(
+            url,
+            relaxed_commits=self.relaxed_commits,
+            relaxed_acks=self.relaxed_acks,
+            **engine_kwargs,
+        )
 
-        Only writes whose loss merely makes a row claimable again run here (DESIGN
+    @contextmanager
+    def _commit_mode(self, conn: Connection, relaxed: bool) -> Iterator[Connection]:
+        """`conn`, committing lease bookkeeping with ``synchronous_commit = off``.
+
+        Only writes whose loss merely makes a row claimable again are relaxed (DESIGN
         invariant 9): claims, releases, start guards, lease renewals. Other sessions may
         act on them before they reach disk, but all they can do is deliver a row: should
         PostgreSQL crash and lose such a write, the row goes back to an earlier lease state
@@ -413,22 +423,8 @@ class PostgresStore:
         durable commit flushes the WAL before it, so an acknowledgement that survives a
         crash never outlives the start guard it followed. What others can observe as
         *results* -- events, new outbox rows and timers, processed, failure and dead-letter
-        marks -- never commits here unless `relaxed_acks` opts in (see `ack_engine`).
-        """
-        if not self.relaxed_commits:
-            return self.engine
-        if self._relaxed_engine is None:
-            with self._relaxed_lock:
-                if self._relaxed_engine is None:
-                    self._relaxed_engine = create_engine(
-                        self.engine.url.render_as_string(hide_password=False),
-                        connect_args={"options": "-c synchronous_commit=off"},
-                    )
-        return self._relaxed_engine
-
-    @property
-    def ack_engine(self) -> Engine:
-        """The engine for acknowledgements: durable unless ``relaxed_acks`` opts out.
+        marks -- is never relaxed unless `relaxed_acks` opts in. The mode is chosen per
+        transaction (``SET LOCAL``, `relaxed_commits`): no second engine, no session state.
 
         ``relaxed_acks=True`` (the ``ironflow_relaxed_acknowledgements`` setting) trades
         durability for commit latency, and its risk is real: a PostgreSQL crash can lose an
@@ -437,13 +433,15 @@ class PostgresStore:
         again and its follow-up decides a *new* effect row, so an external system sees the
         same step under a second idempotency key. Use it only where that is acceptable.
         """
-        return self.relaxed_engine if self.relaxed_acks else self.engine
+        if relaxed:
+            with relaxed_commits(conn) as relaxed_conn:
+                yield relaxed_conn
+        else:
+            yield conn
 
     def dispose(self) -> None:
-        """Close the pools' connections."""
+        """Close the pool's connections."""
         self.engine.dispose()
-        if self._relaxed_engine is not None:
-            self._relaxed_engine.dispose()
 
     def upgrade_schema(self) -> list[int]:
         """Create or upgrade the ``ironflow`` schema; returns the versions applied."""
@@ -453,10 +451,13 @@ class PostgresStore:
     def transaction(self, *, ack: bool = False) -> Iterator[Connection]:
         """A connection in a transaction that commits on success, rolls back on error.
 
-        ``ack=True`` uses `ack_engine` (an acknowledgement and the follow-up input it
-        carries): durable unless the store opted into relaxed acknowledgements."""
-        engine = self.ack_engine if ack else self.engine
-        with storage_errors(), engine.begin() as conn:
+        ``ack=True``: an acknowledgement (and the follow-up input it
+        carries), durable unless the store opted into relaxed acknowledgements."""
+        with (
+            storage_errors(),
+            self.engine.begin() as conn,
+            self._commit_mode(conn, ack and self.relaxed_acks) as conn,
+        ):
             yield conn
 
     @contextmanager
@@ -478,11 +479,15 @@ class PostgresStore:
         # trips (the hot path: claim, start guard, ack are one statement each). A connection
         # that turns out dead (server restarted) is replaced and the statement sent once more:
         # every statement run here is guarded or idempotent.
-        # relaxed: lease bookkeeping only (see `relaxed_engine`); ack: see `ack_engine`.
-        engine = self.relaxed_engine if relaxed else self.ack_engine if ack else self.engine
+        # relaxed: lease bookkeeping only; ack: relaxed only if opted in (`_commit_mode`).
+        relaxed = (relaxed and self.relaxed_commits) or (ack and self.relaxed_acks)
         for attempt in (1, 2):
             try:
-                with storage_errors(), engine.connect() as conn:
+                with (
+                    storage_errors(),
+                    self.engine.connect() as plain,
+                    self._commit_mode(plain, relaxed) as conn,
+                ):
                     conn.execution_options(isolation_level="AUTOCOMMIT")
                     result = conn.execute(statement, params or {})
                     rows = list(result.fetchall()) if result.returns_rows else []
@@ -680,7 +685,11 @@ class PostgresStore:
         statement = kind.statements.claim_limited
         assert statement is not None  # claim() passes limits only for kinds that have one
         found: list[Any] = []
-        with storage_errors(), self.relaxed_engine.begin() as conn:
+        with (
+            storage_errors(),
+            self.engine.begin() as plain,
+            self._commit_mode(plain, self.relaxed_commits) as conn,
+        ):
             conn.execute(sql.LOCK_LIMITED_TYPES, {"types": types})
             for wt in types:
                 if len(found) >= limit:

@@ -81,7 +81,10 @@ def _connection() -> psycopg.Connection:
     conn = getattr(_local, "conn", None)
     if conn is None or conn.closed or getattr(_local, "pid", None) != os.getpid():
         conn = psycopg.connect(
-            _plain_url(os.environ["IRONFLOW_DATABASE_URL"]), autocommit=True, connect_timeout=5
+            _plain_url(os.environ["IRONFLOW_DATABASE_URL"]),
+            autocommit=True,
+            connect_timeout=5,
+            prepare_threshold=None,  # the URL may be a transaction pooler's (PgBouncer)
         )
         _local.conn, _local.pid = conn, os.getpid()
     return conn

@@ -1,0 +1,210 @@
+"""Connections per host (issue 20 §1): a prefork worker holds one PostgreSQL backend per
+pool process and two for its relay (LISTEN + one pooled), counted in ``pg_stat_activity``
+by the client ports of the worker's own processes; the pool settings reach every engine;
+lease bookkeeping chooses its commit mode per transaction, leaving no session state."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+import psutil
+import pytest
+import sqlalchemy as sa
+from celery import Celery
+from sqlalchemy.pool import NullPool, QueuePool
+
+from ironflow_celery.engine.runtime import WorkflowRuntime
+from ironflow_celery.storage.store import PostgresStore
+from tests.test_e2e_workers import (
+    REDIS_URL,
+    Processes,
+    all_processed,
+    insert_effects,
+    make_env,
+    prepare_database,
+    procs,  # noqa: F401 - the fixture
+    queue,  # noqa: F401 - the fixture
+    redis_queue_cleanup,
+    sql,
+    wait_until,
+)
+
+CONCURRENCY = 3
+EFFECTS = 300
+
+
+def backends_by_process(url: str, root_pid: int) -> dict[int, list[tuple[int, str, str]]]:
+    """The backends (pid, state, query) of `root_pid` and its descendants, by client
+    process: each client socket's local port matched to ``client_port`` (the effects run
+    with ``record=False``: the test app opens no connection of its own)."""
+    port_owner: dict[int, int] = {}
+    server_port = sa.make_url(url).port or 5432
+    try:
+        processes = [psutil.Process(root_pid), *psutil.Process(root_pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return {}
+    for proc in processes:
+        try:
+            for c in proc.net_connections(kind="tcp"):
+                if c.raddr and c.raddr.port == server_port and c.status == "ESTABLISHED":
+                    port_owner[c.laddr.port] = proc.pid
+        except psutil.NoSuchProcess:
+            continue
+    found: dict[int, list[tuple[int, str, str]]] = defaultdict(list)
+    for pid, port, state, query in sql(
+        url,
+        "SELECT pid, client_port, state, query FROM pg_stat_activity WHERE client_port = ANY(%s)",
+        (list(port_owner),),
+    ):
+        found[port_owner[port]].append((pid, state or "", query or ""))
+    return found
+
+
+@pytest.mark.e2e
+def test_prefork_worker_holds_one_backend_per_pool_process_and_two_for_its_relay(
+    database_url: str,
+    procs: Processes,  # noqa: F811
+    queue: str,  # noqa: F811
+) -> None:
+    """``-c 3`` under load: every pool process at most 1 backend, the relay process at most
+    2 (one of them its LISTEN), so a host holds at most ``2 + c``; idle, a pool process
+    releases its connection after ``ironflow_pool_idle_timeout``. At 6964a2b each pool
+    process held 2 (a second engine for relaxed commits) and the relay 3."""
+    prepare_database(database_url)
+    env = make_env(database_url, REDIS_URL, queue, pool_idle_timeout=3)
+    with redis_queue_cleanup(queue):
+        worker = procs.worker("worker", env, pool="prefork", concurrency=CONCURRENCY)
+        worker.wait_for_output("ironflow relay started (process)", 90)
+        worker.wait_for_output("ready.", 90)
+        insert_effects(database_url, EFFECTS, "conn-", record=False)
+        most: dict[int, int] = defaultdict(int)
+        listeners: set[int] = set()
+
+        def sample() -> bool:
+            for pid, rows in backends_by_process(database_url, worker.pid).items():
+                most[pid] = max(most[pid], len(rows))
+                if any(q.startswith("LISTEN") for _, _, q in rows):
+                    listeners.add(pid)
+            return all_processed(database_url, EFFECTS)
+
+        wait_until(sample, 180, "every effect processed")
+        print(f"most backends per process: {dict(most)}; relay: {listeners}")  # with -s
+        assert len(listeners) == 1, f"one relay process with a LISTEN connection: {dict(most)}"
+        (relay,) = listeners
+        assert most[relay] <= 2, f"relay process: {most[relay]} backends"
+        pools = {pid: n for pid, n in most.items() if pid != relay}
+        assert pools, "the pool processes used the database"
+        assert all(n <= 1 for n in pools.values()), f"pool processes' backends: {pools}"
+        assert sum(most.values()) <= 2 + CONCURRENCY, dict(most)
+
+        # Idle: the pool processes close their connections; the relay keeps its two.
+        def pools_released() -> bool:
+            now = backends_by_process(database_url, worker.pid)
+            return all(not rows for pid, rows in now.items() if pid != relay)
+
+        wait_until(pools_released, 60, "the pool processes to release their idle connections")
+
+
+def test_pool_settings_reach_the_engine(database_url: str) -> None:
+    """``ironflow_pool_*`` on the app's conf reach the runtime's store and the relays'."""
+    app = Celery("conn-settings", set_as_current=False)
+    app.conf.ironflow_pool_size = 2
+    app.conf.ironflow_pool_max_overflow = 3
+    app.conf.ironflow_pool_recycle = 120
+    runtime = WorkflowRuntime(database_url=database_url, app=app)
+    pool = runtime.store.engine.pool
+    try:
+        assert isinstance(pool, QueuePool)
+        assert (pool.size(), pool._max_overflow, pool._recycle) == (2, 3, 120)
+    finally:
+        runtime.store.dispose()
+    app.conf.ironflow_pool_size = 0  # no pool: a connection per use
+    runtime = WorkflowRuntime(database_url=database_url, app=app)
+    assert isinstance(runtime.store.engine.pool, NullPool)
+    runtime.store.dispose()
+
+
+def test_from_url_takes_a_null_pool(database_url: str) -> None:
+    """``PostgresStore.from_url(url, poolclass=NullPool)`` (a TypeError at 6964a2b): every
+    statement, relaxed or not, runs and no connection stays open."""
+    store = PostgresStore.from_url(database_url, poolclass=NullPool)
+    try:
+        assert list(store._run(sa.text("SELECT 1"))) == [(1,)]
+        assert list(store._run(sa.text("SELECT 2"), relaxed=True)) == [(2,)]
+        assert store.engine.pool.status().startswith("NullPool")
+    finally:
+        store.dispose()
+
+
+def test_relaxed_commits_are_chosen_per_transaction(database_url: str) -> None:
+    """Lease bookkeeping commits with ``synchronous_commit = off`` on the same (only)
+    connection as everything else, and leaves the session's setting untouched."""
+    store = PostgresStore.from_url(database_url, pool_size=1, max_overflow=0)
+    setting = sa.text("SELECT current_setting('synchronous_commit'), pg_backend_pid()")
+    try:
+        ((relaxed, pid1),) = list(store._run(setting, relaxed=True))
+        ((durable, pid2),) = list(store._run(setting))
+        with store.transaction() as conn:
+            ((in_transaction, pid3),) = conn.execute(setting).all()
+        assert (relaxed, durable, in_transaction) == ("off", "on", "on")
+        assert pid1 == pid2 == pid3  # one connection, no second engine
+        acks = PostgresStore(store.engine, relaxed_acks=True)
+        with acks.transaction(ack=True) as conn:
+            assert conn.execute(setting).all()[0][0] == "off"
+        assert store._run(setting).first()[0] == "on"
+    finally:
+        store.dispose()
+
+
+def test_prepare_threshold_in_the_url(database_url: str) -> None:
+    """``?prepare_threshold=0`` (or ``off``) in the database URL configures psycopg (at
+    6964a2b SQLAlchemy passed the string through and psycopg raised TypeError)."""
+    for query, expected in (("prepare_threshold=0", 0), ("prepare_threshold=off", None)):
+        sep = "&" if "?" in database_url else "?"
+        store = PostgresStore.from_url(f"{database_url}{sep}{query}")
+        try:
+            for _ in range(3):
+                assert list(store._run(sa.text("SELECT 1"))) == [(1,)]
+            with store.engine.connect() as conn:
+                assert conn.connection.driver_connection.prepare_threshold == expected
+        finally:
+            store.dispose()
+
+
+def test_idle_connections_are_closed(database_url: str) -> None:
+    """A pool unused for ``pool_idle_timeout`` closes its connections (an idle host holds
+    no backends); the next statement reconnects."""
+    store = PostgresStore.from_url(database_url, idle_timeout=1.0)
+    try:
+        (pid,) = store._run(sa.text("SELECT pg_backend_pid()")).first()
+        count = "SELECT count(*) FROM pg_stat_activity WHERE pid = %s"
+
+        wait_until(lambda: sql(database_url, count, (pid,))[0][0] == 0, 60, "idle close")
+        started = time.monotonic()
+        assert list(store._run(sa.text("SELECT 1"))) == [(1,)]
+        assert time.monotonic() - started < 30
+    finally:
+        store.dispose()
+
+
+def test_a_spare_connection_is_closed_while_the_other_stays_in_use(database_url: str) -> None:
+    """Two connections opened for a moment of concurrency (a lease renewal beside a
+    task's statement): while the process keeps working on one, the spare one is closed
+    after ``pool_idle_timeout``, so a busy pool process is back to one backend."""
+    store = PostgresStore.from_url(database_url, idle_timeout=1.0)
+    pid = sa.text("SELECT pg_backend_pid()")
+    try:
+        with store.engine.connect() as a, store.engine.connect() as b:
+            pids = {a.execute(pid).scalar(), b.execute(pid).scalar()}
+        assert len(pids) == 2 and store.engine.pool.checkedin() == 2
+
+        def one_left() -> bool:
+            store._run(pid)  # keeps working: the engine as a whole is never idle
+            return store.engine.pool.checkedin() == 1
+
+        wait_until(one_left, 60, "the spare connection to be closed", interval=0.2)
+        alive = "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s)"
+        assert sql(database_url, alive, (list(pids),))[0][0] == 1
+    finally:
+        store.dispose()
