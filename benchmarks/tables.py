@@ -24,6 +24,7 @@ from ironflow_celery.storage.store import PostgresStore
 __all__ = [
     "DrainResult",
     "TableStats",
+    "claim_latency",
     "claim_plan",
     "drain",
     "lease_rows",
@@ -153,6 +154,31 @@ def claim_plan(
                 buffers += int(value)
     claimed = re.search(r"Update on \S+ r .*?actual time=\S+ rows=(\d+)", text)
     return ClaimPlan(text, removed, buffers, int(claimed.group(1)) if claimed else -1)
+
+
+def claim_latency(
+    store: PostgresStore, kind: RowKind, workflow_type: str, rounds: int = 30, limit: int = 10
+) -> float:
+    """Median wall time (ms) of the claim statement, each run rolled back."""
+    statement = kind.statements.claim
+    params: dict[str, Any] = {
+        "token": "probe",
+        "types": [workflow_type],
+        "lease": 60.0,
+        "max_attempts": 5,
+        "max_types": [],
+        "max_values": [],
+        "limit": limit,
+    }
+    times = []
+    with store.engine.connect() as conn:
+        for _ in range(rounds):
+            with conn.begin() as tx:
+                t0 = time.perf_counter()
+                conn.execute(statement, params).fetchall()
+                times.append((time.perf_counter() - t0) * 1000)
+                tx.rollback()
+    return statistics.median(times)
 
 
 @dataclass(frozen=True)
