@@ -765,10 +765,11 @@ class Bench:
             tables.seed_pending(engine, EFFECT, n, "bench_big", prefix="d")
             drained = tables.drain(self.database_url, "bench_big", n)
             # Claim cost with none and with `leased` rows leased ahead of the due ones.
-            tables.seed_pending(engine, EFFECT, leased + 200, "bench_lease", prefix="l")
+            tables.seed_pending(engine, EFFECT, leased, "bench_lease", prefix="l")
             tables.vacuum(engine, analyze=True)
             empty = tables.claim_latency(store, EFFECT, "bench_lease")
             tables.lease_rows(store, EFFECT, leased, "bench_lease")
+            tables.seed_pending(engine, EFFECT, 200, "bench_lease", prefix="f")
             full = tables.claim_latency(store, EFFECT, "bench_lease")
             plan = tables.claim_plan(store, EFFECT, "bench_lease")
             # The claims left superseded index entries that only a vacuum removes.

@@ -77,19 +77,21 @@ def vacuum(engine: sa.Engine, *, analyze: bool = False) -> None:
 def seed_pending(
     engine: sa.Engine, kind: RowKind | str, n: int, workflow_type: str, prefix: str = "p"
 ) -> None:
-    """`n` due rows of `workflow_type`, in one INSERT (effects, or timers due 1 h ago)."""
+    """`n` due rows of `workflow_type` in one INSERT, due one microsecond apart and the
+    last one now: rows seeded later are due later, as rows written later are."""
     name = kind if isinstance(kind, str) else kind.name
     with engine.begin() as conn:
         if name == "effect":
             statement = """
-                INSERT INTO ironflow.outbox (workflow_type, workflow_id, payload)
-                SELECT :wt, :prefix || g, '{"type": "Noop"}'::jsonb
+                INSERT INTO ironflow.outbox (workflow_type, workflow_id, payload, created_at)
+                SELECT :wt, :prefix || g, '{"type": "Noop"}'::jsonb,
+                       now() - (:n - g) * interval '1 microsecond'
                 FROM generate_series(1, :n) g"""
         else:
             statement = """
                 INSERT INTO ironflow.timers (workflow_type, workflow_id, input, fire_at)
                 SELECT :wt, :prefix || g, '{"type": "Tick"}'::jsonb,
-                       now() - interval '1 hour' + g * interval '1 microsecond'
+                       now() - (:n - g) * interval '1 microsecond'
                 FROM generate_series(1, :n) g"""
         conn.execute(sa.text(statement), {"wt": workflow_type, "prefix": prefix, "n": n})
 
