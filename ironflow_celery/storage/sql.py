@@ -304,10 +304,12 @@ _LOCK_RUNNING = """
 """
 
 # A no-op for a timer whose own execution re-armed the same key (the upsert cleared
-# locked_by): the re-armed timer stays pending.
+# locked_by): the re-armed timer stays pending. Clearing the claim hint here spares the
+# trigger that caps it (migration 0009) a call on every acknowledgement.
 _MARK_PROCESSED = """
     UPDATE {table}
-    SET processed_at = now(), locked_until = NULL, locked_by = NULL, run_started_at = NULL
+    SET processed_at = now(), locked_until = NULL, locked_by = NULL, run_started_at = NULL,
+        celery_claim_after = NULL
     WHERE id = :id AND locked_by = :token
 """
 
@@ -913,7 +915,8 @@ START_EFFECTS = text("""
 # their run tokens are marked and returned.
 MARK_EFFECTS_PROCESSED = text("""
     UPDATE ironflow.outbox AS o
-    SET processed_at = now(), locked_until = NULL, locked_by = NULL, run_started_at = NULL
+    SET processed_at = now(), locked_until = NULL, locked_by = NULL, run_started_at = NULL,
+        celery_claim_after = NULL
     FROM unnest(CAST(:ids AS uuid[]), CAST(:tokens AS text[])) AS a(id, token)
     WHERE o.id = a.id AND o.locked_by = a.token
     RETURNING o.id
