@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +20,11 @@ import sqlalchemy as sa
 
 from benchmarks import tables
 from ironflow_celery.model.settings import SETTINGS
-from ironflow_celery.operations.retention import DEFAULT_AGE, retention_settings
+from ironflow_celery.operations.retention import (
+    DEFAULT_AGE,
+    retention_settings,
+    start_retention_duty,
+)
 from ironflow_celery.storage import schema
 from ironflow_celery.storage.db import create_engine
 from ironflow_celery.storage.kinds import EFFECT, TIMER, RowKind
@@ -213,6 +218,22 @@ def test_retention_is_on_by_default() -> None:
     assert options["older_than"] == DEFAULT_AGE
     assert options["include_observations"] is False
     assert retention_settings({"ironflow_retention_interval": "0"})["interval"] is None
+
+
+def test_every_relay_process_runs_the_retention_duty_by_default() -> None:
+    """The duty a relay process starts (celery_app's runtime.duties) with no retention
+    setting at all; with the interval set to 0 it starts none."""
+    stop = threading.Event()
+    runtime = object()  # first used after the interval; the stop below comes first
+    thread = start_retention_duty(runtime, {}, stop)
+    try:
+        assert thread is not None and thread.is_alive()
+    finally:
+        stop.set()
+        if thread is not None:
+            thread.join(10)
+    assert thread is not None and not thread.is_alive()
+    assert start_retention_duty(runtime, {"ironflow_retention_interval": 0}, stop) is None
 
 
 @pytest.mark.e2e
