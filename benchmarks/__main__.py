@@ -34,6 +34,11 @@ Rows (what is measured, and how):
     from the first to the last durably recorded completion; (b) N two-step durable cycles
     (input → effect → follow-up → terminal), rate from the first submission to the last
     terminal. Ratios ironflow/peer in the same run; see `benchmarks.peers`.
+12. big tables: a processed history of N rows (one INSERT, then VACUUM ANALYZE), then M
+    effects drained with the worker's statements (claim 100, start guard, processed mark;
+    `benchmarks.tables`): claim p50/p99 and the share of HOT updates; then the claim of 10
+    rolled back, median of 30, with none and with L rows leased ahead of the due ones
+    (ratio), and once more after a VACUUM (vacuumed_ratio).
 """
 
 from __future__ import annotations
@@ -87,6 +92,9 @@ SIZES: dict[str, dict[str, float]] = {
         r10_cycle=2_000,
         r10_rounds=1,
         r10_cap=45,
+        r12_history=1_000_000,
+        r12_drain=5_000,
+        r12_leased=50_000,
     ),
     "quick": dict(
         r1=5_000,
@@ -105,6 +113,9 @@ SIZES: dict[str, dict[str, float]] = {
         r10_cycle=1_000,
         r10_rounds=1,
         r10_cap=45,
+        r12_history=100_000,
+        r12_drain=2_000,
+        r12_leased=10_000,
     ),
     "smoke": dict(
         r1=200,
@@ -123,6 +134,9 @@ SIZES: dict[str, dict[str, float]] = {
         r10_cycle=50,
         r10_rounds=1,
         r10_cap=30,
+        r12_history=2_000,
+        r12_drain=200,
+        r12_leased=500,
     ),
 }
 
@@ -136,6 +150,7 @@ GOALS = {
     8: "≤ 3",
     9: "ratio ≥ 0.9, stale ≤ 1 %",
     10: "ratio > 1 vs dbos, procrastinate, outbox (both workloads)",
+    12: "ratio ≤ 1.5 (claim with N leased / none), HOT ≥ 80 %",
 }
 #: Row 10's goal: ahead of these peers on both workloads; pgqueuer's ratio is reported as is.
 ROW10_MUST_LEAD = ("dbos", "procrastinate", "outbox")
@@ -163,6 +178,8 @@ def goal_met(row: dict[str, Any]) -> bool | None:
         if rid == 10:
             ratios = [row["ratios"][p][w] for p in ROW10_MUST_LEAD for w in ("drain", "cycle")]
             return None if None in ratios else all(r > 1 for r in ratios)
+        if rid == 12:
+            return row["ratio"] <= 1.5 and row["hot_pct"] >= 80
     except (KeyError, TypeError):
         return None
     return None
@@ -735,6 +752,59 @@ class Bench:
             relay_share=round(relay_total / n, 3),
         )
 
+    def row12_big_tables(self) -> dict[str, Any]:
+        from benchmarks import tables
+        from ironflow_celery.storage.kinds import EFFECT
+        from ironflow_celery.storage.store import PostgresStore
+
+        history, n, leased = (
+            int(self.sizes[k]) for k in ("r12_history", "r12_drain", "r12_leased")
+        )
+        engine = sa.create_engine(self.database_url, poolclass=sa.pool.NullPool)
+        store = PostgresStore.from_url(self.database_url, pool_size=1)
+        try:
+            tables.seed_history(engine, history)
+            tables.seed_pending(engine, EFFECT, n, "bench_big", prefix="d")
+            drained = tables.drain(self.database_url, "bench_big", n)
+            # Claim cost with none and with `leased` rows leased ahead of the due ones.
+            tables.seed_pending(engine, EFFECT, leased, "bench_lease", prefix="l")
+            tables.vacuum(engine, analyze=True)
+            empty = tables.claim_latency(store, EFFECT, "bench_lease")
+            tables.lease_rows(store, EFFECT, leased, "bench_lease")
+            tables.seed_pending(engine, EFFECT, 200, "bench_lease", prefix="f")
+            full = tables.claim_latency(store, EFFECT, "bench_lease")
+            plan = tables.claim_plan(store, EFFECT, "bench_lease")
+            # The claims left superseded index entries that only a vacuum removes.
+            tables.vacuum(engine)
+            vacuumed = tables.claim_latency(store, EFFECT, "bench_lease")
+            with engine.connect() as conn:
+                size = conn.execute(
+                    sa.text("SELECT pg_total_relation_size('ironflow.outbox')")
+                ).scalar_one()
+        finally:
+            store.dispose()
+            engine.dispose()
+        return dict(
+            id=12,
+            what=f"claim of 100 over a {history:,}-row processed history ({n:,} effects "
+            f"drained); claim of 10 with {leased:,} leased vs none",
+            value=round(drained.claim_p50_ms, 2),
+            unit="ms claim p50",
+            p50_ms=round(drained.claim_p50_ms, 2),
+            p99_ms=round(drained.claim_p99_ms, 2),
+            hot_pct=round(100 * drained.hot_share, 1),
+            updates=drained.updates,
+            hot_updates=drained.hot_updates,
+            baseline=round(empty, 2),
+            leased_claim_ms=round(full, 2),
+            ratio=round(full / empty, 2) if empty else None,
+            vacuumed_claim_ms=round(vacuumed, 2),
+            vacuumed_ratio=round(vacuumed / empty, 2) if empty else None,
+            leased_rows_removed_by_filter=plan.rows_removed_by_filter,
+            leased_claim_buffers=plan.buffers,
+            outbox_bytes=int(size),
+        )
+
     # -- main -----------------------------------------------------------------------------------
 
     def row10_peers(self, peers: list[str] | None = None) -> dict[str, Any]:
@@ -1025,6 +1095,8 @@ def main(argv: list[str] | None = None) -> int:
         if 10 in rows:
             peers = args.peers.split(",") if args.peers else None
             attempt(10, lambda: bench.row10_peers(peers))
+        if 12 in rows:
+            attempt(12, bench.row12_big_tables)
 
     results.sort(key=lambda r: r["id"])
     output = {

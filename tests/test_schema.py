@@ -48,6 +48,7 @@ EXPECTED_ADDITIONS = {
     ("column", "celery_schema_migrations", "applied_at"),
     ("column", "celery_schema_migrations", "name"),
     ("column", "celery_schema_migrations", "version"),
+    ("column", "outbox", "celery_claim_after"),
     ("column", "outbox", "celery_trace_context"),
     ("column", "outbox", "dead_lettered_at"),
     ("column", "outbox", "discard_reason"),
@@ -56,12 +57,15 @@ EXPECTED_ADDITIONS = {
     ("column", "projection_positions", "failed_at"),
     ("column", "projection_positions", "failed_sequence"),
     ("column", "projection_positions", "last_error"),
+    ("column", "timers", "celery_claim_after"),
     ("column", "timers", "celery_trace_context"),
     ("column", "timers", "dead_lettered_at"),
     ("column", "timers", "discard_reason"),
     ("column", "timers", "discarded_at"),
     ("column", "timers", "run_started_at"),
     ("index", "celery_schema_migrations", "celery_schema_migrations_pkey"),
+    ("index", "outbox", "outbox_celery_claim_idx"),
+    ("index", "timers", "timers_celery_claim_idx"),
     ("constraint", "ironflow.celery_schema_migrations", "celery_schema_migrations_pkey"),
 }
 

@@ -343,9 +343,10 @@ _TABLE: tuple[Setting, ...] = (
     Setting(
         "retention_interval",
         float,
-        None,
-        f"periodic purge of processed rows ([operations]({_OPS}#retention))",
-        shown="off",
+        3600.0,
+        "periodic purge of processed rows by every relay process, on by default (0: off; "
+        f"[operations]({_OPS}#retention), "
+        "[scaling](docs/scaling.md#big-tables-vacuum-bloat-retention))",
         row="retention",
     ),
     Setting(
