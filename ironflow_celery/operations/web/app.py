@@ -42,6 +42,8 @@ from ironflow_celery.storage import dead_letters as dl
 __all__ = ["WebConfig", "create_app", "wsgi_app"]
 
 CSRF_COOKIE = "ironflow_csrf"
+STATE_SAMPLE = 200
+"""Most recent instances replayed to count a type's instances per state-machine state."""
 REASON_LENGTH = 500
 """Characters a discard reason may have (it is kept on the row for audit)."""
 
@@ -251,6 +253,14 @@ class _View:
                 states = [s.name for s in describe(wf).states]
             except IronflowError:
                 states = []
+        by_state: dict[str, int] = {}
+        sampled = 0
+        if states:  # how many of the most recent instances stand in each state
+            recent = ins.list_instances(runtime, workflow_type, limit=STATE_SAMPLE)
+            sampled = len(recent.items)
+            for item in recent.items:
+                if item.status is not None:
+                    by_state[item.status] = by_state.get(item.status, 0) + 1
         return self.render(
             request,
             "instances.html",
@@ -259,6 +269,10 @@ class _View:
             counts=counts,
             state=state,
             filters=[*ins.INSTANCE_STATES, *states],
+            by_state={"active": counts.active, "completed": counts.completed, **by_state},
+            sampled=sampled,
+            sample_limit=STATE_SAMPLE,
+            total=counts.active + counts.completed,
             offset=offset,
             signed_in=user,
         )
