@@ -96,7 +96,13 @@ def test_instances_by_type_and_state_with_counts(app: Celery, runtime: Any) -> N
     assert ">order-1</a>" not in submitted.text
     every = client.get(f"/workflows/{T}")
     chips = dict(re.findall(r'data-state="(\w+)">\w+ <span class="count">(\d+)<', every.text))
-    assert chips == {"active": "3", "completed": "0", "new": "0", "submitted": "2", "delivered": "1"}
+    assert chips == {
+        "active": "3",
+        "completed": "0",
+        "new": "0",
+        "submitted": "2",
+        "delivered": "1",
+    }
     assert all(f">order-{i}</a>" in every.text for i in range(3))
     assert "<b>3</b>active" in every.text.replace("\n", "").replace("  ", "")
 

@@ -16,6 +16,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,7 @@ from ironflow_celery import install
 from ironflow_celery.engine.runtime import runtime_of
 from ironflow_celery.web import hash_password
 from tests.e2e_apps.ops_app import Delivered, OpsDemoWorkflow, Submit
-from tests.test_e2e_workers import BIN, REPO, Processes, free_port, make_env, procs  # noqa: F401
+from tests.test_e2e_workers import BIN, REPO, Processes, free_port, make_env
 from tests.waiting import wait_for_progress
 
 pytestmark = pytest.mark.e2e
@@ -58,6 +59,17 @@ def _install_chromium() -> str:
 @pytest.fixture(scope="module")
 def chromium() -> str:
     return _install_chromium()
+
+
+@pytest.fixture
+def procs(tmp_path: Path) -> Iterator[Processes]:
+    """The server process, killed at teardown (its log printed when the test failed)."""
+    processes = Processes(tmp_path)
+    try:
+        yield processes
+    finally:
+        processes.kill_all()
+        print(processes.report())
 
 
 def _browse(chromium: str, url: str, *args: str, tmp: Path) -> str:
