@@ -277,3 +277,10 @@ def test_cli_hashes_a_password_for_the_setting(app: Celery) -> None:
     stored = result.output.strip().splitlines()[-1]
     assert stored.startswith("pbkdf2_sha256$") and verify_password("s3cret", stored)
     assert not verify_password("other", stored)
+
+
+def test_cli_refuses_to_serve_actions_without_a_user(app: Celery) -> None:
+    app.conf.update(ironflow_web_actions=True)
+    result = CliRunner().invoke(main, ["web", "--port", "0"], obj=SimpleNamespace(app=app))
+    assert result.exit_code == 3, result.output
+    assert "never offered without authentication" in result.output
