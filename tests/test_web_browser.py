@@ -1,7 +1,9 @@
 """The web view in a real headless browser (issue 23 §4): ``ironflow-celery web`` started as
 a real process on a real PostgreSQL, each page loaded by Debian's ``chromium`` (installed
 with apt-get when missing and running as root; skipped with the reason when it cannot be),
-its rendered DOM checked and a screenshot taken.
+its rendered DOM checked and a screenshot taken; then chromium, driven over the DevTools
+protocol, clicks retry and discard on the dead-letter page (its cookie, the form's CSRF
+token, HTTP Basic) and the rows change in PostgreSQL.
 
 Screenshots go to the test's temporary directory; with ``IRONFLOW_WEB_SCREENSHOTS=docs/web``
 they replace the ones docs/web.md shows.
@@ -9,8 +11,13 @@ they replace the ones docs/web.md shows.
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import json
 import os
+import select
 import shutil
+import signal
 import subprocess
 import time
 import urllib.error
@@ -18,6 +25,7 @@ import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -85,6 +93,107 @@ def _browse(chromium: str, url: str, *args: str, tmp: Path) -> str:
     return done.stdout
 
 
+class Browser:
+    """Headless chromium driven over the DevTools protocol on a pipe
+    (``--remote-debugging-pipe``: JSON messages ending in NUL on fds 3 and 4), so no
+    client library and no debugging port are needed."""
+
+    def __init__(self, chromium: str, profile: Path) -> None:
+        to_chrome_r, self._to_chrome = os.pipe()
+        self._from_chrome, from_chrome_w = os.pipe()
+        argv = [
+            chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+            "--no-first-run", "--disable-extensions", "--disable-dev-shm-usage",
+            f"--user-data-dir={profile}", f"--window-size={SIZE}", "--remote-debugging-pipe",
+            "about:blank",
+        ]  # fmt: skip
+        profile.mkdir(parents=True, exist_ok=True)
+        self.log = profile / "chromium.log"
+        # bash (dash takes one-digit fds only) puts the pipe ends on the fds chromium
+        # expects, then becomes chromium.
+        self.proc = subprocess.Popen(
+            ["bash", "-c", f'exec "$@" 3<&{to_chrome_r} 4>&{from_chrome_w}', "bash", *argv],
+            pass_fds=(to_chrome_r, from_chrome_w),
+            stdout=subprocess.DEVNULL,
+            stderr=self.log.open("wb"),
+            start_new_session=True,
+        )
+        os.close(to_chrome_r)
+        os.close(from_chrome_w)
+        self._buffer = b""
+        self._next_id = 0
+        self.events: list[dict[str, Any]] = []
+        target = self.call("Target.createTarget", url="about:blank")["targetId"]
+        self.session = self.call("Target.attachToTarget", targetId=target, flatten=True)[
+            "sessionId"
+        ]
+        self.call("Page.enable", session=True)
+        self.call("Runtime.enable", session=True)
+
+    def _read(self) -> dict[str, Any]:
+        while b"\0" not in self._buffer:
+            ready, _, _ = select.select([self._from_chrome], [], [], 120)
+            assert ready, "chromium said nothing for 120 s"
+            chunk = os.read(self._from_chrome, 1 << 16)
+            assert chunk, "chromium closed its DevTools pipe:\n" + self.log.read_text()[-3000:]
+            self._buffer += chunk
+        message, _, self._buffer = self._buffer.partition(b"\0")
+        return dict(json.loads(message))
+
+    def call(self, method: str, *, session: bool = False, **params: Any) -> dict[str, Any]:
+        self._next_id += 1
+        message: dict[str, Any] = {"id": self._next_id, "method": method, "params": params}
+        if session:
+            message["sessionId"] = self.session
+        os.write(self._to_chrome, json.dumps(message).encode() + b"\0")
+        while True:
+            reply = self._read()
+            if reply.get("id") == self._next_id:
+                assert "error" not in reply, (method, reply["error"])
+                return dict(reply.get("result", {}))
+            self.events.append(reply)
+
+    def wait_for_load(self) -> None:
+        """Until the page's load event (one already received counts)."""
+        while True:
+            for i, event in enumerate(self.events):
+                if event.get("method") == "Page.loadEventFired":
+                    del self.events[: i + 1]
+                    return
+            self.events.append(self._read())
+
+    def open(self, url: str) -> None:
+        self.events.clear()
+        self.call("Page.navigate", session=True, url=url)
+        self.wait_for_load()
+
+    def js(self, expression: str) -> Any:
+        result = self.call("Runtime.evaluate", session=True, expression=expression)
+        assert "exceptionDetails" not in result, result
+        return result["result"].get("value")
+
+    def submit(self, expression: str) -> None:
+        """Run `expression` (which submits a form) and wait for the page it leads to."""
+        self.events.clear()
+        self.js(expression)
+        self.wait_for_load()
+
+    def screenshot(self, path: Path) -> None:
+        data = self.call("Page.captureScreenshot", session=True, format="png")["data"]
+        path.write_bytes(base64.b64decode(data))
+
+    def close(self) -> None:
+        with contextlib.suppress(AssertionError, OSError):
+            self.call("Browser.close")
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        os.close(self._to_chrome)
+        os.close(self._from_chrome)
+
+
 def _dead_letter(db: sa.Engine, workflow_id: str) -> uuid.UUID:
     with db.begin() as conn:
         return conn.execute(
@@ -94,6 +203,22 @@ def _dead_letter(db: sa.Engine, workflow_id: str) -> uuid.UUID:
                 "WHERE workflow_id = :wid RETURNING id"
             ),
             {"n": MAX_ATTEMPTS, "wid": workflow_id},
+        ).scalar_one()
+
+
+def row_state(db: sa.Engine, row_id: uuid.UUID) -> tuple[int, Any]:
+    with db.connect() as conn:
+        found = conn.execute(
+            sa.text("SELECT attempts, dead_lettered_at FROM ironflow.outbox WHERE id = :id"),
+            {"id": row_id},
+        ).one()
+    return int(found[0]), found[1]
+
+
+def _row_id(db: sa.Engine, workflow_id: str) -> uuid.UUID:
+    with db.connect() as conn:
+        return conn.execute(
+            sa.text("SELECT id FROM ironflow.outbox WHERE workflow_id = :wid"), {"wid": workflow_id}
         ).scalar_one()
 
 
@@ -173,6 +298,38 @@ def test_every_page_in_headless_chromium(
         png = shots / f"{name}.png"
         _browse(chromium, url, f"--screenshot={png}", tmp=tmp_path)
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+    # Retry and discard by clicking, in the browser: its cookie and the form's CSRF token.
+    browser = Browser(chromium, tmp_path / "devtools-profile")
+    try:
+        auth = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+        browser.call("Network.enable", session=True)
+        browser.call(
+            "Network.setExtraHTTPHeaders", session=True, headers={"Authorization": f"Basic {auth}"}
+        )
+        plain = f"http://127.0.0.1:{port}"
+        browser.open(f"{plain}/dead-letters")
+        row_of = f"document.querySelector('tr[data-id=\"{dead}\"]')"
+        browser.submit(f"{row_of}.querySelector('form[action$=\"/retry\"] button').click()")
+        assert "will run again" in browser.js("document.getElementById('result').textContent")
+        browser.screenshot(shots / "retried.png")
+        assert row_state(db, dead) == (0, None)
+        other = _row_id(db, "order-1004")
+        browser.open(f"{plain}/dead-letters")
+        browser.submit(
+            f"(() => {{ const r = document.querySelector('tr[data-id=\"{other}\"]');"
+            " r.querySelector('input[name=reason]').value = 'refunded by hand';"
+            " r.querySelector('form[action$=\"/discard\"] button').click(); })()"
+        )
+        assert "discarded" in browser.js("document.getElementById('result').textContent")
+        with db.connect() as conn:
+            reason = conn.execute(
+                sa.text("SELECT discard_reason FROM ironflow.outbox WHERE id = :id"),
+                {"id": other},
+            ).scalar_one()
+        assert reason == "refunded by hand"
+    finally:
+        browser.close()
 
     # Without credentials: the sign-in challenge, no page (headless chromium would wait at
     # its password prompt, so this one is asked directly).
