@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from celery import Celery
 from click.testing import CliRunner
 from e2e_apps.ops_app import Delivered, OpsDemoWorkflow, Submit
-from ops_helpers import MAX_ATTEMPTS, row
+from ops_helpers import MAX_ATTEMPTS, insert_row, row
 from starlette.applications import Starlette
 from starlette.routing import Mount
 from starlette.testclient import TestClient
@@ -111,6 +111,16 @@ def test_instance_timeline_and_diagram_with_current_state(
     app: Celery, runtime: Any, db: sa.Engine
 ) -> None:
     dead = _dead_letter_of(db, runtime, "order-9")
+    timer = insert_row(
+        db,
+        "timer",
+        workflow_type=T,
+        workflow_id="order-9",
+        attempts=0,
+        dead=False,
+        fire_in_seconds=3600,
+        payload={"type": "Delivered", "id": "order-9"},
+    )
     page = _client(app).get(f"/workflows/{T}/order-9")
     assert page.status_code == 200
     text = page.text
@@ -119,6 +129,8 @@ def test_instance_timeline_and_diagram_with_current_state(
     assert timeline.index("Submitted") < timeline.index("Deliver")
     assert f"{MAX_ATTEMPTS} / {MAX_ATTEMPTS}" in timeline and "s-dead" in timeline
     assert "PermanentEffectError: unreachable" in timeline and str(dead) in timeline
+    assert str(timer) in timeline and "fires " in timeline  # the timer, when it fires
+    assert timeline.index("Deliver<") < timeline.index(str(timer))
     assert 'id="current-state">submitted<' in text
     svg = text[text.index("<svg") : text.index("</svg>")]
     assert re.search(r'class="state current" data-state="submitted"', svg)
