@@ -33,6 +33,7 @@ from ironflow_celery.cli.operations import (
     ops_guarded,
 )
 from ironflow_celery.cli.projections import add_projection_commands
+from ironflow_celery.cli.web import add_web_command
 from ironflow_celery.errors import IronflowError
 from ironflow_celery.integration.queue_check import task_names_of
 from ironflow_celery.model.storable import text_problem
@@ -226,6 +227,7 @@ def _add_more_commands(group: click.Group) -> None:
     add_projection_commands(group)
     add_cancel_commands(group)  # after `workflows`: adds its `cancel`
     add_inspection_commands(group)  # effects/timers list and show, workflows show
+    add_web_command(group)
 
 
 main = _build_group("ironflow-celery", with_app_option=True)

@@ -341,6 +341,29 @@ _TABLE: tuple[Setting, ...] = (
         shown="off",
     ),
     Setting(
+        "web_actions",
+        bool,
+        False,
+        "the web view (`ironflow-celery web`): `actions` lets it retry and discard dead "
+        "letters, only with `user` and `password_hash` (HTTP Basic sign-in, hash from "
+        "`ironflow-celery web --hash-password`) ([web view](docs/web.md))",
+        row="web",
+    ),
+    Setting(
+        "web_user",
+        str,
+        None,
+        "user name of the web view's HTTP Basic authentication (set: every page needs it)",
+        row="web",
+    ),
+    Setting(
+        "web_password_hash",
+        str,
+        None,
+        "that user's password as `ironflow-celery web --hash-password` prints it",
+        row="web",
+    ),
+    Setting(
         "retention_interval",
         float,
         3600.0,
