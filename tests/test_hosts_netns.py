@@ -351,23 +351,11 @@ def test_worker_host_cut_off_database_and_broker_mid_handler(cluster: Cluster) -
     cut_mid_handler(cluster, ("dbnet", "brnet"))
 
 
-@pytest.mark.xfail(
-    raises=WorkHeld,
-    strict=True,
-    reason="issue 20 §4: a host cut off the broker holds its prefetched messages (and the "
-    "relays their rows) until its dead socket times out, ~50 s after the link returns",
-)
 def test_worker_host_cut_off_broker_mid_handler(cluster: Cluster) -> None:
     """(b) the broker's link only: its handlers still reach PostgreSQL."""
     cut_mid_handler(cluster, ("brnet",))
 
 
-@pytest.mark.xfail(
-    raises=WorkHeld,
-    strict=True,
-    reason="issue 20 §4: a host cut off PostgreSQL hangs silently on its dead connections "
-    "(no keepalive) and keeps consuming: the messages it prefetched wait for it",
-)
 def test_worker_host_cut_off_database_mid_handler(cluster: Cluster) -> None:
     """(c) the database's link only: the broker keeps delivering to it."""
     cut_mid_handler(cluster, ("dbnet",))
