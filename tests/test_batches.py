@@ -19,7 +19,6 @@ import sqlalchemy as sa
 from runtime_helpers import TestApp, rows, scalar, test_config
 
 from ironflow_celery import RetryPolicy
-from ironflow_celery.engine.batches import batch_publisher, batch_task_name
 from ironflow_celery.engine.relay import celery_publisher
 from ironflow_celery.errors import InvalidWorkflowDefinition
 from ironflow_celery.model.workflow import Workflow
@@ -85,7 +84,6 @@ def test_a_batch_of_noops_is_started_and_acknowledged_once(store: PostgresStore,
         # Decided before the relays start: one claim takes all eight, one message carries them.
         app.service.execute(Go(id="b1", jobs=["ok"] * 8))
         assert app.runtime.effect_batch_sizes == {WT: 10}
-        assert batch_task_name(WT) in app.app.tasks
         app.start()
         app.wait_until(lambda: all(r.processed_at for r in effects_of(db, "b1")), what="8 acks")
         effects = effects_of(db, "b1")
@@ -156,7 +154,7 @@ def test_a_stale_row_in_a_batch_is_skipped(store: PostgresStore, db) -> None:
                 sa.text("UPDATE ironflow.outbox SET locked_by = 'other#9' WHERE id = :id"),
                 {"id": stale.id},
             )
-        publish = batch_publisher(app.app, celery_publisher(app.app), {WT: 10})
+        publish = celery_publisher(app.app, group_sizes={WT: 10})
         app.start(relays=False)
         assert publish("effect", claimed) == [r.id for r in claimed]
         app.wait_until(

@@ -193,6 +193,15 @@ _TABLE: tuple[Setting, ...] = (
         field="RuntimeConfig.claim_batch_size",
     ),
     Setting(
+        "effect_batch_size",
+        int,
+        20,
+        "at most this many effects of one type claimed together travel in one message "
+        "(a lone row still travels alone; 1: one message per effect; a workflow's own "
+        "effect_batch_size overrides it)",
+        field="RuntimeConfig.effect_batch_size",
+    ),
+    Setting(
         "max_in_flight",
         int,
         1000,

@@ -11,9 +11,9 @@ __all__ = ["PREFIX", "TASK_SUFFIXES", "split_task_name", "task_name_for", "task_
 
 PREFIX = "ironflow."
 
-TASK_SUFFIXES: tuple[str, ...] = ("execute", "effect", "timer", "effects")
-"""What each suffix runs: an input (``execute``), one effect row, one timer row, a group of
-effect rows of one type (``effects``, the batch task)."""
+TASK_SUFFIXES: tuple[str, ...] = ("execute", "effect", "timer")
+"""What each suffix runs: an input (``execute``), effect rows, timer rows (one row per
+message, or a group of one type's rows: the same task, see engine/tasks.py)."""
 
 
 def task_name_for(workflow_type: str, suffix: str) -> str:
