@@ -737,14 +737,8 @@ def row_policy(runtime: TaskHost, kind: Kind, started: StartedRow) -> RetryPolic
 def exhausted_by_lost_runs(runtime: TaskHost, kind: Kind, started: StartedRow, ref: str) -> dict:
     """The start guard counted the previous run as lost and that used up the attempts (a
     handler that kills its worker, say): dead-letter the row without running it again."""
+    # its row line (ERROR, below) says "dead-lettered after N attempt(s): WorkerLost: …"
     error = started.last_error or LOST_RUN_ERROR
-    log.warning(
-        "ironflow %s %s (%s): %d attempts never finished; dead-lettered without running it",
-        kind,
-        started.id,
-        ref,
-        started.attempts,
-    )
     status = dead_letter(runtime, kind, started, error)
     _report_failure(runtime, kind, started, ref, started.attempts, status, error)
     label = effect_label(runtime, kind, started)
@@ -852,8 +846,8 @@ def _report_failure(
             log.debug("handler traceback:\n%s", _traceback_text(exc))
     elif status == "dead-lettered":
         log.error(
-            "ironflow %s %s of %s (%s) dead-lettered after %d attempt(s): %s%s",
-            kind, started.id, ref, tag, attempt, error,
+            "ironflow %s %s of %s (%s) attempt %d dead-lettered after %d attempt(s): %s%s",
+            kind, started.id, ref, tag, attempt, attempt, error,
             "" if exc is None else "\n" + _traceback_text(exc),
         )  # fmt: skip
         dead_lettered.send(
