@@ -793,15 +793,20 @@ class Bench:
         )
 
 
-TASK_RESULT = re.compile(
-    r"Task ironflow\.[^\[]+\[[^\]]+\] succeeded in \S+: \{'status': '([a-z-]+)'"
+# One line per row in every delivery mode (tasks.ROW_LINE): a group's task result line
+# would count one status for many rows.
+ROW_OUTCOME = re.compile(
+    r"ironflow (?:effect|timer) \S+ of \S+ \([^)]*\) attempt \d+ "
+    r"(processed|stale-skipped|failed|dead-lettered)"
 )
+_STATUS_OF = {"failed": "failed-will-retry"}
 
 
 def task_statuses(log: Path) -> dict[str, int]:
-    """How many ironflow task results a worker's INFO log shows, by status."""
+    """How many rows a worker's INFO log shows finished, by status (its per-row lines)."""
     counts: dict[str, int] = {}
-    for status in TASK_RESULT.findall(log.read_text(errors="replace")):
+    for outcome in ROW_OUTCOME.findall(log.read_text(errors="replace")):
+        status = _STATUS_OF.get(outcome, outcome)
         counts[status] = counts.get(status, 0) + 1
     return counts
 
