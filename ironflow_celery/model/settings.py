@@ -196,9 +196,10 @@ _TABLE: tuple[Setting, ...] = (
         "effect_batch_size",
         int,
         20,
-        "at most this many effects of one type claimed together travel in one message "
-        "(a lone row still travels alone; 1: one message per effect; a workflow's own "
-        "effect_batch_size overrides it)",
+        "at most this many effects of one type claimed together travel in one message and "
+        "are acknowledged together; a lone row travels alone; 1: one message per effect; a "
+        "workflow's `effect_batch_size` overrides it "
+        "([groups](docs/operations.md#groups-of-effects-effect_batch_size-on-by-default))",
         field="RuntimeConfig.effect_batch_size",
     ),
     Setting(
