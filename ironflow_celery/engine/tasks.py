@@ -37,6 +37,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from types import SimpleNamespace
 from typing import Any, Literal
 
 from ironflow_celery.engine.host import TaskHost
@@ -1069,6 +1070,27 @@ def _deliveries(
         raise InvalidPayload(workflow_type, "message", f"a malformed group of rows: {exc}") from exc
 
 
+def _revoke_grouped(task: Any, deliveries: Sequence[Delivery]) -> None:
+    """``celery control revoke <row id>`` for rows that travel in a group (whose task id is
+    not a row id, so Celery itself never matches it): a row in the worker's revoked set is
+    announced with ``task_revoked`` as a revoked single-row message would be (the cancel
+    handler closes it), and the group's start guard then skips it as cancelled. The set is
+    the consumer's: threads, solo and green pools see every revoke; a prefork child sees
+    those made before it started (use ``effects cancel`` there, which works in every mode)."""
+    from celery import signals
+    from celery.worker import state
+
+    revoked = state.revoked
+    if not revoked:
+        return
+    for delivery in deliveries:
+        if delivery.row_id in revoked:
+            request = SimpleNamespace(id=delivery.row_id, kwargs={"lease": delivery.lease})
+            signals.task_revoked.send(
+                sender=task, request=request, terminated=False, signum=None, expired=False
+            )
+
+
 def _bind(row_kind: RowKind, runtime: TaskHost, name: str) -> Any:
     kind = row_kind.name
     workflow_type = name.removeprefix("ironflow.").removesuffix(f".{kind}")
@@ -1086,6 +1108,8 @@ def _bind(row_kind: RowKind, runtime: TaskHost, name: str) -> Any:
     ) -> dict | list[dict]:
         deliveries = _deliveries(workflow_type, ref, row_id, attempt, lease, effect_type, due, rows)
         grouped = rows is not None
+        if grouped:
+            _revoke_grouped(self, deliveries)
         errors: dict[str, BaseException] = {}
         try:
             if not tracing.AVAILABLE or not runtime.config.tracing:
