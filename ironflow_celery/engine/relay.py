@@ -350,6 +350,8 @@ class Dispatched:
     """When its hold must next be renewed (monotonic clock)."""
     queue: str = DEFAULT_QUEUE
     """The broker queue its message went to (back-pressure holds per queue)."""
+    message: uuid.UUID | None = None
+    """The first row of the message it travelled in (a group's rows share one message)."""
 
 
 class Relay:
@@ -371,6 +373,7 @@ class Relay:
         concurrency_limits: Mapping[str, int] | None = None,
         queues: Mapping[str, str] | None = None,
         queue_depth: QueueDepth | None = None,
+        group_sizes: Mapping[str, int] | None = None,
     ) -> None:
         self.row_kind = kind_of(kind)
         self.kind: Kind = self.row_kind.name
@@ -391,6 +394,9 @@ class Relay:
         # nobody consumes (its messages still there) from lost messages.
         self.queues = {t: (queues or {}).get(t, DEFAULT_QUEUE) for t in self.workflow_types}
         self.queue_depth = queue_depth
+        # How `publish` groups rows into messages (`message_groups`): a queue's depth counts
+        # messages, so a dispatch timeout compares it with the messages our rows are in.
+        self.group_sizes = dict(group_sizes or {})
         # Published rows not yet started by a worker, in dispatch order; and per queue.
         self.in_flight: dict[uuid.UUID, Dispatched] = {}
         self._waiting: dict[str, dict[uuid.UUID, None]] = {
@@ -492,7 +498,9 @@ class Relay:
                 )
             self.published_total += len(exc.published)
             raise
-        self._track(self._queued(rows, published), token, rows[0].server_started)
+        self._track(
+            self._queued(rows, published), token, rows[0].server_started, self._messages(rows)
+        )
         self.published_total += len(published)
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
@@ -623,17 +631,31 @@ class Relay:
         )
         return [row_id for row_id in ids if row_id not in still]
 
+    def _messages(self, rows: Sequence[ClaimedRow]) -> dict[uuid.UUID, uuid.UUID]:
+        """Each row's message (its first row), as `publish` groups them."""
+        if not self.group_sizes:
+            return {}
+        return {
+            r.id: group[0].id
+            for group in message_groups(self.row_kind, rows, self.group_sizes)
+            for r in group
+        }
+
     def _track(
         self,
         ids: Iterable[tuple[uuid.UUID, str]],
         token: str,
         server_started: datetime | None = None,
+        messages: Mapping[uuid.UUID, uuid.UUID] | None = None,
     ) -> None:
         now = time.monotonic()
         renew_at = now + self._renew_every
         self._renew_due = min(self._renew_due, renew_at) if self.in_flight else renew_at
         for row_id, queue in ids:
-            self.in_flight[row_id] = Dispatched(token, now, server_started, renew_at, queue)
+            message = messages.get(row_id) if messages else None
+            self.in_flight[row_id] = Dispatched(
+                token, now, server_started, renew_at, queue, message
+            )
             waiting = self._waiting.setdefault(queue, {})
             if not waiting:  # the queue's one-second "quiet" clock starts with its first row
                 self._started_at[queue] = max(self._started_at.get(queue, 0.0), now)
@@ -694,10 +716,11 @@ class Relay:
         ``dispatch_timeout``.
 
         A row is held when none of this relay's rows in its queue started since it was
-        published and the queue still holds at least as many messages as the relay has rows
-        waiting there: nobody consumes the queue (its worker group is down), the message is
-        there, and publishing it again would only pile up a duplicate. A queue that moves,
-        or holds fewer messages (the broker lost some), gives its overdue rows up as before.
+        published and the queue still holds at least as many messages as this relay's rows
+        waiting there travelled in (a group's rows share one): nobody consumes the queue
+        (its worker group is down), the message is there, and publishing it again would
+        only pile up a duplicate. A queue that moves, or holds fewer messages (the broker
+        lost some), gives its overdue rows up as before.
         """
         if self.queue_depth is None:
             return overdue
@@ -707,7 +730,8 @@ class Relay:
         give_up: list[uuid.UUID] = []
         for queue, ids in by_queue.items():
             oldest = min(self.in_flight[row_id].at for row_id in ids)
-            waiting = len(self._waiting[queue])
+            # messages, not rows: a group's rows travel in one
+            waiting = len({self.in_flight[r].message or r for r in self._waiting[queue]})
             depth = None
             if self._started_at.get(queue, 0.0) <= oldest and queue != DEFAULT_QUEUE:
                 depth = self.queue_depth(queue)
@@ -791,6 +815,7 @@ class RelayGroup:
         concurrency_limits: Mapping[str, int] | None = None,
         routes: Mapping[str, Mapping[str, str]] | None = None,
         queue_depth: QueueDepth | None = None,
+        group_sizes: Mapping[str, int] | None = None,
     ) -> None:
         """`routes`, per kind (``"effect"``/``"timer"``): the workflow types its relays claim
         and the queue each one's tasks go to (back-pressure per queue); without it every
@@ -822,6 +847,7 @@ class RelayGroup:
                         concurrency_limits=concurrency_limits,
                         queues=queues,
                         queue_depth=queue_depth,
+                        group_sizes=group_sizes,
                     )
                 )
         self._threads = [

@@ -350,6 +350,7 @@ class WorkflowRuntime:
             concurrency_limits=self.concurrency_limits,
             routes=self.relay_routes(types),
             queue_depth=celery_queue_depth(self.app),
+            group_sizes=self.effect_batch_sizes,
         )
         group.start()
         return group

@@ -340,6 +340,8 @@ class Ran:
     began: float
     trace: str | None = None
     """The row's own span context, current again while its follow-up executes."""
+    label: str | None = None
+    """Its effect-type metric label (`effect_label`)."""
 
 
 GROUP_ACK_DELAY = 0.2
@@ -506,14 +508,13 @@ def _work(
     due_at = datetime.fromtimestamp(delivery.due, UTC) if delivery.due is not None else None
     if due_at is None and started.attempts == 0 and kind is EFFECT:
         due_at = started.created_at  # called without the claim's due time: a first attempt
-    runtime.metrics.task_started(
-        kind.name, started.workflow_type, due_at, effect_label(runtime, kind.name, started)
-    )
+    label = effect_label(runtime, kind.name, started)
+    runtime.metrics.task_started(kind.name, started.workflow_type, due_at, label)
     began = time.monotonic()
     registration = runtime.registry.get(started.workflow_type)
     workflow = registration.workflow
     if kind is not EFFECT:
-        return Ran(started, delivery.ref, attempt, None, workflow, began)
+        return Ran(started, delivery.ref, attempt, None, workflow, began, label=label)
     span = (
         tracing.row_span(
             f"ironflow.effect {started.workflow_type}",
@@ -550,7 +551,7 @@ def _work(
             tracing.record_outcome(current, result)
             return result
         trace = tracing.current_carrier() if current is not None else None
-    return Ran(started, delivery.ref, attempt, follow_up, workflow, began, trace)
+    return Ran(started, delivery.ref, attempt, follow_up, workflow, began, trace, label)
 
 
 _LOST_AFTER_WORK = {
@@ -595,7 +596,9 @@ def acknowledge(
         for ran in pending:
             row = ran.started
             status: Status = "processed" if row.id in held else "stale-skipped"
-            runtime.metrics.task_finished(kind.name, row.workflow_type, status, ran.began)
+            runtime.metrics.task_finished(
+                kind.name, row.workflow_type, status, ran.began, ran.label
+            )
             if status == "stale-skipped":
                 extra: dict[str, Any] = {"reason": _LOST_AFTER_WORK[kind.name]}
             elif kind is TIMER:
@@ -795,7 +798,8 @@ def fail_row(
         )
         status = "failed-will-retry" if recorded is not None else "stale-skipped"
     _report_failure(runtime, kind.name, started, ref, attempt, status, error, retry_in=backoff)
-    runtime.metrics.task_finished(kind.name, started.workflow_type, status, began)
+    label = effect_label(runtime, kind.name, started)
+    runtime.metrics.task_finished(kind.name, started.workflow_type, status, began, label)
     extra = {} if backoff is None else {"retry_in_seconds": round(backoff, 3)}
     return task_result(
         status, ref, started.id, attempt, error=error, effect_type=_payload_tag(started), **extra
