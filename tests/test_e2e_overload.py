@@ -129,9 +129,11 @@ def test_backlog_of_many_leases_drains_without_stale_copies(
 # -- 2. the database is down when a worker takes the message -----------------------------
 
 
+@pytest.mark.parametrize("size", [20, 1], ids=["grouped", "single-row"])
 def test_database_down_at_the_start_guard_redelivers_instead_of_dropping(
     procs: Processes,
     queue: str,
+    size: int,
 ) -> None:
     """Messages consumed while PostgreSQL is down go back to the broker (a transport retry,
     no attempt counted) and run once it is back -- well within their 600 s lease, which
@@ -145,7 +147,8 @@ def test_database_down_at_the_start_guard_redelivers_instead_of_dropping(
         engine = create_engine(url, pool_size=1)
         schema.upgrade(engine)
         engine.dispose()
-        env = make_env(url, REDIS_URL, queue, effect_lock_duration=600)
+        env = make_env(url, REDIS_URL, queue, effect_lock_duration=600, effect_batch_size=size)
+        messages = n // size  # one group of 20, or 20 single-row messages
         with redis_queue_cleanup(queue) as client:
             procs.relay("relay", env)
             sql(
@@ -156,7 +159,9 @@ def test_database_down_at_the_start_guard_redelivers_instead_of_dropping(
                 "FROM generate_series(1, %s) AS g",
                 (n,),
             )
-            wait_until(lambda: client.llen(queue) == n, 60, f"{n} messages in the queue")
+            wait_until(
+                lambda: client.llen(queue) == messages, 60, f"{messages} messages in the queue"
+            )
             pg._ctl("stop", "-m", "fast")
             worker = procs.worker("worker", env, pool="threads", concurrency=4, relay=False)
             worker.wait_for_output("start guard failed", 60)

@@ -277,12 +277,17 @@ class WorkflowRuntime:
     @property
     def effect_batch_sizes(self) -> dict[str, int]:
         """Per registered type, the most effects one message carries: the workflow's
-        ``effect_batch_size``, else ``ironflow_effect_batch_size`` (1: one per message)."""
-        default = self.config.effect_batch_size
-        return {
-            wt: size if (size := self.registry.get(wt).workflow.effect_batch_size) else default
-            for wt in self.registry.types
-        }
+        ``effect_batch_size``, else ``ironflow_effect_batch_size`` (1: one per message) —
+        but 1 for a type with a ``concurrency_limit``: its few leased rows are meant to run
+        at once, and a group would run them one after another."""
+        sizes = {}
+        for wt in self.registry.types:
+            workflow = self.registry.get(wt).workflow
+            own = workflow.effect_batch_size
+            if own is None:
+                own = 1 if workflow.concurrency_limit is not None else self.config.effect_batch_size
+            sizes[wt] = own
+        return sizes
 
     def upgrade_schema(self) -> list[int]:
         """Apply pending migrations to this runtime's database."""
