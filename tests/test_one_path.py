@@ -119,6 +119,13 @@ def test_the_default_groups_and_one_turns_it_off(store: PostgresStore) -> None:
     app = make_app(store, 1)
     assert app.runtime.effect_batch_sizes == {WT: 1}
     app.stop()
+    # a concurrency-limited type's leased rows are meant to run at once: one per message
+    limited = type(
+        "LimitedBatch", (BatchWorkflow,), {"type": "limited_batch", "concurrency_limit": 2}
+    )
+    app = TestApp(store, workflows=((limited, handle_job),), config=test_config())
+    assert app.runtime.effect_batch_sizes == {"limited_batch": 1}
+    app.stop()
 
 
 @MODES
