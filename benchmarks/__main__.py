@@ -631,7 +631,8 @@ class Bench:
             self.runtime.store,
             ["bench_relay6"],
             config,
-            celery_publisher(app),
+            # the default's grouping (or --batch N): what a relay of this configuration sends
+            celery_publisher(app, group_sizes={"bench_relay6": bench_batch_size()}),
             name=f"bench-relay-{self.run_id}",
             wake=threading.Event(),
             stop=threading.Event(),
@@ -864,15 +865,20 @@ class Bench:
         )
 
 
-TASK_RESULT = re.compile(
-    r"Task ironflow\.[^\[]+\[[^\]]+\] succeeded in \S+: \{'status': '([a-z-]+)'"
+# One line per row in every delivery mode (tasks.ROW_LINE): a group's task result line
+# would count one status for many rows.
+ROW_OUTCOME = re.compile(
+    r"ironflow (?:effect|timer) \S+ of \S+ \([^)]*\) attempt \d+ "
+    r"(processed|stale-skipped|failed|dead-lettered)"
 )
+_STATUS_OF = {"failed": "failed-will-retry"}
 
 
 def task_statuses(log: Path) -> dict[str, int]:
-    """How many ironflow task results a worker's INFO log shows, by status."""
+    """How many rows a worker's INFO log shows finished, by status (its per-row lines)."""
     counts: dict[str, int] = {}
-    for status in TASK_RESULT.findall(log.read_text(errors="replace")):
+    for outcome in ROW_OUTCOME.findall(log.read_text(errors="replace")):
+        status = _STATUS_OF.get(outcome, outcome)
         counts[status] = counts.get(status, 0) + 1
     return counts
 
@@ -983,6 +989,14 @@ def render_peers(table: Table, row: dict[str, Any]) -> None:
             )
 
 
+def bench_batch_size(variable: str = "IRONFLOW_BENCH_BATCH") -> int:
+    """bench_noop's group size in this run (`variable` ``…_CYCLES``: bench_cycle's):
+    ``--batch N``, else the runtime's default."""
+    from ironflow_celery.model.config import RuntimeConfig
+
+    return int(os.environ.get(variable) or 0) or RuntimeConfig().effect_batch_size
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks", description=__doc__.split("\n")[0]
@@ -1016,14 +1030,15 @@ def main(argv: list[str] | None = None) -> int:
         "--batch",
         type=int,
         default=0,
-        help="bench_noop opts into worker-side batches of this many effects per message "
-        "(effect_batch_size; rows 2, 4, 8, 9 use it); 0: one message per effect (default)",
+        help="bench_noop's effect_batch_size: at most this many effects claimed together per "
+        "message (rows 2, 4, 6, 8, 9); 0: the default (ironflow_effect_batch_size, 20); "
+        "1: one message per effect (the default before issue 21)",
     )
     parser.add_argument(
         "--batch-cycles",
         type=int,
         default=0,
-        help="bench_cycle opts into worker-side batches of this many effects (row 3)",
+        help="bench_cycle's effect_batch_size (row 3); 0: the default; 1: one per message",
     )
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.batch:
@@ -1101,8 +1116,8 @@ def main(argv: list[str] | None = None) -> int:
     results.sort(key=lambda r: r["id"])
     output = {
         "mode": mode,
-        "effect_batch_size": args.batch or None,
-        "cycle_batch_size": args.batch_cycles or None,
+        "effect_batch_size": bench_batch_size(),
+        "cycle_batch_size": bench_batch_size("IRONFLOW_BENCH_BATCH_CYCLES"),
         "sizes": sizes,
         "machine": info,
         "rows": results,

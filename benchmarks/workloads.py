@@ -8,9 +8,9 @@
 With ``IRONFLOW_BENCH_MARKS=<dir>`` the no-op handler appends ``<workflow_id> <time.time()>``
 to ``<dir>/<pid>.marks`` when it starts (handler-start clock for the latency row). With
 ``IRONFLOW_BENCH_RT_DIR=<dir>`` every process counts its database round trips
-(`benchmarks.rtcount`). With ``IRONFLOW_BENCH_BATCH=N`` ``bench_noop`` opts into
-worker-side batches of N effects per message (``effect_batch_size``);
-``IRONFLOW_BENCH_BATCH_CYCLES=N`` does the same for ``bench_cycle``.
+(`benchmarks.rtcount`). With ``IRONFLOW_BENCH_BATCH=N`` ``bench_noop`` sends at most N
+effects per message (``effect_batch_size``; unset: the runtime's default, 1: one per
+message); ``IRONFLOW_BENCH_BATCH_CYCLES=N`` does the same for ``bench_cycle``.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def handle_noop(effect: Noop, ctx: EffectContext) -> None:
 
 class NoopWorkflow(Workflow):
     type = "bench_noop"
-    # `python -m benchmarks --batch N`: worker-side batches of N effects per message.
+    # `python -m benchmarks --batch N`: at most N effects per message (None: the default).
     effect_batch_size = int(os.environ.get("IRONFLOW_BENCH_BATCH") or 0) or None
     State = NoopState
     Input = Kick
@@ -125,7 +125,7 @@ def handle_work(effect: Work, ctx: EffectContext) -> Finish:
 
 class CycleWorkflow(Workflow):
     type = "bench_cycle"
-    # `python -m benchmarks --batch-cycles N`: worker-side batches (follow-ups included).
+    # `python -m benchmarks --batch-cycles N`: at most N per message (follow-ups included).
     effect_batch_size = int(os.environ.get("IRONFLOW_BENCH_BATCH_CYCLES") or 0) or None
     State = CycleState
     Input = Begin | Finish

@@ -27,6 +27,7 @@ a wrong argument also subclass the builtin a caller would catch (``ValueError``,
     │   ├── DatabaseUnavailable        PostgreSQL could not be reached at all
     │   ├── MigrationError             the schema could not be brought up to date
     │   └── StartGuardUnavailable      a task's start guard could not reach the database
+    ├── AcknowledgementFailed          a grouped acknowledgement rolled back (engine-internal)
     ├── PublishError                   a relay's publish to the broker failed mid-batch
     ├── ProjectionError                a projection handler failed at one event
     ├── PermanentEffectError           raised by a handler: dead-letter now, no retries
@@ -46,8 +47,10 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable
+from typing import Any
 
 __all__ = [
+    "AcknowledgementFailed",
     "ConfigurationError",
     "DatabaseUnavailable",
     "DeadLettered",
@@ -193,6 +196,16 @@ class MigrationError(StorageError):
 
 class StartGuardUnavailable(StorageError):
     """The start guard could not reach the database: the row was not started."""
+
+
+class AcknowledgementFailed(IronflowError):
+    """A grouped acknowledgement rolled back: executing `ran`'s follow-up input, or (`ran`
+    None) the whole transaction. Raised and caught inside the engine's completer."""
+
+    def __init__(self, ran: Any, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.ran = ran
+        self.cause = cause
 
 
 # -- operations -----------------------------------------------------------------------

@@ -1,7 +1,9 @@
-"""Worker-side batches (``effect_batch_size``, `ironflow_celery.engine.batches`) on real
-PostgreSQL and a real Celery worker (in-thread, Redis): one start-guard statement and one
-durable acknowledgement per group, failures recorded per row as the single-row task does,
-stale rows skipped per row, every row's lease kept alive while the group runs.
+"""Groups of effects (the default, ``effect_batch_size``; `tasks.run_rows` with the
+grouped completer) on real PostgreSQL and a real Celery worker (in-thread, Redis): one
+start-guard statement and one durable acknowledgement per group, failures recorded per
+row as the single-row task does, stale rows skipped per row, every row's lease kept alive
+while the group runs. The per-row tests run in both delivery modes (``size`` 1: one row
+per message).
 
 A worker killed mid-batch is in tests/test_e2e_batches.py (it needs a real process).
 """
@@ -19,7 +21,6 @@ import sqlalchemy as sa
 from runtime_helpers import TestApp, rows, scalar, test_config
 
 from ironflow_celery import RetryPolicy
-from ironflow_celery.engine.batches import batch_publisher, batch_task_name
 from ironflow_celery.engine.relay import celery_publisher
 from ironflow_celery.errors import InvalidWorkflowDefinition
 from ironflow_celery.model.workflow import Workflow
@@ -84,8 +85,7 @@ def test_a_batch_of_noops_is_started_and_acknowledged_once(store: PostgresStore,
         counter = AckCounter(store)
         # Decided before the relays start: one claim takes all eight, one message carries them.
         app.service.execute(Go(id="b1", jobs=["ok"] * 8))
-        assert app.runtime.effect_batch_sizes == {WT: 10}
-        assert batch_task_name(WT) in app.app.tasks
+        assert app.runtime.effect_batch_sizes == {WT: 20}  # the default
         app.start()
         app.wait_until(lambda: all(r.processed_at for r in effects_of(db, "b1")), what="8 acks")
         effects = effects_of(db, "b1")
@@ -111,36 +111,46 @@ def test_follow_ups_go_through_the_service_in_the_group_transaction(
         assert sorted(state.finished) == [0, 2, 3]
 
 
-def test_a_failing_handler_leaves_the_others_acknowledged(store: PostgresStore, db) -> None:
+MODES = pytest.mark.parametrize("size", [1, 10], ids=["single-row", "grouped"])
+
+
+@MODES
+def test_a_failing_handler_leaves_the_others_acknowledged(
+    store: PostgresStore, db, size: int
+) -> None:
     retry = RetryPolicy(max_attempts=3, base_delay=0.05, max_delay=0.2)
-    with batch_app(store, retry_policy=retry) as app:
-        app.service.execute(Go(id="b3", jobs=["ok", "fail", "flaky", "perm", "follow"]))
+    b3 = f"b3-{size}"
+    with batch_app(store, retry_policy=retry, effect_batch_size=size) as app:
+        app.service.execute(Go(id=b3, jobs=["ok", "fail", "flaky", "perm", "follow"]))
         app.start()
 
         def settled() -> bool:
-            return all(r.processed_at or r.dead_lettered_at for r in effects_of(db, "b3"))
+            return all(r.processed_at or r.dead_lettered_at for r in effects_of(db, b3))
 
         app.wait_until(settled, what="every row acknowledged or dead-lettered")
-        ok, fail, flaky, perm, follow = effects_of(db, "b3")
-        # The first group acknowledged ok and follow together, whatever the others did.
-        assert ok.processed_at is not None and ok.processed_at == follow.processed_at
+        ok, fail, flaky, perm, follow = effects_of(db, b3)
+        assert ok.processed_at is not None and follow.processed_at is not None
+        if size > 1:  # the first group acknowledged ok and follow together
+            assert ok.processed_at == follow.processed_at
         assert ok.attempts == 0 and follow.attempts == 0
         # A failing row: retried per policy, then a dead letter with its error.
         assert fail.dead_lettered_at is not None and fail.processed_at is None
         assert fail.attempts == 3 and "RuntimeError: job 1 fails" in fail.last_error
-        assert CALLS.counts[("b3", 1)] == 3
+        assert CALLS.counts[(b3, 1)] == 3
         # Failed once, then acknowledged by a later group.
         assert flaky.processed_at is not None and flaky.attempts == 1
         assert "fails once" in flaky.last_error
-        assert CALLS.counts[("b3", 2)] == 2
+        assert CALLS.counts[(b3, 2)] == 2
         # Permanent: a dead letter at once.
-        assert perm.dead_lettered_at is not None and CALLS.counts[("b3", 3)] == 1
-        app.wait_for_events(WT, "b3", ["Went", "Finished"])
+        assert perm.dead_lettered_at is not None and CALLS.counts[(b3, 3)] == 1
+        app.wait_for_events(WT, b3, ["Went", "Finished"])
 
 
-def test_a_stale_row_in_a_batch_is_skipped(store: PostgresStore, db) -> None:
+@MODES
+def test_a_stale_row_in_a_batch_is_skipped(store: PostgresStore, db, size: int) -> None:
+    b4 = f"b4-{size}"
     with batch_app(store) as app:
-        app.service.execute(Go(id="b4", jobs=["ok", "ok", "ok"]))
+        app.service.execute(Go(id=b4, jobs=["ok", "ok", "ok"]))
         claimed = store.claim_effects(
             "test-claim#1",
             [WT],
@@ -156,25 +166,26 @@ def test_a_stale_row_in_a_batch_is_skipped(store: PostgresStore, db) -> None:
                 sa.text("UPDATE ironflow.outbox SET locked_by = 'other#9' WHERE id = :id"),
                 {"id": stale.id},
             )
-        publish = batch_publisher(app.app, celery_publisher(app.app), {WT: 10})
+        publish = celery_publisher(app.app, group_sizes={WT: size})
         app.start(relays=False)
         assert publish("effect", claimed) == [r.id for r in claimed]
         app.wait_until(
             lambda: (
                 scalar(
                     db,
-                    "SELECT count(*) FROM ironflow.outbox WHERE workflow_id = 'b4'"
+                    "SELECT count(*) FROM ironflow.outbox WHERE workflow_id = :wid"
                     " AND processed_at IS NOT NULL",
+                    wid=b4,
                 )
                 == 2
             ),
             what="the two held rows acknowledged",
         )
-        by_id = {r.id: r for r in effects_of(db, "b4")}
+        by_id = {r.id: r for r in effects_of(db, b4)}
         skipped = by_id[stale.id]
         assert skipped.processed_at is None and skipped.locked_by == "other#9"
         assert skipped.attempts == 0 and skipped.run_started_at is None
-        assert CALLS.counts[("b4", 1)] == 0
+        assert CALLS.counts[(b4, 1)] == 0
 
 
 def test_every_row_of_a_batch_keeps_its_lease_while_the_group_runs(

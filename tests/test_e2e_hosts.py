@@ -391,12 +391,13 @@ def test_lost_deliveries_take_two_looks_and_spare_young_messages(
     unacked(old, 60)
     unacked(young, 0)
     unacked(other, 60)  # not one of the relay's rows
-    # a grouped message (effect_batch_size) carrying two rows, one of them the relay's
+    # a grouped message (rows=[...] in the type's effect task) carrying two rows, one of
+    # them the relay's
     grouped, mine, theirs = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
-    items = [[str(row), "w", 1, "token", None] for row in (mine, theirs)]
-    body = json.dumps([["e2e_order", items], {}, {}]).encode()
+    items = [[str(row), "w", 1, "token", None, None, None] for row in (mine, theirs)]
+    body = json.dumps([[], {"rows": items}, {}]).encode()
     message = {
-        "headers": {"id": str(grouped), "task": "ironflow.e2e_order.effects"},
+        "headers": {"id": str(grouped), "task": "ironflow.e2e_order.effect"},
         "properties": {"body_encoding": "base64"},
         "content-type": "application/json",
         "body": base64.b64encode(body).decode(),

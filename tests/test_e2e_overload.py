@@ -55,8 +55,11 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 procs = test_e2e_workers.procs
 queue = test_e2e_workers.queue
 
-TASK_RESULT = re.compile(
-    r"Task ironflow\.\S+\[[0-9a-f-]+\] succeeded in [0-9.e-]+s: \{'status': '([a-z-]+)'"
+# Each row's worker log line (tasks.ROW_LINE), in every delivery mode: a group's Celery
+# "Task … succeeded" line carries many rows' results.
+ROW_OUTCOME = re.compile(
+    r"ironflow effect \S+ of \S+ \([^)]*\) attempt \d+ "
+    r"(processed|stale-skipped|failed|dead-lettered)"
 )
 
 
@@ -72,9 +75,9 @@ def cpu_burner() -> Iterator[None]:
 
 
 def deliveries(log: str) -> dict[str, int]:
-    """Task results a worker logged, by status."""
+    """Row outcomes a worker logged, by status (one line per row)."""
     counts: dict[str, int] = {}
-    for status in TASK_RESULT.findall(log):
+    for status in ROW_OUTCOME.findall(log):
         counts[status] = counts.get(status, 0) + 1
     return counts
 
@@ -82,17 +85,26 @@ def deliveries(log: str) -> dict[str, int]:
 # -- 1. overload -------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("size", [20, 1], ids=["grouped", "single-row"])
 def test_backlog_of_many_leases_drains_without_stale_copies(
     database_url: str,
     procs: Processes,
     queue: str,
+    size: int,
 ) -> None:
     """600 effects of 20 ms behind a 2 s lease, 2 pool processes, a CPU burner beside:
     every effect completes, and stale deliveries stay at or below 1 % of all deliveries.
     (Before the relay kept waiting rows' leases alive, most of the backlog expired in the
     broker and was published again and again.)"""
     n = 600
-    env = make_env(database_url, REDIS_URL, queue, effect_lock_duration=2, max_attempts=50)
+    env = make_env(
+        database_url,
+        REDIS_URL,
+        queue,
+        effect_lock_duration=2,
+        max_attempts=50,
+        effect_batch_size=size,
+    )
     with redis_queue_cleanup(queue), cpu_burner():
         worker = procs.worker("worker", env, pool="prefork", concurrency=2)
         worker.wait_for_output("ironflow relay started (process)", 60)
@@ -117,9 +129,11 @@ def test_backlog_of_many_leases_drains_without_stale_copies(
 # -- 2. the database is down when a worker takes the message -----------------------------
 
 
+@pytest.mark.parametrize("size", [20, 1], ids=["grouped", "single-row"])
 def test_database_down_at_the_start_guard_redelivers_instead_of_dropping(
     procs: Processes,
     queue: str,
+    size: int,
 ) -> None:
     """Messages consumed while PostgreSQL is down go back to the broker (a transport retry,
     no attempt counted) and run once it is back -- well within their 600 s lease, which
@@ -133,7 +147,8 @@ def test_database_down_at_the_start_guard_redelivers_instead_of_dropping(
         engine = create_engine(url, pool_size=1)
         schema.upgrade(engine)
         engine.dispose()
-        env = make_env(url, REDIS_URL, queue, effect_lock_duration=600)
+        env = make_env(url, REDIS_URL, queue, effect_lock_duration=600, effect_batch_size=size)
+        messages = n // size  # one group of 20, or 20 single-row messages
         with redis_queue_cleanup(queue) as client:
             procs.relay("relay", env)
             sql(
@@ -144,7 +159,9 @@ def test_database_down_at_the_start_guard_redelivers_instead_of_dropping(
                 "FROM generate_series(1, %s) AS g",
                 (n,),
             )
-            wait_until(lambda: client.llen(queue) == n, 60, f"{n} messages in the queue")
+            wait_until(
+                lambda: client.llen(queue) == messages, 60, f"{messages} messages in the queue"
+            )
             pg._ctl("stop", "-m", "fast")
             worker = procs.worker("worker", env, pool="threads", concurrency=4, relay=False)
             worker.wait_for_output("start guard failed", 60)

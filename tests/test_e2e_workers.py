@@ -581,22 +581,32 @@ def test_broker_down_when_relay_publishes_nothing_lost(
 
 
 @pytest.mark.timeout(600)  # waits for progress (90 s stall), not for a wall time
+@pytest.mark.parametrize("size", [20, 1], ids=["grouped", "single-row"])
 def test_backpressure_bounds_the_broker_queue(
-    database_url: str, procs: Processes, queue: str
+    database_url: str, procs: Processes, queue: str, size: int
 ) -> None:
-    """Invariant 5: with no consumer the broker queue never exceeds max_in_flight; a worker
-    then drains the backlog while the queue stays bounded."""
+    """Invariant 5: with no consumer the broker queue never exceeds max_in_flight rows (200
+    messages of one row, or 10 groups of 20); a worker then drains the backlog while the
+    queue stays bounded."""
     total, limit = BACKPRESSURE_BACKLOG, 200
+    messages = limit // size
     insert_effects(database_url, total, "bp-", record=False, follow_up=False)
-    env = make_env(database_url, REDIS_URL, queue, max_in_flight=limit, claim_batch_size=100)
+    env = make_env(
+        database_url,
+        REDIS_URL,
+        queue,
+        max_in_flight=limit,
+        claim_batch_size=100,
+        effect_batch_size=size,
+    )
     with redis_queue_cleanup(queue) as client:
         relay = procs.relay("relay", env)
-        wait_until(lambda: client.llen(queue) >= limit, 60, f"{limit} messages in the queue")
+        wait_until(lambda: client.llen(queue) >= messages, 60, f"{messages} messages in queue")
         samples = []
         for _ in range(10):  # ~2 s with no consumer: the relay must not claim any further
             samples.append(client.llen(queue))
             time.sleep(0.2)
-        assert samples == [limit] * len(samples), samples
+        assert samples == [messages] * len(samples), samples
         leased = scalar(
             database_url, "SELECT count(*) FROM ironflow.outbox WHERE locked_by IS NOT NULL"
         )
@@ -610,7 +620,7 @@ def test_backpressure_bounds_the_broker_queue(
             return outbox_counts(database_url)[0]
 
         wait_for_progress(drained, total, f"the worker to drain {total} effects")
-        assert max(draining) <= limit, max(draining)
+        assert max(draining) <= messages, max(draining)
         assert client.llen(queue) == 0
         assert relay.popen.poll() is None
 

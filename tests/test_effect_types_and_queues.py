@@ -228,10 +228,11 @@ def test_messages_carry_the_effect_type_and_the_recorded_attempts_as_retries(
 def test_per_type_queues_route_every_task_the_engine_registers(
     database_url: str, tmp_path: Path
 ) -> None:
-    """``ironflow_queue_per_workflow_type``: the batch task ``ironflow.<type>.effects`` goes
-    to ``ironflow.<type>`` like the others (it went to the default queue, where a worker
-    started with ``-Q ironflow.<type>`` never ran it), the queue check names it, and
-    ``workflows list --json`` lists it."""
+    """``ironflow_queue_per_workflow_type``: every task the engine registers goes to
+    ``ironflow.<type>`` (the old batch task ``ironflow.<type>.effects`` went to the default
+    queue, where a worker started with ``-Q ironflow.<type>`` never ran it); groups now
+    travel in the ``.effect`` task itself, so there is no separate batch task to route. The
+    queue check and ``workflows list --json`` name the same tasks."""
     from celery import Celery
 
     from ironflow_celery import install
@@ -244,11 +245,12 @@ def test_per_type_queues_route_every_task_the_engine_registers(
     app.conf.ironflow_database_url = database_url
     install(app, workflows=[(BatchWorkflow, handle_job)])
     wt = BatchWorkflow.type
-    for suffix in ("execute", "effect", "timer", "effects"):
+    for suffix in ("execute", "effect", "timer"):
         queue = app.amqp.router.route({}, f"ironflow.{wt}.{suffix}")["queue"]
         assert queue.name == f"ironflow.{wt}", suffix
+    assert f"ironflow.{wt}.effects" not in app.tasks  # no parallel batch task any more
     assert routed_queues(runtime_of(app)) == {
-        f"ironflow.{wt}": [f"ironflow.{wt}.effects", f"ironflow.{wt}.timer"]
+        f"ironflow.{wt}": [f"ironflow.{wt}.effect", f"ironflow.{wt}.timer"]
     }
     listed = subprocess.run(
         [str(BIN / "ironflow-celery"), "-A", "tests.e2e_apps.batch_app:app", "workflows", "list",
@@ -259,4 +261,4 @@ def test_per_type_queues_route_every_task_the_engine_registers(
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert listed.returncode == 0, listed.stderr
-    assert f"ironflow.{wt}.effects" in listed.stdout
+    assert f"ironflow.{wt}.effect" in listed.stdout and f"ironflow.{wt}.timer" in listed.stdout

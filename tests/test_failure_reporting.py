@@ -357,3 +357,80 @@ def test_dead_lettered_survives_pickle_and_a_json_result_backend() -> None:
         assert type(copy).__name__ == "DeadLettered" and str(copy) == str(exc)
         assert copy.row_id == "row-1" and copy.effect_type == "Charge" and copy.attempts == 3
     assert repr(exc).startswith("DeadLettered('effect row-1 of orders:o-1 (Charge) dead-")
+
+
+def test_a_group_reports_each_failing_row_to_sentry_once_and_its_retry_travels_alone(
+    store: PostgresStore, db: sa.Engine, on_dead_letter: Received, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows that travelled in one group (the default): the group's task ends SUCCESS, so
+    Celery's integration sees no failure; each failing row is sent to Sentry itself — a
+    dead letter as one error event, a failed attempt as a warning, each tagged with its
+    row id — and the failed row's next attempt travels alone (its own task, id = row id)."""
+    import celery.app.trace
+    import celery.worker.consumer.consumer
+    import sentry_sdk
+    from sentry_sdk.integrations.celery import CeleryIntegration
+
+    from tests.e2e_apps.batch_app import BatchWorkflow, Go, handle_job
+
+    transport = MemoryTransport()
+    retried: list[Any] = []
+
+    def on_retry(sender: Any = None, request: Any = None, **kw: Any) -> None:
+        retried.append(request.id)
+
+    celery_signals.task_retry.connect(on_retry, weak=False)
+    sentry_sdk.init(
+        transport=transport,
+        integrations=[CeleryIntegration()],
+        default_integrations=False,
+        traces_sample_rate=0,
+    )
+    monkeypatch.setattr(
+        celery.worker.consumer.consumer, "build_tracer", celery.app.trace.build_tracer
+    )
+    app = TestApp(store, workflows=((BatchWorkflow, handle_job),), config=test_config())
+    try:
+        app.service.execute(Go(id="grp-sentry", jobs=["ok", "perm", "flaky", "fail"]))
+        app.start()  # all four are due before the first claim: one group
+        with db.connect() as conn:
+            ok, perm, flaky, fail = conn.execute(
+                sa.text(
+                    "SELECT id FROM ironflow.outbox WHERE workflow_id = 'grp-sentry'"
+                    " ORDER BY (payload->>'index')::int"
+                )
+            ).scalars()
+
+        def settled() -> bool:
+            with db.connect() as conn:
+                return not conn.execute(
+                    sa.text(
+                        "SELECT 1 FROM ironflow.outbox WHERE workflow_id = 'grp-sentry'"
+                        " AND processed_at IS NULL AND dead_lettered_at IS NULL"
+                    )
+                ).all()
+
+        wait_until(settled, 120, what="every row processed or dead-lettered")
+        wait_until(lambda: len(transport.events()) >= 2 + MAX, 60, what="Sentry events")
+        time.sleep(0.5)  # an extra event would show up now
+    finally:
+        app.stop()
+        sentry_sdk.flush()
+        sentry_sdk.get_client().close()
+        sentry_sdk.get_global_scope().set_client(None)  # later tests run without Sentry
+        celery_signals.task_retry.disconnect(on_retry)
+
+    events = transport.events()
+    by_row: dict[str, list[dict]] = {}
+    for event in events:
+        row = event["tags"].get("ironflow.row_id") or event["tags"].get("celery_task_id")
+        by_row.setdefault(row, []).append(event)
+    assert str(ok) not in by_row
+    [dead] = by_row[str(perm)]  # one event per dead letter
+    assert dead["level"] == "error" and "PermanentEffectError" in exception_types(dead)
+    [first] = by_row[str(flaky)]  # its retry ran alone and succeeded
+    assert first["level"] == "warning" and first["tags"]["ironflow.row_id"] == str(flaky)
+    # the always-failing row: its first attempt in the group, then alone (task id = row id)
+    assert len(by_row[str(fail)]) == MAX
+    assert retried.count(str(fail)) == MAX - 2 and str(flaky) not in retried
+    assert sorted(str(c["row_id"]) for c in on_dead_letter.calls) == sorted([str(perm), str(fail)])

@@ -101,6 +101,11 @@ def test_flower_shows_effects_and_a_retried_dead_letter(database_url, db, tmp_pa
         # a failed attempt's backoff outlasts the test: Flower keeps showing it as RETRY
         "IRONFLOW_BACKOFF_BASE": "600",
         "IRONFLOW_BACKOFF_MAX": "600",
+        # each row its own task (task id = row id). Rows claimed together travel as one
+        # group task by default; what Flower shows then is in docs/operations.md, and each
+        # grouped row's result, Sentry event and retry-alone are in test_one_path.py and
+        # test_failure_reporting.py.
+        "IRONFLOW_EFFECT_BATCH_SIZE": "1",
     }
     celery = str(BIN / "celery")
     procs = []

@@ -187,10 +187,14 @@ def test_timer_relay_sleeps_until_fire_at(store: PostgresStore, db: sa.Engine) -
 
 
 @pytest.mark.timeout(600)  # the drain waits for progress, not for a wall time
-def test_back_pressure_bounds_the_broker_queue(store: PostgresStore, db: sa.Engine) -> None:
+@pytest.mark.parametrize("group", [1, 20], ids=["single-row", "grouped"])
+def test_back_pressure_bounds_the_broker_queue(
+    store: PostgresStore, db: sa.Engine, group: int
+) -> None:
     """With max_in_flight=100 and a backlog of 20 times that (IRONFLOW_RELAY_BACKLOG=10000
-    for the full size) nobody consumes, the queue never holds more than 100 messages and at
-    most 100 rows are claimed; once a worker starts, all of them complete, each once."""
+    for the full size) nobody consumes, at most 100 rows are claimed and published (100
+    messages one row each, or 5 groups of 20); once a worker starts, all of them complete,
+    each once."""
     # 2,000 shows the bound as 10,000 does; draining 10,000 in-process took 181-323 s on
     # two busy cores, a third of the whole suite.
     n = int(os.environ.get("IRONFLOW_RELAY_BACKLOG", "2000"))
@@ -207,15 +211,16 @@ def test_back_pressure_bounds_the_broker_queue(store: PostgresStore, db: sa.Engi
         payload=json.dumps(FIRE_AND_FORGET),
         n=n,
     )
-    config = test_config(max_in_flight=100, claim_batch_size=100)
+    config = test_config(max_in_flight=100, claim_batch_size=100, effect_batch_size=group)
     app = TestApp(store, config=config, concurrency=8)
+    messages = 100 // group
     with app:
         app.start(worker=False)
-        wait_until(lambda: app.queue_length() >= 100, what="the first 100 messages")
+        wait_until(lambda: app.queue_length() >= messages, what=f"the first {messages} messages")
         deadline = time.monotonic() + 2.0
         samples = 0
         while time.monotonic() < deadline or samples < 10:  # 2 s and 10 samples at least
-            assert app.queue_length() <= 100
+            assert app.queue_length() <= messages
             claimed = scalar(
                 db,
                 "SELECT count(*) FROM ironflow.outbox"
@@ -225,7 +230,8 @@ def test_back_pressure_bounds_the_broker_queue(store: PostgresStore, db: sa.Engi
             samples += 1
             time.sleep(0.05)
         assert samples >= 10
-        assert app.queue_length() == 100  # it did fill up to the limit, and no further
+        assert app.queue_length() == messages  # it did fill up to the limit, and no further
+        assert scalar(db, "SELECT count(*) FROM ironflow.outbox WHERE locked_by IS NOT NULL") == 100
         app.start_worker()
         _wait_drained(db)
         assert app.queue_length() == 0

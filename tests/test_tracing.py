@@ -230,3 +230,49 @@ def test_tracing_setting_off_stops_forwarding_and_task_spans(
     names = sorted(s.name for s in _trace_spans(trace_id))
     assert names == ["ironflow.execute test_workflow", "web request"]
     assert not [s for s in EXPORTER.get_finished_spans() if s.name.startswith("ironflow.effect")]
+
+
+@pytest.mark.parametrize("size", [1, 20], ids=["single-row", "grouped"])
+def test_each_row_keeps_its_own_trace_whatever_travels_with_it(
+    store: PostgresStore, db: sa.Engine, size: int
+) -> None:
+    """Two inputs in two traces write one effect each; claimed together, they travel in
+    one message by default. Each row's effect span still continues its own input's trace,
+    and its follow-up input is a child of that span (on 6964a2b only the first row's
+    context travelled with a batch)."""
+    from runtime_helpers import TestApp, test_config
+
+    EXPORTER.clear()
+    tracer = trace.get_tracer("test")
+    app = TestApp(store, config=test_config(effect_batch_size=size))
+    try:
+        traces = {}
+        for wid in ("g1", "g2"):
+            with tracer.start_as_current_span(f"request {wid}") as request_span:
+                app.service.execute(Start(id=f"{wid}-{size}", mode=Mode(mode="RouteResult")))
+            traces[wid] = request_span.get_span_context().trace_id
+        app.start()  # both rows are due before the relay's first claim
+        for wid in traces:
+            app.wait_for_events("test_workflow", f"{wid}-{size}", ["Started", "Completed"])
+        for trace_id in traces.values():
+            spans = _wait_for_spans(
+                trace_id,
+                {"ironflow.execute test_workflow": 2, "ironflow.effect test_workflow": 1},
+            )
+            first, follow_up = sorted(
+                _named(spans, "ironflow.execute test_workflow"), key=lambda s: s.start_time
+            )
+            # (a group's task span joins its first row's trace too: it has no row id)
+            (effect,) = [
+                s
+                for s in _named(spans, "ironflow.effect test_workflow")
+                if "ironflow.row_id" in s.attributes
+            ]
+            assert _parent(effect) == first.context.span_id
+            assert _parent(follow_up) == effect.context.span_id
+        groups = [
+            s for s in EXPORTER.get_finished_spans() if s.attributes.get("ironflow.rows") == 2
+        ]
+        assert len(groups) == (1 if size > 1 else 0)
+    finally:
+        app.stop()

@@ -108,7 +108,7 @@ class LostDeliveries:
 def _rows_of(raw: bytes | str | None) -> tuple[str | None, list[str]]:
     """The task id of an entry of kombu's ``unacked`` hash (``[message, exchange, key]``)
     and the rows its message carries: the task id itself (a row's task id is its id), or
-    the row ids of a grouped message (``ironflow.<type>.effects``, JSON only)."""
+    the row ids of a grouped message (``rows=[…]``, JSON only)."""
     if raw is None:
         return None, []
     try:
@@ -119,14 +119,19 @@ def _rows_of(raw: bytes | str | None) -> tuple[str | None, list[str]]:
         name = headers.get("task") or ""
         if not isinstance(task_id, str):
             return None, []
-        if not (name.startswith("ironflow.") and name.endswith(".effects")):
+        # A group travels in the type's effect task with ``rows=[[row id, …], …]`` and a
+        # task id of its own; a single row's task id is the row id.
+        if not (name.startswith("ironflow.") and name.endswith(".effect")):
+            return task_id, [task_id]
+        if "json" not in (message.get("content-type") or ""):
             return task_id, [task_id]
         body = message.get("body") or ""
         if properties.get("body_encoding") == "base64":
             body = base64.b64decode(body)
-        if "json" not in (message.get("content-type") or ""):
-            return task_id, []
-        items = json.loads(body)[0][1]  # body [args, kwargs, embed]; args [type, items]
+        kwargs = json.loads(body)[1]  # body [args, kwargs, embed]
+        items = kwargs.get("rows") if isinstance(kwargs, dict) else None
+        if not items:
+            return task_id, [task_id]
         return task_id, [str(item[0]) for item in items]
     except (ValueError, TypeError, IndexError, KeyError, AttributeError):
         return None, []

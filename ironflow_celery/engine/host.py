@@ -8,6 +8,7 @@ tasks it registers without the two modules importing each other.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Protocol
 
@@ -25,6 +26,10 @@ class LeaseKeeping(Protocol):
 
     def keep(self, kind: Kind, row_id: uuid.UUID, token: str) -> AbstractContextManager[None]:
         """Renew the lease of (kind, row_id) held by `token` until the block exits."""
+        ...
+
+    def flushing(self, flush: Callable[[], None]) -> AbstractContextManager[None]:
+        """Call `flush` often (a group's pending acknowledgements) until the block exits."""
         ...
 
 

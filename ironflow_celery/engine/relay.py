@@ -69,6 +69,7 @@ __all__ = [
     "celery_publisher",
     "celery_queue_depth",
     "declare_queues",
+    "message_groups",
     "queue_of",
     "task_name",
 ]
@@ -128,21 +129,56 @@ def celery_queue_depth(app: Any) -> QueueDepth:
     return depth
 
 
-def celery_publisher(app: Any, *, forward_traces: bool = True) -> Publisher:
+def celery_publisher(
+    app: Any, *, forward_traces: bool = True, group_sizes: Mapping[str, int] | None = None
+) -> Publisher:
     """Publish claimed rows as Celery tasks on `app`, reusing one producer per batch.
+
+    Rows of one workflow type claimed together travel as one message to the type's own
+    task (a group, ``rows=[...]``) when more than one is due and `group_sizes` allows it
+    (up to ``group_sizes[type]`` rows per message; 1 or absent: one row per message). A
+    lone row, a timer, and a row on a retry or after a lost run travel alone: a failing or
+    worker-killing row then shows as its own task, and cannot take a group down with it.
 
     With opentelemetry-api installed and `forward_traces`, each row is published inside the
     trace of the input that wrote it (the claim returns its stored context; see
-    `ironflow_celery.storage.tracing`)."""
+    `ironflow_celery.storage.tracing`); a group's rows carry theirs in the message."""
     retry_policy = {
         "max_retries": 2,
         "interval_start": 0,
         "interval_step": 0.5,
         "interval_max": 1.0,
     }
+    sizes = dict(group_sizes or {})
 
     # The app's result settings decide, so AsyncResult(row_id).get() works with a backend.
     ignore_result = results_ignored(app.conf)
+
+    def send(
+        producer: Any, name: str, args: list, kwargs: dict, task_id: str, retries: int, trace: Any
+    ) -> None:
+        headers = tracing.headers_of(trace) if forward_traces and tracing.AVAILABLE else None
+        # The row's trace is current while it is sent: the Celery instrumentation's
+        # publish span joins it and injects itself.
+        with tracing.attached(headers):
+            app.send_task(
+                name,
+                args=args,
+                kwargs=kwargs,
+                declare=(),  # declared once per batch (declare_queues)
+                # what Celery's saferepr would compute, at a fraction of the cost
+                argsrepr=repr(args),
+                kwargsrepr=_kwargs_repr(kwargs),
+                task_id=task_id,
+                # attempts already recorded: Flower's "Retries" column
+                # (Celery's own retry counter is never used for attempts)
+                retries=retries,
+                producer=producer,
+                ignore_result=ignore_result,
+                retry=True,
+                retry_policy=retry_policy,
+                headers=headers,
+            )
 
     def publish(kind: Kind, rows: Sequence[ClaimedRow]) -> list[uuid.UUID]:
         row_kind = kind_of(kind)
@@ -159,53 +195,95 @@ def celery_publisher(app: Any, *, forward_traces: bool = True) -> Publisher:
                 with buffered:
                     names = {row_kind.task_name(row.workflow_type) for row in rows}
                     declare_queues(app, producer, names)
-                    for row in rows:
+                    for group in message_groups(row_kind, rows, sizes):
+                        first = group[0]
+                        name = row_kind.task_name(first.workflow_type)
+                        if len(group) > 1:
+                            kwargs: dict[str, Any] = {"rows": [_group_item(r) for r in group]}
+                            send(
+                                producer,
+                                name,
+                                [],
+                                kwargs,
+                                str(uuid.uuid4()),
+                                0,
+                                first.trace_context,
+                            )
+                            published.extend(r.id for r in group)
+                            continue
                         args = [
-                            f"{row.workflow_type}:{row.workflow_id}",
-                            str(row.id),
-                            row.attempts + 1,
+                            f"{first.workflow_type}:{first.workflow_id}",
+                            str(first.id),
+                            first.attempts + 1,
                         ]
-                        kwargs: dict[str, Any] = {"lease": row.token}
+                        kwargs = {"lease": first.token}
                         # Shown by Flower; the task ignores them for correctness (the start
                         # guard reads the row). `due` (epoch seconds, database clock) is what
                         # the dispatch-to-start metric measures from.
-                        if row.effect_type is not None:
-                            kwargs["effect_type"] = row.effect_type
-                        if row.due_at is not None:
-                            kwargs["due"] = round(row.due_at.timestamp(), 6)
-                        headers = (
-                            tracing.headers_of(row.trace_context)
-                            if forward_traces and tracing.AVAILABLE
-                            else None
+                        if first.effect_type is not None:
+                            kwargs["effect_type"] = first.effect_type
+                        if first.due_at is not None:
+                            kwargs["due"] = round(first.due_at.timestamp(), 6)
+                        send(
+                            producer,
+                            name,
+                            args,
+                            kwargs,
+                            str(first.id),
+                            first.attempts,
+                            first.trace_context,
                         )
-                        # The row's trace is current while it is sent: the Celery
-                        # instrumentation's publish span joins it and injects itself.
-                        with tracing.attached(headers):
-                            app.send_task(
-                                row_kind.task_name(row.workflow_type),
-                                args=args,
-                                kwargs=kwargs,
-                                declare=(),  # declared once per batch above
-                                # what Celery's saferepr would compute, at a fraction of
-                                # the cost
-                                argsrepr=repr(args),
-                                kwargsrepr=repr(kwargs),
-                                task_id=str(row.id),
-                                # attempts already recorded: Flower's "Retries" column
-                                # (Celery's own retry counter is never used for attempts)
-                                retries=row.attempts,
-                                producer=producer,
-                                ignore_result=ignore_result,
-                                retry=True,
-                                retry_policy=retry_policy,
-                                headers=headers,
-                            )
-                        published.append(row.id)
+                        published.append(first.id)
         except Exception as exc:
             raise PublishError([] if pipelined else published, exc) from exc
         return published
 
     return publish
+
+
+def message_groups(
+    kind: RowKind, rows: Sequence[ClaimedRow], sizes: Mapping[str, int]
+) -> list[list[ClaimedRow]]:
+    """The messages `rows` travel in, in claim order: groups of up to ``sizes[type]`` fresh
+    effects of one type, every other row alone. Fresh: a first attempt, not re-claimed
+    after a lease ran out (its due time is its creation), so a row that failed or whose
+    run was lost (a handler that kills its worker) never shares a message again."""
+    messages: list[list[ClaimedRow]] = []
+    open_groups: dict[str, list[ClaimedRow]] = {}
+    for row in rows:
+        size = sizes.get(row.workflow_type, 1) if kind is EFFECT else 1
+        fresh = row.attempts == 0 and (row.due_at is None or row.due_at == row.created_at)
+        if size <= 1 or not fresh:
+            messages.append([row])
+            continue
+        group = open_groups.get(row.workflow_type)
+        if group is None or len(group) >= size:
+            group = open_groups[row.workflow_type] = []
+            messages.append(group)
+        group.append(row)
+    return messages
+
+
+def _group_item(row: ClaimedRow) -> list[Any]:
+    """A row of a group message: what a single-row message says of it, plus its trace."""
+    due = round(row.due_at.timestamp(), 6) if row.due_at is not None else None
+    return [
+        str(row.id),
+        row.workflow_id,
+        row.attempts + 1,
+        row.token,
+        row.effect_type,
+        due,
+        row.trace_context,
+    ]
+
+
+def _kwargs_repr(kwargs: Mapping[str, Any]) -> str:
+    """Flower's view of a message's kwargs: a group shows its size and row ids."""
+    rows = kwargs.get("rows")
+    if rows is None:
+        return repr(kwargs)
+    return f"{{'rows': <{len(rows)} rows: {', '.join(r[0] for r in rows)}>}}"
 
 
 def declare_queues(app: Any, producer: Any, names: set[str]) -> None:
@@ -328,6 +406,8 @@ class Dispatched:
     """When its hold must next be renewed (monotonic clock)."""
     queue: str = DEFAULT_QUEUE
     """The broker queue its message went to (back-pressure holds per queue)."""
+    message: uuid.UUID | None = None
+    """The first row of the message it travelled in (a group's rows share one message)."""
 
 
 class Relay:
@@ -350,6 +430,7 @@ class Relay:
         queues: Mapping[str, str] | None = None,
         queue_depth: QueueDepth | None = None,
         find_lost: LostFinder | None = None,
+        group_sizes: Mapping[str, int] | None = None,
     ) -> None:
         self.row_kind = kind_of(kind)
         self.kind: Kind = self.row_kind.name
@@ -370,6 +451,9 @@ class Relay:
         # nobody consumes (its messages still there) from lost messages.
         self.queues = {t: (queues or {}).get(t, DEFAULT_QUEUE) for t in self.workflow_types}
         self.queue_depth = queue_depth
+        # How `publish` groups rows into messages (`message_groups`): a queue's depth counts
+        # messages, so a dispatch timeout compares it with the messages our rows are in.
+        self.group_sizes = dict(group_sizes or {})
         # Published rows not yet started by a worker, in dispatch order; and per queue.
         self.in_flight: dict[uuid.UUID, Dispatched] = {}
         self._waiting: dict[str, dict[uuid.UUID, None]] = {
@@ -482,7 +566,9 @@ class Relay:
                 )
             self.published_total += len(exc.published)
             raise
-        self._track(self._queued(rows, published), token, rows[0].server_started)
+        self._track(
+            self._queued(rows, published), token, rows[0].server_started, self._messages(rows)
+        )
         self.published_total += len(published)
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
@@ -613,17 +699,31 @@ class Relay:
         )
         return [row_id for row_id in ids if row_id not in still]
 
+    def _messages(self, rows: Sequence[ClaimedRow]) -> dict[uuid.UUID, uuid.UUID]:
+        """Each row's message (its first row), as `publish` groups them."""
+        if not self.group_sizes:
+            return {}
+        return {
+            r.id: group[0].id
+            for group in message_groups(self.row_kind, rows, self.group_sizes)
+            for r in group
+        }
+
     def _track(
         self,
         ids: Iterable[tuple[uuid.UUID, str]],
         token: str,
         server_started: datetime | None = None,
+        messages: Mapping[uuid.UUID, uuid.UUID] | None = None,
     ) -> None:
         now = time.monotonic()
         renew_at = now + self._renew_every
         self._renew_due = min(self._renew_due, renew_at) if self.in_flight else renew_at
         for row_id, queue in ids:
-            self.in_flight[row_id] = Dispatched(token, now, server_started, renew_at, queue)
+            message = messages.get(row_id) if messages else None
+            self.in_flight[row_id] = Dispatched(
+                token, now, server_started, renew_at, queue, message
+            )
             waiting = self._waiting.setdefault(queue, {})
             if not waiting:  # the queue's one-second "quiet" clock starts with its first row
                 self._started_at[queue] = max(self._started_at.get(queue, 0.0), now)
@@ -684,10 +784,11 @@ class Relay:
         ``dispatch_timeout``.
 
         A row is held when none of this relay's rows in its queue started since it was
-        published and the queue still holds at least as many messages as the relay has rows
-        waiting there: nobody consumes the queue (its worker group is down), the message is
-        there, and publishing it again would only pile up a duplicate. A queue that moves,
-        or holds fewer messages (the broker lost some), gives its overdue rows up as before.
+        published and the queue still holds at least as many messages as this relay's rows
+        waiting there travelled in (a group's rows share one): nobody consumes the queue
+        (its worker group is down), the message is there, and publishing it again would
+        only pile up a duplicate. A queue that moves, or holds fewer messages (the broker
+        lost some), gives its overdue rows up as before.
         """
         if self.queue_depth is None:
             return overdue
@@ -697,7 +798,8 @@ class Relay:
         give_up: list[uuid.UUID] = []
         for queue, ids in by_queue.items():
             oldest = min(self.in_flight[row_id].at for row_id in ids)
-            waiting = len(self._waiting[queue])
+            # messages, not rows: a group's rows travel in one
+            waiting = len({self.in_flight[r].message or r for r in self._waiting[queue]})
             depth = None
             if self._started_at.get(queue, 0.0) <= oldest and queue != DEFAULT_QUEUE:
                 depth = self.queue_depth(queue)
@@ -854,6 +956,7 @@ class RelayGroup:
         listen_url: str | None = None,
         tcp_user_timeout: float | None = None,
         owns_store: bool = False,
+        group_sizes: Mapping[str, int] | None = None,
     ) -> None:
         """`routes`, per kind (``"effect"``/``"timer"``): the workflow types its relays claim
         and the queue each one's tasks go to (back-pressure per queue); without it every
@@ -897,6 +1000,7 @@ class RelayGroup:
                         queues=queues,
                         queue_depth=queue_depth,
                         find_lost=lost_finder() if lost_finder is not None else None,
+                        group_sizes=group_sizes,
                     )
                 )
         self._threads = [

@@ -21,11 +21,6 @@ from typing import Any
 
 from celery.utils.imports import import_from_cwd
 
-from ironflow_celery.engine.batches import (
-    batch_publisher,
-    batch_task_name,
-    register_batch_tasks,
-)
 from ironflow_celery.engine.deliveries import LostDeliveries
 from ironflow_celery.engine.metrics import Metrics
 from ironflow_celery.engine.relay import (
@@ -208,7 +203,6 @@ class WorkflowRuntime:
         fresh = [t for t in self.registry.types if t not in self._tasks_registered]
         if fresh:
             register_workflow_tasks(self.app, self, fresh)
-            register_batch_tasks(self.app, self, fresh)
             self._tasks_registered.update(fresh)
 
     # -- parts ----------------------------------------------------------------------------
@@ -286,12 +280,18 @@ class WorkflowRuntime:
 
     @property
     def effect_batch_sizes(self) -> dict[str, int]:
-        """Registered types with an ``effect_batch_size`` (worker-side batches), and it."""
-        return {
-            wt: size
-            for wt in self.registry.types
-            if (size := self.registry.get(wt).workflow.effect_batch_size) is not None
-        }
+        """Per registered type, the most effects one message carries: the workflow's
+        ``effect_batch_size``, else ``ironflow_effect_batch_size`` (1: one per message) —
+        but 1 for a type with a ``concurrency_limit``: its few leased rows are meant to run
+        at once, and a group would run them one after another."""
+        sizes = {}
+        for wt in self.registry.types:
+            workflow = self.registry.get(wt).workflow
+            own = workflow.effect_batch_size
+            if own is None:
+                own = 1 if workflow.concurrency_limit is not None else self.config.effect_batch_size
+            sizes[wt] = own
+        return sizes
 
     def upgrade_schema(self) -> list[int]:
         """Apply pending migrations to this runtime's database."""
@@ -300,11 +300,8 @@ class WorkflowRuntime:
     # -- relays ---------------------------------------------------------------------------
     def task_queue(self, kind: str, workflow_type: str) -> str:
         """The queue the app routes `workflow_type`'s `kind` tasks to (``"effect"`` /
-        ``"timer"``; effects of a type with an ``effect_batch_size`` go as batches)."""
-        if kind == EFFECT.name and workflow_type in self.effect_batch_sizes:
-            task = batch_task_name(workflow_type)
-        else:
-            task = (EFFECT if kind == EFFECT.name else TIMER).task_name(workflow_type)
+        ``"timer"``; a group of rows travels in the same task as a single row)."""
+        task = (EFFECT if kind == EFFECT.name else TIMER).task_name(workflow_type)
         return queue_of(self.app, task)
 
     def relay_routes(
@@ -375,18 +372,17 @@ class WorkflowRuntime:
             listen_url=settings["listen_url"],
             tcp_user_timeout=settings["tcp_user_timeout"],
             owns_store=True,
+            group_sizes=self.effect_batch_sizes,
         )
         group.start()
         return group
 
     def _publisher(self) -> Publisher:
-        """Celery publishing of claimed rows; the types with an ``effect_batch_size`` get
-        their effects grouped per message (`ironflow_celery.engine.batches`)."""
-        publish = celery_publisher(self.app, forward_traces=self.config.tracing)
-        sizes = self.effect_batch_sizes
-        if sizes:
-            publish = batch_publisher(self.app, publish, sizes, forward_traces=self.config.tracing)
-        return publish
+        """Celery publishing of claimed rows: effects of one type claimed together travel
+        in groups of up to their ``effect_batch_size`` per message (`celery_publisher`)."""
+        return celery_publisher(
+            self.app, forward_traces=self.config.tracing, group_sizes=self.effect_batch_sizes
+        )
 
     def run(
         self,

@@ -33,9 +33,11 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager, nullcontext
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from types import SimpleNamespace
 from typing import Any, Literal
 
 from ironflow_celery.engine.host import TaskHost
@@ -44,13 +46,14 @@ from ironflow_celery.engine.metrics import UNKNOWN
 from ironflow_celery.engine.redelivery import send_back
 from ironflow_celery.engine.signals import dead_lettered
 from ironflow_celery.errors import (
+    AcknowledgementFailed,
     DeadLettered,
     InvalidPayload,
     PermanentEffectError,
     StartGuardUnavailable,
     StorageError,
 )
-from ironflow_celery.model.config import RetryPolicy
+from ironflow_celery.model.config import RetryPolicy, results_ignored
 from ironflow_celery.model.messages import Message
 from ironflow_celery.model.settings import read_settings
 from ironflow_celery.model.storable import storable_text
@@ -61,19 +64,28 @@ from ironflow_celery.storage.kinds import EFFECT, KINDS, TIMER, Kind, RowKind, k
 from ironflow_celery.storage.store import LOST_RUN_ERROR, StartedRow
 
 __all__ = [
+    "GROUP_ACK_DELAY",
     "KEEPER_IDLE_EXIT",
+    "ROW_LINE",
+    "Completer",
+    "Delivery",
     "LeaseKeeper",
+    "Ran",
     "Status",
+    "acknowledge",
     "as_input",
     "dead_letter",
     "describe_error",
     "effect_label",
     "exhausted_by_lost_runs",
-    "fail_effect",
+    "fail_row",
     "handler_failure",
+    "log_row",
     "register_workflow_tasks",
+    "report_group",
     "row_policy",
     "run_effect",
+    "run_rows",
     "run_timer",
     "run_token_for",
     "stale_reason",
@@ -136,6 +148,7 @@ class LeaseKeeper:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._pid = os.getpid()
+        self._flushers: list[Callable[[], None]] = []
 
     def _lease(self, kind: Kind) -> float:
         return kind_of(kind).lock_duration(self.runtime.config)
@@ -160,6 +173,20 @@ class LeaseKeeper:
                 # load); the thread notices it is idle within KEEPER_IDLE_EXIT by itself.
                 self._running.pop((kind, row_id), None)
 
+    @contextmanager
+    def flushing(self, flush: Callable[[], None]) -> Iterator[None]:
+        """Call `flush` every ``GROUP_ACK_DELAY / 2`` seconds while the block runs (a
+        group's `Completer.flush_due`: its pending acknowledgements are committed while a
+        slow handler still runs). Inside `keep` blocks: the thread runs while they do."""
+        with self._lock:
+            self._flushers.append(flush)
+        self._wake.set()  # wait the shorter interval from now on
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._flushers.remove(flush)
+
     def _run(self) -> None:
         idle_since: float | None = None
         while True:
@@ -175,8 +202,17 @@ class LeaseKeeper:
                     if self._thread is threading.current_thread():
                         self._thread = None
                     return
-            self._wake.wait(min(interval, KEEPER_IDLE_EXIT))
+            with self._lock:
+                flushers = list(self._flushers)
+            self._wake.wait(min(interval, KEEPER_IDLE_EXIT, GROUP_ACK_DELAY / 2 if flushers else 1))
             self._wake.clear()  # before the state is read again at the top: no lost wake-up
+            with self._lock:
+                flushers = list(self._flushers)
+            for flush in flushers:
+                try:
+                    flush()
+                except Exception as exc:  # the group's own thread commits it at its end
+                    log.warning("ironflow: a group's early acknowledgement failed: %s", exc)
             now = time.monotonic()
             for kind in KINDS:
                 lease = kind.lock_duration(self.runtime.config)
@@ -277,6 +313,392 @@ def _begin(
     return started
 
 
+# -- the one execution path: effects and timers, one row or a group ----------------------
+
+
+@dataclass(slots=True)
+class Delivery:
+    """One row as its message names it (the relay's claim): a single-row message carries
+    one, a group message several of one workflow type."""
+
+    row_id: str
+    ref: str
+    """``<workflow type>:<workflow id>``."""
+    attempt: int
+    lease: str
+    """The claim token the start guard checks."""
+    effect_type: str | None = None
+    due: float | None = None
+    """When the row became due (epoch seconds, database clock), for the dispatch metric."""
+    trace: str | None = None
+    """The row's stored trace context (a group's rows each carry their own)."""
+
+
+@dataclass(slots=True)
+class Ran:
+    """A started row whose work returned, waiting for its completer to commit it."""
+
+    started: StartedRow
+    ref: str
+    attempt: int
+    follow_up: Message | None
+    """An effect handler's input; None for a timer (its input is its payload)."""
+    workflow: Any
+    began: float
+    trace: str | None = None
+    """The row's own span context, current again while its follow-up executes."""
+    label: str | None = None
+    """Its effect-type metric label (`effect_label`)."""
+
+
+GROUP_ACK_DELAY = 0.2
+"""Seconds a grouped row whose handler returned may wait for the group's acknowledgement:
+the group commits what is pending before its next handler once the oldest pending row is
+this old, and the lease keeper's thread commits it meanwhile (it checks every half of
+this) while a slow handler still runs. A fast row's acknowledgement therefore waits at
+most about 1.5 times this plus one commit, whatever the handlers after it do."""
+
+
+class Completer:
+    """How a run's rows are finished once their work returned (River's completer).
+
+    Inline (one row): each row is acknowledged at once, in its own durable transaction.
+    Grouped: rows wait, and the pending ones are acknowledged together in one durable
+    transaction when the group ends or the oldest has waited `GROUP_ACK_DELAY`. Both
+    acknowledge through `acknowledge`; only when they call it differs."""
+
+    def __init__(
+        self,
+        runtime: TaskHost,
+        kind: RowKind,
+        errors: dict[uuid.UUID, BaseException],
+        *,
+        grouped: bool,
+    ) -> None:
+        self.runtime = runtime
+        self.kind = kind
+        self.errors = errors
+        self.grouped = grouped
+        self.results: dict[uuid.UUID, dict] = {}
+        self._pending: list[Ran] = []
+        self._since = 0.0
+        # Held for a whole acknowledgement: the lease keeper's thread may flush while the
+        # task's thread runs the next handler, and `finish` waits for that flush.
+        self._lock = threading.Lock()
+
+    def add(self, ran: Ran) -> None:
+        """A row whose work returned: acknowledge it now (inline) or soon (grouped)."""
+        with self._lock:
+            if not self._pending:
+                self._since = time.monotonic()
+            self._pending.append(ran)
+            if not self.grouped or time.monotonic() - self._since >= GROUP_ACK_DELAY:
+                self._flush()
+
+    def flush_due(self) -> None:
+        """Acknowledge the pending rows if the oldest has waited long enough (called by
+        the lease keeper's thread while a handler runs; never blocks on the task's)."""
+        if not self._lock.acquire(blocking=False):
+            return
+        try:
+            if self._pending and time.monotonic() - self._since >= GROUP_ACK_DELAY:
+                self._flush()
+        finally:
+            self._lock.release()
+
+    def finish(self) -> dict[uuid.UUID, dict]:
+        """Acknowledge whatever is pending; the results of every row added."""
+        with self._lock:
+            self._flush()
+            return self.results
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, []
+        if pending:
+            self.results.update(acknowledge(self.runtime, self.kind, pending, self.errors))
+
+
+def run_rows(
+    runtime: TaskHost,
+    kind: RowKind,
+    deliveries: Sequence[Delivery],
+    *,
+    errors: dict[str, BaseException] | None = None,
+) -> list[dict]:
+    """The one execution path of effects and timers, for one row or a group of one type:
+
+    1. start guard (one statement for the whole group; a stale row is skipped alone, with
+       its reason; a row whose attempts were used up by lost runs is dead-lettered);
+    2. every started row's lease is kept alive until the run ends;
+    3. each row's work (an effect's handler; a timer has none: its input executes in its
+       acknowledgement), a failure recorded at once for that row alone;
+    4. the completer acknowledges the rows whose work returned (see `Completer`).
+
+    Returns one task result per delivery, in order; `errors` receives the exception of
+    each row that failed. Nothing is reported processed before the transaction that marks
+    it processed commits."""
+    if len(deliveries) == 1:
+        only = deliveries[0]
+        begun = _begin(runtime, kind, only.row_id, only.ref, only.attempt, only.lease)
+        started = {} if isinstance(begun, dict) else {begun.id: begun}
+        results = {uuid.UUID(only.row_id): begun} if isinstance(begun, dict) else {}
+    else:
+        started, results = _begin_group(runtime, kind, deliveries)
+    failures: dict[uuid.UUID, BaseException] = {}
+    completer = Completer(runtime, kind, failures, grouped=len(deliveries) > 1)
+    with ExitStack() as kept:
+        for one in started.values():
+            kept.enter_context(runtime.lease_keeper.keep(kind.name, one.id, one.token))
+        if completer.grouped:
+            kept.enter_context(runtime.lease_keeper.flushing(completer.flush_due))
+        for delivery in deliveries:
+            row = started.get(uuid.UUID(delivery.row_id))
+            if row is None:
+                continue
+            ran = _work(runtime, kind, row, delivery, failures, grouped=completer.grouped)
+            if isinstance(ran, Ran):
+                completer.add(ran)
+            else:
+                results[row.id] = ran
+        results.update(completer.finish())
+    if errors is not None:
+        errors.update({str(row_id): exc for row_id, exc in failures.items()})
+    ordered = [results[uuid.UUID(d.row_id)] for d in deliveries]
+    for delivery, result in zip(deliveries, ordered, strict=True):
+        log_row(kind.name, delivery, result)
+    return ordered
+
+
+def _begin_group(
+    runtime: TaskHost, kind: RowKind, deliveries: Sequence[Delivery]
+) -> tuple[dict[uuid.UUID, StartedRow], dict[uuid.UUID, dict]]:
+    """The start guard of a group, one statement: the started rows, and the results of
+    the rows that did not start (stale, each with its reason; or exhausted by lost runs)."""
+    if kind is not EFFECT:
+        raise InvalidPayload(kind.name, "group", "only effects travel in groups")
+    handler_failure.set(None)
+    guard = [(uuid.UUID(d.row_id), d.lease, run_token_for(d.lease)) for d in deliveries]
+    try:
+        started = runtime.store.start_effects(
+            guard, lease_seconds=kind.lock_duration(runtime.config)
+        )
+    except StorageError as exc:
+        raise StartGuardUnavailable(str(exc)) from exc
+    results: dict[uuid.UUID, dict] = {}
+    for (row_id, lease, _), delivery in zip(guard, deliveries, strict=True):
+        row = started.get(row_id)
+        if row is None:
+            runtime.metrics.task_finished(kind.name, None, "stale-skipped", None)
+            reason = stale_reason(runtime, kind.name, row_id, lease)
+            results[row_id] = task_result(
+                "stale-skipped", delivery.ref, row_id, delivery.attempt, reason=reason
+            )
+        elif row.attempts >= row_policy(runtime, kind.name, row).max_attempts:
+            results[row_id] = exhausted_by_lost_runs(runtime, kind.name, row, delivery.ref)
+            del started[row_id]
+    return started, results
+
+
+def _work(
+    runtime: TaskHost,
+    kind: RowKind,
+    started: StartedRow,
+    delivery: Delivery,
+    errors: dict[uuid.UUID, BaseException],
+    *,
+    grouped: bool,
+) -> Ran | dict:
+    """A started row's work: an effect's handler (its failure recorded here, for this row
+    alone), nothing for a timer. A grouped row runs in its own span, a child of the trace
+    that wrote it."""
+    attempt = started.attempts + 1
+    due_at = datetime.fromtimestamp(delivery.due, UTC) if delivery.due is not None else None
+    if due_at is None and started.attempts == 0 and kind is EFFECT:
+        due_at = started.created_at  # called without the claim's due time: a first attempt
+    label = effect_label(runtime, kind.name, started)
+    runtime.metrics.task_started(kind.name, started.workflow_type, due_at, label)
+    began = time.monotonic()
+    registration = runtime.registry.get(started.workflow_type)
+    workflow = registration.workflow
+    if kind is not EFFECT:
+        return Ran(started, delivery.ref, attempt, None, workflow, began, label=label)
+    span = (
+        tracing.row_span(
+            f"ironflow.effect {started.workflow_type}",
+            delivery.trace,
+            {"ironflow.workflow": delivery.ref, "ironflow.row_id": delivery.row_id},
+        )
+        if grouped and tracing.AVAILABLE and runtime.config.tracing
+        else nullcontext()
+    )
+    with span as current:
+        ctx = EffectContext(
+            effect_id=started.id,
+            workflow=WorkflowRef(started.workflow_type, started.workflow_id),
+            attempt=attempt,
+            created_at=started.created_at,
+        )
+        try:
+            effect = workflow.effects.decode(started.payload)
+            follow_up = call_handler(registration.handler, effect, ctx)  # async def too
+            if follow_up is not None:
+                follow_up = as_input(workflow, follow_up)
+        except Exception as exc:
+            errors[started.id] = exc
+            result = fail_row(
+                runtime,
+                EFFECT,
+                started,
+                delivery.ref,
+                describe_error(exc),
+                exc=exc,
+                permanent=isinstance(exc, PermanentEffectError),
+                began=began,
+            )
+            tracing.record_outcome(current, result)
+            return result
+        trace = tracing.current_carrier() if current is not None else None
+    return Ran(started, delivery.ref, attempt, follow_up, workflow, began, trace, label)
+
+
+_LOST_AFTER_WORK = {
+    EFFECT.name: "lease lost while the handler ran; result discarded",
+    TIMER.name: "lease lost before the timer ran",
+}
+_ACK_FAILED = {EFFECT.name: "Failed to route result", TIMER.name: "Failed to execute timer input"}
+
+
+def acknowledge(
+    runtime: TaskHost,
+    kind: RowKind,
+    pending: Sequence[Ran],
+    errors: dict[uuid.UUID, BaseException],
+) -> dict[uuid.UUID, dict]:
+    """Acknowledge `pending` in one durable transaction: each row marked processed and
+    its follow-up input (a timer's own input) executed through the service, together. A
+    row whose input cannot be executed is taken out and recorded as failed, and the
+    others are acknowledged again without it; a row no longer held is stale-skipped."""
+    results: dict[uuid.UUID, dict] = {}
+    pending = list(pending)
+    while pending:
+        try:
+            held, outcomes = _commit(runtime, kind, pending)
+        except AcknowledgementFailed as failed:
+            exc = failed.cause
+            failing = [failed.ran] if failed.ran is not None else pending
+            for ran in failing:
+                errors[ran.started.id] = exc
+                results[ran.started.id] = fail_row(
+                    runtime,
+                    kind,
+                    ran.started,
+                    ran.ref,
+                    f"{_ACK_FAILED[kind.name]}: {describe_error(exc)}",
+                    exc=exc,
+                    permanent=False,
+                    began=ran.began,
+                )
+            pending = [r for r in pending if r not in failing]
+            continue
+        for ran in pending:
+            row = ran.started
+            status: Status = "processed" if row.id in held else "stale-skipped"
+            runtime.metrics.task_finished(
+                kind.name, row.workflow_type, status, ran.began, ran.label
+            )
+            if status == "stale-skipped":
+                extra: dict[str, Any] = {"reason": _LOST_AFTER_WORK[kind.name]}
+            elif kind is TIMER:
+                extra = {"outcome": outcomes.get(row.id)}
+            elif ran.follow_up is not None:
+                extra = {"follow_up": ran.follow_up.type_tag, "outcome": outcomes.get(row.id)}
+            else:
+                extra = {}
+            results[row.id] = task_result(status, ran.ref, row.id, ran.attempt, **extra)
+        break
+    return results
+
+
+def _commit(
+    runtime: TaskHost, kind: RowKind, pending: Sequence[Ran]
+) -> tuple[set[uuid.UUID], dict[uuid.UUID, str]]:
+    """One acknowledging transaction: (ids still held and marked processed, the outcome of
+    each executed input). Raises `AcknowledgementFailed` when it rolled back."""
+    store = runtime.store
+    service = runtime.service
+    outcomes: dict[uuid.UUID, str] = {}
+    current: Ran | None = None
+    try:
+        if kind is TIMER:
+            [ran] = pending  # timers travel alone
+            row = ran.started
+            with store.transaction(ack=True) as conn:
+                if not store.lock_running(TIMER, conn, row.id, row.token):
+                    conn.rollback()
+                    return set(), outcomes
+                current = ran
+                outcomes[row.id] = service.execute_dynamic(
+                    row.workflow_type, row.payload, connection=conn
+                ).kind
+                store.record_processed(TIMER, row.id, row.token, connection=conn)
+            return {row.id}, outcomes
+        follow_ups = [r for r in pending if r.follow_up is not None]
+        if len(pending) == 1:
+            [ran] = pending
+            row = ran.started
+            follow_up = ran.follow_up
+            if follow_up is None:  # one autocommit statement: no BEGIN/COMMIT
+                marked = store.record_processed(EFFECT, row.id, row.token)
+                return ({row.id} if marked else set()), outcomes
+            with store.transaction(ack=True) as conn:
+                if not store.record_processed(EFFECT, row.id, row.token, connection=conn):
+                    conn.rollback()
+                    return set(), outcomes
+                current = ran
+                outcomes[row.id] = service.execute(
+                    follow_up, workflow=ran.workflow, connection=conn
+                ).kind
+            return {row.id}, outcomes
+        items = [(r.started.id, r.started.token) for r in pending]
+        if not follow_ups:  # one autocommit statement: no BEGIN/COMMIT round trips
+            return store.mark_many_processed(items), outcomes
+        # Follow-ups in a stable order: two groups lock their instances in the same order.
+        follow_ups.sort(key=lambda r: (r.started.workflow_type, r.started.workflow_id))
+        with store.transaction(ack=True) as conn:
+            held = store.mark_many_processed_in(conn, items)
+            for ran in follow_ups:
+                if ran.started.id in held and ran.follow_up is not None:
+                    current = ran
+                    with tracing.attached(tracing.headers_of(ran.trace)):
+                        outcomes[ran.started.id] = service.execute(
+                            ran.follow_up, workflow=ran.workflow, connection=conn
+                        ).kind
+            current = None
+        return held, outcomes
+    except Exception as exc:
+        raise AcknowledgementFailed(current, exc) from exc
+
+
+ROW_LINE = "ironflow %s %s of %s (%s) attempt %d %s"
+"""The format of every row's worker log line (logger ``ironflow_celery.tasks``):
+``ironflow <kind> <row id> of <type>:<workflow id> (<effect type>) attempt <n> <outcome>``,
+the outcome one of ``processed``, ``stale-skipped: <why>`` (INFO), ``failed; the outbox
+retries it in <s>s: <error>`` (WARNING) or ``dead-lettered after <n> attempt(s): <error>``
+(ERROR, with the traceback). docs/operations.md documents it."""
+
+
+def log_row(kind: Kind, delivery: Delivery, result: Mapping[str, Any]) -> None:
+    """The worker log line of a processed or stale-skipped row (failures and dead letters
+    have theirs from `_report_failure`, written when they are recorded)."""
+    status = result.get("status")
+    if status not in ("processed", "stale-skipped") or not log.isEnabledFor(logging.INFO):
+        return
+    outcome = "processed" if status == "processed" else f"stale-skipped: {result.get('reason')}"
+    tag = delivery.effect_type or result.get("effect_type") or "unknown type"
+    attempt = int(result.get("attempt", delivery.attempt))
+    log.info(ROW_LINE, kind, delivery.row_id, delivery.ref, tag, attempt, outcome)
+
+
 def run_effect(
     runtime: TaskHost,
     ref: str,
@@ -286,78 +708,24 @@ def run_effect(
     *,
     due_at: datetime | None = None,
 ) -> dict:
-    """Run one claimed effect through its handler and acknowledge it (see module doc).
-    `due_at`: when the row became due, as its claim said (for the dispatch metric)."""
-    effect_id = uuid.UUID(row_id)
-    store = runtime.store
-    metrics = runtime.metrics
-    begun = _begin(runtime, EFFECT, row_id, ref, attempt, lease)
-    if isinstance(begun, dict):
-        return begun
-    started, run_token = begun, begun.token
-    attempt = started.attempts + 1
-    registration = runtime.registry.get(started.workflow_type)
-    workflow = registration.workflow
-    ctx = EffectContext(
-        effect_id=effect_id,
-        workflow=WorkflowRef(started.workflow_type, started.workflow_id),
-        attempt=attempt,
-        created_at=started.created_at,
-    )
-    if due_at is None and started.attempts == 0:
-        due_at = started.created_at  # called without the claim's due time: a first attempt
-    metrics.task_started(
-        "effect", started.workflow_type, due_at, effect_label(runtime, "effect", started)
-    )
-    began = time.monotonic()
-    try:
-        with runtime.lease_keeper.keep("effect", effect_id, run_token):
-            effect = workflow.effects.decode(started.payload)
-            follow_up = call_handler(registration.handler, effect, ctx)  # async def too
-            if follow_up is not None:
-                follow_up = as_input(workflow, follow_up)
-    except PermanentEffectError as exc:
-        handler_failure.set(exc)
-        return fail_effect(runtime, started, ref, describe_error(exc), permanent=True, began=began)
-    except Exception as exc:
-        handler_failure.set(exc)
-        return fail_effect(runtime, started, ref, describe_error(exc), permanent=False, began=began)
+    """Run one claimed effect (`run_rows` with one row). `due_at`: when the row became
+    due, as its claim said (for the dispatch metric)."""
+    due = due_at.timestamp() if due_at is not None else None
+    return run_rows(runtime, EFFECT, [Delivery(row_id, ref, attempt, lease, due=due)])[0]
 
-    outcome = None
-    try:
-        if follow_up is None:
-            held = store.record_processed(EFFECT, effect_id, run_token)
-        else:
-            with store.transaction(ack=True) as conn:
-                held = store.record_processed(EFFECT, effect_id, run_token, connection=conn)
-                if held:
-                    outcome = runtime.service.execute(
-                        follow_up, workflow=workflow, connection=conn
-                    ).kind
-                else:
-                    conn.rollback()
-    except Exception as exc:
-        handler_failure.set(exc)
-        return fail_effect(
-            runtime,
-            started,
-            ref,
-            f"Failed to route result: {describe_error(exc)}",
-            permanent=False,
-            began=began,
-        )
-    if not held:
-        metrics.task_finished("effect", started.workflow_type, "stale-skipped", began)
-        return task_result(
-            "stale-skipped",
-            ref,
-            row_id,
-            attempt,
-            reason="lease lost while the handler ran; result discarded",
-        )
-    metrics.task_finished("effect", started.workflow_type, "processed", began)
-    extra = {"follow_up": follow_up.type_tag, "outcome": outcome} if follow_up is not None else {}
-    return task_result("processed", ref, row_id, attempt, **extra)
+
+def run_timer(
+    runtime: TaskHost,
+    ref: str,
+    row_id: str,
+    attempt: int,
+    lease: str,
+    *,
+    due_at: datetime | None = None,
+) -> dict:
+    """Execute one due timer's input and mark it processed (`run_rows` with one row)."""
+    due = due_at.timestamp() if due_at is not None else None
+    return run_rows(runtime, TIMER, [Delivery(row_id, ref, attempt, lease, due=due)])[0]
 
 
 def row_policy(runtime: TaskHost, kind: Kind, started: StartedRow) -> RetryPolicy:
@@ -371,14 +739,8 @@ def row_policy(runtime: TaskHost, kind: Kind, started: StartedRow) -> RetryPolic
 def exhausted_by_lost_runs(runtime: TaskHost, kind: Kind, started: StartedRow, ref: str) -> dict:
     """The start guard counted the previous run as lost and that used up the attempts (a
     handler that kills its worker, say): dead-letter the row without running it again."""
+    # its row line (ERROR, below) says "dead-lettered after N attempt(s): WorkerLost: …"
     error = started.last_error or LOST_RUN_ERROR
-    log.warning(
-        "ironflow %s %s (%s): %d attempts never finished; dead-lettered without running it",
-        kind,
-        started.id,
-        ref,
-        started.attempts,
-    )
     status = dead_letter(runtime, kind, started, error)
     _report_failure(runtime, kind, started, ref, started.attempts, status, error)
     label = effect_label(runtime, kind, started)
@@ -408,40 +770,37 @@ def as_input(workflow: Any, value: Any) -> Message:
     )
 
 
-def fail_effect(
+def fail_row(
     runtime: TaskHost,
+    kind: RowKind,
     started: StartedRow,
     ref: str,
     error: str,
     *,
+    exc: BaseException | None,
     permanent: bool,
     began: float,
 ) -> dict:
+    """Record a failed attempt of an effect or a timer once its run failed: its backoff,
+    or its dead letter when permanent or out of attempts; report it (`_report_failure`)."""
+    handler_failure.set(exc)
     attempt = started.attempts + 1
-    policy = row_policy(runtime, "effect", started)
-    metrics = runtime.metrics
+    policy = row_policy(runtime, kind.name, started)
+    backoff: float | None = None
     if permanent or attempt >= policy.max_attempts:
-        status = dead_letter(runtime, "effect", started, error)
-        _report_failure(runtime, "effect", started, ref, attempt, status, error)
-        metrics.task_finished("effect", started.workflow_type, status, began)
-        return task_result(
-            status, ref, started.id, attempt, error=error, effect_type=_payload_tag(started)
+        status = dead_letter(runtime, kind.name, started, error)
+    else:
+        backoff = policy.backoff_duration(attempt)
+        recorded = runtime.store.record_failed_attempt(
+            kind, started.id, started.token, error, backoff_seconds=backoff
         )
-    backoff = policy.backoff_duration(attempt)
-    recorded = runtime.store.record_failed_attempt(
-        EFFECT, started.id, started.token, error, backoff_seconds=backoff
-    )
-    status = "failed-will-retry" if recorded is not None else "stale-skipped"
-    _report_failure(runtime, "effect", started, ref, attempt, status, error, retry_in=backoff)
-    metrics.task_finished("effect", started.workflow_type, status, began)
+        status = "failed-will-retry" if recorded is not None else "stale-skipped"
+    _report_failure(runtime, kind.name, started, ref, attempt, status, error, retry_in=backoff)
+    label = effect_label(runtime, kind.name, started)
+    runtime.metrics.task_finished(kind.name, started.workflow_type, status, began, label)
+    extra = {} if backoff is None else {"retry_in_seconds": round(backoff, 3)}
     return task_result(
-        status,
-        ref,
-        started.id,
-        attempt,
-        error=error,
-        retry_in_seconds=round(backoff, 3),
-        effect_type=_payload_tag(started),
+        status, ref, started.id, attempt, error=error, effect_type=_payload_tag(started), **extra
     )
 
 
@@ -491,8 +850,8 @@ def _report_failure(
     elif status == "dead-lettered":
         sentry = _active_sentry()
         dead_letter_log.error(
-            "ironflow %s %s of %s (%s) dead-lettered after %d attempt(s): %s%s",
-            kind, started.id, ref, tag, attempt, error,
+            "ironflow %s %s of %s (%s) attempt %d dead-lettered after %d attempt(s): %s%s",
+            kind, started.id, ref, tag, attempt, attempt, error,
             "" if exc is None else "\n" + _traceback_text(exc),
         )  # fmt: skip
         if sentry is not None:
@@ -623,70 +982,6 @@ def _dead_letter_input(
     return None if value is None else as_input(workflow, value)
 
 
-# -- timers ----------------------------------------------------------------------------
-
-
-def run_timer(
-    runtime: TaskHost,
-    ref: str,
-    row_id: str,
-    attempt: int,
-    lease: str,
-    *,
-    due_at: datetime | None = None,
-) -> dict:
-    """Execute a due timer's input and mark the timer processed, in one transaction.
-    `due_at`: when the timer became due (``fire_at``, or its backoff's end)."""
-    timer_id = uuid.UUID(row_id)
-    store = runtime.store
-    metrics = runtime.metrics
-    begun = _begin(runtime, TIMER, row_id, ref, attempt, lease)
-    if isinstance(begun, dict):
-        return begun
-    started, run_token = begun, begun.token
-    attempt = started.attempts + 1
-    metrics.task_started(
-        "timer", started.workflow_type, due_at, effect_label(runtime, "timer", started)
-    )
-    began = time.monotonic()
-    try:
-        with (
-            runtime.lease_keeper.keep("timer", timer_id, run_token),
-            store.transaction(ack=True) as conn,
-        ):
-            if not store.lock_running(TIMER, conn, timer_id, run_token):
-                conn.rollback()
-                metrics.task_finished("timer", started.workflow_type, "stale-skipped", began)
-                return task_result(
-                    "stale-skipped", ref, row_id, attempt, reason="lease lost before the timer ran"
-                )
-            outcome = runtime.service.execute_dynamic(
-                started.workflow_type, started.payload, connection=conn
-            ).kind
-            store.record_processed(TIMER, timer_id, run_token, connection=conn)
-    except Exception as exc:
-        handler_failure.set(exc)
-        error = f"Failed to execute timer input: {describe_error(exc)}"
-        policy = row_policy(runtime, "timer", started)
-        backoff = None
-        if attempt >= policy.max_attempts:
-            status = dead_letter(runtime, "timer", started, error)
-        else:
-            backoff = policy.backoff_duration(attempt)
-            recorded = store.record_failed_attempt(
-                TIMER, timer_id, run_token, error, backoff_seconds=backoff
-            )
-            status = "failed-will-retry" if recorded is not None else "stale-skipped"
-        _report_failure(runtime, "timer", started, ref, attempt, status, error, retry_in=backoff)
-        metrics.task_finished("timer", started.workflow_type, status, began)
-        extra = {} if backoff is None else {"retry_in_seconds": round(backoff, 3)}
-        return task_result(
-            status, ref, row_id, attempt, error=error, effect_type=_payload_tag(started), **extra
-        )
-    metrics.task_finished("timer", started.workflow_type, "processed", began)
-    return task_result("processed", ref, row_id, attempt, outcome=outcome)
-
-
 # -- Celery registration ------------------------------------------------------------------
 
 
@@ -694,7 +989,7 @@ def register_workflow_tasks(app: Any, runtime: TaskHost, workflow_types: list[st
     """Register ``ironflow.<type>.effect``, ``.timer`` and ``.execute`` for these types."""
     names = []
     for workflow_type in workflow_types:
-        for kind, fn in ((EFFECT, run_effect), (TIMER, run_timer)):
+        for kind in (EFFECT, TIMER):
             name = kind.task_name(workflow_type)
             app.task(
                 name=name,
@@ -708,7 +1003,7 @@ def register_workflow_tasks(app: Any, runtime: TaskHost, workflow_types: list[st
                 # A dead letter is expected: logged and sent to Sentry once by ironflow
                 # (Celery logs it at INFO; Sentry's CeleryIntegration skips `throws`).
                 throws=(DeadLettered,),
-            )(_bind(fn, runtime, name))
+            )(_bind(kind, runtime, name))
             names.append(name)
     return names + register_execute_tasks(app, runtime, workflow_types)
 
@@ -723,67 +1018,168 @@ def _raise_recorded_failure(task: Any, kind: str, result: dict) -> None:
     status = result["status"]
     if status not in ("failed-will-retry", "dead-lettered"):
         return
-    error = result.get("error") or ""
     if status == "dead-lettered":
-        raise DeadLettered(
-            kind,
-            result["row_id"],
-            result["workflow"],
-            result.get("effect_type"),
-            result["attempt"],
-            error,
-        ) from exc
+        raise _dead_lettered(kind, result) from exc
     _report_to_sentry(task, exc)
+    # Celery sends a new message only from `Task.retry`; raised directly, `Retry` just
+    # records the state (and logs "retry" at INFO). `when` is what the outbox decided.
+    raise _retry(exc, result)
+
+
+def _dead_lettered(kind: str, result: dict) -> DeadLettered:
+    return DeadLettered(
+        kind,
+        result["row_id"],
+        result["workflow"],
+        result.get("effect_type"),
+        result["attempt"],
+        result.get("error") or "",
+    )
+
+
+def _retry(exc: BaseException | None, result: dict) -> Any:
     from celery.exceptions import Retry
     from celery.utils.serialization import get_pickleable_exception
 
-    # Celery sends a new message only from `Task.retry`; raised directly, `Retry` just
-    # records the state (and logs "retry" at INFO). `when` is what the outbox decided.
     # A prefork pool pickles it back to the worker: keep an odd handler exception safe.
+    error = result.get("error") or ""
     cause = get_pickleable_exception(exc if exc is not None else RuntimeError(error))
-    raise Retry(exc=cause, when=result.get("retry_in_seconds"))
+    return Retry(exc=cause, when=result.get("retry_in_seconds"))
 
 
-def _report_to_sentry(task: Any, exc: BaseException | None) -> None:
+def _report_to_sentry(
+    task: Any, exc: BaseException | None, *, level: str = "warning", row: dict | None = None
+) -> None:
     """Send a failed attempt's exception to Sentry when the app uses sentry-sdk: its
     CeleryIntegration skips `Retry`, so without this only dead letters would reach it.
-    ``ironflow_sentry_failed_attempts = False`` keeps Sentry to dead letters only."""
+    ``ironflow_sentry_failed_attempts = False`` keeps Sentry to dead letters only. A
+    grouped row's failed attempt comes here too (its group task ends SUCCESS, so the
+    integration never sees it); `row` tags the event with the row."""
     sentry_sdk = sys.modules.get("sentry_sdk")
     if exc is None or sentry_sdk is None or not sentry_sdk.get_client().is_active():
         return
-    if not read_settings(task.app.conf)["sentry_failed_attempts"]:
+    if level == "warning" and not read_settings(task.app.conf)["sentry_failed_attempts"]:
         return
     with sentry_sdk.new_scope() as scope:  # inherits the Celery task's tags and context
-        scope.level = "warning"  # the outbox will retry it; a dead letter is the error
+        scope.level = level  # a failed attempt will be retried; a dead letter is the error
+        if row is not None:
+            scope.set_tag("ironflow.row_id", row["row_id"])
+            scope.set_tag("ironflow.workflow", row["workflow"])
         scope.capture_exception(exc)
 
 
-def _bind(fn: Any, runtime: TaskHost, name: str) -> Any:
-    kind = name.rsplit(".", 1)[-1]
+def report_group(
+    task: Any, kind: str, results: Sequence[dict], errors: Mapping[str, BaseException]
+) -> None:
+    """Make each row of a group visible as if it had travelled alone: its result in the
+    app's result backend under the row id (``AsyncResult(row_id)``: SUCCESS, RETRY with
+    the error, FAILURE with `DeadLettered`), and its failure in Sentry."""
+    keep = not results_ignored(task.app.conf)
+    for result in results:
+        status = result["status"]
+        row_id = result["row_id"]
+        exc = errors.get(row_id)
+        # A dead letter, grouped or alone, has already gone to Sentry once, as its own
+        # structured event (`_report_failure`); a failed attempt goes here.
+        if status == "failed-will-retry":
+            _report_to_sentry(task, exc, row=result)
+        if not keep:
+            continue
+        try:
+            if status == "dead-lettered":
+                task.backend.store_result(row_id, _dead_lettered(kind, result), "FAILURE")
+            elif status == "failed-will-retry":
+                task.backend.store_result(row_id, _retry(exc, result).exc, "RETRY")
+            else:
+                task.backend.store_result(row_id, result, "SUCCESS")
+        except Exception as error:  # the outcome is committed; a backend hiccup loses a view
+            log.warning("ironflow: could not store the result of %s %s: %s", kind, row_id, error)
 
+
+def _deliveries(
+    workflow_type: str,
+    ref: str | None,
+    row_id: str | None,
+    attempt: int,
+    lease: str,
+    effect_type: str | None,
+    due: float | None,
+    rows: Sequence[Sequence[Any]] | None,
+) -> list[Delivery]:
+    """The rows a message names: its own (a single-row message), or its group's
+    (``rows``: ``[row id, workflow id, attempt, lease, effect type, due, trace]`` each)."""
+    if rows is None:
+        if ref is None or row_id is None:
+            raise InvalidPayload(workflow_type, "message", "neither a row nor a group of rows")
+        return [Delivery(row_id, ref, attempt, lease, effect_type, due)]
+    if not rows:
+        raise InvalidPayload(workflow_type, "message", "an empty group of rows")
+    try:
+        return [
+            Delivery(str(r[0]), f"{workflow_type}:{r[1]}", int(r[2]), str(r[3]), r[4], r[5], r[6])
+            for r in rows
+        ]
+    except (IndexError, TypeError, ValueError) as exc:
+        raise InvalidPayload(workflow_type, "message", f"a malformed group of rows: {exc}") from exc
+
+
+def _revoke_grouped(task: Any, deliveries: Sequence[Delivery]) -> None:
+    """``celery control revoke <row id>`` for rows that travel in a group (whose task id is
+    not a row id, so Celery itself never matches it): a row in the worker's revoked set is
+    announced with ``task_revoked`` as a revoked single-row message would be (the cancel
+    handler closes it), and the group's start guard then skips it as cancelled. The set is
+    the consumer's: threads, solo and green pools see every revoke; a prefork child sees
+    those made before it started (use ``effects cancel`` there, which works in every mode)."""
+    from celery import signals
+    from celery.worker import state
+
+    revoked = state.revoked
+    if not revoked:
+        return
+    for delivery in deliveries:
+        if delivery.row_id in revoked:
+            request = SimpleNamespace(id=delivery.row_id, kwargs={"lease": delivery.lease})
+            signals.task_revoked.send(
+                sender=task, request=request, terminated=False, signum=None, expired=False
+            )
+
+
+def _bind(row_kind: RowKind, runtime: TaskHost, name: str) -> Any:
+    kind = row_kind.name
     workflow_type = name.removeprefix("ironflow.").removesuffix(f".{kind}")
     span_name = f"ironflow.{kind} {workflow_type}"
 
     def task(
         self: Any,
-        ref: str,
-        row_id: str,
+        ref: str | None = None,
+        row_id: str | None = None,
         attempt: int = 1,
         lease: str = "",
         effect_type: str | None = None,  # for Flower; the start guard loads the payload
         due: float | None = None,
-    ) -> dict:
-        due_at = datetime.fromtimestamp(due, UTC) if due is not None else None
+        rows: list[list[Any]] | None = None,  # a group of this type's rows (see _deliveries)
+    ) -> dict | list[dict]:
+        deliveries = _deliveries(workflow_type, ref, row_id, attempt, lease, effect_type, due, rows)
+        grouped = rows is not None
+        if grouped:
+            _revoke_grouped(self, deliveries)
+        errors: dict[str, BaseException] = {}
         try:
             if not tracing.AVAILABLE or not runtime.config.tracing:
-                result = fn(runtime, ref, row_id, attempt, lease, due_at=due_at)
+                results = run_rows(runtime, row_kind, deliveries, errors=errors)
             else:
                 # The handler, its acknowledgement and its follow-up input run in this
-                # span: a child of the publishing input's trace (ironflow_celery.storage.tracing).
-                attributes = {"ironflow.workflow": ref, "ironflow.row_id": row_id}
+                # span: a child of the publishing input's trace (ironflow_celery.storage.tracing);
+                # a group's rows each run in their own span, a child of their own trace.
+                attributes = (
+                    {"ironflow.workflow": workflow_type, "ironflow.rows": len(deliveries)}
+                    if grouped
+                    else {"ironflow.workflow": ref, "ironflow.row_id": row_id}
+                )
                 with tracing.task_span(span_name, self.request, attributes) as current:
-                    result = fn(runtime, ref, row_id, attempt, lease, due_at=due_at)
-                    tracing.record_outcome(current, result)
+                    results = run_rows(runtime, row_kind, deliveries, errors=errors)
+                    if not grouped:
+                        tracing.record_outcome(current, results[0])
         except StartGuardUnavailable as exc:
             # The message is already acknowledged to the broker (acks_late is off) and the
             # row still waits under the relay's claim, whose lease the relay keeps alive:
@@ -797,17 +1193,21 @@ def _bind(fn: Any, runtime: TaskHost, name: str) -> Any:
             delay = min(0.5 * 2 ** min(retries, 5), 10.0)
             log.warning(
                 "ironflow %s %s (%s): start guard failed (%s); redelivering in %.1fs",
-                kind, row_id, ref, exc, delay,
+                kind, row_id or f"group of {len(deliveries)}", ref or workflow_type, exc, delay,
             )  # fmt: skip
             raise send_back(self, exc, delay=delay) from exc
         except StorageError:  # the ack could not be written; the lease will expire
             runtime.metrics.ack_failed(kind)
             raise
-        _raise_recorded_failure(self, kind, result)
-        return result
+        if grouped:
+            handler_failure.set(None)  # hold no handler frames between tasks
+            report_group(self, kind, results, errors)
+            return results
+        _raise_recorded_failure(self, kind, results[0])
+        return results[0]
 
     task.__name__ = name.replace(".", "_")
     task.__qualname__ = task.__name__
-    task.__doc__ = fn.__doc__
+    task.__doc__ = run_rows.__doc__
     task.__module__ = __name__
     return task

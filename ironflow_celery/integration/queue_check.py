@@ -42,27 +42,21 @@ log = logging.getLogger("ironflow_celery.queue_check")
 
 
 def task_names_of(workflow: Any) -> dict[str, str]:
-    """The tasks the engine registers for `workflow`, by suffix (`model.tasknames`): the
-    batch task ``effects`` only for a type with an ``effect_batch_size``."""
-    names = task_names_for(workflow.type)
-    if getattr(workflow, "effect_batch_size", None) is None:
-        names.pop("effects")
-    return names
+    """The tasks the engine registers for `workflow`, by suffix (`model.tasknames`)."""
+    return task_names_for(workflow.type)
 
 
 def routed_queues(
     runtime: WorkflowRuntime, types: Collection[str] | None = None
 ) -> dict[str, list[str]]:
-    """The queue each task a relay publishes routes to: ``{queue: [task, …]}`` (effects, or
-    the batch task of a type with an ``effect_batch_size``, and timers), for `types` (all
-    registered types by default)."""
+    """The queue each task a relay publishes routes to: ``{queue: [task, …]}`` (effects,
+    one row or a group per message, and timers), for `types` (all registered types by
+    default)."""
     queues: dict[str, list[str]] = {}
     for workflow_type in runtime.workflow_types if types is None else types:
         names = task_names_of(runtime.registry.get(workflow_type).workflow)
         for kind in KINDS:
-            name = (
-                names.get("effects", names["effect"]) if kind.name == "effect" else names[kind.name]
-            )
+            name = names[kind.name]
             queues.setdefault(runtime.task_queue(kind.name, workflow_type), []).append(name)
     return queues
 

@@ -136,6 +136,10 @@ class RuntimeConfig:
     # -- beyond ironflow ---------------------------------------------------------
     claim_batch_size: int = 100
     """Rows one claim statement takes (ironflow: always 1)."""
+    effect_batch_size: int = 20
+    """At most this many effects of one type, claimed together, travel in one message and
+    are acknowledged together (a lone row travels alone; 1: one message per effect). A
+    workflow's own ``effect_batch_size`` overrides it."""
     max_in_flight: int = 1000
     """Back-pressure, per queue: a relay stops claiming rows for a queue while this many of
     its published rows there are still waiting to start (in the broker, or prefetched by a
@@ -182,8 +186,10 @@ class RuntimeConfig:
         object.__setattr__(self, "timer_workers", max(1, int(self.timer_workers)))
         if self.relay_types is not None:
             object.__setattr__(self, "relay_types", tuple(self.relay_types))
-        if self.claim_batch_size < 1 or self.max_in_flight < 1:
-            raise ConfigurationError("claim_batch_size and max_in_flight must be positive")
+        if self.claim_batch_size < 1 or self.max_in_flight < 1 or self.effect_batch_size < 1:
+            raise ConfigurationError(
+                "claim_batch_size, effect_batch_size and max_in_flight must be positive"
+            )
 
     def replace(self, **changes: Any) -> RuntimeConfig:
         return dataclasses.replace(self, **changes)

@@ -235,6 +235,16 @@ _TABLE: tuple[Setting, ...] = (
         field="RuntimeConfig.claim_batch_size",
     ),
     Setting(
+        "effect_batch_size",
+        int,
+        20,
+        "at most this many effects of one type claimed together travel in one message and "
+        "are acknowledged together; a lone row travels alone; 1: one message per effect; a "
+        "workflow's `effect_batch_size` overrides it (a type with a `concurrency_limit`: 1) "
+        "([groups](docs/operations.md#groups-of-effects-effect_batch_size-on-by-default))",
+        field="RuntimeConfig.effect_batch_size",
+    ),
+    Setting(
         "max_in_flight",
         int,
         1000,

@@ -7,6 +7,8 @@ and forgotten by another (batched effects once went to the default queue that wa
 
 from __future__ import annotations
 
+from ironflow_celery.errors import UnknownName
+
 __all__ = [
     "OPERATIONS_PREFIXES",
     "OPERATIONS_QUEUE",
@@ -20,15 +22,15 @@ __all__ = [
 
 PREFIX = "ironflow."
 
-TASK_SUFFIXES: tuple[str, ...] = ("execute", "effect", "timer", "effects")
-"""What each suffix runs: an input (``execute``), one effect row, one timer row, a group of
-effect rows of one type (``effects``, the batch task)."""
+TASK_SUFFIXES: tuple[str, ...] = ("execute", "effect", "timer")
+"""What each suffix runs: an input (``execute``), effect rows, timer rows (one row per
+message, or a group of one type's rows: the same task, see engine/tasks.py)."""
 
 
 def task_name_for(workflow_type: str, suffix: str) -> str:
     """``ironflow.<workflow_type>.<suffix>``; `suffix` must be one of `TASK_SUFFIXES`."""
     if suffix not in TASK_SUFFIXES:
-        raise ValueError(f"unknown ironflow task suffix {suffix!r}; one of {TASK_SUFFIXES}")
+        raise UnknownName(f"unknown ironflow task suffix {suffix!r}; one of {TASK_SUFFIXES}")
     return f"{PREFIX}{workflow_type}.{suffix}"
 
 

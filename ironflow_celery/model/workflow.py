@@ -379,10 +379,10 @@ class Workflow:
     """At most this many of this type's effects leased (published or running) at once,
     across all workers and relays; enforced by the claim in PostgreSQL. None: no limit."""
     effect_batch_size: ClassVar[int | None] = None
-    """Opt-in worker-side batches: the relay publishes up to this many of this type's
-    claimed effects in one message (task ``ironflow.<type>.effects``), whose task starts them
-    with one statement, runs their handlers in turn and acknowledges them in one durable
-    transaction. For short effects; None (the default): one message per effect."""
+    """At most this many of this type's effects claimed together travel in one message (to
+    its ``ironflow.<type>.effect`` task), which starts them with one statement, runs their
+    handlers in turn and acknowledges them together. None (the default): the runtime's
+    ``ironflow_effect_batch_size`` (20); 1: one message per effect (for long handlers)."""
 
     inputs: ClassVar[TaggedUnion]
     events: ClassVar[TaggedUnion]

@@ -901,7 +901,7 @@ TIMER_STATEMENTS = _row_statements(
 )
 
 
-# -- worker-side batches (engine/batches.py; effects only) ----------------------------------
+# -- groups of effects (engine/tasks.py `run_rows`, grouped completer; effects only) -------
 
 # The start guard of a batch: the effect start guard for each (id, claim token, run token),
 # in one statement; rows no longer held by their claim tokens are simply absent.

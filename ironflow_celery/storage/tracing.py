@@ -32,6 +32,7 @@ __all__ = [
     "current_carrier",
     "headers_of",
     "record_outcome",
+    "row_span",
     "span",
     "task_span",
 ]
@@ -121,6 +122,25 @@ def task_span(
     tracer = _trace.get_tracer(_TRACER_NAME)
     with tracer.start_as_current_span(
         name, context=parent, kind=kind, attributes=dict(attributes or {})
+    ) as current:
+        yield current
+
+
+@contextmanager
+def row_span(
+    name: str, stored: str | None, attributes: Mapping[str, Any] | None = None
+) -> Iterator[Any]:
+    """The span of one row of a group: a child of the trace that wrote the row (its stored
+    carrier), so each row keeps its own trace whatever travelled with it; without a
+    stored context, a child of the current (group) span."""
+    if not AVAILABLE:
+        yield None
+        return
+    headers = headers_of(stored)
+    parent = _propagate.extract(headers) if headers else None
+    tracer = _trace.get_tracer(_TRACER_NAME)
+    with tracer.start_as_current_span(
+        name, context=parent, attributes=dict(attributes or {})
     ) as current:
         yield current
 

@@ -1,5 +1,6 @@
-"""A workflow type that opts into worker-side batches (``effect_batch_size``), and a Celery
-app for subprocess workers running it (``celery -A tests.e2e_apps.batch_app worker``).
+"""A workflow type whose effects travel in groups (the default, ``effect_batch_size``) or
+one per message, and a Celery app for subprocess workers running it (``celery -A
+tests.e2e_apps.batch_app worker``).
 
 ``Go(id, jobs)`` decides one ``Job(index, mode)`` effect per entry of `jobs`; the handler:
 
@@ -58,7 +59,9 @@ class BatchWorkflow(Workflow):
     Input = Go | Finish
     Event = Went | Finished
     Effect = Job
-    effect_batch_size = 10
+    # BATCH_TEST_SIZE=N: at most N per message (1: one row per message); unset: the
+    # runtime's ironflow_effect_batch_size (the default groups)
+    effect_batch_size = int(os.environ.get("BATCH_TEST_SIZE") or 0) or None
 
     @staticmethod
     def evolve(state: BatchState, event: Message) -> BatchState:
