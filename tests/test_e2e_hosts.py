@@ -279,6 +279,44 @@ def test_killed_host_prefetched_rows_return_within_leases(
     assert elapsed < 240  # dispatch_timeout is 1800 s: found, not waited out
 
 
+# -- 2b. a message popped by a consumer that vanished -------------------------------------------
+
+
+@pytest.mark.timeout(600)
+def test_message_popped_by_a_vanished_consumer_is_published_again(
+    database_url: str, procs: Processes, queue: str, broker: DisposableRedis
+) -> None:
+    """Invariant 13, issue 20 §6 (a): Redis hands a pushed message to whichever consumer's
+    ``BRPOP`` waits; a host cut off the network a moment before still has one waiting, and
+    the message goes down the dead link: in no queue, in no ``unacked`` entry. The relay
+    that published it releases its row within a few looks (it used to renew it until
+    ``ironflow_dispatch_timeout``, 30 min), and a live worker runs it once."""
+    prepare_database(database_url)
+    env = make_env(database_url, broker.url, queue, effect_lock_duration=3)
+    relay = procs.relay("relay", env)
+    client = redis.Redis.from_url(broker.url)
+    try:
+        service = service_for(database_url)
+        service.execute(Place(id="vanished-0"))
+        service.store.dispose()
+        # the cut host's consumer: it pops the message, which then never arrives
+        popped = client.brpop([queue], timeout=60)
+        assert popped is not None, "the relay published nothing"
+        assert json.loads(popped[1])["headers"]["task"].startswith("ironflow.")
+        popped_at = time.monotonic()
+        assert not all_processed(database_url, 1)
+        worker = procs.worker("survivor", env, concurrency=1, relay=False)
+        worker.wait_for_output("ready.", 60)
+        wait_until(lambda: all_processed(database_url, 1), 240, "the row whose message vanished")
+        elapsed = time.monotonic() - popped_at
+        print(f"FIGURE vanished message: its row done {elapsed:.1f}s after the pop")
+        time.sleep(0.5)  # room for a duplicate follow-up to show
+        assert charged_per_instance(database_url) == {1: 1}
+        assert "in no queue" in relay.output(), relay.output()[-3000:]
+    finally:
+        client.close()
+
+
 # -- 3. a worker host cut off from the broker ---------------------------------------------------
 
 
@@ -414,6 +452,37 @@ def test_lost_deliveries_take_two_looks_and_spare_young_messages(
             "unacked", f"tag-{other}"
         )
         assert finder([young], 10) == set()
+    finally:
+        app.pool.force_close_all()
+        client.close()
+
+
+def test_lost_deliveries_find_a_message_that_vanished_but_spare_a_queued_one(
+    broker: DisposableRedis,
+) -> None:
+    """Issue 20 §6 (a): a message Redis handed to the dead ``BRPOP`` of a host cut off the
+    network is in no queue and in no ``unacked`` entry; its row counts as lost after two
+    looks. A row whose message waits in its queue (any priority list) never does
+    (invariant 10), nor one whose queue the relay was not told."""
+    app = Celery("hosts-vanished", broker=broker.url)
+    client = redis.Redis.from_url(broker.url)
+    gone, waiting, urgent, delivered = (uuid.uuid4() for _ in range(4))
+
+    def message(task_id: uuid.UUID) -> str:
+        return json.dumps({"headers": {"id": str(task_id)}, "properties": {}, "body": ""})
+
+    client.lpush("q", message(waiting))
+    client.lpush("q\x06\x166", message(urgent))  # kombu's list for priority 6
+    client.zadd("unacked_index", {"tag-d": time.time()})  # taken just now by a live worker
+    client.hset("unacked", "tag-d", json.dumps([json.loads(message(delivered)), "", "q"]))
+    rows = [gone, waiting, urgent, delivered]
+    finder = LostDeliveries(app, reply_timeout=0.5)  # no worker runs: nobody holds anything
+    try:
+        assert finder(rows, 10, ["q"]) == set()  # the first look only suspects
+        assert finder(rows, 10, ["q"]) == {gone}
+        assert finder(rows, 10) == set()  # no queue named: absence proves nothing
+        assert finder(rows, 10) == set()
+        assert client.llen("q") == 1 and client.hexists("unacked", "tag-d")
     finally:
         app.pool.force_close_all()
         client.close()

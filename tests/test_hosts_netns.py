@@ -12,7 +12,7 @@ host, ``w1`` is made to hold its handlers after recording, orders are placed, an
 (c) the database only, for at least two leases and until the others finish. Then, for each:
 
 - every order completes while ``w1`` is away (a host's outage costs the others about a
-  lease; today it does not, issue 20 §4: `WorkHeld`, checked last) and after it returns,
+  lease: else `WorkHeld`, checked last) and after it returns,
   with exactly its saga's events and effects (no extra events, no row processed twice:
   the late acknowledgements of the cut host change nothing);
 - the recorder holds every processed effect's idempotency key and no other; a key
@@ -26,6 +26,7 @@ reason, only where namespaces are refused (not root, no `ip`, `ip netns add` fai
 
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -72,9 +73,8 @@ EFFECTS = {
 class WorkHeld(AssertionError):
     """Orders stalled because of the cut host: the others could not finish them while it
     was away (rows it ran or had prefetched stayed leased), or not even after it returned.
-    The scenarios' expected failures (issue 20 §4) are of this type only, so an xfail on
-    them masks no other failure; while the host is away it is raised last, after every
-    other check."""
+    While the host is away it is raised last, after every other check, so the books are
+    checked either way."""
 
 
 @dataclass(frozen=True)
@@ -138,7 +138,47 @@ class Cluster:
             "locked_by IS NOT NULL, count(*) FROM ironflow.outbox GROUP BY 1, 2, 3, 4 "
             "ORDER BY 1, 2, 3, 4",
         )
-        return "outbox (type, processed, dead, leased, rows): " + repr(rows)
+        lines = ["outbox (type, processed, dead, leased, rows): " + repr(rows)]
+        stuck = sql(
+            self.db,
+            "SELECT id, workflow_id, payload->>'type', locked_by, "
+            "round(extract(epoch FROM locked_until - now())::numeric, 1), "
+            "run_started_at IS NOT NULL, attempts, "
+            "round(extract(epoch FROM celery_claim_after - now())::numeric, 1) "
+            "FROM ironflow.outbox WHERE processed_at IS NULL AND dead_lettered_at IS NULL",
+        )
+        lines += [
+            f"  open row {row_id} {wf} {kind}: locked_by={by} locked_until=now{until:+} "
+            f"run_started={started} attempts={attempts} claim_after=now{after:+}"
+            for row_id, wf, kind, by, until, started, attempts, after in (
+                (r[0], r[1], r[2], r[3], r[4] or 0, r[5], r[6], r[7] or 0) for r in stuck
+            )
+        ]
+        lines.append(self.broker_contents())
+        return "\n".join(lines)
+
+    def broker_contents(self) -> str:
+        """The hosts queue's messages and kombu's unacked entries (their task ids)."""
+        try:
+            client = self.broker.client()
+            try:
+                queued = [_task_id(m) for m in client.lrange(QUEUE, 0, -1)]
+                unacked = {
+                    tag.decode(): _task_id(raw, entry=True)
+                    for tag, raw in client.hgetall("unacked").items()
+                }
+                index = {
+                    t.decode(): round(time.time() - s, 1)
+                    for t, s in client.zrange("unacked_index", 0, -1, withscores=True)
+                }
+            finally:
+                client.close()
+        except Exception as exc:  # the diagnosis must not hide the failure it explains
+            return f"broker: unreadable ({exc})"
+        return (
+            f"broker: queue {QUEUE} holds {queued}; unacked "
+            f"{ {t: (i, index.get(t)) for t, i in unacked.items()} }"
+        )
 
     def wait_all_complete(self, what: str) -> None:
         wait_for_progress(
@@ -160,6 +200,16 @@ class Cluster:
             if self.completed() == len(self.orders):
                 self.submit(3)
             time.sleep(0.5)
+
+
+def _task_id(raw: bytes, *, entry: bool = False) -> str:
+    """The task id of a kombu Redis message (`entry`: an ``unacked`` hash value)."""
+    try:
+        message = json.loads(raw)
+        message = message[0] if entry else message
+        return str((message.get("headers") or {}).get("id"))
+    except (ValueError, TypeError, IndexError, AttributeError):
+        return "?"
 
 
 def _start_worker(
@@ -339,13 +389,6 @@ def check_books(cluster: Cluster, held: set[str]) -> None:
 # -- (a), (b), (c) -----------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    raises=WorkHeld,
-    strict=True,
-    reason="issue 20 §4: the cut host's prefetched messages sit in Redis' unacked hash "
-    "(visibility_timeout, 1 h) while the relays renew their rows until dispatch_timeout "
-    "(1800 s): their orders wait for the host, and stay stuck after it returns",
-)
 def test_worker_host_cut_off_database_and_broker_mid_handler(cluster: Cluster) -> None:
     """(a) both links down for longer than a lease, mid-handler."""
     cut_mid_handler(cluster, ("dbnet", "brnet"))

@@ -847,10 +847,13 @@ class Relay:
             return
         found: list[set[uuid.UUID]] = []
         find_lost, every = self.find_lost, self._lost_every
+        # The queues their messages went to: a message in none of them, in no worker's
+        # hands, is lost too (a row whose queue we were not told is never found so).
+        queues = {self.in_flight[i].queue for i in looked_at} - {DEFAULT_QUEUE}
 
         def look() -> None:
             try:
-                found.append(find_lost(list(looked_at), every))
+                found.append(find_lost(list(looked_at), every, queues))
                 if found[0]:
                     self.wake.set()  # release them now, not at the next poll
             except Exception as exc:  # the broker is away: the renewals hold the rows
@@ -875,8 +878,8 @@ class Relay:
         self.lost_total += released
         log.warning(
             "ironflow %s relay %s: %d published rows were taken off the queue by a worker that "
-            "is gone (unacknowledged in the broker, held by no live worker); released, they "
-            "are claimed and published again",
+            "is gone (unacknowledged in the broker or in no queue, held by no live worker); "
+            "released, they are claimed and published again",
             self.kind, self.name, released,
         )  # fmt: skip
 
