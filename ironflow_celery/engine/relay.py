@@ -63,6 +63,14 @@ def task_name(workflow_type: str, kind: Kind | RowKind) -> str:
 DISPATCH_HOLD_MIN = 30.0
 """Seconds a relay's renewal holds a waiting row for, at least (see `Relay.keep_alive`)."""
 
+RECHECK_EVERY = 1.0
+"""Seconds between two looks at the next due time after empty claims (`Relay._learn_due`)."""
+BLOCKED_POLL = 0.1
+"""Poll while a due row is held by a concurrent claim or a concurrency limit."""
+BACK_PRESSURE_POLL = 0.05
+BACK_PRESSURE_POLL_MAX = 1.0
+"""Bounds of the wait for room at the in-flight limit (`Relay._room_check_every`)."""
+
 
 Publisher = Callable[[Kind, Sequence[ClaimedRow]], list[uuid.UUID]]
 
@@ -271,6 +279,19 @@ class Relay:
         self.renewed_total = 0
         self.given_up_total = 0
         self._poll = self.row_kind.poll_interval(config)
+        # When the next row becomes claimable (monotonic clock; None: nothing pending), as
+        # the last `_refresh_due` found it; an idle relay sleeps until then, a NOTIFY, or
+        # the safety poll. `_blocked`: that look found a row due now which our claim did
+        # not take (held by a concurrent claim, or its type at its concurrency limit).
+        self._due: float | None = None
+        self._blocked = False
+        self._checked_at = -RECHECK_EVERY
+        self._recheck_at: float | None = None
+        self._probe = False
+        # Back-pressure: how fast this relay's published rows start (rows/s, smoothed),
+        # so a relay at its limit checks for room about once per `_min_claim` rows started.
+        self._start_rate = 0.0
+        self._limit_checked_at: float | None = None
         self.claimed_total = 0
         self.published_total = 0
 
@@ -320,6 +341,13 @@ class Relay:
             # At the limit, wait for a quarter batch of room: claims of a handful of rows
             # cost as much database work as full ones, while the broker still holds plenty.
             return False
+        if self._probe:
+            # Woken by the safety poll, not by a NOTIFY or a due time: one cheap look
+            # decides whether a claim is worth it (an idle relay's only statement).
+            self._probe = False
+            now = self._refresh_due()
+            if self._due is None or self._due > now:
+                return False
         token = f"{self.name}#{next(self._batches)}"
         limit = min(self.config.claim_batch_size, capacity)
         rows = self.store.claim(
@@ -332,6 +360,8 @@ class Relay:
             concurrency_limits=self.concurrency_limits,
         )
         self._drained = len(rows) < limit
+        if self._drained:
+            self._learn_due(bool(rows))
         if not rows:
             return False
         self.claimed_total += len(rows)
@@ -386,7 +416,28 @@ class Relay:
             done = self._finished(list(self.in_flight))
         for row_id in done:
             del self.in_flight[row_id]
+        self._measure_start_rate(now, len(done), at_limit)
         return self.config.max_in_flight - len(self.in_flight)
+
+    def _measure_start_rate(self, now: float, started: int, at_limit: bool) -> None:
+        """Smooth the rate at which our published rows start, from checks made at the
+        limit (elsewhere the relay is not waiting on it)."""
+        last, self._limit_checked_at = self._limit_checked_at, (now if at_limit else None)
+        if last is None or not at_limit or now <= last:
+            return
+        rate = started / (now - last)
+        self._start_rate = rate if self._start_rate == 0 else 0.7 * self._start_rate + 0.3 * rate
+
+    def _room_check_every(self) -> float:
+        """How long a relay at its limit waits before asking which rows started: about the
+        time `_min_claim` of them take to start. A fixed short poll made every relay ask at
+        the same rate however much work it had: four relays sharing one worker cost four
+        times the statements per effect of one."""
+        if self._start_rate <= 0:
+            return BACK_PRESSURE_POLL_MAX
+        return min(
+            max(self._min_claim / self._start_rate, BACK_PRESSURE_POLL), BACK_PRESSURE_POLL_MAX
+        )
 
     @property
     def _min_claim(self) -> int:
@@ -461,24 +512,59 @@ class Relay:
                     del self.in_flight[row_id]
         self._renew_due = min((d.renew_at for d in self.in_flight.values()), default=now)
 
-    def idle_wait(self) -> None:
-        """Sleep until a NOTIFY, the poll interval, or the next due time (timers; an
-        effect is due when written)."""
-        timeout = self._poll
-        if self.in_flight:
-            timeout = min(timeout, max(self._renew_due - time.monotonic(), 0.0))
-        if self.len_in_flight_at_limit():
-            timeout = min(timeout, 0.05)
-        elif self.row_kind.statements.next_due is not None:
+    def _refresh_due(self) -> float:
+        """Ask when the next row becomes claimable (one statement); returns the time asked."""
+        now = time.monotonic()
+        seconds = self.store.seconds_until_due(
+            self.row_kind, self.workflow_types, max_attempts=self.attempt_limits
+        )
+        self._checked_at = now
+        self._recheck_at = None
+        self._due = None if seconds is None else now + seconds
+        self._blocked = seconds is not None and seconds <= 0
+        return now
+
+    def _learn_due(self, claimed_some: bool) -> None:
+        """After a claim that drained the due rows: make sure the next due time is known.
+
+        The known time is stale once it passed (we just claimed what it announced). An empty
+        claim means the wake-up was for rows not due yet (a backoff, a future timer) or
+        taken by another relay: look again, at most once per `RECHECK_EVERY` -- with many
+        relays every NOTIFY wakes them all, and all but one find nothing."""
+        now = time.monotonic()
+        passed = self._due is not None and not self._blocked and self._due <= now
+        if passed or (not claimed_some and now - self._checked_at >= RECHECK_EVERY):
             try:
-                due = self.store.seconds_until_due(
-                    self.row_kind, self.workflow_types, max_attempts=self.attempt_limits
-                )
+                self._refresh_due()
             except StorageError:
-                due = None
-            if due is not None:
-                timeout = min(timeout, max(due, 0.005))
-        self.wake.wait(timeout)
+                self._recheck_at = now + RECHECK_EVERY
+        elif not claimed_some:
+            self._recheck_at = self._checked_at + RECHECK_EVERY
+
+    def idle_wait(self) -> None:
+        """Sleep until a NOTIFY, the next due time (a timer, a backoff, a lease that may
+        run out), a renewal, room under back-pressure, or the safety poll. Woken by the
+        safety poll alone, the next step first asks whether anything is due (`_probe`)."""
+        now = time.monotonic()
+        timeout, probe = self._poll, True
+
+        def bound(seconds: float, then_probe: bool) -> None:
+            nonlocal timeout, probe
+            if seconds < timeout:
+                timeout, probe = max(seconds, 0.0), then_probe
+
+        if self.in_flight:
+            bound(self._renew_due - now, False)
+        if self.len_in_flight_at_limit():
+            bound(self._room_check_every(), False)
+        else:
+            if self._due is not None:
+                floor = BLOCKED_POLL if self._blocked else 0.005
+                bound(max(self._due - now, floor), False)
+            if self._recheck_at is not None:
+                bound(self._recheck_at - now, True)
+        if not self.wake.wait(timeout) and probe:
+            self._probe = True
 
     def len_in_flight_at_limit(self) -> bool:
         """Back-pressure holds: less room than the smallest claim worth making."""
