@@ -47,6 +47,7 @@ __all__ = [
     "Relay",
     "RelayGroup",
     "Waker",
+    "Wakeup",
     "celery_publisher",
     "declare_queues",
     "task_name",
@@ -67,6 +68,8 @@ RECHECK_EVERY = 1.0
 """Seconds between two looks at the next due time after empty claims (`Relay._learn_due`)."""
 BLOCKED_POLL = 0.1
 """Poll while a due row is held by a concurrent claim or a concurrency limit."""
+YIELD_MAX = 0.5
+"""Seconds a relay whose claims keep finding nothing lets others answer a NOTIFY first."""
 BACK_PRESSURE_POLL = 0.05
 BACK_PRESSURE_POLL_MAX = 1.0
 """Bounds of the wait for room at the in-flight limit (`Relay._room_check_every`)."""
@@ -169,6 +172,20 @@ def declare_queues(app: Any, producer: Any, names: set[str]) -> None:
             producer.maybe_declare(queue)
 
 
+class Wakeup(threading.Event):
+    """An event that also counts the NOTIFYs that set it: a relay compares the rows it
+    claims with the NOTIFYs it sees to tell whether it is the one taking the work
+    (`Relay._yield_delay`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.notifies = 0
+
+    def notified(self) -> None:
+        self.notifies += 1  # one writer: the waker thread
+        self.set()
+
+
 class Waker:
     """One LISTEN connection that wakes the effect and timer relays on NOTIFY.
 
@@ -178,10 +195,10 @@ class Waker:
     def __init__(self, conninfo: str, stop: threading.Event) -> None:
         self.conninfo = conninfo
         self.stop = stop
-        self.events: dict[str, threading.Event] = {k.channel: threading.Event() for k in KINDS}
+        self.events: dict[str, Wakeup] = {k.channel: Wakeup() for k in KINDS}
         self._thread = threading.Thread(target=self._run, name="ironflow-waker", daemon=True)
 
-    def event(self, kind: Kind | RowKind) -> threading.Event:
+    def event(self, kind: Kind | RowKind) -> Wakeup:
         return self.events[kind_of(kind).channel]
 
     def start(self) -> None:
@@ -207,7 +224,7 @@ class Waker:
                         for notify in conn.notifies(timeout=0.5):
                             event = self.events.get(notify.channel)
                             if event is not None:
-                                event.set()
+                                event.notified()
             except psycopg.Error as exc:
                 if self.stop.is_set():
                     break
@@ -292,6 +309,12 @@ class Relay:
         # so a relay at its limit checks for room about once per `_min_claim` rows started.
         self._start_rate = 0.0
         self._limit_checked_at: float | None = None
+        # Rows claimed and NOTIFYs seen (smoothed): the share of the notified work this
+        # relay takes. Several relays all woken by every NOTIFY all claim; the ones that
+        # keep finding nothing answer later (`_yield_delay`), the one taking the work never.
+        self._notifies_seen = 0
+        self._rows_avg = 1.0
+        self._notifies_avg = 1.0
         self.claimed_total = 0
         self.published_total = 0
 
@@ -328,8 +351,10 @@ class Relay:
             # A partial batch means the due rows are drained: wait for a NOTIFY (one that
             # arrived meanwhile returns at once) instead of an empty claim, which under a
             # steady trickle of decisions doubled the relay's claims.
-            if not progressed or self._drained:
-                self.idle_wait()
+            if (not progressed or self._drained) and self.idle_wait():
+                delay = self._yield_delay()
+                if delay > 0:
+                    self.stop.wait(delay)
 
     def step(self) -> bool:
         """One claim-and-publish round; False when there was nothing to do."""
@@ -360,6 +385,7 @@ class Relay:
             concurrency_limits=self.concurrency_limits,
         )
         self._drained = len(rows) < limit
+        self._note_share(len(rows))
         if self._drained:
             self._learn_due(bool(rows))
         if not rows:
@@ -512,6 +538,25 @@ class Relay:
                     del self.in_flight[row_id]
         self._renew_due = min((d.renew_at for d in self.in_flight.values()), default=now)
 
+    def _note_share(self, claimed: int) -> None:
+        """Smooth the rows this relay claims against the NOTIFYs it saw meanwhile."""
+        seen = getattr(self.wake, "notifies", None)
+        if seen is None:  # a plain event (tests): no NOTIFY count to compare with
+            return
+        notifies, self._notifies_seen = seen - self._notifies_seen, seen
+        self._rows_avg = 0.8 * self._rows_avg + 0.2 * claimed
+        self._notifies_avg = 0.8 * self._notifies_avg + 0.2 * notifies
+
+    def _yield_delay(self) -> float:
+        """How long to let other relays answer a NOTIFY first: nothing while this relay
+        claims about a row per NOTIFY or more (a lone relay always does: every notified
+        row is claimed by it), up to `YIELD_MAX` while its claims keep coming back empty
+        because another relay took the rows. Its claims then come back with rows again
+        when the others fall behind (at their in-flight limits, or gone), and it answers
+        at once again."""
+        share = self._rows_avg / max(self._notifies_avg, 1e-9)
+        return 0.0 if share >= 0.5 else YIELD_MAX * (1 - 2 * share)
+
     def _refresh_due(self) -> float:
         """Ask when the next row becomes claimable (one statement); returns the time asked."""
         now = time.monotonic()
@@ -533,6 +578,8 @@ class Relay:
         relays every NOTIFY wakes them all, and all but one find nothing."""
         now = time.monotonic()
         passed = self._due is not None and not self._blocked and self._due <= now
+        if not passed and not claimed_some and self._yield_delay() > 0:
+            return  # another relay takes the notified rows: nothing new to learn here
         if passed or (not claimed_some and now - self._checked_at >= RECHECK_EVERY):
             try:
                 self._refresh_due()
@@ -541,10 +588,11 @@ class Relay:
         elif not claimed_some:
             self._recheck_at = self._checked_at + RECHECK_EVERY
 
-    def idle_wait(self) -> None:
+    def idle_wait(self) -> bool:
         """Sleep until a NOTIFY, the next due time (a timer, a backoff, a lease that may
-        run out), a renewal, room under back-pressure, or the safety poll. Woken by the
-        safety poll alone, the next step first asks whether anything is due (`_probe`)."""
+        run out), a renewal, room under back-pressure, or the safety poll; True when woken
+        (by a NOTIFY). Woken by the safety poll alone, the next step first asks whether
+        anything is due (`_probe`)."""
         now = time.monotonic()
         timeout, probe = self._poll, True
 
@@ -563,8 +611,10 @@ class Relay:
                 bound(max(self._due - now, floor), False)
             if self._recheck_at is not None:
                 bound(self._recheck_at - now, True)
-        if not self.wake.wait(timeout) and probe:
-            self._probe = True
+        if self.wake.wait(timeout):
+            return True
+        self._probe = probe
+        return False
 
     def len_in_flight_at_limit(self) -> bool:
         """Back-pressure holds: less room than the smallest claim worth making."""
