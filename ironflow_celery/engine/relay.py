@@ -68,7 +68,7 @@ RECHECK_EVERY = 1.0
 """Seconds between two looks at the next due time after empty claims (`Relay._learn_due`)."""
 BLOCKED_POLL = 0.1
 """Poll while a due row is held by a concurrent claim or a concurrency limit."""
-YIELD_MAX = 0.5
+YIELD_MAX = 2.0
 """Seconds a relay whose claims keep finding nothing lets others answer a NOTIFY first."""
 BACK_PRESSURE_POLL = 0.05
 BACK_PRESSURE_POLL_MAX = 1.0
@@ -179,11 +179,16 @@ class Wakeup(threading.Event):
 
     def __init__(self) -> None:
         super().__init__()
-        self.notifies = 0
+        self.notifies: dict[str, int] = {}
+        """NOTIFYs received, by payload (the workflow type); one writer, the waker."""
 
-    def notified(self) -> None:
-        self.notifies += 1  # one writer: the waker thread
+    def notified(self, payload: str) -> None:
+        self.notifies[payload] = self.notifies.get(payload, 0) + 1
         self.set()
+
+    def count(self, payloads: Iterable[str]) -> int:
+        """NOTIFYs received so far for these payloads."""
+        return sum(self.notifies.get(p, 0) for p in payloads)
 
 
 class Waker:
@@ -224,7 +229,7 @@ class Waker:
                         for notify in conn.notifies(timeout=0.5):
                             event = self.events.get(notify.channel)
                             if event is not None:
-                                event.notified()
+                                event.notified(notify.payload)
             except psycopg.Error as exc:
                 if self.stop.is_set():
                     break
@@ -540,12 +545,15 @@ class Relay:
 
     def _note_share(self, claimed: int) -> None:
         """Smooth the rows this relay claims against the NOTIFYs it saw meanwhile."""
-        seen = getattr(self.wake, "notifies", None)
-        if seen is None:  # a plain event (tests): no NOTIFY count to compare with
+        if not isinstance(self.wake, Wakeup):  # a plain event (tests): nothing to compare
             return
+        seen = self.wake.count(self.workflow_types)  # NOTIFYs for rows we may claim
         notifies, self._notifies_seen = seen - self._notifies_seen, seen
-        self._rows_avg = 0.8 * self._rows_avg + 0.2 * claimed
-        self._notifies_avg = 0.8 * self._notifies_avg + 0.2 * notifies
+        # Slowly: a lone relay's claims come back empty now and then (a NOTIFY for a row it
+        # already claimed, a failure whose backoff has not ended) without that making it
+        # wait; a relay whose claims keep finding nothing yields after a dozen of them.
+        self._rows_avg = 0.95 * self._rows_avg + 0.05 * claimed
+        self._notifies_avg = 0.95 * self._notifies_avg + 0.05 * notifies
 
     def _yield_delay(self) -> float:
         """How long to let other relays answer a NOTIFY first: nothing while this relay

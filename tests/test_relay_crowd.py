@@ -1,0 +1,102 @@
+"""Crowded relays (issue 20 §3): four relays sharing one database cost about what one costs.
+
+Every NOTIFY wakes every relay; before, all of them claimed on each one and all but one
+found nothing (3.5x the statements of a single relay on a stream of inputs). Now a relay
+whose claims keep coming back empty lets the one taking the work answer first. The
+figures on real processes are benchmark row 11; this test checks the mechanism in one
+process (four relay groups, each with its own LISTEN connection, like four hosts).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+
+import pytest
+import sqlalchemy as sa
+from runtime_helpers import execute, scalar, wait_for_progress, wait_until
+from test_relay_idle import FIRE_AND_FORGET, StatementCounter, T, store_engines
+
+from ironflow_celery.engine.relay import Kind, RelayGroup
+from ironflow_celery.model.config import RuntimeConfig
+from ironflow_celery.storage.store import ClaimedRow, PostgresStore
+
+N = 300  # effects streamed to each set of relays
+PACE = 0.01  # seconds between two decisions: a steady stream, each commit a NOTIFY
+
+
+def stream(db: sa.Engine, prefix: str) -> None:
+    """N effects, each inserted and notified in its own transaction (as decisions do), on
+    a connection of its own (the engines counted are the relays')."""
+    writer = sa.create_engine(db.url, poolclass=sa.pool.NullPool)
+    try:
+        with writer.connect() as conn:
+            conn.execution_options(isolation_level="AUTOCOMMIT")
+            for i in range(N):
+                conn.execute(
+                    sa.text(
+                        "WITH e AS (INSERT INTO ironflow.outbox"
+                        " (workflow_type, workflow_id, payload)"
+                        " VALUES (:wt, :wid, CAST(:payload AS jsonb)) RETURNING 1)"
+                        " SELECT pg_notify('ironflow_effects', :wt) FROM e"
+                    ),
+                    {"wt": T, "wid": f"{prefix}{i}", "payload": json.dumps(FIRE_AND_FORGET)},
+                )
+                time.sleep(PACE)
+    finally:
+        writer.dispose()
+
+
+def listeners(db: sa.Engine) -> int:
+    return scalar(
+        db,
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+        " AND query ILIKE 'LISTEN ironflow_timers%'",
+    )
+
+
+def relay_statements(store: PostgresStore, db: sa.Engine, relays: int) -> float:
+    """Statements per effect that `relays` relay groups send while N effects stream in."""
+    published: list[uuid.UUID] = []
+    lock = threading.Lock()
+
+    def publish(kind: Kind, rows: Sequence[ClaimedRow]) -> list[uuid.UUID]:
+        with lock:
+            published.extend(r.id for r in rows)
+        return [r.id for r in rows]
+
+    config = RuntimeConfig(max_in_flight=10 * N)
+    groups = [
+        RelayGroup(store, [T], config, publish, worker_id=f"crowd-{relays}-{i}", timers=False)
+        for i in range(relays)
+    ]
+    with StatementCounter(store_engines(store)) as counter:
+        for group in groups:
+            group.start()
+        try:
+            wait_until(lambda: listeners(db) >= relays, what=f"{relays} LISTEN connections")
+            time.sleep(1.0)  # every relay past its first round
+            before = counter.total()
+            stream(db, f"crowd{relays}-")
+            wait_for_progress(lambda: len(published), N, f"{relays} relays to publish")
+            sent = counter.total() - before
+        finally:
+            for group in groups:
+                assert group.stop(10)
+    assert len(published) == N and len(set(published)) == N  # each row claimed once
+    # These rows are done with: the next set of relays starts from an empty outbox.
+    execute(db, "UPDATE ironflow.outbox SET processed_at = now(), locked_by = NULL")
+    return sent / N
+
+
+@pytest.mark.timeout(600)
+def test_four_relays_cost_about_what_one_costs(store: PostgresStore, db: sa.Engine) -> None:
+    """The same stream of effects, to one relay and then to four: the four together send
+    at most 1.6 times the statements of the one (they sent 3.5-4 times as many)."""
+    one = relay_statements(store, db, 1)
+    four = relay_statements(store, db, 4)
+    assert scalar(db, "SELECT count(*) FROM ironflow.outbox WHERE processed_at IS NULL") == 0
+    assert four <= 1.6 * one, f"1 relay: {one:.2f}, 4 relays: {four:.2f} statements per effect"
