@@ -545,13 +545,15 @@ class Relay:
 
     def _note_share(self, claimed: int) -> None:
         """Smooth the rows this relay claims against the NOTIFYs it saw meanwhile."""
-        if not isinstance(self.wake, Wakeup):  # a plain event (tests): nothing to compare
+        if not self.row_kind.due_when_written or not isinstance(self.wake, Wakeup):
+            # A timer's NOTIFY announces a future fire_at: an empty claim after it is the
+            # rule, not a sign of other relays (nor is anything counted on a plain event).
             return
         seen = self.wake.count(self.workflow_types)  # NOTIFYs for rows we may claim
         notifies, self._notifies_seen = seen - self._notifies_seen, seen
         # Slowly: a lone relay's claims come back empty now and then (a NOTIFY for a row it
         # already claimed, a failure whose backoff has not ended) without that making it
-        # wait; a relay whose claims keep finding nothing yields after a dozen of them.
+        # wait; a relay whose claims keep finding nothing yields after about fourteen.
         self._rows_avg = 0.95 * self._rows_avg + 0.05 * claimed
         self._notifies_avg = 0.95 * self._notifies_avg + 0.05 * notifies
 
@@ -586,8 +588,6 @@ class Relay:
         relays every NOTIFY wakes them all, and all but one find nothing."""
         now = time.monotonic()
         passed = self._due is not None and not self._blocked and self._due <= now
-        if not passed and not claimed_some and self._yield_delay() > 0:
-            return  # another relay takes the notified rows: nothing new to learn here
         if passed or (not claimed_some and now - self._checked_at >= RECHECK_EVERY):
             try:
                 self._refresh_due()
