@@ -100,3 +100,47 @@ def test_four_relays_cost_about_what_one_costs(store: PostgresStore, db: sa.Engi
     four = relay_statements(store, db, 4)
     assert scalar(db, "SELECT count(*) FROM ironflow.outbox WHERE processed_at IS NULL") == 0
     assert four <= 1.6 * one, f"1 relay: {one:.2f}, 4 relays: {four:.2f} statements per effect"
+
+
+def test_a_relay_at_its_limit_asks_for_room_at_the_pace_its_rows_start(
+    store: PostgresStore, db: sa.Engine
+) -> None:
+    """A relay whose published rows do not start (no worker) stops at max_in_flight and
+    then asks which rows started about once a second, not 20 times (it polled every 50 ms
+    however little work there was: four relays asked four times as often). Once rows
+    start it claims again."""
+    execute(
+        db,
+        "INSERT INTO ironflow.outbox (workflow_type, workflow_id, payload)"
+        " SELECT :wt, 'limit-' || g, CAST(:payload AS jsonb) FROM generate_series(1, 200) g",
+        wt=T,
+        payload=json.dumps(FIRE_AND_FORGET),
+    )
+    published: list[uuid.UUID] = []
+
+    def publish(kind: Kind, rows: Sequence[ClaimedRow]) -> list[uuid.UUID]:
+        published.extend(r.id for r in rows)
+        return [r.id for r in rows]
+
+    config = RuntimeConfig(max_in_flight=50, claim_batch_size=50)
+    group = RelayGroup(store, [T], config, publish, worker_id="at-limit", timers=False)
+    with StatementCounter(store_engines(store)) as counter:
+        group.start()
+        try:
+            wait_until(lambda: len(published) >= 50, what="the first 50 rows")
+            time.sleep(1.0)
+            before, began = counter.total(), time.monotonic()
+            time.sleep(10.0)  # at the limit: nothing starts
+            sent, window = counter.total() - before, time.monotonic() - began
+            assert len(published) == 50
+            # A worker starts 25 of them (the start guard moves each to a run token).
+            execute(
+                db,
+                "UPDATE ironflow.outbox SET locked_by = 'run-' || id"
+                " WHERE id = ANY(CAST(:ids AS uuid[]))",
+                ids=[str(i) for i in published[:25]],
+            )
+            wait_until(lambda: len(published) >= 75, timeout=45, what="room for 25 more")
+        finally:
+            assert group.stop(10)
+    assert sent <= 3 * window, f"{sent} statements in {window:.1f}s at the in-flight limit"

@@ -314,6 +314,7 @@ class Relay:
         # so a relay at its limit checks for room about once per `_min_claim` rows started.
         self._start_rate = 0.0
         self._limit_checked_at: float | None = None
+        self._started_since = 0
         # Rows claimed and NOTIFYs seen (smoothed): the share of the notified work this
         # relay takes. Several relays all woken by every NOTIFY all claim; the ones that
         # keep finding nothing answer later (`_yield_delay`), the one taking the work never.
@@ -453,10 +454,16 @@ class Relay:
     def _measure_start_rate(self, now: float, started: int, at_limit: bool) -> None:
         """Smooth the rate at which our published rows start, from checks made at the
         limit (elsewhere the relay is not waiting on it)."""
-        last, self._limit_checked_at = self._limit_checked_at, (now if at_limit else None)
-        if last is None or not at_limit or now <= last:
+        last = self._limit_checked_at
+        if not at_limit or last is None:
+            self._limit_checked_at, self._started_since = (now if at_limit else None), 0
             return
-        rate = started / (now - last)
+        # Checks a claim apart (a few ms) are added up: too short to sample a rate from.
+        self._started_since += started
+        if now - last < BACK_PRESSURE_POLL:
+            return
+        rate = self._started_since / (now - last)
+        self._limit_checked_at, self._started_since = now, 0
         self._start_rate = rate if self._start_rate == 0 else 0.7 * self._start_rate + 0.3 * rate
 
     def _room_check_every(self) -> float:
