@@ -595,13 +595,18 @@ class Relay:
         relays every NOTIFY wakes them all, and all but one find nothing."""
         now = time.monotonic()
         passed = self._due is not None and not self._blocked and self._due <= now
-        if passed or (not claimed_some and now - self._checked_at >= RECHECK_EVERY):
+        # A timer's NOTIFY announces its fire_at: look at once (it may be milliseconds
+        # away). An effect's mostly announces a row due now, and an empty claim after it
+        # that another relay took it: once a second is enough (a failure's backoff, the
+        # other thing it announces, is at least `backoff_base` long by default).
+        recheck = RECHECK_EVERY if self.row_kind.due_when_written else 0.0
+        if passed or (not claimed_some and now - self._checked_at >= recheck):
             try:
                 self._refresh_due()
             except StorageError:
                 self._recheck_at = now + RECHECK_EVERY
         elif not claimed_some:
-            self._recheck_at = self._checked_at + RECHECK_EVERY
+            self._recheck_at = self._checked_at + recheck
 
     def idle_wait(self) -> bool:
         """Sleep until a NOTIFY, the next due time (a timer, a backoff, a lease that may
