@@ -2,7 +2,9 @@
 Celery tasks, one task per row, ``task_id`` = the row id.
 
 A relay claims in batches under a fresh lease token, wakes on ``LISTEN/NOTIFY`` (the
-decision transaction notifies) with a polling fallback, and stops claiming while
+decision transaction notifies) and at the next due time it knows, with a slow safety poll
+(an idle relay sends about one statement per poll; see docs/scaling.md, "Many relays"),
+and stops claiming while
 ``max_in_flight`` of its published rows still wait to start (back-pressure), so a large
 backlog never floods the broker. A publish that fails gives its unpublished claims back
 at once. Any number of relays may share one database.
@@ -194,7 +196,7 @@ class Wakeup(threading.Event):
 class Waker:
     """One LISTEN connection that wakes the effect and timer relays on NOTIFY.
 
-    It reconnects after a database outage; relays fall back to polling meanwhile.
+    It reconnects after a database outage; relays fall back to their safety poll meanwhile.
     """
 
     def __init__(self, conninfo: str, stop: threading.Event) -> None:

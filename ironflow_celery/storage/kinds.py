@@ -51,7 +51,7 @@ class RowKind:
     lock_duration_setting: str
     """The `RuntimeConfig` field with the lease of a claimed or running row, in seconds."""
     poll_interval_setting: str
-    """The `RuntimeConfig` field with the relay's polling fallback, in seconds."""
+    """The `RuntimeConfig` field with the relay's safety poll, in seconds."""
     workers_setting: str
     """The `RuntimeConfig` field with how many relays of this kind a process runs."""
     payload_union: str
