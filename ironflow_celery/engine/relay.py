@@ -74,7 +74,7 @@ YIELD_MAX = 2.0
 """Seconds a relay whose claims keep finding nothing lets others answer a NOTIFY first."""
 BACK_PRESSURE_POLL = 0.05
 BACK_PRESSURE_POLL_MAX = 1.0
-"""Bounds of the wait for room at the in-flight limit (`Relay._room_check_every`)."""
+"""Bounds of the wait for room at the in-flight limit (`Relay._note_room_check`)."""
 
 
 Publisher = Callable[[Kind, Sequence[ClaimedRow]], list[uuid.UUID]]
@@ -312,11 +312,8 @@ class Relay:
         self._checked_at = -RECHECK_EVERY
         self._recheck_at: float | None = None
         self._probe = False
-        # Back-pressure: how fast this relay's published rows start (rows/s, smoothed),
-        # so a relay at its limit checks for room about once per `_min_claim` rows started.
-        self._start_rate = 0.0
-        self._limit_checked_at: float | None = None
-        self._started_since = 0
+        # Back-pressure: the wait before the next check for room at the limit.
+        self._room_wait = BACK_PRESSURE_POLL
         # Rows claimed and NOTIFYs seen (smoothed): the share of the notified work this
         # relay takes. Several relays all woken by every NOTIFY all claim; the ones that
         # keep finding nothing answer later (`_yield_delay`), the one taking the work never.
@@ -393,7 +390,7 @@ class Relay:
             concurrency_limits=self.concurrency_limits,
         )
         self._drained = len(rows) < limit
-        self._note_share(len(rows))
+        self._note_share(len(rows), self._drained)
         if self._drained:
             self._learn_due(bool(rows))
         if not rows:
@@ -450,34 +447,18 @@ class Relay:
             done = self._finished(list(self.in_flight))
         for row_id in done:
             del self.in_flight[row_id]
-        self._measure_start_rate(now, len(done), at_limit)
+        self._note_room_check(len(done), at_limit)
         return self.config.max_in_flight - len(self.in_flight)
 
-    def _measure_start_rate(self, now: float, started: int, at_limit: bool) -> None:
-        """Smooth the rate at which our published rows start, from checks made at the
-        limit (elsewhere the relay is not waiting on it)."""
-        last = self._limit_checked_at
-        if not at_limit or last is None:
-            self._limit_checked_at, self._started_since = (now if at_limit else None), 0
-            return
-        # Checks a claim apart (a few ms) are added up: too short to sample a rate from.
-        self._started_since += started
-        if now - last < BACK_PRESSURE_POLL:
-            return
-        rate = self._started_since / (now - last)
-        self._limit_checked_at, self._started_since = now, 0
-        self._start_rate = rate if self._start_rate == 0 else 0.7 * self._start_rate + 0.3 * rate
-
-    def _room_check_every(self) -> float:
-        """How long a relay at its limit waits before asking which rows started: about the
-        time `_min_claim` of them take to start. A fixed short poll made every relay ask at
-        the same rate however much work it had: four relays sharing one worker cost four
-        times the statements per effect of one."""
-        if self._start_rate <= 0:
-            return BACK_PRESSURE_POLL_MAX
-        return min(
-            max(self._min_claim / self._start_rate, BACK_PRESSURE_POLL), BACK_PRESSURE_POLL_MAX
-        )
+    def _note_room_check(self, started: int, at_limit: bool) -> None:
+        """Pace the checks made at the limit: every `BACK_PRESSURE_POLL` while they find
+        started rows, twice as long after each that finds none (up to
+        `BACK_PRESSURE_POLL_MAX`): a relay whose rows do not start (no worker consumes
+        its queue) stops asking 20 times a second."""
+        if at_limit and not started:
+            self._room_wait = min(self._room_wait * 2, BACK_PRESSURE_POLL_MAX)
+        else:
+            self._room_wait = BACK_PRESSURE_POLL
 
     @property
     def _min_claim(self) -> int:
@@ -552,14 +533,18 @@ class Relay:
                     del self.in_flight[row_id]
         self._renew_due = min((d.renew_at for d in self.in_flight.values()), default=now)
 
-    def _note_share(self, claimed: int) -> None:
-        """Smooth the rows this relay claims against the NOTIFYs it saw meanwhile."""
+    def _note_share(self, claimed: int, drained: bool) -> None:
+        """Smooth the rows this relay claims against the NOTIFYs it saw meanwhile. Only a
+        claim that took every row it could counts: one cut short by the batch size or
+        back-pressure says nothing about other relays."""
         if not self.row_kind.due_when_written or not isinstance(self.wake, Wakeup):
             # A timer's NOTIFY announces a future fire_at: an empty claim after it is the
             # rule, not a sign of other relays (nor is anything counted on a plain event).
             return
         seen = self.wake.count(self.workflow_types)  # NOTIFYs for rows we may claim
         notifies, self._notifies_seen = seen - self._notifies_seen, seen
+        if not drained:
+            return
         # Slowly: a lone relay's claims come back empty now and then (a NOTIFY for a row it
         # already claimed, a failure whose backoff has not ended) without that making it
         # wait; a relay whose claims keep finding nothing yields after about fourteen.
@@ -626,7 +611,7 @@ class Relay:
         if self.in_flight:
             bound(self._renew_due - now, False)
         if self.len_in_flight_at_limit():
-            bound(self._room_check_every(), False)
+            bound(self._room_wait, False)
         else:
             if self._due is not None:
                 floor = BLOCKED_POLL if self._blocked else 0.005
