@@ -314,6 +314,7 @@ class Relay:
         self._probe = False
         # Back-pressure: the wait before the next check for room at the limit.
         self._room_wait = BACK_PRESSURE_POLL
+        self._room_checked_at = 0.0
         # Rows claimed and NOTIFYs seen (smoothed): the share of the notified work this
         # relay takes. Several relays all woken by every NOTIFY all claim; the ones that
         # keep finding nothing answer later (`_yield_delay`), the one taking the work never.
@@ -447,16 +448,20 @@ class Relay:
             done = self._finished(list(self.in_flight))
         for row_id in done:
             del self.in_flight[row_id]
-        self._note_room_check(len(done), at_limit)
+        self._note_room_check(now, len(done), at_limit)
         return self.config.max_in_flight - len(self.in_flight)
 
-    def _note_room_check(self, started: int, at_limit: bool) -> None:
+    def _note_room_check(self, now: float, started: int, at_limit: bool) -> None:
         """Pace the checks made at the limit: every `BACK_PRESSURE_POLL` while they find
-        started rows, twice as long after each that finds none (up to
+        started rows, twice as long after each full wait that found none (up to
         `BACK_PRESSURE_POLL_MAX`): a relay whose rows do not start (no worker consumes
-        its queue) stops asking 20 times a second."""
+        its queue) stops asking 20 times a second. A check right after a claim finding
+        nothing yet says nothing."""
+        waited = now - self._room_checked_at >= self._room_wait
+        self._room_checked_at = now
         if at_limit and not started:
-            self._room_wait = min(self._room_wait * 2, BACK_PRESSURE_POLL_MAX)
+            if waited:
+                self._room_wait = min(self._room_wait * 2, BACK_PRESSURE_POLL_MAX)
         else:
             self._room_wait = BACK_PRESSURE_POLL
 
