@@ -34,6 +34,12 @@ Rows (what is measured, and how):
     from the first to the last durably recorded completion; (b) N two-step durable cycles
     (input → effect → follow-up → terminal), rate from the first submission to the last
     terminal. Ratios ironflow/peer in the same run; see `benchmarks.peers`.
+11. many relays: N no-op effects drained by 1 and by 4 relay processes
+    (`benchmarks.relay_process`) sharing one worker (``--without-ironflow-relay``), pre-filled
+    (one NOTIFY) and streamed (N inputs from 2 threads, a NOTIFY each); statements per effect
+    counted in every relay and worker process (`benchmarks.rtcount`) and the CPU time of
+    their PostgreSQL backends (`benchmarks.pgcpu`); the 4/1 ratios, medians of interleaved
+    rounds.
 12. big tables: a processed history of N rows (one INSERT, then VACUUM ANALYZE), then M
     effects drained with the worker's statements (claim 100, start guard, processed mark;
     `benchmarks.tables`): claim p50/p99 and the share of HOT updates; then the claim of 10
@@ -92,6 +98,8 @@ SIZES: dict[str, dict[str, float]] = {
         r10_cycle=2_000,
         r10_rounds=1,
         r10_cap=45,
+        r11=5_000,
+        r11_rounds=2,
         r12_history=1_000_000,
         r12_drain=5_000,
         r12_leased=50_000,
@@ -113,6 +121,8 @@ SIZES: dict[str, dict[str, float]] = {
         r10_cycle=1_000,
         r10_rounds=1,
         r10_cap=45,
+        r11=2_000,
+        r11_rounds=2,
         r12_history=100_000,
         r12_drain=2_000,
         r12_leased=10_000,
@@ -134,6 +144,8 @@ SIZES: dict[str, dict[str, float]] = {
         r10_cycle=50,
         r10_rounds=1,
         r10_cap=30,
+        r11=200,
+        r11_rounds=1,
         r12_history=2_000,
         r12_drain=200,
         r12_leased=500,
@@ -150,6 +162,7 @@ GOALS = {
     8: "≤ 3",
     9: "ratio ≥ 0.9, stale ≤ 1 %",
     10: "ratio > 1 vs dbos, procrastinate, outbox (both workloads)",
+    11: "4 relays / 1 ≤ 1.3 (statements and backend CPU per effect)",
     12: "ratio ≤ 1.5 (claim with N leased / none), HOT ≥ 80 %",
 }
 #: Row 10's goal: ahead of these peers on both workloads; pgqueuer's ratio is reported as is.
@@ -178,6 +191,8 @@ def goal_met(row: dict[str, Any]) -> bool | None:
         if rid == 10:
             ratios = [row["ratios"][p][w] for p in ROW10_MUST_LEAD for w in ("drain", "cycle")]
             return None if None in ratios else all(r > 1 for r in ratios)
+        if rid == 11:
+            return row["ratio"] <= 1.3 and row["cpu_ratio"] <= 1.3
         if rid == 12:
             return row["ratio"] <= 1.5 and row["hot_pct"] >= 80
     except (KeyError, TypeError):
@@ -359,9 +374,9 @@ class Bench:
             command.append("--without-ironflow-relay")
         return self.start(label, command, self.env(queue, **extra_env))
 
-    def relay_process(self, label: str, queue: str) -> subprocess.Popen:
+    def relay_process(self, label: str, queue: str, **extra_env: str) -> subprocess.Popen:
         command = [sys.executable, "-m", "benchmarks.relay_process"]
-        return self.start(label, command, self.env(queue))
+        return self.start(label, command, self.env(queue, **extra_env))
 
     def prefill_effects(self, workflow_type: str, prefix: str, n: int) -> None:
         self.execute(
@@ -753,6 +768,118 @@ class Bench:
             relay_share=round(relay_total / n, 3),
         )
 
+    def _drain_with_relays(self, relays: int, n: int, workload: str, tag: str) -> dict[str, Any]:
+        """N no-op effects drained by `relays` relay processes and one worker (without a
+        relay of its own): statements and backend CPU per effect, relays and worker apart.
+        ``prefilled``: inserted in one statement, one NOTIFY; ``streamed``: N inputs
+        submitted from 2 threads, each decision's commit a NOTIFY."""
+        from benchmarks import rtcount
+        from benchmarks.pgcpu import BackendCpu, local_ports
+        from benchmarks.workloads import Kick
+
+        label = f"r11-{workload}-{relays}-{tag}"
+        queue = self.queue(label)
+        relay_dir, worker_dir = self.tmp / f"{label}-relays", self.tmp / f"{label}-worker"
+        worker = self.worker(
+            f"{label}-worker", queue, relay=False, IRONFLOW_BENCH_RT_DIR=str(worker_dir)
+        )
+        procs = [
+            self.relay_process(f"{label}-relay{i}", queue, IRONFLOW_BENCH_RT_DIR=str(relay_dir))
+            for i in range(relays)
+        ]
+        self.warm_up(worker)
+        time.sleep(1.0)  # every relay past its first rounds (the warm-up wakes them all)
+        prefix = f"{label}-"
+        with BackendCpu(self.admin, self.db_name) as cpu:
+            time.sleep(0.3)
+            relay_ports = local_ports(p.pid for p in procs)
+            worker_ports = local_ports([worker.pid, *children(worker.pid)])
+            counts_before = (rtcount.total(str(relay_dir)), rtcount.total(str(worker_dir)))
+            labels_before = rtcount.labels(str(relay_dir))
+            cpu_before = cpu.snapshot()
+            if workload == "prefilled":
+                self.prefill_effects("bench_noop", prefix, n)
+            else:
+                with ThreadPoolExecutor(2) as pool:
+                    ids = [f"{prefix}{i}" for i in range(n)]
+                    list(pool.map(lambda i: self.service.execute(Kick(id=i)), ids, chunksize=50))
+            wait_for(lambda: self.unprocessed(prefix) == 0, 60 + n / 20, f"row 11 {label}", 0.1)
+            time.sleep(0.6)  # the counters are written every 0.2 s
+            # and the connections opened during the drain
+            relay_ports |= local_ports(p.pid for p in procs)
+            worker_ports |= local_ports([worker.pid, *children(worker.pid)])
+            counts_after = (rtcount.total(str(relay_dir)), rtcount.total(str(worker_dir)))
+            labels_after = rtcount.labels(str(relay_dir))
+            cpu_after = cpu.snapshot()
+        span = max(self.drain_span(prefix), 1e-9)
+        for proc in procs:
+            self.stop(proc)
+        self.stop(worker)
+
+        def per_effect(before: dict[str, int], after: dict[str, int]) -> float:
+            return sum(after[k] - before.get(k, 0) for k in after) / n
+
+        relay_cpu = cpu.spent(cpu_before, cpu_after, relay_ports)
+        worker_cpu = cpu.spent(cpu_before, cpu_after, worker_ports)
+        relay_statements = per_effect(counts_before[0], counts_after[0])
+        worker_statements = per_effect(counts_before[1], counts_after[1])
+        return dict(
+            rate=(n - 1) / span,
+            statements=relay_statements + worker_statements,
+            relay_statements=relay_statements,
+            worker_statements=worker_statements,
+            cpu_ms=(relay_cpu + worker_cpu) * 1000 / n,
+            relay_cpu_ms=relay_cpu * 1000 / n,
+            worker_cpu_ms=worker_cpu * 1000 / n,
+            relay_labels={
+                k: round(v / n, 4) for k, v in (labels_after - labels_before).most_common(6)
+            },
+        )
+
+    def row11_multi_relay(self) -> dict[str, Any]:
+        """1 and 4 relays, interleaved rounds, medians; the ratio is the worse workload's."""
+        n, rounds = int(self.sizes["r11"]), int(self.sizes["r11_rounds"])
+        runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
+        for workload in ("prefilled", "streamed"):
+            runs[workload] = {"1": [], "4": []}
+            for r in range(rounds):
+                for relays in (1, 4):
+                    run = self._drain_with_relays(relays, n, workload, str(r))
+                    runs[workload][str(relays)].append(run)
+        medians: dict[str, dict[str, dict[str, Any]]] = {}
+        for workload, by_relays in runs.items():
+            medians[workload] = {}
+            for relays, samples in by_relays.items():
+                numbers = [k for k, v in samples[0].items() if isinstance(v, float)]
+                medians[workload][relays] = {
+                    k: round(statistics.median(s[k] for s in samples), 4) for k in numbers
+                }
+                medians[workload][relays]["relay_labels"] = samples[-1]["relay_labels"]
+
+        def ratio(workload: str, key: str) -> float | None:
+            one, four = medians[workload]["1"][key], medians[workload]["4"][key]
+            return round(four / one, 3) if one > 0 else None
+
+        workloads = list(medians)
+        return dict(
+            id=11,
+            what=f"many relays: {n} effects drained by 4 relay processes vs 1, statements "
+            f"per effect (all processes; worse of prefilled/streamed, median of {rounds})",
+            value=max(medians[w]["4"]["statements"] for w in workloads),
+            unit="statements/effect",
+            baseline=max(medians[w]["1"]["statements"] for w in workloads),
+            ratio=max(ratio(w, "statements") or 0.0 for w in workloads),
+            cpu_ratio=max(ratio(w, "cpu_ms") or 0.0 for w in workloads),
+            ratios={
+                w: {
+                    k: ratio(w, k)
+                    for k in ("statements", "cpu_ms", "relay_statements", "relay_cpu_ms", "rate")
+                }
+                for w in workloads
+            },
+            medians=medians,
+        )
+
     def row12_big_tables(self) -> dict[str, Any]:
         from benchmarks import tables
         from ironflow_celery.storage.kinds import EFFECT
@@ -1005,7 +1132,7 @@ def main(argv: list[str] | None = None) -> int:
     size.add_argument("--quick", action="store_true", help="every row at a small size (~2 min)")
     size.add_argument("--smoke", action="store_true", help="tiny sizes, for the test suite")
     parser.add_argument(
-        "--rows", default="1,2,3,4,5,6,7,8,9,10", help="comma-separated row numbers"
+        "--rows", default="1,2,3,4,5,6,7,8,9,10,11", help="comma-separated row numbers"
     )
     parser.add_argument(
         "--peers",
@@ -1110,6 +1237,8 @@ def main(argv: list[str] | None = None) -> int:
         if 10 in rows:
             peers = args.peers.split(",") if args.peers else None
             attempt(10, lambda: bench.row10_peers(peers))
+        if 11 in rows:
+            attempt(11, bench.row11_multi_relay)
         if 12 in rows:
             attempt(12, bench.row12_big_tables)
 

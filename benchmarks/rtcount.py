@@ -24,6 +24,9 @@ import sqlalchemy as sa
 from sqlalchemy.pool import Pool
 
 _counts: Counter[str] = Counter()
+# Statements by their first words (the SQL's opening, whitespace folded): which statements
+# a relay spends its round trips on (row 11).
+_labels: Counter[str] = Counter()
 _pid = 0
 _dir = ""
 _installed = False
@@ -37,7 +40,9 @@ def _writer(pid: int) -> None:
     while os.getpid() == pid:
         tmp = path + ".tmp"
         with open(tmp, "w") as fh:
-            json.dump({"pid": pid, "role": role, "counts": dict(_counts)}, fh)
+            json.dump(
+                {"pid": pid, "role": role, "counts": dict(_counts), "labels": dict(_labels)}, fh
+            )
         os.replace(tmp, path)
         threading.Event().wait(0.2)
 
@@ -48,6 +53,7 @@ def _bump(kind: str) -> None:
     if pid != _pid:  # first event in this (possibly forked) process
         _pid = pid
         _counts.clear()
+        _labels.clear()
         threading.Thread(target=_writer, args=(pid,), daemon=True).start()
     _counts[kind] += 1
 
@@ -78,11 +84,16 @@ def install(directory: str) -> None:
     _installed = True
     _dir = directory
     os.makedirs(directory, exist_ok=True)
-    sa.event.listen(sa.engine.Engine, "before_cursor_execute", lambda *a, **k: _bump("statement"))
+    sa.event.listen(sa.engine.Engine, "before_cursor_execute", _on_statement)
     sa.event.listen(sa.engine.Engine, "begin", _on_begin)
     sa.event.listen(sa.engine.Engine, "commit", lambda conn: _on_end(conn, "commit"))
     sa.event.listen(sa.engine.Engine, "rollback", lambda conn: _on_end(conn, "rollback"))
     sa.event.listen(Pool, "checkout", _on_checkout)
+
+
+def _on_statement(conn, cursor, statement: str, *args) -> None:
+    _bump("statement")
+    _labels[" ".join(statement.split()[:6])[:60]] += 1
 
 
 def _on_checkout(dbapi_connection, record, proxy) -> None:
@@ -107,6 +118,14 @@ def read(directory: str) -> dict[int, dict]:
                 continue
             out[data["pid"]] = data
     return out
+
+
+def labels(directory: str) -> Counter[str]:
+    """Statements by label (their SQL's opening words), summed over every process."""
+    summed: Counter[str] = Counter()
+    for data in read(directory).values():
+        summed.update(data.get("labels", {}))
+    return summed
 
 
 def total(directory: str) -> Counter[str]:

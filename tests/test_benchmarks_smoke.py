@@ -62,3 +62,27 @@ def test_benchmarks_smoke_run_reports_every_row(tmp_path: Path) -> None:
         assert fields <= set(rows[rid]), (rid, rows[rid])
         assert rows[rid]["what"]
         assert isinstance(rows[rid]["value"], (int, float))
+
+
+@pytest.mark.timeout(480)
+def test_benchmark_row_11_many_relays_reports_its_ratios(tmp_path: Path) -> None:
+    """Row 11 (1 vs 4 relay processes) at its smoke size: both workloads, both ratios."""
+    output = tmp_path / "results.json"
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--smoke", "--rows", "11", "--output", str(output)],
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=path),
+        capture_output=True,
+        text=True,
+        timeout=460,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    [row] = json.loads(output.read_text())["rows"]
+    assert "error" not in row, row
+    assert {"value", "baseline", "ratio", "cpu_ratio", "ratios", "medians"} <= set(row)
+    for workload in ("prefilled", "streamed"):
+        for relays in ("1", "4"):
+            run = row["medians"][workload][relays]
+            assert run["worker_statements"] > 1.5  # a start guard and an ack per effect
+            assert run["relay_statements"] > 0 and run["cpu_ms"] > 0

@@ -480,8 +480,10 @@ def test_register_without_effects(store: PostgresStore, db: sa.Engine) -> None:
 
 def test_runtime_config_defaults_match_ironflow() -> None:
     c = RuntimeConfig()
-    assert c.effect_poll_interval == 0.1
-    assert c.timer_poll_interval == 1.0
+    # The one difference on purpose: ironflow polls every 0.1 s / 1 s; these relays wake
+    # on NOTIFY and at the next due time, and poll only as a safety net (issue 20).
+    assert c.effect_poll_interval == 5.0
+    assert c.timer_poll_interval == 5.0
     assert c.effect_lock_duration == 300.0
     assert c.timer_lock_duration == 300.0
     assert c.shutdown_timeout == 30.0

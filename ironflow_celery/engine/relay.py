@@ -2,7 +2,9 @@
 Celery tasks, one task per row, ``task_id`` = the row id.
 
 A relay claims in batches under a fresh lease token, wakes on ``LISTEN/NOTIFY`` (the
-decision transaction notifies) with a polling fallback, and stops claiming while
+decision transaction notifies) and at the next due time it knows, with a slow safety poll
+(an idle relay sends about one statement per poll; see docs/scaling.md, "Many relays"),
+and stops claiming while
 ``max_in_flight`` of its published rows still wait to start (back-pressure), so a large
 backlog never floods the broker. A publish that fails gives its unpublished claims back
 at once. Any number of relays may share one database.
@@ -60,12 +62,14 @@ from ironflow_celery.storage.store import ClaimedRow, PostgresStore
 __all__ = [
     "DISPATCH_HOLD_MIN",
     "LOST_CHECK_MAX",
+    "POOLED_POLL",
     "Dispatched",
     "Publisher",
     "QueueDepth",
     "Relay",
     "RelayGroup",
     "Waker",
+    "Wakeup",
     "celery_publisher",
     "celery_queue_depth",
     "declare_queues",
@@ -87,6 +91,19 @@ DISPATCH_HOLD_MIN = 30.0
 
 LOST_CHECK_MAX = 15.0
 """Seconds between two looks for rows a dead worker took, at most (`Relay.release_lost`)."""
+POOLED_POLL = {"effect": 0.2, "timer": 1.0}
+"""Seconds between wake-ups per kind behind a transaction pooler without a listen URL, at
+most: no NOTIFY arrives there, so the safety poll (5 s by default) would be the latency of
+new work; a claim every 0.2 s is the price (set ``ironflow_listen_url`` to avoid it)."""
+RECHECK_EVERY = 1.0
+"""Seconds between two looks at the next due time after empty claims (`Relay._learn_due`)."""
+BLOCKED_POLL = 0.1
+"""Poll while a due row is held by a concurrent claim or a concurrency limit."""
+YIELD_MAX = 2.0
+"""Seconds a relay whose claims keep finding nothing lets others answer a NOTIFY first."""
+BACK_PRESSURE_POLL = 0.05
+BACK_PRESSURE_POLL_MAX = 1.0
+"""Bounds of the wait for room at the in-flight limit (`Relay._note_room_check`)."""
 
 
 Publisher = Callable[[Kind, Sequence[ClaimedRow]], list[uuid.UUID]]
@@ -300,12 +317,31 @@ def declare_queues(app: Any, producer: Any, names: set[str]) -> None:
             producer.maybe_declare(queue)
 
 
+class Wakeup(threading.Event):
+    """An event that also counts the NOTIFYs that set it: a relay compares the rows it
+    claims with the NOTIFYs it sees to tell whether it is the one taking the work
+    (`Relay._yield_delay`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.notifies: dict[str, int] = {}
+        """NOTIFYs received, by payload (the workflow type); one writer, the waker."""
+
+    def notified(self, payload: str) -> None:
+        self.notifies[payload] = self.notifies.get(payload, 0) + 1
+        self.set()
+
+    def count(self, payloads: Iterable[str]) -> int:
+        """NOTIFYs received so far for these payloads."""
+        return sum(self.notifies.get(p, 0) for p in payloads)
+
+
 class Waker:
     """One LISTEN connection that wakes the effect and timer relays on NOTIFY.
 
-    It reconnects after a database outage; relays fall back to polling meanwhile. Behind
-    a transaction pooler (PgBouncer ``pool_mode = transaction``), where notifications
-    never reach a listener, it says so once and wakes the relays every poll interval
+    It reconnects after a database outage; relays fall back to their safety poll meanwhile.
+    Behind a transaction pooler (PgBouncer ``pool_mode = transaction``), where notifications
+    never reach a listener, it says so once and wakes the relays every pooled poll interval
     instead -- unless a direct `listen_url` (``ironflow_listen_url``) was given.
     """
 
@@ -320,14 +356,14 @@ class Waker:
     ) -> None:
         self.conninfo = conninfo
         self.stop = stop
-        self.events: dict[str, threading.Event] = {k.channel: threading.Event() for k in KINDS}
+        self.events: dict[str, Wakeup] = {k.channel: Wakeup() for k in KINDS}
         self.poll_intervals = dict(poll_intervals or {})
         self.direct = direct  # a listen URL of its own: never checked for a pooler
         self.connect_params = dict(connect_params or {})
         self.polling = False
         self._thread = threading.Thread(target=self._run, name="ironflow-waker", daemon=True)
 
-    def event(self, kind: Kind | RowKind) -> threading.Event:
+    def event(self, kind: Kind | RowKind) -> Wakeup:
         return self.events[kind_of(kind).channel]
 
     def start(self) -> None:
@@ -358,7 +394,7 @@ class Waker:
                         for notify in conn.notifies(timeout=0.5):
                             event = self.events.get(notify.channel)
                             if event is not None:
-                                event.set()
+                                event.notified(notify.payload)
             except psycopg.Error as exc:
                 if self.stop.is_set():
                     break
@@ -488,6 +524,24 @@ class Relay:
         self.renewed_total = 0
         self.given_up_total = 0
         self._poll = self.row_kind.poll_interval(config)
+        # When the next row becomes claimable (monotonic clock; None: nothing pending), as
+        # the last `_refresh_due` found it; an idle relay sleeps until then, a NOTIFY, or
+        # the safety poll. `_blocked`: that look found a row due now which our claim did
+        # not take (held by a concurrent claim, or its type at its concurrency limit).
+        self._due: float | None = None
+        self._blocked = False
+        self._due_checked_at = -RECHECK_EVERY
+        self._recheck_at: float | None = None
+        self._probe = False
+        # Back-pressure: the wait before the next check for room at the limit.
+        self._room_wait = BACK_PRESSURE_POLL
+        self._room_checked_at = 0.0
+        # Rows claimed and NOTIFYs seen (smoothed): the share of the notified work this
+        # relay takes. Several relays all woken by every NOTIFY all claim; the ones that
+        # keep finding nothing answer later (`_yield_delay`), the one taking the work never.
+        self._notifies_seen = 0
+        self._rows_avg = 1.0
+        self._notifies_avg = 1.0
         self.claimed_total = 0
         self.published_total = 0
 
@@ -524,8 +578,10 @@ class Relay:
             # A partial batch means the due rows are drained: wait for a NOTIFY (one that
             # arrived meanwhile returns at once) instead of an empty claim, which under a
             # steady trickle of decisions doubled the relay's claims.
-            if not progressed or self._drained:
-                self.idle_wait()
+            if (not progressed or self._drained) and self.idle_wait():
+                delay = self._yield_delay()
+                if delay > 0:
+                    self.stop.wait(delay)
 
     def step(self) -> bool:
         """One claim-and-publish round; False when there was nothing to do."""
@@ -536,6 +592,13 @@ class Relay:
         types, limit = self._claimable()
         if not types:
             return False
+        if self._probe:
+            # Woken by the safety poll, not by a NOTIFY or a due time: one cheap look
+            # decides whether a claim is worth it (an idle relay's only statement).
+            self._probe = False
+            now = self._refresh_due()
+            if self._due is None or self._due > now:
+                return False
         token = f"{self.name}#{next(self._batches)}"
         rows = self.store.claim(
             self.row_kind,
@@ -547,6 +610,9 @@ class Relay:
             concurrency_limits=self.concurrency_limits,
         )
         self._drained = len(rows) < limit
+        self._note_share(len(rows), self._drained)
+        if self._drained:
+            self._learn_due(bool(rows))
         if not rows:
             return False
         self.claimed_total += len(rows)
@@ -645,6 +711,7 @@ class Relay:
             )
         ]
         if due:
+            before = len(self.in_flight)
             window = [
                 r for q in due for r in itertools.islice(self._waiting[q], self._oldest_window)
             ]
@@ -659,6 +726,9 @@ class Relay:
                 ):
                     self._full_checked_at[q] = now
                     self._forget(self._finished(list(self._waiting[q])), started=True)
+            self._note_room_check(
+                now, before - len(self.in_flight), any(self._at_limit(q) for q in due)
+            )
         return {q: limit - len(waiting) for q, waiting in self._waiting.items()}
 
     def _at_limit(self, queue: str) -> bool:
@@ -683,6 +753,20 @@ class Relay:
             for q in queues:
                 self._started_at[q] = now
         return queues
+
+    def _note_room_check(self, now: float, started: int, at_limit: bool) -> None:
+        """Pace the checks made at the limit: every `BACK_PRESSURE_POLL` while they find
+        started rows, twice as long after each full wait that found none (up to
+        `BACK_PRESSURE_POLL_MAX`): a relay whose rows do not start (no worker consumes
+        its queue) stops asking 20 times a second. A check right after a claim finding
+        nothing yet says nothing."""
+        waited = now - self._room_checked_at >= self._room_wait
+        self._room_checked_at = now
+        if at_limit and not started:
+            if waited:
+                self._room_wait = min(self._room_wait * 2, BACK_PRESSURE_POLL_MAX)
+        else:
+            self._room_wait = BACK_PRESSURE_POLL
 
     @property
     def _min_claim(self) -> int:
@@ -883,34 +967,102 @@ class Relay:
             self.kind, self.name, released,
         )  # fmt: skip
 
-    def idle_wait(self) -> None:
-        """Sleep until a NOTIFY, the poll interval, or the next due time (timers; an
-        effect is due when written)."""
-        timeout = self._poll
-        if self.in_flight:
-            next_at = self._renew_due
-            if self.find_lost is not None and self._lost_look is None:  # a look is due
-                next_at = min(next_at, self._lost_check_at)
-            timeout = min(timeout, max(next_at - time.monotonic(), 0.0))
-        if self.len_in_flight_at_limit():
-            timeout = min(timeout, 0.05)
-        elif self.row_kind.statements.next_due is not None:
-            # Only the types a claim could take now: a due row of a queue at its limit
-            # waits for room, and waking for it would spin.
-            types = self._open_types()
+    def _note_share(self, claimed: int, drained: bool) -> None:
+        """Smooth the rows this relay claims against the NOTIFYs it saw meanwhile. Only a
+        claim that took every row it could counts: one cut short by the batch size or
+        back-pressure says nothing about other relays."""
+        if not self.row_kind.due_when_written or not isinstance(self.wake, Wakeup):
+            # A timer's NOTIFY announces a future fire_at: an empty claim after it is the
+            # rule, not a sign of other relays (nor is anything counted on a plain event).
+            return
+        seen = self.wake.count(self.workflow_types)  # NOTIFYs for rows we may claim
+        notifies, self._notifies_seen = seen - self._notifies_seen, seen
+        if not drained:
+            return
+        # Slowly: a lone relay's claims come back empty now and then (a NOTIFY for a row it
+        # already claimed, a failure whose backoff has not ended) without that making it
+        # wait; a relay whose claims keep finding nothing yields after about fourteen.
+        self._rows_avg = 0.95 * self._rows_avg + 0.05 * claimed
+        self._notifies_avg = 0.95 * self._notifies_avg + 0.05 * notifies
+
+    def _yield_delay(self) -> float:
+        """How long to let other relays answer a NOTIFY first: nothing while this relay
+        claims about a row per NOTIFY or more (a lone relay always does: every notified
+        row is claimed by it), up to `YIELD_MAX` while its claims keep coming back empty
+        because another relay took the rows. Its claims then come back with rows again
+        when the others fall behind (at their in-flight limits, or gone), and it answers
+        at once again."""
+        share = self._rows_avg / max(self._notifies_avg, 1e-9)
+        return 0.0 if share >= 0.5 else YIELD_MAX * (1 - 2 * share)
+
+    def _refresh_due(self) -> float:
+        """Ask when the next row becomes claimable (one statement); returns the time asked."""
+        now = time.monotonic()
+        # Only the types a claim could take now: a due row of a queue at its limit waits
+        # for room, and waking for it would spin.
+        types = self._open_types()
+        seconds = (
+            self.store.seconds_until_due(self.row_kind, types, max_attempts=self.attempt_limits)
+            if types
+            else None
+        )
+        self._due_checked_at = now
+        self._recheck_at = None
+        self._due = None if seconds is None else now + seconds
+        self._blocked = seconds is not None and seconds <= 0
+        return now
+
+    def _learn_due(self, claimed_some: bool) -> None:
+        """After a claim that drained the due rows: make sure the next due time is known.
+
+        The known time is stale once it passed (we just claimed what it announced). An empty
+        claim means the wake-up was for rows not due yet (a backoff, a future timer) or
+        taken by another relay: look again, at most once per `RECHECK_EVERY` -- with many
+        relays every NOTIFY wakes them all, and all but one find nothing."""
+        now = time.monotonic()
+        passed = self._due is not None and not self._blocked and self._due <= now
+        # A timer's NOTIFY announces its fire_at: look at once (it may be milliseconds
+        # away). An effect's mostly announces a row due now, and an empty claim after it
+        # that another relay took it: once a second is enough (a failure's backoff, the
+        # other thing it announces, is at least `backoff_base` long by default).
+        recheck = RECHECK_EVERY if self.row_kind.due_when_written else 0.0
+        if passed or (not claimed_some and now - self._due_checked_at >= recheck):
             try:
-                due = (
-                    self.store.seconds_until_due(
-                        self.row_kind, types, max_attempts=self.attempt_limits
-                    )
-                    if types
-                    else None
-                )
+                self._refresh_due()
             except StorageError:
-                due = None
-            if due is not None:
-                timeout = min(timeout, max(due, 0.005))
-        self.wake.wait(timeout)
+                self._recheck_at = now + RECHECK_EVERY
+        elif not claimed_some:
+            self._recheck_at = self._due_checked_at + recheck
+
+    def idle_wait(self) -> bool:
+        """Sleep until a NOTIFY, the next due time (a timer, a backoff, a lease that may
+        run out), a renewal, room under back-pressure, or the safety poll; True when woken
+        (by a NOTIFY). Woken by the safety poll alone, the next step first asks whether
+        anything is due (`_probe`)."""
+        now = time.monotonic()
+        timeout, probe = self._poll, True
+
+        def bound(seconds: float, then_probe: bool) -> None:
+            nonlocal timeout, probe
+            if seconds < timeout:
+                timeout, probe = max(seconds, 0.0), then_probe
+
+        if self.in_flight:
+            bound(self._renew_due - now, False)
+            if self.find_lost is not None and self._lost_look is None:  # a look is due
+                bound(self._lost_check_at - now, False)
+        if self.len_in_flight_at_limit():
+            bound(self._room_wait, False)
+        else:
+            if self._due is not None:
+                floor = BLOCKED_POLL if self._blocked else 0.005
+                bound(max(self._due - now, floor), False)
+            if self._recheck_at is not None:
+                bound(self._recheck_at - now, True)
+        if self.wake.wait(timeout):
+            return True
+        self._probe = probe
+        return False
 
     def _open_types(self) -> list[str]:
         """The types whose queue has room for a claim (see `_claimable`)."""
@@ -971,7 +1123,9 @@ class RelayGroup:
         self.waker = Waker(
             _libpq_url(listen_url) if listen_url else url.render_as_string(hide_password=False),
             self.stop_event,
-            poll_intervals={k.channel: k.poll_interval(config) for k in KINDS},
+            poll_intervals={
+                k.channel: min(k.poll_interval(config), POOLED_POLL[k.name]) for k in KINDS
+            },
             direct=bool(listen_url),
             connect_params={
                 "application_name": "ironflow_celery",

@@ -118,14 +118,16 @@ class RuntimeConfig:
 
     How they map onto Celery: ``effect_workers``/``timer_workers`` are the relay threads
     that claim and publish in one process (handler concurrency is the Celery worker's
-    ``--concurrency``); ``*_poll_interval`` is the relay's fallback poll when no NOTIFY
-    arrives; ``*_lock_duration`` is the lease a claimed row holds (renewed while a handler
+    ``--concurrency``); ``*_poll_interval`` is an idle relay's safety poll (ironflow
+    polls every 0.1 s / 1 s; these relays wake on NOTIFY and at the next due time, so
+    the poll only covers a lost NOTIFY: 5 s keeps an idle relay under a statement a
+    second); ``*_lock_duration`` is the lease a claimed row holds (renewed while a handler
     runs); ``shutdown_timeout`` bounds `WorkflowRuntime.run`'s stop; ``retry_policy`` is
     applied by the task's ack path, never by Celery's own retries.
     """
 
-    effect_poll_interval: float = 0.1
-    timer_poll_interval: float = 1.0
+    effect_poll_interval: float = 5.0
+    timer_poll_interval: float = 5.0
     effect_lock_duration: float = 300.0
     timer_lock_duration: float = 300.0
     shutdown_timeout: float = 30.0

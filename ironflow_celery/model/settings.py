@@ -198,16 +198,17 @@ _TABLE: tuple[Setting, ...] = (
     Setting(
         "effect_poll_interval",
         float,
-        0.1,
-        "fallback poll; relays wake on NOTIFY and timers sleep until `fire_at`",
+        5.0,
+        "safety poll of an idle relay (one statement); relays wake on NOTIFY and at the "
+        "next due time (a timer's `fire_at`, a backoff's end, a lease that may run out)",
         field="RuntimeConfig.effect_poll_interval",
         row="poll_interval",
     ),
     Setting(
         "timer_poll_interval",
         float,
-        1.0,
-        "fallback poll of the timer relay",
+        5.0,
+        "safety poll of the timer relay",
         field="RuntimeConfig.timer_poll_interval",
         row="poll_interval",
     ),

@@ -52,11 +52,14 @@ class RowKind:
     lock_duration_setting: str
     """The `RuntimeConfig` field with the lease of a claimed or running row, in seconds."""
     poll_interval_setting: str
-    """The `RuntimeConfig` field with the relay's polling fallback, in seconds."""
+    """The `RuntimeConfig` field with the relay's safety poll, in seconds."""
     workers_setting: str
     """The `RuntimeConfig` field with how many relays of this kind a process runs."""
     payload_union: str
     """The workflow attribute that decodes the payload: ``effects`` or ``inputs``."""
+    due_when_written: bool
+    """Whether a new row is claimable at once (an effect), so a NOTIFY announces work due
+    now; a timer's announces a ``fire_at`` (the relays' `_yield_delay` reads this)."""
     typed_retry_policies: bool
     """Whether the payload's type tag selects a retry policy (a workflow's per-effect-type
     policies); a timer's input uses its workflow's policy."""
@@ -97,6 +100,7 @@ EFFECT = RowKind(
     poll_interval_setting="effect_poll_interval",
     workers_setting="effect_workers",
     payload_union="effects",
+    due_when_written=True,
     typed_retry_policies=True,
     statements=sql.EFFECT_STATEMENTS,
 )
@@ -112,6 +116,7 @@ TIMER = RowKind(
     poll_interval_setting="timer_poll_interval",
     workers_setting="timer_workers",
     payload_union="inputs",
+    due_when_written=False,
     typed_retry_policies=False,
     statements=sql.TIMER_STATEMENTS,
 )

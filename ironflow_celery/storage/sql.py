@@ -53,6 +53,7 @@ __all__ = [
     "LOCK_PROJECTION",
     "MARK_EFFECTS_PROCESSED",
     "MAX_ATTEMPTS",
+    "NEXT_EFFECT_DUE",
     "NEXT_TIMER_DUE",
     "NOTIFY_TYPES",
     "OUTBOX",
@@ -319,13 +320,15 @@ _MARK_PROCESSED = """
     WHERE id = :id AND locked_by = :token
 """
 
+# The NOTIFY wakes idle relays so they learn when the backoff ends (they sleep until the
+# next due time instead of polling; see `NEXT_EFFECT_DUE`).
 _RECORD_FAILURE = """
     UPDATE {table}
     SET attempts = attempts + 1, last_error = :error, locked_by = NULL,
         locked_until = now() + make_interval(secs => :backoff), run_started_at = NULL,
         celery_claim_after = now() + make_interval(secs => :backoff)
     WHERE id = :id AND locked_by = :token
-    RETURNING attempts
+    RETURNING attempts, pg_notify('{channel}', workflow_type) AS notified
 """
 
 # A dead letter's attempts are max_attempts (ironflow's convention), or more when the
@@ -391,9 +394,26 @@ _DESCRIBE_STALE = """
     FROM {table} WHERE id = :id
 """
 
+# Seconds until the next effect can be claimed (negative: one is claimable now): the oldest
+# free row, or the earliest end of a backoff or lease (a row another relay or a handler
+# holds comes back when its holder stops renewing it). NULL when nothing is pending. An
+# idle relay sleeps until then (or a NOTIFY) instead of polling with claims.
+NEXT_EFFECT_DUE = text(f"""
+    SELECT EXTRACT(EPOCH FROM (LEAST(
+        (SELECT created_at FROM ironflow.outbox
+          WHERE processed_at IS NULL AND dead_lettered_at IS NULL
+            AND attempts < {MAX_ATTEMPTS} AND locked_until IS NULL
+            AND workflow_type = ANY(CAST(:types AS text[]))
+          ORDER BY created_at LIMIT 1),
+        (SELECT min(locked_until) FROM ironflow.outbox
+          WHERE processed_at IS NULL AND dead_lettered_at IS NULL
+            AND attempts < {MAX_ATTEMPTS} AND locked_until IS NOT NULL
+            AND workflow_type = ANY(CAST(:types AS text[])))
+    ) - now())) AS seconds
+""")
+
 # Seconds until the next timer can be claimed: the earliest free due time, or the end of
-# the earliest backoff/lease among due timers. NULL when nothing is pending. (Effects are
-# due when written: their relays need no such look-ahead.)
+# the earliest backoff/lease among due timers. NULL when nothing is pending.
 NEXT_TIMER_DUE = text(f"""
     SELECT EXTRACT(EPOCH FROM (LEAST(
         (SELECT fire_at FROM ironflow.timers
@@ -793,8 +813,8 @@ class RowStatements:
     claim: TextClause
     claim_limited: TextClause | None
     """The claim under per-type concurrency limits (effects only; None: not limited)."""
-    next_due: TextClause | None
-    """Seconds until a row can next be claimed (timers only; None: rows are due at once)."""
+    next_due: TextClause
+    """Seconds until a row can next be claimed (an idle relay sleeps until then)."""
     release: TextClause
     start: TextClause
     lock_running: TextClause
@@ -829,8 +849,9 @@ def _row_statements(
     fire_at: str,
     key: str,
     due_at: str,
+    channel: str,
+    next_due: TextClause,
     claim_limited: TextClause | None = None,
-    next_due: TextClause | None = None,
 ) -> RowStatements:
     fields = {
         "table": table,
@@ -843,6 +864,7 @@ def _row_statements(
         "due_at": due_at.format(table=table),
         "claim_due": f"GREATEST({order}, celery_claim_after)",
         "renew_hint": _RENEW_HINT,
+        "channel": channel,
     }
 
     def render(template: str) -> TextClause:
@@ -886,6 +908,8 @@ EFFECT_STATEMENTS = _row_statements(
     fire_at="CAST(NULL AS timestamptz)",
     key="CAST(NULL AS text)",
     due_at=_EFFECT_DUE_AT,
+    channel=EFFECTS_CHANNEL,
+    next_due=NEXT_EFFECT_DUE,
     claim_limited=CLAIM_LIMITED_EFFECTS,
 )
 
@@ -897,6 +921,7 @@ TIMER_STATEMENTS = _row_statements(
     fire_at="fire_at",
     key="key",
     due_at=_TIMER_DUE_AT,
+    channel=TIMERS_CHANNEL,
     next_due=NEXT_TIMER_DUE,
 )
 

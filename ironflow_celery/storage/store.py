@@ -721,10 +721,10 @@ class PostgresStore:
         *,
         max_attempts: int | AttemptLimits,
     ) -> float | None:
-        """Seconds until a row can next be claimed (negative when overdue), or None: nothing
-        pending, or a kind whose rows are due when written (effects)."""
+        """Seconds until a row can next be claimed (negative when one is claimable now), or
+        None: nothing pending."""
         statement = kind_of(kind).statements.next_due
-        if statement is None or not workflow_types:
+        if not workflow_types:
             return None
         value = self._run(
             statement,
