@@ -84,5 +84,7 @@ def test_benchmark_row_11_many_relays_reports_its_ratios(tmp_path: Path) -> None
     for workload in ("prefilled", "streamed"):
         for relays in ("1", "4"):
             run = row["medians"][workload][relays]
-            assert run["worker_statements"] > 1.5  # a start guard and an ack per effect
+            # a start guard and an ack per message: per effect less when effects travel
+            # in groups (the default), never nothing
+            assert run["worker_statements"] > 0
             assert run["relay_statements"] > 0 and run["cpu_ms"] > 0

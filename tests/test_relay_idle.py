@@ -85,7 +85,7 @@ class StatementCounter:
 
 def store_engines(store: PostgresStore) -> list[sa.Engine]:
     """Every engine the store may run a relay's statements on."""
-    engines = {id(e): e for e in (store.engine, store.relaxed_engine, store.ack_engine)}
+    engines = {id(e): e for e in (store.engine, getattr(store, "ack_engine", store.engine))}
     return list(engines.values())
 
 
