@@ -87,4 +87,5 @@ def test_benchmark_row_11_many_relays_reports_its_ratios(tmp_path: Path) -> None
             # a start guard and an ack per message: per effect less when effects travel
             # in groups (the default), never nothing
             assert run["worker_statements"] > 0
-            assert run["relay_statements"] > 0 and run["cpu_ms"] > 0
+            # backend CPU is read in clock ticks (10 ms): a smoke-sized drain may spend less
+            assert run["relay_statements"] > 0 and run["cpu_ms"] >= 0
