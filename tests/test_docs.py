@@ -81,17 +81,31 @@ def test_projection_example_runs_and_the_cli_sees_its_position(database_url, tmp
     assert reset.returncode == 0, reset.stderr
 
 
-def test_the_state_machine_diagram_is_what_the_graph_command_prints():
+def test_the_state_machine_diagram_is_what_the_graph_command_prints(tmp_path):
+    """Run outside the checkout: the saga the docs name ships with the package (issue 24 §4)."""
     page = (REPO / "docs" / "state-machines.md").read_text()
     diagram = _block(page, "# State machines", "mermaid")
     result = _run(
         [str(BIN / "ironflow-celery"), "workflows", "graph", "orders", "--format", "mermaid"],
-        REPO,
-        IRONFLOW_WORKFLOWS="examples.orders.workflow",
-        PYTHONPATH=str(REPO),
+        tmp_path,
+        IRONFLOW_WORKFLOWS="ironflow_celery.examples.orders",
+        PYTHONPATH="",
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == diagram.strip()
+
+
+def test_the_docs_import_no_module_of_the_checkout():
+    """A user who ran `pip install ironflow-celery` has no `examples/`: the docs name the
+    saga that ships with the package, `ironflow_celery.examples.orders` (issue 24 §4)."""
+    pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    wrong = [
+        f"{page.relative_to(REPO)}:{number}: {line.strip()}"
+        for page in pages
+        for number, line in enumerate(page.read_text().splitlines(), 1)
+        if re.search(r"(?<![\w.])examples\.orders\b|examples/orders/workflow\.py", line)
+    ]
+    assert wrong == []
 
 
 # -- issue 24 §4: the README is a short tour, the rest lives in docs/ ----------------------

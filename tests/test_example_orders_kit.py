@@ -15,7 +15,8 @@ from celery import Celery
 from celery.contrib.testing.worker import start_worker
 from runtime_helpers import delete_queue
 
-from examples.orders.workflow import (
+from ironflow_celery import EffectContext, Message
+from ironflow_celery.examples.orders import (
     PAYMENT_TIMEOUT,
     ChargePayment,
     OrderCancelled,
@@ -27,7 +28,6 @@ from examples.orders.workflow import (
     Shipped,
     StockWasReserved,
 )
-from ironflow_celery import EffectContext, Message
 from ironflow_celery.testing import TestClock, WorkflowTestEnv
 
 

@@ -36,7 +36,7 @@ from pathlib import Path
 import pytest
 
 from examples.orders.__main__ import make_orders
-from examples.orders.workflow import OrderSaga, PlaceOrder, expected_status
+from ironflow_celery.examples.orders import OrderSaga, PlaceOrder, expected_status
 from ironflow_celery.service.workflow_service import Registry, WorkflowService
 from ironflow_celery.storage import schema
 from ironflow_celery.storage.db import create_engine

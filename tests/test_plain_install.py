@@ -231,6 +231,8 @@ def test_the_wheel_ships_its_package_data(plain_venv: Path) -> None:
     archive = zipfile.ZipFile(wheel)
     names = archive.namelist()
     assert "ironflow_celery/py.typed" in names
+    # The order saga the docs import (issue 24 §4: a doc example needs no checkout).
+    assert "ironflow_celery/examples/orders.py" in names
     assert any(n.startswith("ironflow_celery/storage/schema/migrations/") for n in names)
     # the development tooling (service finder, embedded servers) is not part of the package
     assert not any(n.startswith("devtools/") for n in names)
@@ -243,6 +245,7 @@ def test_the_wheel_ships_its_package_data(plain_venv: Path) -> None:
     out = run(
         [str(plain_venv), "-c",
          "import importlib.metadata as m, ironflow_celery as i; "
+         "from ironflow_celery.examples.orders import OrderSaga; "
          "print(i.__version__, m.version('ironflow-celery'), i.__file__)"],
         cwd=plain_venv.parents[2], env=clean,
     ).stdout.split()  # fmt: skip

@@ -457,7 +457,7 @@ def test_cli_workflows_graph_and_list(cli: Any) -> None:
 def test_orders_example_state_machine_golden_files() -> None:
     from golden import assert_golden
 
-    import examples.orders.workflow as orders
+    import ironflow_celery.examples.orders as orders
 
     definition = describe(orders.OrderSaga)
     assert_golden("orders.mmd", definition.to_mermaid())

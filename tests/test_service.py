@@ -236,7 +236,7 @@ def test_builder_rejects_duplicate_registration() -> None:
 def test_registry_takes_a_workflows_own_handle_effect() -> None:
     """The README's way to register a handler: ``handle_effect`` on the workflow itself,
     as the order saga does; a workflow with effects and no handler at all is refused."""
-    from examples.orders.workflow import OrderSaga
+    from ironflow_celery.examples.orders import OrderSaga
 
     registry = Registry([OrderSaga])
     assert registry.get(OrderSaga.type).handler is OrderSaga.handle_effect

@@ -217,11 +217,20 @@ def test_drain_through_a_real_celery_worker(ironflow_env: WorkflowTestEnv):
     assert not [name for name in leaked if name.startswith("ironflow-")], leaked
 
 
-def _pytest(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """Run pytest on `tmp_path` as a user's project would: its own (empty) configuration."""
+def _pytest(tmp_path: Path, *args: str, checkout: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run pytest on `tmp_path` as a user's project would: its own (empty) configuration.
+
+    With ``checkout=False`` the repository is not on the path, as after `pip install`: only
+    the installed package (the venv's editable install maps just its packages) is importable.
+    """
     (tmp_path / "pytest.ini").write_text("[pytest]\n")
     env = {k: v for k, v in os.environ.items() if k != "IRONFLOW_WORKFLOWS"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    path = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if checkout:
+        path.insert(0, str(REPO))
+    else:
+        path = [p for p in path if Path(p).resolve() != REPO.resolve()]
+    env["PYTHONPATH"] = os.pathsep.join(path)
     return subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:celery", *args],
         cwd=tmp_path,
@@ -265,6 +274,8 @@ def test_plugin_is_registered_and_costs_nothing_until_used(tmp_path: Path):
 
 
 def test_docs_testing_example_runs_as_a_users_test_suite(tmp_path: Path):
+    """Both of docs/testing.md's examples pass where only the installed package is importable
+    (issue 24 §4: a doc example must not need the repository's `examples/`)."""
     docs = (REPO / "docs" / "testing.md").read_text()
     section = docs.split("## A complete example", 1)[1]
     code = re.search(r"```python\n(.*?)```", section, re.S)
@@ -274,12 +285,21 @@ def test_docs_testing_example_runs_as_a_users_test_suite(tmp_path: Path):
     short = docs.split("## In short", 1)[1].split("## A complete example", 1)[0]
     snippet = re.search(r"```python\n(.*?)```", short, re.S)
     assert snippet, "no python block in docs/testing.md's short example"
-    imports = "import pytest\nfrom examples.orders.workflow import OrderSaga, PlaceOrder\n\n"
+    imports = "import pytest\nfrom ironflow_celery.examples.orders import OrderSaga, PlaceOrder\n\n"
     (tmp_path / "test_readme.py").write_text(imports + snippet.group(1))
-    result = _pytest(tmp_path, "test_orders.py", "test_readme.py")
+    # Proof that this run is outside the checkout: the repository's `examples` is not there.
+    (tmp_path / "test_no_checkout.py").write_text(
+        "import importlib.util\n"
+        "\n"
+        "def test_the_repository_is_not_importable():\n"
+        "    assert importlib.util.find_spec('examples') is None\n"
+    )
+    result = _pytest(
+        tmp_path, "test_orders.py", "test_readme.py", "test_no_checkout.py", checkout=False
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     count = len(re.findall(r"^def test_", code.group(1) + snippet.group(1), re.M))
-    assert f"{count} passed" in result.stdout
+    assert f"{count + 1} passed" in result.stdout
 
 
 # -- issue 24 §5: an unreachable server, and a prefix per project -----------------------------

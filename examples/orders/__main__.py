@@ -57,7 +57,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def make_orders(run: str, count: int):
     """Mostly ordinary orders; every 5th uses a flaky SKU, every 10th a declined card."""
-    from examples.orders.workflow import DECLINED_CARD_SUFFIX, FLAKY_SKU_PREFIX, PlaceOrder
+    from ironflow_celery.examples.orders import DECLINED_CARD_SUFFIX, FLAKY_SKU_PREFIX, PlaceOrder
 
     rng = random.Random(run)
     orders = []
@@ -80,7 +80,7 @@ def start_worker(run: str, queue: str, concurrency: int, log_path: Path) -> subp
     """``celery -A ironflow_celery worker`` for this example, in its own process group."""
     env = dict(os.environ)
     env.update(
-        IRONFLOW_WORKFLOWS="examples.orders.workflow",
+        IRONFLOW_WORKFLOWS="ironflow_celery.examples.orders",
         IRONFLOW_MAX_ATTEMPTS="3",
         IRONFLOW_BACKOFF_BASE="0.2",
         IRONFLOW_BACKOFF_MAX="1",
@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
             services = stack.enter_context(resolve_services(announce=console.print))
             os.environ["IRONFLOW_DATABASE_URL"] = services.database_url
             os.environ["CELERY_BROKER_URL"] = services.broker_url
-        os.environ.setdefault("IRONFLOW_WORKFLOWS", "examples.orders.workflow")
+        os.environ.setdefault("IRONFLOW_WORKFLOWS", "ironflow_celery.examples.orders")
         run_id = uuid.uuid4().hex[:8]
         own_database(run_id, stack)
         return run(args, stack, run_id)
@@ -261,7 +261,7 @@ def run_interruptibly(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace, stack: ExitStack, run_id: str) -> int:
     import ironflow_celery
-    from examples.orders.workflow import OrderSaga, expected_status
+    from ironflow_celery.examples.orders import OrderSaga, expected_status
 
     app = ironflow_celery.app
     runtime = app.ironflow

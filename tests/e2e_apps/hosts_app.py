@@ -1,6 +1,6 @@
 """The order saga for worker hosts in network namespaces (tests/test_hosts_netns.py).
 
-``celery -A tests.e2e_apps.hosts_app worker``: examples/orders' `OrderSaga` with its own
+``celery -A tests.e2e_apps.hosts_app worker``: `ironflow_celery.examples.orders.OrderSaga` with its
 handler wrapped by a recorder. Each time a handler's side effect succeeds, the worker host
 (``HOSTS_NODE``) appends a line ``<unix time> <node> <pid> <effect type> <attempt>
 <idempotency key>`` to ``$HOSTS_RECORDER_DIR/deliveries.log`` — on the shared file system,
@@ -22,10 +22,10 @@ from pathlib import Path
 
 from celery import Celery
 
-from examples.orders import workflow as orders
-from examples.orders.workflow import OrderSaga
 from ironflow_celery import EffectContext, Message, install
 from ironflow_celery.celery_app import settings_from_env
+from ironflow_celery.examples import orders
+from ironflow_celery.examples.orders import OrderSaga
 
 #: Longest a held handler waits, should a test die before it lets go.
 HOLD_LIMIT = 600.0
