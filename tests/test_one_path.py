@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 import uuid
@@ -29,6 +30,9 @@ from ironflow_celery.model.workflow import EffectContext
 from ironflow_celery.storage.kinds import EFFECT, TIMER
 from ironflow_celery.storage.store import ClaimedRow, PostgresStore
 from tests.e2e_apps.batch_app import CALLS, BatchWorkflow, Go, Job, handle_job
+
+# dev.py's broker (db 6) on a bare machine; the local Redis otherwise (tests/conftest.py)
+RESULT_BACKEND = os.environ.get("IRONFLOW_TEST_RESULT_BACKEND", "redis://127.0.0.1:6379/6")
 
 WT = BatchWorkflow.type
 MODES = pytest.mark.parametrize("size", [1, 20], ids=["single-row", "grouped"])
@@ -234,7 +238,7 @@ def test_each_row_has_its_result_under_its_own_id(
     travelled alone (Celery stores it: the task id is the row id) or in a group (the group
     task stores one result per row)."""
     app = make_app(store, size)
-    app.app.conf.update(result_backend="redis://127.0.0.1:6379/0", task_ignore_result=False)
+    app.app.conf.update(result_backend=RESULT_BACKEND, task_ignore_result=False)
     app.service.execute(Go(id=f"res{size}", jobs=["ok", "perm", "follow"]))
     app.start()
     ok, perm, follow = outbox(db, f"res{size}")

@@ -123,6 +123,6 @@ def test_the_relay_names_a_worker_that_would_reject_its_messages_as_unregistered
         assert queues == {queue: [f"ironflow.{T}.effect", f"ironflow.{T}.timer"]}
         with caplog.at_level(logging.ERROR, logger="ironflow_celery.queue_check"):
             assert check_unregistered(app, [T], timeout=10) == 1
-        [record] = caplog.records
+        [record] = [r for r in caplog.records if r.name == "ironflow_celery.queue_check"]
         assert worker in record.getMessage() and "rejects" in record.getMessage()
         assert f"ironflow.{T}.effect" in record.getMessage()
