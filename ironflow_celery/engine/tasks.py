@@ -59,6 +59,7 @@ from ironflow_celery.model.settings import read_settings
 from ironflow_celery.model.storable import storable_text
 from ironflow_celery.model.workflow import DeadLetterNotice, EffectContext, WorkflowRef
 from ironflow_celery.service.aio import call_handler
+from ironflow_celery.service.workflow_service import GroupInputFailed
 from ironflow_celery.storage import tracing
 from ironflow_celery.storage.kinds import EFFECT, KINDS, TIMER, Kind, RowKind, kind_of
 from ironflow_celery.storage.store import LOST_RUN_ERROR, StartedRow
@@ -580,11 +581,18 @@ def acknowledge(
     others are acknowledged again without it; a row no longer held is stale-skipped."""
     results: dict[uuid.UUID, dict] = {}
     pending = list(pending)
+    together = True
     while pending:
         try:
-            held, outcomes = _commit(runtime, kind, pending)
+            held, outcomes = _commit(runtime, kind, pending, together=together)
         except AcknowledgementFailed as failed:
             exc = failed.cause
+            shared = sum(r.follow_up is not None for r in pending) > 1
+            if failed.ran is None and together and shared:
+                # The group's follow-ups failed in a statement they shared: run them one by
+                # one, so that only the row whose input fails is recorded as failed.
+                together = False
+                continue
             failing = [failed.ran] if failed.ran is not None else pending
             for ran in failing:
                 errors[ran.started.id] = exc
@@ -620,10 +628,12 @@ def acknowledge(
 
 
 def _commit(
-    runtime: TaskHost, kind: RowKind, pending: Sequence[Ran]
+    runtime: TaskHost, kind: RowKind, pending: Sequence[Ran], *, together: bool = True
 ) -> tuple[set[uuid.UUID], dict[uuid.UUID, str]]:
     """One acknowledging transaction: (ids still held and marked processed, the outcome of
-    each executed input). Raises `AcknowledgementFailed` when it rolled back."""
+    each executed input). A group's follow-up inputs execute together (`execute_group`: two
+    statements for all of them) when `together`, else one by one. Raises
+    `AcknowledgementFailed` when it rolled back."""
     store = runtime.store
     service = runtime.service
     outcomes: dict[uuid.UUID, str] = {}
@@ -666,8 +676,22 @@ def _commit(
         follow_ups.sort(key=lambda r: (r.started.workflow_type, r.started.workflow_id))
         with store.transaction(ack=True) as conn:
             held = store.mark_many_processed_in(conn, items)
-            for ran in follow_ups:
-                if ran.started.id in held and ran.follow_up is not None:
+            live = [r for r in follow_ups if r.started.id in held and r.follow_up is not None]
+            group = None
+            if together and len(live) > 1:
+                try:
+                    group = service.execute_group(
+                        [(r.follow_up, r.workflow, r.trace) for r in live if r.follow_up],
+                        connection=conn,
+                    )
+                except GroupInputFailed as failed:
+                    current = live[failed.index]
+                    raise failed.cause from failed
+            if group is not None:
+                outcomes.update({r.started.id: o.kind for r, o in zip(live, group, strict=True)})
+            else:
+                for ran in live:
+                    assert ran.follow_up is not None
                     current = ran
                     with tracing.attached(tracing.headers_of(ran.trace)):
                         outcomes[ran.started.id] = service.execute(

@@ -11,8 +11,9 @@ import asyncio
 import functools
 import logging
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -41,6 +42,7 @@ from ironflow_celery.model.workflow import (
 from ironflow_celery.service.aio import check_handler
 from ironflow_celery.storage import tracing
 from ironflow_celery.storage.store import (
+    DecisionWrite,
     PostgresStore,
     StoredEvent,
     TimerSpec,
@@ -48,6 +50,7 @@ from ironflow_celery.storage.store import (
 )
 
 __all__ = [
+    "GroupInputFailed",
     "Registration",
     "Registry",
     "WorkflowService",
@@ -60,6 +63,16 @@ __all__ = [
 log = logging.getLogger("ironflow_celery.service")
 
 _POOL_LOCK = threading.Lock()
+
+
+class GroupInputFailed(Exception):
+    """`WorkflowService.execute_group`: the input at `index` failed (its decision raised or
+    its output cannot be stored); `cause` is why. Nothing of the group was written."""
+
+    def __init__(self, index: int, cause: BaseException) -> None:
+        super().__init__(f"input {index} of the group failed: {cause}")
+        self.index = index
+        self.cause = cause
 
 
 # -- registry -------------------------------------------------------------------------
@@ -223,6 +236,27 @@ def check_storable(workflow_type: str, kind: str, value: Any) -> None:
     raise InvalidPayload(workflow_type, kind, f"{prefix}{field or 'value'}: {problem}")
 
 
+def _check_decision(
+    workflow_type: str,
+    events: Sequence[Any],
+    effects: Sequence[Any],
+    timers: Sequence[TimerSpec],
+    cancel_keys: Iterable[str | None],
+) -> None:
+    """Workflow code may build text of its own (not only copy the input's): what a decision
+    writes must be storable, or the input fails before any write."""
+    for kind, values in (
+        ("event", events),
+        ("effect", effects),
+        ("timer input", [t.input for t in timers]),
+    ):
+        for value in values:
+            check_storable(workflow_type, kind, value)
+    for key in [*(t.key for t in timers), *cancel_keys]:
+        if key is not None and text_problem(key) is not None:
+            raise InvalidPayload(workflow_type, "timer key", f"{key!r}: {text_problem(key)}")
+
+
 def _check_key(workflow_type: str, what: str, value: str | None) -> None:
     problem = None if value is None else text_problem(value)
     if problem is not None:
@@ -318,13 +352,19 @@ class WorkflowService:
         # A span per input: the effects and timers it writes carry its trace onwards.
         if not tracing.AVAILABLE:
             return self._execute_input(registration, input, payload, connection)
-        wf = registration.workflow
-        attributes = {"ironflow.workflow_type": wf.type, "ironflow.input_type": input.type_tag}
-        with tracing.span(f"ironflow.execute {wf.type}", attributes) as current:
+        with self._input_span(registration.workflow, input) as current:
             outcome = self._execute_input(registration, input, payload, connection)
             if current is not None and current.is_recording():
                 current.set_attribute("ironflow.outcome", outcome.kind)
             return outcome
+
+    @staticmethod
+    def _input_span(wf: type[Workflow], input: Any) -> Any:
+        """The span of one input's execution (a no-op without OpenTelemetry)."""
+        if not tracing.AVAILABLE:
+            return nullcontext()
+        attributes = {"ironflow.workflow_type": wf.type, "ironflow.input_type": input.type_tag}
+        return tracing.span(f"ironflow.execute {wf.type}", attributes)
 
     def _execute_input(
         self,
@@ -390,17 +430,7 @@ class WorkflowService:
                 TimerSpec(t.delay.total_seconds(), wf.inputs.encode(t.input), t.key)
                 for t in decision.timers
             ]
-            # Workflow code may build text of its own (not only copy the input's).
-            for kind, values in (
-                ("event", events),
-                ("effect", effects),
-                ("timer input", [t.input for t in timers]),
-            ):
-                for value in values:
-                    check_storable(wf.type, kind, value)
-            for key in [*(t.key for t in timers), *decision.cancel_timer_keys]:
-                if key is not None and text_problem(key) is not None:
-                    raise InvalidPayload(wf.type, "timer key", f"{key!r}: {text_problem(key)}")
+            _check_decision(wf.type, events, effects, timers, decision.cancel_timer_keys)
             if observe:
                 uow.record_input_observation(input_type, payload, "accepted")
             uow.append_events(events)
@@ -410,6 +440,108 @@ class WorkflowService:
             if wf.is_terminal(state):
                 uow.mark_completed()
             return Accepted(uow.commit())
+
+    def execute_group(
+        self,
+        items: Sequence[tuple[Message, type[Workflow], str | None]],
+        *,
+        connection: Connection,
+    ) -> list[ExecuteOutcome[Any]] | None:
+        """Execute several inputs, each on a different existing instance, inside the
+        caller's transaction in two statements for the whole group: lock and load every
+        instance (in key order), then write every accepted decision. Each item is (input,
+        its workflow, the stored trace context it runs under). What each input decides and
+        the outcome it gets are what `execute` would give it; only the round trips differ.
+
+        Returns None, having written nothing, when the group does not qualify (an instance
+        named twice, one that does not exist yet, input observations on): the caller then
+        executes the inputs one by one in the same transaction. Raises `GroupInputFailed`
+        for an input whose decision fails, before anything is written."""
+        if self.config.record_input_observations or not items:
+            return None
+        plans: list[tuple[Registration, Message, str, str | None]] = []
+        for index, (input, workflow, trace) in enumerate(items):
+            try:
+                registration = self.registry.for_workflow(workflow)
+                wf = registration.workflow
+                if input not in wf.inputs:
+                    raise InvalidPayload(
+                        wf.type, "input", f"{type(input).__qualname__} is not one of "
+                        f"{wf.inputs.tags()}",
+                    )  # fmt: skip
+                workflow_id = wf.workflow_id(input)
+                check_storable(wf.type, "input", input.to_json())
+                _check_key(wf.type, "workflow id", workflow_id)
+                _check_key(wf.type, "unique key", wf.unique_key(input))
+            except Exception as exc:
+                raise GroupInputFailed(index, exc) from exc
+            plans.append((registration, input, workflow_id, trace))
+        keys = [(r.workflow.type, wid) for r, _, wid, _ in plans]
+        if len(set(keys)) != len(keys):
+            return None
+        # Sorted keys: two groups (or a group and a lone input) lock instances in one order.
+        order = sorted(range(len(keys)), key=lambda i: keys[i])
+        loaded = self.store.lock_and_load_many(connection, [keys[i] for i in order])
+        if not all(found for found, _, _ in loaded):
+            return None  # a new instance: `begin` creates it (the locks taken are kept)
+        outcomes: list[ExecuteOutcome[Any]] = [AlreadyCompleted()] * len(items)
+        writes: list[DecisionWrite] = []
+        for i, (_, completed, events) in zip(order, loaded, strict=True):
+            registration, input, workflow_id, trace = plans[i]
+            if completed:
+                continue
+            try:
+                with tracing.attached(tracing.headers_of(trace)):
+                    outcome, write = self._decide_in_group(registration, input, workflow_id, events)
+            except Exception as exc:
+                raise GroupInputFailed(i, exc) from exc
+            outcomes[i] = outcome
+            if write is not None:
+                writes.append(write)
+        self.store.write_decisions(connection, writes)
+        return outcomes
+
+    def _decide_in_group(
+        self, registration: Registration, input: Message, workflow_id: str, stored: list[Any]
+    ) -> tuple[ExecuteOutcome[Any], DecisionWrite | None]:
+        """`_execute_input`'s decision for one input of `execute_group`, in its own span:
+        the outcome, and what to write (None for a rejection)."""
+        wf = registration.workflow
+        with self._input_span(wf, input) as current:
+            state = wf.replay(decode_events(wf, workflow_id, stored))
+            decision = wf.decide(self._clock(), state, input)
+            if not isinstance(decision, Decision):
+                raise InvalidWorkflowDefinition(
+                    f"{wf.type}.decide returned {type(decision).__name__}, not a Decision"
+                )
+            if decision.is_reject:
+                outcome: ExecuteOutcome[Any] = Rejected(decision.rejection)
+                write = None
+            else:
+                events = [wf.events.encode(e) for e in decision.events]
+                for event in decision.events:
+                    state = wf.evolve(state, event)
+                effects = [wf.effects.encode(f) for f in decision.effects]
+                timers = [
+                    TimerSpec(t.delay.total_seconds(), wf.inputs.encode(t.input), t.key)
+                    for t in decision.timers
+                ]
+                _check_decision(wf.type, events, effects, timers, decision.cancel_timer_keys)
+                write = DecisionWrite(
+                    wf.type,
+                    workflow_id,
+                    len(stored) + 1,
+                    events,
+                    effects,
+                    tracing.current_carrier() if effects or timers else None,
+                    wf.is_terminal(state),
+                    list(decision.cancel_timer_keys),
+                    timers,
+                )
+                outcome = Accepted(len(events))
+            if current is not None and current.is_recording():
+                current.set_attribute("ironflow.outcome", outcome.kind)
+            return outcome, write
 
     # -- queries ---------------------------------------------------------------------------
     def list_workflows(

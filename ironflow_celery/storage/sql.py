@@ -158,6 +158,49 @@ WRITE_DECISION = text(f"""
                 THEN pg_notify('{EFFECTS_CHANNEL}', :wt) END AS notified
 """)
 
+# Several instances' lock-and-load in one round trip (a group's follow-up inputs): the
+# function runs once per key, in the given order (callers sort the keys, so two groups lock
+# in the same order), and, being volatile, reads each instance's events after its lock.
+LOCK_AND_LOAD_MANY = text("""
+    SELECT k.n, f.completed, f.sequence, f.payload
+    FROM unnest(CAST(:wts AS text[]), CAST(:wids AS text[])) WITH ORDINALITY AS k(wt, wid, n)
+    CROSS JOIN LATERAL ironflow.celery_lock_and_load(k.wt, k.wid) AS f
+    ORDER BY k.n, f.sequence
+""")
+
+# `WRITE_DECISION` for several instances at once (each instance once), as parallel arrays:
+# events (instance, sequence, payload), effects (instance, payload, trace), instance counters.
+WRITE_DECISIONS = text(f"""
+    WITH ev AS (
+        INSERT INTO ironflow.events (workflow_type, workflow_id, sequence, payload)
+        SELECT wt, wid, s, CAST(p AS jsonb)
+        FROM unnest(CAST(:ev_wts AS text[]), CAST(:ev_wids AS text[]),
+                    CAST(:ev_seqs AS bigint[]), CAST(:ev_payloads AS text[])) AS u(wt, wid, s, p)
+        RETURNING 1
+    ), ob AS (
+        INSERT INTO ironflow.outbox (workflow_type, workflow_id, payload, celery_trace_context)
+        SELECT wt, wid, CAST(p AS jsonb), t
+        FROM unnest(CAST(:ob_wts AS text[]), CAST(:ob_wids AS text[]),
+                    CAST(:ob_payloads AS text[]), CAST(:ob_traces AS text[])) AS u(wt, wid, p, t)
+        RETURNING 1
+    ), inst AS (
+        UPDATE ironflow.workflow_instances AS i
+        SET event_count = i.event_count + u.n,
+            last_event_at = CASE WHEN u.n > 0 THEN now() ELSE i.last_event_at END,
+            completed_at = CASE WHEN u.c THEN now() ELSE i.completed_at END
+        FROM unnest(CAST(:in_wts AS text[]), CAST(:in_wids AS text[]),
+                    CAST(:in_ns AS bigint[]), CAST(:in_cs AS boolean[])) AS u(wt, wid, n, c)
+        WHERE i.workflow_type = u.wt AND i.workflow_id = u.wid AND (u.n > 0 OR u.c)
+        RETURNING 1
+    )
+    SELECT (SELECT count(*) FROM ev) AS events,
+           (SELECT count(*) FROM ob) AS effects,
+           (SELECT count(*) FROM inst) AS instances,
+           (SELECT count(pg_notify('{EFFECTS_CHANNEL}', d.wt))
+            FROM (SELECT DISTINCT x.wt FROM unnest(CAST(:ob_wts AS text[])) AS x(wt)) AS d)
+               AS notified
+""")
+
 CANCEL_TIMERS = text("""
     UPDATE ironflow.timers
     SET processed_at = now(), locked_until = NULL, locked_by = NULL

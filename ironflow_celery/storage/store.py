@@ -38,6 +38,7 @@ from ironflow_celery.storage.kinds import EFFECT, TIMER, Kind, RowKind, kind_of
 __all__ = [
     "LOST_RUN_ERROR",
     "ClaimedRow",
+    "DecisionWrite",
     "PostgresStore",
     "StartedRow",
     "StoredEvent",
@@ -210,6 +211,51 @@ LOST_RUN_ERROR = (
 )
 
 
+def _write_timers(
+    conn: Connection,
+    key: dict[str, str],
+    cancel_keys: Sequence[str],
+    timers: Sequence[TimerSpec],
+    trace: str | None,
+) -> None:
+    """A decision's timer writes on one instance: cancellations first, then new timers."""
+    if cancel_keys:
+        conn.execute(sql.CANCEL_TIMERS, {**key, "keys": list(cancel_keys)})
+    if timers:
+        # Within one decision the last timer with a key wins (one pending row per key).
+        last_by_key: dict[str | None, int] = {}
+        for i, t in enumerate(timers):
+            if t.key is not None:
+                last_by_key[t.key] = i
+        kept = [t for i, t in enumerate(timers) if t.key is None or last_by_key[t.key] == i]
+        conn.execute(
+            sql.SCHEDULE_TIMERS,
+            {
+                **key,
+                "delays": [t.delay_seconds for t in kept],
+                "inputs": [dumps(t.input) for t in kept],
+                "keys": [t.key for t in kept],
+                "trace": trace,
+            },
+        )
+
+
+@dataclass(slots=True)
+class DecisionWrite:
+    """One accepted decision of a group (`PostgresStore.write_decisions`): what
+    `UnitOfWork.flush` writes for one instance, with the trace its effects and timers carry."""
+
+    workflow_type: str
+    workflow_id: str
+    first_sequence: int
+    events: list[Any]
+    effects: list[Any]
+    trace: str | None = None
+    completed: bool = False
+    cancel_keys: list[str] = field(default_factory=list)
+    timers: list[TimerSpec] = field(default_factory=list)
+
+
 # -- unit of work -------------------------------------------------------------------
 
 
@@ -307,29 +353,7 @@ class UnitOfWork:
                         "completed": self._mark_completed,
                     },
                 )
-            if self._cancel_keys:
-                self.conn.execute(sql.CANCEL_TIMERS, {**key, "keys": self._cancel_keys})
-            if self._timers:
-                # Within one decision the last timer with a key wins (one pending row per key).
-                last_by_key: dict[str | None, int] = {}
-                for i, t in enumerate(self._timers):
-                    if t.key is not None:
-                        last_by_key[t.key] = i
-                timers = [
-                    t
-                    for i, t in enumerate(self._timers)
-                    if t.key is None or last_by_key[t.key] == i
-                ]
-                self.conn.execute(
-                    sql.SCHEDULE_TIMERS,
-                    {
-                        **key,
-                        "delays": [t.delay_seconds for t in timers],
-                        "inputs": [dumps(t.input) for t in timers],
-                        "keys": [t.key for t in timers],
-                        "trace": trace,
-                    },
-                )
+            _write_timers(self.conn, key, self._cancel_keys, self._timers, trace)
         self.events.extend(self._events)
         self._events, self._effects, self._cancel_keys, self._timers = [], [], [], []
         return n_events
@@ -563,6 +587,67 @@ class PostgresStore:
         if completed:
             uow.rollback()
         return uow
+
+    # -- groups of inputs (a group's follow-ups, in its acknowledgement) ------------------
+    def lock_and_load_many(
+        self, connection: Connection, keys: Sequence[tuple[str, str]]
+    ) -> list[tuple[bool, bool, list[Any]]]:
+        """`begin`'s lock and load for several existing instances in the caller's
+        transaction, one round trip: (found, completed, events) per key, in order. Locks are
+        taken in the order given (callers sort the keys). Creates no instance."""
+        loaded: list[tuple[bool, bool, list[Any]]] = [(False, False, []) for _ in keys]
+        if not keys:
+            return loaded
+        with storage_errors():
+            rows = connection.execute(
+                sql.LOCK_AND_LOAD_MANY,
+                {"wts": [k[0] for k in keys], "wids": [k[1] for k in keys]},
+            ).all()
+        for r in rows:
+            i = r.n - 1
+            events = loaded[i][2]
+            if r.completed:
+                loaded[i] = (True, True, [])
+            else:
+                # A NULL sequence is the "no events" row (as in `_lock_and_load`).
+                if r.sequence is not None:
+                    events.append(r.payload)
+                loaded[i] = (True, False, events)
+        return loaded
+
+    def write_decisions(self, connection: Connection, writes: Sequence[DecisionWrite]) -> None:
+        """Write several instances' accepted decisions in the caller's transaction: every
+        event, effect and instance counter in one statement (`sql.WRITE_DECISIONS`), then
+        each decision's timer writes, if any. Each instance appears once."""
+        params: dict[str, list[Any]] = {
+            name: []
+            for name in (
+                *("ev_wts", "ev_wids", "ev_seqs", "ev_payloads"),
+                *("ob_wts", "ob_wids", "ob_payloads", "ob_traces"),
+                *("in_wts", "in_wids", "in_ns", "in_cs"),
+            )
+        }
+        for w in writes:
+            n = len(w.events)
+            params["ev_wts"] += [w.workflow_type] * n
+            params["ev_wids"] += [w.workflow_id] * n
+            params["ev_seqs"] += range(w.first_sequence, w.first_sequence + n)
+            params["ev_payloads"] += [dumps(p) for p in w.events]
+            params["ob_wts"] += [w.workflow_type] * len(w.effects)
+            params["ob_wids"] += [w.workflow_id] * len(w.effects)
+            params["ob_payloads"] += [dumps(p) for p in w.effects]
+            params["ob_traces"] += [w.trace] * len(w.effects)
+            if n or w.completed:
+                params["in_wts"].append(w.workflow_type)
+                params["in_wids"].append(w.workflow_id)
+                params["in_ns"].append(n)
+                params["in_cs"].append(w.completed)
+        with storage_errors():
+            if params["ev_wts"] or params["ob_wts"] or params["in_wts"]:
+                connection.execute(sql.WRITE_DECISIONS, params)
+            for w in writes:
+                key = {"wt": w.workflow_type, "wid": w.workflow_id}
+                _write_timers(connection, key, w.cancel_keys, w.timers, w.trace)
 
     def record_observation(
         self,
