@@ -678,20 +678,30 @@ def _commit(
             held = store.mark_many_processed_in(conn, items)
             live = [r for r in follow_ups if r.started.id in held and r.follow_up is not None]
             group = None
+            failure: GroupInputFailed | None = None
             if together and len(live) > 1:
                 try:
                     group = service.execute_group(
-                        [(r.follow_up, r.workflow, r.trace) for r in live if r.follow_up],
+                        [
+                            (r.follow_up, r.workflow, r.trace)
+                            for r in live
+                            if r.follow_up is not None
+                        ],
                         connection=conn,
                     )
                 except GroupInputFailed as failed:
-                    current = live[failed.index]
-                    raise failed.cause from failed
+                    failure = failed
+            if failure is not None:
+                # Raised outside the handler, so the input's own exception gets no cycle
+                # back to the wrapper (its __cause__) in its chain.
+                current = live[failure.index]
+                raise failure.cause
             if group is not None:
                 outcomes.update({r.started.id: o.kind for r, o in zip(live, group, strict=True)})
             else:
                 for ran in live:
-                    assert ran.follow_up is not None
+                    if ran.follow_up is None:  # (filtered above; for the type checker)
+                        continue
                     current = ran
                     with tracing.attached(tracing.headers_of(ran.trace)):
                         outcomes[ran.started.id] = service.execute(
