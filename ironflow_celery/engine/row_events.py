@@ -15,24 +15,27 @@ or ``celery control enable_events``, which Flower sends by default):
   them through the worker's own event dispatcher, so its settings apply as they stand;
 - a prefork pool process has no dispatcher of its worker: it reads whether the worker
   sends task events from a byte of memory shared with it at fork, which the worker keeps
-  current (`WorkerEvents`, every `REFRESH_SECONDS`), and sends through the app's producer
-  pool under the worker's host name.
+  current (`WorkerEvents`, every `REFRESH_SECONDS`), and hands them to a thread of its
+  own that sends them under the worker's host name (a broker that is down delays
+  events, never the rows).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import mmap
 import os
+import queue
 import threading
+import time
 import traceback
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Any
 
 from ironflow_celery.model.storable import storable_text
 
-__all__ = ["REFRESH_SECONDS", "RowEvents", "WorkerEvents", "announce"]
+__all__ = ["REFRESH_SECONDS", "SENDER_QUEUE", "RowEvents", "WorkerEvents", "announce"]
 
 log = logging.getLogger("ironflow_celery.tasks")
 
@@ -91,20 +94,96 @@ def _active(task: Any) -> bool:
     return bool(_SHARED[0])
 
 
-@contextmanager
-def _dispatcher(task: Any) -> Iterator[Any]:
-    """The dispatcher to send this task's rows' events through, or None when the worker
-    running it sends no task events."""
+SENDER_QUEUE = 10_000
+"""Events a pool process holds for its sender thread at most; beyond, new ones are dropped
+(a broker that is down must not grow a pool process without bound)."""
+
+
+class _Sender:
+    """A pool process's sender of its groups' row events: a daemon thread with its own
+    broker connection, so a slow or unreachable broker never holds a group's run (Celery's
+    own task events leave from the worker's process, where its event loop buffers them)."""
+
+    def __init__(self, app: Any, hostname: str) -> None:
+        self.app = app
+        self.hostname = hostname
+        self.queue: queue.Queue[tuple[str, str, dict[str, Any]]] = queue.Queue(SENDER_QUEUE)
+        self._dropped = 0
+        self.thread = threading.Thread(target=self._run, name="ironflow-row-events", daemon=True)
+        self.thread.start()
+
+    def put(self, events: Sequence[tuple[str, str, dict[str, Any]]]) -> None:
+        now = time.time()  # when it happened, not when the thread sends it
+        for type_, row_id, fields in events:
+            try:
+                self.queue.put_nowait((type_, row_id, {"timestamp": now, **fields}))
+            except queue.Full:
+                self._dropped += 1
+                if self._dropped == 1 or self._dropped % 1000 == 0:
+                    log.warning(
+                        "ironflow: %d row task events dropped: the broker takes none",
+                        self._dropped,
+                    )
+
+    def _run(self) -> None:
+        connection: Any = None
+        dispatcher: Any = None
+        while True:
+            type_, row_id, fields = self.queue.get()
+            try:
+                if dispatcher is None:
+                    connection = self.app.connection_for_write()
+                    connection.ensure_connection(max_retries=3)
+                    dispatcher = self.app.events.Dispatcher(connection, hostname=self.hostname)
+                dispatcher.send(type_, uuid=row_id, **fields)
+            except Exception as exc:  # a monitoring event never fails the run it describes
+                # what waits now would fail the same way: drop it, say so once
+                dropped = 1
+                with contextlib.suppress(queue.Empty):
+                    while True:
+                        self.queue.get_nowait()
+                        dropped += 1
+                log.warning("ironflow: %d row task event(s) not sent: %s", dropped, exc)
+                with contextlib.suppress(Exception):
+                    if connection is not None:
+                        connection.release()
+                connection = dispatcher = None
+
+
+_senders: dict[tuple[int, int, str], _Sender] = {}
+
+
+def _sender(task: Any) -> _Sender:
+    hostname = task.request.hostname or ""
+    key = (os.getpid(), id(task.app), hostname)
+    sender = _senders.get(key)
+    if sender is None:
+        with _lock:
+            sender = _senders.get(key)
+            if sender is None:
+                sender = _senders[key] = _Sender(task.app, hostname)
+    return sender
+
+
+def _send(task: Any, events: Sequence[tuple[str, str, dict[str, Any]]]) -> None:
+    """Through the worker's own dispatcher when it runs in this process (as Celery sends
+    its task events), else by this pool process's sender thread, when its worker sends
+    task events."""
+    if not events:
+        return
     consumer = _own_worker(task)
-    if consumer is not None:
-        dispatcher = getattr(consumer, "event_dispatcher", None)
-        yield dispatcher if _sends_task_events(dispatcher) else None
+    if consumer is None:
+        if _SHARED[0]:
+            _sender(task).put(events)
         return
-    if not _SHARED[0]:
-        yield None
+    dispatcher: Any = getattr(consumer, "event_dispatcher", None)
+    if not _sends_task_events(dispatcher):
         return
-    with task.app.events.default_dispatcher(hostname=task.request.hostname) as dispatcher:
-        yield dispatcher
+    try:
+        for type_, row_id, fields in events:
+            dispatcher.send(type_, uuid=row_id, **fields)
+    except Exception as exc:  # a monitoring event never fails the run it describes
+        log.warning("ironflow: could not send the task events of a group's rows: %s", exc)
 
 
 class RowEvents:
@@ -116,16 +195,7 @@ class RowEvents:
         self._maxsize = getattr(task, "resultrepr_maxsize", 1024)
 
     def _send(self, events: Sequence[tuple[str, str, dict[str, Any]]]) -> None:
-        if not events:
-            return
-        try:
-            with _dispatcher(self.task) as dispatcher:
-                if dispatcher is None:
-                    return
-                for type_, row_id, fields in events:
-                    dispatcher.send(type_, uuid=row_id, **fields)
-        except Exception as exc:  # a monitoring event never fails the run it describes
-            log.warning("ironflow: could not send the task events of a group's rows: %s", exc)
+        _send(self.task, events)
 
     def started(self) -> None:
         """``task-received`` and ``task-started`` for every row: what a single-row message
