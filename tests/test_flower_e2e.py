@@ -1,7 +1,8 @@
 """Flower shows every effect as a task named after its workflow type (with its effect
 type), a failed attempt the outbox will retry as RETRY, a dead letter as FAILURE with its
-error, and a dead letter retried with ``celery call`` processed — real worker, Flower and
-Redis processes.
+error, and a dead letter retried with ``celery call`` processed; the rows of a group
+message each as their own task in their own state — real worker, Flower and Redis
+processes.
 
 The worker runs ``tests/e2e_apps/ops_app.py`` on its own queue with ``-E``; Flower reads
 the worker's events from the same broker. Every process is killed in teardown.
@@ -102,10 +103,8 @@ def test_flower_shows_effects_and_a_retried_dead_letter(database_url, db, tmp_pa
         # a failed attempt's backoff outlasts the test: Flower keeps showing it as RETRY
         "IRONFLOW_BACKOFF_BASE": "600",
         "IRONFLOW_BACKOFF_MAX": "600",
-        # each row its own task (task id = row id). Rows claimed together travel as one
-        # group task by default; what Flower shows then is in docs/operations.md, and each
-        # grouped row's result, Sentry event and retry-alone are in test_one_path.py and
-        # test_failure_reporting.py.
+        # each row its own message (task id = row id). Rows claimed together travel as one
+        # group by default; Flower shows each of them as its own task too (the test below).
         "IRONFLOW_EFFECT_BATCH_SIZE": "1",
     }
     celery = str(BIN / "celery")
