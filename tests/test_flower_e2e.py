@@ -1,7 +1,8 @@
 """Flower shows every effect as a task named after its workflow type (with its effect
 type), a failed attempt the outbox will retry as RETRY, a dead letter as FAILURE with its
-error, and a dead letter retried with ``celery call`` processed — real worker, Flower and
-Redis processes.
+error, and a dead letter retried with ``celery call`` processed; the rows of a group
+message each as their own task in their own state — real worker, Flower and Redis
+processes.
 
 The worker runs ``tests/e2e_apps/ops_app.py`` on its own queue with ``-E``; Flower reads
 the worker's events from the same broker. Every process is killed in teardown.
@@ -16,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
@@ -101,10 +103,8 @@ def test_flower_shows_effects_and_a_retried_dead_letter(database_url, db, tmp_pa
         # a failed attempt's backoff outlasts the test: Flower keeps showing it as RETRY
         "IRONFLOW_BACKOFF_BASE": "600",
         "IRONFLOW_BACKOFF_MAX": "600",
-        # each row its own task (task id = row id). Rows claimed together travel as one
-        # group task by default; what Flower shows then is in docs/operations.md, and each
-        # grouped row's result, Sentry event and retry-alone are in test_one_path.py and
-        # test_failure_reporting.py.
+        # each row its own message (task id = row id). Rows claimed together travel as one
+        # group by default; Flower shows each of them as its own task too (the test below).
         "IRONFLOW_EFFECT_BATCH_SIZE": "1",
     }
     celery = str(BIN / "celery")
@@ -245,6 +245,138 @@ def test_flower_shows_effects_and_a_retried_dead_letter(database_url, db, tmp_pa
         )
         assert call_info["name"] == "ironflow.dead_letters.retry"
         assert "'reason': 'retried'" in call_info["result"]
+    finally:
+        for proc in reversed(procs):
+            kill(proc)
+        for name in ("worker.log", "flower.log"):
+            log = tmp_path / name
+            if log.exists():
+                tail = log.read_text(errors="replace")[-3000:]
+                sys.stdout.write(f"--- {name} (tail) ---\n{tail}\n")
+
+
+GROUP_APP = "tests.e2e_apps.batch_app"
+
+
+@pytest.mark.parametrize(
+    ("pool", "events"),
+    [("prefork", "-E"), ("threads", "-E"), ("prefork", "enable_events")],
+    ids=["prefork-E", "threads-E", "prefork-enabled-later"],
+)
+def test_flower_shows_each_row_of_a_group_as_its_own_task(
+    database_url, db, tmp_path, pool: str, events: str
+):
+    """Five effects claimed together travel as one group message; Flower still shows each
+    row as its own task (id = row id, the single-row task's name, args and kwargs, the
+    group's task as parent) in its own state: the row whose handler raises
+    PermanentEffectError on its first attempt FAILURE, the failed attempt RETRY, the others
+    SUCCESS — from a prefork pool process (worker started with -E, or events enabled later
+    by ``celery control enable_events``, as Flower does) and from a threads pool (the
+    worker's own event dispatcher)."""
+    from tests.e2e_apps.batch_app import BatchWorkflow, Go, handle_job
+
+    queue = f"grp-{uuid.uuid4().hex[:8]}"
+    node = f"{queue}@{socket.gethostname()}"
+    flower_port = free_port()
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "BATCH_TEST_APP": "1",
+        "CELERY_BROKER_URL": BROKER,
+        "CELERY_TASK_DEFAULT_QUEUE": queue,
+        "IRONFLOW_DATABASE_URL": database_url,
+        "IRONFLOW_EFFECT_POLL_INTERVAL": "0.1",
+        "FLOWER_UNAUTHENTICATED_API": "true",
+        "IRONFLOW_BACKOFF_BASE": "600",  # the failed attempt stays RETRY during the test
+        "IRONFLOW_BACKOFF_MAX": "600",
+    }
+    celery = str(BIN / "celery")
+    procs = []
+    try:
+        # Flower's own periodic enable_events is off: the test decides when events start.
+        procs.append(
+            start(
+                [celery, "-A", GROUP_APP, "flower", f"--port={flower_port}",
+                 "--address=127.0.0.1", "--enable_events=False"],
+                env,
+                tmp_path / "flower.log",
+            )
+        )  # fmt: skip
+        worker_args = [celery, "-A", GROUP_APP, "worker", "-P", pool, "-c", "2", "-Q", queue]
+        worker_args += ["-n", f"{queue}@%h", "--without-mingle", "--without-gossip", "-l", "INFO"]
+        if events == "-E":
+            worker_args.append("-E")
+        procs.append(start(worker_args, env, tmp_path / "worker.log"))
+        flower = f"http://127.0.0.1:{flower_port}"
+        wait_until(
+            lambda: get_json(f"{flower}/api/workers?refresh=1").get(node), 60, "Flower: worker"
+        )
+        if events == "enable_events":
+            subprocess.run(
+                [celery, "-A", GROUP_APP, "control", "enable_events", "-d", node],
+                cwd=REPO, env=env, capture_output=True, timeout=60, check=True,
+            )  # fmt: skip
+            time.sleep(2.5)  # the worker copies the change for its pool within 1 s
+
+        service = WorkflowService(
+            PostgresStore.from_url(database_url), Registry([(BatchWorkflow, handle_job)])
+        )
+        wid = f"grp-{uuid.uuid4().hex[:6]}"
+        service.execute(Go(id=wid, jobs=["ok", "perm", "follow", "fail", "ok"]))
+        with db.connect() as conn:
+            ids = [
+                str(r[0])
+                for r in conn.execute(
+                    sa.text(
+                        "SELECT id FROM ironflow.outbox WHERE workflow_id = :wid"
+                        " ORDER BY (payload->>'index')::int"
+                    ),
+                    {"wid": wid},
+                )
+            ]
+        expected = ["SUCCESS", "FAILURE", "SUCCESS", "RETRY", "SUCCESS"]
+
+        seen: list[str] = []
+
+        def states() -> bool:
+            seen[:] = []
+            for row_id in ids:
+                try:
+                    seen.append(get_json(f"{flower}/api/task/info/{row_id}")["state"])
+                except urllib.error.HTTPError:  # not seen yet
+                    seen.append("-")
+            return seen == expected
+
+        try:
+            wait_until(states, 60, "Flower: each row in its own state")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; row states in Flower: {seen}") from None
+
+        infos = [get_json(f"{flower}/api/task/info/{row_id}") for row_id in ids]
+        groups = {info["parent_id"] for info in infos}
+        assert len(groups) == 1 and None not in groups, f"not one group message: {groups}"
+        [group_id] = groups
+        for index, (row_id, info) in enumerate(zip(ids, infos, strict=True)):
+            assert info["name"] == "ironflow.batch_test.effect"
+            assert info["args"] == f"['batch_test:{wid}', '{row_id}', 1]", info["args"]
+            assert "'effect_type': 'Job'" in info["kwargs"] and "'lease'" in info["kwargs"]
+            assert info["worker"] == node, info["worker"]
+            assert info["received"] and info["started"], (index, info)
+        ok, perm, follow, fail, _ = infos
+        assert "'status': 'processed'" in ok["result"]
+        assert "'follow_up': 'Finish'" in follow["result"]
+        assert perm["exception"].startswith("DeadLettered(")
+        assert "job 1 fails for good" in perm["exception"]
+        assert "PermanentEffectError" in perm["traceback"]  # the handler's, as the cause
+        assert "RuntimeError('job 3 fails')" in fail["exception"]
+        failed = get_json(f"{flower}/api/tasks?state=FAILURE")
+        assert ids[1] in failed and ids[0] not in failed
+        # the group's own task: SUCCESS (its message was handled), its rows as kwargs,
+        # every row's result in its result; each row points at it as its parent
+        group = get_json(f"{flower}/api/task/info/{group_id}")
+        assert group["name"] == "ironflow.batch_test.effect" and group["state"] == "SUCCESS"
+        assert group["kwargs"].startswith("{'rows': <5 rows: "), group["kwargs"]
+        assert "'dead-lettered'" in group["result"]
     finally:
         for proc in reversed(procs):
             kill(proc)

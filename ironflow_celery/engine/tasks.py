@@ -40,6 +40,7 @@ from datetime import UTC, datetime
 from types import SimpleNamespace
 from typing import Any, Literal
 
+from ironflow_celery.engine import row_events
 from ironflow_celery.engine.host import TaskHost
 from ironflow_celery.engine.inputs import register_execute_tasks
 from ironflow_celery.engine.metrics import UNKNOWN
@@ -1103,31 +1104,44 @@ def _report_to_sentry(
 
 
 def report_group(
-    task: Any, kind: str, results: Sequence[dict], errors: Mapping[str, BaseException]
+    task: Any,
+    kind: str,
+    results: Sequence[dict],
+    errors: Mapping[str, BaseException],
+    events: row_events.RowEvents | None = None,
 ) -> None:
     """Make each row of a group visible as if it had travelled alone: its result in the
     app's result backend under the row id (``AsyncResult(row_id)``: SUCCESS, RETRY with
-    the error, FAILURE with `DeadLettered`), and its failure in Sentry."""
+    the error, FAILURE with `DeadLettered`), its failure in Sentry, and its task events
+    (`events`: Flower and ``celery events`` show it as its own task in that state)."""
     keep = not results_ignored(task.app.conf)
+    outcomes: list[tuple[str, str, Any]] = []
     for result in results:
         status = result["status"]
         row_id = result["row_id"]
         exc = errors.get(row_id)
+        value: Any
         # A dead letter, grouped or alone, has already gone to Sentry once, as its own
         # structured event (`_report_failure`); a failed attempt goes here.
         if status == "failed-will-retry":
             _report_to_sentry(task, exc, row=result)
+        if status == "dead-lettered":
+            state = "FAILURE"
+            value = _dead_lettered(kind, result)
+            value.__cause__ = exc  # the handler's traceback, in Flower's traceback
+        elif status == "failed-will-retry":
+            state, value = "RETRY", _retry(exc, result).exc
+        else:
+            state, value = "SUCCESS", result
+        outcomes.append((row_id, state, value))
         if not keep:
             continue
         try:
-            if status == "dead-lettered":
-                task.backend.store_result(row_id, _dead_lettered(kind, result), "FAILURE")
-            elif status == "failed-will-retry":
-                task.backend.store_result(row_id, _retry(exc, result).exc, "RETRY")
-            else:
-                task.backend.store_result(row_id, result, "SUCCESS")
+            task.backend.store_result(row_id, value, state)
         except Exception as error:  # the outcome is committed; a backend hiccup loses a view
             log.warning("ironflow: could not store the result of %s %s: %s", kind, row_id, error)
+    if events is not None:
+        events.finished(outcomes)
 
 
 def _deliveries(
@@ -1195,8 +1209,10 @@ def _bind(row_kind: RowKind, runtime: TaskHost, name: str) -> Any:
     ) -> dict | list[dict]:
         deliveries = _deliveries(workflow_type, ref, row_id, attempt, lease, effect_type, due, rows)
         grouped = rows is not None
+        events = None
         if grouped:
             _revoke_grouped(self, deliveries)
+            events = row_events.announce(self, deliveries)  # each row its own task in Flower
         errors: dict[str, BaseException] = {}
         try:
             if not tracing.AVAILABLE or not runtime.config.tracing:
@@ -1229,13 +1245,15 @@ def _bind(row_kind: RowKind, runtime: TaskHost, name: str) -> Any:
                 "ironflow %s %s (%s): start guard failed (%s); redelivering in %.1fs",
                 kind, row_id or f"group of {len(deliveries)}", ref or workflow_type, exc, delay,
             )  # fmt: skip
+            if events is not None:
+                events.sent_back(exc)
             raise send_back(self, exc, delay=delay) from exc
         except StorageError:  # the ack could not be written; the lease will expire
             runtime.metrics.ack_failed(kind)
             raise
         if grouped:
             handler_failure.set(None)  # hold no handler frames between tasks
-            report_group(self, kind, results, errors)
+            report_group(self, kind, results, errors, events)
             return results
         _raise_recorded_failure(self, kind, results[0])
         return results[0]

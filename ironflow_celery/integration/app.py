@@ -24,6 +24,7 @@ from ironflow_celery.errors import ConfigurationError
 from ironflow_celery.integration.db_gate import DatabaseGateStep
 from ironflow_celery.integration.queue_check import QueueCheckStep, relay_types
 from ironflow_celery.integration.supervisor import ServiceProcess, ServiceThread, start_service
+from ironflow_celery.integration.task_events import RowEventsStep
 from ironflow_celery.model.config import runtime_config_from
 from ironflow_celery.model.settings import read_settings
 from ironflow_celery.model.tasknames import (
@@ -114,6 +115,8 @@ def install_engine(
     app.steps["worker"].add(AsyncLoopStep)  # stops the async handlers' loop with the worker
     # pauses ironflow's queues while this host cannot reach PostgreSQL
     app.steps["consumer"].add(DatabaseGateStep)
+    # each row of a group message as its own task in Flower (task events)
+    app.steps["consumer"].add(RowEventsStep)
     app.user_options["worker"].add(
         click.Option(
             ["--without-ironflow-relay"],
