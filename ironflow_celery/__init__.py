@@ -46,12 +46,12 @@ from ironflow_celery.operations.projections import (
     projection,
     run_projections,
 )
+from ironflow_celery.service.dead_letters import DeadLetter, DeadLetterQuery, RetryResult
 from ironflow_celery.service.workflow_service import (
     Registry,
     WorkflowService,
     WorkflowServiceConfig,
 )
-from ironflow_celery.storage.dead_letters import DeadLetter, DeadLetterQuery, RetryResult
 from ironflow_celery.storage.store import PostgresStore, StoredEvent, WorkflowInstanceSummary
 
 if TYPE_CHECKING:

@@ -429,7 +429,7 @@ NEXT_TIMER_DUE = text(f"""
     ) - now())) AS seconds
 """)
 
-# -- dead letters (ironflow_celery.storage.dead_letters) ---------------------------------
+# -- dead letters (ironflow_celery.service.dead_letters) ---------------------------------
 # A dead letter: unprocessed, and dead-lettered explicitly or out of attempts. Filters use
 # the ``CAST(:x AS …) IS NULL OR …`` form so one prepared statement serves every query.
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -29,9 +29,8 @@ from ironflow_celery.errors import (
     UniqueKeyConflict,
 )
 from ironflow_celery.model.config import AttemptLimits
-from ironflow_celery.storage import schema, sql, tracing
+from ironflow_celery.storage import schema, sql
 from ironflow_celery.storage.db import create_engine, relaxed_commits
-from ironflow_celery.storage.hints import schema_missing_hint
 from ironflow_celery.storage.inspection import RowInfo
 from ironflow_celery.storage.kinds import EFFECT, TIMER, Kind, RowKind, kind_of
 
@@ -88,6 +87,24 @@ def _unstorable(exc: sa.exc.DBAPIError) -> bool:
 _SCHEMA_MISSING = {"42P01", "42703", "42883", "3F000"}
 
 
+def _plain_schema_hint() -> str:
+    return (
+        "the ironflow schema is missing or older than this version of ironflow_celery: "
+        "run `ironflow-celery -A <your Celery app> db upgrade`"
+    )
+
+
+_schema_hint: Callable[[], str] = _plain_schema_hint
+
+
+def set_schema_hint(hint: Callable[[], str]) -> None:
+    """What a schema-missing `StorageError` tells the user to run. Storage knows nothing of
+    the process; integration sets a hint that names this process's app
+    (`ironflow_celery.integration.hints`)."""
+    global _schema_hint
+    _schema_hint = hint
+
+
 @contextmanager
 def storage_errors() -> Iterator[None]:
     """Translate driver errors into `StorageError` / `DatabaseUnavailable`, and text that
@@ -106,7 +123,7 @@ def storage_errors() -> Iterator[None]:
             raise DatabaseUnavailable(f"PostgreSQL is unavailable: {exc.orig}") from exc
         if getattr(exc.orig, "sqlstate", None) in _SCHEMA_MISSING:
             # the hint names the command as this process can run it
-            raise StorageError(f"postgres error: {exc.orig}; {schema_missing_hint()}") from exc
+            raise StorageError(f"postgres error: {exc.orig}; {_schema_hint()}") from exc
         raise StorageError(f"postgres error: {exc.orig}") from exc
     except sa.exc.SQLAlchemyError as exc:
         raise StorageError(f"postgres error: {exc}") from exc
@@ -237,6 +254,9 @@ class UnitOfWork:
     _timers: list[TimerSpec] = field(default_factory=list)
     _mark_completed: bool = False
     _finished: bool = False
+    trace_context: str | None = None
+    """The input's trace context (a W3C carrier as JSON, set by the service), stored
+    opaquely with this unit's effects and timers."""
 
     @property
     def next_sequence(self) -> int:
@@ -289,8 +309,7 @@ class UnitOfWork:
                 f"({state}); begin a new one"
             )
         key = {"wt": self.workflow_type, "wid": self.workflow_id}
-        # The input's trace, stored with its effects and timers (see storage.tracing).
-        trace = tracing.current_carrier() if self._effects or self._timers else None
+        trace = self.trace_context if self._effects or self._timers else None
         n_events = len(self._events)
         first = len(self.events) + 1
         with storage_errors():
@@ -985,7 +1004,7 @@ class PostgresStore:
     ) -> int | None:
         return self.record_dead_letter(TIMER, timer_id, token, error, **kw)
 
-    # -- dead letters (storage.dead_letters) ---------------------------------------------
+    # -- dead letters (service.dead_letters) ---------------------------------------------
     def fetch_dead_letter_rows(self, kind: Kind | RowKind, params: dict[str, Any]) -> list[Any]:
         """Dead-letter rows matching a `DeadLetterQuery`'s bind parameters, newest first."""
         return self._run(kind_of(kind).statements.fetch_dead_letters, params).all()
