@@ -1204,6 +1204,99 @@ class PostgresStore:
         else:
             self._run(sql.STORE_PROJECTION_POSITION, params)
 
+    # The projection runner's statements (operations.projections). It keeps one connection
+    # through a batch, since a transactional projection's handler writes on it too.
+    def projection_fence(self, name: str) -> tuple[int, Any] | None:
+        """The events' high-water mark and an xid drawn after it, or None when the
+        projection's position is already at the mark (nothing new to read)."""
+        with self.transaction() as conn:
+            high_water = int(conn.execute(sql.PROJECTION_FENCE_MARK).scalar_one())
+            position = conn.execute(sql.LOAD_PROJECTION_POSITION, {"name": name}).scalar()
+            if high_water <= int(position or 0):
+                return None
+            return high_water, conn.execute(sql.PROJECTION_FENCE_XID).scalar_one()
+
+    def try_lock_projection(self, name: str, *, connection: Connection) -> bool:
+        """The projection's transaction lock; False when another runner holds it."""
+        with storage_errors():
+            return bool(connection.execute(sql.TRY_LOCK_PROJECTION, {"name": name}).scalar())
+
+    def lock_projection(self, name: str, *, connection: Connection) -> None:
+        """The projection's transaction lock, waiting for it."""
+        with storage_errors():
+            connection.execute(sql.LOCK_PROJECTION, {"name": name})
+
+    def projection_position(self, name: str, *, connection: Connection) -> int:
+        """A projection's stored position inside the caller's transaction (0: none)."""
+        with storage_errors():
+            return int(
+                connection.execute(sql.LOAD_PROJECTION_POSITION, {"name": name}).scalar() or 0
+            )
+
+    def fetch_events_for_projection(
+        self,
+        *,
+        fence_xid: Any,
+        after: int,
+        high_water: int,
+        types: list[str] | None,
+        limit: int,
+        connection: Connection,
+    ) -> list[Any]:
+        """The events after `after` up to the fence, first row's ``passed`` saying whether
+        every transaction before the fence has ended (see sql.FETCH_EVENTS_FOR_PROJECTION)."""
+        params = {
+            "fence_xid": fence_xid,
+            "after": after,
+            "high_water": high_water,
+            "types": types,
+            "limit": limit,
+        }
+        with storage_errors():
+            return list(connection.execute(sql.FETCH_EVENTS_FOR_PROJECTION, params).all())
+
+    def advance_projection(self, name: str, sequence: int, *, connection: Connection) -> None:
+        """Move a projection to `sequence` and clear its error."""
+        with storage_errors():
+            connection.execute(sql.ADVANCE_PROJECTION, {"name": name, "seq": sequence})
+
+    def record_projection_error(
+        self,
+        name: str,
+        position: int,
+        error: str,
+        failed_sequence: int,
+        *,
+        connection: Connection,
+    ) -> None:
+        """Store a projection's position and the error that stopped it."""
+        params = {"name": name, "seq": position, "error": error, "failed_sequence": failed_sequence}
+        with storage_errors():
+            connection.execute(sql.RECORD_PROJECTION_ERROR, params)
+
+    def reset_projection_position(self, name: str, *, connection: Connection) -> None:
+        """Position 0 and the error cleared (a rebuild from zero)."""
+        with storage_errors():
+            connection.execute(sql.RESET_PROJECTION_POSITION, {"name": name})
+
+    def projection_status_rows(
+        self, types_by_name: Mapping[str, Sequence[str]], *, with_global_head: bool
+    ) -> tuple[list[Any], dict[str, int], int]:
+        """Every stored projection's row, the newest event of each named projection's
+        workflow types, and the newest event of all (0 unless `with_global_head`)."""
+        with storage_errors(), self.engine.connect() as conn:
+            rows = list(conn.execute(sql.PROJECTION_STATUS).all())
+            heads = {
+                name: int(
+                    conn.execute(sql.EVENTS_HEAD_FOR_TYPES, {"types": list(types)}).scalar_one()
+                )
+                for name, types in types_by_name.items()
+            }
+            head = (
+                int(conn.execute(sql.PROJECTION_HEAD_ALL).scalar_one()) if with_global_head else 0
+            )
+        return rows, heads, head
+
     # -- inspection (operations.inspection; read-only) ---------------------------------------
     def inspect_rows(
         self, kind: Kind | RowKind, params: dict[str, Any], *, newest_first: bool = True
