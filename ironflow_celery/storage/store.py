@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -44,6 +44,7 @@ __all__ = [
     "UnitOfWork",
     "WorkflowInstanceSummary",
     "dumps",
+    "set_schema_hint",
     "storage_errors",
 ]
 
@@ -1332,6 +1333,37 @@ class PostgresStore:
         """(active, completed) instances of one type."""
         row = self._run(sql.COUNT_INSTANCES, {"wt": workflow_type}).first()
         return int(row.active), int(row.completed)
+
+    # -- the testing kit (ironflow_celery.testing; read-only) ---------------------------------
+    def stored_body(self, kind: Kind | RowKind, row_id: uuid.UUID) -> Any:
+        """A row's stored JSON: the effect, or the timer's input (None: no row)."""
+        statement = sql.TEST_ROW_BODY[kind_of(kind).table]
+        return self._run(statement, {"id": row_id}).scalar()
+
+    def next_due(self, types: Sequence[str], limits: AttemptLimits) -> datetime | None:
+        """When the next live row of these workflow types becomes claimable (None: none)."""
+        return self._run(sql.TEST_NEXT_DUE, {"types": list(types), **limits.params()}).scalar()
+
+    def any_unfinished(self, kind: Kind | RowKind, ids: Sequence[uuid.UUID]) -> bool:
+        """Whether any of these rows is still held (leased, not finished)."""
+        statement = sql.TEST_UNFINISHED[kind_of(kind).table]
+        return self._run(statement, {"ids": list(ids)}).first() is not None
+
+    def row_outcomes(self, kind: Kind | RowKind, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, Any]:
+        """Attempts, last error, processed and dead of these rows, by id."""
+        statement = sql.TEST_AFTER_WORKER[kind_of(kind).table]
+        return {r.id: r for r in self._run(statement, {"ids": list(ids)})}
+
+    def test_rows(
+        self,
+        kind: Kind | RowKind,
+        which: Literal["pending", "dead"],
+        workflow_type: str | None,
+        workflow_id: str | None,
+    ) -> list[Any]:
+        """Pending or dead-lettered rows, oldest first, optionally of one type or instance."""
+        statement = sql.TEST_ROWS[(kind_of(kind).table, which)]
+        return list(self._run(statement, {"wt": workflow_type, "wid": workflow_id}))
 
     # -- helpers -------------------------------------------------------------------------------
     def _scalar_or_none(
