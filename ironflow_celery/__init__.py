@@ -20,7 +20,7 @@ from ironflow_celery.errors import (
     UniqueKeyConflict,
     UnknownWorkflowType,
 )
-from ironflow_celery.model.config import RetryPolicy, RuntimeConfig
+from ironflow_celery.model.config import RetryPolicy, RuntimeConfig, runtime_config_from
 from ironflow_celery.model.messages import Message
 from ironflow_celery.model.views import StateMachineDefinition
 from ironflow_celery.model.workflow import (
@@ -36,7 +36,13 @@ from ironflow_celery.model.workflow import (
     Workflow,
     WorkflowRef,
 )
-from ironflow_celery.operations.cancel import CancelResult
+from ironflow_celery.operations.cancel import (
+    CancelResult,
+    cancel_effect,
+    cancel_instance,
+    cancel_row,
+    cancel_timer,
+)
 from ironflow_celery.operations.projections import (
     FunctionProjection,
     Projection,
@@ -46,12 +52,14 @@ from ironflow_celery.operations.projections import (
     projection,
     run_projections,
 )
+from ironflow_celery.operations.retention import purge
+from ironflow_celery.operations.status import queue_status
+from ironflow_celery.service.dead_letters import DeadLetter, DeadLetterQuery, RetryResult
 from ironflow_celery.service.workflow_service import (
     Registry,
     WorkflowService,
     WorkflowServiceConfig,
 )
-from ironflow_celery.storage.dead_letters import DeadLetter, DeadLetterQuery, RetryResult
 from ironflow_celery.storage.store import PostgresStore, StoredEvent, WorkflowInstanceSummary
 
 if TYPE_CHECKING:
@@ -115,7 +123,14 @@ __all__ = [
     "WorkflowService",
     "WorkflowServiceConfig",
     "__version__",
+    "cancel_effect",
+    "cancel_instance",
+    "cancel_row",
+    "cancel_timer",
     "install",
     "projection",
+    "purge",
+    "queue_status",
     "run_projections",
+    "runtime_config_from",
 ]

@@ -2,8 +2,9 @@
 bootsteps, and `default_app` is the app ``celery -A ironflow_celery worker`` finds.
 
 This is the one module that knows every layer: the engine's install (tasks, routing,
-relay bootstep), then the operations' tasks (dead letters, retention, cancel) and the
-projections bootstep, and the relay process's duties (metrics endpoint, retention).
+relay bootstep), then the operations' tasks (dead letters, retention, cancel), the
+projections bootstep (integration's step bound here to the operations' runner, which sits
+above integration), and the relay process's duties (metrics endpoint, retention).
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ from celery.app.defaults import DEFAULTS
 
 from ironflow_celery.engine.runtime import WorkflowRuntime, WorkflowSpec
 from ironflow_celery.integration.app import install_engine
+from ironflow_celery.integration.projections import ProjectionStep as _IntegrationProjectionStep
 from ironflow_celery.integration.queue_check import start_unregistered_watch
 from ironflow_celery.operations.cancel import register_cancel_tasks
 from ironflow_celery.operations.dead_letters import register_dead_letter_tasks
 from ironflow_celery.operations.inspection import register_inspection_tasks
 from ironflow_celery.operations.metrics_endpoint import serve_metrics_from_settings
-from ironflow_celery.operations.projections import ProjectionStep
+from ironflow_celery.operations.projections import ConfiguredProjections
 from ironflow_celery.operations.retention import register_retention_tasks, start_retention_duty
 from ironflow_celery.storage.db import DATABASE_URL_ENV
 
@@ -52,6 +54,15 @@ def install(
     app.steps["worker"].add(ProjectionStep)  # off unless ironflow_projections is set
     runtime.duties = [_serve_metrics, start_retention_duty, start_unregistered_watch]
     return runtime
+
+
+class ProjectionStep(_IntegrationProjectionStep):
+    """The projections bootstep (integration) bound to the operations' projection runner,
+    which sits above integration: the one place both layers meet."""
+
+    @classmethod
+    def plan_of(cls, conf: Any) -> ConfiguredProjections:
+        return ConfiguredProjections.of(conf)
 
 
 def _serve_metrics(runtime: WorkflowRuntime, conf: Any, shutdown: Any) -> None:

@@ -1,9 +1,9 @@
 """Dead letters, the public module: query, count, inspect, retry and discard them, and the
 ``ironflow.dead_letters.*`` Celery tasks. See docs/operations.md."""
 
-from ironflow_celery.operations.dead_letters import TASK_PREFIX, register_dead_letter_tasks
-from ironflow_celery.storage.dead_letters import (
+from ironflow_celery.operations.dead_letters import (
     KINDS,
+    TASK_PREFIX,
     DeadLetter,
     DeadLetterQuery,
     InvalidDeadLetterRequest,
@@ -20,6 +20,7 @@ from ironflow_celery.storage.dead_letters import (
     parse_age,
     parse_kind,
     parse_row_id,
+    register_dead_letter_tasks,
     retry_dead_letter,
     retry_dead_letters,
     try_discard_dead_letter,

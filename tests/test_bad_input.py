@@ -311,7 +311,7 @@ def test_unstorable_ids_filters_and_names_are_clear_value_errors(
 ) -> None:
     from ironflow_celery import InvalidText
     from ironflow_celery.operations.projections import reset_projection
-    from ironflow_celery.storage import dead_letters as dl
+    from ironflow_celery.service import dead_letters as dl
 
     store = seeded.store
     for bad, _ in UNSTORABLE.values():

@@ -108,6 +108,34 @@ def test_the_docs_import_no_module_of_the_checkout():
     assert wrong == []
 
 
+LAYERS = ("storage", "service", "engine", "integration", "operations", "model")
+
+
+def test_the_docs_cite_only_public_modules():
+    """Users import from the public modules (`ironflow_celery`, `.dead_letters`,
+    `.inspection`, `.testing`, …), never from a layer module, which may move (issue 22 §7).
+    docs/architecture.md, the contributors' map of the layers, is the one exception."""
+    layer = re.compile(rf"\bironflow_celery\.(?:{'|'.join(LAYERS)})\b")
+    pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    wrong = [
+        f"{page.relative_to(REPO)}:{number}: {line.strip()}"
+        for page in pages
+        if page.name != "architecture.md"
+        for number, line in enumerate(page.read_text().splitlines(), 1)
+        if layer.search(line)
+    ]
+    assert wrong == []
+    # and each name the docs call through `ironflow_celery.<name>` exists there
+    import ironflow_celery
+
+    cited = {
+        name
+        for page in pages
+        for name in re.findall(r"`ironflow_celery\.([a-z_]+)\(", page.read_text())
+    }
+    assert cited <= set(ironflow_celery.__all__), cited - set(ironflow_celery.__all__)
+
+
 # -- issue 24 §4: the README is a short tour, the rest lives in docs/ ----------------------
 
 

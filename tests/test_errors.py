@@ -91,7 +91,7 @@ def test_old_import_paths_still_work() -> None:
     from ironflow_celery.engine.tasks import StartGuardUnavailable
     from ironflow_celery.operations.cancel import InvalidCancelRequest
     from ironflow_celery.operations.projections import ProjectionError
-    from ironflow_celery.storage.dead_letters import InvalidDeadLetterRequest as Storage
+    from ironflow_celery.service.dead_letters import InvalidDeadLetterRequest as Storage
     from ironflow_celery.testing import DrainLimitExceeded
 
     assert InvalidDeadLetterRequest is Storage is errors.InvalidDeadLetterRequest

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ironflow_celery.storage.hints import celery_app_argument, upgrade_command
+from ironflow_celery.integration.hints import celery_app_argument, upgrade_command
 
 
 @pytest.mark.parametrize(

@@ -292,7 +292,7 @@ def test_lock_expiration_allows_retry_by_another_worker(
 
 def test_dead_letter_query_filters_by_both_type_and_id(store: PostgresStore, db: sa.Engine) -> None:
     """#16: dead letters by type+id → 1, type only → 3, id only → 1."""
-    from ironflow_celery.storage import dead_letters
+    from ironflow_celery.service import dead_letters
 
     with running_app(store) as app:
         for wid in ("d1", "d2", "d3"):

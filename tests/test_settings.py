@@ -15,8 +15,8 @@ from ironflow_celery.model.config import RetryPolicy, RuntimeConfig, runtime_con
 from ironflow_celery.model.settings import SETTINGS, markdown_table, read_settings
 from ironflow_celery.operations.projections import ProjectionConfig, projection_config_from
 from ironflow_celery.operations.retention import DEFAULT_AGE, retention_settings
+from ironflow_celery.service.dead_letters import parse_age
 from ironflow_celery.service.workflow_service import WorkflowServiceConfig
-from ironflow_celery.storage.dead_letters import parse_age
 
 PACKAGE = Path(ironflow_celery.__file__).parent
 README = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"

@@ -190,7 +190,7 @@ def test_without_sdk_or_without_opentelemetry_nothing_is_stored() -> None:
     """opentelemetry-api alone (no SDK configured: no-op spans) stores no context; without
     opentelemetry-api importable the package imports and the helpers are no-ops."""
     api_only = (
-        "import ironflow_celery.storage.tracing as t\n"
+        "import ironflow_celery.service.tracing as t\n"
         "assert t.AVAILABLE\n"
         "with t.span('x'):\n"
         "    assert t.current_carrier() is None\n"
@@ -198,7 +198,7 @@ def test_without_sdk_or_without_opentelemetry_nothing_is_stored() -> None:
     )
     missing = (
         "import sys; sys.modules['opentelemetry'] = None\n"
-        "import ironflow_celery, ironflow_celery.storage.tracing as t\n"
+        "import ironflow_celery, ironflow_celery.service.tracing as t\n"
         "assert not t.AVAILABLE and t.current_carrier() is None\n"
         "with t.span('x') as s, t.task_span('y', object()) as u, t.attached({'a': 'b'}):\n"
         "    assert s is None and u is None\n"

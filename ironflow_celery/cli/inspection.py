@@ -19,7 +19,6 @@ from ironflow_celery.cli._common import EXIT_REFUSED, Context, fail
 from ironflow_celery.cli.operations import console, emit_json, human_seconds, json_option
 from ironflow_celery.cli.operations import ops_guarded as guarded
 from ironflow_celery.operations import inspection as ins
-from ironflow_celery.storage.inspection import RowInfo
 
 __all__ = ["add_inspection_commands", "print_instances"]
 
@@ -135,7 +134,7 @@ def _row_list_command(kind: str) -> click.Command:
     return row_list
 
 
-def _state_text(r: RowInfo) -> str:
+def _state_text(r: ins.RowInfo) -> str:
     colours = {"dead": "red", "in_flight": "cyan", "backing_off": "yellow", "cancelled": "dim"}
     colour = colours.get(r.state)
     return f"[{colour}]{r.state}[/{colour}]" if colour else r.state
@@ -168,7 +167,7 @@ def _row_show_command(kind: str) -> click.Command:
     return row_show
 
 
-def _print_row(r: RowInfo) -> None:
+def _print_row(r: ins.RowInfo) -> None:
     from rich.table import Table
 
     now = r.read_at

@@ -27,10 +27,10 @@ from ironflow_celery.cli._common import (
 from ironflow_celery.errors import ConfigurationError, InvalidText, IronflowError, StorageError
 from ironflow_celery.model.config import AttemptLimits
 from ironflow_celery.operations import cancel
+from ironflow_celery.operations import dead_letters as dl
 from ironflow_celery.operations.projections import projection_status
 from ironflow_celery.operations.retention import purge
 from ironflow_celery.operations.status import queue_status
-from ironflow_celery.storage import dead_letters as dl
 
 __all__ = [
     "add_cancel_commands",

@@ -50,7 +50,7 @@ from sqlalchemy.engine import make_url
 from ironflow_celery.engine.deliveries import LostFinder
 from ironflow_celery.errors import PublishError, StorageError
 from ironflow_celery.model.config import AttemptLimits, RuntimeConfig, results_ignored
-from ironflow_celery.storage import tracing
+from ironflow_celery.service import tracing
 from ironflow_celery.storage.db import (
     behind_transaction_pooler,
     dead_connection_params,
@@ -159,7 +159,7 @@ def celery_publisher(
 
     With opentelemetry-api installed and `forward_traces`, each row is published inside the
     trace of the input that wrote it (the claim returns its stored context; see
-    `ironflow_celery.storage.tracing`); a group's rows carry theirs in the message."""
+    `ironflow_celery.service.tracing`); a group's rows carry theirs in the message."""
     retry_policy = {
         "max_retries": 2,
         "interval_start": 0,

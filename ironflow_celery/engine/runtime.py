@@ -35,15 +35,16 @@ from ironflow_celery.errors import ConfigurationError, NotInstalled
 from ironflow_celery.model.config import AttemptLimits, RetryPolicy, RuntimeConfig
 from ironflow_celery.model.settings import read_settings
 from ironflow_celery.model.workflow import EffectHandler, Workflow
+from ironflow_celery.service import dead_letters
+from ironflow_celery.service.dead_letters import DeadLetter, DeadLetterQuery
 from ironflow_celery.service.workflow_service import (
     Registration,
     Registry,
     WorkflowService,
     WorkflowServiceConfig,
 )
-from ironflow_celery.storage import dead_letters, schema
+from ironflow_celery.storage import schema
 from ironflow_celery.storage.db import engine_options
-from ironflow_celery.storage.dead_letters import DeadLetter, DeadLetterQuery
 from ironflow_celery.storage.kinds import EFFECT, KINDS, TIMER
 from ironflow_celery.storage.store import PostgresStore
 
@@ -446,7 +447,7 @@ class WorkflowRuntime:
 
     # -- dead letters -----------------------------------------------------------------------
     # ironflow's API: the effect methods and their ``timer_`` twins, each one call of
-    # `storage.dead_letters` with the row kind and this runtime's attempt limits.
+    # `service.dead_letters` with the row kind and this runtime's attempt limits.
     def fetch_dead_letters(self, query: DeadLetterQuery | None = None) -> list[DeadLetter]:
         """Dead-lettered effects matching `query` (newest first)."""
         return dead_letters.fetch_dead_letters(

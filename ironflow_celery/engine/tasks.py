@@ -59,9 +59,9 @@ from ironflow_celery.model.messages import Message
 from ironflow_celery.model.settings import read_settings
 from ironflow_celery.model.storable import storable_text
 from ironflow_celery.model.workflow import DeadLetterNotice, EffectContext, WorkflowRef
+from ironflow_celery.service import tracing
 from ironflow_celery.service.aio import call_handler
 from ironflow_celery.service.workflow_service import GroupInputFailed
-from ironflow_celery.storage import tracing
 from ironflow_celery.storage.kinds import EFFECT, KINDS, TIMER, Kind, RowKind, kind_of
 from ironflow_celery.storage.store import LOST_RUN_ERROR, StartedRow
 
@@ -1219,7 +1219,7 @@ def _bind(row_kind: RowKind, runtime: TaskHost, name: str) -> Any:
                 results = run_rows(runtime, row_kind, deliveries, errors=errors)
             else:
                 # The handler, its acknowledgement and its follow-up input run in this
-                # span: a child of the publishing input's trace (ironflow_celery.storage.tracing);
+                # span: a child of the publishing input's trace (ironflow_celery.service.tracing);
                 # a group's rows each run in their own span, a child of their own trace.
                 attributes = (
                     {"ironflow.workflow": workflow_type, "ironflow.rows": len(deliveries)}

@@ -22,6 +22,7 @@ from ironflow_celery.engine import metrics
 from ironflow_celery.engine.runtime import APP_ATTRIBUTE, WorkflowRuntime, WorkflowSpec, runtime_of
 from ironflow_celery.errors import ConfigurationError
 from ironflow_celery.integration.db_gate import DatabaseGateStep
+from ironflow_celery.integration.hints import schema_missing_hint
 from ironflow_celery.integration.queue_check import QueueCheckStep, relay_types
 from ironflow_celery.integration.supervisor import ServiceProcess, ServiceThread, start_service
 from ironflow_celery.integration.task_events import RowEventsStep
@@ -35,8 +36,13 @@ from ironflow_celery.model.tasknames import (
 )
 from ironflow_celery.service.aio import LOOP
 from ironflow_celery.service.workflow_service import WorkflowServiceConfig
+from ironflow_celery.storage.store import set_schema_hint
 
 log = logging.getLogger("ironflow_celery.celery_app")
+
+# A schema-missing StorageError names the upgrade command as this process can run it
+# (its `-A` app, its database variable); storage itself knows nothing of the process.
+set_schema_hint(schema_missing_hint)
 
 __all__ = [
     "AMQP_HEARTBEAT",

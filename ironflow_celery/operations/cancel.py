@@ -37,7 +37,7 @@ from ironflow_celery.errors import (
 )
 from ironflow_celery.model.messages import Message
 from ironflow_celery.model.workflow import CancelNotice, WorkflowRef
-from ironflow_celery.storage.dead_letters import parse_kind, parse_row_id
+from ironflow_celery.service.dead_letters import parse_kind, parse_row_id
 from ironflow_celery.storage.kinds import KIND_NAMES, KINDS, Kind, RowKind, kind_of
 
 if TYPE_CHECKING:

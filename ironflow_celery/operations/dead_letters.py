@@ -1,24 +1,62 @@
-"""Dead-letter operations as Celery tasks: ``ironflow.dead_letters.*`` over the queries of
-`ironflow_celery.storage.dead_letters`, for ``celery call`` and Flower's "apply task"."""
+"""Dead letters for operators: the functions and values of
+`ironflow_celery.service.dead_letters` (re-exported: the CLI and the public
+`ironflow_celery.dead_letters` import them from here), and the same operations as Celery
+tasks, ``ironflow.dead_letters.*``, for ``celery call`` and Flower's "apply task"."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from ironflow_celery.model.config import AttemptLimits
-from ironflow_celery.storage.dead_letters import (
+from ironflow_celery.service.dead_letters import (
+    KINDS,
+    DeadLetter,
     DeadLetterQuery,
     InvalidDeadLetterRequest,
+    Kind,
+    RetryResult,
     count_dead_letters,
+    decode_cursor,
+    discard_dead_letter,
+    encode_cursor,
+    explain_row,
     fetch_dead_letters,
+    get_dead_letter,
     next_cursor,
+    parse_age,
     parse_kind,
+    parse_row_id,
+    retry_dead_letter,
     retry_dead_letters,
     try_discard_dead_letter,
     try_retry_dead_letter,
 )
 
-__all__ = ["TASK_PREFIX", "register_dead_letter_tasks"]
+__all__ = [
+    "KINDS",
+    "TASK_PREFIX",
+    "DeadLetter",
+    "DeadLetterQuery",
+    "InvalidDeadLetterRequest",
+    "Kind",
+    "RetryResult",
+    "count_dead_letters",
+    "decode_cursor",
+    "discard_dead_letter",
+    "encode_cursor",
+    "explain_row",
+    "fetch_dead_letters",
+    "get_dead_letter",
+    "next_cursor",
+    "parse_age",
+    "parse_kind",
+    "parse_row_id",
+    "register_dead_letter_tasks",
+    "retry_dead_letter",
+    "retry_dead_letters",
+    "try_discard_dead_letter",
+    "try_retry_dead_letter",
+]
 
 TASK_PREFIX = "ironflow.dead_letters."
 

@@ -26,16 +26,15 @@ from ironflow_celery.errors import (
 from ironflow_celery.model.storable import text_problem
 from ironflow_celery.model.views import StateMachineView, describe
 from ironflow_celery.model.workflow import WorkflowRef
-from ironflow_celery.service.workflow_service import decode_events
-from ironflow_celery.storage import sql
-from ironflow_celery.storage.dead_letters import (
+from ironflow_celery.service.dead_letters import (
     decode_cursor,
     encode_cursor,
     parse_age,
     parse_kind,
     parse_row_id,
 )
-from ironflow_celery.storage.inspection import RowInfo, RowState
+from ironflow_celery.service.workflow_service import decode_events
+from ironflow_celery.storage.inspection import ROW_STATES, RowInfo, RowState
 from ironflow_celery.storage.kinds import Kind
 from ironflow_celery.storage.store import WorkflowInstanceSummary
 
@@ -67,9 +66,6 @@ __all__ = [
     "register_inspection_tasks",
     "show_workflow",
 ]
-
-ROW_STATES: tuple[RowState, ...] = sql.ROW_STATES  # type: ignore[assignment]
-"""Every state a row can be in (`RowState`)."""
 
 # What operators type for the same states ("waiting to retry" is how the issue says it).
 _STATE_ALIASES: dict[str, RowState] = {

@@ -27,32 +27,28 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from celery import bootsteps
 from celery.utils.imports import import_from_cwd
 from sqlalchemy.engine import Connection
 
-from ironflow_celery.engine.runtime import runtime_of
 from ironflow_celery.errors import (
     ConfigurationError,
     EventDeserializationError,
     InvalidPayload,
     ProjectionError,
 )
-from ironflow_celery.integration.supervisor import start_service
 from ironflow_celery.model.settings import read_settings
 from ironflow_celery.model.storable import check_text, storable_text
-from ironflow_celery.storage import sql
 from ironflow_celery.storage.store import PostgresStore
 
 log = logging.getLogger("ironflow_celery.projections")
 
 __all__ = [
+    "ConfiguredProjections",
     "FunctionProjection",
     "Projection",
     "ProjectionConfig",
     "ProjectionEvent",
     "ProjectionRunner",
-    "ProjectionStep",
     "configured_projections",
     "load_projections",
     "projection",
@@ -298,13 +294,10 @@ class ProjectionRunner:
 
     def _new_fence(self) -> _Fence | None:
         """Read the high-water mark, then draw an xid (only when there may be new events)."""
-        with self.store.transaction() as conn:
-            high_water = int(conn.execute(sql.PROJECTION_FENCE_MARK).scalar_one())
-            position = conn.execute(sql.LOAD_PROJECTION_POSITION, {"name": self.name}).scalar()
-            if high_water <= int(position or 0):
-                return None
-            xid = conn.execute(sql.PROJECTION_FENCE_XID).scalar_one()
-        self._fence = _Fence(high_water, xid)
+        fence = self.store.projection_fence(self.name)
+        if fence is None:
+            return None
+        self._fence = _Fence(*fence)
         return self._fence
 
     def _batch(self, fence: _Fence) -> BatchResult:
@@ -313,23 +306,19 @@ class ProjectionRunner:
         with self.store.connection() as conn:
             tx = conn.begin()
             try:
-                if not conn.execute(sql.TRY_LOCK_PROJECTION, {"name": self.name}).scalar():
+                if not self.store.try_lock_projection(self.name, connection=conn):
                     tx.rollback()
                     return BatchResult()  # another runner of this projection holds its lock
-                position = int(
-                    conn.execute(sql.LOAD_PROJECTION_POSITION, {"name": self.name}).scalar() or 0
-                )
+                position = self.store.projection_position(self.name, connection=conn)
                 # Before any write: a transaction's own xid would hold its snapshot's xmin.
-                rows = conn.execute(
-                    sql.FETCH_EVENTS_FOR_PROJECTION,
-                    {
-                        "fence_xid": fence.xid,
-                        "after": position,
-                        "high_water": fence.high_water,
-                        "types": self._types,
-                        "limit": limit,
-                    },
-                ).all()
+                rows = self.store.fetch_events_for_projection(
+                    fence_xid=fence.xid,
+                    after=position,
+                    high_water=fence.high_water,
+                    types=self._types,
+                    limit=limit,
+                    connection=conn,
+                )
                 if not rows[0].passed:
                     tx.rollback()
                     return BatchResult(waiting=True)
@@ -359,7 +348,7 @@ class ProjectionRunner:
                     )
                 # Every event <= high_water is final: a filtered projection may jump there.
                 new_position = events[-1].global_sequence if more else fence.high_water
-                conn.execute(sql.ADVANCE_PROJECTION, {"name": self.name, "seq": new_position})
+                self.store.advance_projection(self.name, new_position, connection=conn)
                 tx.commit()
                 if not more:
                     self._fence = None
@@ -377,7 +366,7 @@ class ProjectionRunner:
     ) -> BatchResult:
         """Transactional mode: commit the events before the poison one, then the error."""
         with self.store.connection() as conn, conn.begin():
-            if not conn.execute(sql.TRY_LOCK_PROJECTION, {"name": self.name}).scalar():
+            if not self.store.try_lock_projection(self.name, connection=conn):
                 return BatchResult()  # another runner of this projection holds its lock
             last = position
             done = 0
@@ -393,14 +382,8 @@ class ProjectionRunner:
         return BatchResult(done, error=str(failed), failed_sequence=failed.global_sequence)
 
     def _record_error(self, conn: Connection, position: int, failed: ProjectionError) -> None:
-        conn.execute(
-            sql.RECORD_PROJECTION_ERROR,
-            {
-                "name": self.name,
-                "seq": position,
-                "error": str(failed)[:4000],
-                "failed_sequence": failed.global_sequence,
-            },
+        self.store.record_projection_error(
+            self.name, position, str(failed)[:4000], failed.global_sequence, connection=conn
         )
 
     def _deliver(self, row: Any, conn: Connection | None) -> None:
@@ -441,12 +424,12 @@ def reset_projection(store: PostgresStore, projection: Projection | str) -> None
     name = projection if isinstance(projection, str) else projection.name
     check_text(name, "projection name")
     with store.transaction() as conn:
-        conn.execute(sql.LOCK_PROJECTION, {"name": name})
+        store.lock_projection(name, connection=conn)
         if not isinstance(projection, str):
             reset = getattr(projection, "reset", None)
             if reset is not None:
                 reset(conn)
-        conn.execute(sql.RESET_PROJECTION_POSITION, {"name": name})
+        store.reset_projection_position(name, connection=conn)
 
 
 def projection_status(
@@ -456,17 +439,10 @@ def projection_status(
     last_error, failed_sequence, failed_at, updated_at. Lag counts from the newest event
     of the projection's workflow types when the projection object is given."""
     known = {p.name: p for p in projections}
-    with store.connection() as conn:
-        rows = conn.execute(sql.PROJECTION_STATUS).all()
-        heads: dict[str, int] = {}
-        for p in known.values():
-            if p.workflow_types is not None:
-                heads[p.name] = int(
-                    conn.execute(
-                        sql.EVENTS_HEAD_FOR_TYPES, {"types": list(p.workflow_types)}
-                    ).scalar_one()
-                )
-        global_head = int(conn.execute(sql.PROJECTION_HEAD_ALL).scalar_one()) if known else 0
+    rows, heads, global_head = store.projection_status_rows(
+        {p.name: list(p.workflow_types) for p in known.values() if p.workflow_types is not None},
+        with_global_head=bool(known),
+    )
     out: list[dict[str, Any]] = []
     seen = set()
     for r in rows:
@@ -569,7 +545,7 @@ def run_projections(
             t.join(max(0.0, deadline - time.monotonic()))
 
 
-# -- the worker bootstep -------------------------------------------------------------------
+# -- what the worker bootstep runs (integration.projections.ProjectionStep) ----------------
 
 
 @dataclass
@@ -589,51 +565,21 @@ class _ProjectionJob:
         )
 
 
-class ProjectionStep(bootsteps.StartStopStep):
-    """Runs the configured projections (``ironflow_projections``) inside ``celery
-    worker``, supervised like the relays; off when none are configured. The worker
-    bootstep `ironflow_celery.install` adds."""
+@dataclass(frozen=True)
+class ConfiguredProjections:
+    """The projections an app's settings configure and the job that runs them: the plan
+    the worker's `ProjectionStep` (integration) drives, bound by `ironflow_celery.celery_app`."""
 
-    label = "ironflow projections"
+    projections: list[Projection]
+    config: ProjectionConfig
 
-    def __init__(self, worker: Any, **kwargs: Any) -> None:
-        super().__init__(worker, **kwargs)
-        self.projections = configured_projections(worker.app.conf)
-        self.enabled = bool(self.projections)
-        self.service: Any = None
+    @classmethod
+    def of(cls, conf: Any) -> ConfiguredProjections:
+        return cls(configured_projections(conf), projection_config_from(conf))
 
-    def create(self, worker: Any) -> Any:
-        return self
+    @property
+    def names(self) -> list[str]:
+        return [p.name for p in self.projections]
 
-    def start(self, worker: Any) -> None:
-        runtime = runtime_of(worker.app)
-        runtime.load_workflows()
-        job = _ProjectionJob(runtime, self.projections, projection_config_from(worker.app.conf))
-        self.service = start_service(
-            "projections",
-            "ironflow-projections",
-            job,
-            worker=worker,
-            shutdown_timeout=runtime.config.shutdown_timeout,
-        )
-        log.info("ironflow projections started: %s", ", ".join(p.name for p in self.projections))
-
-    def stop(self, worker: Any) -> None:
-        if self.service is not None:
-            self.service.stop()
-            self.service = None
-
-    def terminate(self, worker: Any) -> None:
-        """Cold shutdown: a second at most, then the projections process is killed
-        (each batch commits with its checkpoint, so nothing is skipped)."""
-        if self.service is not None:
-            self.service.stop(cold=True)
-            self.service = None
-
-    def shutdown(self, worker: Any) -> None:
-        self.stop(worker)
-
-    def ironflow_state(self) -> dict[str, Any]:
-        """This step's part of ``celery inspect ironflow_relay``."""
-        service = self.service
-        return {"projections": service.state() if service is not None else {"mode": "stopped"}}
+    def job(self, runtime: Any) -> _ProjectionJob:
+        return _ProjectionJob(runtime, self.projections, self.config)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from ironflow_celery.errors import InvalidDeadLetterRequest, InvalidRetentionRequest, IronflowError
 from ironflow_celery.model.settings import read_settings
-from ironflow_celery.storage.dead_letters import parse_age
+from ironflow_celery.service.dead_letters import parse_age
 from ironflow_celery.storage.kinds import EFFECT, TIMER
 
 if TYPE_CHECKING:

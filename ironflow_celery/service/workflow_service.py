@@ -39,8 +39,8 @@ from ironflow_celery.model.workflow import (
     Rejected,
     Workflow,
 )
+from ironflow_celery.service import tracing
 from ironflow_celery.service.aio import check_handler
-from ironflow_celery.storage import tracing
 from ironflow_celery.storage.store import (
     DecisionWrite,
     PostgresStore,
@@ -437,6 +437,9 @@ class WorkflowService:
             uow.enqueue_effects(effects)
             uow.cancel_timers(list(decision.cancel_timer_keys))
             uow.schedule_timers(timers)
+            if effects or timers:
+                # the input's trace, stored with its effects and timers (see service.tracing)
+                uow.trace_context = tracing.current_carrier()
             if wf.is_terminal(state):
                 uow.mark_completed()
             return Accepted(uow.commit())

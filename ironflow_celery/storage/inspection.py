@@ -10,9 +10,10 @@ from datetime import datetime
 from typing import Any, Literal
 
 from ironflow_celery.model.workflow import WorkflowRef
+from ironflow_celery.storage import sql
 from ironflow_celery.storage.kinds import Kind
 
-__all__ = ["RowInfo", "RowState"]
+__all__ = ["ROW_STATES", "RowInfo", "RowState"]
 
 RowState = Literal[
     "pending", "scheduled", "in_flight", "backing_off", "dead", "cancelled", "processed"
@@ -22,6 +23,9 @@ whose fire time is ahead; ``in_flight`` leased (published and waiting, or runnin
 ``backing_off`` waiting to retry after a failed attempt; ``dead`` a dead letter;
 ``cancelled`` closed without running (cancelled, revoked or a discarded dead letter,
 ``discard_reason`` says which); ``processed`` done."""
+
+ROW_STATES: tuple[RowState, ...] = sql.ROW_STATES  # type: ignore[assignment]
+"""Every state a row can be in (`RowState`)."""
 
 
 def _iso(value: datetime | None) -> str | None:

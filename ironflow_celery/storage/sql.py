@@ -1,11 +1,12 @@
 """Every SQL statement the runtime runs, in one place, by name.
 
-Two kinds of SQL live elsewhere, on purpose: the migrations (``storage/schema/migrations``)
+One kind of SQL lives elsewhere, on purpose: the migrations (``storage/schema/migrations``)
 with the migration runner's own bookkeeping (its advisory lock and
 ``celery_schema_migrations``, in `storage.schema`), which run before anything here may
-exist; and the testing kit's test-clock, scratch-database and inspection statements
-(`ironflow_celery.testing`), which production code never runs. Everything else is here,
-and runs through `storage.store.PostgresStore`.
+exist. Everything else is here and runs through `storage.store.PostgresStore`, except the
+testing kit's test-clock and scratch-database statements (the last section): the kit runs
+those on the connections it opens to create a database or move its clock, where no store
+exists (its row reads go through the store).
 
 Statements on effects (``ironflow.outbox``) and timers (``ironflow.timers``) are written
 once as templates and rendered per table into a `RowStatements` each (`EFFECT_STATEMENTS`,
@@ -28,6 +29,7 @@ __all__ = [
     "CANCEL_TIMERS",
     "CLAIM_LIMITED_EFFECTS",
     "COUNT_INSTANCES",
+    "CURRENT_DATABASE",
     "DATABASE_NOW",
     "DELETE_NEW_INSTANCE",
     "EFFECTS_CHANNEL",
@@ -68,17 +70,31 @@ __all__ = [
     "RESET_PROJECTION_POSITION",
     "ROW_STATES",
     "SCHEDULE_TIMERS",
+    "SERVER_PING",
+    "SET_TEST_CLOCK",
     "START_EFFECTS",
     "STORE_PROJECTION_POSITION",
+    "TEST_AFTER_WORKER",
+    "TEST_CLOCK_DDL",
+    "TEST_CLOCK_SCHEMA",
+    "TEST_NEXT_DUE",
+    "TEST_ROWS",
+    "TEST_ROW_BODY",
+    "TEST_SEARCH_PATH",
+    "TEST_UNFINISHED",
     "TIMERS",
     "TIMERS_CHANNEL",
     "TIMERS_PAYLOAD",
     "TIMER_STATEMENTS",
     "TRY_LOCK_PROJECTION",
     "UNIQUE_KEY_HELD",
+    "WAKE_RELAYS",
     "WRITE_DECISION",
     "InspectStatements",
     "RowStatements",
+    "create_database",
+    "drop_database",
+    "set_test_search_path",
 ]
 
 # -- channels -----------------------------------------------------------------------
@@ -472,7 +488,7 @@ NEXT_TIMER_DUE = text(f"""
     ) - now())) AS seconds
 """)
 
-# -- dead letters (ironflow_celery.storage.dead_letters) ---------------------------------
+# -- dead letters (ironflow_celery.service.dead_letters) ---------------------------------
 # A dead letter: unprocessed, and dead-lettered explicitly or out of attempts. Filters use
 # the ``CAST(:x AS …) IS NULL OR …`` form so one prepared statement serves every query.
 
@@ -1122,3 +1138,113 @@ COUNT_INSTANCES = text("""
            count(*) FILTER (WHERE completed_at IS NOT NULL) AS completed
     FROM ironflow.workflow_instances WHERE workflow_type = :wt
 """)
+
+
+# -- the testing kit (ironflow_celery.testing; production code never runs these) -------------
+# The test clock: a schema whose now() shadows pg_catalog's through the database's
+# search_path; no row in its table means the real time.
+TEST_CLOCK_SCHEMA = "ironflow_test_clock"
+# pg_catalog is searched first unless named in the path: naming it last lets the clock
+# schema's now() win, while "$user" and public keep being where unqualified tables go.
+TEST_SEARCH_PATH = f'"$user", public, {TEST_CLOCK_SCHEMA}, pg_catalog'
+TEST_CLOCK_DDL: tuple[str, ...] = (
+    f"CREATE SCHEMA IF NOT EXISTS {TEST_CLOCK_SCHEMA}",
+    f"""CREATE TABLE IF NOT EXISTS {TEST_CLOCK_SCHEMA}.clock (
+            one boolean PRIMARY KEY DEFAULT true CHECK (one),
+            t timestamptz NOT NULL)""",
+    # No row: the real time. STABLE like pg_catalog.now(), so a statement sees one time.
+    f"""CREATE OR REPLACE FUNCTION {TEST_CLOCK_SCHEMA}.now() RETURNS timestamptz
+            LANGUAGE sql STABLE
+            AS $$ SELECT coalesce((SELECT t FROM {TEST_CLOCK_SCHEMA}.clock),
+                                  pg_catalog.now()) $$""",
+)
+SET_TEST_CLOCK = text(f"""
+    INSERT INTO {TEST_CLOCK_SCHEMA}.clock (one, t) VALUES (true, :t)
+    ON CONFLICT (one) DO UPDATE SET t = EXCLUDED.t
+""")
+# Wake any relay waiting on these channels: something may be due at the new time.
+WAKE_RELAYS = text(f"SELECT pg_notify('{EFFECTS_CHANNEL}', ''), pg_notify('{TIMERS_CHANNEL}', '')")
+CURRENT_DATABASE = text("SELECT current_database()")
+SERVER_PING = "SELECT 1"
+
+
+# Scratch databases, on an autocommit connection to the server's maintenance database.
+# Identifiers cannot be bound: the kit checks names (its prefix) before they get here.
+def create_database(name: str, template: str | None = None) -> str:
+    """``CREATE DATABASE`` (a clone of `template` when given)."""
+    clause = f' TEMPLATE "{template}"' if template else ""
+    return f'CREATE DATABASE "{name}"{clause}'
+
+
+def set_test_search_path(name: str) -> str:
+    """Make the test clock's ``now()`` win in `name` (for connections opened from now on)."""
+    return f'ALTER DATABASE "{name}" SET search_path = {TEST_SEARCH_PATH}'
+
+
+def drop_database(name: str) -> str:
+    """``DROP DATABASE``, closing its connections."""
+    return f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'
+
+
+_TEST_BODY = {"ironflow.outbox": "payload", "ironflow.timers": "input"}
+
+TEST_ROW_BODY = {
+    table: text(f"SELECT {body} FROM {table} WHERE id = :id") for table, body in _TEST_BODY.items()
+}
+"""A row's stored effect (outbox) or input (timers), by table."""
+
+# The earliest time at which a live row becomes claimable: a free timer at fire_at, a row
+# backing off (or leased) just after locked_until (claims compare it with `<`).
+TEST_NEXT_DUE = text(f"""
+    SELECT min(due) FROM (
+        SELECT locked_until + interval '1 microsecond' AS due FROM ironflow.outbox
+        WHERE processed_at IS NULL AND dead_lettered_at IS NULL AND attempts < {MAX_ATTEMPTS}
+          AND locked_until IS NOT NULL AND workflow_type = ANY(CAST(:types AS text[]))
+        UNION ALL
+        SELECT GREATEST(fire_at, locked_until + interval '1 microsecond') FROM ironflow.timers
+        WHERE processed_at IS NULL AND dead_lettered_at IS NULL AND attempts < {MAX_ATTEMPTS}
+          AND workflow_type = ANY(CAST(:types AS text[]))
+    ) AS d
+""")
+
+# Rows of a worker round not finished yet: still held by the kit's claim or a run token.
+# (The kit's own statement: the store's in-flight bookkeeping belongs to the relay.)
+TEST_UNFINISHED = {
+    table: text(f"""
+        SELECT id FROM {table}
+        WHERE id = ANY(CAST(:ids AS uuid[])) AND processed_at IS NULL
+          AND dead_lettered_at IS NULL AND locked_by IS NOT NULL
+    """)
+    for table in _TEST_BODY
+}
+
+TEST_AFTER_WORKER = {
+    table: text(f"""
+        SELECT id, attempts, last_error, processed_at IS NOT NULL AS processed,
+               dead_lettered_at IS NOT NULL AS dead
+        FROM {table} WHERE id = ANY(CAST(:ids AS uuid[]))
+    """)
+    for table in _TEST_BODY
+}
+
+_TEST_ROWS_WHERE = {
+    "pending": "processed_at IS NULL AND dead_lettered_at IS NULL",
+    "dead": "dead_lettered_at IS NOT NULL",
+}
+TEST_ROWS = {
+    (table, which): text(f"""
+        SELECT id, workflow_type, workflow_id, {body} AS body, attempts, last_error,
+               {"locked_until" if table == "ironflow.outbox" else "GREATEST(fire_at, locked_until)"}
+                   AS due_at,
+               {"NULL" if table == "ironflow.outbox" else "key"} AS key,
+               processed_at IS NOT NULL AS handled
+        FROM {table}
+        WHERE {where}
+          AND (CAST(:wt AS text) IS NULL OR workflow_type = :wt)
+          AND (CAST(:wid AS text) IS NULL OR workflow_id = :wid)
+        ORDER BY created_at, id
+    """)
+    for table, body in _TEST_BODY.items()
+    for which, where in _TEST_ROWS_WHERE.items()
+}
+"""Pending or dead-lettered rows as a test sees them, by (table, "pending" | "dead")."""

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -29,9 +29,8 @@ from ironflow_celery.errors import (
     UniqueKeyConflict,
 )
 from ironflow_celery.model.config import AttemptLimits
-from ironflow_celery.storage import schema, sql, tracing
+from ironflow_celery.storage import schema, sql
 from ironflow_celery.storage.db import create_engine, relaxed_commits
-from ironflow_celery.storage.hints import schema_missing_hint
 from ironflow_celery.storage.inspection import RowInfo
 from ironflow_celery.storage.kinds import EFFECT, TIMER, Kind, RowKind, kind_of
 
@@ -46,6 +45,7 @@ __all__ = [
     "UnitOfWork",
     "WorkflowInstanceSummary",
     "dumps",
+    "set_schema_hint",
     "storage_errors",
 ]
 
@@ -89,6 +89,24 @@ def _unstorable(exc: sa.exc.DBAPIError) -> bool:
 _SCHEMA_MISSING = {"42P01", "42703", "42883", "3F000"}
 
 
+def _plain_schema_hint() -> str:
+    return (
+        "the ironflow schema is missing or older than this version of ironflow_celery: "
+        "run `ironflow-celery -A <your Celery app> db upgrade`"
+    )
+
+
+_schema_hint: Callable[[], str] = _plain_schema_hint
+
+
+def set_schema_hint(hint: Callable[[], str]) -> None:
+    """What a schema-missing `StorageError` tells the user to run. Storage knows nothing of
+    the process; integration sets a hint that names this process's app
+    (`ironflow_celery.integration.hints`)."""
+    global _schema_hint
+    _schema_hint = hint
+
+
 @contextmanager
 def storage_errors() -> Iterator[None]:
     """Translate driver errors into `StorageError` / `DatabaseUnavailable`, and text that
@@ -107,7 +125,7 @@ def storage_errors() -> Iterator[None]:
             raise DatabaseUnavailable(f"PostgreSQL is unavailable: {exc.orig}") from exc
         if getattr(exc.orig, "sqlstate", None) in _SCHEMA_MISSING:
             # the hint names the command as this process can run it
-            raise StorageError(f"postgres error: {exc.orig}; {schema_missing_hint()}") from exc
+            raise StorageError(f"postgres error: {exc.orig}; {_schema_hint()}") from exc
         raise StorageError(f"postgres error: {exc.orig}") from exc
     except sa.exc.SQLAlchemyError as exc:
         raise StorageError(f"postgres error: {exc}") from exc
@@ -283,6 +301,9 @@ class UnitOfWork:
     _timers: list[TimerSpec] = field(default_factory=list)
     _mark_completed: bool = False
     _finished: bool = False
+    trace_context: str | None = None
+    """The input's trace context (a W3C carrier as JSON, set by the service), stored
+    opaquely with this unit's effects and timers."""
 
     @property
     def next_sequence(self) -> int:
@@ -335,8 +356,7 @@ class UnitOfWork:
                 f"({state}); begin a new one"
             )
         key = {"wt": self.workflow_type, "wid": self.workflow_id}
-        # The input's trace, stored with its effects and timers (see storage.tracing).
-        trace = tracing.current_carrier() if self._effects or self._timers else None
+        trace = self.trace_context if self._effects or self._timers else None
         n_events = len(self._events)
         first = len(self.events) + 1
         with storage_errors():
@@ -1070,7 +1090,7 @@ class PostgresStore:
     ) -> int | None:
         return self.record_dead_letter(TIMER, timer_id, token, error, **kw)
 
-    # -- dead letters (storage.dead_letters) ---------------------------------------------
+    # -- dead letters (service.dead_letters) ---------------------------------------------
     def fetch_dead_letter_rows(self, kind: Kind | RowKind, params: dict[str, Any]) -> list[Any]:
         """Dead-letter rows matching a `DeadLetterQuery`'s bind parameters, newest first."""
         return self._run(kind_of(kind).statements.fetch_dead_letters, params).all()
@@ -1270,6 +1290,99 @@ class PostgresStore:
         else:
             self._run(sql.STORE_PROJECTION_POSITION, params)
 
+    # The projection runner's statements (operations.projections). It keeps one connection
+    # through a batch, since a transactional projection's handler writes on it too.
+    def projection_fence(self, name: str) -> tuple[int, Any] | None:
+        """The events' high-water mark and an xid drawn after it, or None when the
+        projection's position is already at the mark (nothing new to read)."""
+        with self.transaction() as conn:
+            high_water = int(conn.execute(sql.PROJECTION_FENCE_MARK).scalar_one())
+            position = conn.execute(sql.LOAD_PROJECTION_POSITION, {"name": name}).scalar()
+            if high_water <= int(position or 0):
+                return None
+            return high_water, conn.execute(sql.PROJECTION_FENCE_XID).scalar_one()
+
+    def try_lock_projection(self, name: str, *, connection: Connection) -> bool:
+        """The projection's transaction lock; False when another runner holds it."""
+        with storage_errors():
+            return bool(connection.execute(sql.TRY_LOCK_PROJECTION, {"name": name}).scalar())
+
+    def lock_projection(self, name: str, *, connection: Connection) -> None:
+        """The projection's transaction lock, waiting for it."""
+        with storage_errors():
+            connection.execute(sql.LOCK_PROJECTION, {"name": name})
+
+    def projection_position(self, name: str, *, connection: Connection) -> int:
+        """A projection's stored position inside the caller's transaction (0: none)."""
+        with storage_errors():
+            return int(
+                connection.execute(sql.LOAD_PROJECTION_POSITION, {"name": name}).scalar() or 0
+            )
+
+    def fetch_events_for_projection(
+        self,
+        *,
+        fence_xid: Any,
+        after: int,
+        high_water: int,
+        types: list[str] | None,
+        limit: int,
+        connection: Connection,
+    ) -> list[Any]:
+        """The events after `after` up to the fence, first row's ``passed`` saying whether
+        every transaction before the fence has ended (see sql.FETCH_EVENTS_FOR_PROJECTION)."""
+        params = {
+            "fence_xid": fence_xid,
+            "after": after,
+            "high_water": high_water,
+            "types": types,
+            "limit": limit,
+        }
+        with storage_errors():
+            return list(connection.execute(sql.FETCH_EVENTS_FOR_PROJECTION, params).all())
+
+    def advance_projection(self, name: str, sequence: int, *, connection: Connection) -> None:
+        """Move a projection to `sequence` and clear its error."""
+        with storage_errors():
+            connection.execute(sql.ADVANCE_PROJECTION, {"name": name, "seq": sequence})
+
+    def record_projection_error(
+        self,
+        name: str,
+        position: int,
+        error: str,
+        failed_sequence: int,
+        *,
+        connection: Connection,
+    ) -> None:
+        """Store a projection's position and the error that stopped it."""
+        params = {"name": name, "seq": position, "error": error, "failed_sequence": failed_sequence}
+        with storage_errors():
+            connection.execute(sql.RECORD_PROJECTION_ERROR, params)
+
+    def reset_projection_position(self, name: str, *, connection: Connection) -> None:
+        """Position 0 and the error cleared (a rebuild from zero)."""
+        with storage_errors():
+            connection.execute(sql.RESET_PROJECTION_POSITION, {"name": name})
+
+    def projection_status_rows(
+        self, types_by_name: Mapping[str, Sequence[str]], *, with_global_head: bool
+    ) -> tuple[list[Any], dict[str, int], int]:
+        """Every stored projection's row, the newest event of each named projection's
+        workflow types, and the newest event of all (0 unless `with_global_head`)."""
+        with storage_errors(), self.engine.connect() as conn:
+            rows = list(conn.execute(sql.PROJECTION_STATUS).all())
+            heads = {
+                name: int(
+                    conn.execute(sql.EVENTS_HEAD_FOR_TYPES, {"types": list(types)}).scalar_one()
+                )
+                for name, types in types_by_name.items()
+            }
+            head = (
+                int(conn.execute(sql.PROJECTION_HEAD_ALL).scalar_one()) if with_global_head else 0
+            )
+        return rows, heads, head
+
     # -- inspection (operations.inspection; read-only) ---------------------------------------
     def inspect_rows(
         self, kind: Kind | RowKind, params: dict[str, Any], *, newest_first: bool = True
@@ -1305,6 +1418,37 @@ class PostgresStore:
         """(active, completed) instances of one type."""
         row = self._run(sql.COUNT_INSTANCES, {"wt": workflow_type}).first()
         return int(row.active), int(row.completed)
+
+    # -- the testing kit (ironflow_celery.testing; read-only) ---------------------------------
+    def stored_body(self, kind: Kind | RowKind, row_id: uuid.UUID) -> Any:
+        """A row's stored JSON: the effect, or the timer's input (None: no row)."""
+        statement = sql.TEST_ROW_BODY[kind_of(kind).table]
+        return self._run(statement, {"id": row_id}).scalar()
+
+    def next_due(self, types: Sequence[str], limits: AttemptLimits) -> datetime | None:
+        """When the next live row of these workflow types becomes claimable (None: none)."""
+        return self._run(sql.TEST_NEXT_DUE, {"types": list(types), **limits.params()}).scalar()
+
+    def any_unfinished(self, kind: Kind | RowKind, ids: Sequence[uuid.UUID]) -> bool:
+        """Whether any of these rows is still held (leased, not finished)."""
+        statement = sql.TEST_UNFINISHED[kind_of(kind).table]
+        return self._run(statement, {"ids": list(ids)}).first() is not None
+
+    def row_outcomes(self, kind: Kind | RowKind, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, Any]:
+        """Attempts, last error, processed and dead of these rows, by id."""
+        statement = sql.TEST_AFTER_WORKER[kind_of(kind).table]
+        return {r.id: r for r in self._run(statement, {"ids": list(ids)})}
+
+    def test_rows(
+        self,
+        kind: Kind | RowKind,
+        which: Literal["pending", "dead"],
+        workflow_type: str | None,
+        workflow_id: str | None,
+    ) -> list[Any]:
+        """Pending or dead-lettered rows, oldest first, optionally of one type or instance."""
+        statement = sql.TEST_ROWS[(kind_of(kind).table, which)]
+        return list(self._run(statement, {"wt": workflow_type, "wid": workflow_id}))
 
     # -- helpers -------------------------------------------------------------------------------
     def _scalar_or_none(

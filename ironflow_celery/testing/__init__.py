@@ -95,30 +95,8 @@ DEFAULT_SERVER_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 #: theirs a prefix of their own (``--ironflow-database-prefix``) to tell them apart.
 DEFAULT_DATABASE_PREFIX = "ironflow_test_"
 _PREFIX_RE = re.compile(r"[a-z_][a-z0-9_]{0,29}")
-CLOCK_SCHEMA = "ironflow_test_clock"
-# pg_catalog is searched first unless named in the path: naming it last lets the clock
-# schema's now() win, while "$user" and public keep being where unqualified tables go.
-SEARCH_PATH = f'"$user", public, {CLOCK_SCHEMA}, pg_catalog'
-
-_CLOCK_DDL = [
-    f"CREATE SCHEMA IF NOT EXISTS {CLOCK_SCHEMA}",
-    f"""CREATE TABLE IF NOT EXISTS {CLOCK_SCHEMA}.clock (
-            one boolean PRIMARY KEY DEFAULT true CHECK (one),
-            t timestamptz NOT NULL)""",
-    # No row: the real time. STABLE like pg_catalog.now(), so a statement sees one time.
-    f"""CREATE OR REPLACE FUNCTION {CLOCK_SCHEMA}.now() RETURNS timestamptz
-            LANGUAGE sql STABLE
-            AS $$ SELECT coalesce((SELECT t FROM {CLOCK_SCHEMA}.clock), pg_catalog.now()) $$""",
-]
-
-_SET_CLOCK = sa.text(f"""
-    INSERT INTO {CLOCK_SCHEMA}.clock (one, t) VALUES (true, :t)
-    ON CONFLICT (one) DO UPDATE SET t = EXCLUDED.t
-""")
-# Wake any relay waiting on these channels: something may be due at the new time.
-_WAKE_RELAYS = sa.text(
-    f"SELECT pg_notify('{sql.EFFECTS_CHANNEL}', ''), pg_notify('{sql.TIMERS_CHANNEL}', '')"
-)
+CLOCK_SCHEMA = sql.TEST_CLOCK_SCHEMA
+SEARCH_PATH = sql.TEST_SEARCH_PATH
 
 
 # -- databases ----------------------------------------------------------------------------
@@ -139,7 +117,7 @@ def server_unreachable(server: str | None = None) -> str | None:
     """None when PostgreSQL answers at `server` (see `server_url`), else why not, in a line."""
     try:
         with _admin(server_url(server)) as conn:
-            conn.exec_driver_sql("SELECT 1")
+            conn.exec_driver_sql(sql.SERVER_PING)
     except sa.exc.OperationalError as exc:
         reason = str(exc.orig or exc).strip().splitlines()
         return reason[0] if reason else type(exc).__name__
@@ -193,10 +171,10 @@ def install_clock(url: str) -> None:
     engine = sa.create_engine(normalize_url(url), poolclass=sa.pool.NullPool)
     try:
         with engine.begin() as conn:
-            for statement in _CLOCK_DDL:
+            for statement in sql.TEST_CLOCK_DDL:
                 conn.exec_driver_sql(statement)
-            name = conn.execute(sa.text("SELECT current_database()")).scalar_one()
-            conn.exec_driver_sql(f'ALTER DATABASE "{name}" SET search_path = {SEARCH_PATH}')
+            name = conn.execute(sql.CURRENT_DATABASE).scalar_one()
+            conn.exec_driver_sql(sql.set_test_search_path(name))
     finally:
         engine.dispose()
 
@@ -217,10 +195,9 @@ def create_database(
     server = server_url(server)
     name = _database_name(hint, prefix)
     with _admin(server) as conn:
-        clause = f' TEMPLATE "{template}"' if template else ""
-        conn.exec_driver_sql(f'CREATE DATABASE "{name}"{clause}')
+        conn.exec_driver_sql(sql.create_database(name, template))
         if template:  # per-database settings are not copied from a template
-            conn.exec_driver_sql(f'ALTER DATABASE "{name}" SET search_path = {SEARCH_PATH}')
+            conn.exec_driver_sql(sql.set_test_search_path(name))
     url = _with_database(server, name)
     if not template:
         try:
@@ -242,7 +219,7 @@ def drop_database(url: str, *, prefix: str = DEFAULT_DATABASE_PREFIX) -> None:
     if not name or not name.startswith(check_database_prefix(prefix)):
         raise InvalidArgument(f"refusing to drop {name!r}: not a database made by the testing kit")
     with _admin(url) as conn:
-        conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.exec_driver_sql(sql.drop_database(name))
 
 
 class TestDatabases:
@@ -344,8 +321,8 @@ class TestClock:
 
     def _publish(self, engine: Engine) -> None:
         with engine.begin() as conn:
-            conn.execute(_SET_CLOCK, {"t": self._now})
-            conn.execute(_WAKE_RELAYS)
+            conn.execute(sql.SET_TEST_CLOCK, {"t": self._now})
+            conn.execute(sql.WAKE_RELAYS)
 
     def __repr__(self) -> str:
         return f"TestClock({self._now.isoformat()})"
@@ -414,45 +391,6 @@ class _NoLeaseKeeper:
 
 # -- drain ------------------------------------------------------------------------------------
 
-_PAYLOAD = {
-    "effect": sa.text("SELECT payload FROM ironflow.outbox WHERE id = :id"),
-    "timer": sa.text("SELECT input FROM ironflow.timers WHERE id = :id"),
-}
-
-# The earliest time at which a live row becomes claimable: a free timer at fire_at, a row
-# backing off (or leased) just after locked_until (claims compare it with `<`).
-_NEXT_DUE = sa.text(f"""
-    SELECT min(due) FROM (
-        SELECT locked_until + interval '1 microsecond' AS due FROM ironflow.outbox
-        WHERE processed_at IS NULL AND dead_lettered_at IS NULL AND attempts < {sql.MAX_ATTEMPTS}
-          AND locked_until IS NOT NULL AND workflow_type = ANY(CAST(:types AS text[]))
-        UNION ALL
-        SELECT GREATEST(fire_at, locked_until + interval '1 microsecond') FROM ironflow.timers
-        WHERE processed_at IS NULL AND dead_lettered_at IS NULL AND attempts < {sql.MAX_ATTEMPTS}
-          AND workflow_type = ANY(CAST(:types AS text[]))
-    ) AS d
-""")
-
-# Rows of a worker round not finished yet: still held by the kit's claim or a run token.
-# (The kit's own statement: the store's in-flight bookkeeping belongs to the relay.)
-_UNFINISHED = {
-    kind: sa.text(f"""
-        SELECT id FROM ironflow.{table}
-        WHERE id = ANY(CAST(:ids AS uuid[])) AND processed_at IS NULL
-          AND dead_lettered_at IS NULL AND locked_by IS NOT NULL
-    """)
-    for kind, table in (("effect", "outbox"), ("timer", "timers"))
-}
-
-_AFTER_WORKER = {
-    kind: sa.text(f"""
-        SELECT id, attempts, last_error, processed_at IS NOT NULL AS processed,
-               dead_lettered_at IS NOT NULL AS dead
-        FROM ironflow.{table} WHERE id = ANY(CAST(:ids AS uuid[]))
-    """)
-    for kind, table in (("effect", "outbox"), ("timer", "timers"))
-}
-
 
 def drain(
     runtime: WorkflowRuntime,
@@ -509,19 +447,11 @@ def drain(
 
 
 def _next_due(runtime: WorkflowRuntime) -> datetime | None:
-    with runtime.store.engine.connect() as conn:
-        return conn.execute(
-            _NEXT_DUE,
-            {
-                "types": list(runtime.registry.types),
-                **runtime.attempt_limits.params(),
-            },
-        ).scalar()
+    return runtime.store.next_due(list(runtime.registry.types), runtime.attempt_limits)
 
 
 def _unfinished(runtime: WorkflowRuntime, kind: Kind, ids: list[uuid.UUID]) -> bool:
-    with runtime.store.engine.connect() as conn:
-        return conn.execute(_UNFINISHED[kind], {"ids": ids}).first() is not None
+    return runtime.store.any_unfinished(kind, ids)
 
 
 def _claim(runtime: WorkflowRuntime, kind: Kind, token: str, limit: int) -> list[ClaimedRow]:
@@ -536,8 +466,7 @@ def _claim(runtime: WorkflowRuntime, kind: Kind, token: str, limit: int) -> list
 
 
 def _decode(runtime: WorkflowRuntime, kind: Kind, row: ClaimedRow) -> tuple[str, Any]:
-    with runtime.store.engine.connect() as conn:
-        payload = conn.execute(_PAYLOAD[kind], {"id": row.id}).scalar()
+    payload = runtime.store.stored_body(kind, row.id)
     tag = payload.get("type", "?") if isinstance(payload, dict) else type(payload).__name__
     workflow = runtime.registry.get(row.workflow_type).workflow
     union = workflow.effects if kind == "effect" else workflow.inputs
@@ -599,8 +528,7 @@ def _worker_round(
             )
         time.sleep(pause)
         pause = min(pause * 2, 0.2)
-    with runtime.store.engine.connect() as conn:
-        after = {r.id: r for r in conn.execute(_AFTER_WORKER[kind], {"ids": ids})}
+    after = runtime.store.row_outcomes(kind, ids)
     ran = []
     for row in rows:
         state = after[row.id]
@@ -681,24 +609,11 @@ def _type_name(workflow: type[Workflow] | str | None) -> str | None:
 def _rows(
     target: Any,
     kind: Kind,
-    where: str,
+    which: Literal["pending", "dead"],
     workflow: type[Workflow] | str | None,
     workflow_id: str | None,
 ) -> list[Row]:
-    table, body = ("outbox", "payload") if kind == "effect" else ("timers", "input")
-    due = "locked_until" if kind == "effect" else "GREATEST(fire_at, locked_until)"
-    key = "NULL" if kind == "effect" else "key"
-    statement = sa.text(f"""
-        SELECT id, workflow_type, workflow_id, {body} AS body, attempts, last_error,
-               {due} AS due_at, {key} AS key, processed_at IS NOT NULL AS handled
-        FROM ironflow.{table}
-        WHERE {where}
-          AND (CAST(:wt AS text) IS NULL OR workflow_type = :wt)
-          AND (CAST(:wid AS text) IS NULL OR workflow_id = :wid)
-        ORDER BY created_at, id
-    """)
-    with _store_of(target).engine.connect() as conn:
-        found = conn.execute(statement, {"wt": _type_name(workflow), "wid": workflow_id}).all()
+    found = _store_of(target).test_rows(kind, which, _type_name(workflow), workflow_id)
     return [
         Row(
             kind=kind,
@@ -720,18 +635,14 @@ def pending_effects(
     target: Any, workflow: type[Workflow] | str | None = None, workflow_id: str | None = None
 ) -> list[Row]:
     """Effects not yet processed nor dead-lettered (due, backing off or in flight), oldest first."""
-    return _rows(
-        target, "effect", "processed_at IS NULL AND dead_lettered_at IS NULL", workflow, workflow_id
-    )
+    return _rows(target, "effect", "pending", workflow, workflow_id)
 
 
 def pending_timers(
     target: Any, workflow: type[Workflow] | str | None = None, workflow_id: str | None = None
 ) -> list[Row]:
     """Timers that have neither fired nor been cancelled nor dead-lettered."""
-    return _rows(
-        target, "timer", "processed_at IS NULL AND dead_lettered_at IS NULL", workflow, workflow_id
-    )
+    return _rows(target, "timer", "pending", workflow, workflow_id)
 
 
 def dead_letters(
@@ -742,7 +653,7 @@ def dead_letters(
     kind: Kind = "effect",
 ) -> list[Row]:
     """Dead-lettered effects (or timers), including those ``on_dead_letter`` handled."""
-    return _rows(target, kind, "dead_lettered_at IS NOT NULL", workflow, workflow_id)
+    return _rows(target, kind, "dead", workflow, workflow_id)
 
 
 def events(target: Any, workflow: type[Workflow], workflow_id: str) -> list[Message]:

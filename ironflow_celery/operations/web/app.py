@@ -37,7 +37,7 @@ from ironflow_celery.model.views import StateMachineView, describe
 from ironflow_celery.operations import inspection as ins
 from ironflow_celery.operations.web import auth
 from ironflow_celery.operations.web.diagram import state_machine_svg
-from ironflow_celery.storage import dead_letters as dl
+from ironflow_celery.service import dead_letters as dl
 
 __all__ = ["WebConfig", "create_app", "wsgi_app"]
 

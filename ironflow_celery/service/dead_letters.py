@@ -1,6 +1,10 @@
-"""Dead letters: find, count, inspect, retry and discard them. The same operations are
-Celery tasks (``ironflow.dead_letters.*``, `ironflow_celery.operations.dead_letters`) and
-the ``dead-letters`` CLI (`ironflow_celery.cli.operations`).
+"""Dead letters: find, count, inspect, retry and discard them: the query values and the
+rules (which row may be retried or discarded, and why not), over the store's dead-letter
+statements (`PostgresStore.fetch_dead_letter_rows`, …). Service, not storage: the rules are
+ironflow's, and `WorkflowRuntime`'s dead-letter methods (engine) call them. The same
+operations are Celery tasks (``ironflow.dead_letters.*``,
+`ironflow_celery.operations.dead_letters`) and the ``dead-letters`` CLI
+(`ironflow_celery.cli.operations`).
 
 A dead letter is an unprocessed outbox (``kind="effect"``) or timer (``kind="timer"``) row
 that was dead-lettered explicitly (``dead_lettered_at``) or has used up its attempts::

@@ -1,4 +1,6 @@
-"""Hints printed with errors: commands a user can paste as written, built from this process."""
+"""Hints printed with errors: commands a user can paste as written, built from this process
+(its ``sys.argv`` and environment). `ironflow_celery.integration.app` hands
+`schema_missing_hint` to storage, whose schema-missing `StorageError` carries it."""
 
 from __future__ import annotations
 
