@@ -33,7 +33,7 @@ from ironflow_celery.storage import schema, sql, tracing
 from ironflow_celery.storage.db import create_engine, relaxed_commits
 from ironflow_celery.storage.hints import schema_missing_hint
 from ironflow_celery.storage.inspection import RowInfo
-from ironflow_celery.storage.kinds import EFFECT, TIMER, Kind, RowKind, kind_of
+from ironflow_celery.storage.kinds import Kind, RowKind, kind_of
 
 __all__ = [
     "LOST_RUN_ERROR",
@@ -937,53 +937,6 @@ class PostgresStore:
     def describe_stale(self, kind: Kind | RowKind, row_id: uuid.UUID) -> Any:
         """A row's state as a stale delivery sees it (None: the row is gone)."""
         return self._run(kind_of(kind).statements.describe_stale, {"id": row_id}).first()
-
-    # -- the per-kind names the tests use (one-line delegations) ---------------------------
-    def claim_effects(
-        self, token: str, workflow_types: Sequence[str], **kw: Any
-    ) -> list[ClaimedRow]:
-        """`claim` of effects."""
-        return self.claim(EFFECT, token, workflow_types, **kw)
-
-    def claim_timers(
-        self, token: str, workflow_types: Sequence[str], **kw: Any
-    ) -> list[ClaimedRow]:
-        """`claim` of timers."""
-        return self.claim(TIMER, token, workflow_types, **kw)
-
-    def start_effect(
-        self, effect_id: uuid.UUID, token: str, run_token: str, **kw: Any
-    ) -> StartedRow | None:
-        return self.start(EFFECT, effect_id, token, run_token, **kw)
-
-    def start_timer(
-        self, timer_id: uuid.UUID, token: str, run_token: str, **kw: Any
-    ) -> StartedRow | None:
-        return self.start(TIMER, timer_id, token, run_token, **kw)
-
-    def mark_processed(self, effect_id: uuid.UUID, token: str, **kw: Any) -> bool:
-        return self.record_processed(EFFECT, effect_id, token, **kw)
-
-    def mark_timer_processed(self, timer_id: uuid.UUID, token: str, **kw: Any) -> bool:
-        return self.record_processed(TIMER, timer_id, token, **kw)
-
-    def record_failure(self, effect_id: uuid.UUID, token: str, error: str, **kw: Any) -> int | None:
-        return self.record_failed_attempt(EFFECT, effect_id, token, error, **kw)
-
-    def record_timer_failure(
-        self, timer_id: uuid.UUID, token: str, error: str, **kw: Any
-    ) -> int | None:
-        return self.record_failed_attempt(TIMER, timer_id, token, error, **kw)
-
-    def record_permanent_failure(
-        self, effect_id: uuid.UUID, token: str, error: str, **kw: Any
-    ) -> int | None:
-        return self.record_dead_letter(EFFECT, effect_id, token, error, **kw)
-
-    def dead_letter_timer(
-        self, timer_id: uuid.UUID, token: str, error: str, **kw: Any
-    ) -> int | None:
-        return self.record_dead_letter(TIMER, timer_id, token, error, **kw)
 
     # -- dead letters (storage.dead_letters) ---------------------------------------------
     def fetch_dead_letter_rows(self, kind: Kind | RowKind, params: dict[str, Any]) -> list[Any]:
