@@ -38,6 +38,7 @@ from ironflow_celery.errors import (
 from ironflow_celery.model.messages import Message
 from ironflow_celery.model.workflow import CancelNotice, WorkflowRef
 from ironflow_celery.storage.dead_letters import parse_kind, parse_row_id
+from ironflow_celery.storage.inspection import RowInfo
 from ironflow_celery.storage.kinds import KIND_NAMES, KINDS, Kind, RowKind, kind_of
 
 if TYPE_CHECKING:
@@ -174,7 +175,7 @@ def _decoded(workflow: Any, kind: RowKind, payload: Any) -> Any:
 
 
 def _row_refusal(
-    kind: Kind, rid: uuid.UUID, row: Any, *, own_run: str | None
+    kind: Kind, rid: uuid.UUID, row: RowInfo | None, *, own_run: str | None
 ) -> CancelResult | None:
     """Why `row` may not be cancelled (None when it may)."""
     if row is None:
@@ -188,6 +189,7 @@ def _row_refusal(
         )
         return CancelResult(False, "already_processed", kind, f"{kind} {rid} was {what}", ref, rid)
     if row.running and not (own_run and (row.locked_by or "").startswith(own_run)):
+        assert row.run_started_at is not None and row.locked_until is not None  # running
         return CancelResult(
             False,
             "running",
@@ -216,10 +218,11 @@ def _cancel_row(
     row_kind = kind_of(kind)
     ids: dict[str, Any] = {row_kind.plural: (rid,)}  # effects=(rid,) or timers=(rid,)
     with store.transaction() as conn:
-        row = store.lock_row_for_cancel(row_kind, rid, connection=conn)
+        row = store.lock_row_for_cancel(row_kind, rid, runtime.attempt_limits, connection=conn)
         refusal = _row_refusal(kind, rid, row, own_run=own_run)
         if refusal is not None:
             return refusal
+        assert row is not None  # _row_refusal refuses a missing row
         ref = WorkflowRef(row.workflow_type, row.workflow_id)
         workflow = runtime.registry.get(row.workflow_type).workflow if deliver else None
         store.cancel_row(row_kind, rid, reason, connection=conn)

@@ -38,7 +38,10 @@ from ironflow_celery.storage.kinds import Kind, RowKind, kind_of
 __all__ = [
     "LOST_RUN_ERROR",
     "ClaimedRow",
+    "LockedInstance",
     "PostgresStore",
+    "QueueDepthRow",
+    "StaleRow",
     "StartedRow",
     "StoredEvent",
     "TimerSpec",
@@ -184,6 +187,50 @@ class StartedRow:
     token: str
     key: str | None = None
     last_error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StaleRow:
+    """A row's state as a refused start guard reads it after the fact (`describe_stale`)."""
+
+    workflow_type: str
+    processed: bool
+    discarded: bool
+    dead_lettered: bool
+    attempts: int
+    locked_by: str | None
+    lease_live: bool
+
+
+@dataclass(frozen=True, slots=True)
+class LockedInstance:
+    """An instance row locked for a cancel (`lock_instance_for_cancel`)."""
+
+    completed_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class QueueDepthRow:
+    """One workflow type's unprocessed rows by state (`sql.QUEUE_STATUS`): effects
+    (``e_*``) and timers (``t_*``); ``*_oldest`` in seconds, None when none waits."""
+
+    workflow_type: str
+    e_pending: int
+    e_in_flight: int
+    e_backing_off: int
+    e_dead: int
+    e_oldest: float | None
+    t_due: int
+    t_pending: int
+    t_in_flight: int
+    t_backing_off: int
+    t_dead: int
+    t_oldest: float | None
+
+
+def _seconds(value: Any) -> float | None:
+    """A numeric column (``EXTRACT(EPOCH …)``, a Decimal) as float seconds."""
+    return None if value is None else float(value)
 
 
 def _many_params(items: Sequence[tuple[uuid.UUID, str]]) -> dict[str, list[Any]]:
@@ -934,14 +981,17 @@ class PostgresStore:
         params = {"ids": [i for i, _ in items], "tokens": [t for _, t in items]}
         return {r.id for r in self._run(statement, params, relaxed=True)}
 
-    def describe_stale(self, kind: Kind | RowKind, row_id: uuid.UUID) -> Any:
+    def describe_stale(self, kind: Kind | RowKind, row_id: uuid.UUID) -> StaleRow | None:
         """A row's state as a stale delivery sees it (None: the row is gone)."""
-        return self._run(kind_of(kind).statements.describe_stale, {"id": row_id}).first()
+        row = self._run(kind_of(kind).statements.describe_stale, {"id": row_id}).first()
+        return None if row is None else StaleRow(*row)
 
     # -- dead letters (storage.dead_letters) ---------------------------------------------
-    def fetch_dead_letter_rows(self, kind: Kind | RowKind, params: dict[str, Any]) -> list[Any]:
+    def fetch_dead_letter_rows(self, kind: Kind | RowKind, params: dict[str, Any]) -> list[RowInfo]:
         """Dead-letter rows matching a `DeadLetterQuery`'s bind parameters, newest first."""
-        return self._run(kind_of(kind).statements.fetch_dead_letters, params).all()
+        row_kind = kind_of(kind)
+        rows = self._run(row_kind.statements.fetch_dead_letters, params)
+        return [RowInfo.of(row_kind.name, r) for r in rows]
 
     def count_dead_letter_rows(self, kind: Kind | RowKind, params: dict[str, Any]) -> int:
         """How many dead-letter rows match a `DeadLetterQuery`'s bind parameters."""
@@ -955,14 +1005,19 @@ class PostgresStore:
         params: dict[str, Any],
         *,
         connection: Connection | None = None,
-    ) -> Any:
+    ) -> RowInfo | None:
         """A row with what decides whether it may be retried or discarded (``is_dead``,
         ``in_flight``); inside the caller's transaction it is row-locked. None: no row."""
-        statements = kind_of(kind).statements
+        row_kind = kind_of(kind)
+        statements = row_kind.statements
         if connection is None:
-            return self._run(statements.get_dead_letter, {"id": row_id, **params}).first()
-        with storage_errors():
-            return connection.execute(statements.lock_dead_letter, {"id": row_id, **params}).first()
+            row = self._run(statements.get_dead_letter, {"id": row_id, **params}).first()
+        else:
+            with storage_errors():
+                row = connection.execute(
+                    statements.lock_dead_letter, {"id": row_id, **params}
+                ).first()
+        return None if row is None else RowInfo.of(row_kind.name, row)
 
     def retry_dead_letter_row(
         self, kind: Kind | RowKind, row_id: uuid.UUID, *, connection: Connection
@@ -1001,12 +1056,19 @@ class PostgresStore:
 
     # -- cancel (operations.cancel) ---------------------------------------------------------
     def lock_row_for_cancel(
-        self, kind: Kind | RowKind, row_id: uuid.UUID, *, connection: Connection
-    ) -> Any:
+        self,
+        kind: Kind | RowKind,
+        row_id: uuid.UUID,
+        limits: AttemptLimits,
+        *,
+        connection: Connection,
+    ) -> RowInfo | None:
         """The row, locked, with whether a handler is running it; None: no such row."""
-        statement = kind_of(kind).statements.lock_for_cancel
+        row_kind = kind_of(kind)
+        params = {"id": row_id, **limits.params()}
         with storage_errors():
-            return connection.execute(statement, {"id": row_id}).first()
+            row = connection.execute(row_kind.statements.lock_for_cancel, params).first()
+        return None if row is None else RowInfo.of(row_kind.name, row)
 
     def cancel_row(
         self, kind: Kind | RowKind, row_id: uuid.UUID, reason: str, *, connection: Connection
@@ -1018,11 +1080,12 @@ class PostgresStore:
 
     def lock_instance_for_cancel(
         self, workflow_type: str, workflow_id: str, *, connection: Connection
-    ) -> Any:
+    ) -> LockedInstance | None:
         """The instance row (``completed_at``), locked; None: no such instance."""
         params = {"wt": workflow_type, "wid": workflow_id}
         with storage_errors():
-            return connection.execute(sql.LOCK_INSTANCE_FOR_CANCEL, params).first()
+            row = connection.execute(sql.LOCK_INSTANCE_FOR_CANCEL, params).first()
+        return None if row is None else LockedInstance(row.completed_at)
 
     def running_rows_of_instance(
         self, kind: Kind | RowKind, workflow_type: str, workflow_id: str, *, connection: Connection
@@ -1061,9 +1124,26 @@ class PostgresStore:
         params = {"age": age_seconds, "batch": batch_size}
         return self._run(sql.PURGE_OBSERVATIONS, params).rowcount
 
-    def queue_status_rows(self, *, max_attempts: int | AttemptLimits) -> list[Any]:
+    def queue_status_rows(self, *, max_attempts: int | AttemptLimits) -> list[QueueDepthRow]:
         """Unprocessed rows per workflow type and state (`sql.QUEUE_STATUS`)."""
-        return self._run(sql.QUEUE_STATUS, AttemptLimits.of(max_attempts).params()).all()
+        rows = self._run(sql.QUEUE_STATUS, AttemptLimits.of(max_attempts).params())
+        return [
+            QueueDepthRow(
+                r.workflow_type,
+                r.e_pending,
+                r.e_in_flight,
+                r.e_backing_off,
+                r.e_dead,
+                _seconds(r.e_oldest),
+                r.t_due,
+                r.t_pending,
+                r.t_in_flight,
+                r.t_backing_off,
+                r.t_dead,
+                _seconds(r.t_oldest),
+            )
+            for r in rows
+        ]
 
     # -- execute tasks' idempotency keys (engine.inputs) ----------------------------------
     def lock_idempotency_key(self, lock: str, *, connection: Connection) -> None:
