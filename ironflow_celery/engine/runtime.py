@@ -22,6 +22,7 @@ from typing import Any
 from celery.utils.imports import import_from_cwd
 
 from ironflow_celery.engine.deliveries import LostDeliveries
+from ironflow_celery.engine.host import Duty, Stopping
 from ironflow_celery.engine.metrics import Metrics
 from ironflow_celery.engine.relay import (
     Publisher,
@@ -158,7 +159,7 @@ class WorkflowRuntime:
         #: What a relay process does besides relaying, each ``duty(runtime, conf, shutdown)``
         #: started once its relays run: `ironflow_celery.install` adds the metrics endpoint
         #: (``ironflow_metrics_port``) and retention (``ironflow_retention_interval``).
-        self.duties: list[Callable[[WorkflowRuntime, Any, Any], Any]] = []
+        self.duties: list[Duty] = []
 
     # -- construction ---------------------------------------------------------------------
     @classmethod
@@ -206,6 +207,12 @@ class WorkflowRuntime:
             self._tasks_registered.update(fresh)
 
     # -- parts ----------------------------------------------------------------------------
+    @property
+    def has_database(self) -> bool:
+        """Whether a store can be had: one was given, or a database URL is configured (the
+        relay bootstep refuses to start without one)."""
+        return self._store is not None or bool(self.database_url)
+
     @property
     def store(self) -> PostgresStore:
         if self._store is None:
@@ -386,7 +393,7 @@ class WorkflowRuntime:
 
     def run(
         self,
-        shutdown: Any,
+        shutdown: Stopping,
         *,
         effects: bool = True,
         timers: bool = True,
@@ -427,7 +434,7 @@ class WorkflowRuntime:
                 )
         return clean
 
-    def _start_duties(self, shutdown: Any) -> None:
+    def _start_duties(self, shutdown: Stopping) -> None:
         """A relay process's other duties (`duties`), each off unless configured."""
         conf = self.app.conf if self.app is not None else {}
         for duty in self.duties:

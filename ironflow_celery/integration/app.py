@@ -215,7 +215,7 @@ class RelayStep(bootsteps.StartStopStep):
 
     def start(self, worker: Any) -> None:
         runtime = runtime_of(worker.app)
-        if runtime._store is None and not runtime.database_url:
+        if not runtime.has_database:
             raise ConfigurationError(
                 "ironflow relay: no database configured; set IRONFLOW_DATABASE_URL (or "
                 "ironflow_database_url), or start the worker with --without-ironflow-relay"

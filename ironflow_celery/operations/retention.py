@@ -21,6 +21,7 @@ from datetime import timedelta
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
+from ironflow_celery.engine.host import DutyHost, RuntimeView, Stopping
 from ironflow_celery.errors import InvalidDeadLetterRequest, InvalidRetentionRequest, IronflowError
 from ironflow_celery.model.settings import read_settings
 from ironflow_celery.storage.dead_letters import parse_age
@@ -108,7 +109,7 @@ def retention_settings(conf: Any) -> dict[str, Any]:
     }
 
 
-def register_retention_tasks(app: Any, runtime: Any) -> list[str]:
+def register_retention_tasks(app: Any, runtime: RuntimeView) -> list[str]:
     """Register ``ironflow.retention.purge`` on `app`."""
     defaults = retention_settings(app.conf)
 
@@ -140,7 +141,7 @@ def register_retention_tasks(app: Any, runtime: Any) -> list[str]:
     return ["ironflow.retention.purge"]
 
 
-def start_retention_duty(runtime: Any, conf: Any, stop: Any) -> threading.Thread | None:
+def start_retention_duty(runtime: DutyHost, conf: Any, stop: Stopping) -> threading.Thread | None:
     """When ``ironflow_retention_interval`` is set, purge every interval in a daemon thread
     until `stop` (a threading/multiprocessing Event) is set. Returns the thread, or None."""
     options = retention_settings(conf)

@@ -904,7 +904,7 @@ class PostgresStore:
         """attempts+1, last_error, backoff in locked_until; None when stale."""
         params = {"id": row_id, "token": token, "error": error, "backoff": float(backoff_seconds)}
         statement = kind_of(kind).statements.record_failure
-        return self._scalar_or_none(statement, params, connection, ack=True)
+        return self._attempts_or_none(statement, params, connection, ack=True)
 
     def record_dead_letter(
         self,
@@ -919,7 +919,7 @@ class PostgresStore:
         """Dead-letter a row now; None when stale."""
         params = {"id": row_id, "token": token, "error": error, "max_attempts": max_attempts}
         statement = kind_of(kind).statements.dead_letter
-        return self._scalar_or_none(statement, params, connection, ack=True)
+        return self._attempts_or_none(statement, params, connection, ack=True)
 
     def mark_dead_letter_handled(
         self, kind: Kind | RowKind, row_id: uuid.UUID, reason: str, *, connection: Connection
@@ -1255,7 +1255,7 @@ class PostgresStore:
         return int(row.active), int(row.completed)
 
     # -- helpers -------------------------------------------------------------------------------
-    def _scalar_or_none(
+    def _attempts_or_none(
         self,
         statement: Any,
         params: dict[str, Any],
@@ -1263,13 +1263,14 @@ class PostgresStore:
         *,
         relaxed: bool = False,
         ack: bool = False,
-    ) -> Any:
+    ) -> int | None:
+        """The ``attempts`` an outcome statement returns; None when it matched no row."""
         if connection is not None:
             with storage_errors():
                 row = connection.execute(statement, params).first()
         else:
             row = self._run(statement, params, relaxed=relaxed, ack=ack).first()
-        return None if row is None else row[0]
+        return None if row is None else int(row[0])
 
 
 class _Buffered:
