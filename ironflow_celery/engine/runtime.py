@@ -45,7 +45,7 @@ from ironflow_celery.service.workflow_service import (
 from ironflow_celery.storage import dead_letters, schema
 from ironflow_celery.storage.db import engine_options
 from ironflow_celery.storage.dead_letters import DeadLetter, DeadLetterQuery
-from ironflow_celery.storage.kinds import EFFECT, KINDS, TIMER
+from ironflow_celery.storage.kinds import EFFECT, KINDS, TIMER, kind_of
 from ironflow_celery.storage.store import PostgresStore
 
 __all__ = [
@@ -308,7 +308,7 @@ class WorkflowRuntime:
     def task_queue(self, kind: str, workflow_type: str) -> str:
         """The queue the app routes `workflow_type`'s `kind` tasks to (``"effect"`` /
         ``"timer"``; a group of rows travels in the same task as a single row)."""
-        task = (EFFECT if kind == EFFECT.name else TIMER).task_name(workflow_type)
+        task = kind_of(kind).task_name(workflow_type)
         return queue_of(self.app, task)
 
     def relay_routes(

@@ -989,7 +989,7 @@ def register_workflow_tasks(app: Any, runtime: TaskHost, workflow_types: list[st
     """Register ``ironflow.<type>.effect``, ``.timer`` and ``.execute`` for these types."""
     names = []
     for workflow_type in workflow_types:
-        for kind in (EFFECT, TIMER):
+        for kind in KINDS:
             name = kind.task_name(workflow_type)
             app.task(
                 name=name,
@@ -1003,7 +1003,7 @@ def register_workflow_tasks(app: Any, runtime: TaskHost, workflow_types: list[st
                 # A dead letter is expected: logged and sent to Sentry once by ironflow
                 # (Celery logs it at INFO; Sentry's CeleryIntegration skips `throws`).
                 throws=(DeadLettered,),
-            )(_bind(kind, runtime, name))
+            )(_bind(kind, runtime, workflow_type))
             names.append(name)
     return names + register_execute_tasks(app, runtime, workflow_types)
 
@@ -1144,9 +1144,9 @@ def _revoke_grouped(task: Any, deliveries: Sequence[Delivery]) -> None:
             )
 
 
-def _bind(row_kind: RowKind, runtime: TaskHost, name: str) -> Any:
+def _bind(row_kind: RowKind, runtime: TaskHost, workflow_type: str) -> Any:
     kind = row_kind.name
-    workflow_type = name.removeprefix("ironflow.").removesuffix(f".{kind}")
+    name = row_kind.task_name(workflow_type)
     span_name = f"ironflow.{kind} {workflow_type}"
 
     def task(

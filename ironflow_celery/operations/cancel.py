@@ -64,7 +64,7 @@ __all__ = [
 
 log = logging.getLogger("ironflow_celery.cancel")
 
-Scope = Literal["effect", "timer", "instance"]
+Scope = Kind | Literal["instance"]
 Reason = Literal["cancelled", "not_found", "already_processed", "running", "already_completed"]
 
 REVOKE_REASON = "revoked: celery control revoke"

@@ -25,7 +25,7 @@ from ironflow_celery.engine.host import DutyHost, RuntimeView, Stopping
 from ironflow_celery.errors import InvalidDeadLetterRequest, InvalidRetentionRequest, IronflowError
 from ironflow_celery.model.settings import read_settings
 from ironflow_celery.storage.dead_letters import parse_age
-from ironflow_celery.storage.kinds import EFFECT, TIMER
+from ironflow_celery.storage.kinds import KINDS
 
 if TYPE_CHECKING:
     from ironflow_celery.storage.store import PostgresStore
@@ -65,11 +65,11 @@ def purge(
     if batch_size < 1:
         raise InvalidRetentionRequest("batch_size must be at least 1")
     seconds = age.total_seconds()
-    counts = {"outbox": 0, "timers": 0, "observations": 0, "batches": 0}
+    counts = {**{k.retention_name: 0 for k in KINDS}, "observations": 0, "batches": 0}
     # Each batch: the oldest processed rows first, rows another purge has locked skipped.
     targets: list[tuple[str, Callable[[], int]]] = [
         (
-            name,
+            kind.retention_name,
             partial(
                 store.purge_processed,
                 kind,
@@ -78,7 +78,7 @@ def purge(
                 include_discarded=include_discarded,
             ),
         )
-        for name, kind in (("outbox", EFFECT), ("timers", TIMER))
+        for kind in KINDS
     ]
     if include_observations:
         observations = partial(store.purge_observations, age_seconds=seconds, batch_size=batch_size)
@@ -158,7 +158,7 @@ def start_retention_duty(runtime: DutyHost, conf: Any, stop: Stopping) -> thread
                     options["batch_size"],
                     options["include_observations"],
                 )
-                if counts["outbox"] or counts["timers"] or counts["observations"]:
+                if any(n for name, n in counts.items() if name != "batches"):
                     log.info("ironflow retention: purged %s", counts)
             except IronflowError as exc:
                 log.warning("ironflow retention: purge failed: %s", exc)

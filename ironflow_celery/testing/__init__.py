@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine, make_url
@@ -56,12 +56,13 @@ from ironflow_celery.errors import (
 )
 from ironflow_celery.model.config import RuntimeConfig
 from ironflow_celery.model.messages import Message
+from ironflow_celery.model.tasknames import Kind
 from ironflow_celery.model.workflow import EffectContext, ExecuteOutcome, Workflow, WorkflowRef
 from ironflow_celery.service.aio import call_handler
 from ironflow_celery.service.workflow_service import Registry, WorkflowService, decode_events
 from ironflow_celery.storage import schema, sql
 from ironflow_celery.storage.db import normalize_url
-from ironflow_celery.storage.kinds import kind_of
+from ironflow_celery.storage.kinds import KINDS, kind_of
 from ironflow_celery.storage.store import ClaimedRow, PostgresStore
 
 __all__ = [
@@ -87,8 +88,6 @@ __all__ = [
     "server_unreachable",
     "server_url",
 ]
-
-Kind = Literal["effect", "timer"]
 
 DEFAULT_SERVER_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 #: Test databases are named ``<prefix><hint>_<random>``; projects sharing a server give
@@ -415,8 +414,7 @@ class _NoLeaseKeeper:
 # -- drain ------------------------------------------------------------------------------------
 
 _PAYLOAD = {
-    "effect": sa.text("SELECT payload FROM ironflow.outbox WHERE id = :id"),
-    "timer": sa.text("SELECT input FROM ironflow.timers WHERE id = :id"),
+    k.name: sa.text(f"SELECT {k.payload_column} FROM {k.table} WHERE id = :id") for k in KINDS
 }
 
 # The earliest time at which a live row becomes claimable: a free timer at fire_at, a row
@@ -436,21 +434,21 @@ _NEXT_DUE = sa.text(f"""
 # Rows of a worker round not finished yet: still held by the kit's claim or a run token.
 # (The kit's own statement: the store's in-flight bookkeeping belongs to the relay.)
 _UNFINISHED = {
-    kind: sa.text(f"""
-        SELECT id FROM ironflow.{table}
+    k.name: sa.text(f"""
+        SELECT id FROM {k.table}
         WHERE id = ANY(CAST(:ids AS uuid[])) AND processed_at IS NULL
           AND dead_lettered_at IS NULL AND locked_by IS NOT NULL
     """)
-    for kind, table in (("effect", "outbox"), ("timer", "timers"))
+    for k in KINDS
 }
 
 _AFTER_WORKER = {
-    kind: sa.text(f"""
+    k.name: sa.text(f"""
         SELECT id, attempts, last_error, processed_at IS NOT NULL AS processed,
                dead_lettered_at IS NOT NULL AS dead
-        FROM ironflow.{table} WHERE id = ANY(CAST(:ids AS uuid[]))
+        FROM {k.table} WHERE id = ANY(CAST(:ids AS uuid[]))
     """)
-    for kind, table in (("effect", "outbox"), ("timer", "timers"))
+    for k in KINDS
 }
 
 
@@ -482,13 +480,15 @@ def drain(
         horizon = clock.now() + skip_time
     ran: list[Ran] = []
     while True:
-        if worker:
-            step = _worker_round(runtime, "effect", clock, timeout) or _worker_round(
-                runtime, "timer", clock, timeout
-            )
-        else:
-            one = _run_one(runtime, "effect", clock) or _run_one(runtime, "timer", clock)
-            step = [one] if one is not None else []
+        step: list[Ran] = []
+        for kind in KINDS:  # effects first, then timers (`KIND_NAMES` order)
+            if worker:
+                step = _worker_round(runtime, kind.name, clock, timeout)
+            else:
+                one = _run_one(runtime, kind.name, clock)
+                step = [one] if one is not None else []
+            if step:
+                break
         if step:
             ran.extend(step)
             if len(ran) > max_steps:
@@ -540,7 +540,7 @@ def _decode(runtime: WorkflowRuntime, kind: Kind, row: ClaimedRow) -> tuple[str,
         payload = conn.execute(_PAYLOAD[kind], {"id": row.id}).scalar()
     tag = payload.get("type", "?") if isinstance(payload, dict) else type(payload).__name__
     workflow = runtime.registry.get(row.workflow_type).workflow
-    union = workflow.effects if kind == "effect" else workflow.inputs
+    union = kind_of(kind).union_of(workflow)
     try:
         return tag, union.decode(payload)
     except InvalidPayload:
@@ -554,9 +554,9 @@ def _run_one(runtime: WorkflowRuntime, kind: Kind, clock: TestClock | None) -> R
         return None
     row = rows[0]
     tag, payload = _decode(runtime, kind, row)
-    run = tasks.run_effect if kind == "effect" else tasks.run_timer
     ref = f"{row.workflow_type}:{row.workflow_id}"
-    result = run(runtime, ref, str(row.id), row.attempts + 1, token)
+    delivery = tasks.Delivery(str(row.id), ref, row.attempts + 1, token)
+    result = tasks.run_rows(runtime, kind_of(kind), [delivery])[0]
     returned = _RETURNED.pop(row.id, None)
     return Ran(
         kind=kind,
@@ -685,13 +685,15 @@ def _rows(
     workflow: type[Workflow] | str | None,
     workflow_id: str | None,
 ) -> list[Row]:
-    table, body = ("outbox", "payload") if kind == "effect" else ("timers", "input")
-    due = "locked_until" if kind == "effect" else "GREATEST(fire_at, locked_until)"
-    key = "NULL" if kind == "effect" else "key"
+    row_kind = kind_of(kind)
+    table, body = row_kind.table, row_kind.payload_column
+    # a timer is due at its fire time at the earliest; an effect at once
+    due = "locked_until" if row_kind.due_when_written else "GREATEST(fire_at, locked_until)"
+    key = "NULL" if row_kind.due_when_written else "key"
     statement = sa.text(f"""
         SELECT id, workflow_type, workflow_id, {body} AS body, attempts, last_error,
                {due} AS due_at, {key} AS key, processed_at IS NOT NULL AS handled
-        FROM ironflow.{table}
+        FROM {table}
         WHERE {where}
           AND (CAST(:wt AS text) IS NULL OR workflow_type = :wt)
           AND (CAST(:wid AS text) IS NULL OR workflow_id = :wid)
