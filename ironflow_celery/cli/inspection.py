@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import sys
 from datetime import UTC, datetime
-from typing import Any
 
 import click
 
@@ -300,7 +299,8 @@ def add_inspection_commands(group: click.Group) -> None:
         sub.add_command(_row_show_command(kind))  # type: ignore[attr-defined]
         sub.help = f"Find, inspect and cancel {kind}s."
 
-    workflows: Any = group.commands["workflows"]
+    workflows = group.commands["workflows"]
+    assert isinstance(workflows, click.Group)  # made by add_cancel_commands
 
     @workflows.command("show")
     @click.argument("workflow_type")

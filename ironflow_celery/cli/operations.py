@@ -506,8 +506,9 @@ def add_cancel_commands(group: click.Group) -> None:
     if workflows is None:
         workflows = click.Group("workflows", help="Workflow instances.")
         group.add_command(workflows)
+    assert isinstance(workflows, click.Group)
 
-    @workflows.command("cancel")  # type: ignore[attr-defined]
+    @workflows.command("cancel")
     @click.argument("workflow_type")
     @click.argument("workflow_id")
     @reason_option

@@ -172,7 +172,13 @@ def celery_publisher(
     ignore_result = results_ignored(app.conf)
 
     def send(
-        producer: Any, name: str, args: list, kwargs: dict, task_id: str, retries: int, trace: Any
+        producer: Any,
+        name: str,
+        args: list[Any],
+        kwargs: dict[str, Any],
+        task_id: str,
+        retries: int,
+        trace: Any,
     ) -> None:
         headers = tracing.headers_of(trace) if forward_traces and tracing.AVAILABLE else None
         # The row's trace is current while it is sent: the Celery instrumentation's

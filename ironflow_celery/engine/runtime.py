@@ -124,7 +124,7 @@ APP_ATTRIBUTE = "ironflow"
 def runtime_of(app: Any) -> WorkflowRuntime:
     """The runtime `ironflow_celery.install` attached to `app`."""
     runtime = getattr(app, APP_ATTRIBUTE, None)
-    if runtime is None:
+    if not isinstance(runtime, WorkflowRuntime):
         raise NotInstalled("ironflow is not installed on this Celery app: call install(app)")
     return runtime
 

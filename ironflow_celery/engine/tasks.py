@@ -93,6 +93,9 @@ __all__ = [
 ]
 
 log = logging.getLogger("ironflow_celery.tasks")
+
+RowResult = dict[str, Any]
+"""What running one row returns (JSON: the Celery task's result; see `run_rows`)."""
 # The dead-letter ERROR line has its own (child) logger, which Sentry's logging integration
 # is told to ignore: the dead letter is sent to Sentry once, as a structured event
 # (`_send_dead_letter_to_sentry`), not a second time as a log line titled by its format.
@@ -285,7 +288,7 @@ def _begin(
     ref: str,
     attempt: int,
     lease: str,
-) -> StartedRow | dict:
+) -> StartedRow | RowResult:
     """The start guard every run passes first, for either kind: the started row, or the
     task's result when the delivery is stale or the row's attempts were used up by runs
     that never finished. A database it cannot reach raises `StartGuardUnavailable` (the
@@ -379,7 +382,7 @@ class Completer:
         self.kind = kind
         self.errors = errors
         self.grouped = grouped
-        self.results: dict[uuid.UUID, dict] = {}
+        self.results: dict[uuid.UUID, RowResult] = {}
         self._pending: list[Ran] = []
         self._since = 0.0
         # Held for a whole acknowledgement: the lease keeper's thread may flush while the
@@ -406,7 +409,7 @@ class Completer:
         finally:
             self._lock.release()
 
-    def finish(self) -> dict[uuid.UUID, dict]:
+    def finish(self) -> dict[uuid.UUID, RowResult]:
         """Acknowledge whatever is pending; the results of every row added."""
         with self._lock:
             self._flush()
@@ -424,7 +427,7 @@ def run_rows(
     deliveries: Sequence[Delivery],
     *,
     errors: dict[str, BaseException] | None = None,
-) -> list[dict]:
+) -> list[RowResult]:
     """The one execution path of effects and timers, for one row or a group of one type:
 
     1. start guard (one statement for the whole group; a stale row is skipped alone, with
@@ -471,7 +474,7 @@ def run_rows(
 
 def _begin_group(
     runtime: TaskHost, kind: RowKind, deliveries: Sequence[Delivery]
-) -> tuple[dict[uuid.UUID, StartedRow], dict[uuid.UUID, dict]]:
+) -> tuple[dict[uuid.UUID, StartedRow], dict[uuid.UUID, RowResult]]:
     """The start guard of a group, one statement: the started rows, and the results of
     the rows that did not start (stale, each with its reason; or exhausted by lost runs)."""
     if kind is not EFFECT:
@@ -484,7 +487,7 @@ def _begin_group(
         )
     except StorageError as exc:
         raise StartGuardUnavailable(str(exc)) from exc
-    results: dict[uuid.UUID, dict] = {}
+    results: dict[uuid.UUID, RowResult] = {}
     for (row_id, lease, _), delivery in zip(guard, deliveries, strict=True):
         row = started.get(row_id)
         if row is None:
@@ -507,7 +510,7 @@ def _work(
     errors: dict[uuid.UUID, BaseException],
     *,
     grouped: bool,
-) -> Ran | dict:
+) -> Ran | RowResult:
     """A started row's work: an effect's handler (its failure recorded here, for this row
     alone), nothing for a timer. A grouped row runs in its own span, a child of the trace
     that wrote it."""
@@ -573,12 +576,12 @@ def acknowledge(
     kind: RowKind,
     pending: Sequence[Ran],
     errors: dict[uuid.UUID, BaseException],
-) -> dict[uuid.UUID, dict]:
+) -> dict[uuid.UUID, RowResult]:
     """Acknowledge `pending` in one durable transaction: each row marked processed and
     its follow-up input (a timer's own input) executed through the service, together. A
     row whose input cannot be executed is taken out and recorded as failed, and the
     others are acknowledged again without it; a row no longer held is stale-skipped."""
-    results: dict[uuid.UUID, dict] = {}
+    results: dict[uuid.UUID, RowResult] = {}
     pending = list(pending)
     while pending:
         try:
@@ -707,7 +710,7 @@ def run_effect(
     lease: str,
     *,
     due_at: datetime | None = None,
-) -> dict:
+) -> RowResult:
     """Run one claimed effect (`run_rows` with one row). `due_at`: when the row became
     due, as its claim said (for the dispatch metric)."""
     due = due_at.timestamp() if due_at is not None else None
@@ -722,7 +725,7 @@ def run_timer(
     lease: str,
     *,
     due_at: datetime | None = None,
-) -> dict:
+) -> RowResult:
     """Execute one due timer's input and mark it processed (`run_rows` with one row)."""
     due = due_at.timestamp() if due_at is not None else None
     return run_rows(runtime, TIMER, [Delivery(row_id, ref, attempt, lease, due=due)])[0]
@@ -736,7 +739,9 @@ def row_policy(runtime: TaskHost, kind: Kind, started: StartedRow) -> RetryPolic
     return runtime.retry_policy_for(started.workflow_type, tag)
 
 
-def exhausted_by_lost_runs(runtime: TaskHost, kind: Kind, started: StartedRow, ref: str) -> dict:
+def exhausted_by_lost_runs(
+    runtime: TaskHost, kind: Kind, started: StartedRow, ref: str
+) -> RowResult:
     """The start guard counted the previous run as lost and that used up the attempts (a
     handler that kills its worker, say): dead-letter the row without running it again."""
     # its row line (ERROR, below) says "dead-lettered after N attempt(s): WorkerLost: …"
@@ -762,7 +767,8 @@ def as_input(workflow: Any, value: Any) -> Message:
             )
         return value
     if isinstance(value, dict):
-        return workflow.inputs.decode(value)
+        decoded: Message = workflow.inputs.decode(value)
+        return decoded
     raise InvalidPayload(
         workflow.type,
         "input",
@@ -780,7 +786,7 @@ def fail_row(
     exc: BaseException | None,
     permanent: bool,
     began: float,
-) -> dict:
+) -> RowResult:
     """Record a failed attempt of an effect or a timer once its run failed: its backoff,
     or its dead letter when permanent or out of attempts; report it (`_report_failure`)."""
     handler_failure.set(exc)
@@ -1008,7 +1014,7 @@ def register_workflow_tasks(app: Any, runtime: TaskHost, workflow_types: list[st
     return names + register_execute_tasks(app, runtime, workflow_types)
 
 
-def _raise_recorded_failure(task: Any, kind: str, result: dict) -> None:
+def _raise_recorded_failure(task: Any, kind: str, result: RowResult) -> None:
     """End the Celery task the way Celery users read failures, once the outbox holds the
     outcome: a dead letter raises `DeadLettered` (FAILURE: ``task_failure``, Flower's
     Failed view, Sentry), a failed attempt raises a `Retry` that sends no message (RETRY
@@ -1026,7 +1032,7 @@ def _raise_recorded_failure(task: Any, kind: str, result: dict) -> None:
     raise _retry(exc, result)
 
 
-def _dead_lettered(kind: str, result: dict) -> DeadLettered:
+def _dead_lettered(kind: str, result: RowResult) -> DeadLettered:
     return DeadLettered(
         kind,
         result["row_id"],
@@ -1037,7 +1043,7 @@ def _dead_lettered(kind: str, result: dict) -> DeadLettered:
     )
 
 
-def _retry(exc: BaseException | None, result: dict) -> Any:
+def _retry(exc: BaseException | None, result: RowResult) -> Any:
     from celery.exceptions import Retry
     from celery.utils.serialization import get_pickleable_exception
 
@@ -1048,7 +1054,7 @@ def _retry(exc: BaseException | None, result: dict) -> Any:
 
 
 def _report_to_sentry(
-    task: Any, exc: BaseException | None, *, level: str = "warning", row: dict | None = None
+    task: Any, exc: BaseException | None, *, level: str = "warning", row: RowResult | None = None
 ) -> None:
     """Send a failed attempt's exception to Sentry when the app uses sentry-sdk: its
     CeleryIntegration skips `Retry`, so without this only dead letters would reach it.
@@ -1069,7 +1075,7 @@ def _report_to_sentry(
 
 
 def report_group(
-    task: Any, kind: str, results: Sequence[dict], errors: Mapping[str, BaseException]
+    task: Any, kind: str, results: Sequence[RowResult], errors: Mapping[str, BaseException]
 ) -> None:
     """Make each row of a group visible as if it had travelled alone: its result in the
     app's result backend under the row id (``AsyncResult(row_id)``: SUCCESS, RETRY with
@@ -1158,7 +1164,7 @@ def _bind(row_kind: RowKind, runtime: TaskHost, workflow_type: str) -> Any:
         effect_type: str | None = None,  # for Flower; the start guard loads the payload
         due: float | None = None,
         rows: list[list[Any]] | None = None,  # a group of this type's rows (see _deliveries)
-    ) -> dict | list[dict]:
+    ) -> RowResult | list[RowResult]:
         deliveries = _deliveries(workflow_type, ref, row_id, attempt, lease, effect_type, due, rows)
         grouped = rows is not None
         if grouped:

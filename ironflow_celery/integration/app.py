@@ -166,7 +166,9 @@ def _install_routing(app: Celery) -> None:
     if not per_type and not single:
         return
 
-    def route(name: str, args: Any, kwargs: Any, options: Any, task: Any = None, **kw: Any):
+    def route(
+        name: str, args: Any, kwargs: Any, options: Any, task: Any = None, **kw: Any
+    ) -> dict[str, str] | None:
         if not name.startswith(PREFIX):
             return None
         per_type_task = split_task_name(name)

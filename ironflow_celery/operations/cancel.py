@@ -113,18 +113,18 @@ def _clean_text(value: Any, what: str, *, limit: int = MAX_REASON_LENGTH) -> str
     """A non-empty string PostgreSQL can store (no NUL, valid UTF-8), else a usage error."""
     if not isinstance(value, str):
         raise InvalidCancelRequest(f"{what} must be text, got {type(value).__name__}")
-    value = value.strip()
-    if not value:
+    text = value.strip()
+    if not text:
         raise InvalidCancelRequest(f"a cancel needs a {what}")
-    if "\x00" in value:
-        raise InvalidCancelRequest(f"{what} contains a NUL character: {value!r}")
+    if "\x00" in text:
+        raise InvalidCancelRequest(f"{what} contains a NUL character: {text!r}")
     try:
-        value.encode("utf-8")
+        text.encode("utf-8")
     except UnicodeEncodeError:
-        raise InvalidCancelRequest(f"{what} is not valid UTF-8: {value!r}") from None
-    if len(value) > limit:
+        raise InvalidCancelRequest(f"{what} is not valid UTF-8: {text!r}") from None
+    if len(text) > limit:
         raise InvalidCancelRequest(f"{what} is longer than {limit} characters")
-    return value
+    return text
 
 
 def _kind(kind: str) -> Kind:

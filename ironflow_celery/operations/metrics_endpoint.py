@@ -121,7 +121,8 @@ def serve_metrics(runtime: RuntimeView, port: int, addr: str = "0.0.0.0") -> Any
     registry = REGISTRY
     if multiprocess_dir():
         registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
+        # prometheus_client's multiprocess module has no annotations
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
     server = start_http_server(port, addr=addr, registry=registry)  # OSError: port in use
     _collector = DepthCollector(runtime)
     registry.register(_collector)

@@ -81,7 +81,7 @@ _UNSTORABLE = (
 def _unstorable(exc: sa.exc.DBAPIError) -> bool:
     """Whether a statement failed on text PostgreSQL cannot store (a last line of defence:
     the service and the operations functions check their inputs by name first)."""
-    sqlstate = getattr(exc.orig, "sqlstate", None)
+    sqlstate: str | None = getattr(exc.orig, "sqlstate", None)
     if sqlstate is None:  # psycopg refuses NUL in text client-side, as a DataError
         return isinstance(exc, sa.exc.DataError) and "NUL" in str(exc.orig)
     return sqlstate == "22P05"  # untranslatable character: "\u0000" in jsonb
