@@ -17,6 +17,7 @@ from typing import Any
 from celery import Celery
 from celery.app.defaults import DEFAULTS
 
+from ironflow_celery.engine.host import DutyHost, Stopping
 from ironflow_celery.engine.runtime import WorkflowRuntime, WorkflowSpec
 from ironflow_celery.integration.app import install_engine
 from ironflow_celery.integration.projections import ProjectionStep as _IntegrationProjectionStep
@@ -65,7 +66,7 @@ class ProjectionStep(_IntegrationProjectionStep):
         return ConfiguredProjections.of(conf)
 
 
-def _serve_metrics(runtime: WorkflowRuntime, conf: Any, shutdown: Any) -> None:
+def _serve_metrics(runtime: DutyHost, conf: Any, shutdown: Stopping) -> None:
     serve_metrics_from_settings(runtime, conf)
 
 

@@ -199,9 +199,8 @@ def make_app(store: PostgresStore, handler: Any = None, **config: Any) -> TestAp
 
 
 def claim(app: TestApp, token: str = "relay#1", kind: str = "effect") -> list[ClaimedRow]:
-    fn = app.store.claim_effects if kind == "effect" else app.store.claim_timers
     lease = app.config.effect_lock_duration if kind == "effect" else app.config.timer_lock_duration
-    return fn(token, TYPES, lease_seconds=lease, max_attempts=MAX, limit=10)
+    return app.store.claim(kind, token, TYPES, lease_seconds=lease, max_attempts=MAX, limit=10)
 
 
 def run(app: TestApp, row: ClaimedRow, lease: str | None = None) -> dict:
@@ -682,7 +681,7 @@ def test_a_timer_whose_runs_never_finish_is_dead_lettered_and_retry_resets_it(
     for n in range(1, MAX + 1):
         [row] = claim(app, f"relay#{n}", "timer")
         # the start guard ran and then the worker died before recording anything
-        started = app.store.start_timer(row.id, row.token, f"run-{n}", lease_seconds=60)
+        started = app.store.start("timer", row.id, row.token, f"run-{n}", lease_seconds=60)
         assert started is not None and started.attempts == n - 1
         expire_leases(db, "timers")
 

@@ -510,7 +510,7 @@ def test_database_down_when_execute_is_called(port: int | None) -> None:
             lambda: service.execute_dynamic(T, {"type": "Ping", "id": "wf-1"}),
             lambda: service.list_workflows(),
             lambda: service.fetch_latest_state(TestWorkflow, "wf-1"),
-            lambda: store.claim_effects("w", [T], lease_seconds=30, max_attempts=3),
+            lambda: store.claim("effect", "w", [T], lease_seconds=30, max_attempts=3),
         ):
             started = time.monotonic()
             with pytest.raises(DatabaseUnavailable) as info:

@@ -151,7 +151,8 @@ def test_a_stale_row_in_a_batch_is_skipped(store: PostgresStore, db, size: int) 
     b4 = f"b4-{size}"
     with batch_app(store) as app:
         app.service.execute(Go(id=b4, jobs=["ok", "ok", "ok"]))
-        claimed = store.claim_effects(
+        claimed = store.claim(
+            "effect",
             "test-claim#1",
             [WT],
             lease_seconds=60,

@@ -46,8 +46,7 @@ def make_app(store: PostgresStore, handler: Any) -> TestApp:
 
 
 def claim(app: TestApp, token: str, kind: str) -> list[ClaimedRow]:
-    fn = app.store.claim_effects if kind == "effect" else app.store.claim_timers
-    return fn(token, [T], lease_seconds=60, max_attempts=MAX, limit=10)
+    return app.store.claim(kind, token, [T], lease_seconds=60, max_attempts=MAX, limit=10)
 
 
 def one_row(db: sa.Engine, table: str, row_id: Any) -> Any:
@@ -96,7 +95,7 @@ def test_a_timer_dead_letter_revived_by_ironflow_is_claimed_and_processed(
     # Every run dies before recording an outcome: the last start guard dead-letters it.
     for n in range(1, MAX + 1):
         [row] = claim(app, f"relay#{n}", "timer")
-        assert app.store.start_timer(row.id, row.token, f"run-{n}", lease_seconds=60)
+        assert app.store.start("timer", row.id, row.token, f"run-{n}", lease_seconds=60)
         execute(db, "UPDATE ironflow.timers SET locked_until = now() - interval '1 second'")
     [last] = claim(app, "relay#last", "timer")
     ref = f"{T}:timer-revived"

@@ -234,8 +234,8 @@ def snapshot(db: sa.Engine) -> list[Any]:
 
 
 def claim(app: TestApp, token: str, kind: str = "effect") -> list[Any]:
-    fn = app.store.claim_effects if kind == "effect" else app.store.claim_timers
-    return fn(
+    return app.store.claim(
+        kind,
         token,
         [CancellableOrder.type, BrokenOnCancel.type],
         lease_seconds=30,
@@ -323,13 +323,13 @@ def test_cancel_refusals_change_nothing(app, db):
     assert snapshot(db) == before
     # running: the handler started under a live lease
     [claimed] = claim(app, "relay#1")
-    app.store.start_effect(effect, claimed.token, "relay#1>w:1", lease_seconds=30)
+    app.store.start("effect", effect, claimed.token, "relay#1>w:1", lease_seconds=30)
     before = snapshot(db)
     running = cx.cancel_effect(app.runtime, effect, "too late")
     assert running.reason == "running" and "running" in running.message
     assert snapshot(db) == before
     # processed (or cancelled before): already_processed, with when and why
-    assert app.store.mark_processed(effect, "relay#1>w:1")
+    assert app.store.record_processed("effect", effect, "relay#1>w:1")
     done = cx.cancel_effect(app.runtime, effect, "too late")
     assert done.reason == "already_processed" and "processed at" in done.message
     assert row(db, "effect", effect).discarded_at is None  # still plainly processed
@@ -387,8 +387,8 @@ def test_cancel_instance_closes_open_effects_and_timers_and_delivers_on_cancel(a
     effects, timer = place(app, "o-1", charges=3)
     # one effect already ran, one is a dead letter: the dead letter is closed too
     [first, *_] = claim(app, "relay#1")
-    app.store.start_effect(first.id, first.token, "relay#1>w:1", lease_seconds=30)
-    assert app.store.mark_processed(first.id, "relay#1>w:1")
+    app.store.start("effect", first.id, first.token, "relay#1>w:1", lease_seconds=30)
+    assert app.store.record_processed("effect", first.id, "relay#1>w:1")
     with db.begin() as conn:
         conn.execute(
             sa.text(
@@ -428,7 +428,7 @@ def test_cancel_instance_refusals_change_nothing(app, db):
     missing = cx.cancel_instance(app.runtime, "cx_order", "nope", "x")
     assert missing.reason == "not_found" and "cx_order:nope" in missing.message
     [claimed] = claim(app, "relay#1")
-    app.store.start_effect(effect, claimed.token, "relay#1>w:1", lease_seconds=30)
+    app.store.start("effect", effect, claimed.token, "relay#1>w:1", lease_seconds=30)
     before = snapshot(db)
     running = cx.cancel_instance(app.runtime, "cx_order", "o-1", "x")
     assert running.reason == "running" and running.running == (effect,)
@@ -449,7 +449,7 @@ def test_cancel_instance_refusals_change_nothing(app, db):
 def test_revoke_rules_terminated_own_run_running_elsewhere_and_finished(app, db):
     [a, b], _ = place(app, "o-1", charges=2)
     [ca, cb] = claim(app, "relay#1")
-    app.store.start_effect(a, ca.token, f"{ca.token}>w:1", lease_seconds=30)
+    app.store.start("effect", a, ca.token, f"{ca.token}>w:1", lease_seconds=30)
     # a plain revoke of a row running under another delivery leaves it to finish
     assert cx.revoke_row(app.runtime, "effect", a, lease="relay#0").reason == "running"
     assert row(db, "effect", a).processed_at is None
@@ -458,8 +458,8 @@ def test_revoke_rules_terminated_own_run_running_elsewhere_and_finished(app, db)
     assert killed.ok
     assert_cancelled(db, "effect", a, "revoked: celery control revoke --terminate (signal 15)")
     # a finished row is left alone; an unknown id too
-    app.store.start_effect(b, cb.token, f"{cb.token}>w:2", lease_seconds=30)
-    assert app.store.mark_processed(b, f"{cb.token}>w:2")
+    app.store.start("effect", b, cb.token, f"{cb.token}>w:2", lease_seconds=30)
+    assert app.store.record_processed("effect", b, f"{cb.token}>w:2")
     assert cx.revoke_row(app.runtime, "effect", b, lease=cb.token).reason == "already_processed"
     assert row(db, "effect", b).discarded_at is None
     assert cx.revoke_row(app.runtime, "effect", uuid.uuid4()).reason == "not_found"

@@ -51,7 +51,7 @@ def test_claims_carry_the_effect_type_and_when_the_row_became_due(
     app = TestApp(store)
     app.service.execute(Start(id="c1", mode=Mode(mode="RouteResult")))
     execute(db, "UPDATE ironflow.outbox SET created_at = now() - interval '1 hour'")
-    [row] = store.claim_effects("relay#1", [T], lease_seconds=30, max_attempts=3)
+    [row] = store.claim("effect", "relay#1", [T], lease_seconds=30, max_attempts=3)
     assert row.effect_type == "Process"
     assert row.due_at == row.created_at  # never attempted: due since its creation
 
@@ -61,7 +61,7 @@ def test_claims_carry_the_effect_type_and_when_the_row_became_due(
         "UPDATE ironflow.outbox SET attempts = 1, locked_by = 'run',"
         " locked_until = now() - interval '2 seconds'",
     )
-    [retry] = store.claim_effects("relay#2", [T], lease_seconds=30, max_attempts=3)
+    [retry] = store.claim("effect", "relay#2", [T], lease_seconds=30, max_attempts=3)
     age = scalar(db, "SELECT EXTRACT(EPOCH FROM now() - created_at) FROM ironflow.outbox")
     waited = scalar(
         db, "SELECT EXTRACT(EPOCH FROM now() - CAST(:due AS timestamptz))", due=retry.due_at
@@ -69,7 +69,7 @@ def test_claims_carry_the_effect_type_and_when_the_row_became_due(
     assert age > 3500 and 1.5 < waited < 60
 
     timer_id = insert_timer(db, T, "c1", {"type": "Ping", "id": "c1"}, delay=-5)
-    [timer] = store.claim_timers("relay#3", [T], lease_seconds=30, max_attempts=3)
+    [timer] = store.claim("timer", "relay#3", [T], lease_seconds=30, max_attempts=3)
     assert timer.id == timer_id and timer.effect_type == "Ping" and timer.due_at == timer.fire_at
     app.stop()
 
@@ -88,7 +88,7 @@ def test_task_metrics_are_labelled_with_the_registered_effect_type_only(
     deadline = time.monotonic() + 60
     finals = 0
     while finals < 2 and time.monotonic() < deadline:
-        for row in store.claim_effects("relay", [T], lease_seconds=30, max_attempts=3, limit=5):
+        for row in store.claim("effect", "relay", [T], lease_seconds=30, max_attempts=3, limit=5):
             ref = f"{row.workflow_type}:{row.workflow_id}"
             result = run_effect(app.runtime, ref, str(row.id), row.attempts + 1, row.token)
             finals += result["status"] != "failed-will-retry"

@@ -42,8 +42,8 @@ def test_a_handler_error_with_nul_or_surrogate_text_is_recorded(
     ]
     for status, error in expected:
         execute_after_backoff(db)
-        [row] = app.store.claim_effects(
-            f"relay#{status}", [T], lease_seconds=60, max_attempts=3, limit=1
+        [row] = app.store.claim(
+            "effect", f"relay#{status}", [T], lease_seconds=60, max_attempts=3, limit=1
         )
         result = run_effect(app.runtime, f"{T}:err", str(row.id), row.attempts + 1, row.token)
         assert result["status"] == status, result

@@ -30,8 +30,7 @@ MAX = 3
 
 
 def claim(app: TestApp, kind: str, token: str) -> list[ClaimedRow]:
-    fn = app.store.claim_effects if kind == "effect" else app.store.claim_timers
-    return fn(token, [T], lease_seconds=30, max_attempts=MAX, limit=10)
+    return app.store.claim(kind, token, [T], lease_seconds=30, max_attempts=MAX, limit=10)
 
 
 def run_until_final(app: TestApp, kind: str = "effect", timeout: float = 60) -> list[dict]:

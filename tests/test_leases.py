@@ -172,7 +172,7 @@ def test_back_pressure_counts_the_rows_that_wait_to_start(
     assert len(relay.in_flight) == 3
     first = relay.publish.published[0]
     token = relay.in_flight[first].token
-    started = store.start_effect(first, token, "run-token", lease_seconds=60)
+    started = store.start("effect", first, token, "run-token", lease_seconds=60)
     assert started is not None
     assert relay.capacity() == 1
     time.sleep(2 * LEASE)  # two leases: the waiting two keep their places

@@ -58,7 +58,8 @@ def make_app(store: PostgresStore, size: int, handler: Any = handle_job, **confi
 
 
 def claim(app: TestApp) -> list[ClaimedRow]:
-    return app.store.claim_effects(
+    return app.store.claim(
+        "effect",
         f"relay#{uuid.uuid4().hex[:6]}",
         [WT],
         lease_seconds=60,

@@ -183,7 +183,8 @@ def test_concurrent_claimers_never_exceed_the_limit(store: PostgresStore, db: sa
             held: list[tuple[uuid.UUID, str]] = []
             for round_ in range(40):
                 token = f"{name}#{round_}"
-                got = store.claim_effects(
+                got = store.claim(
+                    "effect",
                     token,
                     [wt],
                     lease_seconds=LEASE,
@@ -202,7 +203,7 @@ def test_concurrent_claimers_never_exceed_the_limit(store: PostgresStore, db: sa
                 done, held = held[:k], held[k:]
                 if done:
                     for row_id, held_by in done:
-                        store.mark_processed(row_id, held_by)
+                        store.record_processed("effect", row_id, held_by)
         except BaseException as exc:  # reported by the main thread
             failures.append(exc)
 
@@ -228,13 +229,25 @@ def test_limited_and_unlimited_types_in_one_claim(store: PostgresStore, db: sa.E
     _insert_effects(db, "policy_free", 10)
     types = ["policy_free", "policy_limited"]
     limits = {"policy_limited": 2}
-    got = store.claim_effects(
-        "a", types, lease_seconds=LEASE, max_attempts=5, limit=50, concurrency_limits=limits
+    got = store.claim(
+        "effect",
+        "a",
+        types,
+        lease_seconds=LEASE,
+        max_attempts=5,
+        limit=50,
+        concurrency_limits=limits,
     )
     by_type = {t: sum(1 for r in got if r.workflow_type == t) for t in types}
     assert by_type == {"policy_free": 10, "policy_limited": 2}
-    again = store.claim_effects(
-        "b", types, lease_seconds=LEASE, max_attempts=5, limit=50, concurrency_limits=limits
+    again = store.claim(
+        "effect",
+        "b",
+        types,
+        lease_seconds=LEASE,
+        max_attempts=5,
+        limit=50,
+        concurrency_limits=limits,
     )
     assert again == []
     # a lease that ran out (a dead relay) no longer counts: its row and one more are claimable
@@ -244,16 +257,30 @@ def test_limited_and_unlimited_types_in_one_claim(store: PostgresStore, db: sa.E
         "UPDATE ironflow.outbox SET locked_until = now() - interval '1 second' WHERE id = :id",
         id=expired,
     )
-    third = store.claim_effects(
-        "c", types, lease_seconds=LEASE, max_attempts=5, limit=50, concurrency_limits=limits
+    third = store.claim(
+        "effect",
+        "c",
+        types,
+        lease_seconds=LEASE,
+        max_attempts=5,
+        limit=50,
+        concurrency_limits=limits,
     )
     assert len(third) == 1
     # a row failed into backoff holds no lease either (the one "a" still holds: which row
     # "c" took, the expired one or a fresh one, is up to the claim order)
     row = next(r for r in got if r.workflow_type == "policy_limited" and r.id != expired)
-    assert store.record_failure(row.id, "a", "boom", backoff_seconds=60) is not None
-    fourth = store.claim_effects(
-        "d", types, lease_seconds=LEASE, max_attempts=5, limit=50, concurrency_limits=limits
+    assert (
+        store.record_failed_attempt("effect", row.id, "a", "boom", backoff_seconds=60) is not None
+    )
+    fourth = store.claim(
+        "effect",
+        "d",
+        types,
+        lease_seconds=LEASE,
+        max_attempts=5,
+        limit=50,
+        concurrency_limits=limits,
     )
     assert len(fourth) == 1 and fourth[0].id != row.id
 
@@ -367,7 +394,8 @@ def test_per_type_max_attempts_dead_letters_each_at_its_own_limit(
     }
     letters = runtime.fetch_dead_letters()
     assert [d.workflow.workflow_type for d in letters] == ["policy_strict"]
-    claimed = store.claim_effects(
+    claimed = store.claim(
+        "effect",
         "x",
         ["policy_strict", "policy_lenient"],
         lease_seconds=LEASE,

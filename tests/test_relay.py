@@ -121,7 +121,7 @@ def test_batch_claim_takes_due_rows_in_order_under_one_lease_token(
     expected = [due[1], due[3], due[2], due[4], due[0], *sorted(tie)]
 
     # the claim statement orders and limits in SQL: the 3 oldest
-    first = store.claim_effects("tok-1", TYPES, lease_seconds=60, max_attempts=3, limit=3)
+    first = store.claim("effect", "tok-1", TYPES, lease_seconds=60, max_attempts=3, limit=3)
     assert [r.id for r in first] == expected[:3]
     assert {r.token for r in first} == {"tok-1"}
 
@@ -344,8 +344,8 @@ def test_two_relay_groups_never_claim_the_same_row(store: PostgresStore, db: sa.
 def test_unregistered_type_is_never_claimed(store: PostgresStore, db: sa.Engine) -> None:
     """Rows of a type this deployment does not register are invisible to its claims."""
     ghosts = [insert_effect(db, "ghost_type", f"g{i}", {"type": "Boo"}) for i in range(3)]
-    assert store.claim_effects("t", TYPES, lease_seconds=60, max_attempts=3, limit=10) == []
-    assert store.claim_effects("t", [], lease_seconds=60, max_attempts=3, limit=10) == []
+    assert store.claim("effect", "t", TYPES, lease_seconds=60, max_attempts=3, limit=10) == []
+    assert store.claim("effect", "t", [], lease_seconds=60, max_attempts=3, limit=10) == []
     with running_app(store) as app:
         app.service.execute(Ping(id="p"))  # keeps the relay busy with something real
         app.service.execute(Start(id="s", mode=Mode(mode="RouteResult")))

@@ -172,7 +172,7 @@ def test_a_dead_relays_lease_is_reclaimed_when_it_runs_out(
     """A row claimed by a relay that died comes back when its lease ends: the idle relay
     learnt that time (its next-due look) and sleeps until then, not the safety poll."""
     row = insert_effect(db, T, "orphan", FIRE_AND_FORGET)
-    [claimed] = store.claim_effects("dead-relay#1", [T], lease_seconds=2.0, max_attempts=5)
+    [claimed] = store.claim("effect", "dead-relay#1", [T], lease_seconds=2.0, max_attempts=5)
     assert claimed.id == row
     config = RuntimeConfig(effect_poll_interval=SLOW_POLL, timer_poll_interval=SLOW_POLL)
     published: list[uuid.UUID] = []

@@ -348,10 +348,10 @@ def test_schedule_timer_with_key_replaces_existing(store: PostgresStore, db: sa.
 
 def test_schedule_timer_with_key_resets_retry_state(store: PostgresStore, db: sa.Engine) -> None:
     add_timers(store, "wf-1", TimerSpec(0, {"type": "Timeout", "n": 1}, "hb"))
-    (claimed,) = store.claim_timers("w1", [T], lease_seconds=LEASE, max_attempts=MAX)
-    assert store.record_timer_failure(claimed.id, "w1", "boom", backoff_seconds=0) == 1
+    (claimed,) = store.claim("timer", "w1", [T], lease_seconds=LEASE, max_attempts=MAX)
+    assert store.record_failed_attempt("timer", claimed.id, "w1", "boom", backoff_seconds=0) == 1
     expire_lease(db, "timers", claimed.id)
-    (again,) = store.claim_timers("w2", [T], lease_seconds=LEASE, max_attempts=MAX)
+    (again,) = store.claim("timer", "w2", [T], lease_seconds=LEASE, max_attempts=MAX)
     r = row(db, "SELECT attempts, last_error, locked_by, locked_until FROM ironflow.timers")
     assert (r.attempts, r.last_error, r.locked_by) == (1, "boom", "w2")
     assert r.locked_until is not None
@@ -368,11 +368,11 @@ def test_schedule_timer_with_key_resets_retry_state(store: PostgresStore, db: sa
 
 def test_mark_timer_processed_skips_rescheduled_timer(store: PostgresStore, db: sa.Engine) -> None:
     add_timers(store, "wf-1", TimerSpec(0, {"type": "Heartbeat"}, "hb"))
-    (claimed,) = store.claim_timers("worker", [T], lease_seconds=LEASE, max_attempts=MAX)
+    (claimed,) = store.claim("timer", "worker", [T], lease_seconds=LEASE, max_attempts=MAX)
 
     # The fired timer's decision re-arms the same key (heartbeat pattern).
     add_timers(store, "wf-1", TimerSpec(3600, {"type": "Heartbeat"}, "hb"))
-    assert store.mark_timer_processed(claimed.id, "worker") is False
+    assert store.record_processed("timer", claimed.id, "worker") is False
 
     r = row(
         db,
@@ -435,9 +435,9 @@ def test_effect_permanent_failure_dead_letters_immediately(
     store: PostgresStore, db: sa.Engine
 ) -> None:
     add_effects(store, "wf-1", {"type": "Process"})
-    (claimed,) = store.claim_effects("w", [T], lease_seconds=LEASE, max_attempts=MAX)
+    (claimed,) = store.claim("effect", "w", [T], lease_seconds=LEASE, max_attempts=MAX)
 
-    attempts = store.record_permanent_failure(claimed.id, "w", "fatal", max_attempts=MAX)
+    attempts = store.record_dead_letter("effect", claimed.id, "w", "fatal", max_attempts=MAX)
 
     assert attempts == MAX
     assert dead_letter_count(db, "outbox") == 1
@@ -445,32 +445,32 @@ def test_effect_permanent_failure_dead_letters_immediately(
     assert (r.attempts, r.last_error, r.locked_by, r.locked_until) == (MAX, "fatal", None, None)
     assert r.processed_at is None
     assert r.dead_lettered_at is not None
-    assert store.claim_effects("w", [T], lease_seconds=LEASE, max_attempts=MAX) == []
+    assert store.claim("effect", "w", [T], lease_seconds=LEASE, max_attempts=MAX) == []
     # Explicitly dead-lettered: a reader configured with more attempts does not revive it.
-    assert store.claim_effects("w", [T], lease_seconds=LEASE, max_attempts=MAX + 10) == []
+    assert store.claim("effect", "w", [T], lease_seconds=LEASE, max_attempts=MAX + 10) == []
 
 
 def test_timer_dead_letter_queries_and_retry(store: PostgresStore, db: sa.Engine) -> None:
     add_timers(store, "wf-1", TimerSpec(0, {"type": "Timeout"}))
     timer_id = None
     for attempt in range(1, MAX + 1):
-        (claimed,) = store.claim_timers("w", [T], lease_seconds=LEASE, max_attempts=MAX)
+        (claimed,) = store.claim("timer", "w", [T], lease_seconds=LEASE, max_attempts=MAX)
         timer_id = claimed.id
         assert claimed.attempts == attempt - 1
-        assert store.record_timer_failure(claimed.id, "w", f"e{attempt}", backoff_seconds=0) == (
-            attempt
-        )
+        assert store.record_failed_attempt(
+            "timer", claimed.id, "w", f"e{attempt}", backoff_seconds=0
+        ) == (attempt)
         expire_lease(db, "timers", claimed.id)
 
     assert dead_letter_count(db, "timers") == 1
     assert dead_letter_count(db, "timers", wt=T) == 1
     assert dead_letter_count(db, "timers", wt=OTHER) == 0
-    assert store.claim_timers("w", [T], lease_seconds=LEASE, max_attempts=MAX) == []
+    assert store.claim("timer", "w", [T], lease_seconds=LEASE, max_attempts=MAX) == []
 
     assert retry_dead_letter(db, "timers", timer_id) is True
     assert q(db, "SELECT attempts FROM ironflow.timers") == 0
     assert dead_letter_count(db, "timers") == 0
-    (claimed,) = store.claim_timers("w", [T], lease_seconds=LEASE, max_attempts=MAX)
+    (claimed,) = store.claim("timer", "w", [T], lease_seconds=LEASE, max_attempts=MAX)
     assert claimed.id == timer_id
     assert claimed.attempts == 0
 
@@ -574,7 +574,7 @@ def test_begin_returns_completed_for_completed_workflow(
 def test_claim_effect_returns_pending_effect(store: PostgresStore, db: sa.Engine) -> None:
     add_effects(store, "wf-1", {"type": "Notify", "message": "hello"})
 
-    (claimed,) = store.claim_effects("worker-1", [T], lease_seconds=LEASE, max_attempts=MAX)
+    (claimed,) = store.claim("effect", "worker-1", [T], lease_seconds=LEASE, max_attempts=MAX)
 
     assert (claimed.workflow_type, claimed.workflow_id) == (T, "wf-1")
     assert claimed.attempts == 0
@@ -585,7 +585,7 @@ def test_claim_effect_returns_pending_effect(store: PostgresStore, db: sa.Engine
         " FROM ironflow.outbox",
     )
     assert (r.locked_by, r.leased) == ("worker-1", True)
-    started = store.start_effect(claimed.id, "worker-1", "run-1", lease_seconds=LEASE)
+    started = store.start("effect", claimed.id, "worker-1", "run-1", lease_seconds=LEASE)
     assert started is not None
     assert started.payload == {"type": "Notify", "message": "hello"}
     assert started.attempts == 0
@@ -593,46 +593,49 @@ def test_claim_effect_returns_pending_effect(store: PostgresStore, db: sa.Engine
 
 
 def test_claim_effect_returns_none_when_empty(store: PostgresStore) -> None:
-    assert store.claim_effects("w", [T], lease_seconds=LEASE, max_attempts=MAX) == []
+    assert store.claim("effect", "w", [T], lease_seconds=LEASE, max_attempts=MAX) == []
     add_effects(store, "wf-1", {"type": "Notify", "message": "m"})
-    assert store.claim_effects("w", [], lease_seconds=LEASE, max_attempts=MAX) == []
-    assert store.claim_effects("w", [OTHER], lease_seconds=LEASE, max_attempts=MAX) == []
+    assert store.claim("effect", "w", [], lease_seconds=LEASE, max_attempts=MAX) == []
+    assert store.claim("effect", "w", [OTHER], lease_seconds=LEASE, max_attempts=MAX) == []
 
 
 def test_claim_effect_respects_lock_duration(store: PostgresStore, db: sa.Engine) -> None:
     add_effects(store, "wf-1", {"type": "Notify", "message": "m"})
-    (claimed,) = store.claim_effects("worker-a", [T], lease_seconds=LEASE, max_attempts=MAX)
+    (claimed,) = store.claim("effect", "worker-a", [T], lease_seconds=LEASE, max_attempts=MAX)
 
-    assert store.claim_effects("worker-b", [T], lease_seconds=LEASE, max_attempts=MAX) == []
+    assert store.claim("effect", "worker-b", [T], lease_seconds=LEASE, max_attempts=MAX) == []
 
     expire_lease(db, "outbox", claimed.id)  # the lease ran out (worker-a crashed)
-    (reclaimed,) = store.claim_effects("worker-b", [T], lease_seconds=LEASE, max_attempts=MAX)
+    (reclaimed,) = store.claim("effect", "worker-b", [T], lease_seconds=LEASE, max_attempts=MAX)
     assert reclaimed.id == claimed.id
     assert q(db, "SELECT locked_by FROM ironflow.outbox") == "worker-b"
 
 
 def test_mark_processed_removes_effect_from_queue(store: PostgresStore, db: sa.Engine) -> None:
     add_effects(store, "wf-1", {"type": "Notify", "message": "m"})
-    (claimed,) = store.claim_effects("w", [T], lease_seconds=LEASE, max_attempts=MAX)
+    (claimed,) = store.claim("effect", "w", [T], lease_seconds=LEASE, max_attempts=MAX)
 
-    assert store.mark_processed(claimed.id, "w") is True
+    assert store.record_processed("effect", claimed.id, "w") is True
 
     r = row(db, "SELECT processed_at, locked_by, locked_until FROM ironflow.outbox")
     assert r.processed_at is not None
     assert r.locked_by is r.locked_until is None
     expire_lease(db, "outbox", claimed.id)
-    assert store.claim_effects("w", [T], lease_seconds=LEASE, max_attempts=MAX) == []
+    assert store.claim("effect", "w", [T], lease_seconds=LEASE, max_attempts=MAX) == []
 
 
 def test_record_failure_increments_attempts_and_schedules_retry(
     store: PostgresStore, db: sa.Engine
 ) -> None:
     add_effects(store, "wf-1", {"type": "Notify", "message": "m"})
-    (claimed,) = store.claim_effects("w", [T], lease_seconds=LEASE, max_attempts=MAX)
+    (claimed,) = store.claim("effect", "w", [T], lease_seconds=LEASE, max_attempts=MAX)
 
     backoff = 5.0
     t0 = q(db, "SELECT clock_timestamp()")
-    assert store.record_failure(claimed.id, "w", "smtp down", backoff_seconds=backoff) == 1
+    assert (
+        store.record_failed_attempt("effect", claimed.id, "w", "smtp down", backoff_seconds=backoff)
+        == 1
+    )
     t1 = q(db, "SELECT clock_timestamp()")
 
     r = row(
@@ -642,59 +645,67 @@ def test_record_failure_increments_attempts_and_schedules_retry(
     assert (r.attempts, r.last_error, r.locked_by, r.processed_at) == (1, "smtp down", None, None)
     # The backoff lives in locked_until: the failure's now() + backoff.
     assert t0 + timedelta(seconds=backoff) <= r.locked_until <= t1 + timedelta(seconds=backoff)
-    assert store.claim_effects("w", [T], lease_seconds=LEASE, max_attempts=MAX) == []
+    assert store.claim("effect", "w", [T], lease_seconds=LEASE, max_attempts=MAX) == []
 
     expire_lease(db, "outbox", claimed.id)  # the backoff elapsed
-    (again,) = store.claim_effects("w", [T], lease_seconds=LEASE, max_attempts=MAX)
+    (again,) = store.claim("effect", "w", [T], lease_seconds=LEASE, max_attempts=MAX)
     assert (again.id, again.attempts) == (claimed.id, 1)
 
 
 def test_record_failure_skips_stale_claim(store: PostgresStore, db: sa.Engine) -> None:
     add_effects(store, "wf-1", {"type": "Notify", "message": "m"})
-    (stale,) = store.claim_effects("worker-a", [T], lease_seconds=LEASE, max_attempts=MAX)
+    (stale,) = store.claim("effect", "worker-a", [T], lease_seconds=LEASE, max_attempts=MAX)
     expire_lease(db, "outbox", stale.id)
-    (fresh,) = store.claim_effects("worker-b", [T], lease_seconds=LEASE, max_attempts=MAX)
+    (fresh,) = store.claim("effect", "worker-b", [T], lease_seconds=LEASE, max_attempts=MAX)
     assert fresh.id == stale.id
 
-    assert store.record_failure(stale.id, "worker-a", "late", backoff_seconds=5) is None
-    assert store.mark_processed(stale.id, "worker-a") is False
-    assert store.record_permanent_failure(stale.id, "worker-a", "late", max_attempts=MAX) is None
-    assert store.start_effect(stale.id, "worker-a", "run-a", lease_seconds=LEASE) is None
+    assert (
+        store.record_failed_attempt("effect", stale.id, "worker-a", "late", backoff_seconds=5)
+        is None
+    )
+    assert store.record_processed("effect", stale.id, "worker-a") is False
+    assert (
+        store.record_dead_letter("effect", stale.id, "worker-a", "late", max_attempts=MAX) is None
+    )
+    assert store.start("effect", stale.id, "worker-a", "run-a", lease_seconds=LEASE) is None
 
     r = row(db, "SELECT * FROM ironflow.outbox")
     assert r.attempts == 0
     assert r.locked_by == "worker-b"
     assert r.last_error is r.processed_at is r.dead_lettered_at is None
     # The current holder is unaffected.
-    assert store.mark_processed(fresh.id, "worker-b") is True
+    assert store.record_processed("effect", fresh.id, "worker-b") is True
 
 
 def test_retry_dead_letter_resets_attempts(store: PostgresStore, db: sa.Engine) -> None:
     add_effects(store, "wf-1", {"type": "Process"})
     effect_id = None
     for attempt in range(1, MAX + 1):
-        (claimed,) = store.claim_effects("w", [T], lease_seconds=LEASE, max_attempts=MAX)
+        (claimed,) = store.claim("effect", "w", [T], lease_seconds=LEASE, max_attempts=MAX)
         effect_id = claimed.id
-        assert store.record_failure(claimed.id, "w", "boom", backoff_seconds=0) == attempt
+        assert (
+            store.record_failed_attempt("effect", claimed.id, "w", "boom", backoff_seconds=0)
+            == attempt
+        )
         expire_lease(db, "outbox", claimed.id)
     assert dead_letter_count(db, "outbox") == 1
-    assert store.claim_effects("w", [T], lease_seconds=LEASE, max_attempts=MAX) == []
+    assert store.claim("effect", "w", [T], lease_seconds=LEASE, max_attempts=MAX) == []
 
     assert retry_dead_letter(db, "outbox", effect_id) is True
 
     assert q(db, "SELECT attempts FROM ironflow.outbox") == 0
     assert dead_letter_count(db, "outbox") == 0
-    (claimed,) = store.claim_effects("w", [T], lease_seconds=LEASE, max_attempts=MAX)
+    (claimed,) = store.claim("effect", "w", [T], lease_seconds=LEASE, max_attempts=MAX)
     assert (claimed.id, claimed.attempts) == (effect_id, 0)
 
 
 def test_count_dead_letters_returns_correct_count(store: PostgresStore, db: sa.Engine) -> None:
     add_effects(store, "wf-1", *({"type": "Notify", "message": str(i)} for i in range(3)))
     add_effects(store, "wf-2", {"type": "Notify", "message": "healthy"})
-    claimed = store.claim_effects("w", [T], lease_seconds=LEASE, max_attempts=MAX, limit=3)
+    claimed = store.claim("effect", "w", [T], lease_seconds=LEASE, max_attempts=MAX, limit=3)
     assert [c.workflow_id for c in claimed] == ["wf-1"] * 3
     for c in claimed:
-        assert store.record_permanent_failure(c.id, "w", "fatal", max_attempts=MAX) == MAX
+        assert store.record_dead_letter("effect", c.id, "w", "fatal", max_attempts=MAX) == MAX
 
     assert dead_letter_count(db, "outbox") == 3
     assert dead_letter_count(db, "outbox", wt=T) == 3
@@ -708,40 +719,43 @@ def test_count_dead_letters_returns_correct_count(store: PostgresStore, db: sa.E
 def test_claim_timer_returns_due_timer(store: PostgresStore, db: sa.Engine) -> None:
     add_timers(store, "wf-1", TimerSpec(0, {"type": "Timeout", "id": "wf-1"}, "timeout"))
 
-    (claimed,) = store.claim_timers("worker", [T], lease_seconds=LEASE, max_attempts=MAX)
+    (claimed,) = store.claim("timer", "worker", [T], lease_seconds=LEASE, max_attempts=MAX)
 
     assert (claimed.workflow_type, claimed.workflow_id, claimed.attempts) == (T, "wf-1", 0)
     assert claimed.fire_at is not None
     assert q(db, "SELECT locked_by FROM ironflow.timers") == "worker"
-    started = store.start_timer(claimed.id, "worker", "run-1", lease_seconds=LEASE)
+    started = store.start("timer", claimed.id, "worker", "run-1", lease_seconds=LEASE)
     assert started is not None
     assert started.payload == {"type": "Timeout", "id": "wf-1"}
     assert started.key == "timeout"
-    assert store.claim_timers("other", [T], lease_seconds=LEASE, max_attempts=MAX) == []
+    assert store.claim("timer", "other", [T], lease_seconds=LEASE, max_attempts=MAX) == []
 
 
 def test_claim_timer_returns_none_for_future_timer(store: PostgresStore) -> None:
     add_timers(store, "wf-1", TimerSpec(3600, {"type": "Timeout"}))
-    assert store.claim_timers("w", [T], lease_seconds=LEASE, max_attempts=MAX) == []
+    assert store.claim("timer", "w", [T], lease_seconds=LEASE, max_attempts=MAX) == []
 
 
 def test_mark_timer_processed_removes_from_queue(store: PostgresStore, db: sa.Engine) -> None:
     add_timers(store, "wf-1", TimerSpec(0, {"type": "Timeout"}))
-    (claimed,) = store.claim_timers("w", [T], lease_seconds=LEASE, max_attempts=MAX)
+    (claimed,) = store.claim("timer", "w", [T], lease_seconds=LEASE, max_attempts=MAX)
 
-    assert store.mark_timer_processed(claimed.id, "w") is True
+    assert store.record_processed("timer", claimed.id, "w") is True
 
     r = row(db, "SELECT processed_at, locked_by, locked_until FROM ironflow.timers")
     assert r.processed_at is not None
     assert r.locked_by is r.locked_until is None
-    assert store.claim_timers("w", [T], lease_seconds=LEASE, max_attempts=MAX) == []
+    assert store.claim("timer", "w", [T], lease_seconds=LEASE, max_attempts=MAX) == []
 
 
 def test_record_timer_failure_increments_attempts(store: PostgresStore, db: sa.Engine) -> None:
     add_timers(store, "wf-1", TimerSpec(0, {"type": "Timeout"}))
-    (claimed,) = store.claim_timers("w", [T], lease_seconds=LEASE, max_attempts=MAX)
+    (claimed,) = store.claim("timer", "w", [T], lease_seconds=LEASE, max_attempts=MAX)
 
-    assert store.record_timer_failure(claimed.id, "w", "replay failed", backoff_seconds=60) == 1
+    assert (
+        store.record_failed_attempt("timer", claimed.id, "w", "replay failed", backoff_seconds=60)
+        == 1
+    )
 
     r = row(
         db,
@@ -755,26 +769,29 @@ def test_record_timer_failure_increments_attempts(store: PostgresStore, db: sa.E
         None,
     )
     assert r.backing_off
-    assert store.claim_timers("w", [T], lease_seconds=LEASE, max_attempts=MAX) == []
+    assert store.claim("timer", "w", [T], lease_seconds=LEASE, max_attempts=MAX) == []
 
 
 def test_record_timer_failure_skips_stale_claim(store: PostgresStore, db: sa.Engine) -> None:
     add_timers(store, "wf-1", TimerSpec(0, {"type": "Timeout"}))
-    (stale,) = store.claim_timers("worker-a", [T], lease_seconds=LEASE, max_attempts=MAX)
+    (stale,) = store.claim("timer", "worker-a", [T], lease_seconds=LEASE, max_attempts=MAX)
     expire_lease(db, "timers", stale.id)
-    (fresh,) = store.claim_timers("worker-b", [T], lease_seconds=LEASE, max_attempts=MAX)
+    (fresh,) = store.claim("timer", "worker-b", [T], lease_seconds=LEASE, max_attempts=MAX)
     assert fresh.id == stale.id
 
-    assert store.record_timer_failure(stale.id, "worker-a", "late", backoff_seconds=5) is None
-    assert store.mark_timer_processed(stale.id, "worker-a") is False
-    assert store.dead_letter_timer(stale.id, "worker-a", "late", max_attempts=MAX) is None
-    assert store.start_timer(stale.id, "worker-a", "run-a", lease_seconds=LEASE) is None
+    assert (
+        store.record_failed_attempt("timer", stale.id, "worker-a", "late", backoff_seconds=5)
+        is None
+    )
+    assert store.record_processed("timer", stale.id, "worker-a") is False
+    assert store.record_dead_letter("timer", stale.id, "worker-a", "late", max_attempts=MAX) is None
+    assert store.start("timer", stale.id, "worker-a", "run-a", lease_seconds=LEASE) is None
 
     r = row(db, "SELECT * FROM ironflow.timers")
     assert r.attempts == 0
     assert r.locked_by == "worker-b"
     assert r.last_error is r.processed_at is r.dead_lettered_at is None
-    assert store.mark_timer_processed(fresh.id, "worker-b") is True
+    assert store.record_processed("timer", fresh.id, "worker-b") is True
 
 
 # -- 33-36: projections --------------------------------------------------------------------
@@ -1039,16 +1056,16 @@ def test_claims_follow_creation_order_and_registered_types(store: PostgresStore)
     add_effects(store, "wf-x", {"type": "E", "n": 0}, wt=OTHER)
     add_effects(store, "wf-2", {"type": "E", "n": 3})
 
-    claimed = store.claim_effects("w", [T], lease_seconds=LEASE, max_attempts=MAX, limit=10)
+    claimed = store.claim("effect", "w", [T], lease_seconds=LEASE, max_attempts=MAX, limit=10)
 
     assert [c.workflow_id for c in claimed] == ["wf-1", "wf-1", "wf-2"]
     payloads = [
-        store.start_effect(c.id, "w", f"run-{i}", lease_seconds=LEASE).payload["n"]  # type: ignore[union-attr]
+        store.start("effect", c.id, "w", f"run-{i}", lease_seconds=LEASE).payload["n"]  # type: ignore[union-attr]
         for i, c in enumerate(claimed)
     ]
     assert payloads == [1, 2, 3]
     # The unregistered type's row was never touched.
-    (other,) = store.claim_effects("w", [OTHER], lease_seconds=LEASE, max_attempts=MAX)
+    (other,) = store.claim("effect", "w", [OTHER], lease_seconds=LEASE, max_attempts=MAX)
     assert other.attempts == 0 and other.workflow_id == "wf-x"
 
 

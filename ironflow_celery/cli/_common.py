@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from ironflow_celery.celery_app import default_app
-from ironflow_celery.engine.runtime import runtime_of
+from ironflow_celery.engine.runtime import WorkflowRuntime, runtime_of
 from ironflow_celery.errors import ConfigurationError, InvalidText, IronflowError, StorageError
 
 __all__ = [
@@ -56,7 +56,7 @@ class Context:
         return self._app
 
     @property
-    def runtime(self) -> Any:
+    def runtime(self) -> WorkflowRuntime:
         try:
             runtime = runtime_of(self.app)
         except LookupError as exc:

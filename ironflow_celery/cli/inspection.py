@@ -11,13 +11,13 @@ from __future__ import annotations
 import json
 import sys
 from datetime import UTC, datetime
-from typing import Any
 
 import click
 
 from ironflow_celery.cli._common import EXIT_REFUSED, Context, fail
 from ironflow_celery.cli.operations import console, emit_json, human_seconds, json_option
 from ironflow_celery.cli.operations import ops_guarded as guarded
+from ironflow_celery.model.tasknames import KIND_NAMES
 from ironflow_celery.operations import inspection as ins
 
 __all__ = ["add_inspection_commands", "print_instances"]
@@ -292,13 +292,14 @@ def print_instances(
 def add_inspection_commands(group: click.Group) -> None:
     """Add ``list``/``show`` to ``effects`` and ``timers`` and ``show`` to ``workflows``
     (after those groups exist: `add_cancel_commands`)."""
-    for kind in ("effect", "timer"):
+    for kind in KIND_NAMES:
         sub = group.commands[f"{kind}s"]
         sub.add_command(_row_list_command(kind))  # type: ignore[attr-defined]
         sub.add_command(_row_show_command(kind))  # type: ignore[attr-defined]
         sub.help = f"Find, inspect and cancel {kind}s."
 
-    workflows: Any = group.commands["workflows"]
+    workflows = group.commands["workflows"]
+    assert isinstance(workflows, click.Group)  # made by add_cancel_commands
 
     @workflows.command("show")
     @click.argument("workflow_type")

@@ -78,7 +78,7 @@ def _build_group(name: str, *, with_app_option: bool) -> click.Group:
         "3 database or configuration error.",
     )
     @click.pass_context
-    def group(ctx: click.Context, app: str | None = None, **_: Any) -> None:
+    def group(ctx: click.Context, /, app: str | None = None, **_: Any) -> None:
         # Like `celery -A`, find the app and workflow modules from the current directory.
         if os.getcwd() not in sys.path:
             sys.path.insert(0, os.getcwd())
@@ -172,7 +172,7 @@ def _add_workflow_commands(group: click.Group) -> None:
             return
         if state is not None:
             fail("--state needs a WORKFLOW_TYPE", EXIT_USAGE)
-        rows = []
+        rows: list[dict[str, Any]] = []
         for registration in obj.runtime.registry:
             wf = registration.workflow
             try:

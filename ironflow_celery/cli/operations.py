@@ -26,6 +26,7 @@ from ironflow_celery.cli._common import (
 )
 from ironflow_celery.errors import ConfigurationError, InvalidText, IronflowError, StorageError
 from ironflow_celery.model.config import AttemptLimits
+from ironflow_celery.model.tasknames import KIND_NAMES
 from ironflow_celery.operations import cancel
 from ironflow_celery.operations import dead_letters as dl
 from ironflow_celery.operations.projections import projection_status
@@ -125,7 +126,7 @@ def _max_attempts(obj: Context) -> AttemptLimits:
 
 kind_option = click.option(
     "--kind",
-    type=click.Choice(["effect", "timer"]),
+    type=click.Choice(KIND_NAMES),
     default="effect",
     show_default=True,
     help="Dead-lettered effects (outbox) or timers.",
@@ -494,7 +495,7 @@ def add_cancel_commands(group: click.Group) -> None:
         cancel_row.help = (cancel_row.help or "").replace("a pending row", f"a pending {kind}")
         return cancel_row
 
-    for kind, plural in (("effect", "effects"), ("timer", "timers")):
+    for kind, plural in ((k, f"{k}s") for k in KIND_NAMES):
         sub = group.commands.get(plural)
         if sub is None:
             sub = click.Group(plural, help=f"Pending {plural}: cancel one.")
@@ -505,8 +506,9 @@ def add_cancel_commands(group: click.Group) -> None:
     if workflows is None:
         workflows = click.Group("workflows", help="Workflow instances.")
         group.add_command(workflows)
+    assert isinstance(workflows, click.Group)
 
-    @workflows.command("cancel")  # type: ignore[attr-defined]
+    @workflows.command("cancel")
     @click.argument("workflow_type")
     @click.argument("workflow_id")
     @reason_option

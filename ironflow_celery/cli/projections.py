@@ -23,7 +23,7 @@ from ironflow_celery.operations.projections import (
 __all__ = ["add_projection_commands"]
 
 
-def add_projection_commands(group: Any) -> None:
+def add_projection_commands(group: click.Group) -> None:
     """Add the ``projections`` command group (list / run / reset) to a click group."""
 
     def configured(obj: Any) -> list[Projection]:

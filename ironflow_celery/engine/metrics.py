@@ -117,7 +117,8 @@ def process_exiting(pid: int | None = None) -> None:
     if multiprocess_dir():
         from prometheus_client import multiprocess
 
-        multiprocess.mark_process_dead(pid if pid is not None else os.getpid())
+        # prometheus_client's multiprocess module has no annotations
+        multiprocess.mark_process_dead(pid if pid is not None else os.getpid())  # type: ignore[no-untyped-call]
 
 
 def relay_restarted(service: str, count: int = 1) -> None:

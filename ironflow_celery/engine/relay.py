@@ -91,7 +91,7 @@ DISPATCH_HOLD_MIN = 30.0
 
 LOST_CHECK_MAX = 15.0
 """Seconds between two looks for rows a dead worker took, at most (`Relay.release_lost`)."""
-POOLED_POLL = {"effect": 0.2, "timer": 1.0}
+POOLED_POLL = {k.name: k.pooled_poll for k in KINDS}
 """Seconds between wake-ups per kind behind a transaction pooler without a listen URL, at
 most: no NOTIFY arrives there, so the safety poll (5 s by default) would be the latency of
 new work; a claim every 0.2 s is the price (set ``ironflow_listen_url`` to avoid it)."""
@@ -172,7 +172,13 @@ def celery_publisher(
     ignore_result = results_ignored(app.conf)
 
     def send(
-        producer: Any, name: str, args: list, kwargs: dict, task_id: str, retries: int, trace: Any
+        producer: Any,
+        name: str,
+        args: list[Any],
+        kwargs: dict[str, Any],
+        task_id: str,
+        retries: int,
+        trace: Any,
     ) -> None:
         headers = tracing.headers_of(trace) if forward_traces and tracing.AVAILABLE else None
         # The row's trace is current while it is sent: the Celery instrumentation's
@@ -1123,9 +1129,7 @@ class RelayGroup:
         self.waker = Waker(
             _libpq_url(listen_url) if listen_url else url.render_as_string(hide_password=False),
             self.stop_event,
-            poll_intervals={
-                k.channel: min(k.poll_interval(config), POOLED_POLL[k.name]) for k in KINDS
-            },
+            poll_intervals={k.channel: min(k.poll_interval(config), k.pooled_poll) for k in KINDS},
             direct=bool(listen_url),
             connect_params={
                 "application_name": "ironflow_celery",
@@ -1133,9 +1137,9 @@ class RelayGroup:
             },
         )
         self.relays: list[Relay] = []
-        enabled = {EFFECT.name: effects, TIMER.name: timers}
+        disabled = {k for k, on in ((EFFECT, effects), (TIMER, timers)) if not on}
         for kind in KINDS:
-            if not enabled[kind.name]:
+            if kind in disabled:
                 continue
             count = kind.workers(config)
             for i in range(count):

@@ -30,14 +30,19 @@ import queue
 import threading
 import time
 import traceback
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, cast
+
+from kombu.utils.encoding import safe_repr as _kombu_safe_repr
 
 from ironflow_celery.model.storable import storable_text
 
 __all__ = ["REFRESH_SECONDS", "SENDER_QUEUE", "RowEvents", "WorkerEvents", "announce"]
 
 log = logging.getLogger("ironflow_celery.tasks")
+
+# kombu leaves safe_repr unannotated; it always returns a str (what Celery puts in events).
+_safe_repr = cast(Callable[[Any], str], _kombu_safe_repr)
 
 REFRESH_SECONDS = 1.0
 """How often a worker copies its current choice (task events or not) for its prefork pool
@@ -200,7 +205,6 @@ class RowEvents:
     def started(self) -> None:
         """``task-received`` and ``task-started`` for every row: what a single-row message
         would have shown when its worker took it."""
-        from kombu.utils.encoding import safe_repr
 
         request = self.task.request
         group_id = request.id
@@ -214,8 +218,8 @@ class RowEvents:
                 kwargs["due"] = row.due
             received = {
                 "name": self.task.name,
-                "args": safe_repr([row.ref, row_id, row.attempt]),
-                "kwargs": safe_repr(kwargs),
+                "args": _safe_repr([row.ref, row_id, row.attempt]),
+                "kwargs": _safe_repr(kwargs),
                 "root_id": root_id,
                 "parent_id": group_id,
                 "retries": max(0, row.attempt - 1),
@@ -230,7 +234,6 @@ class RowEvents:
         """Each row's outcome, ``(row id, state, value)``: SUCCESS with its result dict,
         RETRY with the handler's exception, FAILURE with `DeadLettered` (caused by it)."""
         from celery.utils.saferepr import saferepr
-        from kombu.utils.encoding import safe_repr
 
         events: list[tuple[str, str, dict[str, Any]]] = []
         for row_id, state, value in outcomes:
@@ -238,16 +241,15 @@ class RowEvents:
                 fields = {"result": saferepr(value, self._maxsize)}
                 events.append(("task-succeeded", row_id, fields))
                 continue
-            fields = {"exception": safe_repr(value), "traceback": _traceback(value)}
+            fields = {"exception": _safe_repr(value), "traceback": _traceback(value)}
             events.append(("task-retried" if state == "RETRY" else "task-failed", row_id, fields))
         self._send(events)
 
     def sent_back(self, exc: BaseException) -> None:
         """The group went back through the broker before any row ran (its start guard
         could not reach PostgreSQL): RETRY for every row, as the group's task shows."""
-        from kombu.utils.encoding import safe_repr
 
-        fields = {"exception": safe_repr(exc), "traceback": _traceback(exc)}
+        fields = {"exception": _safe_repr(exc), "traceback": _traceback(exc)}
         self._send([("task-retried", row_id, dict(fields)) for row_id in self.rows])
 
 

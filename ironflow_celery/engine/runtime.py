@@ -22,6 +22,7 @@ from typing import Any
 from celery.utils.imports import import_from_cwd
 
 from ironflow_celery.engine.deliveries import LostDeliveries
+from ironflow_celery.engine.host import Duty, Stopping
 from ironflow_celery.engine.metrics import Metrics
 from ironflow_celery.engine.relay import (
     Publisher,
@@ -45,7 +46,7 @@ from ironflow_celery.service.workflow_service import (
 )
 from ironflow_celery.storage import schema
 from ironflow_celery.storage.db import engine_options
-from ironflow_celery.storage.kinds import EFFECT, KINDS, TIMER
+from ironflow_celery.storage.kinds import EFFECT, KINDS, TIMER, kind_of
 from ironflow_celery.storage.store import PostgresStore
 
 __all__ = [
@@ -124,7 +125,7 @@ APP_ATTRIBUTE = "ironflow"
 def runtime_of(app: Any) -> WorkflowRuntime:
     """The runtime `ironflow_celery.install` attached to `app`."""
     runtime = getattr(app, APP_ATTRIBUTE, None)
-    if runtime is None:
+    if not isinstance(runtime, WorkflowRuntime):
         raise NotInstalled("ironflow is not installed on this Celery app: call install(app)")
     return runtime
 
@@ -159,7 +160,7 @@ class WorkflowRuntime:
         #: What a relay process does besides relaying, each ``duty(runtime, conf, shutdown)``
         #: started once its relays run: `ironflow_celery.install` adds the metrics endpoint
         #: (``ironflow_metrics_port``) and retention (``ironflow_retention_interval``).
-        self.duties: list[Callable[[WorkflowRuntime, Any, Any], Any]] = []
+        self.duties: list[Duty] = []
 
     # -- construction ---------------------------------------------------------------------
     @classmethod
@@ -207,6 +208,12 @@ class WorkflowRuntime:
             self._tasks_registered.update(fresh)
 
     # -- parts ----------------------------------------------------------------------------
+    @property
+    def has_database(self) -> bool:
+        """Whether a store can be had: one was given, or a database URL is configured (the
+        relay bootstep refuses to start without one)."""
+        return self._store is not None or bool(self.database_url)
+
     @property
     def store(self) -> PostgresStore:
         if self._store is None:
@@ -302,7 +309,7 @@ class WorkflowRuntime:
     def task_queue(self, kind: str, workflow_type: str) -> str:
         """The queue the app routes `workflow_type`'s `kind` tasks to (``"effect"`` /
         ``"timer"``; a group of rows travels in the same task as a single row)."""
-        task = (EFFECT if kind == EFFECT.name else TIMER).task_name(workflow_type)
+        task = kind_of(kind).task_name(workflow_type)
         return queue_of(self.app, task)
 
     def relay_routes(
@@ -387,7 +394,7 @@ class WorkflowRuntime:
 
     def run(
         self,
-        shutdown: Any,
+        shutdown: Stopping,
         *,
         effects: bool = True,
         timers: bool = True,
@@ -428,7 +435,7 @@ class WorkflowRuntime:
                 )
         return clean
 
-    def _start_duties(self, shutdown: Any) -> None:
+    def _start_duties(self, shutdown: Stopping) -> None:
         """A relay process's other duties (`duties`), each off unless configured."""
         conf = self.app.conf if self.app is not None else {}
         for duty in self.duties:

@@ -95,6 +95,9 @@ __all__ = [
 ]
 
 log = logging.getLogger("ironflow_celery.tasks")
+
+RowResult = dict[str, Any]
+"""What running one row returns (JSON: the Celery task's result; see `run_rows`)."""
 # The dead-letter ERROR line has its own (child) logger, which Sentry's logging integration
 # is told to ignore: the dead letter is sent to Sentry once, as a structured event
 # (`_send_dead_letter_to_sentry`), not a second time as a log line titled by its format.
@@ -287,7 +290,7 @@ def _begin(
     ref: str,
     attempt: int,
     lease: str,
-) -> StartedRow | dict:
+) -> StartedRow | RowResult:
     """The start guard every run passes first, for either kind: the started row, or the
     task's result when the delivery is stale or the row's attempts were used up by runs
     that never finished. A database it cannot reach raises `StartGuardUnavailable` (the
@@ -381,7 +384,7 @@ class Completer:
         self.kind = kind
         self.errors = errors
         self.grouped = grouped
-        self.results: dict[uuid.UUID, dict] = {}
+        self.results: dict[uuid.UUID, RowResult] = {}
         self._pending: list[Ran] = []
         self._since = 0.0
         # Held for a whole acknowledgement: the lease keeper's thread may flush while the
@@ -408,7 +411,7 @@ class Completer:
         finally:
             self._lock.release()
 
-    def finish(self) -> dict[uuid.UUID, dict]:
+    def finish(self) -> dict[uuid.UUID, RowResult]:
         """Acknowledge whatever is pending; the results of every row added."""
         with self._lock:
             self._flush()
@@ -426,7 +429,7 @@ def run_rows(
     deliveries: Sequence[Delivery],
     *,
     errors: dict[str, BaseException] | None = None,
-) -> list[dict]:
+) -> list[RowResult]:
     """The one execution path of effects and timers, for one row or a group of one type:
 
     1. start guard (one statement for the whole group; a stale row is skipped alone, with
@@ -473,7 +476,7 @@ def run_rows(
 
 def _begin_group(
     runtime: TaskHost, kind: RowKind, deliveries: Sequence[Delivery]
-) -> tuple[dict[uuid.UUID, StartedRow], dict[uuid.UUID, dict]]:
+) -> tuple[dict[uuid.UUID, StartedRow], dict[uuid.UUID, RowResult]]:
     """The start guard of a group, one statement: the started rows, and the results of
     the rows that did not start (stale, each with its reason; or exhausted by lost runs)."""
     if kind is not EFFECT:
@@ -486,7 +489,7 @@ def _begin_group(
         )
     except StorageError as exc:
         raise StartGuardUnavailable(str(exc)) from exc
-    results: dict[uuid.UUID, dict] = {}
+    results: dict[uuid.UUID, RowResult] = {}
     for (row_id, lease, _), delivery in zip(guard, deliveries, strict=True):
         row = started.get(row_id)
         if row is None:
@@ -509,7 +512,7 @@ def _work(
     errors: dict[uuid.UUID, BaseException],
     *,
     grouped: bool,
-) -> Ran | dict:
+) -> Ran | RowResult:
     """A started row's work: an effect's handler (its failure recorded here, for this row
     alone), nothing for a timer. A grouped row runs in its own span, a child of the trace
     that wrote it."""
@@ -575,12 +578,12 @@ def acknowledge(
     kind: RowKind,
     pending: Sequence[Ran],
     errors: dict[uuid.UUID, BaseException],
-) -> dict[uuid.UUID, dict]:
+) -> dict[uuid.UUID, RowResult]:
     """Acknowledge `pending` in one durable transaction: each row marked processed and
     its follow-up input (a timer's own input) executed through the service, together. A
     row whose input cannot be executed is taken out and recorded as failed, and the
     others are acknowledged again without it; a row no longer held is stale-skipped."""
-    results: dict[uuid.UUID, dict] = {}
+    results: dict[uuid.UUID, RowResult] = {}
     pending = list(pending)
     together = True
     while pending:
@@ -742,7 +745,7 @@ def run_effect(
     lease: str,
     *,
     due_at: datetime | None = None,
-) -> dict:
+) -> RowResult:
     """Run one claimed effect (`run_rows` with one row). `due_at`: when the row became
     due, as its claim said (for the dispatch metric)."""
     due = due_at.timestamp() if due_at is not None else None
@@ -757,7 +760,7 @@ def run_timer(
     lease: str,
     *,
     due_at: datetime | None = None,
-) -> dict:
+) -> RowResult:
     """Execute one due timer's input and mark it processed (`run_rows` with one row)."""
     due = due_at.timestamp() if due_at is not None else None
     return run_rows(runtime, TIMER, [Delivery(row_id, ref, attempt, lease, due=due)])[0]
@@ -771,7 +774,9 @@ def row_policy(runtime: TaskHost, kind: Kind, started: StartedRow) -> RetryPolic
     return runtime.retry_policy_for(started.workflow_type, tag)
 
 
-def exhausted_by_lost_runs(runtime: TaskHost, kind: Kind, started: StartedRow, ref: str) -> dict:
+def exhausted_by_lost_runs(
+    runtime: TaskHost, kind: Kind, started: StartedRow, ref: str
+) -> RowResult:
     """The start guard counted the previous run as lost and that used up the attempts (a
     handler that kills its worker, say): dead-letter the row without running it again."""
     # its row line (ERROR, below) says "dead-lettered after N attempt(s): WorkerLost: …"
@@ -797,7 +802,8 @@ def as_input(workflow: Any, value: Any) -> Message:
             )
         return value
     if isinstance(value, dict):
-        return workflow.inputs.decode(value)
+        decoded: Message = workflow.inputs.decode(value)
+        return decoded
     raise InvalidPayload(
         workflow.type,
         "input",
@@ -815,7 +821,7 @@ def fail_row(
     exc: BaseException | None,
     permanent: bool,
     began: float,
-) -> dict:
+) -> RowResult:
     """Record a failed attempt of an effect or a timer once its run failed: its backoff,
     or its dead letter when permanent or out of attempts; report it (`_report_failure`)."""
     handler_failure.set(exc)
@@ -1024,7 +1030,7 @@ def register_workflow_tasks(app: Any, runtime: TaskHost, workflow_types: list[st
     """Register ``ironflow.<type>.effect``, ``.timer`` and ``.execute`` for these types."""
     names = []
     for workflow_type in workflow_types:
-        for kind in (EFFECT, TIMER):
+        for kind in KINDS:
             name = kind.task_name(workflow_type)
             app.task(
                 name=name,
@@ -1038,12 +1044,12 @@ def register_workflow_tasks(app: Any, runtime: TaskHost, workflow_types: list[st
                 # A dead letter is expected: logged and sent to Sentry once by ironflow
                 # (Celery logs it at INFO; Sentry's CeleryIntegration skips `throws`).
                 throws=(DeadLettered,),
-            )(_bind(kind, runtime, name))
+            )(_bind(kind, runtime, workflow_type))
             names.append(name)
     return names + register_execute_tasks(app, runtime, workflow_types)
 
 
-def _raise_recorded_failure(task: Any, kind: str, result: dict) -> None:
+def _raise_recorded_failure(task: Any, kind: str, result: RowResult) -> None:
     """End the Celery task the way Celery users read failures, once the outbox holds the
     outcome: a dead letter raises `DeadLettered` (FAILURE: ``task_failure``, Flower's
     Failed view, Sentry), a failed attempt raises a `Retry` that sends no message (RETRY
@@ -1061,7 +1067,7 @@ def _raise_recorded_failure(task: Any, kind: str, result: dict) -> None:
     raise _retry(exc, result)
 
 
-def _dead_lettered(kind: str, result: dict) -> DeadLettered:
+def _dead_lettered(kind: str, result: RowResult) -> DeadLettered:
     return DeadLettered(
         kind,
         result["row_id"],
@@ -1072,7 +1078,7 @@ def _dead_lettered(kind: str, result: dict) -> DeadLettered:
     )
 
 
-def _retry(exc: BaseException | None, result: dict) -> Any:
+def _retry(exc: BaseException | None, result: RowResult) -> Any:
     from celery.exceptions import Retry
     from celery.utils.serialization import get_pickleable_exception
 
@@ -1083,7 +1089,7 @@ def _retry(exc: BaseException | None, result: dict) -> Any:
 
 
 def _report_to_sentry(
-    task: Any, exc: BaseException | None, *, level: str = "warning", row: dict | None = None
+    task: Any, exc: BaseException | None, *, level: str = "warning", row: RowResult | None = None
 ) -> None:
     """Send a failed attempt's exception to Sentry when the app uses sentry-sdk: its
     CeleryIntegration skips `Retry`, so without this only dead letters would reach it.
@@ -1106,7 +1112,7 @@ def _report_to_sentry(
 def report_group(
     task: Any,
     kind: str,
-    results: Sequence[dict],
+    results: Sequence[RowResult],
     errors: Mapping[str, BaseException],
     events: row_events.RowEvents | None = None,
 ) -> None:
@@ -1192,9 +1198,9 @@ def _revoke_grouped(task: Any, deliveries: Sequence[Delivery]) -> None:
             )
 
 
-def _bind(row_kind: RowKind, runtime: TaskHost, name: str) -> Any:
+def _bind(row_kind: RowKind, runtime: TaskHost, workflow_type: str) -> Any:
     kind = row_kind.name
-    workflow_type = name.removeprefix("ironflow.").removesuffix(f".{kind}")
+    name = row_kind.task_name(workflow_type)
     span_name = f"ironflow.{kind} {workflow_type}"
 
     def task(
@@ -1206,7 +1212,7 @@ def _bind(row_kind: RowKind, runtime: TaskHost, name: str) -> Any:
         effect_type: str | None = None,  # for Flower; the start guard loads the payload
         due: float | None = None,
         rows: list[list[Any]] | None = None,  # a group of this type's rows (see _deliveries)
-    ) -> dict | list[dict]:
+    ) -> RowResult | list[RowResult]:
         deliveries = _deliveries(workflow_type, ref, row_id, attempt, lease, effect_type, due, rows)
         grouped = rows is not None
         events = None

@@ -175,7 +175,9 @@ def _install_routing(app: Celery) -> None:
     if not per_type and not single:
         return
 
-    def route(name: str, args: Any, kwargs: Any, options: Any, task: Any = None, **kw: Any):
+    def route(
+        name: str, args: Any, kwargs: Any, options: Any, task: Any = None, **kw: Any
+    ) -> dict[str, str] | None:
         if not name.startswith(PREFIX):
             return None
         per_type_task = split_task_name(name)
@@ -224,7 +226,7 @@ class RelayStep(bootsteps.StartStopStep):
 
     def start(self, worker: Any) -> None:
         runtime = runtime_of(worker.app)
-        if runtime._store is None and not runtime.database_url:
+        if not runtime.has_database:
             raise ConfigurationError(
                 "ironflow relay: no database configured; set IRONFLOW_DATABASE_URL (or "
                 "ironflow_database_url), or start the worker with --without-ironflow-relay"

@@ -20,6 +20,7 @@ from typing import Any
 
 from celery import bootsteps
 
+from ironflow_celery.engine.host import DutyHost, Stopping
 from ironflow_celery.engine.runtime import WorkflowRuntime, runtime_of
 from ironflow_celery.model.settings import read_settings
 from ironflow_celery.model.tasknames import is_operations_task, task_names_for
@@ -228,10 +229,12 @@ def check_unregistered(app: Any, workflow_types: list[str], *, timeout: float = 
     return len(found)
 
 
-def start_unregistered_watch(runtime: Any, conf: Any, shutdown: Any) -> threading.Thread | None:
+def start_unregistered_watch(
+    runtime: DutyHost, conf: Any, shutdown: Stopping
+) -> threading.Thread | None:
     """A relay process's duty: `check_unregistered` after `UNREGISTERED_FIRST_CHECK` s and
     every `UNREGISTERED_CHECK_EVERY` s, in a daemon thread, until `shutdown` is set."""
-    app = getattr(runtime, "app", None)
+    app = runtime.app
     if app is None:
         return None
 

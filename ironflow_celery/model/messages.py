@@ -113,11 +113,12 @@ class TaggedUnion:
                 self.kind,
                 f"expected one of {self.tags()}, got {type(value).__qualname__}",
             )
-        return value.to_json()
+        encoded: dict[str, Any] = value.to_json()
+        return encoded
 
     def decode(self, payload: Any) -> Message:
         """Validate tagged JSON (or an instance) into the matching Message class."""
-        if type(payload) in self.classes:
+        if type(payload) in self.classes and isinstance(payload, Message):
             return payload
         if isinstance(payload, Message):
             raise InvalidPayload(

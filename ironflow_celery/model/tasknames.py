@@ -7,13 +7,17 @@ and forgotten by another (batched effects once went to the default queue that wa
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 from ironflow_celery.errors import UnknownName
 
 __all__ = [
+    "KIND_NAMES",
     "OPERATIONS_PREFIXES",
     "OPERATIONS_QUEUE",
     "PREFIX",
     "TASK_SUFFIXES",
+    "Kind",
     "is_operations_task",
     "split_task_name",
     "task_name_for",
@@ -22,9 +26,17 @@ __all__ = [
 
 PREFIX = "ironflow."
 
-TASK_SUFFIXES: tuple[str, ...] = ("execute", "effect", "timer")
-"""What each suffix runs: an input (``execute``), effect rows, timer rows (one row per
-message, or a group of one type's rows: the same task, see engine/tasks.py)."""
+Kind = Literal["effect", "timer"]
+"""A claimable row kind's name, as public APIs, task names, metrics and signals spell it:
+the one place the kinds are named (their data: `ironflow_celery.storage.kinds.RowKind`)."""
+
+KIND_NAMES: tuple[Kind, ...] = get_args(Kind)
+"""Every kind's name, in `Kind`'s order: code above storage iterates these."""
+
+TASK_SUFFIXES: tuple[str, ...] = ("execute", *KIND_NAMES)
+"""What each suffix runs: an input (``execute``), then one task per row kind, named after
+it: effect rows, timer rows (one row per message, or a group of one type's rows: the same
+task, see engine/tasks.py)."""
 
 
 def task_name_for(workflow_type: str, suffix: str) -> str:

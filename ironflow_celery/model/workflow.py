@@ -19,6 +19,7 @@ from ironflow_celery.errors import InvalidArgument, InvalidArgumentType, Invalid
 from ironflow_celery.model.config import RetryPolicy
 from ironflow_celery.model.messages import Message, TaggedUnion, ValueCodec, union_members
 from ironflow_celery.model.storable import text_problem
+from ironflow_celery.model.tasknames import Kind
 
 __all__ = [
     "Accepted",
@@ -315,7 +316,7 @@ class EffectContext:
 class DeadLetterNotice:
     """Given to ``Workflow.on_dead_letter`` when one of its effects or timers dead-letters."""
 
-    kind: Literal["effect", "timer"]
+    kind: Kind
     row_id: uuid.UUID
     workflow: WorkflowRef
     payload: Any
@@ -331,7 +332,7 @@ class CancelNotice:
     """Given to ``Workflow.on_cancel`` when an operator cancels one of its effects or timers,
     a ``celery control revoke`` cancels one, or its whole instance is cancelled."""
 
-    scope: Literal["effect", "timer", "instance"]
+    scope: Kind | Literal["instance"]
     workflow: WorkflowRef
     reason: str
     """The operator's reason, as kept in ``discard_reason`` (``revoked: …`` for a revoke)."""

@@ -38,6 +38,7 @@ from ironflow_celery.errors import (
 from ironflow_celery.model.messages import Message
 from ironflow_celery.model.workflow import CancelNotice, WorkflowRef
 from ironflow_celery.service.dead_letters import parse_kind, parse_row_id
+from ironflow_celery.storage.inspection import RowInfo
 from ironflow_celery.storage.kinds import KIND_NAMES, KINDS, Kind, RowKind, kind_of
 
 if TYPE_CHECKING:
@@ -63,7 +64,7 @@ __all__ = [
 
 log = logging.getLogger("ironflow_celery.cancel")
 
-Scope = Literal["effect", "timer", "instance"]
+Scope = Kind | Literal["instance"]
 Reason = Literal["cancelled", "not_found", "already_processed", "running", "already_completed"]
 
 REVOKE_REASON = "revoked: celery control revoke"
@@ -112,18 +113,18 @@ def _clean_text(value: Any, what: str, *, limit: int = MAX_REASON_LENGTH) -> str
     """A non-empty string PostgreSQL can store (no NUL, valid UTF-8), else a usage error."""
     if not isinstance(value, str):
         raise InvalidCancelRequest(f"{what} must be text, got {type(value).__name__}")
-    value = value.strip()
-    if not value:
+    text = value.strip()
+    if not text:
         raise InvalidCancelRequest(f"a cancel needs a {what}")
-    if "\x00" in value:
-        raise InvalidCancelRequest(f"{what} contains a NUL character: {value!r}")
+    if "\x00" in text:
+        raise InvalidCancelRequest(f"{what} contains a NUL character: {text!r}")
     try:
-        value.encode("utf-8")
+        text.encode("utf-8")
     except UnicodeEncodeError:
-        raise InvalidCancelRequest(f"{what} is not valid UTF-8: {value!r}") from None
-    if len(value) > limit:
+        raise InvalidCancelRequest(f"{what} is not valid UTF-8: {text!r}") from None
+    if len(text) > limit:
         raise InvalidCancelRequest(f"{what} is longer than {limit} characters")
-    return value
+    return text
 
 
 def _kind(kind: str) -> Kind:
@@ -174,7 +175,7 @@ def _decoded(workflow: Any, kind: RowKind, payload: Any) -> Any:
 
 
 def _row_refusal(
-    kind: Kind, rid: uuid.UUID, row: Any, *, own_run: str | None
+    kind: Kind, rid: uuid.UUID, row: RowInfo | None, *, own_run: str | None
 ) -> CancelResult | None:
     """Why `row` may not be cancelled (None when it may)."""
     if row is None:
@@ -188,6 +189,7 @@ def _row_refusal(
         )
         return CancelResult(False, "already_processed", kind, f"{kind} {rid} was {what}", ref, rid)
     if row.running and not (own_run and (row.locked_by or "").startswith(own_run)):
+        assert row.run_started_at is not None and row.locked_until is not None  # running
         return CancelResult(
             False,
             "running",
@@ -216,10 +218,11 @@ def _cancel_row(
     row_kind = kind_of(kind)
     ids: dict[str, Any] = {row_kind.plural: (rid,)}  # effects=(rid,) or timers=(rid,)
     with store.transaction() as conn:
-        row = store.lock_row_for_cancel(row_kind, rid, connection=conn)
+        row = store.lock_row_for_cancel(row_kind, rid, runtime.attempt_limits, connection=conn)
         refusal = _row_refusal(kind, rid, row, own_run=own_run)
         if refusal is not None:
             return refusal
+        assert row is not None  # _row_refusal refuses a missing row
         ref = WorkflowRef(row.workflow_type, row.workflow_id)
         workflow = runtime.registry.get(row.workflow_type).workflow if deliver else None
         store.cancel_row(row_kind, rid, reason, connection=conn)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ironflow_celery.engine.host import RuntimeView
 from ironflow_celery.model.config import AttemptLimits
 from ironflow_celery.service.dead_letters import (
     KINDS,
@@ -61,7 +62,7 @@ __all__ = [
 TASK_PREFIX = "ironflow.dead_letters."
 
 
-def register_dead_letter_tasks(app: Any, runtime: Any) -> list[str]:
+def register_dead_letter_tasks(app: Any, runtime: RuntimeView) -> list[str]:
     """Register ``ironflow.dead_letters.{fetch,count,retry,retry_all,discard}`` on `app`.
 
     Each takes ``kind="effect"`` (or ``"timer"``) and returns a JSON-serialisable dict, so

@@ -11,6 +11,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, multiprocess, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 
+from ironflow_celery.engine.host import RuntimeView
 from ironflow_celery.engine.metrics import REGISTRY, multiprocess_dir
 from ironflow_celery.errors import IronflowError
 from ironflow_celery.model.settings import read_settings
@@ -26,7 +27,7 @@ class DepthCollector:
     """Outbox and timer depth per workflow type and state, and dead-letter counts, read
     with `ironflow_celery.operations.status.queue_status` at each scrape."""
 
-    def __init__(self, runtime: Any) -> None:
+    def __init__(self, runtime: RuntimeView) -> None:
         self.runtime = runtime
 
     def describe(self) -> list[Any]:
@@ -106,7 +107,7 @@ _server: Any = None
 _collector: DepthCollector | None = None
 
 
-def serve_metrics(runtime: Any, port: int, addr: str = "0.0.0.0") -> Any:
+def serve_metrics(runtime: RuntimeView, port: int, addr: str = "0.0.0.0") -> Any:
     """Serve `REGISTRY` (with the depth collector for `runtime`) on `port`; once per
     process (a second call re-points the collector and returns the running server).
 
@@ -120,7 +121,8 @@ def serve_metrics(runtime: Any, port: int, addr: str = "0.0.0.0") -> Any:
     registry = REGISTRY
     if multiprocess_dir():
         registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
+        # prometheus_client's multiprocess module has no annotations
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
     server = start_http_server(port, addr=addr, registry=registry)  # OSError: port in use
     _collector = DepthCollector(runtime)
     registry.register(_collector)
@@ -138,7 +140,7 @@ def serve_metrics(runtime: Any, port: int, addr: str = "0.0.0.0") -> Any:
     return _server
 
 
-def serve_metrics_from_settings(runtime: Any, conf: Any) -> Any:
+def serve_metrics_from_settings(runtime: RuntimeView, conf: Any) -> Any:
     """`serve_metrics` on ``ironflow_metrics_port`` / ``IRONFLOW_METRICS_PORT``; off when
     unset. A port already in use is logged, not fatal (e.g. several workers on one host)."""
     port = read_settings(conf)["metrics_port"]

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from celery.utils.imports import import_from_cwd
 from sqlalchemy.engine import Connection
@@ -168,7 +168,7 @@ class ProjectionConfig:
     def backoff(self, failures: int) -> float:
         """Seconds to wait after the n-th consecutive failure (1-based)."""
         exponent = min(max(0, failures - 1), 32)
-        return min(self.error_backoff_base * (2**exponent), self.error_backoff_max)
+        return min(self.error_backoff_base * (2.0**exponent), self.error_backoff_max)
 
 
 @dataclass
@@ -197,7 +197,7 @@ def _check_projection(p: Any) -> Projection:
     check_text(p.name, "projection name")
     if not callable(getattr(p, "handle", None)):
         raise ConfigurationError(f"projection {p.name!r} has no handle(event, conn)")
-    return p
+    return cast(Projection, p)  # checked above: a name and a handle, as Projection asks
 
 
 class ProjectionRunner:

@@ -21,10 +21,11 @@ from datetime import timedelta
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
+from ironflow_celery.engine.host import DutyHost, RuntimeView, Stopping
 from ironflow_celery.errors import InvalidDeadLetterRequest, InvalidRetentionRequest, IronflowError
 from ironflow_celery.model.settings import read_settings
 from ironflow_celery.service.dead_letters import parse_age
-from ironflow_celery.storage.kinds import EFFECT, TIMER
+from ironflow_celery.storage.kinds import KINDS
 
 if TYPE_CHECKING:
     from ironflow_celery.storage.store import PostgresStore
@@ -64,11 +65,11 @@ def purge(
     if batch_size < 1:
         raise InvalidRetentionRequest("batch_size must be at least 1")
     seconds = age.total_seconds()
-    counts = {"outbox": 0, "timers": 0, "observations": 0, "batches": 0}
+    counts = {**{k.retention_name: 0 for k in KINDS}, "observations": 0, "batches": 0}
     # Each batch: the oldest processed rows first, rows another purge has locked skipped.
     targets: list[tuple[str, Callable[[], int]]] = [
         (
-            name,
+            kind.retention_name,
             partial(
                 store.purge_processed,
                 kind,
@@ -77,7 +78,7 @@ def purge(
                 include_discarded=include_discarded,
             ),
         )
-        for name, kind in (("outbox", EFFECT), ("timers", TIMER))
+        for kind in KINDS
     ]
     if include_observations:
         observations = partial(store.purge_observations, age_seconds=seconds, batch_size=batch_size)
@@ -108,7 +109,7 @@ def retention_settings(conf: Any) -> dict[str, Any]:
     }
 
 
-def register_retention_tasks(app: Any, runtime: Any) -> list[str]:
+def register_retention_tasks(app: Any, runtime: RuntimeView) -> list[str]:
     """Register ``ironflow.retention.purge`` on `app`."""
     defaults = retention_settings(app.conf)
 
@@ -140,7 +141,7 @@ def register_retention_tasks(app: Any, runtime: Any) -> list[str]:
     return ["ironflow.retention.purge"]
 
 
-def start_retention_duty(runtime: Any, conf: Any, stop: Any) -> threading.Thread | None:
+def start_retention_duty(runtime: DutyHost, conf: Any, stop: Stopping) -> threading.Thread | None:
     """When ``ironflow_retention_interval`` is set, purge every interval in a daemon thread
     until `stop` (a threading/multiprocessing Event) is set. Returns the thread, or None."""
     options = retention_settings(conf)
@@ -157,7 +158,7 @@ def start_retention_duty(runtime: Any, conf: Any, stop: Any) -> threading.Thread
                     options["batch_size"],
                     options["include_observations"],
                 )
-                if counts["outbox"] or counts["timers"] or counts["observations"]:
+                if any(n for name, n in counts.items() if name != "batches"):
                     log.info("ironflow retention: purged %s", counts)
             except IronflowError as exc:
                 log.warning("ironflow retention: purge failed: %s", exc)

@@ -73,7 +73,7 @@ class TypeStatus:
         }
 
 
-def _age(value: Any) -> float | None:
+def _age(value: float | None) -> float | None:
     return None if value is None else round(max(float(value), 0.0), 3)
 
 

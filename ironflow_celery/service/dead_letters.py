@@ -32,6 +32,7 @@ from ironflow_celery.errors import InvalidDeadLetterRequest
 from ironflow_celery.model.config import AttemptLimits
 from ironflow_celery.model.storable import text_problem
 from ironflow_celery.model.workflow import WorkflowRef
+from ironflow_celery.storage.inspection import RowInfo, encode_cursor
 from ironflow_celery.storage.kinds import KIND_NAMES, Kind
 
 if TYPE_CHECKING:
@@ -105,12 +106,6 @@ def parse_age(value: timedelta | float | int | str | None) -> timedelta | None:
             f"not an age: {value!r} (use e.g. 90s, 15m, 12h, 7d or a number of seconds)"
         )
     return timedelta(seconds=float(match.group(1)) * _UNIT[(match.group(2) or "s").lower()])
-
-
-def encode_cursor(created_at: datetime, row_id: uuid.UUID) -> str:
-    """An opaque page cursor for ``(created_at, id)``."""
-    raw = f"{created_at.isoformat()}|{row_id}".encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
 def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
@@ -229,55 +224,9 @@ class DeadLetterQuery:
         }
 
 
-@dataclass(frozen=True, slots=True)
-class DeadLetter:
-    """A dead-lettered effect (payload = the effect) or timer (payload = its input)."""
-
-    kind: Kind
-    id: uuid.UUID
-    workflow: WorkflowRef
-    payload: Any
-    attempts: int
-    last_error: str | None
-    created_at: datetime
-    dead_lettered_at: datetime | None = None
-    fire_at: datetime | None = None
-
-    @property
-    def workflow_type(self) -> str:
-        return self.workflow.workflow_type
-
-    @property
-    def workflow_id(self) -> str:
-        return self.workflow.workflow_id
-
-    @property
-    def effect_type(self) -> str | None:
-        """The payload's type tag: the effect's type (a timer's input type)."""
-        tag = self.payload.get("type") if isinstance(self.payload, dict) else None
-        return tag if isinstance(tag, str) else None
-
-    @property
-    def cursor(self) -> str:
-        """The opaque cursor of the page that follows this row."""
-        return encode_cursor(self.created_at, self.id)
-
-    def to_json(self) -> dict[str, Any]:
-        """JSON-serialisable form: ids as strings, datetimes as ISO 8601."""
-        return {
-            "kind": self.kind,
-            "id": str(self.id),
-            "workflow": str(self.workflow),
-            "workflow_type": self.workflow_type,
-            "workflow_id": self.workflow_id,
-            "effect_type": self.effect_type,
-            "payload": self.payload,
-            "attempts": self.attempts,
-            "last_error": self.last_error,
-            "created_at": self.created_at.isoformat(),
-            "dead_lettered_at": _iso(self.dead_lettered_at),
-            "fire_at": _iso(self.fire_at),
-        }
+DeadLetter = RowInfo
+"""A dead-lettered effect (payload = the effect) or timer (payload = its input): the one
+outbox/timer row type, `RowInfo`, in state ``dead`` (its `cursor` pages on)."""
 
 
 Reason = Literal[
@@ -317,24 +266,6 @@ class RetryResult:
         }
 
 
-def _iso(value: datetime | None) -> str | None:
-    return None if value is None else value.isoformat()
-
-
-def _letter(kind: Kind, row: Any) -> DeadLetter:
-    return DeadLetter(
-        kind=kind,
-        id=row.id,
-        workflow=WorkflowRef(row.workflow_type, row.workflow_id),
-        payload=row.payload,
-        attempts=row.attempts,
-        last_error=row.last_error,
-        created_at=row.created_at,
-        dead_lettered_at=row.dead_lettered_at,
-        fire_at=row.fire_at,
-    )
-
-
 # -- functions ----------------------------------------------------------------------------
 
 
@@ -349,7 +280,7 @@ def fetch_dead_letters(
     row_kind = parse_kind(kind)
     query = query or DeadLetterQuery()
     params = {**query.params(), **AttemptLimits.of(max_attempts).params()}
-    return [_letter(row_kind, r) for r in store.fetch_dead_letter_rows(row_kind, params)]
+    return store.fetch_dead_letter_rows(row_kind, params)
 
 
 def next_cursor(letters: list[DeadLetter], query: DeadLetterQuery | None = None) -> str | None:
@@ -384,7 +315,7 @@ def get_dead_letter(
     row = store.get_dead_letter_row(row_kind, rid, AttemptLimits.of(max_attempts).params())
     if row is None or not row.is_dead:
         return None
-    return _letter(row_kind, row)
+    return row
 
 
 def explain_row(
@@ -400,6 +331,7 @@ def explain_row(
     refusal = _refusal(row_kind, rid, row, max_attempts)
     if refusal is not None:
         return refusal
+    assert row is not None  # _refusal refuses a missing row
     ref = WorkflowRef(row.workflow_type, row.workflow_id)
     return RetryResult(
         True,
@@ -412,7 +344,7 @@ def explain_row(
 
 
 def _refusal(
-    kind: Kind, rid: uuid.UUID, row: Any, max_attempts: int | AttemptLimits
+    kind: Kind, rid: uuid.UUID, row: RowInfo | None, max_attempts: int | AttemptLimits
 ) -> RetryResult | None:
     """Why `row` may not be retried or discarded (None when it may)."""
     if row is None:
@@ -439,7 +371,8 @@ def _refusal(
             kind,
             rid,
             f"{kind} {rid} is in flight: leased by {row.locked_by} until "
-            f"{row.locked_until.isoformat()}; retry it after the lease ends",
+            f"{row.locked_until.isoformat() if row.locked_until else None}; retry it after the "
+            "lease ends",
             ref,
         )
     if not row.is_dead:
@@ -472,6 +405,7 @@ def try_retry_dead_letter(
         refusal = _refusal(row_kind, rid, row, max_attempts)
         if refusal is not None:
             return refusal
+        assert row is not None  # _refusal refuses a missing row
         store.retry_dead_letter_row(row_kind, rid, connection=conn)
     ref = WorkflowRef(row.workflow_type, row.workflow_id)
     return RetryResult(
@@ -546,6 +480,7 @@ def try_discard_dead_letter(
         refusal = _refusal(row_kind, rid, row, max_attempts)
         if refusal is not None:
             return refusal
+        assert row is not None  # _refusal refuses a missing row
         store.discard_dead_letter_row(row_kind, rid, reason, connection=conn)
     ref = WorkflowRef(row.workflow_type, row.workflow_id)
     return RetryResult(True, "discarded", row_kind, rid, f"{row_kind} {rid} ({ref}) discarded", ref)

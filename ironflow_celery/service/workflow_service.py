@@ -206,12 +206,11 @@ class WorkflowServiceConfig:
 
 def input_type_of(payload: Any, fallback: str) -> str:
     """The input's JSON tag, or the class name when it has none."""
-    if isinstance(payload, dict) and isinstance(payload.get(TAG), str):
-        return payload[TAG]
-    return fallback
+    tag = payload.get(TAG) if isinstance(payload, dict) else None
+    return tag if isinstance(tag, str) else fallback
 
 
-def decode_events(workflow: type[Workflow], workflow_id: str, payloads: Iterable[Any]) -> list:
+def decode_events(workflow: type[Workflow], workflow_id: str, payloads: Iterable[Any]) -> list[Any]:
     """Decode stored event payloads, naming the sequence of the first that fails."""
     decoded = []
     for sequence, payload in enumerate(payloads, start=1):

@@ -203,7 +203,9 @@ def relaxed_commits(conn: Connection) -> Iterator[Connection]:
 
 def _relaxed_statements(engine: Engine) -> None:
     @event.listens_for(engine, "before_cursor_execute", retval=True)
-    def _prefix(conn: Any, cursor: Any, statement: str, params: Any, context: Any, many: bool):
+    def _prefix(
+        conn: Any, cursor: Any, statement: str, params: Any, context: Any, many: bool
+    ) -> tuple[str, Any]:
         if not many and context is not None and context.execution_options.get("ironflow_relaxed"):
             statement = RELAXED_PREFIX + statement
         return statement, params

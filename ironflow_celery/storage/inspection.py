@@ -1,9 +1,12 @@
-"""Typed rows of the read-only inspection queries (`sql.INSPECT_STATEMENTS`): one effect or
-timer as stored, with its state and when it is due, for ``effects list/show`` and
-``timers list/show`` (`ironflow_celery.operations.inspection`) and a web view."""
+"""One effect or timer row as stored (`RowInfo`), with its state and when it is due: the one
+row type the store returns for an outbox or timer row read whole -- by ``effects list/show``
+and ``timers list/show`` (`ironflow_celery.operations.inspection`), a web view, dead
+letters (`ironflow_celery.storage.dead_letters`) and cancel (`ironflow_celery.operations.cancel`).
+Its columns: `sql.row_columns`."""
 
 from __future__ import annotations
 
+import base64
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -13,7 +16,7 @@ from ironflow_celery.model.workflow import WorkflowRef
 from ironflow_celery.storage import sql
 from ironflow_celery.storage.kinds import Kind
 
-__all__ = ["ROW_STATES", "RowInfo", "RowState"]
+__all__ = ["ROW_STATES", "RowInfo", "RowState", "encode_cursor"]
 
 RowState = Literal[
     "pending", "scheduled", "in_flight", "backing_off", "dead", "cancelled", "processed"
@@ -32,6 +35,12 @@ def _iso(value: datetime | None) -> str | None:
     return None if value is None else value.isoformat()
 
 
+def encode_cursor(created_at: datetime, row_id: uuid.UUID) -> str:
+    """An opaque page cursor for ``(created_at, id)``."""
+    raw = f"{created_at.isoformat()}|{row_id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
 @dataclass(frozen=True, slots=True)
 class RowInfo:
     """One effect (outbox row) or timer as stored, with its state.
@@ -40,7 +49,9 @@ class RowInfo:
     broker, a run token (``<claim>><delivery>``) once a worker's start guard took it;
     ``run_started_at`` is when the running handler started (the holder's "since").
     ``attempts`` counts finished attempts (the store keeps no per-attempt history: the
-    last error is in ``last_error``). ``payload`` is filled by `show`, not by `list`."""
+    last error is in ``last_error``). ``payload`` is filled by `show`, dead letters and
+    cancel, not by `list`. A dead letter (`ironflow_celery.storage.dead_letters.DeadLetter`)
+    is a `RowInfo` in state ``dead``."""
 
     kind: Kind
     id: uuid.UUID
@@ -63,7 +74,7 @@ class RowInfo:
     discard_reason: str | None = None
     payload: Any = None
     read_at: datetime | None = None
-    """The database's clock when the row was read (`show`): what lease times compare to."""
+    """The database's clock when the row was read: what lease times compare to."""
 
     @property
     def workflow_type(self) -> str:
@@ -74,9 +85,30 @@ class RowInfo:
         return self.workflow.workflow_id
 
     @property
+    def in_flight(self) -> bool:
+        """A live lease holds it (``locked_by`` set, ``locked_until`` after `read_at`),
+        whatever its state: a retry or discard waits for the lease to end."""
+        return (
+            self.locked_by is not None
+            and self.locked_until is not None
+            and self.read_at is not None
+            and self.locked_until > self.read_at
+        )
+
+    @property
     def running(self) -> bool:
         """A handler holds it: started under a live lease."""
-        return self.state == "in_flight" and self.run_started_at is not None
+        return self.run_started_at is not None and self.in_flight
+
+    @property
+    def is_dead(self) -> bool:
+        """A dead letter: open, and dead-lettered or out of attempts."""
+        return self.state == "dead"
+
+    @property
+    def cursor(self) -> str:
+        """The opaque cursor of the page that follows this row (newest first)."""
+        return encode_cursor(self.created_at, self.id)
 
     @property
     def held_by(self) -> str | None:

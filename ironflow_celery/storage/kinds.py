@@ -13,10 +13,10 @@ statements (`ironflow_celery.storage.sql.RowStatements`). Code that handles rows
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from ironflow_celery.errors import IronflowError
-from ironflow_celery.model.tasknames import task_name_for
+from ironflow_celery.model.tasknames import KIND_NAMES, Kind, task_name_for
 from ironflow_celery.storage import sql
 
 __all__ = [
@@ -28,9 +28,6 @@ __all__ = [
     "RowKind",
     "kind_of",
 ]
-
-Kind = Literal["effect", "timer"]
-"""A row kind's name, as public APIs, task names, metrics and signals spell it."""
 
 
 @dataclass(frozen=True, slots=True, eq=False)  # two singletons: compared and hashed by identity
@@ -66,6 +63,14 @@ class RowKind:
     statements: sql.RowStatements
     """Every statement on this kind's table (claim, start, outcomes, leases, dead letters,
     cancel, retention)."""
+    pooled_poll: float
+    """Seconds between a relay's wake-ups behind a transaction pooler without a listen URL,
+    at most (no NOTIFY arrives there; see `ironflow_celery.engine.relay.POOLED_POLL`)."""
+
+    @property
+    def retention_name(self) -> str:
+        """What a purge's counts call this kind's table: ``outbox`` / ``timers``."""
+        return self.table.removeprefix("ironflow.")
 
     def task_name(self, workflow_type: str) -> str:
         """The Celery task of a workflow type: ``ironflow.<type>.effect`` / ``.timer``."""
@@ -103,6 +108,7 @@ EFFECT = RowKind(
     due_when_written=True,
     typed_retry_policies=True,
     statements=sql.EFFECT_STATEMENTS,
+    pooled_poll=0.2,
 )
 
 TIMER = RowKind(
@@ -119,11 +125,12 @@ TIMER = RowKind(
     due_when_written=False,
     typed_retry_policies=False,
     statements=sql.TIMER_STATEMENTS,
+    pooled_poll=1.0,
 )
 
-KINDS: tuple[RowKind, ...] = (EFFECT, TIMER)
-KIND_NAMES: tuple[Kind, ...] = tuple(k.name for k in KINDS)
-_BY_NAME: dict[str, RowKind] = {k.name: k for k in KINDS}
+_BY_NAME: dict[str, RowKind] = {k.name: k for k in (EFFECT, TIMER)}
+KINDS: tuple[RowKind, ...] = tuple(_BY_NAME[name] for name in KIND_NAMES)
+"""Every kind, in `KIND_NAMES` order (a name without its `RowKind` fails at import)."""
 
 
 def kind_of(kind: str | RowKind) -> RowKind:
@@ -133,4 +140,6 @@ def kind_of(kind: str | RowKind) -> RowKind:
     try:
         return _BY_NAME[kind]
     except KeyError:
-        raise IronflowError(f"unknown row kind {kind!r}; expected 'effect' or 'timer'") from None
+        raise IronflowError(
+            f"unknown row kind {kind!r}; expected one of {', '.join(KIND_NAMES)}"
+        ) from None

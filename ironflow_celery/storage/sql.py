@@ -504,8 +504,7 @@ _DEAD_LETTER_FILTERS = """
       AND (CAST(:newer AS float8) IS NULL
            OR created_at >= now() - make_interval(secs => :newer))
 """
-_DEAD_LETTER_COLUMNS = """id, workflow_type, workflow_id, {payload} AS payload, attempts,
-       last_error, created_at, dead_lettered_at, locked_by, locked_until, {fire_at} AS fire_at"""
+_DEAD_LETTER_COLUMNS = "{row_columns}, {payload} AS payload"
 
 _FETCH_DEAD_LETTERS = f"""
     SELECT {_DEAD_LETTER_COLUMNS}
@@ -522,14 +521,12 @@ _COUNT_DEAD_LETTERS = f"SELECT count(*) FROM {{table}} WHERE {_DEAD} {_DEAD_LETT
 # The row with what decides whether it may be retried or discarded: read (`explain`,
 # `get`), or locked for the retry or discard that follows.
 _GET_DEAD_LETTER = f"""
-    SELECT {_DEAD_LETTER_COLUMNS}, processed_at, discarded_at, discard_reason,
-           ({_DEAD}) AS is_dead, ({_LIVE_LEASE}) AS in_flight
+    SELECT {_DEAD_LETTER_COLUMNS}
     FROM {{table}} WHERE id = :id
 """
 
 _LOCK_DEAD_LETTER = f"""
-    SELECT {_DEAD_LETTER_COLUMNS}, processed_at, discarded_at, discard_reason,
-           ({_DEAD}) AS is_dead, ({_LIVE_LEASE}) AS in_flight
+    SELECT {_DEAD_LETTER_COLUMNS}
     FROM {{table}} WHERE id = :id
     FOR UPDATE
 """
@@ -581,9 +578,7 @@ DATABASE_NOW = text("SELECT now()")
 _RUNNING = "(run_started_at IS NOT NULL AND locked_by IS NOT NULL AND locked_until > now())"
 
 _LOCK_FOR_CANCEL = f"""
-    SELECT id, workflow_type, workflow_id, {{payload}} AS payload, attempts, processed_at,
-           discarded_at, discard_reason, locked_by, locked_until, run_started_at,
-           {_RUNNING} AS running
+    SELECT {_DEAD_LETTER_COLUMNS}
     FROM {{table}} WHERE id = :id
     FOR UPDATE
 """
@@ -862,6 +857,57 @@ CLAIM_LIMITED_EFFECTS = text(f"""
                        created_at) AS due_at
 """)
 
+# -- one outbox or timer row, as read (inspection, dead letters, cancel) ---------------------
+# A row's state is one CASE over the columns every writer keeps current, in the order
+# `operations.status` counts them: closed (cancelled or discarded: discarded_at; else
+# processed), dead, leased (in flight), backing off, a timer whose fire time is ahead
+# (scheduled), else pending. `due_at` is when the row became or becomes claimable:
+# created_at (fire_at for timers), or the end of its backoff.
+
+ROW_STATES: tuple[str, ...] = (
+    "pending",
+    "scheduled",
+    "in_flight",
+    "backing_off",
+    "dead",
+    "cancelled",
+    "processed",
+)
+
+_INSPECT_STATE = f"""CASE
+        WHEN processed_at IS NOT NULL AND discarded_at IS NOT NULL THEN 'cancelled'
+        WHEN processed_at IS NOT NULL THEN 'processed'
+        WHEN dead_lettered_at IS NOT NULL OR attempts >= {MAX_ATTEMPTS} THEN 'dead'
+        WHEN locked_by IS NOT NULL AND locked_until > now() THEN 'in_flight'
+        WHEN locked_until > now() THEN 'backing_off'
+        {{scheduled}}
+        ELSE 'pending' END"""
+
+_INSPECT_DUE = """CASE
+        WHEN processed_at IS NULL AND locked_by IS NULL AND locked_until IS NOT NULL
+        THEN GREATEST(locked_until, {order}) ELSE {order} END"""
+
+_INSPECT_COLUMNS = """id, workflow_type, workflow_id, {payload}->>'type' AS effect_type,
+        attempts, {max_attempts} AS max_attempts, last_error, created_at,
+        {fire_at} AS fire_at, {key} AS key, locked_by, locked_until, run_started_at,
+        processed_at, dead_lettered_at, discarded_at, discard_reason,
+        {state} AS state, {due} AS due_at, now() AS read_at"""
+
+
+def row_columns(payload: str, order: str, *, timer: bool) -> str:
+    """The columns of one outbox or timer row as `storage.inspection.RowInfo` reads them
+    (state, due time and ``read_at``, the database's clock); binds `MAX_ATTEMPTS`."""
+    scheduled = "WHEN fire_at > now() THEN 'scheduled'" if timer else ""
+    return _INSPECT_COLUMNS.format(
+        payload=payload,
+        max_attempts=MAX_ATTEMPTS,
+        fire_at="fire_at" if timer else "CAST(NULL AS timestamptz)",
+        key="key" if timer else "CAST(NULL AS text)",
+        state=_INSPECT_STATE.format(scheduled=scheduled),
+        due=_INSPECT_DUE.format(order=order),
+    )
+
+
 # -- the statements of each row kind -----------------------------------------------------
 
 
@@ -910,6 +956,7 @@ def _row_statements(
     due_at: str,
     channel: str,
     next_due: TextClause,
+    timer: bool,
     claim_limited: TextClause | None = None,
 ) -> RowStatements:
     fields = {
@@ -924,6 +971,7 @@ def _row_statements(
         "claim_due": f"GREATEST({order}, celery_claim_after)",
         "renew_hint": _RENEW_HINT,
         "channel": channel,
+        "row_columns": row_columns(payload, order, timer=timer),
     }
 
     def render(template: str) -> TextClause:
@@ -969,6 +1017,7 @@ EFFECT_STATEMENTS = _row_statements(
     due_at=_EFFECT_DUE_AT,
     channel=EFFECTS_CHANNEL,
     next_due=NEXT_EFFECT_DUE,
+    timer=False,
     claim_limited=CLAIM_LIMITED_EFFECTS,
 )
 
@@ -982,6 +1031,7 @@ TIMER_STATEMENTS = _row_statements(
     due_at=_TIMER_DUE_AT,
     channel=TIMERS_CHANNEL,
     next_due=NEXT_TIMER_DUE,
+    timer=True,
 )
 
 
@@ -1015,41 +1065,8 @@ MARK_EFFECTS_PROCESSED = text("""
 
 
 # == inspection: find and show effects, timers and instances ===============================
-# (ironflow_celery.operations.inspection; read-only.) A row's state is one CASE over the
-# columns every writer keeps current, in the order `operations.status` counts them: closed
-# (cancelled or discarded: discarded_at; else processed), dead, leased (in flight), backing
-# off, a timer whose fire time is ahead (scheduled), else pending. `due_at` is when the row
-# became or becomes claimable: created_at (fire_at for timers), or the end of its backoff.
+# (ironflow_celery.operations.inspection; read-only.) The columns: `row_columns`.
 # Filters use the ``CAST(:x AS …) IS NULL OR …`` form, so one statement serves every query.
-
-ROW_STATES: tuple[str, ...] = (
-    "pending",
-    "scheduled",
-    "in_flight",
-    "backing_off",
-    "dead",
-    "cancelled",
-    "processed",
-)
-
-_INSPECT_STATE = f"""CASE
-        WHEN processed_at IS NOT NULL AND discarded_at IS NOT NULL THEN 'cancelled'
-        WHEN processed_at IS NOT NULL THEN 'processed'
-        WHEN dead_lettered_at IS NOT NULL OR attempts >= {MAX_ATTEMPTS} THEN 'dead'
-        WHEN locked_by IS NOT NULL AND locked_until > now() THEN 'in_flight'
-        WHEN locked_until > now() THEN 'backing_off'
-        {{scheduled}}
-        ELSE 'pending' END"""
-
-_INSPECT_DUE = """CASE
-        WHEN processed_at IS NULL AND locked_by IS NULL AND locked_until IS NOT NULL
-        THEN GREATEST(locked_until, {order}) ELSE {order} END"""
-
-_INSPECT_COLUMNS = """id, workflow_type, workflow_id, {payload}->>'type' AS effect_type,
-        attempts, {max_attempts} AS max_attempts, last_error, created_at,
-        {fire_at} AS fire_at, {key} AS key, locked_by, locked_until, run_started_at,
-        processed_at, dead_lettered_at, discarded_at, discard_reason,
-        {state} AS state, {due} AS due_at"""
 
 # Keyset pages on (created_at, id), newest or oldest first; `:open` (processed_at IS NULL)
 # is derived from the state filter so open-row queries can use the partial indexes.
@@ -1072,7 +1089,7 @@ _INSPECT_LIST = """
 """
 
 _INSPECT_GET = """
-    SELECT {columns}, {payload} AS payload, now() AS read_at
+    SELECT {columns}, {payload} AS payload
     FROM {table} WHERE id = :id
 """
 
@@ -1087,15 +1104,7 @@ class InspectStatements:
 
 
 def _inspect_statements(table: str, payload: str, order: str, timer: bool) -> InspectStatements:
-    scheduled = "WHEN fire_at > now() THEN 'scheduled'" if timer else ""
-    columns = _INSPECT_COLUMNS.format(
-        payload=payload,
-        max_attempts=MAX_ATTEMPTS,
-        fire_at="fire_at" if timer else "CAST(NULL AS timestamptz)",
-        key="key" if timer else "CAST(NULL AS text)",
-        state=_INSPECT_STATE.format(scheduled=scheduled),
-        due=_INSPECT_DUE.format(order=order),
-    )
+    columns = row_columns(payload, order, timer=timer)
 
     def listing(cmp: str, direction: str) -> TextClause:
         return text(

@@ -32,13 +32,16 @@ from ironflow_celery.model.config import AttemptLimits
 from ironflow_celery.storage import schema, sql
 from ironflow_celery.storage.db import create_engine, relaxed_commits
 from ironflow_celery.storage.inspection import RowInfo
-from ironflow_celery.storage.kinds import EFFECT, TIMER, Kind, RowKind, kind_of
+from ironflow_celery.storage.kinds import Kind, RowKind, kind_of
 
 __all__ = [
     "LOST_RUN_ERROR",
     "ClaimedRow",
     "DecisionWrite",
+    "LockedInstance",
     "PostgresStore",
+    "QueueDepthRow",
+    "StaleRow",
     "StartedRow",
     "StoredEvent",
     "TimerSpec",
@@ -79,7 +82,7 @@ _UNSTORABLE = (
 def _unstorable(exc: sa.exc.DBAPIError) -> bool:
     """Whether a statement failed on text PostgreSQL cannot store (a last line of defence:
     the service and the operations functions check their inputs by name first)."""
-    sqlstate = getattr(exc.orig, "sqlstate", None)
+    sqlstate: str | None = getattr(exc.orig, "sqlstate", None)
     if sqlstate is None:  # psycopg refuses NUL in text client-side, as a DataError
         return isinstance(exc, sa.exc.DataError) and "NUL" in str(exc.orig)
     return sqlstate == "22P05"  # untranslatable character: "\u0000" in jsonb
@@ -203,6 +206,50 @@ class StartedRow:
     token: str
     key: str | None = None
     last_error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StaleRow:
+    """A row's state as a refused start guard reads it after the fact (`describe_stale`)."""
+
+    workflow_type: str
+    processed: bool
+    discarded: bool
+    dead_lettered: bool
+    attempts: int
+    locked_by: str | None
+    lease_live: bool
+
+
+@dataclass(frozen=True, slots=True)
+class LockedInstance:
+    """An instance row locked for a cancel (`lock_instance_for_cancel`)."""
+
+    completed_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class QueueDepthRow:
+    """One workflow type's unprocessed rows by state (`sql.QUEUE_STATUS`): effects
+    (``e_*``) and timers (``t_*``); ``*_oldest`` in seconds, None when none waits."""
+
+    workflow_type: str
+    e_pending: int
+    e_in_flight: int
+    e_backing_off: int
+    e_dead: int
+    e_oldest: float | None
+    t_due: int
+    t_pending: int
+    t_in_flight: int
+    t_backing_off: int
+    t_dead: int
+    t_oldest: float | None
+
+
+def _seconds(value: Any) -> float | None:
+    """A numeric column (``EXTRACT(EPOCH …)``, a Decimal) as float seconds."""
+    return None if value is None else float(value)
 
 
 def _many_params(items: Sequence[tuple[uuid.UUID, str]]) -> dict[str, list[Any]]:
@@ -962,7 +1009,7 @@ class PostgresStore:
         """attempts+1, last_error, backoff in locked_until; None when stale."""
         params = {"id": row_id, "token": token, "error": error, "backoff": float(backoff_seconds)}
         statement = kind_of(kind).statements.record_failure
-        return self._scalar_or_none(statement, params, connection, ack=True)
+        return self._attempts_or_none(statement, params, connection, ack=True)
 
     def record_dead_letter(
         self,
@@ -977,7 +1024,7 @@ class PostgresStore:
         """Dead-letter a row now; None when stale."""
         params = {"id": row_id, "token": token, "error": error, "max_attempts": max_attempts}
         statement = kind_of(kind).statements.dead_letter
-        return self._scalar_or_none(statement, params, connection, ack=True)
+        return self._attempts_or_none(statement, params, connection, ack=True)
 
     def mark_dead_letter_handled(
         self, kind: Kind | RowKind, row_id: uuid.UUID, reason: str, *, connection: Connection
@@ -1039,61 +1086,17 @@ class PostgresStore:
         params = {"ids": [i for i, _ in items], "tokens": [t for _, t in items]}
         return {r.id for r in self._run(statement, params, relaxed=True)}
 
-    def describe_stale(self, kind: Kind | RowKind, row_id: uuid.UUID) -> Any:
+    def describe_stale(self, kind: Kind | RowKind, row_id: uuid.UUID) -> StaleRow | None:
         """A row's state as a stale delivery sees it (None: the row is gone)."""
-        return self._run(kind_of(kind).statements.describe_stale, {"id": row_id}).first()
-
-    # -- the per-kind names the tests use (one-line delegations) ---------------------------
-    def claim_effects(
-        self, token: str, workflow_types: Sequence[str], **kw: Any
-    ) -> list[ClaimedRow]:
-        """`claim` of effects."""
-        return self.claim(EFFECT, token, workflow_types, **kw)
-
-    def claim_timers(
-        self, token: str, workflow_types: Sequence[str], **kw: Any
-    ) -> list[ClaimedRow]:
-        """`claim` of timers."""
-        return self.claim(TIMER, token, workflow_types, **kw)
-
-    def start_effect(
-        self, effect_id: uuid.UUID, token: str, run_token: str, **kw: Any
-    ) -> StartedRow | None:
-        return self.start(EFFECT, effect_id, token, run_token, **kw)
-
-    def start_timer(
-        self, timer_id: uuid.UUID, token: str, run_token: str, **kw: Any
-    ) -> StartedRow | None:
-        return self.start(TIMER, timer_id, token, run_token, **kw)
-
-    def mark_processed(self, effect_id: uuid.UUID, token: str, **kw: Any) -> bool:
-        return self.record_processed(EFFECT, effect_id, token, **kw)
-
-    def mark_timer_processed(self, timer_id: uuid.UUID, token: str, **kw: Any) -> bool:
-        return self.record_processed(TIMER, timer_id, token, **kw)
-
-    def record_failure(self, effect_id: uuid.UUID, token: str, error: str, **kw: Any) -> int | None:
-        return self.record_failed_attempt(EFFECT, effect_id, token, error, **kw)
-
-    def record_timer_failure(
-        self, timer_id: uuid.UUID, token: str, error: str, **kw: Any
-    ) -> int | None:
-        return self.record_failed_attempt(TIMER, timer_id, token, error, **kw)
-
-    def record_permanent_failure(
-        self, effect_id: uuid.UUID, token: str, error: str, **kw: Any
-    ) -> int | None:
-        return self.record_dead_letter(EFFECT, effect_id, token, error, **kw)
-
-    def dead_letter_timer(
-        self, timer_id: uuid.UUID, token: str, error: str, **kw: Any
-    ) -> int | None:
-        return self.record_dead_letter(TIMER, timer_id, token, error, **kw)
+        row = self._run(kind_of(kind).statements.describe_stale, {"id": row_id}).first()
+        return None if row is None else StaleRow(*row)
 
     # -- dead letters (service.dead_letters) ---------------------------------------------
-    def fetch_dead_letter_rows(self, kind: Kind | RowKind, params: dict[str, Any]) -> list[Any]:
+    def fetch_dead_letter_rows(self, kind: Kind | RowKind, params: dict[str, Any]) -> list[RowInfo]:
         """Dead-letter rows matching a `DeadLetterQuery`'s bind parameters, newest first."""
-        return self._run(kind_of(kind).statements.fetch_dead_letters, params).all()
+        row_kind = kind_of(kind)
+        rows = self._run(row_kind.statements.fetch_dead_letters, params)
+        return [RowInfo.of(row_kind.name, r) for r in rows]
 
     def count_dead_letter_rows(self, kind: Kind | RowKind, params: dict[str, Any]) -> int:
         """How many dead-letter rows match a `DeadLetterQuery`'s bind parameters."""
@@ -1107,14 +1110,19 @@ class PostgresStore:
         params: dict[str, Any],
         *,
         connection: Connection | None = None,
-    ) -> Any:
+    ) -> RowInfo | None:
         """A row with what decides whether it may be retried or discarded (``is_dead``,
         ``in_flight``); inside the caller's transaction it is row-locked. None: no row."""
-        statements = kind_of(kind).statements
+        row_kind = kind_of(kind)
+        statements = row_kind.statements
         if connection is None:
-            return self._run(statements.get_dead_letter, {"id": row_id, **params}).first()
-        with storage_errors():
-            return connection.execute(statements.lock_dead_letter, {"id": row_id, **params}).first()
+            row = self._run(statements.get_dead_letter, {"id": row_id, **params}).first()
+        else:
+            with storage_errors():
+                row = connection.execute(
+                    statements.lock_dead_letter, {"id": row_id, **params}
+                ).first()
+        return None if row is None else RowInfo.of(row_kind.name, row)
 
     def retry_dead_letter_row(
         self, kind: Kind | RowKind, row_id: uuid.UUID, *, connection: Connection
@@ -1153,12 +1161,19 @@ class PostgresStore:
 
     # -- cancel (operations.cancel) ---------------------------------------------------------
     def lock_row_for_cancel(
-        self, kind: Kind | RowKind, row_id: uuid.UUID, *, connection: Connection
-    ) -> Any:
+        self,
+        kind: Kind | RowKind,
+        row_id: uuid.UUID,
+        limits: AttemptLimits,
+        *,
+        connection: Connection,
+    ) -> RowInfo | None:
         """The row, locked, with whether a handler is running it; None: no such row."""
-        statement = kind_of(kind).statements.lock_for_cancel
+        row_kind = kind_of(kind)
+        params = {"id": row_id, **limits.params()}
         with storage_errors():
-            return connection.execute(statement, {"id": row_id}).first()
+            row = connection.execute(row_kind.statements.lock_for_cancel, params).first()
+        return None if row is None else RowInfo.of(row_kind.name, row)
 
     def cancel_row(
         self, kind: Kind | RowKind, row_id: uuid.UUID, reason: str, *, connection: Connection
@@ -1170,11 +1185,12 @@ class PostgresStore:
 
     def lock_instance_for_cancel(
         self, workflow_type: str, workflow_id: str, *, connection: Connection
-    ) -> Any:
+    ) -> LockedInstance | None:
         """The instance row (``completed_at``), locked; None: no such instance."""
         params = {"wt": workflow_type, "wid": workflow_id}
         with storage_errors():
-            return connection.execute(sql.LOCK_INSTANCE_FOR_CANCEL, params).first()
+            row = connection.execute(sql.LOCK_INSTANCE_FOR_CANCEL, params).first()
+        return None if row is None else LockedInstance(row.completed_at)
 
     def running_rows_of_instance(
         self, kind: Kind | RowKind, workflow_type: str, workflow_id: str, *, connection: Connection
@@ -1213,9 +1229,26 @@ class PostgresStore:
         params = {"age": age_seconds, "batch": batch_size}
         return self._run(sql.PURGE_OBSERVATIONS, params).rowcount
 
-    def queue_status_rows(self, *, max_attempts: int | AttemptLimits) -> list[Any]:
+    def queue_status_rows(self, *, max_attempts: int | AttemptLimits) -> list[QueueDepthRow]:
         """Unprocessed rows per workflow type and state (`sql.QUEUE_STATUS`)."""
-        return self._run(sql.QUEUE_STATUS, AttemptLimits.of(max_attempts).params()).all()
+        rows = self._run(sql.QUEUE_STATUS, AttemptLimits.of(max_attempts).params())
+        return [
+            QueueDepthRow(
+                r.workflow_type,
+                r.e_pending,
+                r.e_in_flight,
+                r.e_backing_off,
+                r.e_dead,
+                _seconds(r.e_oldest),
+                r.t_due,
+                r.t_pending,
+                r.t_in_flight,
+                r.t_backing_off,
+                r.t_dead,
+                _seconds(r.t_oldest),
+            )
+            for r in rows
+        ]
 
     # -- execute tasks' idempotency keys (engine.inputs) ----------------------------------
     def lock_idempotency_key(self, lock: str, *, connection: Connection) -> None:
@@ -1427,7 +1460,10 @@ class PostgresStore:
 
     def next_due(self, types: Sequence[str], limits: AttemptLimits) -> datetime | None:
         """When the next live row of these workflow types becomes claimable (None: none)."""
-        return self._run(sql.TEST_NEXT_DUE, {"types": list(types), **limits.params()}).scalar()
+        due: datetime | None = self._run(
+            sql.TEST_NEXT_DUE, {"types": list(types), **limits.params()}
+        ).scalar()
+        return due
 
     def any_unfinished(self, kind: Kind | RowKind, ids: Sequence[uuid.UUID]) -> bool:
         """Whether any of these rows is still held (leased, not finished)."""
@@ -1451,7 +1487,7 @@ class PostgresStore:
         return list(self._run(statement, {"wt": workflow_type, "wid": workflow_id}))
 
     # -- helpers -------------------------------------------------------------------------------
-    def _scalar_or_none(
+    def _attempts_or_none(
         self,
         statement: Any,
         params: dict[str, Any],
@@ -1459,13 +1495,14 @@ class PostgresStore:
         *,
         relaxed: bool = False,
         ack: bool = False,
-    ) -> Any:
+    ) -> int | None:
+        """The ``attempts`` an outcome statement returns; None when it matched no row."""
         if connection is not None:
             with storage_errors():
                 row = connection.execute(statement, params).first()
         else:
             row = self._run(statement, params, relaxed=relaxed, ack=ack).first()
-        return None if row is None else row[0]
+        return None if row is None else int(row[0])
 
 
 class _Buffered:

@@ -56,12 +56,13 @@ from ironflow_celery.errors import (
 )
 from ironflow_celery.model.config import RuntimeConfig
 from ironflow_celery.model.messages import Message
+from ironflow_celery.model.tasknames import Kind
 from ironflow_celery.model.workflow import EffectContext, ExecuteOutcome, Workflow, WorkflowRef
 from ironflow_celery.service.aio import call_handler
 from ironflow_celery.service.workflow_service import Registry, WorkflowService, decode_events
 from ironflow_celery.storage import schema, sql
 from ironflow_celery.storage.db import normalize_url
-from ironflow_celery.storage.kinds import kind_of
+from ironflow_celery.storage.kinds import KINDS, kind_of
 from ironflow_celery.storage.store import ClaimedRow, PostgresStore
 
 __all__ = [
@@ -87,8 +88,6 @@ __all__ = [
     "server_unreachable",
     "server_url",
 ]
-
-Kind = Literal["effect", "timer"]
 
 DEFAULT_SERVER_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 #: Test databases are named ``<prefix><hint>_<random>``; projects sharing a server give
@@ -420,13 +419,15 @@ def drain(
         horizon = clock.now() + skip_time
     ran: list[Ran] = []
     while True:
-        if worker:
-            step = _worker_round(runtime, "effect", clock, timeout) or _worker_round(
-                runtime, "timer", clock, timeout
-            )
-        else:
-            one = _run_one(runtime, "effect", clock) or _run_one(runtime, "timer", clock)
-            step = [one] if one is not None else []
+        step: list[Ran] = []
+        for kind in KINDS:  # effects first, then timers (`KIND_NAMES` order)
+            if worker:
+                step = _worker_round(runtime, kind.name, clock, timeout)
+            else:
+                one = _run_one(runtime, kind.name, clock)
+                step = [one] if one is not None else []
+            if step:
+                break
         if step:
             ran.extend(step)
             if len(ran) > max_steps:
@@ -469,7 +470,7 @@ def _decode(runtime: WorkflowRuntime, kind: Kind, row: ClaimedRow) -> tuple[str,
     payload = runtime.store.stored_body(kind, row.id)
     tag = payload.get("type", "?") if isinstance(payload, dict) else type(payload).__name__
     workflow = runtime.registry.get(row.workflow_type).workflow
-    union = workflow.effects if kind == "effect" else workflow.inputs
+    union = kind_of(kind).union_of(workflow)
     try:
         return tag, union.decode(payload)
     except InvalidPayload:
@@ -483,9 +484,9 @@ def _run_one(runtime: WorkflowRuntime, kind: Kind, clock: TestClock | None) -> R
         return None
     row = rows[0]
     tag, payload = _decode(runtime, kind, row)
-    run = tasks.run_effect if kind == "effect" else tasks.run_timer
     ref = f"{row.workflow_type}:{row.workflow_id}"
-    result = run(runtime, ref, str(row.id), row.attempts + 1, token)
+    delivery = tasks.Delivery(str(row.id), ref, row.attempts + 1, token)
+    result = tasks.run_rows(runtime, kind_of(kind), [delivery])[0]
     returned = _RETURNED.pop(row.id, None)
     return Ran(
         kind=kind,

@@ -128,18 +128,17 @@ def _timeline(detail: ins.InstanceDetail) -> list[dict[str, Any]]:
         }
         for e in detail.events
     ]
-    for kind, rows in (("effect", detail.effects), ("timer", detail.timers)):
-        for r in rows:
-            entries.append(
-                {
-                    "at": r.created_at,
-                    "what": kind,
-                    "name": r.effect_type or "-",
-                    "state": r.state,
-                    "detail": r.last_error or "",
-                    "row": r,
-                }
-            )
+    for r in (*detail.effects, *detail.timers):
+        entries.append(
+            {
+                "at": r.created_at,
+                "what": r.kind,
+                "name": r.effect_type or "-",
+                "state": r.state,
+                "detail": r.last_error or "",
+                "row": r,
+            }
+        )
     entries.sort(key=lambda entry: entry["at"])
     return entries
 
