@@ -13,6 +13,8 @@ import os
 import re
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import sqlalchemy as sa
@@ -21,6 +23,9 @@ from sqlalchemy.engine import make_url
 from ironflow_celery.storage import schema
 from ironflow_celery.storage.db import create_engine, normalize_url
 from ironflow_celery.storage.store import PostgresStore
+
+if TYPE_CHECKING:
+    from tests.e2e import Processes
 
 pytest_plugins = ("celery.contrib.pytest",)
 
@@ -130,6 +135,29 @@ def store(database_url: str) -> Iterator[PostgresStore]:
 def db(store: PostgresStore) -> sa.Engine:
     """The test database's engine, for direct SQL in assertions."""
     return store.engine
+
+
+# -- end-to-end: real worker and relay processes (helpers in tests/e2e.py) ------------------
+
+
+@pytest.fixture
+def procs(tmp_path: Path) -> Iterator[Processes]:
+    """Workers, relays and servers one test starts, killed (with their process groups) at
+    teardown; their logs are printed, which pytest shows when the test failed."""
+    from tests.e2e import Processes
+
+    processes = Processes(tmp_path)
+    try:
+        yield processes
+    finally:
+        processes.kill_all()
+        print(processes.report())
+
+
+@pytest.fixture
+def queue() -> str:
+    """A broker queue of this test's own."""
+    return f"e2e-{uuid.uuid4().hex[:12]}"
 
 
 # -- what the suite does to the machine, said once and undone at the end ------------------

@@ -1,6 +1,6 @@
 """End-to-end: a worker host that dies or loses a service (DESIGN invariant 13).
 
-Real ``celery worker`` processes (the fixtures of ``test_e2e_workers``), each test on its
+Real ``celery worker`` processes (``procs`` and ``queue``: tests/conftest.py), each test on its
 own queue and database; the services a test stops, pauses or cuts off are disposable
 instances of its own (a PostgreSQL cluster, a redis-server, a TCP proxy per host).
 """
@@ -27,8 +27,7 @@ from ironflow_celery import install
 from ironflow_celery.engine.deliveries import LostDeliveries
 from ironflow_celery.storage import schema
 from ironflow_celery.storage.db import create_engine
-from tests.e2e_apps.workflows import OrderWorkflow, Place
-from tests.test_e2e_workers import (
+from tests.e2e import (
     PG_BIN,
     REDIS_URL,
     DisposablePostgres,
@@ -46,24 +45,10 @@ from tests.test_e2e_workers import (
     sql,
     wait_until,
 )
+from tests.e2e_apps.workflows import OrderWorkflow, Place
 from tests.waiting import wait_for_progress
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture
-def procs(tmp_path: Path) -> Iterator[Processes]:
-    processes = Processes(tmp_path)
-    try:
-        yield processes
-    finally:
-        processes.kill_all()
-        print(processes.report())  # pytest shows it when the test failed
-
-
-@pytest.fixture
-def queue() -> str:
-    return f"e2e-hosts-{uuid.uuid4().hex[:12]}"
 
 
 @pytest.fixture
