@@ -38,7 +38,7 @@ from ironflow_celery.errors import (
     InvalidPayload,
     ProjectionError,
 )
-from ironflow_celery.integration.supervisor import start_service
+from ironflow_celery.integration.supervisor import Target, WorkerService
 from ironflow_celery.model.settings import read_settings
 from ironflow_celery.model.storable import check_text, storable_text
 from ironflow_celery.storage import sql
@@ -572,27 +572,45 @@ def run_projections(
 # -- the worker bootstep -------------------------------------------------------------------
 
 
-@dataclass
-class _ProjectionJob:
-    runtime: Any
-    projections: list[Projection]
-    config: ProjectionConfig
+class ProjectionService(WorkerService):
+    """The projections of one worker: what `ProjectionStep` creates and Celery starts and
+    stops. A cold shutdown kills the process after a second: each batch commits with its
+    checkpoint, so nothing is skipped."""
 
-    def __call__(self, stop_event: Any) -> None:
-        run_projections(
-            self.runtime.store,
-            self.projections,
-            stop_event,
-            registry=self.runtime.registry,
-            config=self.config,
-            join_timeout=self.runtime.config.shutdown_timeout,
-        )
+    label = "projections"
+    name = "ironflow-projections"
+
+    def __init__(self, worker: Any, projections: list[Projection]) -> None:
+        super().__init__(worker)
+        self.projections = projections
+
+    def prepare(self) -> tuple[Target, float]:
+        runtime = runtime_of(self.worker.app)
+        runtime.load_workflows()
+        config = projection_config_from(self.worker.app.conf)
+        timeout = runtime.config.shutdown_timeout
+
+        def run(stop_event: Any) -> None:
+            run_projections(
+                runtime.store,
+                self.projections,
+                stop_event,
+                registry=runtime.registry,
+                config=config,
+                join_timeout=timeout,
+            )
+
+        return run, timeout
+
+    def started(self, service: Any) -> None:
+        log.info("ironflow projections started: %s", ", ".join(p.name for p in self.projections))
 
 
 class ProjectionStep(bootsteps.StartStopStep):
     """Runs the configured projections (``ironflow_projections``) inside ``celery
     worker``, supervised like the relays; off when none are configured. The worker
-    bootstep `ironflow_celery.install` adds."""
+    bootstep `ironflow_celery.install` adds: Celery starts and stops the
+    `ProjectionService` that ``create`` returns."""
 
     label = "ironflow projections"
 
@@ -600,40 +618,10 @@ class ProjectionStep(bootsteps.StartStopStep):
         super().__init__(worker, **kwargs)
         self.projections = configured_projections(worker.app.conf)
         self.enabled = bool(self.projections)
-        self.service: Any = None
 
-    def create(self, worker: Any) -> Any:
-        return self
-
-    def start(self, worker: Any) -> None:
-        runtime = runtime_of(worker.app)
-        runtime.load_workflows()
-        job = _ProjectionJob(runtime, self.projections, projection_config_from(worker.app.conf))
-        self.service = start_service(
-            "projections",
-            "ironflow-projections",
-            job,
-            worker=worker,
-            shutdown_timeout=runtime.config.shutdown_timeout,
-        )
-        log.info("ironflow projections started: %s", ", ".join(p.name for p in self.projections))
-
-    def stop(self, worker: Any) -> None:
-        if self.service is not None:
-            self.service.stop()
-            self.service = None
-
-    def terminate(self, worker: Any) -> None:
-        """Cold shutdown: a second at most, then the projections process is killed
-        (each batch commits with its checkpoint, so nothing is skipped)."""
-        if self.service is not None:
-            self.service.stop(cold=True)
-            self.service = None
-
-    def shutdown(self, worker: Any) -> None:
-        self.stop(worker)
+    def create(self, worker: Any) -> ProjectionService:
+        return ProjectionService(worker, self.projections)
 
     def ironflow_state(self) -> dict[str, Any]:
         """This step's part of ``celery inspect ironflow_relay``."""
-        service = self.service
-        return {"projections": service.state() if service is not None else {"mode": "stopped"}}
+        return {"projections": self.obj.state() if self.obj is not None else {"mode": "stopped"}}
