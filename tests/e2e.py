@@ -29,6 +29,8 @@ import redis
 
 from devtools import local_services
 from ironflow_celery.service.workflow_service import Registry, WorkflowService
+from ironflow_celery.storage import schema
+from ironflow_celery.storage.db import create_engine
 from ironflow_celery.storage.store import PostgresStore
 from tests.e2e_apps.workflows import CALLS_TABLE_DDL, OrderWorkflow
 
@@ -438,4 +440,19 @@ class DisposablePostgres:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-# -- 1. a worker killed mid-handler ------------------------------------------------------
+@contextlib.contextmanager
+def disposable_database() -> Iterator[tuple[DisposablePostgres, str]]:
+    """A `DisposablePostgres` with the schema and the e2e table in its database ``e2e``;
+    yields (the cluster, that database's URL) and destroys the cluster afterwards."""
+    pg = DisposablePostgres()
+    try:
+        pg.init()
+        sql(pg.url, "CREATE DATABASE e2e")
+        url = pg.url.rsplit("/", 1)[0] + "/e2e"
+        engine = create_engine(url, pool_size=1)
+        schema.upgrade(engine)
+        engine.dispose()
+        prepare_database(url)
+        yield pg, url
+    finally:
+        pg.destroy()

@@ -25,8 +25,6 @@ from celery import Celery
 
 from ironflow_celery import install
 from ironflow_celery.engine.deliveries import LostDeliveries
-from ironflow_celery.storage import schema
-from ironflow_celery.storage.db import create_engine
 from tests.e2e import (
     PG_BIN,
     REDIS_URL,
@@ -36,6 +34,7 @@ from tests.e2e import (
     all_processed,
     charged_per_instance,
     descendants,
+    disposable_database,
     make_env,
     outbox_counts,
     prepare_database,
@@ -132,23 +131,6 @@ def first_logged(output: str, marks: tuple[str, ...]) -> datetime | None:
 
 def handler_pids(url: str) -> set[int]:
     return {r[0] for r in sql(url, "SELECT DISTINCT pid FROM e2e_calls")}
-
-
-@contextlib.contextmanager
-def disposable_database() -> Iterator[tuple[DisposablePostgres, str]]:
-    """A PostgreSQL cluster of our own with the schema and the e2e table in database e2e."""
-    pg = DisposablePostgres()
-    try:
-        pg.init()
-        sql(pg.url, "CREATE DATABASE e2e")
-        url = pg.url.rsplit("/", 1)[0] + "/e2e"
-        engine = create_engine(url, pool_size=1)
-        schema.upgrade(engine)
-        engine.dispose()
-        prepare_database(url)
-        yield pg, url
-    finally:
-        pg.destroy()
 
 
 def stop_postgres(pg: DisposablePostgres) -> None:
