@@ -204,7 +204,7 @@ class RelayService(WorkerService):
 
     label = "relay"
     name = "ironflow-relay"
-    _routes: dict[str, dict[str, str]] = {}
+    _routes: dict[str, dict[str, str]]  # what `prepare` decided, for `started`
 
     def prepare(self) -> tuple[Target, float]:
         runtime = runtime_of(self.worker.app)
