@@ -1,7 +1,10 @@
-"""Shared fixtures: a fresh migrated PostgreSQL database per test, Celery's in-thread workers.
+"""Shared fixtures: a fresh migrated PostgreSQL database per test (the testing kit's),
+Celery's in-thread workers, the end-to-end tests' process registry and queue.
 
-Each test gets its own database, cloned from a template that this session (or xdist
-worker) migrated once, and dropped afterwards; tests therefore run in parallel safely.
+Each test gets its own database from the shipped testing kit (`ironflow_celery.testing`
+through its pytest plugin, ``ironflow_database_url``): cloned from a template that this
+session (or xdist worker) migrated once, and dropped afterwards; tests therefore run in
+parallel safely.
 Celery's in-process fixtures (``celery_app``, ``celery_worker``, …) come from
 ``celery.contrib.pytest``, loaded below (Celery no longer registers it as a plugin).
 """
@@ -13,14 +16,19 @@ import os
 import re
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
-from ironflow_celery.storage import schema
 from ironflow_celery.storage.db import create_engine, normalize_url
 from ironflow_celery.storage.store import PostgresStore
+from ironflow_celery.testing import server_url
+
+if TYPE_CHECKING:
+    from tests.e2e import Processes
 
 pytest_plugins = ("celery.contrib.pytest",)
 
@@ -45,14 +53,12 @@ def _adopt_broker_from_environment() -> None:
 
 _adopt_broker_from_environment()
 
-DEFAULT_SERVER_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
-
-
-def _server_url() -> str:
-    """The PostgreSQL server the tests use (dev.py exports IRONFLOW_DATABASE_URL)."""
-    return os.environ.get("IRONFLOW_TEST_DATABASE_URL") or os.environ.get(
-        "IRONFLOW_DATABASE_URL", DEFAULT_SERVER_URL
-    )
+# -- databases: the testing kit's (ironflow_celery.testing, its pytest plugin) ---------------
+# The plugin (``ironflow_celery_pytest``, registered by the package's pytest11 entry point)
+# gives ``ironflow_databases``: a per-session `TestDatabases` whose template is migrated
+# once per session (per xdist worker) and cloned per test. The suite's tests therefore run
+# on the databases a user's tests get, test clock schema included (no clock row: the
+# database's now() is the real time).
 
 
 def _with_database(url: str, name: str) -> str:
@@ -63,24 +69,10 @@ def _with_database(url: str, name: str) -> str:
 def pg_admin_engine() -> Iterator[sa.Engine]:
     """An autocommit engine on the server's maintenance database (CREATE/DROP DATABASE)."""
     engine = create_engine(
-        _with_database(_server_url(), "postgres"), isolation_level="AUTOCOMMIT", pool_size=1
+        _with_database(server_url(), "postgres"), isolation_level="AUTOCOMMIT", pool_size=1
     )
     yield engine
     engine.dispose()
-
-
-@pytest.fixture(scope="session")
-def template_database(pg_admin_engine: sa.Engine, worker_id: str) -> Iterator[str]:
-    """A database with all migrations applied, cloned by each test."""
-    name = f"ironflow_tpl_{worker_id}_{uuid.uuid4().hex[:8]}"
-    with pg_admin_engine.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    engine = create_engine(_with_database(_server_url(), name), pool_size=1)
-    schema.upgrade(engine)
-    engine.dispose()
-    yield name
-    with pg_admin_engine.connect() as conn:
-        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 @pytest.fixture(scope="session")
@@ -89,31 +81,21 @@ def worker_id(request: pytest.FixtureRequest) -> str:
     return getattr(request.config, "workerinput", {}).get("workerid", "master")
 
 
-def _db_name(request: pytest.FixtureRequest) -> str:
-    base = re.sub(r"[^a-z0-9]+", "_", request.node.name.lower())[:30]
-    return f"test_{base}_{uuid.uuid4().hex[:10]}"
-
-
 @pytest.fixture
-def database_url(
-    request: pytest.FixtureRequest, pg_admin_engine: sa.Engine, template_database: str
-) -> Iterator[str]:
-    """URL of a fresh, migrated database for this test only."""
-    name = _db_name(request)
-    with pg_admin_engine.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"'))
-    yield _with_database(_server_url(), name)
-    with pg_admin_engine.connect() as conn:
-        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+def database_url(ironflow_database_url: str) -> str:
+    """URL of a fresh, migrated database for this test only (the kit's, dropped after it)."""
+    return ironflow_database_url
 
 
 @pytest.fixture
 def empty_database_url(request: pytest.FixtureRequest, pg_admin_engine: sa.Engine) -> Iterator[str]:
-    """URL of a fresh database without the ironflow schema."""
-    name = _db_name(request)
+    """URL of a fresh database without the ironflow schema (the kit makes only migrated
+    ones): for the tests of migrating itself."""
+    base = re.sub(r"[^a-z0-9]+", "_", request.node.name.lower())[:30]
+    name = f"test_{base}_{uuid.uuid4().hex[:10]}"
     with pg_admin_engine.connect() as conn:
         conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    yield _with_database(_server_url(), name)
+    yield _with_database(server_url(), name)
     with pg_admin_engine.connect() as conn:
         conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
@@ -130,6 +112,29 @@ def store(database_url: str) -> Iterator[PostgresStore]:
 def db(store: PostgresStore) -> sa.Engine:
     """The test database's engine, for direct SQL in assertions."""
     return store.engine
+
+
+# -- end-to-end: real worker and relay processes (helpers in tests/e2e.py) ------------------
+
+
+@pytest.fixture
+def procs(tmp_path: Path) -> Iterator[Processes]:
+    """Workers, relays and servers one test starts, killed (with their process groups) at
+    teardown; their logs are printed, which pytest shows when the test failed."""
+    from tests.e2e import Processes
+
+    processes = Processes(tmp_path)
+    try:
+        yield processes
+    finally:
+        processes.kill_all()
+        print(processes.report())
+
+
+@pytest.fixture
+def queue() -> str:
+    """A broker queue of this test's own."""
+    return f"e2e-{uuid.uuid4().hex[:12]}"
 
 
 # -- what the suite does to the machine, said once and undone at the end ------------------

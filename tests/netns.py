@@ -28,7 +28,7 @@ from pathlib import Path
 
 import redis
 
-from tests.test_e2e_workers import PG_BIN, DisposablePostgres, _redis_server, wait_until
+from tests.e2e import PG_BIN, DisposablePostgres, redis_server_bin, wait_until
 
 #: The two networks of the hub: the database host's and the broker host's.
 NETWORKS = {"dbnet": "10.231.1", "brnet": "10.231.2"}
@@ -218,7 +218,7 @@ class NetnsRedis:
 
     def start(self) -> None:
         argv = [
-            *self.host.exec_prefix(), _redis_server(),
+            *self.host.exec_prefix(), redis_server_bin(),
             "--bind", self.address, "--port", "6379", "--protected-mode", "no",
             "--unixsocket", str(self.socket), "--unixsocketperm", "700",
             "--save", "", "--appendonly", "no", "--daemonize", "no", "--dir", str(self.workdir),

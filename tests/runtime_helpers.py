@@ -24,11 +24,11 @@ import redis
 import sqlalchemy as sa
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
-from waiting import wait_for_progress  # noqa: F401  (re-exported for the tests)
 from workflows import CALLS, TestWorkflow, TimerTestWorkflow, test_handler, timer_test_handler
 
 from ironflow_celery import RetryPolicy, RuntimeConfig, WorkflowRuntime, install
 from ironflow_celery.storage.store import PostgresStore
+from tests.waiting import wait_for_progress  # noqa: F401  (re-exported for the tests)
 
 BROKER_URL = os.environ.get("IRONFLOW_TEST_BROKER_URL", "redis://127.0.0.1:6379/5")
 CLOSED_BROKER_URL = "redis://127.0.0.1:1/0"

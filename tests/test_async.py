@@ -200,7 +200,7 @@ def test_async_handlers_on_a_prefork_worker_fed_by_celery_call(
     prefork worker whose pool processes each run the async handler on their own loop."""
     import subprocess
 
-    from tests.test_e2e_workers import (
+    from tests.e2e import (
         BIN,
         REDIS_URL,
         REPO,
@@ -209,7 +209,7 @@ def test_async_handlers_on_a_prefork_worker_fed_by_celery_call(
         redis_queue_cleanup,
         sql,
     )
-    from tests.test_e2e_workers import wait_until as e2e_wait
+    from tests.e2e import wait_until as e2e_wait
 
     app = "tests.e2e_apps.async_app"
     queue = f"e2e-async-{uuid.uuid4().hex[:8]}"

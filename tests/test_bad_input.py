@@ -466,11 +466,11 @@ def test_evolve_or_is_terminal_that_raises_writes_nothing(
     seeded: WorkflowService, db: sa.Engine
 ) -> None:
     for wid in EXISTING_AND_NEW:
-        for how, message in (
-            ("evolve-raises", "evolve exploded"),
-            ("terminal-raises", "is_terminal exploded"),
+        for how, raised, message in (
+            ("evolve-raises", ValueError, "evolve exploded"),
+            ("terminal-raises", RuntimeError, "is_terminal exploded"),
         ):
-            with unchanged(db), pytest.raises(Exception, match=message):
+            with unchanged(db), pytest.raises(raised, match=message):
                 seeded.execute(Poke(id=wid, how=how))
 
 

@@ -180,7 +180,7 @@ def own_cluster() -> Iterator[str]:
     """A PostgreSQL cluster of this test's own, migrated: HOT pruning waits for the oldest
     transaction of the whole cluster's snapshots, so a shared server busy with other
     databases' transactions would make the HOT share depend on the machine's load."""
-    from tests.test_e2e_workers import DisposablePostgres
+    from tests.e2e import DisposablePostgres
 
     pg = DisposablePostgres()
     try:

@@ -591,8 +591,7 @@ def test_revoke_with_terminate_kills_the_running_handler_and_cancels_its_row(
     import psutil
     from celery import Celery
 
-    from tests.e2e_apps.workflows import Place as E2EPlace
-    from tests.test_e2e_workers import (
+    from tests.e2e import (
         REDIS_URL,
         Processes,
         make_env,
@@ -600,7 +599,8 @@ def test_revoke_with_terminate_kills_the_running_handler_and_cancels_its_row(
         redis_queue_cleanup,
         service_for,
     )
-    from tests.test_e2e_workers import sql as esql
+    from tests.e2e import sql as esql
+    from tests.e2e_apps.workflows import Place as E2EPlace
 
     prepare_database(database_url)
     queue = f"cx-{uuid.uuid4().hex[:12]}"

@@ -16,15 +16,13 @@ from sqlalchemy.pool import NullPool, QueuePool
 
 from ironflow_celery.engine.runtime import WorkflowRuntime
 from ironflow_celery.storage.store import PostgresStore
-from tests.test_e2e_workers import (
+from tests.e2e import (
     REDIS_URL,
     Processes,
     all_processed,
     insert_effects,
     make_env,
     prepare_database,
-    procs,  # noqa: F401 - the fixture
-    queue,  # noqa: F401 - the fixture
     redis_queue_cleanup,
     sql,
     wait_until,
@@ -64,8 +62,8 @@ def backends_by_process(url: str, root_pid: int) -> dict[int, list[tuple[int, st
 @pytest.mark.e2e
 def test_prefork_worker_holds_one_backend_per_pool_process_and_two_for_its_relay(
     database_url: str,
-    procs: Processes,  # noqa: F811
-    queue: str,  # noqa: F811
+    procs: Processes,
+    queue: str,
 ) -> None:
     """``-c 3`` under load: every pool process at most 1 backend, the relay process at most
     2 (one of them its LISTEN), so a host holds at most ``2 + c``; idle, a pool process

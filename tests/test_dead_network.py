@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_e2e_workers import REPO, DisposablePostgres, wait_until
+from tests.e2e import REPO, DisposablePostgres, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -126,7 +126,7 @@ class NamespacedPostgres(DisposablePostgres):
 
 
 def _pg_ctl() -> Path:
-    from tests.test_e2e_workers import PG_BIN
+    from tests.e2e import PG_BIN
 
     return PG_BIN / "pg_ctl"
 

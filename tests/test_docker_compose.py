@@ -21,11 +21,11 @@ from typing import Any
 
 import pytest
 import yaml
-from test_e2e_workers import (
+
+from tests.e2e import (
     BIN,
     REDIS_URL,
     Processes,
-    procs,  # noqa: F401 - the fixture
     redis_queue_cleanup,
     sql,
     wait_until,
@@ -186,7 +186,7 @@ def readme_docker_commands() -> list[list[str]]:
 def test_the_readme_submits_an_order_to_the_compose_worker(
     compose: dict[str, Any],
     database_url: str,
-    procs: Processes,  # noqa: F811 - the fixture imported above
+    procs: Processes,
 ) -> None:
     """The worker's command, in the compose environment (database and broker pointed at
     test ones, a queue of its own): the README's submit command takes an order to its end,

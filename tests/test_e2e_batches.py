@@ -22,8 +22,7 @@ from pathlib import Path
 import pytest
 
 from ironflow_celery.storage.store import PostgresStore
-from tests.e2e_apps.batch_app import BatchWorkflow, Go, handle_job
-from tests.test_e2e_workers import (
+from tests.e2e import (
     BIN,
     REDIS_URL,
     DisposableRedis,
@@ -35,6 +34,7 @@ from tests.test_e2e_workers import (
     sql,
     wait_until,
 )
+from tests.e2e_apps.batch_app import BatchWorkflow, Go, handle_job
 
 pytestmark = pytest.mark.e2e
 

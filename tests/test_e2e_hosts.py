@@ -1,6 +1,6 @@
 """End-to-end: a worker host that dies or loses a service (DESIGN invariant 13).
 
-Real ``celery worker`` processes (the fixtures of ``test_e2e_workers``), each test on its
+Real ``celery worker`` processes (``procs`` and ``queue``: tests/conftest.py), each test on its
 own queue and database; the services a test stops, pauses or cuts off are disposable
 instances of its own (a PostgreSQL cluster, a redis-server, a TCP proxy per host).
 """
@@ -25,10 +25,7 @@ from celery import Celery
 
 from ironflow_celery import install
 from ironflow_celery.engine.deliveries import LostDeliveries
-from ironflow_celery.storage import schema
-from ironflow_celery.storage.db import create_engine
-from tests.e2e_apps.workflows import OrderWorkflow, Place
-from tests.test_e2e_workers import (
+from tests.e2e import (
     PG_BIN,
     REDIS_URL,
     DisposablePostgres,
@@ -37,6 +34,7 @@ from tests.test_e2e_workers import (
     all_processed,
     charged_per_instance,
     descendants,
+    disposable_database,
     make_env,
     outbox_counts,
     prepare_database,
@@ -46,24 +44,10 @@ from tests.test_e2e_workers import (
     sql,
     wait_until,
 )
+from tests.e2e_apps.workflows import OrderWorkflow, Place
 from tests.waiting import wait_for_progress
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture
-def procs(tmp_path: Path) -> Iterator[Processes]:
-    processes = Processes(tmp_path)
-    try:
-        yield processes
-    finally:
-        processes.kill_all()
-        print(processes.report())  # pytest shows it when the test failed
-
-
-@pytest.fixture
-def queue() -> str:
-    return f"e2e-hosts-{uuid.uuid4().hex[:12]}"
 
 
 @pytest.fixture
@@ -147,23 +131,6 @@ def first_logged(output: str, marks: tuple[str, ...]) -> datetime | None:
 
 def handler_pids(url: str) -> set[int]:
     return {r[0] for r in sql(url, "SELECT DISTINCT pid FROM e2e_calls")}
-
-
-@contextlib.contextmanager
-def disposable_database() -> Iterator[tuple[DisposablePostgres, str]]:
-    """A PostgreSQL cluster of our own with the schema and the e2e table in database e2e."""
-    pg = DisposablePostgres()
-    try:
-        pg.init()
-        sql(pg.url, "CREATE DATABASE e2e")
-        url = pg.url.rsplit("/", 1)[0] + "/e2e"
-        engine = create_engine(url, pool_size=1)
-        schema.upgrade(engine)
-        engine.dispose()
-        prepare_database(url)
-        yield pg, url
-    finally:
-        pg.destroy()
 
 
 def stop_postgres(pg: DisposablePostgres) -> None:

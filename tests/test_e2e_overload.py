@@ -33,9 +33,7 @@ from ironflow_celery.service.workflow_service import Registry, WorkflowService
 from ironflow_celery.storage import schema
 from ironflow_celery.storage.db import create_engine
 from ironflow_celery.storage.store import PostgresStore
-from tests import test_e2e_workers
-from tests.e2e_apps.chains import Begin, ChainWorkflow
-from tests.test_e2e_workers import (
+from tests.e2e import (
     PG_BIN,
     REDIS_URL,
     DisposablePostgres,
@@ -47,14 +45,11 @@ from tests.test_e2e_workers import (
     sql,
     wait_until,
 )
+from tests.e2e_apps.chains import Begin, ChainWorkflow
 from tests.waiting import wait_for_progress
 
 # Waits are for progress (a stall fails them), so no fixed wall time cuts them short.
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
-
-# test_e2e_workers' fixtures: a process registry killed at teardown, a queue of the test's own
-procs = test_e2e_workers.procs
-queue = test_e2e_workers.queue
 
 # Each row's worker log line (tasks.ROW_LINE), in every delivery mode: a group's Celery
 # "Task … succeeded" line carries many rows' results.

@@ -17,21 +17,18 @@ import psycopg
 import pytest
 import redis
 
-from tests.e2e_apps.partition_app import PartA, PartB
-from tests.test_e2e_workers import (
+from tests.e2e import (
     BIN,
     DisposableRedis,
     Processes,
     calls_per_effect,
     make_env,
     prepare_database,
-    procs,
     sql,
     wait_until,
 )
+from tests.e2e_apps.partition_app import PartA, PartB
 from tests.waiting import wait_for_progress
-
-__all__ = ["procs"]  # the fixture, used by name
 
 pytestmark = pytest.mark.e2e
 

@@ -41,14 +41,12 @@ from ironflow_celery.service.workflow_service import Registry, WorkflowService
 from ironflow_celery.storage import schema
 from ironflow_celery.storage.db import create_engine
 from ironflow_celery.storage.store import PostgresStore
-from tests import test_e2e_workers
+from tests.e2e import BIN, Proc, Processes, make_env, sql, wait_until
 from tests.netns import HostNetwork, NetnsPostgres, NetnsRedis, refused
-from tests.test_e2e_workers import BIN, Proc, Processes, make_env, sql, wait_until
 from tests.waiting import wait_for_progress
 
 pytestmark = [pytest.mark.e2e, pytest.mark.hosts, pytest.mark.timeout(900)]
 
-procs = test_e2e_workers.procs  # its fixture: processes killed at teardown
 
 APP = "tests.e2e_apps.hosts_app"
 QUEUE = "hosts"

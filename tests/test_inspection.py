@@ -23,7 +23,6 @@ import pytest
 import sqlalchemy as sa
 from celery import Celery
 from click.testing import CliRunner
-from e2e_apps.ops_app import Delivered, OpsDemoWorkflow, Submit
 from ops_helpers import MAX_ATTEMPTS, insert_row
 from runtime_helpers import BROKER_URL, TestApp, test_config
 
@@ -32,6 +31,7 @@ from ironflow_celery import install
 from ironflow_celery.cli import EXIT_REFUSED, EXIT_USAGE, main
 from ironflow_celery.errors import InvalidInspectionRequest, UnknownWorkflowType
 from ironflow_celery.storage.store import PostgresStore
+from tests.e2e_apps.ops_app import Delivered, OpsDemoWorkflow, Submit
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

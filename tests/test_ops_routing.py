@@ -17,19 +17,18 @@ from typing import Any
 import pytest
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
-from e2e_apps.ops_app import OpsDemoWorkflow
 from runtime_helpers import BROKER_URL, delete_queue
-from test_e2e_workers import (  # the subprocess-worker fixtures
-    REDIS_URL,
-    Processes,
-    make_env,
-    procs,  # noqa: F401 (a fixture)
-    redis_queue_cleanup,
-)
 
 from ironflow_celery import install
 from ironflow_celery.integration.queue_check import check_unregistered, unregistered_consumers
 from ironflow_celery.model.tasknames import OPERATIONS_QUEUE, is_operations_task
+from tests.e2e import (
+    REDIS_URL,
+    Processes,
+    make_env,
+    redis_queue_cleanup,
+)
+from tests.e2e_apps.ops_app import OpsDemoWorkflow
 
 T = OpsDemoWorkflow.type
 
@@ -103,7 +102,7 @@ def test_operations_tasks_route_to_their_queue_and_the_check_names_them(
 
 def test_the_relay_names_a_worker_that_would_reject_its_messages_as_unregistered(
     database_url: str,
-    procs: Processes,  # noqa: F811 (the fixture imported above)
+    procs: Processes,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     queue = f"unreg-{uuid.uuid4().hex[:10]}"

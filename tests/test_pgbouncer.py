@@ -24,24 +24,22 @@ import pytest
 import sqlalchemy as sa
 
 from devtools import local_services
-from tests.e2e_apps.workflows import Place
-from tests.test_e2e_workers import (
+from tests.e2e import (
     REDIS_URL,
     Processes,
-    _service_user,
     event_types,
     free_port,
     insert_effects,
     make_env,
     prepare_database,
-    procs,  # noqa: F401 - the fixture
-    queue,  # noqa: F401 - the fixture
     redis_queue_cleanup,
     scalar,
     service_for,
+    service_user,
     sql,
     wait_until,
 )
+from tests.e2e_apps.workflows import Place
 
 pytestmark = [pytest.mark.e2e, pytest.mark.pgbouncer]
 
@@ -78,7 +76,7 @@ class PgBouncer:
         self.mode = mode
         self.port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="ironflow-pgbouncer-"))
-        self.user = _service_user()  # PgBouncer refuses to run as root
+        self.user = service_user()  # PgBouncer refuses to run as root
         self.proc: subprocess.Popen[bytes] | None = None
 
     def url(self, database_url: str) -> str:
@@ -163,8 +161,8 @@ def test_everything_runs_through_pgbouncer(
     bouncer: PgBouncer,
     direct_listen: bool,
     database_url: str,
-    procs: Processes,  # noqa: F811
-    queue: str,  # noqa: F811
+    procs: Processes,
+    queue: str,
 ) -> None:
     """Effects with follow-ups, timers, a dead letter (a payload its handler cannot read,
     two attempts) and a projection, with the database URL pointing at PgBouncer.

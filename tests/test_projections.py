@@ -455,9 +455,8 @@ def test_cli_workflows_graph_and_list(cli: Any) -> None:
 
 
 def test_orders_example_state_machine_golden_files() -> None:
-    from golden import assert_golden
-
     import ironflow_celery.examples.orders as orders
+    from tests.golden import assert_golden
 
     definition = describe(orders.OrderSaga)
     assert_golden("orders.mmd", definition.to_mermaid())

@@ -44,6 +44,7 @@ from workflows import (
 )
 
 from ironflow_celery import (
+    ConfigurationError,
     DuplicateWorkflowType,
     EffectContext,
     RetryPolicy,
@@ -515,7 +516,7 @@ def test_retry_policy_jitter_bounds() -> None:
         samples = [p.backoff_duration(attempt) for _ in range(200)]
         assert all(full * 0.5 <= s <= full for s in samples)
         assert len(set(samples)) > 1  # it does vary
-    with pytest.raises(Exception, match="jitter"):
+    with pytest.raises(ConfigurationError, match="jitter"):
         RetryPolicy(jitter=1.5)
 
 

@@ -99,6 +99,9 @@ def dump_catalog(engine: sa.Engine) -> set[Row]:
     """The live ironflow schema in the catalog's shape (kind, table, name, ...)."""
     rows: set[Row] = set()
     with engine.connect() as conn:
+        # PostgreSQL's default path: a database whose path puts another now() first (the
+        # testing kit's clock) would otherwise show the defaults as pg_catalog.now().
+        conn.exec_driver_sql('SET search_path = "$user", public')
         for t, col, dt, nullable, default in conn.execute(
             sa.text(
                 "SELECT table_name, column_name, data_type, is_nullable,"

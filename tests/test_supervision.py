@@ -19,9 +19,6 @@ import subprocess
 import threading
 import time
 import urllib.request
-import uuid
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import psutil
@@ -30,7 +27,11 @@ import sqlalchemy as sa
 from celery.contrib.testing.worker import start_worker
 from runtime_helpers import TestApp, delete_queue, outbox
 from runtime_helpers import wait_until as wait_for
-from test_e2e_workers import (
+from workflows import Mode, Start, TestWorkflow
+
+from ironflow_celery.integration.supervisor import ServiceProcess, ServiceThread
+from ironflow_celery.storage.store import PostgresStore
+from tests.e2e import (
     APP,
     BIN,
     REDIS_URL,
@@ -46,30 +47,10 @@ from test_e2e_workers import (
     service_for,
     wait_until,
 )
-from workflows import Mode, Start, TestWorkflow
-
-from ironflow_celery.integration.supervisor import ServiceProcess, ServiceThread
-from ironflow_celery.storage.store import PostgresStore
 from tests.e2e_apps.workflows import Place
 
 SHUTDOWN_TIMEOUT = 5.0  # make_env's IRONFLOW_SHUTDOWN_TIMEOUT
 PROJECTION = "tests.e2e_apps.projections:ORDER_EVENTS"
-
-
-@pytest.fixture
-def procs(tmp_path: Path) -> Iterator[Processes]:
-    """Workers started by one test, killed (with their process groups) at teardown."""
-    processes = Processes(tmp_path)
-    try:
-        yield processes
-    finally:
-        processes.kill_all()
-        print(processes.report())  # pytest shows it when the test failed
-
-
-@pytest.fixture
-def queue() -> str:
-    return f"e2e-{uuid.uuid4().hex[:12]}"
 
 
 def nodename(proc: Proc) -> str:

@@ -23,11 +23,7 @@ from ironflow_celery.model.views import (
     render,
 )
 from ironflow_celery.model.workflow import Decision, Workflow
-
-try:  # tests/ is on sys.path in pytest's default import mode (no tests/__init__.py)
-    import golden
-except ImportError:  # tests/ is a package
-    from tests import golden
+from tests import golden
 
 assert_golden = golden.assert_golden
 

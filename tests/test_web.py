@@ -18,7 +18,6 @@ import pytest
 import sqlalchemy as sa
 from celery import Celery
 from click.testing import CliRunner
-from e2e_apps.ops_app import Delivered, OpsDemoWorkflow, Submit
 from ops_helpers import MAX_ATTEMPTS, insert_row, row
 from starlette.applications import Starlette
 from starlette.routing import Mount
@@ -30,6 +29,7 @@ from ironflow_celery.engine.runtime import runtime_of
 from ironflow_celery.errors import ConfigurationError
 from ironflow_celery.operations.web.auth import verify_password
 from ironflow_celery.web import WebConfig, create_app, hash_password, wsgi_app
+from tests.e2e_apps.ops_app import Delivered, OpsDemoWorkflow, Submit
 
 # Starlette >= 1.0 prefers httpx2 for its test client; httpx still works.
 pytestmark = pytest.mark.filterwarnings("ignore:Using `httpx`")

@@ -23,7 +23,6 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +33,8 @@ from celery import Celery
 from ironflow_celery import install
 from ironflow_celery.engine.runtime import runtime_of
 from ironflow_celery.web import hash_password
+from tests.e2e import BIN, REPO, Processes, free_port, make_env
 from tests.e2e_apps.ops_app import Delivered, OpsDemoWorkflow, Submit
-from tests.test_e2e_workers import BIN, REPO, Processes, free_port, make_env
 from tests.waiting import wait_for_progress
 
 pytestmark = pytest.mark.e2e
@@ -67,17 +66,6 @@ def _install_chromium() -> str:
 @pytest.fixture(scope="module")
 def chromium() -> str:
     return _install_chromium()
-
-
-@pytest.fixture
-def procs(tmp_path: Path) -> Iterator[Processes]:
-    """The server process, killed at teardown (its log printed when the test failed)."""
-    processes = Processes(tmp_path)
-    try:
-        yield processes
-    finally:
-        processes.kill_all()
-        print(processes.report())
 
 
 def _browse(chromium: str, url: str, *args: str, tmp: Path) -> str:

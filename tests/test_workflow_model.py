@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from workflows import (
     CompletedEvent,
     CompleteInput,
@@ -265,7 +265,7 @@ def test_message_field_named_type_is_refused() -> None:
 def test_messages_are_immutable_values() -> None:
     ping = Ping(id="a")
     assert ping == Ping(id="a")
-    with pytest.raises(Exception):  # noqa: B017 - pydantic's frozen-instance error
+    with pytest.raises(ValidationError, match="frozen"):
         ping.id = "b"  # type: ignore[misc]
 
 

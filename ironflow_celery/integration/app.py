@@ -24,7 +24,12 @@ from ironflow_celery.errors import ConfigurationError
 from ironflow_celery.integration.db_gate import DatabaseGateStep
 from ironflow_celery.integration.hints import schema_missing_hint
 from ironflow_celery.integration.queue_check import QueueCheckStep, relay_types
-from ironflow_celery.integration.supervisor import ServiceProcess, ServiceThread, start_service
+from ironflow_celery.integration.supervisor import (
+    ServiceProcess,
+    ServiceThread,
+    Target,
+    WorkerService,
+)
 from ironflow_celery.integration.task_events import RowEventsStep
 from ironflow_celery.model.config import runtime_config_from
 from ironflow_celery.model.settings import read_settings
@@ -48,6 +53,7 @@ __all__ = [
     "AMQP_HEARTBEAT",
     "REDIS_TRANSPORT_DEFAULTS",
     "AsyncLoopStep",
+    "RelayService",
     "RelayStep",
     "install_engine",
     "runtime_of",
@@ -204,28 +210,15 @@ def _install_routing(app: Celery) -> None:
 # -- the worker bootstep -----------------------------------------------------------------
 
 
-class RelayStep(bootsteps.StartStopStep):
-    """Runs ironflow's relays inside ``celery worker``, supervised (see `supervisor`)."""
+class RelayService(WorkerService):
+    """The relays of one worker: what `RelayStep` creates and Celery starts and stops."""
 
-    label = "ironflow relay"
+    label = "relay"
+    name = "ironflow-relay"
+    _routes: dict[str, dict[str, str]]  # what `prepare` decided, for `started`
 
-    def __init__(self, worker: Any, without_ironflow_relay: bool = False, **kwargs: Any) -> None:
-        super().__init__(worker, **kwargs)
-        self.enabled = (
-            not without_ironflow_relay and read_settings(worker.app.conf)["relay_enabled"]
-        )
-        self.service: ServiceProcess | ServiceThread | None = None
-        if not self.enabled:  # Celery never calls start() on a disabled step: say it here
-            log.info(
-                "ironflow relay disabled in this worker (%s)",
-                "--without-ironflow-relay" if without_ironflow_relay else "ironflow_relay_enabled",
-            )
-
-    def create(self, worker: Any) -> Any:
-        return self
-
-    def start(self, worker: Any) -> None:
-        runtime = runtime_of(worker.app)
+    def prepare(self) -> tuple[Target, float]:
+        runtime = runtime_of(self.worker.app)
         if not runtime.has_database:
             raise ConfigurationError(
                 "ironflow relay: no database configured; set IRONFLOW_DATABASE_URL (or "
@@ -235,18 +228,17 @@ class RelayStep(bootsteps.StartStopStep):
         # Decided here, in the worker, from the queues it consumes (-Q): the relay process
         # or thread claims only the types this worker group serves (DESIGN invariant 13).
         types = relay_types(runtime)
-        routes = runtime.relay_routes(types)  # refuses unknown ironflow_relay_types at start
-        self.service = start_service(
-            "relay",
-            "ironflow-relay",
-            functools.partial(runtime.run, types=types),
-            worker=worker,
-            shutdown_timeout=runtime.config.shutdown_timeout,
-        )
+        # refuses unknown ironflow_relay_types at start
+        self._routes = runtime.relay_routes(types)
+        return functools.partial(runtime.run, types=types), runtime.config.shutdown_timeout
+
+    def started(self, service: ServiceProcess | ServiceThread) -> None:
+        runtime = runtime_of(self.worker.app)
+        routes = self._routes
         claimed = {t for queues in routes.values() for t in queues}
         log.info(
             "ironflow relay started (%s) for %s; %s",
-            self.service.mode,
+            service.mode,
             ", ".join(t for t in runtime.registry.types if t in claimed) or "no workflow types",
             "; ".join(
                 f"{kind} {', '.join(f'{t} -> {q}' for t, q in queues.items()) or 'none'}"
@@ -254,25 +246,30 @@ class RelayStep(bootsteps.StartStopStep):
             ),
         )
 
-    def stop(self, worker: Any) -> None:
-        """Warm shutdown: the relays finish publishing, within ``shutdown_timeout``."""
-        if self.service is not None:
-            self.service.stop()
-            self.service = None
 
-    def terminate(self, worker: Any) -> None:
-        """Cold shutdown (SIGQUIT, a second Ctrl-C, the test worker's exit): a second at
-        most, then the relay process is killed (its claims come back after their lease)."""
-        if self.service is not None:
-            self.service.stop(cold=True)
-            self.service = None
+class RelayStep(bootsteps.StartStopStep):
+    """Runs ironflow's relays inside ``celery worker``, supervised (see `supervisor`):
+    Celery starts and stops the `RelayService` that `create` returns."""
 
-    def shutdown(self, worker: Any) -> None:
-        self.stop(worker)
+    label = "ironflow relay"
+
+    def __init__(self, worker: Any, without_ironflow_relay: bool = False, **kwargs: Any) -> None:
+        super().__init__(worker, **kwargs)
+        self.enabled = (
+            not without_ironflow_relay and read_settings(worker.app.conf)["relay_enabled"]
+        )
+        if not self.enabled:  # Celery never calls start() on a disabled step: say it here
+            log.info(
+                "ironflow relay disabled in this worker (%s)",
+                "--without-ironflow-relay" if without_ironflow_relay else "ironflow_relay_enabled",
+            )
+
+    def create(self, worker: Any) -> RelayService:
+        return RelayService(worker)
 
     def ironflow_state(self) -> dict[str, Any]:
         """This step's part of ``celery inspect ironflow_relay``."""
-        return {"relay": self.service.state() if self.service is not None else {"mode": "stopped"}}
+        return {"relay": self.obj.state() if self.obj is not None else {"mode": "stopped"}}
 
 
 @inspect_command()
@@ -311,7 +308,4 @@ class AsyncLoopStep(bootsteps.StartStopStep):
         LOOP.close()
 
     def terminate(self, worker: Any) -> None:
-        LOOP.close()
-
-    def shutdown(self, worker: Any) -> None:
         LOOP.close()

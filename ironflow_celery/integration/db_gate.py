@@ -60,9 +60,20 @@ class DatabaseGate:
     def __init__(self, consumer: Any) -> None:
         self.consumer = consumer
         self.paused: list[str] = []
-        self.stop = threading.Event()
+        self.stopping = threading.Event()
         self._resumed = threading.Event()
         self._probe: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Nothing to start: the gate acts when a task reports an unreachable database."""
+
+    def stop(self) -> None:
+        """Nothing to stop on a consumer restart (a lost broker connection): the queues
+        stay paused and the probe keeps going until the database answers."""
+
+    def shutdown(self) -> None:
+        """The worker is stopping: end the probe."""
+        self.stopping.set()
 
     def unreachable(self, error: str) -> None:
         """A pool process found the database unreachable (runs in the event loop)."""
@@ -106,13 +117,13 @@ class DatabaseGate:
     def _run_probe(self) -> None:
         delay = 1.0
         conninfo = self._conninfo()
-        while not self.stop.is_set():
+        while not self.stopping.is_set():
             try:
                 with psycopg.connect(conninfo, connect_timeout=5) as conn:
                     conn.execute("SELECT 1")
             except psycopg.Error as exc:
                 log.debug("ironflow: database probe failed: %s", exc)
-                self.stop.wait(delay)
+                self.stopping.wait(delay)
                 delay = min(delay * 2, PROBE_MAX_DELAY)
                 continue
             try:
@@ -121,24 +132,23 @@ class DatabaseGate:
                 )
             except Exception as exc:  # the broker is away: the next round sends it again
                 log.debug("ironflow: could not send the resume command: %s", exc)
-            if self._resumed.wait(_RESEND_AFTER) or self.stop.is_set():
+            if self._resumed.wait(_RESEND_AFTER) or self.stopping.is_set():
                 return
 
 
 class DatabaseGateStep(bootsteps.StartStopStep):
-    """Gives the worker's consumer its `DatabaseGate`; stops the probe with the worker."""
+    """Gives the worker's consumer its `DatabaseGate` (``create``); stops the probe when the
+    consumer shuts down (a consumer step's ``shutdown``: the worker is stopping)."""
 
     label = "ironflow database gate"
 
-    def __init__(self, consumer: Any, **kwargs: Any) -> None:
-        super().__init__(consumer, **kwargs)
-        consumer.ironflow_gate = DatabaseGate(consumer)
-
-    def start(self, consumer: Any) -> None:
-        """Nothing to start: the gate acts when a task reports an unreachable database."""
+    def create(self, consumer: Any) -> DatabaseGate:
+        gate = DatabaseGate(consumer)
+        consumer.ironflow_gate = gate
+        return gate
 
     def shutdown(self, consumer: Any) -> None:
-        consumer.ironflow_gate.stop.set()
+        self.obj.shutdown()
 
 
 def _gate(state: Any) -> DatabaseGate | None:

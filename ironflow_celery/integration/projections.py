@@ -15,11 +15,16 @@ from typing import Any, Protocol
 from celery import bootsteps
 
 from ironflow_celery.engine.runtime import runtime_of
-from ironflow_celery.integration.supervisor import start_service
+from ironflow_celery.integration.supervisor import (
+    ServiceProcess,
+    ServiceThread,
+    Target,
+    WorkerService,
+)
 
 log = logging.getLogger("ironflow_celery.projections")
 
-__all__ = ["ProjectionPlan", "ProjectionStep"]
+__all__ = ["ProjectionPlan", "ProjectionService", "ProjectionStep"]
 
 
 class ProjectionPlan(Protocol):
@@ -35,10 +40,32 @@ class ProjectionPlan(Protocol):
         ...
 
 
+class ProjectionService(WorkerService):
+    """The projections of one worker: what `ProjectionStep` creates and Celery starts and
+    stops. A cold shutdown kills the process after a second: each batch commits with its
+    checkpoint, so nothing is skipped."""
+
+    label = "projections"
+    name = "ironflow-projections"
+
+    def __init__(self, worker: Any, plan: ProjectionPlan) -> None:
+        super().__init__(worker)
+        self.plan = plan
+
+    def prepare(self) -> tuple[Target, float]:
+        runtime = runtime_of(self.worker.app)
+        runtime.load_workflows()
+        return self.plan.job(runtime), runtime.config.shutdown_timeout
+
+    def started(self, service: ServiceProcess | ServiceThread) -> None:
+        log.info("ironflow projections started: %s", ", ".join(self.plan.names))
+
+
 class ProjectionStep(bootsteps.StartStopStep):
     """Runs the configured projections (``ironflow_projections``) inside ``celery
     worker``, supervised like the relays; off when none are configured. The worker
-    bootstep `ironflow_celery.install` adds (with `plan_of` bound)."""
+    bootstep `ironflow_celery.install` adds (with `plan_of` bound): Celery starts and stops
+    the `ProjectionService` that ``create`` returns."""
 
     label = "ironflow projections"
 
@@ -52,40 +79,11 @@ class ProjectionStep(bootsteps.StartStopStep):
         super().__init__(worker, **kwargs)
         self.plan = self.plan_of(worker.app.conf)
         self.enabled = self.plan is not None and bool(self.plan.names)
-        self.service: Any = None
 
-    def create(self, worker: Any) -> Any:
-        return self
-
-    def start(self, worker: Any) -> None:
-        assert self.plan is not None  # enabled only with a plan
-        runtime = runtime_of(worker.app)
-        runtime.load_workflows()
-        self.service = start_service(
-            "projections",
-            "ironflow-projections",
-            self.plan.job(runtime),
-            worker=worker,
-            shutdown_timeout=runtime.config.shutdown_timeout,
-        )
-        log.info("ironflow projections started: %s", ", ".join(self.plan.names))
-
-    def stop(self, worker: Any) -> None:
-        if self.service is not None:
-            self.service.stop()
-            self.service = None
-
-    def terminate(self, worker: Any) -> None:
-        """Cold shutdown: a second at most, then the projections process is killed
-        (each batch commits with its checkpoint, so nothing is skipped)."""
-        if self.service is not None:
-            self.service.stop(cold=True)
-            self.service = None
-
-    def shutdown(self, worker: Any) -> None:
-        self.stop(worker)
+    def create(self, worker: Any) -> ProjectionService:
+        assert self.plan is not None  # Celery creates only an enabled step
+        return ProjectionService(worker, self.plan)
 
     def ironflow_state(self) -> dict[str, Any]:
         """This step's part of ``celery inspect ironflow_relay``."""
-        service = self.service
-        return {"projections": service.state() if service is not None else {"mode": "stopped"}}
+        return {"projections": self.obj.state() if self.obj is not None else {"mode": "stopped"}}

@@ -135,7 +135,9 @@ def _shown(tasks: list[str]) -> str:
 
 
 class QueueCheckStep(bootsteps.StartStopStep):
-    """Logs at worker start when ironflow's tasks route to queues this worker ignores."""
+    """Logs at worker start when ironflow's tasks route to queues this worker ignores.
+
+    It creates no object (nothing to stop): the check runs once, in `start`."""
 
     label = "ironflow queue check"
     requires = ("celery.worker.components:Pool",)
@@ -143,9 +145,6 @@ class QueueCheckStep(bootsteps.StartStopStep):
     def __init__(self, worker: Any, without_ironflow_relay: bool = False, **kwargs: Any) -> None:
         super().__init__(worker, **kwargs)
         self.relay = not without_ironflow_relay and read_settings(worker.app.conf)["relay_enabled"]
-
-    def create(self, worker: Any) -> Any:
-        return None  # nothing to stop: the check runs once, in `start`
 
     def start(self, worker: Any) -> None:
         try:

@@ -39,6 +39,7 @@ __all__ = [
     "ServiceProcess",
     "ServiceThread",
     "Target",
+    "WorkerService",
     "describe_exit",
     "start_service",
 ]
@@ -411,3 +412,53 @@ def start_service(
     service = cls(label, name, target, shutdown_timeout)
     service.start()
     return service
+
+
+class WorkerService:
+    """A worker's own service as its bootstep's ``create`` returns it: Celery's
+    ``StartStopStep`` calls `start` when the worker starts, `stop` on a warm shutdown and
+    `terminate` on a cold one, so the step itself holds no lifecycle code.
+
+    `start` asks `prepare` for the body (at start, in the worker: its settings and ``-Q``
+    are final then) and runs it supervised (`start_service`). A subclass names the service
+    (`label`, `name`) and says what it runs (`prepare`) and what started (`started`)."""
+
+    label = "service"
+    """The metric's label (``relay`` / ``projections``)."""
+    name = "ironflow-service"
+    """The child process's (or thread's) name."""
+
+    def __init__(self, worker: Any) -> None:
+        self.worker = worker
+        self.running: ServiceProcess | ServiceThread | None = None
+
+    def prepare(self) -> tuple[Target, float]:
+        """(the body, its shutdown timeout in seconds); may refuse to start by raising."""
+        raise NotImplementedError
+
+    def started(self, service: ServiceProcess | ServiceThread) -> None:
+        """Say what started (a log line); nothing by default."""
+
+    def start(self) -> None:
+        target, shutdown_timeout = self.prepare()
+        self.running = start_service(
+            self.label, self.name, target, worker=self.worker, shutdown_timeout=shutdown_timeout
+        )
+        self.started(self.running)
+
+    def stop(self) -> None:
+        """Warm shutdown: the body finishes its work, within the shutdown timeout."""
+        running, self.running = self.running, None
+        if running is not None:
+            running.stop()
+
+    def terminate(self) -> None:
+        """Cold shutdown (SIGQUIT, a second Ctrl-C, the test worker's exit): a second at
+        most, then a child process is killed (its claims come back after their lease)."""
+        running, self.running = self.running, None
+        if running is not None:
+            running.stop(cold=True)
+
+    def state(self) -> dict[str, Any]:
+        """Its part of ``celery inspect ironflow_relay``."""
+        return self.running.state() if self.running is not None else {"mode": "stopped"}
