@@ -35,7 +35,7 @@ from ironflow_celery.storage.dead_letters import (
     parse_kind,
     parse_row_id,
 )
-from ironflow_celery.storage.inspection import RowInfo, RowState
+from ironflow_celery.storage.inspection import AttemptRecord, RowInfo, RowState
 from ironflow_celery.storage.kinds import Kind
 from ironflow_celery.storage.store import WorkflowInstanceSummary
 
@@ -46,6 +46,7 @@ __all__ = [
     "INSTANCE_STATES",
     "ROW_STATES",
     "TASK_PREFIX",
+    "AttemptRecord",
     "EventInfo",
     "InspectQuery",
     "InstanceCounts",

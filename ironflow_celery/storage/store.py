@@ -11,6 +11,8 @@ buffers what the decision writes and flushes it in as few round trips as possibl
 from __future__ import annotations
 
 import json
+import os
+import socket
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -208,6 +210,15 @@ LOST_RUN_ERROR = (
     "WorkerLost: the previous attempt never recorded an outcome (its worker process died, "
     "lost the lease, or lost the database)"
 )
+
+
+def _runner_params(worker: str | None, task_id: str | None) -> dict[str, Any]:
+    """Bind parameters of a start guard's attempt-history entry: who runs the row. The pid
+    is read per call: a prefork pool's children share the parent's worker name."""
+    return {"worker": worker or _HOST, "pid": os.getpid(), "task_id": task_id}
+
+
+_HOST = socket.gethostname()
 
 
 # -- unit of work -------------------------------------------------------------------
@@ -741,8 +752,12 @@ class PostgresStore:
         run_token: str,
         *,
         lease_seconds: float,
+        worker: str | None = None,
+        task_id: str | None = None,
     ) -> StartedRow | None:
-        """Start guard: None when the row is no longer held by `token` (stale)."""
+        """Start guard: None when the row is no longer held by `token` (stale). The row's
+        attempt history records this run: `worker` (default: this host's name), this
+        process's pid and the Celery `task_id`."""
         row = self._run(
             kind_of(kind).statements.start,
             {
@@ -751,6 +766,7 @@ class PostgresStore:
                 "run_token": run_token,
                 "lease": float(lease_seconds),
                 "lost_error": LOST_RUN_ERROR,
+                **_runner_params(worker, task_id),
             },
             relaxed=True,
         ).first()
@@ -793,10 +809,16 @@ class PostgresStore:
         return self._run(statement, params, ack=True).rowcount == 1
 
     def start_effects(
-        self, items: Sequence[tuple[uuid.UUID, str, str]], *, lease_seconds: float
+        self,
+        items: Sequence[tuple[uuid.UUID, str, str]],
+        *,
+        lease_seconds: float,
+        worker: str | None = None,
+        task_id: str | None = None,
     ) -> dict[uuid.UUID, StartedRow]:
         """Start guard of a batch, one statement: (id, claim token, run token) each; the
-        rows still held by their claim tokens, started (the others are stale)."""
+        rows still held by their claim tokens, started (the others are stale). The
+        attempt histories record the run as `start` does."""
         if not items:
             return {}
         rows = self._run(
@@ -807,6 +829,7 @@ class PostgresStore:
                 "run_tokens": [r for _, _, r in items],
                 "lease": float(lease_seconds),
                 "lost_error": LOST_RUN_ERROR,
+                **_runner_params(worker, task_id),
             },
             relaxed=True,
         )
