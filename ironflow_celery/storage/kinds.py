@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from ironflow_celery.errors import IronflowError
+from ironflow_celery.errors import UnknownRowKind
 from ironflow_celery.model.tasknames import task_name_for
 from ironflow_celery.storage import sql
 
@@ -127,10 +127,11 @@ _BY_NAME: dict[str, RowKind] = {k.name: k for k in KINDS}
 
 
 def kind_of(kind: str | RowKind) -> RowKind:
-    """The `RowKind` of a name (``"effect"`` / ``"timer"``); a `RowKind` is returned as is."""
+    """The `RowKind` of a name (``"effect"`` / ``"timer"``); a `RowKind` is returned as is.
+    Any other name raises `UnknownRowKind`."""
     if isinstance(kind, RowKind):
         return kind
     try:
         return _BY_NAME[kind]
     except KeyError:
-        raise IronflowError(f"unknown row kind {kind!r}; expected 'effect' or 'timer'") from None
+        raise UnknownRowKind(f"unknown row kind {kind!r}; expected 'effect' or 'timer'") from None

@@ -26,9 +26,9 @@ from sqlalchemy.engine import Connection, Engine
 from ironflow_celery.errors import (
     DatabaseUnavailable,
     InvalidText,
-    IronflowError,
     StorageError,
     UniqueKeyConflict,
+    UnitOfWorkFinished,
 )
 from ironflow_celery.model.config import AttemptLimits
 from ironflow_celery.storage import schema, sql, tracing
@@ -295,7 +295,7 @@ class UnitOfWork:
         """Write everything buffered; returns the number of events appended."""
         if self._finished:
             state = "the instance is completed" if self.completed else "committed or rolled back"
-            raise IronflowError(
+            raise UnitOfWorkFinished(
                 f"unit of work on {self.workflow_type}:{self.workflow_id} is finished "
                 f"({state}); begin a new one"
             )
