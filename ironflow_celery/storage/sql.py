@@ -124,16 +124,19 @@ def _close_attempt(history: str, outcome: str, error: str | None = None) -> str:
 def _begin_attempt(history: str, attempts: str, run_started_at: str) -> str:
     """SQL: the start guard's new `history`: an open entry left by a lost run closed, this
     run's entry appended (attempt number, worker, pid, Celery task id, start), the oldest
-    dropped beyond ATTEMPT_HISTORY_LIMIT."""
+    dropped beyond ATTEMPT_HISTORY_LIMIT (one per append, so the bound holds; CASE runs
+    one branch, so the appended expression is evaluated once)."""
     number = f"{attempts} + CASE WHEN {run_started_at} IS NULL THEN 1 ELSE 2 END"
     entry = (
         f"jsonb_build_object('n', {number}, 'worker', CAST(:worker AS text), "
         "'pid', CAST(:pid AS integer), 'task', CAST(:task_id AS text), 'started', now())"
     )
     closed = _close_attempt(history, "lost", ":lost_error")
+    appended = f"({closed})\n            || jsonb_build_array({entry})"
     return (
-        f"jsonb_path_query_array(({closed}) || jsonb_build_array({entry}),\n"
-        f"            '$[last - {ATTEMPT_HISTORY_LIMIT - 1} to last]')"
+        f"CASE WHEN jsonb_array_length({history}) >= {ATTEMPT_HISTORY_LIMIT}\n"
+        f"            THEN ({appended}) - 0\n"
+        f"            ELSE {appended} END"
     )
 
 
