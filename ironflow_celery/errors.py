@@ -10,10 +10,12 @@ a wrong argument also subclass the builtin a caller would catch (``ValueError``,
     │   └── NotInstalled               runtime_of(app) before install(app)   (LookupError)
     ├── InvalidArgument                a value the API does not accept        (ValueError)
     │   ├── InvalidText                text PostgreSQL cannot store (NUL, lone surrogate)
-    │   └── InvalidDeadLetterRequest   a malformed row id, cursor, age, kind, limit, reason
+    │   ├── UnknownRowKind             a row kind other than 'effect' or 'timer'
+    │   └── InvalidOperationRequest    a malformed operations request (any of the four below)
+    │       ├── InvalidDeadLetterRequest  a malformed row id, cursor, age, kind, limit, reason
+    │       │   └── InvalidRetentionRequest  a malformed purge (age, batch size)
     │       ├── InvalidCancelRequest   a malformed cancel (ids, kind, workflow, reason)
-    │       ├── InvalidInspectionRequest  a malformed list/show (state, time, cursor, limit)
-    │       └── InvalidRetentionRequest  a malformed purge (age, batch size)
+    │       └── InvalidInspectionRequest  a malformed list/show (state, time, cursor, limit)
     ├── InvalidArgumentType            an argument of the wrong type           (TypeError)
     ├── UnknownName                    a name a definition does not declare    (KeyError)
     ├── UnknownWorkflowType            a workflow type that is not registered
@@ -23,6 +25,7 @@ a wrong argument also subclass the builtin a caller would catch (``ValueError``,
     ├── InputRefused                   the execute task's input refused; nothing written
     ├── EventDeserializationError      a stored event that no longer decodes
     ├── UniqueKeyConflict              a unique key held by another active instance
+    ├── UnitOfWorkFinished             a unit of work used after its commit or rollback
     ├── StorageError                   PostgreSQL failed; the transaction was rolled back
     │   ├── DatabaseUnavailable        PostgreSQL could not be reached at all
     │   ├── MigrationError             the schema could not be brought up to date
@@ -64,6 +67,7 @@ __all__ = [
     "InvalidCancelRequest",
     "InvalidDeadLetterRequest",
     "InvalidInspectionRequest",
+    "InvalidOperationRequest",
     "InvalidPayload",
     "InvalidRetentionRequest",
     "InvalidText",
@@ -77,7 +81,9 @@ __all__ = [
     "StartGuardUnavailable",
     "StorageError",
     "UniqueKeyConflict",
+    "UnitOfWorkFinished",
     "UnknownName",
+    "UnknownRowKind",
     "UnknownWorkflowType",
 ]
 
@@ -143,6 +149,10 @@ class InvalidPayload(IronflowError):
         super().__init__(f"invalid {kind} for workflow type '{workflow_type}': {detail}")
 
 
+class UnknownRowKind(InvalidArgument):
+    """A row kind other than ``"effect"`` or ``"timer"`` (`storage.kinds.kind_of`)."""
+
+
 class InvalidText(InvalidArgument):
     """A text argument (workflow id or type, filter, name, reason) that PostgreSQL cannot
     store: it contains a NUL character or a lone surrogate (an undecodable byte)."""
@@ -182,6 +192,11 @@ class UniqueKeyConflict(IronflowError):
         )
 
 
+class UnitOfWorkFinished(IronflowError):
+    """A unit of work was written to after its commit or rollback (or on a completed
+    instance): begin a new one. A programming error; nothing was written."""
+
+
 class StorageError(IronflowError):
     """PostgreSQL failed or could not be reached; the transaction was rolled back."""
 
@@ -211,15 +226,20 @@ class AcknowledgementFailed(IronflowError):
 # -- operations -----------------------------------------------------------------------
 
 
-class InvalidDeadLetterRequest(InvalidArgument):
+class InvalidOperationRequest(InvalidArgument):
+    """A malformed operations request -- dead letters, cancel, inspection, retention: what
+    the CLI reports as a usage error (exit 2), whichever operation refused it."""
+
+
+class InvalidDeadLetterRequest(InvalidOperationRequest):
     """A malformed row id, cursor, age or kind (a usage error, not a database one)."""
 
 
-class InvalidCancelRequest(InvalidDeadLetterRequest):
+class InvalidCancelRequest(InvalidOperationRequest):
     """A malformed cancel: bad row id, kind, workflow type or id, or reason (a usage error)."""
 
 
-class InvalidInspectionRequest(InvalidDeadLetterRequest):
+class InvalidInspectionRequest(InvalidOperationRequest):
     """A malformed ``effects list`` / ``show`` / ``workflows show`` request: an unknown
     state, a time that does not parse, a bad cursor, limit or row id (a usage error)."""
 

@@ -117,6 +117,16 @@ def test_worker_killed_mid_handler_effect_completes_once_elsewhere(
         assert (attempts, locked_by, dead) == (1, None, None)
         assert last_error.startswith("WorkerLost"), last_error
         assert [attempt for _, attempt in runs] == [1, 2]
+        # The attempt history names both runners: A's run, closed as lost by B's start
+        # guard, then B's, processed (issue 22 §6: the evidence a double run leaves).
+        (attempt_history,) = sql(
+            database_url, "SELECT celery_attempts FROM ironflow.outbox WHERE id = %s", (effect_id,)
+        )[0]
+        lost, done = attempt_history
+        assert (lost["n"], lost["outcome"], lost["pid"]) == (1, "lost", handler_pid)
+        assert lost["worker"].startswith("worker-a-") and lost["error"].startswith("WorkerLost")
+        assert (done["n"], done["outcome"], done["pid"]) == (2, "processed", runs[1][0])
+        assert done["worker"].startswith("worker-b-")
 
         # A warm shutdown (SIGTERM to B's main process) stops its relay process with it.
         children = descendants(b.pid)

@@ -69,8 +69,12 @@ def test_tree_drawing_matches_the_classes() -> None:
         (errors.InvalidArgument, ValueError),
         (errors.InvalidText, ValueError),
         (errors.InvalidDeadLetterRequest, ValueError),
-        (errors.InvalidCancelRequest, errors.InvalidDeadLetterRequest),
+        (errors.InvalidOperationRequest, errors.InvalidArgument),
+        (errors.InvalidDeadLetterRequest, errors.InvalidOperationRequest),
+        (errors.InvalidCancelRequest, errors.InvalidOperationRequest),
+        (errors.InvalidInspectionRequest, errors.InvalidOperationRequest),
         (errors.InvalidRetentionRequest, errors.InvalidDeadLetterRequest),
+        (errors.UnknownRowKind, ValueError),
         (errors.InvalidArgumentType, TypeError),
         (errors.UnknownName, KeyError),
         (errors.NotInstalled, LookupError),
@@ -82,6 +86,21 @@ def test_argument_errors_are_the_builtins_callers_catch(
     cls: type[BaseException], builtin: type[BaseException]
 ) -> None:
     assert issubclass(cls, builtin)
+
+
+def test_a_cancel_or_inspection_refusal_is_no_dead_letter_refusal() -> None:
+    """Each operation refuses with its own class; `InvalidOperationRequest` catches any."""
+    for cls in (errors.InvalidCancelRequest, errors.InvalidInspectionRequest):
+        assert not issubclass(cls, errors.InvalidDeadLetterRequest)
+
+
+def test_kind_of_and_a_finished_unit_of_work_raise_specific_classes() -> None:
+    from ironflow_celery.storage.kinds import kind_of
+
+    with pytest.raises(errors.UnknownRowKind, match="unknown row kind 'job'"):
+        kind_of("job")
+    assert issubclass(errors.UnitOfWorkFinished, errors.IronflowError)
+    assert errors.UnitOfWorkFinished is not errors.IronflowError
 
 
 def test_old_import_paths_still_work() -> None:

@@ -24,9 +24,9 @@ from ironflow_celery import Registry, WorkflowService
 from ironflow_celery.errors import (
     DatabaseUnavailable,
     EventDeserializationError,
-    IronflowError,
     StorageError,
     UniqueKeyConflict,
+    UnitOfWorkFinished,
 )
 from ironflow_celery.storage.store import PostgresStore, TimerSpec
 
@@ -557,13 +557,13 @@ def test_begin_returns_completed_for_completed_workflow(
     assert impatient_store.begin(T, "wf-1").completed
     # Writing through a completed unit of work is refused, inside a caller's transaction too.
     uow.append_events([{"type": "Late"}])
-    with pytest.raises(IronflowError, match="test_workflow:wf-1 is finished"):
+    with pytest.raises(UnitOfWorkFinished, match="test_workflow:wf-1 is finished"):
         uow.commit()
     with store.transaction() as conn:
         inner = store.begin(T, "wf-1", connection=conn)
         assert inner.completed
         inner.append_events([{"type": "Late"}])
-        with pytest.raises(IronflowError, match="instance is completed"):
+        with pytest.raises(UnitOfWorkFinished, match="instance is completed"):
             inner.commit()
     assert q(db, "SELECT count(*) FROM ironflow.events") == 2
 

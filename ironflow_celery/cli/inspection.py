@@ -162,7 +162,8 @@ def _row_show_command(kind: str) -> click.Command:
 
     row_show.help = (
         f"One {kind}: state, attempts, last error, lease and who holds it (relay or worker, "
-        "since when), payload."
+        "since when), payload, and its attempt history (who ran each attempt, when, outcome, "
+        "error)."
     )
     return row_show
 
@@ -204,7 +205,33 @@ def _print_row(r: ins.RowInfo) -> None:
     elif r.processed_at is not None:
         table.add_row("processed", _stamp(r.processed_at, now))
     table.add_row("payload", json.dumps(r.payload, indent=2, ensure_ascii=False, default=str))
-    console().print(table)
+    out = console()
+    out.print(table)
+    _print_attempts(r)
+
+
+def _print_attempts(r: ins.RowInfo) -> None:
+    """The row's attempt history, one line per attempt: who ran it, when, how it ended."""
+    out = console()
+    if not r.attempt_history:
+        out.print("attempt history: none recorded (no worker of ours has started it)")
+        return
+    from rich.table import Table
+
+    now = r.read_at
+    table = Table(title="attempts (oldest first)")
+    for column in ("n", "worker", "started", "finished", "outcome", "error"):
+        table.add_column(column, overflow="fold" if column == "error" else "ellipsis")
+    for a in r.attempt_history:
+        table.add_row(
+            "-" if a.n is None else str(a.n),
+            a.runner,
+            _stamp(a.started_at, now),
+            _stamp(a.finished_at, now),
+            a.outcome or ("running" if r.running and a is r.attempt_history[-1] else "open"),
+            _short(a.error, 200),
+        )
+    out.print(table)
 
 
 def _print_instance(d: ins.InstanceDetail) -> None:

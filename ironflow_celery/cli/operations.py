@@ -24,7 +24,13 @@ from ironflow_celery.cli._common import (
     fail,
     guarded,
 )
-from ironflow_celery.errors import ConfigurationError, InvalidText, IronflowError, StorageError
+from ironflow_celery.errors import (
+    ConfigurationError,
+    InvalidOperationRequest,
+    InvalidText,
+    IronflowError,
+    StorageError,
+)
 from ironflow_celery.model.config import AttemptLimits
 from ironflow_celery.model.tasknames import KIND_NAMES
 from ironflow_celery.operations import cancel
@@ -74,7 +80,7 @@ def ops_guarded(fn: Any) -> Any:
     def checked(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except dl.InvalidDeadLetterRequest as exc:
+        except InvalidOperationRequest as exc:  # dead letters, cancel, inspection, purge
             if kwargs.get("as_json"):
                 _emit_refusal(exc, EXIT_USAGE)
             fail(str(exc), EXIT_USAGE)

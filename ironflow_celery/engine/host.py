@@ -30,6 +30,10 @@ class LeaseKeeping(Protocol):
         """Renew the lease of (kind, row_id) held by `token` until the block exits."""
         ...
 
+    def done(self, kind: Kind, row_id: uuid.UUID) -> None:
+        """Stop renewing a row whose outcome is recorded before its `keep` block exits."""
+        ...
+
     def flushing(self, flush: Callable[[], None]) -> AbstractContextManager[None]:
         """Call `flush` often (a group's pending acknowledgements) until the block exits."""
         ...

@@ -73,6 +73,7 @@ __all__ = [
     "Delivery",
     "LeaseKeeper",
     "Ran",
+    "Runner",
     "Status",
     "acknowledge",
     "as_input",
@@ -143,7 +144,10 @@ also checks its state this often (it is never woken per task), so it ends within
 class LeaseKeeper:
     """Renews the leases of rows whose handlers run longer than a third of their lease.
 
-    One daemon thread per process; handlers register while they run.
+    One daemon thread per process; handlers register while they run. A renewal that comes
+    back "not held" while the run still goes on means another run may execute the row too
+    (its lease expired and it was claimed again, or it was cancelled): logged at WARNING
+    with whoever holds the row now, and the row is no longer renewed.
     """
 
     def __init__(self, runtime: TaskHost) -> None:
@@ -154,6 +158,10 @@ class LeaseKeeper:
         self._thread: threading.Thread | None = None
         self._pid = os.getpid()
         self._flushers: list[Callable[[], None]] = []
+        # Rows whose last renewal came back not held, by their token: warned about one
+        # round later if their run still goes on (a run that just recorded its own
+        # outcome also finds its row not held, and has left `_running` by then).
+        self._not_held: dict[tuple[Kind, uuid.UUID], str] = {}
 
     def _lease(self, kind: Kind) -> float:
         return kind_of(kind).lock_duration(self.runtime.config)
@@ -177,6 +185,12 @@ class LeaseKeeper:
                 # thread once per effect (a GIL hand-off, ~15% of a worker's samples under
                 # load); the thread notices it is idle within KEEPER_IDLE_EXIT by itself.
                 self._running.pop((kind, row_id), None)
+
+    def done(self, kind: Kind, row_id: uuid.UUID) -> None:
+        """Stop renewing a row whose outcome is recorded while its `keep` block still runs
+        (a group's row: the block ends with the group)."""
+        with self._lock:
+            self._running.pop((kind, row_id), None)
 
     @contextmanager
     def flushing(self, flush: Callable[[], None]) -> Iterator[None]:
@@ -218,6 +232,7 @@ class LeaseKeeper:
                     flush()
                 except Exception as exc:  # the group's own thread commits it at its end
                     log.warning("ironflow: a group's early acknowledgement failed: %s", exc)
+            self._warn_not_held()
             now = time.monotonic()
             for kind in KINDS:
                 lease = kind.lock_duration(self.runtime.config)
@@ -236,8 +251,55 @@ class LeaseKeeper:
                     continue
                 with self._lock:
                     for row_id, token in due:
-                        if row_id in renewed and (kind.name, row_id) in self._running:
-                            self._running[(kind.name, row_id)] = (token, now)
+                        key = (kind.name, row_id)
+                        if key not in self._running or self._running[key][0] != token:
+                            continue  # its run ended meanwhile
+                        if row_id in renewed:
+                            self._running[key] = (token, now)
+                        else:
+                            self._not_held[key] = token
+
+    def _warn_not_held(self) -> None:
+        """Log the rows whose renewal came back not held a round ago and whose runs still
+        go on, and stop renewing them."""
+        with self._lock:
+            if not self._not_held:
+                return
+            lost = [
+                (key, token)
+                for key, token in self._not_held.items()
+                if key in self._running and self._running[key][0] == token
+            ]
+            self._not_held.clear()
+            for key, _ in lost:
+                del self._running[key]
+        for (kind, row_id), token in lost:
+            log.warning(
+                "ironflow: the lease of %s %s is no longer held by this run (%s): %s; another "
+                "run may execute it too, and this run's outcome will not be recorded",
+                kind, row_id, token, _holder(self.runtime, kind, row_id),
+            )  # fmt: skip
+
+
+def _holder(runtime: TaskHost, kind: Kind, row_id: uuid.UUID) -> str:
+    """Who holds a row whose lease renewal came back not held (one SELECT, on that rare
+    path only)."""
+    try:
+        row = runtime.store.describe_stale(kind, row_id)
+    except StorageError as exc:
+        return f"its state could not be read ({exc})"
+    if row is None:
+        return "the row no longer exists"
+    if row.locked_by:
+        lease = "live" if row.lease_live else "expired"
+        return f"now held by {row.locked_by} ({lease} lease)"
+    if row.discarded:
+        return "it was closed without this run (cancelled, or a discarded dead letter)"
+    if row.processed:
+        return "it was processed by another run"
+    if row.dead_lettered:
+        return "it was dead-lettered by another run"
+    return "it is held by nobody (released, or backing off after another run's failure)"
 
 
 # -- stale deliveries ------------------------------------------------------------------
@@ -290,6 +352,7 @@ def _begin(
     ref: str,
     attempt: int,
     lease: str,
+    runner: Runner,
 ) -> StartedRow | RowResult:
     """The start guard every run passes first, for either kind: the started row, or the
     task's result when the delivery is stale or the row's attempts were used up by runs
@@ -300,7 +363,13 @@ def _begin(
     rid = uuid.UUID(row_id)
     try:
         started = runtime.store.start(
-            kind, rid, lease, run_token_for(lease), lease_seconds=kind.lock_duration(runtime.config)
+            kind,
+            rid,
+            lease,
+            run_token_for(lease),
+            lease_seconds=kind.lock_duration(runtime.config),
+            worker=runner.worker,
+            task_id=runner.task_id,
         )
     except StorageError as exc:
         raise StartGuardUnavailable(str(exc)) from exc
@@ -319,6 +388,15 @@ def _begin(
 
 
 # -- the one execution path: effects and timers, one row or a group ----------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Runner:
+    """Who runs a message's rows, for their attempt histories: the Celery worker's name
+    (``celery@host``; None: this host's name) and the task id of the message."""
+
+    worker: str | None = None
+    task_id: str | None = None
 
 
 @dataclass(slots=True)
@@ -421,6 +499,8 @@ class Completer:
         pending, self._pending = self._pending, []
         if pending:
             self.results.update(acknowledge(self.runtime, self.kind, pending, self.errors))
+            for ran in pending:
+                self.runtime.lease_keeper.done(self.kind.name, ran.started.id)
 
 
 def run_rows(
@@ -429,6 +509,7 @@ def run_rows(
     deliveries: Sequence[Delivery],
     *,
     errors: dict[str, BaseException] | None = None,
+    runner: Runner | None = None,
 ) -> list[RowResult]:
     """The one execution path of effects and timers, for one row or a group of one type:
 
@@ -440,15 +521,16 @@ def run_rows(
     4. the completer acknowledges the rows whose work returned (see `Completer`).
 
     Returns one task result per delivery, in order; `errors` receives the exception of
-    each row that failed. Nothing is reported processed before the transaction that marks
-    it processed commits."""
+    each row that failed; `runner`, who runs them, goes to their attempt histories. Nothing
+    is reported processed before the transaction that marks it processed commits."""
+    runner = runner or Runner()
     if len(deliveries) == 1:
         only = deliveries[0]
-        begun = _begin(runtime, kind, only.row_id, only.ref, only.attempt, only.lease)
+        begun = _begin(runtime, kind, only.row_id, only.ref, only.attempt, only.lease, runner)
         started = {} if isinstance(begun, dict) else {begun.id: begun}
         results = {uuid.UUID(only.row_id): begun} if isinstance(begun, dict) else {}
     else:
-        started, results = _begin_group(runtime, kind, deliveries)
+        started, results = _begin_group(runtime, kind, deliveries, runner)
     failures: dict[uuid.UUID, BaseException] = {}
     completer = Completer(runtime, kind, failures, grouped=len(deliveries) > 1)
     with ExitStack() as kept:
@@ -465,6 +547,7 @@ def run_rows(
                 completer.add(ran)
             else:
                 results[row.id] = ran
+                runtime.lease_keeper.done(kind.name, row.id)
         results.update(completer.finish())
     if errors is not None:
         errors.update({str(row_id): exc for row_id, exc in failures.items()})
@@ -475,7 +558,7 @@ def run_rows(
 
 
 def _begin_group(
-    runtime: TaskHost, kind: RowKind, deliveries: Sequence[Delivery]
+    runtime: TaskHost, kind: RowKind, deliveries: Sequence[Delivery], runner: Runner
 ) -> tuple[dict[uuid.UUID, StartedRow], dict[uuid.UUID, RowResult]]:
     """The start guard of a group, one statement: the started rows, and the results of
     the rows that did not start (stale, each with its reason; or exhausted by lost runs)."""
@@ -485,7 +568,10 @@ def _begin_group(
     guard = [(uuid.UUID(d.row_id), d.lease, run_token_for(d.lease)) for d in deliveries]
     try:
         started = runtime.store.start_effects(
-            guard, lease_seconds=kind.lock_duration(runtime.config)
+            guard,
+            lease_seconds=kind.lock_duration(runtime.config),
+            worker=runner.worker,
+            task_id=runner.task_id,
         )
     except StorageError as exc:
         raise StartGuardUnavailable(str(exc)) from exc
@@ -1220,9 +1306,10 @@ def _bind(row_kind: RowKind, runtime: TaskHost, workflow_type: str) -> Any:
             _revoke_grouped(self, deliveries)
             events = row_events.announce(self, deliveries)  # each row its own task in Flower
         errors: dict[str, BaseException] = {}
+        runner = Runner(getattr(self.request, "hostname", None), self.request.id)
         try:
             if not tracing.AVAILABLE or not runtime.config.tracing:
-                results = run_rows(runtime, row_kind, deliveries, errors=errors)
+                results = run_rows(runtime, row_kind, deliveries, errors=errors, runner=runner)
             else:
                 # The handler, its acknowledgement and its follow-up input run in this
                 # span: a child of the publishing input's trace (ironflow_celery.service.tracing);
@@ -1233,7 +1320,7 @@ def _bind(row_kind: RowKind, runtime: TaskHost, workflow_type: str) -> Any:
                     else {"ironflow.workflow": ref, "ironflow.row_id": row_id}
                 )
                 with tracing.task_span(span_name, self.request, attributes) as current:
-                    results = run_rows(runtime, row_kind, deliveries, errors=errors)
+                    results = run_rows(runtime, row_kind, deliveries, errors=errors, runner=runner)
                     if not grouped:
                         tracing.record_outcome(current, results[0])
         except StartGuardUnavailable as exc:

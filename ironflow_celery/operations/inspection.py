@@ -34,7 +34,7 @@ from ironflow_celery.service.dead_letters import (
     parse_row_id,
 )
 from ironflow_celery.service.workflow_service import decode_events
-from ironflow_celery.storage.inspection import ROW_STATES, RowInfo, RowState
+from ironflow_celery.storage.inspection import ROW_STATES, AttemptRecord, RowInfo, RowState
 from ironflow_celery.storage.kinds import Kind
 from ironflow_celery.storage.store import WorkflowInstanceSummary
 
@@ -45,6 +45,7 @@ __all__ = [
     "INSTANCE_STATES",
     "ROW_STATES",
     "TASK_PREFIX",
+    "AttemptRecord",
     "EventInfo",
     "InspectQuery",
     "InstanceCounts",

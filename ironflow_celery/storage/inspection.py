@@ -1,7 +1,7 @@
 """One effect or timer row as stored (`RowInfo`), with its state and when it is due: the one
 row type the store returns for an outbox or timer row read whole -- by ``effects list/show``
 and ``timers list/show`` (`ironflow_celery.operations.inspection`), a web view, dead
-letters (`ironflow_celery.storage.dead_letters`) and cancel (`ironflow_celery.operations.cancel`).
+letters (`ironflow_celery.service.dead_letters`) and cancel (`ironflow_celery.operations.cancel`).
 Its columns: `sql.row_columns`."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from ironflow_celery.model.workflow import WorkflowRef
 from ironflow_celery.storage import sql
 from ironflow_celery.storage.kinds import Kind
 
-__all__ = ["ROW_STATES", "RowInfo", "RowState", "encode_cursor"]
+__all__ = ["ROW_STATES", "AttemptRecord", "RowInfo", "RowState", "encode_cursor"]
 
 RowState = Literal[
     "pending", "scheduled", "in_flight", "backing_off", "dead", "cancelled", "processed"
@@ -41,6 +41,69 @@ def encode_cursor(created_at: datetime, row_id: uuid.UUID) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
+def _time(value: Any) -> datetime | None:
+    return datetime.fromisoformat(value) if isinstance(value, str) else None
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptRecord:
+    """One attempt of a row as its history keeps it (migration 0011): who ran it, when,
+    and how it ended. The history holds the last `sql.ATTEMPT_HISTORY_LIMIT` attempts our
+    workers started (rows ironflow ran itself have none)."""
+
+    n: int | None
+    """The attempt's number (1 = first; a retried dead letter starts again at 1)."""
+    worker: str | None
+    """The Celery worker's name (``celery@host``), or the host's name outside a worker."""
+    pid: int | None
+    """The process that ran it (a prefork pool's child)."""
+    task_id: str | None
+    """The Celery task id of the message that carried it."""
+    started_at: datetime | None
+    finished_at: datetime | None
+    outcome: str | None
+    """``processed``, ``failed`` (retried later), ``dead-lettered``, ``lost`` (its run
+    never recorded an outcome: the worker died or lost the lease; closed by the next start
+    guard), ``re-armed`` (a keyed timer scheduled again meanwhile), ``cancelled``; None
+    while it runs."""
+    error: str | None = None
+    """Its error (the first `sql.ATTEMPT_ERROR_CHARS` characters); a cancel's reason."""
+
+    @property
+    def runner(self) -> str:
+        """``celery@host pid 4711``: who ran it."""
+        who = self.worker or "?"
+        return who if self.pid is None else f"{who} pid {self.pid}"
+
+    @classmethod
+    def of(cls, entry: Any) -> AttemptRecord:
+        """From one element of the stored JSON array (unknown keys are ignored)."""
+        item = entry if isinstance(entry, dict) else {}
+        n, pid = item.get("n"), item.get("pid")
+        return cls(
+            n=n if isinstance(n, int) else None,
+            worker=item.get("worker"),
+            pid=pid if isinstance(pid, int) else None,
+            task_id=item.get("task"),
+            started_at=_time(item.get("started")),
+            finished_at=_time(item.get("finished")),
+            outcome=item.get("outcome"),
+            error=item.get("error"),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "n": self.n,
+            "worker": self.worker,
+            "pid": self.pid,
+            "task_id": self.task_id,
+            "started_at": _iso(self.started_at),
+            "finished_at": _iso(self.finished_at),
+            "outcome": self.outcome,
+            "error": self.error,
+        }
+
+
 @dataclass(frozen=True, slots=True)
 class RowInfo:
     """One effect (outbox row) or timer as stored, with its state.
@@ -48,10 +111,10 @@ class RowInfo:
     ``locked_by`` holds the lease: a relay's claim token while the message waits in the
     broker, a run token (``<claim>><delivery>``) once a worker's start guard took it;
     ``run_started_at`` is when the running handler started (the holder's "since").
-    ``attempts`` counts finished attempts (the store keeps no per-attempt history: the
-    last error is in ``last_error``). ``payload`` is filled by `show`, dead letters and
-    cancel, not by `list`. A dead letter (`ironflow_celery.storage.dead_letters.DeadLetter`)
-    is a `RowInfo` in state ``dead``."""
+    ``attempts`` counts finished attempts; ``attempt_history`` says who ran each of the
+    last ones, when, and how it ended. ``payload`` and ``attempt_history`` are filled by
+    `show`, not by `list` (``payload`` also by dead letters and cancel). A dead letter
+    (`ironflow_celery.service.dead_letters.DeadLetter`) is a `RowInfo` in state ``dead``."""
 
     kind: Kind
     id: uuid.UUID
@@ -74,7 +137,9 @@ class RowInfo:
     discard_reason: str | None = None
     payload: Any = None
     read_at: datetime | None = None
-    """The database's clock when the row was read: what lease times compare to."""
+    """The database's clock when the row was read (`show`): what lease times compare to."""
+    attempt_history: tuple[AttemptRecord, ...] = ()
+    """Its last attempts, oldest first (`show`; see `AttemptRecord`)."""
 
     @property
     def workflow_type(self) -> str:
@@ -144,6 +209,7 @@ class RowInfo:
             discard_reason=row.discard_reason,
             payload=fields.get("payload"),
             read_at=fields.get("read_at"),
+            attempt_history=tuple(AttemptRecord.of(e) for e in fields.get("attempt_history") or ()),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -172,4 +238,5 @@ class RowInfo:
             "discarded_at": _iso(self.discarded_at),
             "discard_reason": self.discard_reason,
             "payload": self.payload,
+            "attempt_history": [a.to_json() for a in self.attempt_history],
         }

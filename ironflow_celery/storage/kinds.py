@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ironflow_celery.errors import IronflowError
+from ironflow_celery.errors import UnknownRowKind
 from ironflow_celery.model.tasknames import KIND_NAMES, Kind, task_name_for
 from ironflow_celery.storage import sql
 
@@ -134,12 +134,13 @@ KINDS: tuple[RowKind, ...] = tuple(_BY_NAME[name] for name in KIND_NAMES)
 
 
 def kind_of(kind: str | RowKind) -> RowKind:
-    """The `RowKind` of a name (``"effect"`` / ``"timer"``); a `RowKind` is returned as is."""
+    """The `RowKind` of a name (``"effect"`` / ``"timer"``); a `RowKind` is returned as is.
+    Any other name raises `UnknownRowKind`."""
     if isinstance(kind, RowKind):
         return kind
     try:
         return _BY_NAME[kind]
     except KeyError:
-        raise IronflowError(
+        raise UnknownRowKind(
             f"unknown row kind {kind!r}; expected one of {', '.join(KIND_NAMES)}"
         ) from None

@@ -109,6 +109,65 @@ TIMERS_CHANNEL = "ironflow_timers"
 ADVISORY_LOCK_KEY = 1768083310
 LIMITED_TYPES_LOCK_CLASS = ADVISORY_LOCK_KEY + 2
 
+# -- the attempt history (migration 0011) ------------------------------------------------
+# `celery_attempts`: a JSON array with one object per attempt, oldest first, at most
+# ATTEMPT_HISTORY_LIMIT. It is written only inside the UPDATEs that already run: the start
+# guard appends an open entry (who runs it, since when) and closes one left open by a run
+# that never recorded its outcome ("lost"); each outcome closes the open entry. An entry
+# that is closed already, or a row ironflow ran itself (empty history), is left as it is.
+
+ATTEMPT_HISTORY_LIMIT = 20
+"""Attempts a row's history keeps (the oldest are dropped): a hot row stays small."""
+ATTEMPT_ERROR_CHARS = 500
+"""Characters of an attempt's error its history entry keeps (``last_error`` keeps 4,000)."""
+
+
+def _close_attempt(history: str, outcome: str, error: str | None = None) -> str:
+    """SQL: `history` with its last entry, when still open (no outcome), closed now with
+    `outcome` (a literal) and `error` (an SQL expression, or None)."""
+    last = f"{history} -> -1"
+    with_error = (
+        "" if error is None else f", 'error', left(CAST({error} AS text), {ATTEMPT_ERROR_CHARS})"
+    )
+    fields = f"jsonb_build_object('finished', now(), 'outcome', '{outcome}'{with_error})"
+    return (
+        f"CASE WHEN jsonb_typeof({last}) = 'object' AND ({last} -> 'outcome') IS NULL\n"
+        f"            THEN jsonb_set({history}, ARRAY['-1'], ({last}) || {fields})\n"
+        f"            ELSE {history} END"
+    )
+
+
+def _begin_attempt(history: str, attempts: str, run_started_at: str) -> str:
+    """SQL: the start guard's new `history`: an open entry left by a lost run closed, this
+    run's entry appended (attempt number, worker, pid, Celery task id, start), the oldest
+    dropped beyond ATTEMPT_HISTORY_LIMIT (one per append, so the bound holds; CASE runs
+    one branch, so the appended expression is evaluated once)."""
+    number = f"{attempts} + CASE WHEN {run_started_at} IS NULL THEN 1 ELSE 2 END"
+    entry = (
+        f"jsonb_build_object('n', {number}, 'worker', CAST(:worker AS text), "
+        "'pid', CAST(:pid AS integer), 'task', CAST(:task_id AS text), 'started', now())"
+    )
+    closed = _close_attempt(history, "lost", ":lost_error")
+    appended = f"({closed})\n            || jsonb_build_array({entry})"
+    return (
+        f"CASE WHEN jsonb_array_length({history}) >= {ATTEMPT_HISTORY_LIMIT}\n"
+        f"            THEN ({appended}) - 0\n"
+        f"            ELSE {appended} END"
+    )
+
+
+# The history expressions of the row templates below, by outcome (rendered per table).
+_ATTEMPT_STARTED = _begin_attempt("celery_attempts", "attempts", "run_started_at")
+_ATTEMPT_PROCESSED = _close_attempt("celery_attempts", "processed")
+_ATTEMPT_FAILED = _close_attempt("celery_attempts", "failed", ":error")
+_ATTEMPT_DEAD_LETTERED = _close_attempt("celery_attempts", "dead-lettered", ":error")
+_ATTEMPT_CANCELLED = _close_attempt("celery_attempts", "cancelled", ":reason")
+# A keyed timer re-armed while one of its runs is open (its own execution re-arms it, or
+# another input does while it runs): that run's processed mark finds the row re-armed and
+# changes nothing, so the re-arm closes its entry.
+_ATTEMPT_REARMED = _close_attempt("timers.celery_attempts", "re-armed")
+
+
 # -- unit of work -------------------------------------------------------------------
 
 # Row-lock the instance and load its events in one round trip (migration 0006 explains why
@@ -238,7 +297,8 @@ SCHEDULE_TIMERS = text(f"""
         DO UPDATE SET fire_at = EXCLUDED.fire_at, input = EXCLUDED.input, created_at = now(),
                       attempts = 0, last_error = NULL, locked_until = NULL, locked_by = NULL,
                       dead_lettered_at = NULL, run_started_at = NULL,
-                      celery_trace_context = EXCLUDED.celery_trace_context
+                      celery_trace_context = EXCLUDED.celery_trace_context,
+                      celery_attempts = {_ATTEMPT_REARMED}
         RETURNING 1
     )
     SELECT (SELECT count(*) FROM t) AS scheduled, pg_notify('{TIMERS_CHANNEL}', :wt) AS notified
@@ -355,7 +415,8 @@ _START = """
     SET locked_by = :run_token, locked_until = now() + make_interval(secs => :lease),
         run_started_at = now(),
         attempts = attempts + CASE WHEN run_started_at IS NULL THEN 0 ELSE 1 END,
-        last_error = CASE WHEN run_started_at IS NULL THEN last_error ELSE :lost_error END
+        last_error = CASE WHEN run_started_at IS NULL THEN last_error ELSE :lost_error END,
+        celery_attempts = {attempt_started}
     WHERE id = :id AND locked_by = :token AND processed_at IS NULL
     RETURNING workflow_type, workflow_id, {payload} AS payload, attempts, created_at,
               {key} AS key, last_error
@@ -375,7 +436,7 @@ _LOCK_RUNNING = """
 _MARK_PROCESSED = """
     UPDATE {table}
     SET processed_at = now(), locked_until = NULL, locked_by = NULL, run_started_at = NULL,
-        celery_claim_after = NULL
+        celery_claim_after = NULL, celery_attempts = {attempt_processed}
     WHERE id = :id AND locked_by = :token
 """
 
@@ -385,7 +446,8 @@ _RECORD_FAILURE = """
     UPDATE {table}
     SET attempts = attempts + 1, last_error = :error, locked_by = NULL,
         locked_until = now() + make_interval(secs => :backoff), run_started_at = NULL,
-        celery_claim_after = now() + make_interval(secs => :backoff)
+        celery_claim_after = now() + make_interval(secs => :backoff),
+        celery_attempts = {attempt_failed}
     WHERE id = :id AND locked_by = :token
     RETURNING attempts, pg_notify('{channel}', workflow_type) AS notified
 """
@@ -395,7 +457,8 @@ _RECORD_FAILURE = """
 _DEAD_LETTER = """
     UPDATE {table}
     SET attempts = GREATEST(attempts, :max_attempts), last_error = :error,
-        locked_until = NULL, locked_by = NULL, dead_lettered_at = now(), run_started_at = NULL
+        locked_until = NULL, locked_by = NULL, dead_lettered_at = now(), run_started_at = NULL,
+        celery_attempts = {attempt_dead_lettered}
     WHERE id = :id AND locked_by = :token
     RETURNING attempts
 """
@@ -586,7 +649,8 @@ _LOCK_FOR_CANCEL = f"""
 _CANCEL = """
     UPDATE {table}
     SET processed_at = now(), discarded_at = now(), discard_reason = :reason,
-        locked_until = NULL, locked_by = NULL, run_started_at = NULL
+        locked_until = NULL, locked_by = NULL, run_started_at = NULL,
+        celery_attempts = {attempt_cancelled}
     WHERE id = :id AND processed_at IS NULL
 """
 
@@ -607,7 +671,8 @@ _RUNNING_OF_INSTANCE = f"""
 _CANCEL_OF_INSTANCE = f"""
     UPDATE {{table}}
     SET processed_at = now(), discarded_at = now(), discard_reason = :reason,
-        locked_until = NULL, locked_by = NULL, run_started_at = NULL
+        locked_until = NULL, locked_by = NULL, run_started_at = NULL,
+        celery_attempts = {{attempt_cancelled}}
     WHERE workflow_type = :wt AND workflow_id = :wid AND processed_at IS NULL
       AND NOT {_RUNNING}
     RETURNING id
@@ -970,6 +1035,11 @@ def _row_statements(
         "due_at": due_at.format(table=table),
         "claim_due": f"GREATEST({order}, celery_claim_after)",
         "renew_hint": _RENEW_HINT,
+        "attempt_started": _ATTEMPT_STARTED,
+        "attempt_processed": _ATTEMPT_PROCESSED,
+        "attempt_failed": _ATTEMPT_FAILED,
+        "attempt_dead_lettered": _ATTEMPT_DEAD_LETTERED,
+        "attempt_cancelled": _ATTEMPT_CANCELLED,
         "channel": channel,
         "row_columns": row_columns(payload, order, timer=timer),
     }
@@ -1039,12 +1109,13 @@ TIMER_STATEMENTS = _row_statements(
 
 # The start guard of a batch: the effect start guard for each (id, claim token, run token),
 # in one statement; rows no longer held by their claim tokens are simply absent.
-START_EFFECTS = text("""
+START_EFFECTS = text(f"""
     UPDATE ironflow.outbox AS o
     SET locked_by = a.run_token, locked_until = now() + make_interval(secs => :lease),
         run_started_at = now(),
         attempts = o.attempts + CASE WHEN o.run_started_at IS NULL THEN 0 ELSE 1 END,
-        last_error = CASE WHEN o.run_started_at IS NULL THEN o.last_error ELSE :lost_error END
+        last_error = CASE WHEN o.run_started_at IS NULL THEN o.last_error ELSE :lost_error END,
+        celery_attempts = {_begin_attempt("o.celery_attempts", "o.attempts", "o.run_started_at")}
     FROM unnest(CAST(:ids AS uuid[]), CAST(:tokens AS text[]), CAST(:run_tokens AS text[]))
          AS a(id, token, run_token)
     WHERE o.id = a.id AND o.locked_by = a.token AND o.processed_at IS NULL
@@ -1054,10 +1125,11 @@ START_EFFECTS = text("""
 
 # A batch's processed marks, in its acknowledging transaction: the rows still held by
 # their run tokens are marked and returned.
-MARK_EFFECTS_PROCESSED = text("""
+MARK_EFFECTS_PROCESSED = text(f"""
     UPDATE ironflow.outbox AS o
     SET processed_at = now(), locked_until = NULL, locked_by = NULL, run_started_at = NULL,
-        celery_claim_after = NULL
+        celery_claim_after = NULL,
+        celery_attempts = {_close_attempt("o.celery_attempts", "processed")}
     FROM unnest(CAST(:ids AS uuid[]), CAST(:tokens AS text[])) AS a(id, token)
     WHERE o.id = a.id AND o.locked_by = a.token
     RETURNING o.id
@@ -1089,7 +1161,7 @@ _INSPECT_LIST = """
 """
 
 _INSPECT_GET = """
-    SELECT {columns}, {payload} AS payload
+    SELECT {columns}, {payload} AS payload, celery_attempts AS attempt_history
     FROM {table} WHERE id = :id
 """
 

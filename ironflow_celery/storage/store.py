@@ -11,6 +11,8 @@ buffers what the decision writes and flushes it in as few round trips as possibl
 from __future__ import annotations
 
 import json
+import os
+import socket
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -24,9 +26,9 @@ from sqlalchemy.engine import Connection, Engine
 from ironflow_celery.errors import (
     DatabaseUnavailable,
     InvalidText,
-    IronflowError,
     StorageError,
     UniqueKeyConflict,
+    UnitOfWorkFinished,
 )
 from ironflow_celery.model.config import AttemptLimits
 from ironflow_celery.storage import schema, sql
@@ -321,6 +323,15 @@ class DecisionWrite:
     timers: list[TimerSpec] = field(default_factory=list)
 
 
+def _runner_params(worker: str | None, task_id: str | None) -> dict[str, Any]:
+    """Bind parameters of a start guard's attempt-history entry: who runs the row. The pid
+    is read per call: a prefork pool's children share the parent's worker name."""
+    return {"worker": worker or _HOST, "pid": os.getpid(), "task_id": task_id}
+
+
+_HOST = socket.gethostname()
+
+
 # -- unit of work -------------------------------------------------------------------
 
 
@@ -398,7 +409,7 @@ class UnitOfWork:
         """Write everything buffered; returns the number of events appended."""
         if self._finished:
             state = "the instance is completed" if self.completed else "committed or rolled back"
-            raise IronflowError(
+            raise UnitOfWorkFinished(
                 f"unit of work on {self.workflow_type}:{self.workflow_id} is finished "
                 f"({state}); begin a new one"
             )
@@ -893,8 +904,12 @@ class PostgresStore:
         run_token: str,
         *,
         lease_seconds: float,
+        worker: str | None = None,
+        task_id: str | None = None,
     ) -> StartedRow | None:
-        """Start guard: None when the row is no longer held by `token` (stale)."""
+        """Start guard: None when the row is no longer held by `token` (stale). The row's
+        attempt history records this run: `worker` (default: this host's name), this
+        process's pid and the Celery `task_id`."""
         row = self._run(
             kind_of(kind).statements.start,
             {
@@ -903,6 +918,7 @@ class PostgresStore:
                 "run_token": run_token,
                 "lease": float(lease_seconds),
                 "lost_error": LOST_RUN_ERROR,
+                **_runner_params(worker, task_id),
             },
             relaxed=True,
         ).first()
@@ -945,10 +961,16 @@ class PostgresStore:
         return self._run(statement, params, ack=True).rowcount == 1
 
     def start_effects(
-        self, items: Sequence[tuple[uuid.UUID, str, str]], *, lease_seconds: float
+        self,
+        items: Sequence[tuple[uuid.UUID, str, str]],
+        *,
+        lease_seconds: float,
+        worker: str | None = None,
+        task_id: str | None = None,
     ) -> dict[uuid.UUID, StartedRow]:
         """Start guard of a batch, one statement: (id, claim token, run token) each; the
-        rows still held by their claim tokens, started (the others are stale)."""
+        rows still held by their claim tokens, started (the others are stale). The
+        attempt histories record the run as `start` does."""
         if not items:
             return {}
         rows = self._run(
@@ -959,6 +981,7 @@ class PostgresStore:
                 "run_tokens": [r for _, _, r in items],
                 "lease": float(lease_seconds),
                 "lost_error": LOST_RUN_ERROR,
+                **_runner_params(worker, task_id),
             },
             relaxed=True,
         )

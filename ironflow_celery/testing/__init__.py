@@ -387,6 +387,9 @@ class _NoLeaseKeeper:
     def keep(self, kind: Kind, row_id: uuid.UUID, token: str) -> Iterator[None]:
         yield
 
+    def done(self, kind: Kind, row_id: uuid.UUID) -> None:
+        pass
+
 
 # -- drain ------------------------------------------------------------------------------------
 
