@@ -280,6 +280,29 @@ def test_upgrade_is_idempotent(empty_engine: sa.Engine) -> None:
     assert n == len(all_versions())
 
 
+def test_the_attempt_history_migration_run_again_changes_nothing(empty_engine: sa.Engine) -> None:
+    """Migration 0011 (the attempt history) is idempotent on its own, and rows inserted
+    without its column -- as ironflow inserts them -- get the empty history."""
+    schema.upgrade(empty_engine)
+    before = dump_catalog(empty_engine)
+    [attempts] = [m for m in schema.migrations() if m.version == 11]
+    assert attempts.name == "attempt_history"
+    for _ in range(2):
+        with empty_engine.begin() as conn:
+            conn.exec_driver_sql(attempts.sql)
+    assert dump_catalog(empty_engine) == before
+    with empty_engine.begin() as conn:
+        for table, columns, values in (
+            ("outbox", "workflow_type, workflow_id, payload", "'t', 'w', '{}'"),
+            ("timers", "workflow_type, workflow_id, fire_at, input", "'t', 'w', now(), '{}'"),
+        ):
+            history = conn.exec_driver_sql(
+                f"INSERT INTO ironflow.{table} ({columns}) VALUES ({values})"
+                " RETURNING celery_attempts"
+            ).scalar_one()
+            assert history == []
+
+
 def test_upgrade_works_on_an_autocommit_engine(empty_database_url: str) -> None:
     """Apps often hand us an AUTOCOMMIT engine; migrations still run in one transaction."""
     engine = create_engine(empty_database_url, pool_size=1, isolation_level="AUTOCOMMIT")
