@@ -2,7 +2,8 @@
 
 External callers, effect handlers' follow-up inputs and timers all reach a workflow via
 `WorkflowService.execute` / `execute_dynamic`: lock the instance, replay its events,
-decide, and persist the decision in one transaction.
+decide, and persist the decision in one transaction. A group's follow-up inputs go through
+`execute_group`: the same per input, with one lock-and-load and one write for the group.
 """
 
 from __future__ import annotations
