@@ -258,10 +258,22 @@ def test_flower_shows_effects_and_a_retried_dead_letter(database_url, db, tmp_pa
 GROUP_APP = "tests.e2e_apps.batch_app"
 
 
+def scalar_outcomes(db: sa.Engine, workflow_id: str) -> int:
+    """The effects of `workflow_id` whose outcome is recorded (processed, dead, or failed)."""
+    with db.connect() as conn:
+        return conn.execute(
+            sa.text(
+                "SELECT count(*) FROM ironflow.outbox WHERE workflow_id = :wid AND"
+                " (processed_at IS NOT NULL OR dead_lettered_at IS NOT NULL OR attempts > 0)"
+            ),
+            {"wid": workflow_id},
+        ).scalar_one()
+
+
 @pytest.mark.parametrize(
     ("pool", "events"),
-    [("prefork", "-E"), ("threads", "-E"), ("prefork", "enable_events")],
-    ids=["prefork-E", "threads-E", "prefork-enabled-later"],
+    [("prefork", "-E"), ("threads", "-E"), ("prefork", "enable_events"), ("prefork", "off")],
+    ids=["prefork-E", "threads-E", "prefork-enabled-later", "prefork-no-events"],
 )
 def test_flower_shows_each_row_of_a_group_as_its_own_task(
     database_url, db, tmp_path, pool: str, events: str
@@ -335,6 +347,14 @@ def test_flower_shows_each_row_of_a_group_as_its_own_task(
                 )
             ]
         expected = ["SUCCESS", "FAILURE", "SUCCESS", "RETRY", "SUCCESS"]
+        if events == "off":
+            wait_until(
+                lambda: scalar_outcomes(db, wid) == 5, 60, "the group's five outcomes recorded"
+            )
+            time.sleep(2.0)  # an event sent would have reached Flower now
+            tasks = get_json(f"{flower}/api/tasks")
+            assert not set(ids) & set(tasks), "row events without task events"
+            return
 
         seen: list[str] = []
 

@@ -27,6 +27,7 @@ reason, only where namespaces are refused (not root, no `ip`, `ip netns add` fai
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -95,6 +96,8 @@ class Cluster:
     recorder: Path
     workers: dict[str, Proc]
     service: WorkflowService
+    size: int | None = None
+    """``ironflow_effect_batch_size`` of the workers (None: the default, groups)."""
     orders: list[PlaceOrder] = field(default_factory=list)
     batches: int = 0
 
@@ -211,11 +214,18 @@ def _task_id(raw: bytes, *, entry: bool = False) -> str:
 
 
 def _start_worker(
-    procs: Processes, net: HostNetwork, node: str, db_url: str, broker_url: str, recorder: Path
+    procs: Processes,
+    net: HostNetwork,
+    node: str,
+    db_url: str,
+    broker_url: str,
+    recorder: Path,
+    size: int | None,
 ) -> Proc:
+    batch = {} if size is None else {"effect_batch_size": size}
     env = make_env(
         db_url, broker_url, QUEUE,
-        effect_lock_duration=LEASE, max_attempts=3, backoff_base=0.2, backoff_max=1,
+        effect_lock_duration=LEASE, max_attempts=3, backoff_base=0.2, backoff_max=1, **batch,
     )  # fmt: skip
     env.update(HOSTS_NODE=node, HOSTS_RECORDER_DIR=str(recorder))
     host = net.hosts[node]
@@ -228,8 +238,11 @@ def _start_worker(
     return procs.spawn(node, argv, env)
 
 
-@pytest.fixture
-def cluster(tmp_path: Path, procs: Processes) -> Iterator[Cluster]:
+# Both delivery modes: rows claimed together in one message (the default) and one row per
+# message (``ironflow_effect_batch_size = 1``).
+@pytest.fixture(params=[None, 1], ids=["grouped", "single-row"])
+def cluster(tmp_path: Path, procs: Processes, request: pytest.FixtureRequest) -> Iterator[Cluster]:
+    size: int | None = request.param
     reason = refused()
     if reason is not None:
         pytest.skip(reason)
@@ -251,7 +264,7 @@ def cluster(tmp_path: Path, procs: Processes) -> Iterator[Cluster]:
         recorder = tmp_path / "recorder"
         recorder.mkdir()
         workers = {
-            node: _start_worker(procs, net, node, pg.tcp_url("hosts"), broker.url, recorder)
+            node: _start_worker(procs, net, node, pg.tcp_url("hosts"), broker.url, recorder, size)
             for node in WORKERS
         }
         for worker in workers.values():
@@ -259,7 +272,7 @@ def cluster(tmp_path: Path, procs: Processes) -> Iterator[Cluster]:
             worker.wait_for_output(" ready.", 120)
         store = PostgresStore.from_url(pg.socket_url("hosts"))
         service = WorkflowService(store, Registry([(OrderSaga, OrderSaga.handle_effect)]))
-        yield Cluster(net, pg, broker, recorder, workers, service)
+        yield Cluster(net, pg, broker, recorder, workers, service, size)
     finally:
         if store is not None:
             store.dispose()
@@ -328,8 +341,19 @@ def cut_mid_handler(cluster: Cluster, networks: tuple[str, ...]) -> None:
     print(f"{CUT} recorded new work {resumed - restored_at:.1f}s after the link returned")
     cluster.wait_all_complete("after the cut host resumed")
     check_books(cluster, held)
+    check_mode(cluster)
     if away is not None:
         raise WorkHeld(away)
+
+
+def check_mode(cluster: Cluster) -> None:
+    """The delivery mode ran as asked: a message whose task id is no row id carried a
+    group of rows (the default), and with a batch size of 1 there is none."""
+    rows = {str(r[0]) for r in sql(cluster.db, "SELECT id FROM ironflow.outbox")}
+    received = re.compile(r"Task ironflow\.orders\.effect\[([0-9a-f-]+)\] received")
+    task_ids = {t for w in cluster.workers.values() for t in received.findall(w.output())}
+    groups = task_ids - rows
+    assert task_ids and bool(groups) == (cluster.size != 1), (len(groups), cluster.size)
 
 
 def check_books(cluster: Cluster, held: set[str]) -> None:
