@@ -31,6 +31,7 @@ a wrong argument also subclass the builtin a caller would catch (``ValueError``,
     │   ├── MigrationError             the schema could not be brought up to date
     │   └── StartGuardUnavailable      a task's start guard could not reach the database
     ├── AcknowledgementFailed          a grouped acknowledgement rolled back (engine-internal)
+    ├── GroupInputFailed               one input of a group's follow-ups failed (engine-internal)
     ├── PublishError                   a relay's publish to the broker failed mid-batch
     ├── ProjectionError                a projection handler failed at one event
     ├── PermanentEffectError           raised by a handler: dead-letter now, no retries
@@ -61,6 +62,7 @@ __all__ = [
     "DrainTimedOut",
     "DuplicateWorkflowType",
     "EventDeserializationError",
+    "GroupInputFailed",
     "InputRefused",
     "InvalidArgument",
     "InvalidArgumentType",
@@ -220,6 +222,17 @@ class AcknowledgementFailed(IronflowError):
     def __init__(self, ran: Any, cause: BaseException) -> None:
         super().__init__(str(cause))
         self.ran = ran
+        self.cause = cause
+
+
+class GroupInputFailed(IronflowError):
+    """`WorkflowService.execute_group`: the input at `index` failed (its decision raised or
+    its output cannot be stored); `cause` is why. Nothing of the group was written. Raised by
+    the service and caught by the engine's completer, which records only that row as failed."""
+
+    def __init__(self, index: int, cause: BaseException) -> None:
+        super().__init__(f"input {index} of the group failed: {cause}")
+        self.index = index
         self.cause = cause
 
 

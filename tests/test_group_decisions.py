@@ -38,7 +38,7 @@ from ironflow_celery import (
     Workflow,
     WorkflowService,
 )
-from ironflow_celery.service.workflow_service import GroupInputFailed
+from ironflow_celery.errors import GroupInputFailed
 from ironflow_celery.storage.store import PostgresStore
 
 T = TestWorkflow.type

@@ -49,6 +49,7 @@ from ironflow_celery.engine.signals import dead_lettered
 from ironflow_celery.errors import (
     AcknowledgementFailed,
     DeadLettered,
+    GroupInputFailed,
     InvalidPayload,
     PermanentEffectError,
     StartGuardUnavailable,
@@ -61,7 +62,6 @@ from ironflow_celery.model.storable import storable_text
 from ironflow_celery.model.workflow import DeadLetterNotice, EffectContext, WorkflowRef
 from ironflow_celery.service import tracing
 from ironflow_celery.service.aio import call_handler
-from ironflow_celery.service.workflow_service import GroupInputFailed
 from ironflow_celery.storage.kinds import EFFECT, KINDS, TIMER, Kind, RowKind, kind_of
 from ironflow_celery.storage.store import LOST_RUN_ERROR, StartedRow
 

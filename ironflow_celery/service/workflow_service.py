@@ -24,6 +24,7 @@ from sqlalchemy.engine import Connection
 from ironflow_celery.errors import (
     DuplicateWorkflowType,
     EventDeserializationError,
+    GroupInputFailed,
     InvalidPayload,
     InvalidWorkflowDefinition,
     UnknownWorkflowType,
@@ -51,7 +52,6 @@ from ironflow_celery.storage.store import (
 )
 
 __all__ = [
-    "GroupInputFailed",
     "Registration",
     "Registry",
     "WorkflowService",
@@ -64,16 +64,6 @@ __all__ = [
 log = logging.getLogger("ironflow_celery.service")
 
 _POOL_LOCK = threading.Lock()
-
-
-class GroupInputFailed(Exception):
-    """`WorkflowService.execute_group`: the input at `index` failed (its decision raised or
-    its output cannot be stored); `cause` is why. Nothing of the group was written."""
-
-    def __init__(self, index: int, cause: BaseException) -> None:
-        super().__init__(f"input {index} of the group failed: {cause}")
-        self.index = index
-        self.cause = cause
 
 
 # -- registry -------------------------------------------------------------------------
