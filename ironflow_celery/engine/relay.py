@@ -51,6 +51,7 @@ from ironflow_celery.engine.deliveries import LostFinder
 from ironflow_celery.errors import PublishError, StorageError
 from ironflow_celery.model.config import AttemptLimits, RuntimeConfig, results_ignored
 from ironflow_celery.service import tracing
+from ironflow_celery.storage import sql
 from ironflow_celery.storage.db import (
     behind_transaction_pooler,
     dead_connection_params,
@@ -393,7 +394,7 @@ class Waker:
                         self.polling = True
                         break
                     for channel in self.events:
-                        conn.execute(f"LISTEN {channel}")
+                        conn.execute(sql.listen(channel))
                     delay = 0.5
                     self.wake_all()  # anything committed while we were not listening
                     while not self.stop.is_set():

@@ -652,13 +652,6 @@ def _work(
     return Ran(started, delivery.ref, attempt, follow_up, workflow, began, trace, label)
 
 
-_LOST_AFTER_WORK = {
-    EFFECT.name: "lease lost while the handler ran; result discarded",
-    TIMER.name: "lease lost before the timer ran",
-}
-_ACK_FAILED = {EFFECT.name: "Failed to route result", TIMER.name: "Failed to execute timer input"}
-
-
 def acknowledge(
     runtime: TaskHost,
     kind: RowKind,
@@ -691,7 +684,7 @@ def acknowledge(
                     kind,
                     ran.started,
                     ran.ref,
-                    f"{_ACK_FAILED[kind.name]}: {describe_error(exc)}",
+                    f"{kind.ack_failure}: {describe_error(exc)}",
                     exc=exc,
                     permanent=False,
                     began=ran.began,
@@ -705,7 +698,7 @@ def acknowledge(
                 kind.name, row.workflow_type, status, ran.began, ran.label
             )
             if status == "stale-skipped":
-                extra: dict[str, Any] = {"reason": _LOST_AFTER_WORK[kind.name]}
+                extra: dict[str, Any] = {"reason": kind.lost_after_work}
             elif kind is TIMER:
                 extra = {"outcome": outcomes.get(row.id)}
             elif ran.follow_up is not None:

@@ -25,6 +25,7 @@ from sqlalchemy.engine import make_url
 
 from ironflow_celery.engine.redelivery import PAUSE_COMMAND, RESUME_COMMAND
 from ironflow_celery.engine.runtime import runtime_of
+from ironflow_celery.storage import sql
 
 __all__ = ["PROBE_MAX_DELAY", "DatabaseGate", "DatabaseGateStep", "ironflow_queues"]
 
@@ -120,7 +121,7 @@ class DatabaseGate:
         while not self.stopping.is_set():
             try:
                 with psycopg.connect(conninfo, connect_timeout=5) as conn:
-                    conn.execute("SELECT 1")
+                    conn.execute(sql.PROBE)
             except psycopg.Error as exc:
                 log.debug("ironflow: database probe failed: %s", exc)
                 self.stopping.wait(delay)

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 from celery import bootsteps
 
-from ironflow_celery.engine.runtime import runtime_of
+from ironflow_celery.engine.runtime import WorkflowRuntime, runtime_of
 from ironflow_celery.integration.supervisor import (
     ServiceProcess,
     ServiceThread,
@@ -35,7 +35,7 @@ class ProjectionPlan(Protocol):
         """The configured projections' names (none: the step is off)."""
         ...
 
-    def job(self, runtime: Any) -> Callable[[Any], None]:
+    def job(self, runtime: WorkflowRuntime) -> Callable[[Any], None]:
         """What the supervised process runs until its stop event is set."""
         ...
 

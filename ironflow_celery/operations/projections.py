@@ -30,6 +30,7 @@ from typing import Any, cast
 from celery.utils.imports import import_from_cwd
 from sqlalchemy.engine import Connection
 
+from ironflow_celery.engine.runtime import WorkflowRuntime
 from ironflow_celery.errors import (
     ConfigurationError,
     EventDeserializationError,
@@ -550,7 +551,7 @@ def run_projections(
 
 @dataclass
 class _ProjectionJob:
-    runtime: Any
+    runtime: WorkflowRuntime
     projections: list[Projection]
     config: ProjectionConfig
 
@@ -581,5 +582,5 @@ class ConfiguredProjections:
     def names(self) -> list[str]:
         return [p.name for p in self.projections]
 
-    def job(self, runtime: Any) -> _ProjectionJob:
+    def job(self, runtime: WorkflowRuntime) -> _ProjectionJob:
         return _ProjectionJob(runtime, self.projections, self.config)

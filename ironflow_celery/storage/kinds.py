@@ -63,6 +63,10 @@ class RowKind:
     statements: sql.RowStatements
     """Every statement on this kind's table (claim, start, outcomes, leases, dead letters,
     cancel, retention)."""
+    lost_after_work: str
+    """Why a run's outcome is dropped when its lease was lost (the engine's log line)."""
+    ack_failure: str
+    """How the engine's log names a failed acknowledgement (ironflow's wording)."""
     pooled_poll: float
     """Seconds between a relay's wake-ups behind a transaction pooler without a listen URL,
     at most (no NOTIFY arrives there; see `ironflow_celery.engine.relay.POOLED_POLL`)."""
@@ -108,6 +112,8 @@ EFFECT = RowKind(
     due_when_written=True,
     typed_retry_policies=True,
     statements=sql.EFFECT_STATEMENTS,
+    lost_after_work="lease lost while the handler ran; result discarded",
+    ack_failure="Failed to route result",
     pooled_poll=0.2,
 )
 
@@ -125,6 +131,8 @@ TIMER = RowKind(
     due_when_written=False,
     typed_retry_policies=False,
     statements=sql.TIMER_STATEMENTS,
+    lost_after_work="lease lost before the timer ran",
+    ack_failure="Failed to execute timer input",
     pooled_poll=1.0,
 )
 

@@ -6,7 +6,9 @@ with the migration runner's own bookkeeping (its advisory lock and
 exist. Everything else is here and runs through `storage.store.PostgresStore`, except the
 testing kit's test-clock and scratch-database statements (the last section): the kit runs
 those on the connections it opens to create a database or move its clock, where no store
-exists (its row reads go through the store).
+exists (its row reads go through the store); and the two statements sent on raw psycopg
+connections outside the store's pool, `listen` (the relays' wake-up connection) and
+`PROBE` (the database gate's probe).
 
 Statements on effects (``ironflow.outbox``) and timers (``ironflow.timers``) are written
 once as templates and rendered per table into a `RowStatements` each (`EFFECT_STATEMENTS`,
@@ -60,6 +62,7 @@ __all__ = [
     "NOTIFY_TYPES",
     "OUTBOX",
     "OUTBOX_PAYLOAD",
+    "PROBE",
     "PROJECTION_FENCE_MARK",
     "PROJECTION_FENCE_XID",
     "PROJECTION_HEAD_ALL",
@@ -94,12 +97,23 @@ __all__ = [
     "RowStatements",
     "create_database",
     "drop_database",
+    "listen",
     "set_test_search_path",
 ]
 
 # -- channels -----------------------------------------------------------------------
 EFFECTS_CHANNEL = "ironflow_effects"
 TIMERS_CHANNEL = "ironflow_timers"
+
+
+def listen(channel: str) -> str:
+    """``LISTEN`` on one of the channels above (raw psycopg, autocommit: the relays'
+    wake-up connection, which must not hold a pooled connection)."""
+    return f"LISTEN {channel}"
+
+
+PROBE = "SELECT 1"
+"""The database gate's probe: whether PostgreSQL answers at all (raw psycopg)."""
 
 # -- advisory locks ---------------------------------------------------------------------
 # The key of ironflow_celery's transaction advisory locks (an arbitrary constant): the seed
