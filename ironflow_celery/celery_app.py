@@ -2,9 +2,10 @@
 bootsteps, and `default_app` is the app ``celery -A ironflow_celery worker`` finds.
 
 This is the one module that knows every layer: the engine's install (tasks, routing,
-relay bootstep), then the operations' tasks (dead letters, retention, cancel), the
-projections bootstep (integration's step bound here to the operations' runner, which sits
-above integration), and the relay process's duties (metrics endpoint, retention).
+relay bootstep), then the operations' tasks (dead letters, retention, cancel, inspection),
+the projections bootstep (integration's step bound here to the operations' runner, which
+sits above integration), and the relay process's duties (metrics endpoint, retention, the
+unregistered-task watch).
 """
 
 from __future__ import annotations

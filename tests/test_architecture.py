@@ -1,8 +1,9 @@
 """The package's layering (docs/architecture.md) holds: imports run one way, no module
 cycle, and the development tooling stays outside the package.
 
-The layers are import-linter contracts in pyproject.toml; this runs them, as CI does, and
-adds what import-linter does not check: that no set of modules imports itself in a circle.
+The rules are import-linter contracts in pyproject.toml; this runs them, as CI does, and
+adds a check import-linter's ``acyclic_siblings`` (siblings of one package) leaves out: that
+no set of modules, package ``__init__`` modules included, imports itself in a circle.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""What the tasks, the operations and a relay process's duties need from the runtime, as
-protocols.
+"""What the tasks, the dead-letter, retention and metrics operations and a relay process's
+duties need from the runtime, as protocols.
 
 `WorkflowRuntime` satisfies them (mypy checks so where the runtime registers its tasks and
 where `install` hands it to the operations and duties). Code is typed against these and not

@@ -48,13 +48,13 @@ class Setting:
     default: Any
     """The value when neither conf nor environment sets it (None: unset, or off)."""
     doc: str
-    """One line of Markdown; the first of a README row describes the whole row."""
+    """One line of Markdown; the first of a table row describes the whole row."""
     field: str | None = None
     """The ``RuntimeConfig`` / ``RetryPolicy`` / ``ProjectionConfig`` field it sets."""
     shown: str | None = None
-    """The default as the README shows it, when the rendering of `default` is not it."""
+    """The default as the table shows it, when the rendering of `default` is not it."""
     row: str | None = None
-    """Settings with the same `row` share one README row (all ``<row>_*``: short names)."""
+    """Settings with the same `row` share one table row (all ``<row>_*``: short names)."""
 
     @property
     def key(self) -> str:
@@ -439,7 +439,7 @@ _TABLE: tuple[Setting, ...] = (
 )
 
 SETTINGS: Mapping[str, Setting] = {s.name: s for s in _TABLE}
-"""Every setting by name (without the prefix), in the README's order."""
+"""Every setting by name (without the prefix), in the table's order (docs/configuration.md)."""
 
 
 class Settings(Mapping[str, Any]):
