@@ -39,7 +39,11 @@ from ironflow_celery.errors import (
 )
 from ironflow_celery.model.settings import read_settings
 from ironflow_celery.model.storable import check_text, storable_text
-from ironflow_celery.storage.store import PostgresStore
+from ironflow_celery.storage.store import (
+    PostgresStore,
+    ProjectionEventRow,
+    ProjectionPositionRow,
+)
 
 log = logging.getLogger("ironflow_celery.projections")
 
@@ -312,7 +316,7 @@ class ProjectionRunner:
                     return BatchResult()  # another runner of this projection holds its lock
                 position = self.store.projection_position(self.name, connection=conn)
                 # Before any write: a transaction's own xid would hold its snapshot's xmin.
-                rows = self.store.fetch_events_for_projection(
+                passed, events = self.store.fetch_events_for_projection(
                     fence_xid=fence.xid,
                     after=position,
                     high_water=fence.high_water,
@@ -320,10 +324,9 @@ class ProjectionRunner:
                     limit=limit,
                     connection=conn,
                 )
-                if not rows[0].passed:
+                if not passed:
                     tx.rollback()
                     return BatchResult(waiting=True)
-                events = [r for r in rows if r.global_sequence is not None]
                 more = len(events) == limit
                 handler_conn = conn if transactional else None
                 failed: ProjectionError | None = None
@@ -387,7 +390,7 @@ class ProjectionRunner:
             self.name, position, str(failed)[:4000], failed.global_sequence, connection=conn
         )
 
-    def _deliver(self, row: Any, conn: Connection | None) -> None:
+    def _deliver(self, row: ProjectionEventRow, conn: Connection | None) -> None:
         payload, typed = row.payload, False
         if self.registry is not None and row.workflow_type in self.registry:
             workflow = self.registry.get(row.workflow_type).workflow
@@ -455,7 +458,9 @@ def projection_status(
     return out
 
 
-def _status_row(name: str, position: int, head: int, row: Any) -> dict[str, Any]:
+def _status_row(
+    name: str, position: int, head: int, row: ProjectionPositionRow | None
+) -> dict[str, Any]:
     error = row.last_error if row is not None else None
     return {
         "name": name,

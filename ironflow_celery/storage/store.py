@@ -40,9 +40,13 @@ __all__ = [
     "LOST_RUN_ERROR",
     "ClaimedRow",
     "DecisionWrite",
+    "KitRow",
     "LockedInstance",
     "PostgresStore",
+    "ProjectionEventRow",
+    "ProjectionPositionRow",
     "QueueDepthRow",
+    "RowOutcome",
     "StaleRow",
     "StartedRow",
     "StoredEvent",
@@ -221,6 +225,57 @@ class StaleRow:
     attempts: int
     locked_by: str | None
     lease_live: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ProjectionEventRow:
+    """One stored event as a projection's fetch reads it (`fetch_events_for_projection`)."""
+
+    global_sequence: int
+    workflow_type: str
+    workflow_id: str
+    sequence: int
+    payload: Any
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ProjectionPositionRow:
+    """A stored projection's position and health (`projection_status_rows`)."""
+
+    projection_name: str
+    last_sequence: int
+    updated_at: datetime | None
+    last_error: str | None
+    failed_sequence: int | None
+    failed_at: datetime | None
+    head: int
+
+
+@dataclass(frozen=True, slots=True)
+class RowOutcome:
+    """What a worker round left on one row (`row_outcomes`, the testing kit)."""
+
+    id: uuid.UUID
+    attempts: int
+    last_error: str | None
+    processed: bool
+    dead: bool
+
+
+@dataclass(frozen=True, slots=True)
+class KitRow:
+    """A pending or dead-lettered row as the testing kit lists it (`test_rows`)."""
+
+    id: uuid.UUID
+    workflow_type: str
+    workflow_id: str
+    body: Any
+    attempts: int
+    last_error: str | None
+    due_at: datetime | None
+    key: str | None
+    handled: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -1384,9 +1439,9 @@ class PostgresStore:
         types: list[str] | None,
         limit: int,
         connection: Connection,
-    ) -> list[Any]:
-        """The events after `after` up to the fence, first row's ``passed`` saying whether
-        every transaction before the fence has ended (see sql.FETCH_EVENTS_FOR_PROJECTION)."""
+    ) -> tuple[bool, list[ProjectionEventRow]]:
+        """Whether every transaction before the fence has ended, and if so the events after
+        `after` up to the fence (see sql.FETCH_EVENTS_FOR_PROJECTION)."""
         params = {
             "fence_xid": fence_xid,
             "after": after,
@@ -1395,7 +1450,11 @@ class PostgresStore:
             "limit": limit,
         }
         with storage_errors():
-            return list(connection.execute(sql.FETCH_EVENTS_FOR_PROJECTION, params).all())
+            rows = connection.execute(sql.FETCH_EVENTS_FOR_PROJECTION, params).all()
+        # One row at least: the fence's verdict, with the event's columns NULL when it has
+        # not passed or no event follows.
+        events = [ProjectionEventRow(*r[1:]) for r in rows if r.global_sequence is not None]
+        return bool(rows[0].passed), events
 
     def advance_projection(self, name: str, sequence: int, *, connection: Connection) -> None:
         """Move a projection to `sequence` and clear its error."""
@@ -1423,11 +1482,11 @@ class PostgresStore:
 
     def projection_status_rows(
         self, types_by_name: Mapping[str, Sequence[str]], *, with_global_head: bool
-    ) -> tuple[list[Any], dict[str, int], int]:
+    ) -> tuple[list[ProjectionPositionRow], dict[str, int], int]:
         """Every stored projection's row, the newest event of each named projection's
         workflow types, and the newest event of all (0 unless `with_global_head`)."""
         with storage_errors(), self.engine.connect() as conn:
-            rows = list(conn.execute(sql.PROJECTION_STATUS).all())
+            rows = [ProjectionPositionRow(*r) for r in conn.execute(sql.PROJECTION_STATUS)]
             heads = {
                 name: int(
                     conn.execute(sql.EVENTS_HEAD_FOR_TYPES, {"types": list(types)}).scalar_one()
@@ -1493,10 +1552,12 @@ class PostgresStore:
         statement = sql.TEST_UNFINISHED[kind_of(kind).table]
         return self._run(statement, {"ids": list(ids)}).first() is not None
 
-    def row_outcomes(self, kind: Kind | RowKind, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, Any]:
+    def row_outcomes(
+        self, kind: Kind | RowKind, ids: Sequence[uuid.UUID]
+    ) -> dict[uuid.UUID, RowOutcome]:
         """Attempts, last error, processed and dead of these rows, by id."""
         statement = sql.TEST_AFTER_WORKER[kind_of(kind).table]
-        return {r.id: r for r in self._run(statement, {"ids": list(ids)})}
+        return {r.id: RowOutcome(*r) for r in self._run(statement, {"ids": list(ids)})}
 
     def test_rows(
         self,
@@ -1504,10 +1565,10 @@ class PostgresStore:
         which: Literal["pending", "dead"],
         workflow_type: str | None,
         workflow_id: str | None,
-    ) -> list[Any]:
+    ) -> list[KitRow]:
         """Pending or dead-lettered rows, oldest first, optionally of one type or instance."""
         statement = sql.TEST_ROWS[(kind_of(kind).table, which)]
-        return list(self._run(statement, {"wt": workflow_type, "wid": workflow_id}))
+        return [KitRow(*r) for r in self._run(statement, {"wt": workflow_type, "wid": workflow_id})]
 
     # -- helpers -------------------------------------------------------------------------------
     def _attempts_or_none(
