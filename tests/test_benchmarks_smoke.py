@@ -64,6 +64,7 @@ def test_benchmarks_smoke_run_reports_every_row(tmp_path: Path) -> None:
         assert isinstance(rows[rid]["value"], (int, float))
 
 
+@pytest.mark.scale  # several relays or worker groups at once: its own CI step
 @pytest.mark.timeout(480)
 def test_benchmark_row_11_many_relays_reports_its_ratios(tmp_path: Path) -> None:
     """Row 11 (1 vs 4 relay processes) at its smoke size: both workloads, both ratios."""

@@ -73,6 +73,7 @@ def worker(
     procs.spawn(name, argv, env)
 
 
+@pytest.mark.scale  # several relays or worker groups at once: its own CI step
 @pytest.mark.timeout(900)  # waits for progress (stall bounds), not for a wall time
 def test_group_b_down_does_not_stall_group_a_and_b_runs_once_later(
     database_url: str, procs: Processes, tmp_path: Path

@@ -92,6 +92,7 @@ def relay_statements(store: PostgresStore, db: sa.Engine, relays: int) -> float:
     return sent / N
 
 
+@pytest.mark.scale  # several relays or worker groups at once: its own CI step
 @pytest.mark.timeout(600)
 def test_four_relays_cost_about_what_one_costs(store: PostgresStore, db: sa.Engine) -> None:
     """The same stream of effects, to one relay and then to four: the four together send
@@ -102,6 +103,7 @@ def test_four_relays_cost_about_what_one_costs(store: PostgresStore, db: sa.Engi
     assert four <= 1.6 * one, f"1 relay: {one:.2f}, 4 relays: {four:.2f} statements per effect"
 
 
+@pytest.mark.scale  # several relays or worker groups at once: its own CI step
 def test_a_relay_at_its_limit_asks_for_room_at_the_pace_its_rows_start(
     store: PostgresStore, db: sa.Engine
 ) -> None:

@@ -142,6 +142,7 @@ def test_back_pressure_holds_per_queue_so_a_stalled_queue_leaves_room_for_the_ot
     assert relay.rooms() == {"queue-a": 0, "queue-b": 0}
 
 
+@pytest.mark.scale  # several relays or worker groups at once: its own CI step
 def test_rows_in_a_queue_nobody_consumes_are_held_not_published_again(
     store: PostgresStore, db: sa.Engine, caplog: pytest.LogCaptureFixture
 ) -> None:
