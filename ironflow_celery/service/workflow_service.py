@@ -247,6 +247,42 @@ def _check_decision(
             raise InvalidPayload(workflow_type, "timer key", f"{key!r}: {text_problem(key)}")
 
 
+@dataclass(frozen=True, slots=True)
+class _Accepted:
+    """An accepted decision, encoded and checked: what either execution path writes."""
+
+    events: list[Any]
+    effects: list[Any]
+    timers: list[TimerSpec]
+    cancel_keys: list[str]
+    completed: bool
+
+
+def _decide(
+    wf: type[Workflow], now: Any, state: Any, input: Any
+) -> tuple[Decision, _Accepted | None]:
+    """Run `decide` on a replayed state; for an accepted decision also evolve, encode and
+    check what it writes (None for a rejection). One input or a group's: the same rules."""
+    decision = wf.decide(now, state, input)
+    if not isinstance(decision, Decision):
+        raise InvalidWorkflowDefinition(
+            f"{wf.type}.decide returned {type(decision).__name__}, not a Decision"
+        )
+    if decision.is_reject:
+        return decision, None
+    events = [wf.events.encode(e) for e in decision.events]
+    for event in decision.events:
+        state = wf.evolve(state, event)
+    effects = [wf.effects.encode(f) for f in decision.effects]
+    timers = [
+        TimerSpec(t.delay.total_seconds(), wf.inputs.encode(t.input), t.key)
+        for t in decision.timers
+    ]
+    cancel_keys = list(decision.cancel_timer_keys)
+    _check_decision(wf.type, events, effects, timers, cancel_keys)
+    return decision, _Accepted(events, effects, timers, cancel_keys, wf.is_terminal(state))
+
+
 def _check_key(workflow_type: str, what: str, value: str | None) -> None:
     problem = None if value is None else text_problem(value)
     if problem is not None:
@@ -390,13 +426,8 @@ class WorkflowService:
                 return AlreadyCompleted()
 
             state = wf.replay(decode_events(wf, workflow_id, uow.events))
-            decision = wf.decide(self._clock(), state, input)
-            if not isinstance(decision, Decision):
-                raise InvalidWorkflowDefinition(
-                    f"{wf.type}.decide returned {type(decision).__name__}, not a Decision"
-                )
-
-            if decision.is_reject:
+            decision, accepted = _decide(wf, self._clock(), state, input)
+            if accepted is None:
                 rejection_json = wf.rejection_codec.encode(decision.rejection)
                 uow.rollback()
                 if observe:
@@ -412,25 +443,16 @@ class WorkflowService:
                     )
                 return Rejected(decision.rejection)
 
-            events = [wf.events.encode(e) for e in decision.events]
-            for event in decision.events:
-                state = wf.evolve(state, event)
-            effects = [wf.effects.encode(f) for f in decision.effects]
-            timers = [
-                TimerSpec(t.delay.total_seconds(), wf.inputs.encode(t.input), t.key)
-                for t in decision.timers
-            ]
-            _check_decision(wf.type, events, effects, timers, decision.cancel_timer_keys)
             if observe:
                 uow.record_input_observation(input_type, payload, "accepted")
-            uow.append_events(events)
-            uow.enqueue_effects(effects)
-            uow.cancel_timers(list(decision.cancel_timer_keys))
-            uow.schedule_timers(timers)
-            if effects or timers:
+            uow.append_events(accepted.events)
+            uow.enqueue_effects(accepted.effects)
+            uow.cancel_timers(accepted.cancel_keys)
+            uow.schedule_timers(accepted.timers)
+            if accepted.effects or accepted.timers:
                 # the input's trace, stored with its effects and timers (see service.tracing)
                 uow.trace_context = tracing.current_carrier()
-            if wf.is_terminal(state):
+            if accepted.completed:
                 uow.mark_completed()
             return Accepted(uow.commit())
 
@@ -502,36 +524,23 @@ class WorkflowService:
         wf = registration.workflow
         with self._input_span(wf, input) as current:
             state = wf.replay(decode_events(wf, workflow_id, stored))
-            decision = wf.decide(self._clock(), state, input)
-            if not isinstance(decision, Decision):
-                raise InvalidWorkflowDefinition(
-                    f"{wf.type}.decide returned {type(decision).__name__}, not a Decision"
-                )
-            if decision.is_reject:
+            decision, accepted = _decide(wf, self._clock(), state, input)
+            if accepted is None:
                 outcome: ExecuteOutcome[Any] = Rejected(decision.rejection)
                 write = None
             else:
-                events = [wf.events.encode(e) for e in decision.events]
-                for event in decision.events:
-                    state = wf.evolve(state, event)
-                effects = [wf.effects.encode(f) for f in decision.effects]
-                timers = [
-                    TimerSpec(t.delay.total_seconds(), wf.inputs.encode(t.input), t.key)
-                    for t in decision.timers
-                ]
-                _check_decision(wf.type, events, effects, timers, decision.cancel_timer_keys)
                 write = DecisionWrite(
                     wf.type,
                     workflow_id,
                     len(stored) + 1,
-                    events,
-                    effects,
-                    tracing.current_carrier() if effects or timers else None,
-                    wf.is_terminal(state),
-                    list(decision.cancel_timer_keys),
-                    timers,
+                    accepted.events,
+                    accepted.effects,
+                    tracing.current_carrier() if accepted.effects or accepted.timers else None,
+                    accepted.completed,
+                    accepted.cancel_keys,
+                    accepted.timers,
                 )
-                outcome = Accepted(len(events))
+                outcome = Accepted(len(accepted.events))
             if current is not None and current.is_recording():
                 current.set_attribute("ironflow.outcome", outcome.kind)
             return outcome, write
