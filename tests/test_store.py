@@ -1014,6 +1014,69 @@ def test_unique_key_race_started_together(
     assert q(db, "SELECT count(*) FROM ironflow.events") == rounds * (2 if same_instance else 1)
 
 
+def test_new_instance_creator_queued_behind_one_that_rolls_back_creates_it(
+    store: PostgresStore, db: sa.Engine
+) -> None:
+    """The second creator of one new instance queues on the creators' advisory lock; when
+    the first rolls back, the second creates the instance itself."""
+    first = store.begin(T, "wf-1", "k")
+    assert first.created_instance
+    first.append_events([{"type": "First"}])
+
+    def second() -> tuple[bool, list[Any]]:
+        with store.begin(T, "wf-1", "k") as uow:
+            created, seen = uow.created_instance, list(uow.events)
+            uow.append_events([{"type": "Second"}])
+            uow.commit()
+            return created, seen
+
+    job = Background(second)
+    wait_for_lock_waiters(db, 1)
+    first.rollback()
+
+    assert job.join(60) == (True, [])
+    assert [e.payload for e in store.fetch_workflow_events(T, "wf-1")] == [{"type": "Second"}]
+    assert q(db, "SELECT unique_key FROM ironflow.workflow_instances") == "k"
+
+
+def test_new_instance_created_meanwhile_by_ironflow_is_loaded(
+    store: PostgresStore, db: sa.Engine
+) -> None:
+    """ironflow creates instances without our advisory lock: a begin whose insert clashes
+    with its uncommitted row waits for it, then locks and loads what it committed."""
+    with db.connect() as other:
+        other.execute(
+            sa.text(
+                "INSERT INTO ironflow.workflow_instances"
+                " (workflow_type, workflow_id, event_count, last_event_at)"
+                " VALUES (:wt, 'wf-1', 1, now())"
+            ),
+            {"wt": T},
+        )
+        other.execute(
+            sa.text(
+                "INSERT INTO ironflow.events (workflow_type, workflow_id, sequence, payload)"
+                " VALUES (:wt, 'wf-1', 1, '{\"type\": \"ByIronflow\"}')"
+            ),
+            {"wt": T},
+        )
+
+        def begin() -> tuple[bool, list[Any]]:
+            with store.begin(T, "wf-1") as uow:
+                created, seen = uow.created_instance, list(uow.events)
+                uow.append_events([{"type": "Ours"}])
+                uow.commit()
+                return created, seen
+
+        job = Background(begin)
+        wait_for_lock_waiters(db, 1)  # the insert waits on ironflow's uncommitted row
+        other.commit()
+
+        assert job.join(60) == (False, [{"type": "ByIronflow"}])
+    events = store.fetch_workflow_events(T, "wf-1")
+    assert [(e.sequence, e.payload["type"]) for e in events] == [(1, "ByIronflow"), (2, "Ours")]
+
+
 # -- beyond the checklist: more of the latest semantics ------------------------------------
 
 

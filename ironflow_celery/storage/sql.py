@@ -43,14 +43,13 @@ __all__ = [
     "FETCH_WORKFLOW_EVENTS",
     "FIND_EXECUTE_RECORD",
     "GET_INSTANCE",
-    "INSERT_INSTANCE",
     "INSERT_OBSERVATION",
     "INSPECT_STATEMENTS",
     "LIMITED_TYPES_LOCK_CLASS",
     "LIST_INSTANCES",
     "LIST_WORKFLOWS",
     "LOAD_PROJECTION_POSITION",
-    "LOCK_AND_LOAD",
+    "LOCK_AND_LOAD_OR_CREATE",
     "LOCK_IDEMPOTENCY_KEY",
     "LOCK_INSTANCE_FOR_CANCEL",
     "LOCK_LIMITED_TYPES",
@@ -90,7 +89,6 @@ __all__ = [
     "TIMERS_PAYLOAD",
     "TIMER_STATEMENTS",
     "TRY_LOCK_PROJECTION",
-    "UNIQUE_KEY_HELD",
     "WAKE_RELAYS",
     "WRITE_DECISION",
     "InspectStatements",
@@ -184,35 +182,17 @@ _ATTEMPT_REARMED = _close_attempt("timers.celery_attempts", "re-armed")
 
 # -- unit of work -------------------------------------------------------------------
 
-# Row-lock the instance and load its events in one round trip (migration 0006 explains why
-# this is a PL/pgSQL function and not a single statement). No rows: no such instance; a
-# NULL sequence (migration 0007): no events, which a JSON null payload cannot fake.
-LOCK_AND_LOAD = text("""
-    SELECT completed, sequence, payload FROM ironflow.celery_lock_and_load(:wt, :wid)
-""")
-
-# Creators of the same new instance queue on a transaction advisory lock (single-bigint key
-# space, apart from the two-int4 keys of migrations and projections) instead of racing inside
-# the speculative insert: with the unique-key index present, two concurrent ON CONFLICT
-# inserts of one primary key can deadlock in PostgreSQL. No conflict target: a clash on the
-# primary key (a racing creator won) or on the active unique key (another instance holds it)
-# both return no row instead of raising, so a caller's own transaction (``connection=``)
-# stays usable after a `UniqueKeyConflict`; the store tells the two apart by looking.
-INSERT_INSTANCE = text(f"""
-    WITH queued AS (
-        SELECT pg_advisory_xact_lock(
-            hashtextextended(CAST(:wt AS text) || chr(31) || CAST(:wid AS text),
-                             {ADVISORY_LOCK_KEY}))
-    )
-    INSERT INTO ironflow.workflow_instances (workflow_type, workflow_id, unique_key)
-    SELECT :wt, :wid, CAST(:unique_key AS text) FROM queued
-    ON CONFLICT DO NOTHING
-    RETURNING true
-""")
-
-UNIQUE_KEY_HELD = text("""
-    SELECT 1 FROM ironflow.workflow_instances
-    WHERE workflow_type = :wt AND unique_key = :unique_key AND completed_at IS NULL
+# Start a unit of work in one round trip: row-lock the instance and load its events, or
+# create it when there is none (migrations 0006, 0007 and 0012 explain the function). Rows:
+# `created`, `completed`, then one per event; a NULL sequence: no events, which a JSON null
+# payload cannot fake. No rows: the unique key is held by another active instance, and
+# nothing was written or raised, so a caller's own transaction (``connection=``) stays
+# usable after a `UniqueKeyConflict`. Creators of one new instance queue inside the function
+# on a transaction advisory lock keyed by ADVISORY_LOCK_KEY (single-bigint key space, apart
+# from the two-int4 keys of migrations and projections).
+LOCK_AND_LOAD_OR_CREATE = text("""
+    SELECT created, completed, sequence, payload
+    FROM ironflow.celery_lock_and_load_or_create(:wt, :wid, CAST(:unique_key AS text))
 """)
 
 DELETE_NEW_INSTANCE = text("""
