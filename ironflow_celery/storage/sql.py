@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import TextClause, text
+from sqlalchemy import TextClause, TextualSelect, column, text
 
 __all__ = [
     "ADVANCE_PROJECTION",
@@ -182,18 +182,33 @@ _ATTEMPT_REARMED = _close_attempt("timers.celery_attempts", "re-armed")
 
 # -- unit of work -------------------------------------------------------------------
 
+
+def _with_columns(statement: TextClause, *names: str) -> TextualSelect:
+    """`statement` with its result columns named up front, in order: SQLAlchemy then keeps
+    the result's metadata with the cached compiled statement instead of building it from
+    the cursor's description on every execution (about 20 µs a statement; the hot path's)."""
+    return statement.columns(*(column(name) for name in names))
+
+
 # Start a unit of work in one round trip: row-lock the instance and load its events, or
-# create it when there is none (migrations 0006, 0007 and 0012 explain the function). Rows:
-# `created`, `completed`, then one per event; a NULL sequence: no events, which a JSON null
-# payload cannot fake. No rows: the unique key is held by another active instance, and
-# nothing was written or raised, so a caller's own transaction (``connection=``) stays
+# create it when there is none (migrations 0006, 0007 and 0012 explain the function). Each
+# row says whether the instance was created and whether it is completed; an existing one's
+# rows carry its events in order, and a NULL sequence means no events, which a JSON null
+# payload cannot fake. No row: the unique key is held by another active instance; nothing
+# was written and nothing raised, so a caller's own transaction (``connection=``) stays
 # usable after a `UniqueKeyConflict`. Creators of one new instance queue inside the function
 # on a transaction advisory lock keyed by ADVISORY_LOCK_KEY (single-bigint key space, apart
 # from the two-int4 keys of migrations and projections).
-LOCK_AND_LOAD_OR_CREATE = text("""
+LOCK_AND_LOAD_OR_CREATE = _with_columns(
+    text("""
     SELECT created, completed, sequence, payload
     FROM ironflow.celery_lock_and_load_or_create(:wt, :wid, CAST(:unique_key AS text))
-""")
+"""),
+    "created",
+    "completed",
+    "sequence",
+    "payload",
+)
 
 DELETE_NEW_INSTANCE = text("""
     DELETE FROM ironflow.workflow_instances
@@ -201,7 +216,8 @@ DELETE_NEW_INSTANCE = text("""
 """)
 
 # One round trip for a decision's events, effects, instance counters and wake-up.
-WRITE_DECISION = text(f"""
+WRITE_DECISION = _with_columns(
+    text(f"""
     WITH ev AS (
         INSERT INTO ironflow.events (workflow_type, workflow_id, sequence, payload)
         SELECT :wt, :wid, s, CAST(p AS jsonb)
@@ -225,7 +241,12 @@ WRITE_DECISION = text(f"""
            (SELECT count(*) FROM inst) AS instances,
            CASE WHEN cardinality(CAST(:effects AS text[])) > 0
                 THEN pg_notify('{EFFECTS_CHANNEL}', :wt) END AS notified
-""")
+"""),
+    "events",
+    "effects",
+    "instances",
+    "notified",
+)
 
 # Several instances' lock-and-load in one round trip (a group's follow-up inputs): the
 # function runs once per key, in the given order (callers sort the keys, so two groups lock
