@@ -262,6 +262,36 @@ def test_enqueue_effects_persists_to_outbox(store: PostgresStore, db: sa.Engine)
         assert r.locked_until is r.locked_by is r.last_error is r.processed_at is None
 
 
+def test_decision_values_are_stored_exactly_and_in_order(store: PostgresStore) -> None:
+    """A decision's events and effects reach PostgreSQL as one JSON array each: every kind
+    of JSON value comes back as written, in decision order, events numbered on."""
+    values: list[Any] = [
+        {"type": "Quoted", "text": 'say "hi" \\ back\\slash, comma [x] {y}', "u": "é 🎉"},
+        None,
+        [1, [2, "three"], {"four": 4.5}],
+        "a string",
+        -7,
+        True,
+        {"type": "Big", "n": 2**62, "f": 1e-300},
+    ]
+    commit_events(store, "wf-1", {"type": "First"})
+    with store.begin(T, "wf-1") as uow:
+        uow.append_events(values)
+        uow.enqueue_effects(values)
+        uow.commit()
+
+    events = store.fetch_workflow_events(T, "wf-1")
+    assert [e.payload for e in events] == [{"type": "First"}, *values]
+    assert [e.sequence for e in events] == list(range(1, len(values) + 2))
+    assert store.get_instance(T, "wf-1").event_count == len(values) + 1  # type: ignore[union-attr]
+    claimed = store.claim("effect", "w", [T], lease_seconds=LEASE, max_attempts=MAX, limit=20)
+    started = [
+        store.start("effect", c.id, "w", f"run-{i}", lease_seconds=LEASE)
+        for i, c in enumerate(claimed)
+    ]
+    assert [r.payload for r in started] == values  # type: ignore[union-attr]
+
+
 def test_sequence_increments_per_stream(store: PostgresStore, db: sa.Engine) -> None:
     with store.begin(T, "wf-1") as uow:
         uow.append_events([{"type": "A"}, {"type": "B"}])

@@ -215,18 +215,21 @@ DELETE_NEW_INSTANCE = text("""
     WHERE workflow_type = :wt AND workflow_id = :wid AND event_count = 0
 """)
 
-# One round trip for a decision's events, effects, instance counters and wake-up.
+# One round trip for a decision's events, effects, instance counters and wake-up. Events
+# and effects arrive as one JSON array each (the elements in decision order, events
+# numbered from :first): psycopg dumps a JSON text in a few µs, where a text[] of JSON
+# texts cost it some 40 µs of quoting per execution.
 WRITE_DECISION = _with_columns(
     text(f"""
     WITH ev AS (
         INSERT INTO ironflow.events (workflow_type, workflow_id, sequence, payload)
-        SELECT :wt, :wid, s, CAST(p AS jsonb)
-        FROM unnest(CAST(:seqs AS bigint[]), CAST(:events AS text[])) AS u(s, p)
+        SELECT :wt, :wid, CAST(:first AS bigint) + u.n - 1, u.p
+        FROM jsonb_array_elements(CAST(:events AS jsonb)) WITH ORDINALITY AS u(p, n)
         RETURNING 1
     ), ob AS (
         INSERT INTO ironflow.outbox (workflow_type, workflow_id, payload, celery_trace_context)
-        SELECT :wt, :wid, CAST(p AS jsonb), CAST(:trace AS text)
-        FROM unnest(CAST(:effects AS text[])) AS u(p)
+        SELECT :wt, :wid, u.p, CAST(:trace AS text)
+        FROM jsonb_array_elements(CAST(:effects AS jsonb)) AS u(p)
         RETURNING 1
     ), inst AS (
         UPDATE ironflow.workflow_instances
@@ -239,7 +242,7 @@ WRITE_DECISION = _with_columns(
     SELECT (SELECT count(*) FROM ev) AS events,
            (SELECT count(*) FROM ob) AS effects,
            (SELECT count(*) FROM inst) AS instances,
-           CASE WHEN cardinality(CAST(:effects AS text[])) > 0
+           CASE WHEN jsonb_array_length(CAST(:effects AS jsonb)) > 0
                 THEN pg_notify('{EFFECTS_CHANNEL}', :wt) END AS notified
 """),
     "events",

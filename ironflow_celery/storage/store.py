@@ -382,6 +382,11 @@ class DecisionWrite:
     timers: list[TimerSpec] = field(default_factory=list)
 
 
+def _json_array(texts: Sequence[str]) -> str:
+    """One JSON array of values already encoded as JSON texts (`dumps`)."""
+    return f"[{','.join(texts)}]"
+
+
 def _runner_params(worker: str | None, task_id: str | None) -> dict[str, Any]:
     """Bind parameters of a start guard's attempt-history entry: who runs the row. The pid
     is read per call: a prefork pool's children share the parent's worker name."""
@@ -482,9 +487,9 @@ class UnitOfWork:
                     sql.WRITE_DECISION,
                     {
                         **key,
-                        "seqs": list(range(first, first + n_events)),
-                        "events": self._events,
-                        "effects": self._effects,
+                        "first": first,
+                        "events": _json_array(self._events),
+                        "effects": _json_array(self._effects),
                         "trace": trace,
                         "n_events": n_events,
                         "completed": self._mark_completed,
