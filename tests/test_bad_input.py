@@ -593,16 +593,21 @@ def test_database_without_the_schema(
         store.dispose()
 
 
-def test_database_with_an_older_schema_says_to_upgrade(database_url: str) -> None:
-    """A database migrated by an older ironflow_celery (here: without migration 0006)."""
+@pytest.mark.parametrize(
+    "function",
+    ["celery_lock_and_load(text, text)", "celery_lock_and_load_or_create(text, text, text)"],
+)
+def test_database_with_an_older_schema_says_to_upgrade(database_url: str, function: str) -> None:
+    """A database migrated by an older ironflow_celery (here: without migration 0006, or
+    without 0012)."""
     store = PostgresStore.from_url(database_url)
     service = WorkflowService(store, Registry([(TestWorkflow, test_handler)]))
     try:
         with store.engine.begin() as conn:
-            conn.execute(sa.text("DROP FUNCTION ironflow.celery_lock_and_load(text, text)"))
+            conn.execute(sa.text(f"DROP FUNCTION ironflow.{function}"))
         with pytest.raises(StorageError) as info:
             service.execute(Ping(id="wf-1"))
-        assert "celery_lock_and_load" in str(info.value)
+        assert function.split("(")[0] in str(info.value)
         assert re.search(r"run `[^`]*ironflow-celery -A [^`]+ db upgrade", str(info.value))
         assert service.list_workflows() == []  # nothing half-written
     finally:

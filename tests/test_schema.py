@@ -24,7 +24,7 @@ import pytest
 import sqlalchemy as sa
 
 from ironflow_celery.errors import MigrationError
-from ironflow_celery.storage import schema
+from ironflow_celery.storage import schema, sql
 from ironflow_celery.storage.db import create_engine, normalize_url
 from ironflow_celery.storage.store import PostgresStore
 
@@ -243,6 +243,13 @@ def test_migrations_are_numbered_contiguously() -> None:
     versions = all_versions()
     assert versions == list(range(len(versions)))
     assert versions[:6] == [0, 1, 2, 3, 4, 5]
+
+
+def test_new_instance_creators_queue_on_the_stores_advisory_lock_key() -> None:
+    """Migration 0012 writes `sql.ADVISORY_LOCK_KEY` as a literal (SQL cannot import it):
+    the key space of new instances' locks stays the one the constant reserves."""
+    (creation,) = [m for m in schema.migrations() if m.version == 12]
+    assert f"chr(31) || p_id, {sql.ADVISORY_LOCK_KEY})" in creation.sql
 
 
 def test_upgrade_applies_all_migrations_to_an_empty_database(empty_engine: sa.Engine) -> None:

@@ -262,6 +262,36 @@ def test_enqueue_effects_persists_to_outbox(store: PostgresStore, db: sa.Engine)
         assert r.locked_until is r.locked_by is r.last_error is r.processed_at is None
 
 
+def test_decision_values_are_stored_exactly_and_in_order(store: PostgresStore) -> None:
+    """A decision's events and effects reach PostgreSQL as one JSON array each: every kind
+    of JSON value comes back as written, in decision order, events numbered on."""
+    values: list[Any] = [
+        {"type": "Quoted", "text": 'say "hi" \\ back\\slash, comma [x] {y}', "u": "é 🎉"},
+        None,
+        [1, [2, "three"], {"four": 4.5}],
+        "a string",
+        -7,
+        True,
+        {"type": "Big", "n": 2**62, "f": 1e-300},
+    ]
+    commit_events(store, "wf-1", {"type": "First"})
+    with store.begin(T, "wf-1") as uow:
+        uow.append_events(values)
+        uow.enqueue_effects(values)
+        uow.commit()
+
+    events = store.fetch_workflow_events(T, "wf-1")
+    assert [e.payload for e in events] == [{"type": "First"}, *values]
+    assert [e.sequence for e in events] == list(range(1, len(values) + 2))
+    assert store.get_instance(T, "wf-1").event_count == len(values) + 1  # type: ignore[union-attr]
+    claimed = store.claim("effect", "w", [T], lease_seconds=LEASE, max_attempts=MAX, limit=20)
+    started = [
+        store.start("effect", c.id, "w", f"run-{i}", lease_seconds=LEASE)
+        for i, c in enumerate(claimed)
+    ]
+    assert [r.payload for r in started] == values  # type: ignore[union-attr]
+
+
 def test_sequence_increments_per_stream(store: PostgresStore, db: sa.Engine) -> None:
     with store.begin(T, "wf-1") as uow:
         uow.append_events([{"type": "A"}, {"type": "B"}])
@@ -1012,6 +1042,69 @@ def test_unique_key_race_started_together(
 
     assert q(db, "SELECT count(*) FROM ironflow.workflow_instances") == rounds
     assert q(db, "SELECT count(*) FROM ironflow.events") == rounds * (2 if same_instance else 1)
+
+
+def test_new_instance_creator_queued_behind_one_that_rolls_back_creates_it(
+    store: PostgresStore, db: sa.Engine
+) -> None:
+    """The second creator of one new instance queues on the creators' advisory lock; when
+    the first rolls back, the second creates the instance itself."""
+    first = store.begin(T, "wf-1", "k")
+    assert first.created_instance
+    first.append_events([{"type": "First"}])
+
+    def second() -> tuple[bool, list[Any]]:
+        with store.begin(T, "wf-1", "k") as uow:
+            created, seen = uow.created_instance, list(uow.events)
+            uow.append_events([{"type": "Second"}])
+            uow.commit()
+            return created, seen
+
+    job = Background(second)
+    wait_for_lock_waiters(db, 1)
+    first.rollback()
+
+    assert job.join(60) == (True, [])
+    assert [e.payload for e in store.fetch_workflow_events(T, "wf-1")] == [{"type": "Second"}]
+    assert q(db, "SELECT unique_key FROM ironflow.workflow_instances") == "k"
+
+
+def test_new_instance_created_meanwhile_by_ironflow_is_loaded(
+    store: PostgresStore, db: sa.Engine
+) -> None:
+    """ironflow creates instances without our advisory lock: a begin whose insert clashes
+    with its uncommitted row waits for it, then locks and loads what it committed."""
+    with db.connect() as other:
+        other.execute(
+            sa.text(
+                "INSERT INTO ironflow.workflow_instances"
+                " (workflow_type, workflow_id, event_count, last_event_at)"
+                " VALUES (:wt, 'wf-1', 1, now())"
+            ),
+            {"wt": T},
+        )
+        other.execute(
+            sa.text(
+                "INSERT INTO ironflow.events (workflow_type, workflow_id, sequence, payload)"
+                " VALUES (:wt, 'wf-1', 1, '{\"type\": \"ByIronflow\"}')"
+            ),
+            {"wt": T},
+        )
+
+        def begin() -> tuple[bool, list[Any]]:
+            with store.begin(T, "wf-1") as uow:
+                created, seen = uow.created_instance, list(uow.events)
+                uow.append_events([{"type": "Ours"}])
+                uow.commit()
+                return created, seen
+
+        job = Background(begin)
+        wait_for_lock_waiters(db, 1)  # the insert waits on ironflow's uncommitted row
+        other.commit()
+
+        assert job.join(60) == (False, [{"type": "ByIronflow"}])
+    events = store.fetch_workflow_events(T, "wf-1")
+    assert [(e.sequence, e.payload["type"]) for e in events] == [(1, "ByIronflow"), (2, "Ours")]
 
 
 # -- beyond the checklist: more of the latest semantics ------------------------------------

@@ -188,18 +188,25 @@ def test_an_input_outside_any_span_starts_its_own_trace(
 
 def test_without_sdk_or_without_opentelemetry_nothing_is_stored() -> None:
     """opentelemetry-api alone (no SDK configured: no-op spans) stores no context; without
-    opentelemetry-api importable the package imports and the helpers are no-ops."""
+    opentelemetry-api importable the package imports and the helpers are no-ops. Without an
+    SDK the service opens no span per input (`configured`): a no-op span would carry only
+    its parent's context, which a row stores all the same."""
     api_only = (
-        "import ironflow_celery.service.tracing as t\n"
-        "assert t.AVAILABLE\n"
+        "import json, ironflow_celery.service.tracing as t\n"
+        "assert t.AVAILABLE and not t.configured()\n"
         "with t.span('x'):\n"
         "    assert t.current_carrier() is None\n"
+        "tp = '00-' + '1' * 32 + '-' + '2' * 16 + '-01'\n"
+        "with t.attached({'traceparent': tp}):\n"
+        "    assert json.loads(t.current_carrier())['traceparent'] == tp\n"
+        "    with t.span('x'):\n"
+        "        assert json.loads(t.current_carrier())['traceparent'] == tp\n"
         "print('ok')\n"
     )
     missing = (
         "import sys; sys.modules['opentelemetry'] = None\n"
         "import ironflow_celery, ironflow_celery.service.tracing as t\n"
-        "assert not t.AVAILABLE and t.current_carrier() is None\n"
+        "assert not t.AVAILABLE and not t.configured() and t.current_carrier() is None\n"
         "with t.span('x') as s, t.task_span('y', object()) as u, t.attached({'a': 'b'}):\n"
         "    assert s is None and u is None\n"
         "print('ok')\n"

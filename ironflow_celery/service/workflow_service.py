@@ -376,7 +376,7 @@ class WorkflowService:
         connection: Connection | None,
     ) -> ExecuteOutcome[Any]:
         # A span per input: the effects and timers it writes carry its trace onwards.
-        if not tracing.AVAILABLE:
+        if not tracing.configured():
             return self._execute_input(registration, input, payload, connection)
         with self._input_span(registration.workflow, input) as current:
             outcome = self._execute_input(registration, input, payload, connection)
@@ -386,8 +386,8 @@ class WorkflowService:
 
     @staticmethod
     def _input_span(wf: type[Workflow], input: Any) -> Any:
-        """The span of one input's execution (a no-op without OpenTelemetry)."""
-        if not tracing.AVAILABLE:
+        """The span of one input's execution (a no-op without an OpenTelemetry SDK)."""
+        if not tracing.configured():
             return nullcontext()
         attributes = {"ironflow.workflow_type": wf.type, "ironflow.input_type": input.type_tag}
         return tracing.span(f"ironflow.execute {wf.type}", attributes)

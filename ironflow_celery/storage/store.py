@@ -314,16 +314,20 @@ def _many_params(items: Sequence[tuple[uuid.UUID, str]]) -> dict[str, list[Any]]
     return {"ids": [i for i, _ in items], "tokens": [t for _, t in items]}
 
 
-def _lock_and_load(conn: Connection, key: dict[str, str]) -> tuple[bool, bool, list[Any]]:
-    """(found, completed, events): row-lock the instance and load its events, one round trip."""
-    rows = conn.execute(sql.LOCK_AND_LOAD, key).all()
+def _lock_and_load_or_create(
+    conn: Connection, key: dict[str, str], unique_key: str | None
+) -> tuple[bool, bool, list[Any]] | None:
+    """(created, completed, events): row-lock the instance and load its events, or create
+    it, one round trip; None when `unique_key` is held by another active instance."""
+    rows = conn.execute(sql.LOCK_AND_LOAD_OR_CREATE, {**key, "unique_key": unique_key}).all()
     if not rows:
-        return False, False, []
-    if rows[0].completed:
-        return True, True, []
+        return None
+    first = rows[0]
+    if first.created or first.completed:
+        return first.created, first.completed, []
     # The "no events" row has no sequence; an event's payload may be JSON null (None here)
     # and must reach decoding, which names its sequence.
-    return True, False, [r.payload for r in rows if r.sequence is not None]
+    return False, False, [r.payload for r in rows if r.sequence is not None]
 
 
 # What a start guard records when the previous run of a row never recorded an outcome.
@@ -376,6 +380,11 @@ class DecisionWrite:
     completed: bool = False
     cancel_keys: list[str] = field(default_factory=list)
     timers: list[TimerSpec] = field(default_factory=list)
+
+
+def _json_array(texts: Sequence[str]) -> str:
+    """One JSON array of values already encoded as JSON texts (`dumps`)."""
+    return f"[{','.join(texts)}]"
 
 
 def _runner_params(worker: str | None, task_id: str | None) -> dict[str, Any]:
@@ -478,9 +487,9 @@ class UnitOfWork:
                     sql.WRITE_DECISION,
                     {
                         **key,
-                        "seqs": list(range(first, first + n_events)),
-                        "events": self._events,
-                        "effects": self._effects,
+                        "first": first,
+                        "events": _json_array(self._events),
+                        "effects": _json_array(self._effects),
                         "trace": trace,
                         "n_events": n_events,
                         "completed": self._mark_completed,
@@ -681,26 +690,11 @@ class PostgresStore:
             with storage_errors():
                 if owns:
                     transaction = conn.begin()
-                created = False
-                found, completed, events = _lock_and_load(conn, key)
-                while not found and not created:
-                    created = (
-                        conn.execute(sql.INSERT_INSTANCE, {**key, "unique_key": unique_key}).first()
-                        is not None
-                    )
-                    if not created:  # lost a race to another creator, or the key is taken
-                        found, completed, events = _lock_and_load(conn, key)
-                        if (
-                            not found
-                            and unique_key is not None
-                            and conn.execute(
-                                sql.UNIQUE_KEY_HELD, {"wt": workflow_type, "unique_key": unique_key}
-                            ).first()
-                        ):
-                            raise UniqueKeyConflict(workflow_type, unique_key)
-                        # (still no row and no holder: the winner's row was deleted since)
-                    # else: a new instance has no events to load. Every writer (ironflow too)
-                    # creates the instance row in the transaction of its first events.
+                loaded = _lock_and_load_or_create(conn, key, unique_key)
+                if loaded is None:
+                    assert unique_key is not None  # without a key, a creator always wins
+                    raise UniqueKeyConflict(workflow_type, unique_key)
+                created, completed, events = loaded
         except BaseException:
             if owns:
                 if transaction is not None:
@@ -742,7 +736,7 @@ class PostgresStore:
             if r.completed:
                 loaded[i] = (True, True, [])
             else:
-                # A NULL sequence is the "no events" row (as in `_lock_and_load`).
+                # A NULL sequence is the "no events" row (as in `_lock_and_load_or_create`).
                 if r.sequence is not None:
                     events.append(r.payload)
                 loaded[i] = (True, False, events)
