@@ -166,6 +166,9 @@ class LeaseKeeper:
         self._thread: threading.Thread | None = None
         self._pid = os.getpid()
         self._flushers: list[Callable[[], None]] = []
+        # Whether the thread waits longer than a flusher may (it saw none): only then does
+        # a new flusher wake it (see `flushing`).
+        self._long_wait = False
         # Rows whose last renewal came back not held, by their token: warned about one
         # round later if their run still goes on (a run that just recorded its own
         # outcome also finds its row not held, and has left `_running` by then).
@@ -217,7 +220,12 @@ class LeaseKeeper:
         slow handler still runs). Inside `keep` blocks: the thread runs while they do."""
         with self._lock:
             self._flushers.append(flush)
-        self._wake.set()  # wait the shorter interval from now on
+            wake = self._long_wait
+        # Wait the shorter interval from now on. Only a thread in a longer wait is woken: a
+        # wake-up per group was a GIL hand-off per group, and while groups follow each
+        # other the thread mostly waits the short interval already.
+        if wake:
+            self._wake.set()
         try:
             yield
         finally:
@@ -241,7 +249,9 @@ class LeaseKeeper:
                     return
             with self._lock:
                 flushers = list(self._flushers)
-            self._wake.wait(min(interval, KEEPER_IDLE_EXIT, GROUP_ACK_DELAY / 2 if flushers else 1))
+                wait = min(interval, KEEPER_IDLE_EXIT, GROUP_ACK_DELAY / 2 if flushers else 1)
+                self._long_wait = wait > GROUP_ACK_DELAY / 2
+            self._wake.wait(wait)
             self._wake.clear()  # before the state is read again at the top: no lost wake-up
             with self._lock:
                 flushers = list(self._flushers)
