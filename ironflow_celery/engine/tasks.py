@@ -185,6 +185,9 @@ class LeaseKeeper:
     def keep_rows(self, kind: Kind, rows: Sequence[tuple[uuid.UUID, str]]) -> Iterator[None]:
         """Keep the leases of `rows`, (row id, run token) each, alive while the block runs:
         a group's rows are registered together, under one lock."""
+        if not rows:  # (a run whose rows all were stale: no thread to start)
+            yield
+            return
         now = time.monotonic()
         with self._lock:
             if self._thread is None or not self._thread.is_alive() or self._pid != os.getpid():
