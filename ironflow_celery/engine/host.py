@@ -10,7 +10,7 @@ modules importing each other, and each caller states what it uses.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
@@ -24,14 +24,18 @@ __all__ = ["Duty", "DutyHost", "LeaseKeeping", "RuntimeView", "Stopping", "TaskH
 
 
 class LeaseKeeping(Protocol):
-    """Keeps a running row's lease alive while its handler runs."""
+    """Keeps running rows' leases alive while their handlers run."""
 
-    def keep(self, kind: Kind, row_id: uuid.UUID, token: str) -> AbstractContextManager[None]:
-        """Renew the lease of (kind, row_id) held by `token` until the block exits."""
+    def keep_rows(
+        self, kind: Kind, rows: Sequence[tuple[uuid.UUID, str]]
+    ) -> AbstractContextManager[None]:
+        """Renew the leases of `rows`, (row id, run token) each, until the block exits
+        (a group's rows registered at once)."""
         ...
 
-    def done(self, kind: Kind, row_id: uuid.UUID) -> None:
-        """Stop renewing a row whose outcome is recorded before its `keep` block exits."""
+    def done_rows(self, kind: Kind, row_ids: Iterable[uuid.UUID]) -> None:
+        """Stop renewing rows whose outcomes are recorded before their `keep_rows` block
+        exits."""
         ...
 
     def flushing(self, flush: Callable[[], None]) -> AbstractContextManager[None]:

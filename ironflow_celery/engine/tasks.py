@@ -33,17 +33,17 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import ExitStack, contextmanager, nullcontext
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from types import SimpleNamespace
 from typing import Any, Literal
 
 from ironflow_celery.engine import row_events
 from ironflow_celery.engine.host import TaskHost
 from ironflow_celery.engine.inputs import register_execute_tasks
-from ironflow_celery.engine.metrics import UNKNOWN
+from ironflow_celery.engine.metrics import UNKNOWN, RowMeter
 from ironflow_celery.engine.redelivery import send_back
 from ironflow_celery.engine.signals import dead_lettered
 from ironflow_celery.errors import (
@@ -91,6 +91,7 @@ __all__ = [
     "run_rows",
     "run_timer",
     "run_token_for",
+    "run_tokens_for",
     "stale_reason",
     "task_result",
 ]
@@ -117,7 +118,14 @@ handler_failure: contextvars.ContextVar[BaseException | None] = contextvars.Cont
 
 
 def run_token_for(lease: str) -> str:
-    return f"{lease}>{_WORKER_TAG}:{uuid.uuid4().hex[:8]}"
+    return run_tokens_for([lease])[0]
+
+
+def run_tokens_for(leases: Sequence[str]) -> list[str]:
+    """A fresh run token per claim token: ``<claim token>><host>:<pid>:<8 random hex>``
+    (one read of the system's random source for a whole group)."""
+    noise = os.urandom(4 * len(leases)).hex()
+    return [f"{lease}>{_WORKER_TAG}:{noise[8 * i : 8 * i + 8]}" for i, lease in enumerate(leases)]
 
 
 def describe_error(exc: BaseException) -> str:
@@ -158,6 +166,9 @@ class LeaseKeeper:
         self._thread: threading.Thread | None = None
         self._pid = os.getpid()
         self._flushers: list[Callable[[], None]] = []
+        # Whether the thread waits longer than a flusher may (it saw none): only then does
+        # a new flusher wake it (see `flushing`).
+        self._long_wait = False
         # Rows whose last renewal came back not held, by their token: warned about one
         # round later if their run still goes on (a run that just recorded its own
         # outcome also finds its row not held, and has left `_running` by then).
@@ -166,9 +177,18 @@ class LeaseKeeper:
     def _lease(self, kind: Kind) -> float:
         return kind_of(kind).lock_duration(self.runtime.config)
 
-    @contextmanager
-    def keep(self, kind: Kind, row_id: uuid.UUID, token: str) -> Iterator[None]:
+    def keep(self, kind: Kind, row_id: uuid.UUID, token: str) -> AbstractContextManager[None]:
         """Keep `row_id`'s lease alive while the block runs."""
+        return self.keep_rows(kind, [(row_id, token)])
+
+    @contextmanager
+    def keep_rows(self, kind: Kind, rows: Sequence[tuple[uuid.UUID, str]]) -> Iterator[None]:
+        """Keep the leases of `rows`, (row id, run token) each, alive while the block runs:
+        a group's rows are registered together, under one lock."""
+        if not rows:  # (a run whose rows all were stale: no thread to start)
+            yield
+            return
+        now = time.monotonic()
         with self._lock:
             if self._thread is None or not self._thread.is_alive() or self._pid != os.getpid():
                 self._pid = os.getpid()
@@ -176,21 +196,25 @@ class LeaseKeeper:
                     target=self._run, name="ironflow-lease-keeper", daemon=True
                 )
                 self._thread.start()
-            self._running[(kind, row_id)] = (token, time.monotonic())
+            self._running.update({(kind, row_id): (token, now) for row_id, token in rows})
         try:
             yield
         finally:
-            with self._lock:
-                # No wake-up here: setting the Event after every task woke the keeper
-                # thread once per effect (a GIL hand-off, ~15% of a worker's samples under
-                # load); the thread notices it is idle within KEEPER_IDLE_EXIT by itself.
-                self._running.pop((kind, row_id), None)
+            # No wake-up here: setting the Event after every task woke the keeper thread
+            # once per effect (a GIL hand-off, ~15% of a worker's samples under load); the
+            # thread notices it is idle within KEEPER_IDLE_EXIT by itself.
+            self.done_rows(kind, [row_id for row_id, _ in rows])
 
     def done(self, kind: Kind, row_id: uuid.UUID) -> None:
         """Stop renewing a row whose outcome is recorded while its `keep` block still runs
         (a group's row: the block ends with the group)."""
+        self.done_rows(kind, [row_id])
+
+    def done_rows(self, kind: Kind, row_ids: Iterable[uuid.UUID]) -> None:
+        """`done` for several rows at once (a group's acknowledged rows)."""
         with self._lock:
-            self._running.pop((kind, row_id), None)
+            for row_id in row_ids:
+                self._running.pop((kind, row_id), None)
 
     @contextmanager
     def flushing(self, flush: Callable[[], None]) -> Iterator[None]:
@@ -199,7 +223,12 @@ class LeaseKeeper:
         slow handler still runs). Inside `keep` blocks: the thread runs while they do."""
         with self._lock:
             self._flushers.append(flush)
-        self._wake.set()  # wait the shorter interval from now on
+            wake = self._long_wait
+        # Wait the shorter interval from now on. Only a thread in a longer wait is woken: a
+        # wake-up per group was a GIL hand-off per group, and while groups follow each
+        # other the thread mostly waits the short interval already.
+        if wake:
+            self._wake.set()
         try:
             yield
         finally:
@@ -223,7 +252,9 @@ class LeaseKeeper:
                     return
             with self._lock:
                 flushers = list(self._flushers)
-            self._wake.wait(min(interval, KEEPER_IDLE_EXIT, GROUP_ACK_DELAY / 2 if flushers else 1))
+                wait = min(interval, KEEPER_IDLE_EXIT, GROUP_ACK_DELAY / 2 if flushers else 1)
+                self._long_wait = wait > GROUP_ACK_DELAY / 2
+            self._wake.wait(wait)
             self._wake.clear()  # before the state is read again at the top: no lost wake-up
             with self._lock:
                 flushers = list(self._flushers)
@@ -348,19 +379,18 @@ def stale_reason(runtime: TaskHost, kind: Kind, row_id: uuid.UUID, lease: str) -
 def _begin(
     runtime: TaskHost,
     kind: RowKind,
-    row_id: str,
+    rid: uuid.UUID,
     ref: str,
     attempt: int,
     lease: str,
     runner: Runner,
 ) -> StartedRow | RowResult:
-    """The start guard every run passes first, for either kind: the started row, or the
+    """The start guard of a single-row run, for either kind: the started row, or the
     task's result when the delivery is stale or the row's attempts were used up by runs
     that never finished. A database it cannot reach raises `StartGuardUnavailable` (the
     task sends its message back through the broker). The started row's ``token`` is this
     run's own token, which every later statement of the run presents."""
     handler_failure.set(None)
-    rid = uuid.UUID(row_id)
     try:
         started = runtime.store.start(
             kind,
@@ -378,7 +408,7 @@ def _begin(
         return task_result(
             "stale-skipped",
             ref,
-            row_id,
+            rid,
             attempt,
             reason=stale_reason(runtime, kind.name, rid, lease),
         )
@@ -457,11 +487,13 @@ class Completer:
         errors: dict[uuid.UUID, BaseException],
         *,
         grouped: bool,
+        meter: RowMeter | None = None,
     ) -> None:
         self.runtime = runtime
         self.kind = kind
         self.errors = errors
         self.grouped = grouped
+        self.meter = meter or runtime.metrics.meter()
         self.results: dict[uuid.UUID, RowResult] = {}
         self._pending: list[Ran] = []
         self._since = 0.0
@@ -498,9 +530,10 @@ class Completer:
     def _flush(self) -> None:
         pending, self._pending = self._pending, []
         if pending:
-            self.results.update(acknowledge(self.runtime, self.kind, pending, self.errors))
-            for ran in pending:
-                self.runtime.lease_keeper.done(self.kind.name, ran.started.id)
+            self.results.update(
+                acknowledge(self.runtime, self.kind, pending, self.errors, meter=self.meter)
+            )
+            self.runtime.lease_keeper.done_rows(self.kind.name, [r.started.id for r in pending])
 
 
 def run_rows(
@@ -524,48 +557,56 @@ def run_rows(
     each row that failed; `runner`, who runs them, goes to their attempt histories. Nothing
     is reported processed before the transaction that marks it processed commits."""
     runner = runner or Runner()
+    ids = [uuid.UUID(d.row_id) for d in deliveries]  # each row id parsed once, here
     if len(deliveries) == 1:
         only = deliveries[0]
-        begun = _begin(runtime, kind, only.row_id, only.ref, only.attempt, only.lease, runner)
+        begun = _begin(runtime, kind, ids[0], only.ref, only.attempt, only.lease, runner)
         started = {} if isinstance(begun, dict) else {begun.id: begun}
-        results = {uuid.UUID(only.row_id): begun} if isinstance(begun, dict) else {}
+        results = {ids[0]: begun} if isinstance(begun, dict) else {}
     else:
-        started, results = _begin_group(runtime, kind, deliveries, runner)
+        started, results = _begin_group(runtime, kind, deliveries, ids, runner)
     failures: dict[uuid.UUID, BaseException] = {}
-    completer = Completer(runtime, kind, failures, grouped=len(deliveries) > 1)
+    meter = runtime.metrics.meter()
+    completer = Completer(runtime, kind, failures, grouped=len(deliveries) > 1, meter=meter)
+    keeper = runtime.lease_keeper
     with ExitStack() as kept:
-        for one in started.values():
-            kept.enter_context(runtime.lease_keeper.keep(kind.name, one.id, one.token))
+        kept.enter_context(keeper.keep_rows(kind.name, [(r.id, r.token) for r in started.values()]))
         if completer.grouped:
-            kept.enter_context(runtime.lease_keeper.flushing(completer.flush_due))
-        for delivery in deliveries:
-            row = started.get(uuid.UUID(delivery.row_id))
+            kept.enter_context(keeper.flushing(completer.flush_due))
+        for delivery, row_id in zip(deliveries, ids, strict=True):
+            row = started.get(row_id)
             if row is None:
                 continue
-            ran = _work(runtime, kind, row, delivery, failures, grouped=completer.grouped)
+            ran = _work(runtime, kind, row, delivery, failures, meter, grouped=completer.grouped)
             if isinstance(ran, Ran):
                 completer.add(ran)
             else:
-                results[row.id] = ran
-                runtime.lease_keeper.done(kind.name, row.id)
+                results[row_id] = ran
+                keeper.done_rows(kind.name, [row_id])
         results.update(completer.finish())
     if errors is not None:
         errors.update({str(row_id): exc for row_id, exc in failures.items()})
-    ordered = [results[uuid.UUID(d.row_id)] for d in deliveries]
+    ordered = [results[row_id] for row_id in ids]
     for delivery, result in zip(deliveries, ordered, strict=True):
         log_row(kind.name, delivery, result)
     return ordered
 
 
 def _begin_group(
-    runtime: TaskHost, kind: RowKind, deliveries: Sequence[Delivery], runner: Runner
+    runtime: TaskHost,
+    kind: RowKind,
+    deliveries: Sequence[Delivery],
+    ids: Sequence[uuid.UUID],
+    runner: Runner,
 ) -> tuple[dict[uuid.UUID, StartedRow], dict[uuid.UUID, RowResult]]:
-    """The start guard of a group, one statement: the started rows, and the results of
-    the rows that did not start (stale, each with its reason; or exhausted by lost runs)."""
+    """The start guard of a group, one statement (`ids`: its rows' parsed ids): the
+    started rows, and the results of the rows that did not start (stale, each with its
+    reason; or exhausted by lost runs)."""
     if kind is not EFFECT:
         raise InvalidPayload(kind.name, "group", "only effects travel in groups")
     handler_failure.set(None)
-    guard = [(uuid.UUID(d.row_id), d.lease, run_token_for(d.lease)) for d in deliveries]
+    leases = [d.lease for d in deliveries]
+    guard = list(zip(ids, leases, run_tokens_for(leases), strict=True))
     try:
         started = runtime.store.start_effects(
             guard,
@@ -584,7 +625,8 @@ def _begin_group(
             results[row_id] = task_result(
                 "stale-skipped", delivery.ref, row_id, delivery.attempt, reason=reason
             )
-        elif row.attempts >= row_policy(runtime, kind.name, row).max_attempts:
+        # (a first attempt is never exhausted: every policy allows one; skip the look-up)
+        elif row.attempts and row.attempts >= row_policy(runtime, kind.name, row).max_attempts:
             results[row_id] = exhausted_by_lost_runs(runtime, kind.name, row, delivery.ref)
             del started[row_id]
     return started, results
@@ -596,6 +638,7 @@ def _work(
     started: StartedRow,
     delivery: Delivery,
     errors: dict[uuid.UUID, BaseException],
+    meter: RowMeter,
     *,
     grouped: bool,
 ) -> Ran | RowResult:
@@ -603,11 +646,12 @@ def _work(
     alone), nothing for a timer. A grouped row runs in its own span, a child of the trace
     that wrote it."""
     attempt = started.attempts + 1
-    due_at = datetime.fromtimestamp(delivery.due, UTC) if delivery.due is not None else None
-    if due_at is None and started.attempts == 0 and kind is EFFECT:
-        due_at = started.created_at  # called without the claim's due time: a first attempt
+    due = delivery.due  # epoch seconds, database clock
+    if due is None and started.attempts == 0 and kind is EFFECT:
+        # called without the claim's due time: a first attempt became due when created
+        due = started.created_at.timestamp()
     label = effect_label(runtime, kind.name, started)
-    runtime.metrics.task_started(kind.name, started.workflow_type, due_at, label)
+    meter.started(kind.name, started.workflow_type, due, label)
     began = time.monotonic()
     registration = runtime.registry.get(started.workflow_type)
     workflow = registration.workflow
@@ -657,11 +701,29 @@ def acknowledge(
     kind: RowKind,
     pending: Sequence[Ran],
     errors: dict[uuid.UUID, BaseException],
+    *,
+    meter: RowMeter | None = None,
 ) -> dict[uuid.UUID, RowResult]:
     """Acknowledge `pending` in one durable transaction: each row marked processed and
     its follow-up input (a timer's own input) executed through the service, together. A
     row whose input cannot be executed is taken out and recorded as failed, and the
-    others are acknowledged again without it; a row no longer held is stale-skipped."""
+    others are acknowledged again without it; a row no longer held is stale-skipped.
+    The acknowledged rows' results are counted in `meter` (the run's) as one increment
+    per label set."""
+    meter = meter or runtime.metrics.meter()
+    try:
+        return _acknowledge(runtime, kind, pending, errors, meter)
+    finally:
+        meter.flush()
+
+
+def _acknowledge(
+    runtime: TaskHost,
+    kind: RowKind,
+    pending: Sequence[Ran],
+    errors: dict[uuid.UUID, BaseException],
+    meter: RowMeter,
+) -> dict[uuid.UUID, RowResult]:
     results: dict[uuid.UUID, RowResult] = {}
     pending = list(pending)
     together = True
@@ -694,9 +756,7 @@ def acknowledge(
         for ran in pending:
             row = ran.started
             status: Status = "processed" if row.id in held else "stale-skipped"
-            runtime.metrics.task_finished(
-                kind.name, row.workflow_type, status, ran.began, ran.label
-            )
+            meter.finished(kind.name, row.workflow_type, status, ran.began, ran.label or UNKNOWN)
             if status == "stale-skipped":
                 extra: dict[str, Any] = {"reason": kind.lost_after_work}
             elif kind is TIMER:
@@ -938,7 +998,7 @@ def effect_label(runtime: TaskHost, kind: Kind, started: StartedRow) -> str:
     try:
         workflow = runtime.registry.get(started.workflow_type).workflow
         union = kind_of(kind).union_of(workflow)
-        return tag if tag is not None and tag in union.tags() else UNKNOWN
+        return tag if tag is not None and tag in union.by_tag else UNKNOWN
     except Exception:  # an unregistered type or a workflow without effects
         return UNKNOWN
 

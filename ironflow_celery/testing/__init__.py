@@ -384,10 +384,10 @@ class _NoLeaseKeeper:
     outlives the test.)"""
 
     @contextmanager
-    def keep(self, kind: Kind, row_id: uuid.UUID, token: str) -> Iterator[None]:
+    def keep_rows(self, kind: Kind, rows: Sequence[tuple[uuid.UUID, str]]) -> Iterator[None]:
         yield
 
-    def done(self, kind: Kind, row_id: uuid.UUID) -> None:
+    def done_rows(self, kind: Kind, row_ids: Iterable[uuid.UUID]) -> None:
         pass
 
 
