@@ -254,16 +254,23 @@ WRITE_DECISION = _with_columns(
 # Several instances' lock-and-load in one round trip (a group's follow-up inputs): the
 # function runs once per key, in the given order (callers sort the keys, so two groups lock
 # in the same order), and, being volatile, reads each instance's events after its lock.
-LOCK_AND_LOAD_MANY = text("""
+LOCK_AND_LOAD_MANY = _with_columns(
+    text("""
     SELECT k.n, f.completed, f.sequence, f.payload
     FROM unnest(CAST(:wts AS text[]), CAST(:wids AS text[])) WITH ORDINALITY AS k(wt, wid, n)
     CROSS JOIN LATERAL ironflow.celery_lock_and_load(k.wt, k.wid) AS f
     ORDER BY k.n, f.sequence
-""")
+"""),
+    "n",
+    "completed",
+    "sequence",
+    "payload",
+)
 
 # `WRITE_DECISION` for several instances at once (each instance once), as parallel arrays:
 # events (instance, sequence, payload), effects (instance, payload, trace), instance counters.
-WRITE_DECISIONS = text(f"""
+WRITE_DECISIONS = _with_columns(
+    text(f"""
     WITH ev AS (
         INSERT INTO ironflow.events (workflow_type, workflow_id, sequence, payload)
         SELECT wt, wid, s, CAST(p AS jsonb)
@@ -292,7 +299,12 @@ WRITE_DECISIONS = text(f"""
            (SELECT count(pg_notify('{EFFECTS_CHANNEL}', d.wt))
             FROM (SELECT DISTINCT x.wt FROM unnest(CAST(:ob_wts AS text[])) AS x(wt)) AS d)
                AS notified
-""")
+"""),
+    "events",
+    "effects",
+    "instances",
+    "notified",
+)
 
 CANCEL_TIMERS = text("""
     UPDATE ironflow.timers
@@ -1004,7 +1016,7 @@ class RowStatements:
     next_due: TextClause
     """Seconds until a row can next be claimed (an idle relay sleeps until then)."""
     release: TextClause
-    start: TextClause
+    start: TextualSelect
     lock_running: TextClause
     mark_processed: TextClause
     record_failure: TextClause
@@ -1070,7 +1082,11 @@ def _row_statements(
         claim_limited=claim_limited,
         next_due=next_due,
         release=render(_RELEASE),
-        start=render(_START),
+        start=_with_columns(
+            render(_START),
+            *("workflow_type", "workflow_id", "payload", "attempts", "created_at", "key"),
+            "last_error",
+        ),
         lock_running=render(_LOCK_RUNNING),
         mark_processed=render(_MARK_PROCESSED),
         record_failure=render(_RECORD_FAILURE),
@@ -1127,7 +1143,8 @@ TIMER_STATEMENTS = _row_statements(
 
 # The start guard of a batch: the effect start guard for each (id, claim token, run token),
 # in one statement; rows no longer held by their claim tokens are simply absent.
-START_EFFECTS = text(f"""
+START_EFFECTS = _with_columns(
+    text(f"""
     UPDATE ironflow.outbox AS o
     SET locked_by = a.run_token, locked_until = now() + make_interval(secs => :lease),
         run_started_at = now(),
@@ -1139,11 +1156,20 @@ START_EFFECTS = text(f"""
     WHERE o.id = a.id AND o.locked_by = a.token AND o.processed_at IS NULL
     RETURNING o.id, o.workflow_type, o.workflow_id, o.payload, o.attempts, o.created_at,
               o.last_error
-""")
+"""),
+    "id",
+    "workflow_type",
+    "workflow_id",
+    "payload",
+    "attempts",
+    "created_at",
+    "last_error",
+)
 
 # A batch's processed marks, in its acknowledging transaction: the rows still held by
 # their run tokens are marked and returned.
-MARK_EFFECTS_PROCESSED = text(f"""
+MARK_EFFECTS_PROCESSED = _with_columns(
+    text(f"""
     UPDATE ironflow.outbox AS o
     SET processed_at = now(), locked_until = NULL, locked_by = NULL, run_started_at = NULL,
         celery_claim_after = NULL,
@@ -1151,7 +1177,9 @@ MARK_EFFECTS_PROCESSED = text(f"""
     FROM unnest(CAST(:ids AS uuid[]), CAST(:tokens AS text[])) AS a(id, token)
     WHERE o.id = a.id AND o.locked_by = a.token
     RETURNING o.id
-""")
+"""),
+    "id",
+)
 
 
 # == inspection: find and show effects, timers and instances ===============================
