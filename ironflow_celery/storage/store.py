@@ -59,9 +59,13 @@ __all__ = [
 ]
 
 
+_COMPACT_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
 def dumps(value: Any) -> str:
-    """Compact JSON for jsonb parameters."""
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    """Compact JSON for jsonb parameters. One shared encoder: `json.dumps` with options
+    builds a new one per call (about 1 µs, on every event and effect written)."""
+    return _COMPACT_JSON.encode(value)
 
 
 def _unavailable(exc: sa.exc.DBAPIError) -> bool:
