@@ -28,7 +28,7 @@ from ironflow_celery.errors import (
     UniqueKeyConflict,
     UnitOfWorkFinished,
 )
-from ironflow_celery.storage.store import PostgresStore, TimerSpec
+from ironflow_celery.storage.store import DecisionWrite, PostgresStore, TimerSpec
 
 T = "test_workflow"
 OTHER = "other_workflow"
@@ -290,6 +290,96 @@ def test_decision_values_are_stored_exactly_and_in_order(store: PostgresStore) -
         for i, c in enumerate(claimed)
     ]
     assert [r.payload for r in started] == values  # type: ignore[union-attr]
+
+
+def test_a_group_stores_what_its_decisions_store_one_by_one(
+    store: PostgresStore, db: sa.Engine
+) -> None:
+    """A group's statements take their keys, decisions and row tokens as JSON arrays: ids
+    and tokens of any text, and every kind of JSON value, come out as the single-instance
+    path writes them (events, effects with their trace, counters, completion), and the
+    group's start guard and processed marks find their rows by those tokens."""
+    values: list[Any] = [
+        {"type": "Quoted", "text": 'say "hi" \\ back\\slash, comma [x] {y}', "u": "é 🎉"},
+        None,
+        [1, [2, "three"], {"four": 4.5}],
+        "a string",
+        {"type": "Big", "n": 2**62, "f": 1e-300},
+    ]
+    ids = ['a "quoted" id', "back\\slash,comma{x}", "é 🎉", "NULL"]
+    for wid in ids:
+        commit_events(store, f"one-{wid}", {"type": "First"})
+        commit_events(store, f"group-{wid}", {"type": "First"})
+    for i, wid in enumerate(ids):
+        with store.begin(T, f"one-{wid}") as uow:
+            uow.trace_context = f'trace "{i}"'
+            uow.append_events(values)
+            uow.enqueue_effects(values)
+            if i % 2 == 0:
+                uow.mark_completed()
+            uow.commit()
+    keys = sorted((T, f"group-{wid}") for wid in ids)
+    with store.transaction() as conn:
+        loaded = store.lock_and_load_many(conn, keys)
+        assert loaded == [(True, False, [{"type": "First"}])] * len(ids)
+        store.write_decisions(
+            conn,
+            [
+                DecisionWrite(T, f"group-{wid}", 2, values, values, f'trace "{i}"', i % 2 == 0)
+                for i, wid in enumerate(ids)
+            ],
+        )
+    with store.transaction() as conn:
+        assert [c for _, c, _ in store.lock_and_load_many(conn, keys)] == [
+            key[1] in {f"group-{w}" for w in ids[::2]} for key in keys
+        ]
+
+    def stored(wid: str) -> tuple[Any, ...]:
+        with db.connect() as conn:
+            key = {"wt": T, "wid": wid}
+            events = conn.execute(
+                sa.text(
+                    "SELECT sequence, payload FROM ironflow.events"
+                    " WHERE workflow_type = :wt AND workflow_id = :wid ORDER BY global_sequence"
+                ),
+                key,
+            ).all()
+            effects = conn.execute(
+                sa.text(
+                    "SELECT payload, celery_trace_context FROM ironflow.outbox"
+                    " WHERE workflow_type = :wt AND workflow_id = :wid ORDER BY id"
+                ),
+                key,
+            ).all()
+            instance = conn.execute(
+                sa.text(
+                    "SELECT event_count, last_event_at IS NOT NULL, completed_at IS NOT NULL"
+                    " FROM ironflow.workflow_instances"
+                    " WHERE workflow_type = :wt AND workflow_id = :wid"
+                ),
+                key,
+            ).one()
+        return [tuple(e) for e in events], [tuple(e) for e in effects], tuple(instance)
+
+    for i, wid in enumerate(ids):
+        assert stored(f"group-{wid}") == stored(f"one-{wid}")
+        events, effects, instance = stored(f"group-{wid}")
+        assert events == [(1, {"type": "First"}), *((n + 2, v) for n, v in enumerate(values))]
+        assert effects == [(v, f'trace "{i}"') for v in values]
+        assert instance == (len(values) + 1, True, i % 2 == 0)
+
+    token = 'relay "a" \\b,{c}'
+    claimed = store.claim("effect", token, [T], lease_seconds=LEASE, max_attempts=MAX, limit=100)
+    assert len(claimed) == 2 * len(ids) * len(values)
+    runs = [(c.id, c.token, f'run "{n}",{{}}\\') for n, c in enumerate(claimed)]
+    started = store.start_effects(runs, lease_seconds=LEASE)
+    assert set(started) == {c.id for c in claimed}
+    assert [started[i].token for i, _, _ in runs] == [r for _, _, r in runs]
+    assert not store.start_effects(runs, lease_seconds=LEASE)  # claim tokens gone
+    marks = [(i, r) for i, _, r in runs]
+    assert store.mark_many_processed(marks[:3]) == {i for i, _ in marks[:3]}
+    with store.transaction() as conn:
+        assert store.mark_many_processed_in(conn, marks) == {i for i, _ in marks[3:]}
 
 
 def test_sequence_increments_per_stream(store: PostgresStore, db: sa.Engine) -> None:

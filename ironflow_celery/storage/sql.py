@@ -251,48 +251,76 @@ WRITE_DECISION = _with_columns(
     "notified",
 )
 
+# Row counts ("row counts" below): a statement that joins a table to the rows of a JSON
+# array bound as one parameter caps them with a LIMIT of the array's length, which keeps
+# every row. A function scan's rows are estimated at 100, and against a table that looks
+# small (a churned outbox's partial index of unprocessed rows, say) the planner then hashes
+# a scan of the table instead of looking each row up by key. The LIMIT gives it the true
+# count when it plans for the values, and 10 rows in a generic plan, as unnest of an array
+# parameter did.
+
 # Several instances' lock-and-load in one round trip (a group's follow-up inputs): the
 # function runs once per key, in the given order (callers sort the keys, so two groups lock
-# in the same order), and, being volatile, reads each instance's events after its lock.
-LOCK_AND_LOAD_MANY = text("""
+# in the same order), and, being volatile, reads each instance's events after its lock. The
+# keys arrive as one JSON array of [type, id] pairs (a JSON text costs psycopg a few µs to
+# dump, where text[] arrays cost it per-element quoting).
+LOCK_AND_LOAD_MANY = _with_columns(
+    text("""
     SELECT k.n, f.completed, f.sequence, f.payload
-    FROM unnest(CAST(:wts AS text[]), CAST(:wids AS text[])) WITH ORDINALITY AS k(wt, wid, n)
-    CROSS JOIN LATERAL ironflow.celery_lock_and_load(k.wt, k.wid) AS f
+    FROM jsonb_array_elements(CAST(:keys AS jsonb)) WITH ORDINALITY AS k(key, n)
+    CROSS JOIN LATERAL ironflow.celery_lock_and_load(k.key ->> 0, k.key ->> 1) AS f
     ORDER BY k.n, f.sequence
-""")
+"""),
+    "n",
+    "completed",
+    "sequence",
+    "payload",
+)
 
-# `WRITE_DECISION` for several instances at once (each instance once), as parallel arrays:
-# events (instance, sequence, payload), effects (instance, payload, trace), instance counters.
-WRITE_DECISIONS = text(f"""
-    WITH ev AS (
+# `WRITE_DECISION` for several instances at once (each instance once), as one JSON array
+# with an object per decision: its instance (`wt`, `wid`), `first` (the sequence of its
+# first event), `events` and `effects` (JSON arrays, in decision order), `trace` (its
+# effects' trace context) and `completed`. Its instance counters move by its event count.
+WRITE_DECISIONS = _with_columns(
+    text(f"""
+    WITH d AS (
+        SELECT *
+        FROM jsonb_to_recordset(CAST(:decisions AS jsonb))
+             AS x(wt text, wid text, first bigint, events jsonb, effects jsonb, trace text,
+                  completed boolean)
+        LIMIT jsonb_array_length(CAST(:decisions AS jsonb))  -- every row: see "row counts"
+    ), ev AS (
         INSERT INTO ironflow.events (workflow_type, workflow_id, sequence, payload)
-        SELECT wt, wid, s, CAST(p AS jsonb)
-        FROM unnest(CAST(:ev_wts AS text[]), CAST(:ev_wids AS text[]),
-                    CAST(:ev_seqs AS bigint[]), CAST(:ev_payloads AS text[])) AS u(wt, wid, s, p)
+        SELECT d.wt, d.wid, d.first + u.n - 1, u.p
+        FROM d CROSS JOIN LATERAL jsonb_array_elements(d.events) WITH ORDINALITY AS u(p, n)
         RETURNING 1
     ), ob AS (
         INSERT INTO ironflow.outbox (workflow_type, workflow_id, payload, celery_trace_context)
-        SELECT wt, wid, CAST(p AS jsonb), t
-        FROM unnest(CAST(:ob_wts AS text[]), CAST(:ob_wids AS text[]),
-                    CAST(:ob_payloads AS text[]), CAST(:ob_traces AS text[])) AS u(wt, wid, p, t)
+        SELECT d.wt, d.wid, u.p, d.trace
+        FROM d CROSS JOIN LATERAL jsonb_array_elements(d.effects) AS u(p)
         RETURNING 1
     ), inst AS (
         UPDATE ironflow.workflow_instances AS i
         SET event_count = i.event_count + u.n,
             last_event_at = CASE WHEN u.n > 0 THEN now() ELSE i.last_event_at END,
             completed_at = CASE WHEN u.c THEN now() ELSE i.completed_at END
-        FROM unnest(CAST(:in_wts AS text[]), CAST(:in_wids AS text[]),
-                    CAST(:in_ns AS bigint[]), CAST(:in_cs AS boolean[])) AS u(wt, wid, n, c)
+        FROM (SELECT d.wt, d.wid, jsonb_array_length(d.events) AS n, d.completed AS c FROM d)
+             AS u
         WHERE i.workflow_type = u.wt AND i.workflow_id = u.wid AND (u.n > 0 OR u.c)
         RETURNING 1
     )
     SELECT (SELECT count(*) FROM ev) AS events,
            (SELECT count(*) FROM ob) AS effects,
            (SELECT count(*) FROM inst) AS instances,
-           (SELECT count(pg_notify('{EFFECTS_CHANNEL}', d.wt))
-            FROM (SELECT DISTINCT x.wt FROM unnest(CAST(:ob_wts AS text[])) AS x(wt)) AS d)
+           (SELECT count(pg_notify('{EFFECTS_CHANNEL}', x.wt))
+            FROM (SELECT DISTINCT d.wt FROM d WHERE jsonb_array_length(d.effects) > 0) AS x)
                AS notified
-""")
+"""),
+    "events",
+    "effects",
+    "instances",
+    "notified",
+)
 
 CANCEL_TIMERS = text("""
     UPDATE ironflow.timers
@@ -1004,7 +1032,7 @@ class RowStatements:
     next_due: TextClause
     """Seconds until a row can next be claimed (an idle relay sleeps until then)."""
     release: TextClause
-    start: TextClause
+    start: TextualSelect
     lock_running: TextClause
     mark_processed: TextClause
     record_failure: TextClause
@@ -1070,7 +1098,11 @@ def _row_statements(
         claim_limited=claim_limited,
         next_due=next_due,
         release=render(_RELEASE),
-        start=render(_START),
+        start=_with_columns(
+            render(_START),
+            *("workflow_type", "workflow_id", "payload", "attempts", "created_at", "key"),
+            "last_error",
+        ),
         lock_running=render(_LOCK_RUNNING),
         mark_processed=render(_MARK_PROCESSED),
         record_failure=render(_RECORD_FAILURE),
@@ -1126,32 +1158,49 @@ TIMER_STATEMENTS = _row_statements(
 # -- groups of effects (engine/tasks.py `run_rows`, grouped completer; effects only) -------
 
 # The start guard of a batch: the effect start guard for each (id, claim token, run token),
-# in one statement; rows no longer held by their claim tokens are simply absent.
-START_EFFECTS = text(f"""
+# in one statement; rows no longer held by their claim tokens are simply absent. The items
+# arrive as one JSON array of {id, token, run_token} objects, as in `MARK_EFFECTS_PROCESSED`.
+START_EFFECTS = _with_columns(
+    text(f"""
     UPDATE ironflow.outbox AS o
     SET locked_by = a.run_token, locked_until = now() + make_interval(secs => :lease),
         run_started_at = now(),
         attempts = o.attempts + CASE WHEN o.run_started_at IS NULL THEN 0 ELSE 1 END,
         last_error = CASE WHEN o.run_started_at IS NULL THEN o.last_error ELSE :lost_error END,
         celery_attempts = {_begin_attempt("o.celery_attempts", "o.attempts", "o.run_started_at")}
-    FROM unnest(CAST(:ids AS uuid[]), CAST(:tokens AS text[]), CAST(:run_tokens AS text[]))
-         AS a(id, token, run_token)
+    FROM (SELECT * FROM jsonb_to_recordset(CAST(:items AS jsonb))
+                        AS x(id uuid, token text, run_token text)
+          LIMIT jsonb_array_length(CAST(:items AS jsonb))) AS a  -- every row: see "row counts"
     WHERE o.id = a.id AND o.locked_by = a.token AND o.processed_at IS NULL
     RETURNING o.id, o.workflow_type, o.workflow_id, o.payload, o.attempts, o.created_at,
               o.last_error
-""")
+"""),
+    "id",
+    "workflow_type",
+    "workflow_id",
+    "payload",
+    "attempts",
+    "created_at",
+    "last_error",
+)
 
 # A batch's processed marks, in its acknowledging transaction: the rows still held by
-# their run tokens are marked and returned.
-MARK_EFFECTS_PROCESSED = text(f"""
+# their run tokens are marked and returned. The items arrive as one JSON array of
+# {id, token} objects: psycopg dumps that text in a few µs, where uuid[] and text[] arrays
+# cost it per-element quoting.
+MARK_EFFECTS_PROCESSED = _with_columns(
+    text(f"""
     UPDATE ironflow.outbox AS o
     SET processed_at = now(), locked_until = NULL, locked_by = NULL, run_started_at = NULL,
         celery_claim_after = NULL,
         celery_attempts = {_close_attempt("o.celery_attempts", "processed")}
-    FROM unnest(CAST(:ids AS uuid[]), CAST(:tokens AS text[])) AS a(id, token)
+    FROM (SELECT * FROM jsonb_to_recordset(CAST(:items AS jsonb)) AS x(id uuid, token text)
+          LIMIT jsonb_array_length(CAST(:items AS jsonb))) AS a  -- every row: see "row counts"
     WHERE o.id = a.id AND o.locked_by = a.token
     RETURNING o.id
-""")
+"""),
+    "id",
+)
 
 
 # == inspection: find and show effects, timers and instances ===============================

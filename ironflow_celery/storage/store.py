@@ -59,9 +59,13 @@ __all__ = [
 ]
 
 
+_COMPACT_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
 def dumps(value: Any) -> str:
-    """Compact JSON for jsonb parameters."""
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    """Compact JSON for jsonb parameters. One shared encoder: `json.dumps` with options
+    builds a new one per call (about 1 µs, on every event and effect written)."""
+    return _COMPACT_JSON.encode(value)
 
 
 def _unavailable(exc: sa.exc.DBAPIError) -> bool:
@@ -309,9 +313,9 @@ def _seconds(value: Any) -> float | None:
     return None if value is None else float(value)
 
 
-def _many_params(items: Sequence[tuple[uuid.UUID, str]]) -> dict[str, list[Any]]:
-    """Bind parameters of `sql.MARK_EFFECTS_PROCESSED`: parallel id and token arrays."""
-    return {"ids": [i for i, _ in items], "tokens": [t for _, t in items]}
+def _many_params(items: Sequence[tuple[uuid.UUID, str]]) -> dict[str, str]:
+    """Bind parameters of `sql.MARK_EFFECTS_PROCESSED`: one JSON array of {id, token}."""
+    return {"items": json.dumps([{"id": str(i), "token": t} for i, t in items])}
 
 
 def _lock_and_load_or_create(
@@ -728,7 +732,7 @@ class PostgresStore:
         with storage_errors():
             rows = connection.execute(
                 sql.LOCK_AND_LOAD_MANY,
-                {"wts": [k[0] for k in keys], "wids": [k[1] for k in keys]},
+                {"keys": json.dumps([[wt, wid] for wt, wid in keys])},
             ).all()
         for r in rows:
             i = r.n - 1
@@ -746,32 +750,18 @@ class PostgresStore:
         """Write several instances' accepted decisions in the caller's transaction: every
         event, effect and instance counter in one statement (`sql.WRITE_DECISIONS`), then
         each decision's timer writes, if any. Each instance appears once."""
-        params: dict[str, list[Any]] = {
-            name: []
-            for name in (
-                *("ev_wts", "ev_wids", "ev_seqs", "ev_payloads"),
-                *("ob_wts", "ob_wids", "ob_payloads", "ob_traces"),
-                *("in_wts", "in_wids", "in_ns", "in_cs"),
-            )
-        }
-        for w in writes:
-            n = len(w.events)
-            params["ev_wts"] += [w.workflow_type] * n
-            params["ev_wids"] += [w.workflow_id] * n
-            params["ev_seqs"] += range(w.first_sequence, w.first_sequence + n)
-            params["ev_payloads"] += [dumps(p) for p in w.events]
-            params["ob_wts"] += [w.workflow_type] * len(w.effects)
-            params["ob_wids"] += [w.workflow_id] * len(w.effects)
-            params["ob_payloads"] += [dumps(p) for p in w.effects]
-            params["ob_traces"] += [w.trace] * len(w.effects)
-            if n or w.completed:
-                params["in_wts"].append(w.workflow_type)
-                params["in_wids"].append(w.workflow_id)
-                params["in_ns"].append(n)
-                params["in_cs"].append(w.completed)
+        decisions = [
+            f'{{"wt":{dumps(w.workflow_type)},"wid":{dumps(w.workflow_id)},'
+            f'"first":{int(w.first_sequence)},'
+            f'"events":{_json_array([dumps(p) for p in w.events])},'
+            f'"effects":{_json_array([dumps(p) for p in w.effects])},'
+            f'"trace":{"null" if w.trace is None else dumps(w.trace)},'
+            f'"completed":{"true" if w.completed else "false"}}}'
+            for w in writes
+        ]
         with storage_errors():
-            if params["ev_wts"] or params["ob_wts"] or params["in_wts"]:
-                connection.execute(sql.WRITE_DECISIONS, params)
+            if any(w.events or w.effects or w.completed for w in writes):
+                connection.execute(sql.WRITE_DECISIONS, {"decisions": _json_array(decisions)})
             for w in writes:
                 key = {"wt": w.workflow_type, "wid": w.workflow_id}
                 _write_timers(connection, key, w.cancel_keys, w.timers, w.trace)
@@ -1025,9 +1015,9 @@ class PostgresStore:
         rows = self._run(
             sql.START_EFFECTS,
             {
-                "ids": [i for i, _, _ in items],
-                "tokens": [t for _, t, _ in items],
-                "run_tokens": [r for _, _, r in items],
+                "items": json.dumps(
+                    [{"id": str(i), "token": t, "run_token": r} for i, t, r in items]
+                ),
                 "lease": float(lease_seconds),
                 "lost_error": LOST_RUN_ERROR,
                 **_runner_params(worker, task_id),
