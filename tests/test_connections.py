@@ -5,6 +5,7 @@ lease bookkeeping chooses its commit mode per transaction, leaving no session st
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import defaultdict
 
@@ -15,6 +16,8 @@ from celery import Celery
 from sqlalchemy.pool import NullPool, QueuePool
 
 from ironflow_celery.engine.runtime import WorkflowRuntime
+from ironflow_celery.errors import StorageError
+from ironflow_celery.storage.db import create_engine
 from ironflow_celery.storage.store import PostgresStore
 from tests.e2e import (
     REDIS_URL,
@@ -153,6 +156,37 @@ def test_relaxed_commits_are_chosen_per_transaction(database_url: str) -> None:
         assert store._run(setting).first()[0] == "on"
     finally:
         store.dispose()
+
+
+def test_one_statement_autocommits_and_the_pool_gets_back_a_transactional_connection(
+    database_url: str,
+) -> None:
+    """`_run` switches psycopg's autocommit for its statement only (no BEGIN/COMMIT): the
+    same pooled connection then gives `transaction` a real transaction again, whether the
+    statement succeeded or failed; on an engine made AUTOCOMMIT it stays AUTOCOMMIT."""
+    store = PostgresStore.from_url(database_url, pool_size=1, max_overflow=0)
+    xact = sa.text("SELECT txid_current(), pg_backend_pid(), now() = statement_timestamp()")
+    try:
+        for statement in (sa.text("SELECT 1"), sa.text("SELECT 1 / 0")):
+            with contextlib.suppress(StorageError):
+                store._run(statement)
+            ((txid1, pid1, autocommitted),) = list(store._run(xact))
+            assert autocommitted  # a statement of its own: now() is the statement's time
+            with store.transaction() as conn:
+                ((txid2, pid2, _),) = conn.execute(xact).all()
+                ((txid3, pid3, _),) = conn.execute(xact).all()
+                assert not conn.connection.driver_connection.autocommit
+            assert pid1 == pid2 == pid3  # one pooled connection throughout
+            assert txid2 == txid3 != txid1  # both statements in one transaction
+    finally:
+        store.dispose()
+    engine = create_engine(database_url, pool_size=1, isolation_level="AUTOCOMMIT")
+    try:
+        assert list(PostgresStore(engine)._run(sa.text("SELECT 1"))) == [(1,)]
+        with engine.connect() as conn:
+            assert conn.connection.driver_connection.autocommit
+    finally:
+        engine.dispose()
 
 
 def test_prepare_threshold_in_the_url(database_url: str) -> None:
