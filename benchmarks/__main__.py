@@ -648,10 +648,11 @@ class Bench:
             ["bench_relay6"],
             config,
             # the default's grouping (or --batch N): what a relay of this configuration sends
-            celery_publisher(app, group_sizes={"bench_relay6": bench_batch_size()}),
+            celery_publisher(app),
             name=f"bench-relay-{self.run_id}",
             wake=threading.Event(),
             stop=threading.Event(),
+            group_sizes={"bench_relay6": bench_batch_size()},
         )
         relay.step()  # connect to the broker and the database once before timing
         first = relay.published_total

@@ -21,9 +21,10 @@ import sqlalchemy as sa
 from runtime_helpers import TestApp, rows, scalar, test_config
 
 from ironflow_celery import RetryPolicy
-from ironflow_celery.engine.relay import celery_publisher
+from ironflow_celery.engine.relay import celery_publisher, message_groups
 from ironflow_celery.errors import InvalidWorkflowDefinition
 from ironflow_celery.model.workflow import Workflow
+from ironflow_celery.storage.kinds import EFFECT
 from ironflow_celery.storage.store import PostgresStore
 from tests.e2e_apps.batch_app import CALLS, BatchWorkflow, Go, handle_job
 
@@ -167,9 +168,10 @@ def test_a_stale_row_in_a_batch_is_skipped(store: PostgresStore, db, size: int) 
                 sa.text("UPDATE ironflow.outbox SET locked_by = 'other#9' WHERE id = :id"),
                 {"id": stale.id},
             )
-        publish = celery_publisher(app.app, group_sizes={WT: size})
+        publish = celery_publisher(app.app)
         app.start(relays=False)
-        assert publish("effect", claimed) == [r.id for r in claimed]
+        messages = message_groups(EFFECT, claimed, {WT: size})
+        assert publish("effect", messages) == [r.id for r in claimed]
         app.wait_until(
             lambda: (
                 scalar(

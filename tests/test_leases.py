@@ -49,10 +49,11 @@ class Recorder:
         self.published: list[uuid.UUID] = []
         self.lock = threading.Lock()
 
-    def __call__(self, kind: Kind, batch: Sequence[ClaimedRow]) -> list[uuid.UUID]:
+    def __call__(self, kind: Kind, messages: Sequence[Sequence[ClaimedRow]]) -> list[uuid.UUID]:
+        ids = [r.id for m in messages for r in m]
         with self.lock:
-            self.published.extend(r.id for r in batch)
-        return [r.id for r in batch]
+            self.published.extend(ids)
+        return ids
 
 
 def relay_of(

@@ -117,6 +117,18 @@ def test_fresh_rows_of_one_type_claimed_together_travel_in_one_message() -> None
     assert message_groups(EFFECT, [a1], {"a": 20}) == [[a1]]
 
 
+def test_a_types_rows_fill_few_messages_evenly() -> None:
+    """Messages are filled to the size, evenly (30 over size 20: 15 + 15), in claim order;
+    rows that travel alone do not count in their type's share."""
+    a = [_row("a") for _ in range(30)]
+    assert [len(m) for m in message_groups(EFFECT, a, {"a": 20})] == [15, 15]
+    assert [len(m) for m in message_groups(EFFECT, a[:20], {"a": 20})] == [20]
+    assert [len(m) for m in message_groups(EFFECT, a[:21], {"a": 20})] == [11, 10]
+    assert [r for m in message_groups(EFFECT, a, {"a": 20}) for r in m] == a
+    mixed = [a[0], _row("a", attempts=1), a[1], _row("b"), a[2], a[3], a[4]]
+    assert [len(m) for m in message_groups(EFFECT, mixed, {"a": 3})] == [3, 1, 1, 2]
+
+
 def test_the_default_groups_and_one_turns_it_off(store: PostgresStore) -> None:
     app = TestApp(store, workflows=((BatchWorkflow, handle_job),), config=test_config())
     assert app.runtime.effect_batch_sizes == {WT: 20}

@@ -315,9 +315,9 @@ def test_two_relay_groups_never_claim_the_same_row(store: PostgresStore, db: sa.
     publish = celery_publisher(app.app)
 
     def recording(group: str):
-        def publisher(kind: Kind, batch: Sequence[ClaimedRow]) -> list[uuid.UUID]:
+        def publisher(kind: Kind, batch: Sequence[Sequence[ClaimedRow]]) -> list[uuid.UUID]:
             with lock:
-                claims.extend((group, r.id, r.token) for r in batch)
+                claims.extend((group, r.id, r.token) for m in batch for r in m)
             return publish(kind, batch)
 
         return publisher

@@ -63,10 +63,11 @@ def relay_statements(store: PostgresStore, db: sa.Engine, relays: int) -> float:
     published: list[uuid.UUID] = []
     lock = threading.Lock()
 
-    def publish(kind: Kind, rows: Sequence[ClaimedRow]) -> list[uuid.UUID]:
+    def publish(kind: Kind, messages: Sequence[Sequence[ClaimedRow]]) -> list[uuid.UUID]:
+        ids = [r.id for m in messages for r in m]
         with lock:
-            published.extend(r.id for r in rows)
-        return [r.id for r in rows]
+            published.extend(ids)
+        return ids
 
     config = RuntimeConfig(max_in_flight=10 * N)
     groups = [
@@ -120,9 +121,10 @@ def test_a_relay_at_its_limit_asks_for_room_at_the_pace_its_rows_start(
     )
     published: list[uuid.UUID] = []
 
-    def publish(kind: Kind, rows: Sequence[ClaimedRow]) -> list[uuid.UUID]:
-        published.extend(r.id for r in rows)
-        return [r.id for r in rows]
+    def publish(kind: Kind, messages: Sequence[Sequence[ClaimedRow]]) -> list[uuid.UUID]:
+        ids = [r.id for m in messages for r in m]
+        published.extend(ids)
+        return ids
 
     config = RuntimeConfig(max_in_flight=50, claim_batch_size=50)
     group = RelayGroup(store, [T], config, publish, worker_id="at-limit", timers=False)

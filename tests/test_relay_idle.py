@@ -95,9 +95,10 @@ def relay_group(
 ) -> Iterator[RelayGroup]:
     """An effect and a timer relay (one process's group), publishing into `published`."""
 
-    def publish(kind: Kind, rows: Sequence[ClaimedRow]) -> list[uuid.UUID]:
-        published.extend(r.id for r in rows)
-        return [r.id for r in rows]
+    def publish(kind: Kind, messages: Sequence[Sequence[ClaimedRow]]) -> list[uuid.UUID]:
+        ids = [r.id for m in messages for r in m]
+        published.extend(ids)
+        return ids
 
     group = RelayGroup(store, [T], config, publish, worker_id="idle-test")
     group.start()

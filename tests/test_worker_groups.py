@@ -109,9 +109,10 @@ class Recorder:
     def __init__(self) -> None:
         self.published: list[ClaimedRow] = []
 
-    def __call__(self, kind: Kind, batch: Sequence[ClaimedRow]) -> list[uuid.UUID]:
-        self.published.extend(batch)
-        return [r.id for r in batch]
+    def __call__(self, kind: Kind, messages: Sequence[Sequence[ClaimedRow]]) -> list[uuid.UUID]:
+        rows = [r for m in messages for r in m]
+        self.published.extend(rows)
+        return [r.id for r in rows]
 
 
 def test_back_pressure_holds_per_queue_so_a_stalled_queue_leaves_room_for_the_others(

@@ -31,6 +31,7 @@ duplicates.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
 import logging
@@ -107,7 +108,9 @@ BACK_PRESSURE_POLL_MAX = 1.0
 """Bounds of the wait for room at the in-flight limit (`Relay._note_room_check`)."""
 
 
-Publisher = Callable[[Kind, Sequence[ClaimedRow]], list[uuid.UUID]]
+Publisher = Callable[[Kind, Sequence[Sequence[ClaimedRow]]], list[uuid.UUID]]
+"""Publishes claimed rows, already grouped into messages (`message_groups`); returns the
+ids of the rows sent."""
 
 QueueDepth = Callable[[str], int | None]
 """The number of messages waiting in a broker queue (None: the broker could not say)."""
@@ -147,16 +150,12 @@ def celery_queue_depth(app: Any) -> QueueDepth:
     return depth
 
 
-def celery_publisher(
-    app: Any, *, forward_traces: bool = True, group_sizes: Mapping[str, int] | None = None
-) -> Publisher:
+def celery_publisher(app: Any, *, forward_traces: bool = True) -> Publisher:
     """Publish claimed rows as Celery tasks on `app`, reusing one producer per batch.
 
-    Rows of one workflow type claimed together travel as one message to the type's own
-    task (a group, ``rows=[...]``) when more than one is due and `group_sizes` allows it
-    (up to ``group_sizes[type]`` rows per message; 1 or absent: one row per message). A
-    lone row, a timer, and a row on a retry or after a lost run travel alone: a failing or
-    worker-killing row then shows as its own task, and cannot take a group down with it.
+    Each message the relay formed (`message_groups`) is one task of its type: a group of
+    several rows as ``rows=[...]``, a lone row with the single-row signature (its id as the
+    task id).
 
     With opentelemetry-api installed and `forward_traces`, each row is published inside the
     trace of the input that wrote it (the claim returns its stored context; see
@@ -167,8 +166,6 @@ def celery_publisher(
         "interval_step": 0.5,
         "interval_max": 1.0,
     }
-    sizes = dict(group_sizes or {})
-
     # The app's result settings decide, so AsyncResult(row_id).get() works with a backend.
     ignore_result = results_ignored(app.conf)
 
@@ -204,8 +201,9 @@ def celery_publisher(
                 headers=headers,
             )
 
-    def publish(kind: Kind, rows: Sequence[ClaimedRow]) -> list[uuid.UUID]:
+    def publish(kind: Kind, messages: Sequence[Sequence[ClaimedRow]]) -> list[uuid.UUID]:
         row_kind = kind_of(kind)
+        rows = [row for group in messages for row in group]
         published: list[uuid.UUID] = []
         pipelined = False
         try:
@@ -219,7 +217,7 @@ def celery_publisher(
                 with buffered:
                     names = {row_kind.task_name(row.workflow_type) for row in rows}
                     declare_queues(app, producer, names)
-                    for group in message_groups(row_kind, rows, sizes):
+                    for group in messages:
                         first = group[0]
                         name = row_kind.task_name(first.workflow_type)
                         if len(group) > 1:
@@ -271,18 +269,37 @@ def message_groups(
     """The messages `rows` travel in, in claim order: groups of up to ``sizes[type]`` fresh
     effects of one type, every other row alone. Fresh: a first attempt, not re-claimed
     after a lease ran out (its due time is its creation), so a row that failed or whose
-    run was lost (a handler that kills its worker) never shares a message again."""
+    run was lost (a handler that kills its worker) never shares a message again.
+
+    A type's fresh rows fill as few messages as its size allows, evenly (30 rows of size
+    20: 15 and 15, not 20 and 10: the two processes that run them finish together)."""
+
+    def groupable(row: ClaimedRow) -> bool:
+        return (
+            kind is EFFECT
+            and sizes.get(row.workflow_type, 1) > 1
+            and row.attempts == 0
+            and (row.due_at is None or row.due_at == row.created_at)
+        )
+
+    counts = collections.Counter(row.workflow_type for row in rows if groupable(row))
+    # Per type, the sizes of its messages in turn: n rows over m messages, evenly.
+    plans: dict[str, list[int]] = {}
+    for wt, n in counts.items():
+        m = -(-n // sizes[wt])
+        plans[wt] = [n // m + (1 if i < n % m else 0) for i in range(m)]
     messages: list[list[ClaimedRow]] = []
     open_groups: dict[str, list[ClaimedRow]] = {}
     for row in rows:
-        size = sizes.get(row.workflow_type, 1) if kind is EFFECT else 1
-        fresh = row.attempts == 0 and (row.due_at is None or row.due_at == row.created_at)
-        if size <= 1 or not fresh:
+        if not groupable(row):
             messages.append([row])
             continue
-        group = open_groups.get(row.workflow_type)
-        if group is None or len(group) >= size:
-            group = open_groups[row.workflow_type] = []
+        wt = row.workflow_type
+        group = open_groups.get(wt)
+        if group is None or len(group) >= plans[wt][0]:
+            if group is not None:
+                plans[wt].pop(0)
+            group = open_groups[wt] = []
             messages.append(group)
         group.append(row)
     return messages
@@ -494,8 +511,8 @@ class Relay:
         # nobody consumes (its messages still there) from lost messages.
         self.queues = {t: (queues or {}).get(t, DEFAULT_QUEUE) for t in self.workflow_types}
         self.queue_depth = queue_depth
-        # How `publish` groups rows into messages (`message_groups`): a queue's depth counts
-        # messages, so a dispatch timeout compares it with the messages our rows are in.
+        # How claimed rows are grouped into messages (`message_groups`): a queue's depth
+        # counts messages, so a dispatch timeout compares it with the messages our rows are in.
         self.group_sizes = dict(group_sizes or {})
         # Published rows not yet started by a worker, in dispatch order; and per queue.
         self.in_flight: dict[uuid.UUID, Dispatched] = {}
@@ -625,8 +642,11 @@ class Relay:
         self.claimed_total += len(rows)
         if self.on_claimed is not None:
             self.on_claimed(self.kind, len(rows))
+        # How the rows travel, decided once: the publisher sends these messages, and a
+        # dispatch timeout compares a queue's depth with them.
+        messages = message_groups(self.row_kind, rows, self.group_sizes)
         try:
-            published = self.publish(self.kind, rows)
+            published = self.publish(self.kind, messages)
         except PublishError as exc:
             self._track(self._queued(rows, exc.published), token, rows[0].server_started)
             sent = set(exc.published)
@@ -640,7 +660,7 @@ class Relay:
             self.published_total += len(exc.published)
             raise
         self._track(
-            self._queued(rows, published), token, rows[0].server_started, self._messages(rows)
+            self._queued(rows, published), token, rows[0].server_started, self._messages(messages)
         )
         self.published_total += len(published)
         if log.isEnabledFor(logging.DEBUG):
@@ -790,15 +810,10 @@ class Relay:
         )
         return [row_id for row_id in ids if row_id not in still]
 
-    def _messages(self, rows: Sequence[ClaimedRow]) -> dict[uuid.UUID, uuid.UUID]:
-        """Each row's message (its first row), as `publish` groups them."""
-        if not self.group_sizes:
-            return {}
-        return {
-            r.id: group[0].id
-            for group in message_groups(self.row_kind, rows, self.group_sizes)
-            for r in group
-        }
+    @staticmethod
+    def _messages(messages: Sequence[Sequence[ClaimedRow]]) -> dict[uuid.UUID, uuid.UUID]:
+        """Each grouped row's message (its first row)."""
+        return {r.id: group[0].id for group in messages if len(group) > 1 for r in group}
 
     def _track(
         self,

@@ -386,11 +386,9 @@ class WorkflowRuntime:
         return group
 
     def _publisher(self) -> Publisher:
-        """Celery publishing of claimed rows: effects of one type claimed together travel
-        in groups of up to their ``effect_batch_size`` per message (`celery_publisher`)."""
-        return celery_publisher(
-            self.app, forward_traces=self.config.tracing, group_sizes=self.effect_batch_sizes
-        )
+        """Celery publishing of claimed rows, in the messages the relay groups them into
+        (up to each type's ``effect_batch_size`` rows; `relay.message_groups`)."""
+        return celery_publisher(self.app, forward_traces=self.config.tracing)
 
     def run(
         self,

@@ -517,7 +517,9 @@ def _worker_round(
         return []
     decoded = {row.id: _decode(runtime, kind, row) for row in rows}
     try:
-        celery_publisher(runtime.app, forward_traces=runtime.config.tracing)(kind, rows)
+        celery_publisher(runtime.app, forward_traces=runtime.config.tracing)(
+            kind, [[row] for row in rows]
+        )
     except Exception:
         runtime.store.release(kind, [r.id for r in rows], token)
         raise
