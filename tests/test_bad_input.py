@@ -595,20 +595,28 @@ def test_database_without_the_schema(
 
 @pytest.mark.parametrize(
     "function",
-    ["celery_lock_and_load(text, text)", "celery_lock_and_load_or_create(text, text, text)"],
+    [
+        "celery_lock_and_load(text, text)",
+        "celery_lock_and_load_or_create(text, text, text)",
+        "celery_create_with_decision(text, text, text, jsonb, jsonb, text, boolean)",
+    ],
 )
 def test_database_with_an_older_schema_says_to_upgrade(database_url: str, function: str) -> None:
-    """A database migrated by an older ironflow_celery (here: without migration 0006, or
-    without 0012)."""
+    """A database migrated by an older ironflow_celery (here: without migration 0006,
+    without 0012, or without 0013). A new instance's first input needs 0013's function, an
+    existing instance's the others."""
     store = PostgresStore.from_url(database_url)
     service = WorkflowService(store, Registry([(TestWorkflow, test_handler)]))
     try:
+        assert service.execute(Ping(id="wf-1")) == Accepted(1)
         with store.engine.begin() as conn:
             conn.execute(sa.text(f"DROP FUNCTION ironflow.{function}"))
+        new = "celery_create_with_decision" in function
         with pytest.raises(StorageError) as info:
-            service.execute(Ping(id="wf-1"))
+            service.execute(Ping(id="wf-2" if new else "wf-1"))
         assert function.split("(")[0] in str(info.value)
         assert re.search(r"run `[^`]*ironflow-celery -A [^`]+ db upgrade", str(info.value))
-        assert service.list_workflows() == []  # nothing half-written
+        # nothing half-written
+        assert [(w.workflow_id, w.event_count) for w in service.list_workflows()] == [("wf-1", 1)]
     finally:
         store.dispose()

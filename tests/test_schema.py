@@ -246,10 +246,14 @@ def test_migrations_are_numbered_contiguously() -> None:
 
 
 def test_new_instance_creators_queue_on_the_stores_advisory_lock_key() -> None:
-    """Migration 0012 writes `sql.ADVISORY_LOCK_KEY` as a literal (SQL cannot import it):
-    the key space of new instances' locks stays the one the constant reserves."""
-    (creation,) = [m for m in schema.migrations() if m.version == 12]
-    assert f"chr(31) || p_id, {sql.ADVISORY_LOCK_KEY})" in creation.sql
+    """Migrations 0012 and 0013 write `sql.ADVISORY_LOCK_KEY` as a literal (SQL cannot
+    import it): the key space of new instances' locks stays the one the constant reserves;
+    0013's wake-up uses the relays' channel (`sql.EFFECTS_CHANNEL`) the same way."""
+    creators = [m for m in schema.migrations() if m.version in (12, 13)]
+    assert len(creators) == 2
+    for creation in creators:
+        assert f"chr(31) || p_id, {sql.ADVISORY_LOCK_KEY})" in creation.sql
+    assert f"pg_notify('{sql.EFFECTS_CHANNEL}', p_type)" in creators[1].sql
 
 
 def test_upgrade_applies_all_migrations_to_an_empty_database(empty_engine: sa.Engine) -> None:

@@ -210,6 +210,19 @@ LOCK_AND_LOAD_OR_CREATE = _with_columns(
     "payload",
 )
 
+# A new instance's creation and first decision in one statement, run on its own (migration
+# 0013): true when it created the instance and wrote the decision; false, having written
+# nothing, when the instance exists, a racing creator won, or the unique key is taken.
+CREATE_WITH_DECISION = _with_columns(
+    text("""
+    SELECT ironflow.celery_create_with_decision(
+        :wt, :wid, CAST(:unique_key AS text), CAST(:events AS jsonb), CAST(:effects AS jsonb),
+        CAST(:trace AS text), :completed
+    ) AS created
+"""),
+    "created",
+)
+
 DELETE_NEW_INSTANCE = text("""
     DELETE FROM ironflow.workflow_instances
     WHERE workflow_type = :wt AND workflow_id = :wid AND event_count = 0

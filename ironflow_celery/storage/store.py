@@ -664,14 +664,16 @@ class PostgresStore:
         *,
         relaxed: bool = False,
         ack: bool = False,
+        once: bool = False,
     ) -> _Buffered:
         # One statement is atomic on its own: autocommit spares the BEGIN and COMMIT round
         # trips (the hot path: claim, start guard, ack are one statement each). A connection
         # that turns out dead (server restarted) is replaced and the statement sent once more:
-        # every statement run here is guarded or idempotent.
+        # every statement run here is guarded or idempotent -- but for `once`, whose outcome
+        # a second sending would misreport (a creation that did commit would find itself).
         # relaxed: lease bookkeeping only; ack: relaxed only if opted in (`_commit_mode`).
         relaxed = (relaxed and self.relaxed_commits) or (ack and self.relaxed_acks)
-        for attempt in (1, 2):
+        for attempt in (1,) if once else (1, 2):
             try:
                 with (
                     storage_errors(),
@@ -692,11 +694,38 @@ class PostgresStore:
                         _end_autocommit(plain, raw)
             except DatabaseUnavailable as error:
                 cause = error.__cause__
-                if attempt == 2 or not getattr(cause, "connection_invalidated", False):
+                if once or attempt == 2 or not getattr(cause, "connection_invalidated", False):
                     raise
         raise AssertionError("unreachable")
 
     # -- unit of work ---------------------------------------------------------------
+    def create_with_decision(
+        self,
+        workflow_type: str,
+        workflow_id: str,
+        unique_key: str | None,
+        events: Sequence[Any],
+        effects: Sequence[Any],
+        *,
+        trace: str | None = None,
+        completed: bool = False,
+    ) -> bool:
+        """Create the instance and write its first decision (events, effects, completion),
+        one durable statement; False, having written nothing, when the instance exists, a
+        racing creator won, or `unique_key` is held: then `begin` is the way (migration
+        0013). Sent once: after a lost connection, whether it committed is unknown, as for
+        a lost COMMIT, and the error says so."""
+        params = {
+            "wt": workflow_type,
+            "wid": workflow_id,
+            "unique_key": unique_key,
+            "events": _json_array([dumps(p) for p in events]),
+            "effects": _json_array([dumps(p) for p in effects]),
+            "trace": trace if effects else None,
+            "completed": completed,
+        }
+        return bool(self._run(sql.CREATE_WITH_DECISION, params, once=True).first().created)
+
     def begin(
         self,
         workflow_type: str,
