@@ -20,7 +20,23 @@ from ironflow_celery.service.workflow_service import Registry, WorkflowService
 from ironflow_celery.storage.kinds import Kind
 from ironflow_celery.storage.store import PostgresStore
 
-__all__ = ["Duty", "DutyHost", "LeaseKeeping", "RuntimeView", "Stopping", "TaskHost"]
+__all__ = [
+    "Duty",
+    "DutyHost",
+    "HandlerTiming",
+    "LeaseKeeping",
+    "RuntimeView",
+    "Stopping",
+    "TaskHost",
+]
+
+
+class HandlerTiming(Protocol):
+    """Handler time per workflow type, as this process measured it."""
+
+    def note(self, workflow_type: str, seconds: float) -> None: ...
+
+    def mean(self, workflow_type: str) -> float | None: ...
 
 
 class LeaseKeeping(Protocol):
@@ -95,6 +111,11 @@ class TaskHost(RuntimeView, Protocol):
 
     @property
     def lease_keeper(self) -> LeaseKeeping: ...
+
+    @property
+    def handler_times(self) -> HandlerTiming:
+        """This process's handler time per workflow type (`engine.sharing.HandlerTimes`)."""
+        ...
 
     def retry_policy_for(self, workflow_type: str, effect_type: str | None = None) -> RetryPolicy:
         """The retry policy of a row: its effect type's, its workflow's, or the runtime's."""

@@ -31,6 +31,7 @@ from ironflow_celery.engine.relay import (
     celery_queue_depth,
     queue_of,
 )
+from ironflow_celery.engine.sharing import HandlerTimes
 from ironflow_celery.engine.tasks import LeaseKeeper, register_workflow_tasks
 from ironflow_celery.errors import ConfigurationError, NotInstalled
 from ironflow_celery.model.config import AttemptLimits, RetryPolicy, RuntimeConfig
@@ -239,6 +240,12 @@ class WorkflowRuntime:
     @cached_property
     def lease_keeper(self) -> Any:
         return LeaseKeeper(self)
+
+    @cached_property
+    def handler_times(self) -> HandlerTimes:
+        """This process's handler time per workflow type: how much of a group message a
+        worker process takes on (`engine.sharing`)."""
+        return HandlerTimes()
 
     @property
     def workflow_count(self) -> int:

@@ -45,6 +45,7 @@ from ironflow_celery.engine.host import TaskHost
 from ironflow_celery.engine.inputs import register_execute_tasks
 from ironflow_celery.engine.metrics import UNKNOWN, RowMeter
 from ironflow_celery.engine.redelivery import send_back
+from ironflow_celery.engine.sharing import hand_back, share
 from ironflow_celery.engine.signals import dead_lettered
 from ironflow_celery.errors import (
     AcknowledgementFailed,
@@ -673,9 +674,14 @@ def _work(
             attempt=attempt,
             created_at=started.created_at,
         )
+        handler_began = time.monotonic()
         try:
             effect = workflow.effects.decode(started.payload)
-            follow_up = call_handler(registration.handler, effect, ctx)  # async def too
+            try:
+                follow_up = call_handler(registration.handler, effect, ctx)  # async def too
+            finally:
+                # how much of a group this process takes on next time (engine.sharing)
+                runtime.handler_times.note(started.workflow_type, time.monotonic() - handler_began)
             if follow_up is not None:
                 follow_up = as_input(workflow, follow_up)
         except Exception as exc:
@@ -1316,6 +1322,31 @@ def _deliveries(
         raise InvalidPayload(workflow_type, "message", f"a malformed group of rows: {exc}") from exc
 
 
+def _share_group(
+    task: Any, runtime: TaskHost, workflow_type: str, deliveries: list[Delivery]
+) -> list[Delivery]:
+    """The rows of a group message this process runs: as many as fit in
+    ``group_run_budget`` of the type's handler time here; the rest go back to the broker
+    before any starts (`engine.sharing`), so slow handlers spread over processes."""
+    mean = runtime.handler_times.mean(workflow_type)
+    kept, rest = share(deliveries, mean, runtime.config.group_run_budget)
+    if not rest:
+        return deliveries
+    sent = hand_back(task.app, workflow_type, rest, traces=runtime.config.tracing)
+    unsent = [d for message in rest for d in message if d.row_id not in sent]
+    log.info(
+        "ironflow effect group of %s (%d rows): runs %d, handed %d back in %d messages "
+        "(handlers %s here)",
+        workflow_type,
+        len(deliveries),
+        len(kept) + len(unsent),
+        len(deliveries) - len(kept) - len(unsent),
+        len(rest),
+        "not measured yet" if mean is None else f"{mean * 1000:.1f} ms each",
+    )
+    return kept + unsent
+
+
 def _revoke_grouped(task: Any, deliveries: Sequence[Delivery]) -> None:
     """``celery control revoke <row id>`` for rows that travel in a group (whose task id is
     not a row id, so Celery itself never matches it): a row in the worker's revoked set is
@@ -1355,6 +1386,8 @@ def _bind(row_kind: RowKind, runtime: TaskHost, workflow_type: str) -> Any:
         deliveries = _deliveries(workflow_type, ref, row_id, attempt, lease, effect_type, due, rows)
         grouped = rows is not None
         events = None
+        if grouped and row_kind is EFFECT:
+            deliveries = _share_group(self, runtime, workflow_type, deliveries)
         if grouped:
             _revoke_grouped(self, deliveries)
             events = row_events.announce(self, deliveries)  # each row its own task in Flower

@@ -138,10 +138,16 @@ class RuntimeConfig:
     # -- beyond ironflow ---------------------------------------------------------
     claim_batch_size: int = 100
     """Rows one claim statement takes (ironflow: always 1)."""
-    effect_batch_size: int = 20
+    effect_batch_size: int = 100
     """At most this many effects of one type, claimed together, travel in one message and
     are acknowledged together (a lone row travels alone; 1: one message per effect). A
     workflow's own ``effect_batch_size`` overrides it."""
+    group_run_budget: float = 0.1
+    """Seconds of handler time a worker process takes on from one group message: from a
+    group whose rows would run longer (by the handler time of the type measured in that
+    process), it keeps what fits and gives the rest back to the broker as messages of that
+    size, so other processes run them meanwhile; slow handlers end up one row per
+    message. 0: a group is always run whole."""
     max_in_flight: int = 1000
     """Back-pressure, per queue: a relay stops claiming rows for a queue while this many of
     its published rows there are still waiting to start (in the broker, or prefetched by a
@@ -182,6 +188,7 @@ class RuntimeConfig:
             "shutdown_timeout",
             "publish_retry_delay",
             "dispatch_timeout",
+            "group_run_budget",
         ):
             object.__setattr__(self, name, seconds(getattr(self, name)))
         object.__setattr__(self, "effect_workers", max(1, int(self.effect_workers)))

@@ -238,12 +238,21 @@ _TABLE: tuple[Setting, ...] = (
     Setting(
         "effect_batch_size",
         int,
-        20,
+        100,
         "at most this many effects of one type claimed together travel in one message and "
         "are acknowledged together; a lone row travels alone; 1: one message per effect; a "
         "workflow's `effect_batch_size` overrides it (a type with a `concurrency_limit`: 1) "
         "([groups](docs/operations.md#groups-of-effects-effect_batch_size-on-by-default))",
         field="RuntimeConfig.effect_batch_size",
+    ),
+    Setting(
+        "group_run_budget",
+        float,
+        0.1,
+        "seconds of handler time a worker process takes on from one group message; the "
+        "rest goes back to the broker in messages of that size, so slow handlers spread "
+        "over processes (by the handler time measured per type; 0: run groups whole)",
+        field="RuntimeConfig.group_run_budget",
     ),
     Setting(
         "max_in_flight",
