@@ -1,20 +1,23 @@
 """How much of a group message one worker process runs (`engine.sharing`): rows of fast
 handlers stay together, a slow type's group is handed back to the broker so other
-processes run it meanwhile, and every row still runs once. Real PostgreSQL, Redis and an
-in-thread Celery worker (a threads pool of 4)."""
+processes run it meanwhile, and every row still runs once. Real PostgreSQL, Redis, an
+in-thread Celery worker (a threads pool of 4), and two worker processes under distinct
+host names."""
 
 from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
 from runtime_helpers import TestApp, rows, test_config
 
-from ironflow_celery.engine.sharing import UNMEASURED_ROWS, HandlerTimes, share
+from ironflow_celery.engine.sharing import SMOOTHING, UNMEASURED_ROWS, HandlerTimes, share
 from ironflow_celery.storage.store import PostgresStore
+from tests.e2e import BIN, REDIS_URL, Processes, make_env, redis_queue_cleanup, sql, wait_until
 from tests.e2e_apps.batch_app import CALLS, BatchWorkflow, Go, handle_job
 
 WT = BatchWorkflow.type
@@ -51,14 +54,23 @@ def test_a_process_takes_on_what_fits_in_the_budget_and_hands_back_the_rest() ->
     assert share(group[:1], 2.0, 0.1) == (group[:1], [])
 
 
-def test_handler_times_are_smoothed_per_type() -> None:
+def test_handler_times_are_a_mean_with_a_long_memory_per_type() -> None:
+    """The plain mean of a type's first 20 rows, then a weight of `SMOOTHING` per row: a
+    preempted no-op (5 ms among 20 µs rows) barely moves it, one 1 s row still does."""
     times = HandlerTimes()
     assert times.mean("a") is None
     times.note("a", 1.0)
     assert times.mean("a") == 1.0
     times.note("a", 0.0)
-    assert times.mean("a") == pytest.approx(0.7)
+    assert times.mean("a") == pytest.approx(0.5)
     assert times.mean("b") is None
+    for _ in range(200):
+        times.note("b", 20e-6)
+    times.note("b", 5e-3)
+    assert times.mean("b") < 0.3e-3  # still a whole group of 100 in a 0.1 s budget
+    times.note("b", 1.0)
+    assert times.mean("b") > 0.04  # the next group is shared
+    assert SMOOTHING == 0.05
 
 
 def test_a_slow_types_group_is_spread_over_processes_and_each_row_runs_once(
@@ -126,3 +138,63 @@ def _processed(db: sa.Engine, wid: str) -> Any:
             ),
             {"w": wid},
         ).scalar()
+
+
+@pytest.mark.e2e
+def test_a_slow_group_reaches_the_workers_of_two_hosts(
+    database_url: str, store: PostgresStore, tmp_path: Path, queue: str
+) -> None:
+    """Two worker processes under distinct host names, one thread each, both with their
+    relays, the defaults otherwise (groups of up to 100, a 0.1 s budget): 0.3 s handlers
+    claimed as groups of 12 end up run by both hosts, every row once, at its first
+    attempt, and a worker says what it handed back."""
+    from runtime_helpers import build_runtime
+
+    service = build_runtime(store, None, test_config(), [(BatchWorkflow, handle_job)]).service
+    workers = Processes(tmp_path)
+    try:
+        with redis_queue_cleanup(queue):
+            env = make_env(database_url, REDIS_URL, queue)
+            env.update(BATCH_TEST_APP="1", BATCH_TEST_SLEEP="0.3")
+            procs = []
+            for host in ("host-a", "host-b"):
+                argv = [
+                    str(BIN / "celery"), "-A", "tests.e2e_apps.batch_app", "worker", "-l",
+                    "info", "-P", "threads", "-c", "1", "-n", f"{host}-{uuid.uuid4().hex[:6]}@%h",
+                    "--without-heartbeat", "--without-gossip", "--without-mingle",
+                ]  # fmt: skip
+                procs.append(workers.spawn(host, argv, env))
+            for proc in procs:
+                proc.wait_for_output("ironflow relay started", 60)
+            wids = [f"h-{uuid.uuid4().hex[:6]}" for _ in range(2)]
+            for wid in wids:  # the first group teaches the type's handler time
+                service.execute(Go(id=wid, jobs=["sleep"] * 12))
+                wait_until(
+                    lambda wid=wid: _processed_e2e(database_url, wid) == 12,
+                    120,
+                    lambda: "every row processed\n" + "\n".join(p.output()[-2000:] for p in procs),
+                )
+            history = sql(
+                database_url,
+                "SELECT celery_attempts FROM ironflow.outbox WHERE workflow_id IN"
+                f" ('{wids[0]}', '{wids[1]}')",
+            )
+            entries = [row[0] for row in history]
+            assert all(len(h) == 1 and h[0]["outcome"] == "processed" for h in entries), entries
+            hosts = {h[0]["worker"][: len("host-a")] for h in entries}
+            assert hosts == {"host-a", "host-b"}, entries
+            assert any("handed" in p.output() for p in procs)
+            for proc in procs:
+                assert proc.terminate(30) == 0, proc.output()[-3000:]
+    finally:
+        workers.kill_all()
+        print(workers.report())
+
+
+def _processed_e2e(database_url: str, wid: str) -> int:
+    rows_ = sql(
+        database_url,
+        f"SELECT count(*) FROM ironflow.outbox WHERE workflow_id = '{wid}'"
+        " AND processed_at IS NOT NULL",
+    )
+    return int(rows_[0][0])
