@@ -150,7 +150,12 @@ def test_parallel_effect_processing_with_multiple_workers(store: PostgresStore) 
                 running -= 1
 
     workflows = [(TestWorkflow, slow_handler), (TimerTestWorkflow, timer_test_handler)]
-    with running_app(store, workflows=workflows, config=test_config(effect_workers=3)) as app:
+    # One row per message, as in ironflow: three rows claimed together would otherwise
+    # travel as one group, which a process that has not measured the type yet runs
+    # whole (up to engine.sharing.UNMEASURED_ROWS rows; tests/test_group_sharing.py covers
+    # how groups of slow handlers spread once measured).
+    config = test_config(effect_workers=3, effect_batch_size=1)
+    with running_app(store, workflows=workflows, config=config) as app:
         for i in range(3):
             start(app, f"p{i}", "RouteResult")
         for i in range(3):
