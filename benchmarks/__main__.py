@@ -1157,7 +1157,7 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=0,
         help="bench_noop's effect_batch_size: at most this many effects claimed together per "
-        "message (rows 2, 4, 6, 8, 9); 0: the default (ironflow_effect_batch_size, 20); "
+        "message (rows 2, 4, 6, 8, 9); 0: the default (ironflow_effect_batch_size, 100); "
         "1: one message per effect (the default before issue 21)",
     )
     parser.add_argument(
