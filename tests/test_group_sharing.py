@@ -82,15 +82,8 @@ def test_a_slow_types_group_is_spread_over_processes_and_each_row_runs_once(
     monkeypatch.setenv("BATCH_TEST_SLEEP", "0.3")
     app = TestApp(store, workflows=((BatchWorkflow, handle_job),), config=test_config())
     try:
-        app.start()
-        first = f"s-{uuid.uuid4().hex[:6]}"
-        app.service.execute(Go(id=first, jobs=["sleep"]))
-        app.wait_until(lambda: _processed(db, first) == 1, what="the type measured")
+        wid = _run_after_measuring(app, db, "sleep", 6)
         assert app.runtime.handler_times.mean(WT) >= 0.3
-
-        wid = f"s-{uuid.uuid4().hex[:6]}"
-        app.service.execute(Go(id=wid, jobs=["sleep"] * 6))
-        app.wait_until(lambda: _processed(db, wid) == 6, what="the group processed")
         history = [
             r.celery_attempts
             for r in rows(
@@ -108,13 +101,7 @@ def test_a_slow_types_group_is_spread_over_processes_and_each_row_runs_once(
 def test_fast_handlers_keep_their_group_together(store: PostgresStore, db: sa.Engine) -> None:
     app = TestApp(store, workflows=((BatchWorkflow, handle_job),), config=test_config())
     try:
-        app.start()
-        first = f"f-{uuid.uuid4().hex[:6]}"
-        app.service.execute(Go(id=first, jobs=["ok"]))
-        app.wait_until(lambda: _processed(db, first) == 1, what="the type measured")
-        wid = f"f-{uuid.uuid4().hex[:6]}"
-        app.service.execute(Go(id=wid, jobs=["ok"] * 30))
-        app.wait_until(lambda: _processed(db, wid) == 30, what="the group processed")
+        wid = _run_after_measuring(app, db, "ok", 30)
         tasks = {
             r.task
             for r in rows(
@@ -127,6 +114,19 @@ def test_fast_handlers_keep_their_group_together(store: PostgresStore, db: sa.En
         assert len(tasks) == 1  # one message, one task, all 30 rows
     finally:
         app.stop()
+
+
+def _run_after_measuring(app: TestApp, db: sa.Engine, mode: str, rows_: int) -> str:
+    """Start `app`, let one row of `mode` teach it the type's handler time, then run a
+    group of `rows_` such rows; the group's workflow id."""
+    app.start()
+    first = f"m-{uuid.uuid4().hex[:6]}"
+    app.service.execute(Go(id=first, jobs=[mode]))
+    app.wait_until(lambda: _processed(db, first) == 1, what="the type measured")
+    wid = f"g-{uuid.uuid4().hex[:6]}"
+    app.service.execute(Go(id=wid, jobs=[mode] * rows_))
+    app.wait_until(lambda: _processed(db, wid) == rows_, what="the group processed")
+    return wid
 
 
 def _processed(db: sa.Engine, wid: str) -> Any:

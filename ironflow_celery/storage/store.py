@@ -721,7 +721,7 @@ class PostgresStore:
             "unique_key": unique_key,
             "events": _json_array([dumps(p) for p in events]),
             "effects": _json_array([dumps(p) for p in effects]),
-            "trace": trace if effects else None,
+            "trace": trace,
             "completed": completed,
         }
         return bool(self._run(sql.CREATE_WITH_DECISION, params, once=True).first().created)
