@@ -32,7 +32,7 @@ from runtime_helpers import (
 )
 from workflows import TestWorkflow, TimerTestWorkflow
 
-from ironflow_celery.engine.relay import Kind, Relay
+from ironflow_celery.engine.relay import DISPATCH_HOLD_MIN, Kind, Relay
 from ironflow_celery.model.config import RuntimeConfig
 from ironflow_celery.storage.store import ClaimedRow, PostgresStore
 
@@ -126,6 +126,39 @@ def test_waiting_rows_keep_their_lease_while_their_relay_lives(
         )
         assert {(r.locked_by.split("#")[0], r.live) for r in held} == {("owner", True)}
     assert rival.claimed_total == 0
+
+
+def test_rows_claimed_behind_a_backlog_take_the_renewal_hold_at_once(
+    store: PostgresStore, db: sa.Engine
+) -> None:
+    """A claim made while the relay's earlier rows still wait a third of a lease after
+    they were published holds its rows for the renewal hold (30 s at least) at once: they
+    would wait as long, and renewing each one would be a second write per row. A claim
+    with nothing waiting takes one lease."""
+    first, second = insert_rows(db, "effect", 2)
+    relay = relay_of("effect", store, lease_config(claim_batch_size=1), "backlog")
+
+    def held_for(row_id: uuid.UUID) -> float:
+        return float(
+            scalar(
+                db,
+                "SELECT EXTRACT(EPOCH FROM locked_until - now()) FROM ironflow.outbox"
+                " WHERE id = :id",
+                id=str(row_id),
+            )
+        )
+
+    assert relay.step() is True  # nothing waits yet: one lease
+    assert list(relay.in_flight) == [first]
+    assert held_for(first) <= LEASE
+    time.sleep(LEASE / 2)  # the first row still waits, past a third of its lease
+    assert relay.step() is True  # renews the first row, then claims the second behind it
+    assert set(relay.in_flight) == {first, second}
+    assert held_for(second) > DISPATCH_HOLD_MIN - 10
+    assert relay.renewed_total == 1  # the first row only
+    time.sleep(LEASE / 2)
+    relay.keep_alive()  # the second row is not due for renewal for a third of its hold
+    assert relay.renewed_total == 1
 
 
 @pytest.mark.parametrize("kind", ["effect", "timer"])
