@@ -32,6 +32,7 @@ from runtime_helpers import (
 )
 from workflows import TestWorkflow, TimerTestWorkflow
 
+import ironflow_celery.engine.relay as relay_module
 from ironflow_celery.engine.relay import DISPATCH_HOLD_MIN, Kind, Relay
 from ironflow_celery.model.config import RuntimeConfig
 from ironflow_celery.storage.store import ClaimedRow, PostgresStore
@@ -177,10 +178,15 @@ def test_a_dead_relays_rows_come_back_after_one_lease(
 
 
 def test_rows_not_started_within_dispatch_timeout_are_given_up(
-    store: PostgresStore, db: sa.Engine, caplog: pytest.LogCaptureFixture
+    store: PostgresStore,
+    db: sa.Engine,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A message the broker lost leaves its row waiting forever: after dispatch_timeout the
-    relay stops renewing it (and says so), so it is claimed and published again."""
+    relay stops renewing it (and says so), so it is claimed and published again once its
+    last renewal's hold ends (shortened here from 30 s: the test waits for it)."""
+    monkeypatch.setattr(relay_module, "DISPATCH_HOLD_MIN", 2.0)
     ids = insert_rows(db, "effect", 2)
     config = lease_config(dispatch_timeout=1.5)
     owner = relay_of("effect", store, config, "owner")
