@@ -162,6 +162,41 @@ def test_rows_claimed_behind_a_backlog_take_the_renewal_hold_at_once(
     assert relay.renewed_total == 1
 
 
+def test_the_look_for_lost_messages_skips_rows_a_worker_started(
+    store: PostgresStore, db: sa.Engine
+) -> None:
+    """Before it looks in the broker (and asks every worker by broadcast), the relay drops
+    the rows a worker already started: their messages are in no queue and unacknowledged
+    nowhere, yet they are not lost. Only the rows still waiting under its claim are looked
+    for, and the started ones are no longer tracked."""
+    ids = insert_rows(db, "effect", 3)
+    looked_for: list[set[uuid.UUID]] = []
+
+    def find_lost(rows: Sequence[uuid.UUID], older_than: float, queues: Any) -> set[uuid.UUID]:
+        looked_for.append(set(rows))
+        return set()
+
+    relay = Relay(
+        "effect",
+        store,
+        [T, TT],
+        lease_config(),
+        Recorder(),
+        name="looker",
+        wake=threading.Event(),
+        stop=threading.Event(),
+        find_lost=find_lost,
+    )
+    assert relay.step() is True
+    started = ids[0]
+    assert store.start("effect", started, relay.in_flight[started].token, "run", lease_seconds=60)
+    time.sleep(1.2)  # past the look's age bound (a third of the lease, one second at least)
+    relay.release_lost()
+    wait_until(lambda: bool(looked_for), 30, what="the look")
+    assert looked_for == [set(ids[1:])]
+    assert started not in relay.in_flight
+
+
 @pytest.mark.parametrize("kind", ["effect", "timer"])
 def test_a_dead_relays_rows_come_back_after_one_lease(
     kind: Kind, store: PostgresStore, db: sa.Engine

@@ -975,6 +975,14 @@ class Relay:
         looked_at = {
             i: d.token for i, d in self.in_flight.items() if now - d.at >= self._lost_every
         }
+        if looked_at:
+            # A row a worker started is not lost, yet its message is in no queue and in no
+            # `unacknowledged` entry: the look would ask every worker about it by broadcast.
+            # One statement first keeps the look to the rows still waiting under our claim.
+            started = self._finished(list(looked_at))
+            self._forget(started, started=True)
+            for row_id in started:
+                del looked_at[row_id]
         if not looked_at:
             return
         found: list[set[uuid.UUID]] = []
