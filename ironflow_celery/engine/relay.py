@@ -826,10 +826,10 @@ class Relay:
         when rows this relay published a third of a lease ago still wait in the broker.
 
         Rows claimed behind such a backlog would wait as long, so each would be renewed
-        once before it starts: a second write per row, which under overload (a lease
-        shorter than the queue's wait, benchmark row 9) cost a sixth of the throughput.
-        Claiming them for the hold straight away writes once; if this relay dies, they come
-        back after the hold, as the renewed rows ahead of them do."""
+        once before it starts: a second write per row under overload (a lease shorter
+        than the queue's wait, benchmark row 9). Claiming them for the hold straight
+        away writes once; if this relay dies, they come back after the hold, as the
+        renewed rows ahead of them do."""
         if self._hold <= self._lease:
             return self._lease
         oldest = time.monotonic() - self._renew_every
