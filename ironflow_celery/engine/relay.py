@@ -555,6 +555,7 @@ class Relay:
         # not take (held by a concurrent claim, or its type at its concurrency limit).
         self._due: float | None = None
         self._blocked = False
+        self._claimed_at = 0.0  # when the last claim was sent (monotonic clock)
         self._due_checked_at = -RECHECK_EVERY
         self._recheck_at: float | None = None
         self._probe = False
@@ -626,6 +627,7 @@ class Relay:
                 return False
         token = f"{self.name}#{next(self._batches)}"
         lease = self._claim_lease()
+        self._claimed_at = time.monotonic()
         rows = self.store.claim(
             self.row_kind,
             token,
@@ -1065,7 +1067,11 @@ class Relay:
         self._due_checked_at = now
         self._recheck_at = None
         self._due = None if seconds is None else now + seconds
-        self._blocked = seconds is not None and seconds <= 0
+        # Due now, yet our claim did not take it: blocked (held by a concurrent claim, or
+        # its type at its concurrency limit) -- unless it became due while that claim ran
+        # (a timer due a few ms after the relay woke for it): then it is claimable, and
+        # taking it for blocked would poll every `BLOCKED_POLL` and fire it that late.
+        self._blocked = seconds is not None and -seconds > time.monotonic() - self._claimed_at
         return now
 
     def _learn_due(self, claimed_some: bool) -> None:
@@ -1077,6 +1083,11 @@ class Relay:
         relays every NOTIFY wakes them all, and all but one find nothing."""
         now = time.monotonic()
         passed = self._due is not None and not self._blocked and self._due <= now
+        # Rows claimed while the due ones were blocked: the block may have lifted (a limit
+        # freed, a concurrent claim's lease ended). Look again, or the relay would keep
+        # polling every `BLOCKED_POLL` while claims keep finding rows, however precisely
+        # the next one could be waited for.
+        passed = passed or (self._blocked and claimed_some)
         # A timer's NOTIFY announces its fire_at: look at once (it may be milliseconds
         # away). An effect's mostly announces a row due now, and an empty claim after it
         # that another relay took it: once a second is enough (a failure's backoff, the
