@@ -257,3 +257,63 @@ def test_back_pressure_counts_the_rows_that_wait_to_start(
     assert len(relay.publish.published) == 4
     assert scalar(db, "SELECT count(*) FROM ironflow.outbox WHERE locked_by IS NOT NULL") == 4
     assert set(relay.publish.published) <= set(ids)
+
+
+class RecordingStop(threading.Event):
+    """A relay's stop event that records every wait asked of it and returns at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waits: list[float | None] = []
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.waits.append(timeout)
+        return False
+
+
+@pytest.mark.parametrize("case", ["backlog", "started", "ungrouped"])
+def test_a_claim_behind_a_backlog_waits_for_rows_to_gather(
+    case: str, store: PostgresStore, db: sa.Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows arriving while 30 rows the relay published earlier still wait (no worker
+    here) are claimed a moment later than they could be, so that more travel together:
+    at most as long after the last claim as the oldest waiting row has waited. No wait
+    when the rows ahead started (a trickle the workers keep up with), nor for types that
+    travel one row per message (grouping off)."""
+    # A long window, and a look at every claim: the test's steps may be slow to come.
+    monkeypatch.setattr(relay_module, "CLAIM_DEFER", 60.0)
+    monkeypatch.setattr(relay_module, "BACKLOG_CHECK_EVERY", 0.0)
+    stop = RecordingStop()
+    relay = Relay(
+        "effect",
+        store,
+        [T],
+        RuntimeConfig(),
+        Recorder(),
+        name="gather",
+        wake=threading.Event(),
+        stop=stop,
+        group_sizes={} if case == "ungrouped" else {T: 100},
+    )
+    backlog = [insert_effect(db, T, f"backlog-{i}", FIRE_AND_FORGET) for i in range(30)]
+    assert relay.step() is True  # the backlog: every due row, fewer than a batch
+    time.sleep(2.0)  # it waits in the broker: nobody consumes
+    for i in range(2):
+        insert_effect(db, T, f"more-{i}", FIRE_AND_FORGET)
+    assert relay.step() is True  # 2 more rows
+    if case == "started":  # a worker's start guard took the backlog over (a run token)
+        with db.begin() as conn:
+            conn.execute(
+                sa.text("UPDATE ironflow.outbox SET locked_by = 'run' WHERE id = ANY(:ids)"),
+                {"ids": backlog},
+            )
+    stop.waits.clear()
+    last = insert_effect(db, T, "last", FIRE_AND_FORGET)
+    assert relay.step() is True
+    assert last in relay.in_flight
+    gathered = [w for w in stop.waits if w]
+    if case == "backlog":
+        # the oldest row has waited 2 s: the claim comes up to 2 s after the last one
+        assert len(gathered) == 1 and 0.5 < gathered[0] <= 2.5, stop.waits
+    else:
+        assert gathered == [], stop.waits
