@@ -822,6 +822,8 @@ class Bench:
             return sum(after[k] - before.get(k, 0) for k in after) / n
 
         relay_cpu = cpu.spent(cpu_before, cpu_after, relay_ports)
+        # Context: the share of the relays' LISTEN connections, which every NOTIFY wakes.
+        listen_cpu = cpu.spent(cpu_before, cpu_after, relay_ports, listening=True)
         worker_cpu = cpu.spent(cpu_before, cpu_after, worker_ports)
         relay_statements = per_effect(counts_before[0], counts_after[0])
         worker_statements = per_effect(counts_before[1], counts_after[1])
@@ -832,6 +834,7 @@ class Bench:
             worker_statements=worker_statements,
             cpu_ms=(relay_cpu + worker_cpu) * 1000 / n,
             relay_cpu_ms=relay_cpu * 1000 / n,
+            relay_listen_cpu_ms=listen_cpu * 1000 / n,
             worker_cpu_ms=worker_cpu * 1000 / n,
             relay_labels={
                 k: round(v / n, 4) for k, v in (labels_after - labels_before).most_common(6)

@@ -69,6 +69,8 @@ class BackendCpu:
         self.every = every
         self.cpu: dict[int, float] = {}
         self.by_port: dict[int, int] = {}
+        self.listeners: set[int] = set()
+        """Backends whose last statement was a LISTEN (a relay's wake-up connection)."""
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -76,13 +78,15 @@ class BackendCpu:
     def _sample(self, conn: Any) -> None:
         rows = conn.execute(
             sa.text(
-                "SELECT pid, client_port FROM pg_stat_activity "
+                "SELECT pid, client_port, query ILIKE 'LISTEN %' FROM pg_stat_activity "
                 "WHERE datname = :db AND pid <> pg_backend_pid()"
             ),
             {"db": self.database},
         ).all()
         with self._lock:
-            for pid, port in rows:
+            for pid, port, listening in rows:
+                if listening:
+                    self.listeners.add(pid)
                 seconds = cpu_seconds(pid)
                 if seconds is not None:
                     self.cpu[pid] = seconds
@@ -108,10 +112,19 @@ class BackendCpu:
         with self._lock:
             return dict(self.cpu)
 
-    def spent(self, before: dict[int, float], after: dict[int, float], ports: set[int]) -> float:
-        """CPU seconds the backends of clients on `ports` spent between two snapshots."""
+    def spent(
+        self,
+        before: dict[int, float],
+        after: dict[int, float],
+        ports: set[int],
+        *,
+        listening: bool | None = None,
+    ) -> float:
+        """CPU seconds the backends of clients on `ports` spent between two snapshots
+        (`listening`: only the LISTEN connections, or only the others)."""
         return sum(
             seconds - before.get(pid, 0.0)
             for pid, seconds in after.items()
             if self.by_port.get(pid) in ports
+            and (listening is None or (pid in self.listeners) == listening)
         )
