@@ -286,7 +286,8 @@ class Bench:
 
         client = redis.Redis.from_url(self.broker_url)
         for queue in self.queues:
-            client.delete(queue, f"_kombu.binding.{queue}")
+            # kombu 5.7 keeps a second binding key per queue (binding_permanent)
+            client.delete(queue, f"_kombu.binding.{queue}", f"_kombu.binding_permanent.{queue}")
         client.close()
 
     def queue(self, label: str) -> str:
