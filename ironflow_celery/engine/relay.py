@@ -851,7 +851,9 @@ class Relay:
         queue the claim fills holds a backlog: the oldest row this relay published there
         still waits, per the database, and has waited `BACKLOG_AGE` or more. The claim
         then comes at most as long after the last one as that row has waited, and at
-        most `CLAIM_DEFER` after it. Rows claimed at once would queue behind that backlog;
+        most `CLAIM_DEFER` after it (up to `DEFER_SHARES` times that for a relay that
+        claims a share of a stream with other relays). Rows claimed at once would queue
+        behind that backlog;
         claimed a moment later they travel in fewer, larger groups, whose start guard,
         acknowledgement and message more rows share (benchmark row 3, a stream of full
         cycles: from 0.68-0.70 to 0.83-0.92 times plain Celery in three interleaved
