@@ -431,3 +431,17 @@ def wait_for_listener(db: sa.Engine, timeout: float = WAIT) -> None:
         timeout,
         what="the relay's LISTEN connection",
     )
+
+
+class RecordingEvent(threading.Event):
+    """A relay's wake-up or stop event that records how long each wait would sleep and
+    returns at once, as if that time had passed (unset): what a relay would wait for, read
+    without waiting."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waits: list[float | None] = []
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.waits.append(timeout)
+        return False

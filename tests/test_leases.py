@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from runtime_helpers import (
+    RecordingEvent,
     insert_effect,
     insert_timer,
     rows,
@@ -259,18 +260,6 @@ def test_back_pressure_counts_the_rows_that_wait_to_start(
     assert set(relay.publish.published) <= set(ids)
 
 
-class RecordingStop(threading.Event):
-    """A relay's stop event that records every wait asked of it and returns at once."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.waits: list[float | None] = []
-
-    def wait(self, timeout: float | None = None) -> bool:
-        self.waits.append(timeout)
-        return False
-
-
 @pytest.mark.parametrize("case", ["backlog", "started", "ungrouped"])
 def test_a_claim_behind_a_backlog_waits_for_rows_to_gather(
     case: str, store: PostgresStore, db: sa.Engine, monkeypatch: pytest.MonkeyPatch
@@ -283,7 +272,7 @@ def test_a_claim_behind_a_backlog_waits_for_rows_to_gather(
     # A long window, and a look at every claim: the test's steps may be slow to come.
     monkeypatch.setattr(relay_module, "CLAIM_DEFER", 60.0)
     monkeypatch.setattr(relay_module, "BACKLOG_CHECK_EVERY", 0.0)
-    stop = RecordingStop()
+    stop = RecordingEvent()
     relay = Relay(
         "effect",
         store,

@@ -22,6 +22,7 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 from runtime_helpers import (
+    RecordingEvent,
     insert_effect,
     insert_timer,
     running_app,
@@ -195,19 +196,6 @@ def test_a_dead_relays_lease_is_reclaimed_when_it_runs_out(
     assert took < 15.0, f"took {took:.2f}s (lease 2 s, safety poll {SLOW_POLL:g} s)"
 
 
-class RecordingWake(threading.Event):
-    """A relay's wake-up event that records how long each idle wait would sleep, and
-    returns at once (as if that time had passed)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.timeouts: list[float | None] = []
-
-    def wait(self, timeout: float | None = None) -> bool:
-        self.timeouts.append(timeout)
-        return False
-
-
 def timer_relay(store: PostgresStore, published: list[uuid.UUID]) -> Relay:
     def publish(kind: Kind, messages: Sequence[Sequence[ClaimedRow]]) -> list[uuid.UUID]:
         ids = [r.id for m in messages for r in m]
@@ -221,7 +209,7 @@ def timer_relay(store: PostgresStore, published: list[uuid.UUID]) -> Relay:
         RuntimeConfig(),
         publish,
         name="due-test",
-        wake=RecordingWake(),
+        wake=RecordingEvent(),
         stop=threading.Event(),
     )
 
@@ -258,8 +246,8 @@ def test_a_timer_that_became_due_while_the_claim_ran_is_not_taken_for_blocked(
     assert published == []
     relay.idle_wait()
     wake = relay.wake
-    assert isinstance(wake, RecordingWake)
-    [timeout] = wake.timeouts
+    assert isinstance(wake, RecordingEvent)
+    [timeout] = wake.waits
     assert timeout is not None and timeout < BLOCKED_POLL, (
         f"waits {timeout} s for a timer that is due now"
     )
@@ -283,8 +271,8 @@ def test_claims_that_find_rows_lift_a_block(store: PostgresStore, db: sa.Engine)
     assert published == [now]
     relay.idle_wait()
     wake = relay.wake
-    assert isinstance(wake, RecordingWake)
-    [timeout] = wake.timeouts
+    assert isinstance(wake, RecordingEvent)
+    [timeout] = wake.waits
     assert timeout is not None and timeout > 1.0, (
         f"polls every {timeout} s though the next timer is due in 60 s"
     )

@@ -853,11 +853,10 @@ class Relay:
         then comes at most as long after the last one as that row has waited, and at
         most `CLAIM_DEFER` after it (up to `DEFER_SHARES` times that for a relay that
         claims a share of a stream with other relays). Rows claimed at once would queue
-        behind that backlog;
-        claimed a moment later they travel in fewer, larger groups, whose start guard,
-        acknowledgement and message more rows share (benchmark row 3, a stream of full
-        cycles: from 0.68-0.70 to 0.83-0.92 times plain Celery in three interleaved
-        pairs). Workers that keep up start each row within milliseconds, so a trickle's
+        behind that backlog; claimed a moment later they travel in fewer, larger groups,
+        whose start guard, acknowledgement and message more rows share (benchmark row 3,
+        a stream of full cycles: from 0.68-0.70 to 0.83-0.92 times plain Celery in three
+        interleaved pairs). Workers that keep up start each row within milliseconds, so a trickle's
         claims never wait."""
         if (
             not self._drained
@@ -868,12 +867,11 @@ class Relay:
         # Relays sharing a stream claim in turn: one that takes a quarter of the rows
         # waits up to four times as long, so that claims of the types (by any relay) stay
         # about `CLAIM_DEFER` apart.
-        share = self._rows_avg / max(self._notifies_avg, 1e-9)
-        longest = CLAIM_DEFER / min(1.0, max(share, 1 / DEFER_SHARES))
+        longest = CLAIM_DEFER / min(1.0, max(self._share, 1 / DEFER_SHARES))
         now = time.monotonic()
         if now - self._claimed_at >= longest:
             return 0.0
-        waited = min(self._backlog_age(self.queues[t], now) for t in types)
+        waited = min(self._backlog_age(q, now) for q in {self.queues[t] for t in types})
         if waited < BACKLOG_AGE:
             return 0.0
         return max(0.0, self._claimed_at + min(waited, longest) - now)
@@ -1129,6 +1127,11 @@ class Relay:
         self._rows_avg = 0.95 * self._rows_avg + 0.05 * claimed
         self._notifies_avg = 0.95 * self._notifies_avg + 0.05 * notifies
 
+    @property
+    def _share(self) -> float:
+        """The rows this relay claims per NOTIFY it sees, smoothed (`_note_share`)."""
+        return self._rows_avg / max(self._notifies_avg, 1e-9)
+
     def _yield_delay(self) -> float:
         """How long to let other relays answer a NOTIFY first: nothing while this relay
         claims about a row per NOTIFY or more (a lone relay always does: every notified
@@ -1136,7 +1139,7 @@ class Relay:
         because another relay took the rows. Its claims then come back with rows again
         when the others fall behind (at their in-flight limits, or gone), and it answers
         at once again."""
-        share = self._rows_avg / max(self._notifies_avg, 1e-9)
+        share = self._share
         return 0.0 if share >= 0.5 else YIELD_MAX * (1 - 2 * share)
 
     def _refresh_due(self) -> float:
