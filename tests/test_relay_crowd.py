@@ -22,6 +22,7 @@ from test_relay_idle import FIRE_AND_FORGET, StatementCounter, T, store_engines
 
 from ironflow_celery.engine.relay import Kind, RelayGroup
 from ironflow_celery.model.config import RuntimeConfig
+from ironflow_celery.storage.kinds import EFFECT
 from ironflow_celery.storage.store import ClaimedRow, PostgresStore
 
 N = 600  # effects streamed to each set of relays (the first dozen NOTIFYs all four answer)
@@ -58,8 +59,9 @@ def listeners(db: sa.Engine) -> int:
     )
 
 
-def relay_statements(store: PostgresStore, db: sa.Engine, relays: int) -> float:
-    """Statements per effect that `relays` relay groups send while N effects stream in."""
+def relay_statements(store: PostgresStore, db: sa.Engine, relays: int) -> tuple[float, float]:
+    """Statements per effect that `relays` relay groups send while N effects stream in, and
+    the NOTIFYs their LISTEN connections receive per effect."""
     published: list[uuid.UUID] = []
     lock = threading.Lock()
 
@@ -81,27 +83,39 @@ def relay_statements(store: PostgresStore, db: sa.Engine, relays: int) -> float:
             wait_until(lambda: listeners(db) >= relays, what=f"{relays} LISTEN connections")
             time.sleep(1.0)  # every relay past its first round
             before = counter.total()
+            heard_before = heard(groups)
             stream(db, f"crowd{relays}-")
             wait_for_progress(lambda: len(published), N, f"{relays} relays to publish")
             sent = counter.total() - before
+            received = heard(groups) - heard_before
         finally:
             for group in groups:
                 assert group.stop(10)
     assert len(published) == N and len(set(published)) == N  # each row claimed once
     # These rows are done with: the next set of relays starts from an empty outbox.
     execute(db, "UPDATE ironflow.outbox SET processed_at = now(), locked_by = NULL")
-    return sent / N
+    return sent / N, received / N
+
+
+def heard(groups: Sequence[RelayGroup]) -> int:
+    """The effect NOTIFYs the groups' LISTEN connections received so far."""
+    return sum(g.waker.event(EFFECT).count([T]) for g in groups)
 
 
 @pytest.mark.scale  # several relays or worker groups at once: its own CI step
 @pytest.mark.timeout(600)
 def test_four_relays_cost_about_what_one_costs(store: PostgresStore, db: sa.Engine) -> None:
     """The same stream of effects, to one relay and then to four: the four together send
-    at most 1.6 times the statements of the one (they sent 4 times as many)."""
-    one = relay_statements(store, db, 1)
-    four = relay_statements(store, db, 4)
+    at most 1.6 times the statements of the one (they sent 4 times as many), and their
+    LISTEN connections receive at most 2 NOTIFYs per effect, not 4: the relays that let
+    the others answer stop listening meanwhile (each listener costs PostgreSQL a wake-up
+    per NOTIFY)."""
+    one, one_heard = relay_statements(store, db, 1)
+    four, four_heard = relay_statements(store, db, 4)
     assert scalar(db, "SELECT count(*) FROM ironflow.outbox WHERE processed_at IS NULL") == 0
     assert four <= 1.6 * one, f"1 relay: {one:.2f}, 4 relays: {four:.2f} statements per effect"
+    assert one_heard >= 0.95, f"a lone relay heard {one_heard:.2f} NOTIFYs per effect"
+    assert four_heard <= 2.0, f"4 relays heard {four_heard:.2f} NOTIFYs per effect"
 
 
 @pytest.mark.scale  # several relays or worker groups at once: its own CI step

@@ -89,6 +89,7 @@ __all__ = [
     "TIMERS_PAYLOAD",
     "TIMER_STATEMENTS",
     "TRY_LOCK_PROJECTION",
+    "UNLISTEN_ALL",
     "WAKE_RELAYS",
     "WRITE_DECISION",
     "InspectStatements",
@@ -108,6 +109,11 @@ def listen(channel: str) -> str:
     """``LISTEN`` on one of the channels above (raw psycopg, autocommit: the relays'
     wake-up connection, which must not hold a pooled connection)."""
     return f"LISTEN {channel}"
+
+
+UNLISTEN_ALL = "UNLISTEN *"
+"""Stop listening on every channel (raw psycopg): a waker whose effect relays all let
+others answer (only a backend listening on nothing is spared the wake-up of every NOTIFY)."""
 
 
 PROBE = "SELECT 1"
