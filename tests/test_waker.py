@@ -16,10 +16,12 @@ from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
-from runtime_helpers import execute, scalar, wait_until
+from runtime_helpers import execute, insert_effect, scalar, test_config, wait_until
+from workflows import TestWorkflow
 
-from ironflow_celery.engine.relay import Waker
+from ironflow_celery.engine.relay import YIELD_MAX, Kind, Relay, Waker
 from ironflow_celery.storage.kinds import EFFECT, TIMER
+from ironflow_celery.storage.store import ClaimedRow, PostgresStore
 
 
 @pytest.fixture
@@ -112,3 +114,46 @@ def test_a_waker_without_effect_relays_keeps_listening(
     wait_until(timers.listening.is_set, what="the first LISTEN")
     notify(db, TIMER.channel, "t")
     wait_until(lambda: timers.count(["t"]) == 1, what="a timer NOTIFY")
+
+
+def test_a_yielding_relay_claims_only_once_its_waker_listens_again(
+    store: PostgresStore, db: sa.Engine, waker: tuple[Waker, str]
+) -> None:
+    """A relay that lets others answer a NOTIFY (its claims keep finding nothing) makes its
+    waker listen on nothing meanwhile, and claims the notified row after its wait with the
+    LISTEN back in effect: a row committed after that claim would wake it."""
+    w, name = waker
+    effects = w.event(EFFECT)
+    listening_at_claim: list[bool] = []
+
+    def publish(kind: Kind, messages: list[list[ClaimedRow]]) -> list[uuid.UUID]:
+        listening_at_claim.append(effects.listening.is_set())
+        return [r.id for m in messages for r in m]
+
+    stop = threading.Event()
+    relay = Relay(
+        "effect",
+        store,
+        [TestWorkflow.type],
+        test_config(),
+        publish,
+        name="yielding",
+        wake=effects,
+        stop=stop,
+    )
+    relay._rows_avg = 0.0  # its claims found nothing for a while: another relay takes the rows
+    thread = threading.Thread(target=relay.run, daemon=True)
+    thread.start()
+    try:
+        wait_until(effects.listening.is_set, what="the first LISTEN")
+        wait_until(lambda: relay._due_checked_at > 0, what="the relay's first empty claim")
+        assert relay._yield_delay() == YIELD_MAX
+        insert_effect(db, TestWorkflow.type, "yield-1", {"type": "Noop"})
+        notify(db, EFFECT.channel, TestWorkflow.type)
+        wait_until(lambda: last_statement(db, name) == "UNLISTEN *", what="the spell's UNLISTEN")
+        wait_until(lambda: listening_at_claim, what="the claim after the spell")
+        assert listening_at_claim == [True]
+    finally:
+        stop.set()
+        thread.join(10)
+    assert not thread.is_alive()
