@@ -157,3 +157,32 @@ def test_a_yielding_relay_claims_only_once_its_waker_listens_again(
         stop.set()
         thread.join(10)
     assert not thread.is_alive()
+
+
+def test_a_waker_that_lost_its_connection_in_a_spell_listens_again(
+    db: sa.Engine, waker: tuple[Waker, str]
+) -> None:
+    """The LISTEN connection cut while its relays do not listen: it reconnects, and the
+    relay back from its spell still finds the LISTEN in effect before it claims."""
+    w, name = waker
+    effects = w.event(EFFECT)
+    relay = effects.join()
+    wait_until(effects.listening.is_set, what="the first LISTEN")
+    effects.deafen(relay, 30.0)
+    wait_until(lambda: last_statement(db, name) == "UNLISTEN *", what="the spell's UNLISTEN")
+    old = scalar(db, "SELECT pid FROM pg_stat_activity WHERE application_name = :n", n=name)
+    execute(db, "SELECT pg_terminate_backend(:pid)", pid=old)
+    # Reconnected (a new backend), still listening on nothing: the relay is still deaf.
+    wait_until(
+        lambda: scalar(
+            db,
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = :n AND pid <> :old",
+            n=name,
+            old=old,
+        ),
+        what="the waker's new connection",
+    )
+    assert not effects.listening.is_set()
+    assert effects.hear(relay, timeout=30.0)
+    notify(db, EFFECT.channel, "after")
+    wait_until(lambda: effects.count(["after"]) == 1, what="the NOTIFY after hear()")
