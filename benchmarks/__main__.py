@@ -505,19 +505,19 @@ class Bench:
         n, rounds = int(self.sizes["r3"]), int(self.sizes["r3_rounds"])
         rates: list[float] = []
         submits: list[float] = []
+
+        def left() -> int:
+            return self.scalar(
+                "SELECT count(*) FROM ironflow.workflow_instances "
+                "WHERE workflow_type = 'bench_cycle' AND completed_at IS NULL"
+            )
+
         for r in range(rounds):
             ids = [f"c{self.run_id}-{r}-{i}" for i in range(n)]
             t0 = time.time()
             with ThreadPoolExecutor(2) as pool:
                 list(pool.map(lambda i: self.service.execute(Begin(id=i)), ids, chunksize=50))
             submits.append(time.time() - t0)
-
-            def left() -> int:
-                return self.scalar(
-                    "SELECT count(*) FROM ironflow.workflow_instances "
-                    "WHERE workflow_type = 'bench_cycle' AND completed_at IS NULL"
-                )
-
             wait_for(lambda: left() == 0, 60 + n / 20, "row 3 cycles", 0.1)
             end = float(
                 self.scalar(
@@ -972,15 +972,13 @@ class Bench:
         n, rounds = int(self.sizes["r9"]), int(self.sizes["r9_rounds"])
         rates: dict[str, list[float]] = {"unqueued": [], "overload": []}
         statuses: dict[str, dict[str, int]] = {}
-        lease = 300.0  # the default: nothing waits anywhere near it
         overload_lease = 0.0
         phases = ["unqueued", *(["overload", "unqueued"] * rounds)]
         for i, phase in enumerate(phases):
             label = f"{phase}-{i}"
-            if phase == "overload":
-                # A lease a tenth of the first unqueued drain: the last rows wait about ten
-                # leases in the broker.
-                lease = overload_lease
+            # Unqueued: the default lease, nothing waits anywhere near it. Overload: a tenth
+            # of the first unqueued drain, so the last rows wait about ten leases.
+            lease = overload_lease if phase == "overload" else 300.0
             queue = self.queue(f"r9-{label}")
             proc = self.worker(
                 f"r9-{label}",
@@ -1000,7 +998,6 @@ class Bench:
             statuses[label] = task_statuses(self.logs / f"r9-{label}.log")
             if i == 0:
                 overload_lease = max(span / 10, 0.2)
-            lease = 300.0
         baseline = statistics.median(rates["unqueued"])
         overload = statistics.median(rates["overload"])
         over = [v for k, v in statuses.items() if k.startswith("overload")]

@@ -455,9 +455,9 @@ class Waker:
         self.stop = stop
         self.changed = threading.Event()
         self.events: dict[str, Wakeup] = {k.channel: Wakeup(self.changed) for k in KINDS}
-        # The channels whose relays may stop listening: those announcing rows due now. A
-        # timer's NOTIFY announces a future fire_at, so its relays never yield.
-        self._deciding = [self.events[k.channel] for k in KINDS if k.due_when_written]
+        # The channel whose relays may stop listening: the effects'. A timer's NOTIFY
+        # announces a future fire_at, so its relays never yield.
+        self._yielding = self.events[EFFECT.channel]
         self.poll_intervals = dict(poll_intervals or {})
         self.direct = direct  # a listen URL of its own: never checked for a pooler
         self.connect_params = dict(connect_params or {})
@@ -521,20 +521,16 @@ class Waker:
         while not self.stop.is_set():
             self.changed.clear()
             now = time.monotonic()
-            wants = [event.wanted(now) for event in self._deciding]
-            want = any(w for w, _ in wants)
+            want, again = self._yielding.wanted(now)
             if want and not listening:
                 for channel in self.events:
                     conn.execute(sql.listen(channel))
                 listening = True
                 for event in self.events.values():
                     event.listening.set()
-                    if not first and event not in self._deciding:
+                    if not first and event is not self._yielding:
                         event.set()  # back from a deaf spell: the timer relays look again
-            elif want:
-                for event in self._deciding:
-                    event.listening.set()  # `wanted` cleared it; another channel wants all
-            elif listening:
+            elif not want and listening:
                 for event in self.events.values():
                     event.listening.clear()
                 conn.execute(sql.UNLISTEN_ALL)
@@ -543,8 +539,7 @@ class Waker:
                 first = False
                 self.wake_all()  # anything committed while we were not listening
             timeout = 0.5
-            if not listening:  # a relay may want it back before its spell ends
-                again = min(a for _, a in wants if a is not None)
+            if again is not None:  # a relay may want it back before its spell ends
                 timeout = min(DEAF_TICK, max(again - now, 0.0))
             if self.changed.is_set():  # a relay came back meanwhile: look again first
                 continue
