@@ -240,3 +240,88 @@ def test_a_spare_connection_is_closed_while_the_other_stays_in_use(database_url:
         assert sql(database_url, alive, (list(pids),))[0][0] == 1
     finally:
         store.dispose()
+
+
+def _one_row_cycle(store: PostgresStore, url: str, workflow_id: str) -> bool:
+    """A new instance with one effect, claimed, started and acknowledged: the hot path's
+    statements, each through `PostgresStore`'s own calls. Whether the row ended processed."""
+    created = store.create_with_decision(
+        "conn_test", workflow_id, None, [{"type": "Begun"}], [{"type": "Work"}]
+    )
+    assert created
+    (claimed,) = store.claim(
+        "effect", "claim-1", ["conn_test"], lease_seconds=30, max_attempts=5, limit=10
+    )
+    started = store.start_effects([(claimed.id, "claim-1", "run-1")], lease_seconds=30)
+    assert set(started) == {claimed.id}
+    assert store.mark_many_processed([(claimed.id, "run-1")]) == {claimed.id}
+    query = "SELECT processed_at IS NOT NULL FROM ironflow.outbox WHERE id = %s"
+    return bool(sql(url, query, (claimed.id,))[0][0])
+
+
+def test_hot_statements_skip_sqlalchemy_execution(database_url: str) -> None:
+    """A new instance's first decision, the claim, the start guard and the acknowledgement
+    run on the pooled connection's psycopg cursor, not through `Connection.execute` (its
+    per-call cost was as large as PostgreSQL's own): the cycle completes with
+    `Connection.execute` made to fail."""
+    from unittest import mock
+
+    store = PostgresStore.from_url(database_url)
+    try:
+        refuse = mock.patch.object(
+            sa.engine.Connection, "execute", side_effect=AssertionError("Connection.execute")
+        )
+        with refuse:
+            assert _one_row_cycle(store, database_url, "fast-1")
+    finally:
+        store.dispose()
+
+
+def test_statement_listeners_still_see_every_hot_statement(database_url: str) -> None:
+    """With a ``before_cursor_execute`` listener on the engine (Sentry's or OpenTelemetry's
+    SQLAlchemy integration, a statement counter), the hot path's statements go through
+    SQLAlchemy, so the listener sees each of them, with its context."""
+    store = PostgresStore.from_url(database_url)
+    seen: list[tuple[str, bool]] = []
+
+    def record(conn, cursor, statement, params, context, many) -> None:
+        seen.append((" ".join(statement.split()), context is not None))
+
+    sa.event.listen(store.engine, "before_cursor_execute", record)
+    try:
+        assert _one_row_cycle(store, database_url, "seen-1")
+    finally:
+        sa.event.remove(store.engine, "before_cursor_execute", record)
+        store.dispose()
+    texts = [text for text, _ in seen]
+    assert any("celery_create_with_decision" in t for t in texts)
+    assert any("UPDATE ironflow.outbox AS r SET locked_until" in t for t in texts)  # claim
+    assert any("jsonb_to_recordset" in t and "run_started_at = now()" in t for t in texts)
+    assert any(
+        t.startswith("UPDATE ironflow.outbox") and "processed_at = now()" in t for t in texts
+    )
+    assert all(with_context for _, with_context in seen)
+
+
+def test_a_dead_pooled_connection_is_replaced_on_the_fast_path(database_url: str) -> None:
+    """Both pooled connections' backends terminated (a server restart, a failover): the
+    next statement fails on the first, SQLAlchemy's handling invalidates the whole pool,
+    and the statement is sent once more on a new connection, as through
+    `Connection.execute`; a failing statement leaves its connection usable."""
+    store = PostgresStore.from_url(database_url, pool_size=2, max_overflow=0)
+    pid = sa.text("SELECT pg_backend_pid() AS pid")
+    try:
+        with store.engine.connect() as a, store.engine.connect() as b:
+            old = {a.execute(pid).scalar(), b.execute(pid).scalar()}
+        assert store.engine.pool.checkedin() == 2
+        for backend in old:
+            sql(database_url, "SELECT pg_terminate_backend(%s)", (backend,))
+        alive = "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s)"
+        wait_until(lambda: sql(database_url, alive, (list(old),))[0][0] == 0, 60, "backends to end")
+        new = store._run(pid).first().pid
+        assert new not in old
+        with pytest.raises(StorageError):
+            store._run(sa.text("SELECT 1 / 0"))
+        assert store._run(pid).first().pid not in old
+    finally:
+        store.dispose()

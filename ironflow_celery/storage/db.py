@@ -20,10 +20,11 @@ import time
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import psycopg
 import sqlalchemy as sa
+from psycopg.rows import namedtuple_row
 from sqlalchemy import event, exc
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.pool import NullPool, QueuePool
@@ -43,6 +44,7 @@ __all__ = [
     "engine_options",
     "normalize_url",
     "relaxed_commits",
+    "run_statement",
 ]
 
 DATABASE_URL_ENV = SETTINGS["database_url"].env  # IRONFLOW_DATABASE_URL
@@ -201,19 +203,109 @@ def relaxed_commits(conn: Connection) -> Iterator[Connection]:
         raw.cursor_factory = previous
 
 
-def _relaxed_statements(engine: Engine) -> None:
-    @event.listens_for(engine, "before_cursor_execute", retval=True)
-    def _prefix(
-        conn: Any, cursor: Any, statement: str, params: Any, context: Any, many: bool
-    ) -> tuple[str, Any]:
-        if not many and context is not None and context.execution_options.get("ironflow_relaxed"):
-            statement = RELAXED_PREFIX + statement
-        return statement, params
+def _prefix_relaxed(
+    conn: Any, cursor: Any, statement: str, params: Any, context: Any, many: bool
+) -> tuple[str, Any]:
+    if not many and context is not None and context.execution_options.get("ironflow_relaxed"):
+        statement = RELAXED_PREFIX + statement
+    return statement, params
 
-    @event.listens_for(engine, "after_cursor_execute")
-    def _skip_set(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        if statement.startswith(RELAXED_PREFIX):
-            cursor.nextset()  # the statement's own result, not the SET's
+
+def _skip_set(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+    if statement.startswith(RELAXED_PREFIX):
+        cursor.nextset()  # the statement's own result, not the SET's
+
+
+def _relaxed_statements(engine: Engine) -> None:
+    event.listen(engine, "before_cursor_execute", _prefix_relaxed, retval=True)
+    event.listen(engine, "after_cursor_execute", _skip_set)
+
+
+# -- one statement on its own ----------------------------------------------------------------
+
+# A text statement's SQL as psycopg receives it, compiled once per statement and dialect.
+# Keyed by id(): the statement is kept in the value, so its id cannot be reused meanwhile.
+_driver_sql: dict[tuple[int, str], tuple[Any, str]] = {}
+
+
+def _compiled(statement: Any, dialect: sa.Dialect) -> str | None:
+    """`statement`'s driver SQL when it is a plain text statement (no typed binds or result
+    processing to apply), else None."""
+    key = (id(statement), dialect.name)
+    found = _driver_sql.get(key)
+    if found is not None:
+        return found[1]
+    if not isinstance(statement, sa.TextClause | sa.TextualSelect):
+        return None
+    compiled = statement.compile(dialect=dialect)
+    if compiled.positional or any(
+        not isinstance(b.type, sa.types.NullType) for b in compiled.binds.values()
+    ):
+        return None
+    _driver_sql[key] = (statement, compiled.string)
+    return compiled.string
+
+
+def run_statement(
+    conn: Connection, statement: Any, params: dict[str, Any], *, relaxed: bool = False
+) -> tuple[list[Any], int]:
+    """Run one statement on `conn`: its rows (all fetched) and its row count.
+
+    The hot path's statements (claims, start guards, acknowledgements, a new instance's
+    first decision) are constant text, and SQLAlchemy's execution around psycopg -- a cache
+    key computed per call, an execution context, a result object -- costs about 200 µs of
+    CPU a statement on a busy two-core host, as much as PostgreSQL spends running it. Such a
+    statement is compiled once and sent on the connection's psycopg cursor; an error still
+    goes through SQLAlchemy's own handling (``handle_error`` events, disconnect detection,
+    pool invalidation, `sqlalchemy.exc.DBAPIError`). Where anything else listens to the
+    engine's statements (Sentry's or OpenTelemetry's SQLAlchemy integration, a statement
+    counter), and for any other statement or driver, `Connection.execute` runs it, so those
+    listeners see every statement as before.
+
+    ``relaxed`` (or a connection in `relaxed_commits`): the statement commits with
+    ``synchronous_commit = off``, sent in the same simple query (`RELAXED_PREFIX`).
+    """
+    relaxed = relaxed or bool(conn.get_execution_options().get("ironflow_relaxed"))
+    query = _compiled(statement, conn.dialect)
+    raw = conn.connection.driver_connection
+    if query is None or not isinstance(raw, psycopg.Connection) or _instrumented(conn):
+        with relaxed_commits(conn) if relaxed else _as_is(conn) as run_on:
+            result = run_on.execute(statement, params)
+            return (list(result.fetchall()) if result.returns_rows else []), result.rowcount
+    cursor: psycopg.Cursor[Any]
+    if relaxed:
+        query = RELAXED_PREFIX + query  # client-side binding: one simple query
+        cursor = psycopg.ClientCursor(raw, row_factory=namedtuple_row)
+    else:
+        cursor = raw.cursor(row_factory=namedtuple_row)
+    with cursor:
+        try:
+            cursor.execute(query, params)
+            if relaxed:
+                cursor.nextset()  # the statement's own result, not the SET's
+            rows = cursor.fetchall() if cursor.description is not None else []
+            return rows, cursor.rowcount
+        except psycopg.Error as error:
+            # SQLAlchemy's handler, as Connection.execute runs it: events, disconnect
+            # detection and pool invalidation, the wrapped error. It raises.
+            conn._handle_dbapi_exception(error, query, params, cast(Any, cursor), None)
+            raise
+
+
+_OWN_LISTENERS = frozenset({_prefix_relaxed, _skip_set})
+
+
+def _instrumented(conn: Connection) -> bool:
+    """Whether a listener other than ours watches `conn`'s statements (engine or class)."""
+    dispatch = conn.dispatch
+    return any(fn not in _OWN_LISTENERS for fn in dispatch.before_cursor_execute) or any(
+        fn not in _OWN_LISTENERS for fn in dispatch.after_cursor_execute
+    )
+
+
+@contextmanager
+def _as_is(conn: Connection) -> Iterator[Connection]:
+    yield conn
 
 
 # -- transaction poolers -------------------------------------------------------------------

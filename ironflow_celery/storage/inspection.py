@@ -186,7 +186,7 @@ class RowInfo:
     @classmethod
     def of(cls, kind: Kind, row: Any) -> RowInfo:
         """From a row of `sql.INSPECT_STATEMENTS` (payload and read_at when selected)."""
-        fields = row._mapping
+        fields = row._asdict()
         return cls(
             kind=kind,
             id=row.id,

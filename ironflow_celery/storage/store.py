@@ -33,7 +33,7 @@ from ironflow_celery.errors import (
 )
 from ironflow_celery.model.config import AttemptLimits
 from ironflow_celery.storage import schema, sql
-from ironflow_celery.storage.db import create_engine, relaxed_commits
+from ironflow_celery.storage.db import create_engine, relaxed_commits, run_statement
 from ironflow_celery.storage.inspection import RowInfo
 from ironflow_celery.storage.kinds import Kind, RowKind, kind_of
 
@@ -324,7 +324,7 @@ def _lock_and_load_or_create(
 ) -> tuple[bool, bool, list[Any]] | None:
     """(created, completed, events): row-lock the instance and load its events, or create
     it, one round trip; None when `unique_key` is held by another active instance."""
-    rows = conn.execute(sql.LOCK_AND_LOAD_OR_CREATE, {**key, "unique_key": unique_key}).all()
+    rows = _exec(conn, sql.LOCK_AND_LOAD_OR_CREATE, {**key, "unique_key": unique_key}).all()
     if not rows:
         return None
     first = rows[0]
@@ -351,7 +351,7 @@ def _write_timers(
 ) -> None:
     """A decision's timer writes on one instance: cancellations first, then new timers."""
     if cancel_keys:
-        conn.execute(sql.CANCEL_TIMERS, {**key, "keys": list(cancel_keys)})
+        _exec(conn, sql.CANCEL_TIMERS, {**key, "keys": list(cancel_keys)})
     if timers:
         # Within one decision the last timer with a key wins (one pending row per key).
         last_by_key: dict[str | None, int] = {}
@@ -359,7 +359,8 @@ def _write_timers(
             if t.key is not None:
                 last_by_key[t.key] = i
         kept = [t for i, t in enumerate(timers) if t.key is None or last_by_key[t.key] == i]
-        conn.execute(
+        _exec(
+            conn,
             sql.SCHEDULE_TIMERS,
             {
                 **key,
@@ -392,11 +393,10 @@ def _json_array(texts: Sequence[str]) -> str:
     return f"[{','.join(texts)}]"
 
 
-def _execute(conn: Connection, statement: Any, params: dict[str, Any] | None) -> _Buffered:
-    """`statement`'s rows (all fetched) and row count, on `conn` (`PostgresStore._run`)."""
-    result = conn.execute(statement, params or {})
-    rows = list(result.fetchall()) if result.returns_rows else []
-    return _Buffered(rows, result.rowcount)
+def _exec(conn: Connection, statement: Any, params: dict[str, Any] | None = None) -> _Buffered:
+    """`statement` on `conn`, in the caller's transaction if one is open (`run_statement`:
+    the hot path's statements skip SQLAlchemy's execution overhead)."""
+    return _Buffered(*run_statement(conn, statement, params or {}))
 
 
 def _end_autocommit(conn: Connection, raw: psycopg.Connection[Any]) -> None:
@@ -481,7 +481,8 @@ class UnitOfWork:
     ) -> None:
         """Write an input observation inside this transaction."""
         with storage_errors():
-            self.conn.execute(
+            _exec(
+                self.conn,
                 sql.INSERT_OBSERVATION,
                 {
                     "wt": self.workflow_type,
@@ -507,7 +508,8 @@ class UnitOfWork:
         first = len(self.events) + 1
         with storage_errors():
             if n_events or self._effects or self._mark_completed:
-                self.conn.execute(
+                _exec(
+                    self.conn,
                     sql.WRITE_DECISION,
                     {
                         **key,
@@ -546,8 +548,10 @@ class UnitOfWork:
                 self.conn.close()
         elif self.created_instance:
             with storage_errors():
-                self.conn.execute(
-                    sql.DELETE_NEW_INSTANCE, {"wt": self.workflow_type, "wid": self.workflow_id}
+                _exec(
+                    self.conn,
+                    sql.DELETE_NEW_INSTANCE,
+                    {"wt": self.workflow_type, "wid": self.workflow_id},
                 )
 
     def __enter__(self) -> UnitOfWork:
@@ -675,21 +679,21 @@ class PostgresStore:
         relaxed = (relaxed and self.relaxed_commits) or (ack and self.relaxed_acks)
         for attempt in (1,) if once else (1, 2):
             try:
-                with (
-                    storage_errors(),
-                    self.engine.connect() as plain,
-                    self._commit_mode(plain, relaxed) as conn,
-                ):
+                with storage_errors(), self.engine.connect() as plain:
                     # psycopg's own autocommit flag, switched for this statement and back:
                     # SQLAlchemy's isolation_level option costs ~40 us a call on its way in
                     # and out (characteristics, a reset on checkin); psycopg sends nothing.
                     raw = plain.connection.driver_connection
                     assert isinstance(raw, psycopg.Connection)
                     if raw.autocommit:  # an engine made with isolation_level="AUTOCOMMIT"
-                        return _execute(conn, statement, params)
+                        return _Buffered(
+                            *run_statement(plain, statement, params or {}, relaxed=relaxed)
+                        )
                     raw.autocommit = True
                     try:
-                        return _execute(conn, statement, params)
+                        return _Buffered(
+                            *run_statement(plain, statement, params or {}, relaxed=relaxed)
+                        )
                     finally:
                         _end_autocommit(plain, raw)
             except DatabaseUnavailable as error:
@@ -787,7 +791,8 @@ class PostgresStore:
         if not keys:
             return loaded
         with storage_errors():
-            rows = connection.execute(
+            rows = _exec(
+                connection,
                 sql.LOCK_AND_LOAD_MANY,
                 {"keys": json.dumps([[wt, wid] for wt, wid in keys])},
             ).all()
@@ -818,7 +823,7 @@ class PostgresStore:
         ]
         with storage_errors():
             if any(w.events or w.effects or w.completed for w in writes):
-                connection.execute(sql.WRITE_DECISIONS, {"decisions": _json_array(decisions)})
+                _exec(connection, sql.WRITE_DECISIONS, {"decisions": _json_array(decisions)})
             for w in writes:
                 key = {"wt": w.workflow_type, "wid": w.workflow_id}
                 _write_timers(connection, key, w.cancel_keys, w.timers, w.trace)
@@ -845,7 +850,7 @@ class PostgresStore:
         }
         if connection is not None:
             with storage_errors():
-                connection.execute(sql.INSERT_OBSERVATION, params)
+                _exec(connection, sql.INSERT_OBSERVATION, params)
         else:
             self._run(sql.INSERT_OBSERVATION, params)
 
@@ -1038,7 +1043,7 @@ class PostgresStore:
         """Row-lock a started row still held by `token` inside the caller's transaction."""
         statement = kind_of(kind).statements.lock_running
         with storage_errors():
-            return connection.execute(statement, {"id": row_id, "token": token}).first() is not None
+            return _exec(connection, statement, {"id": row_id, "token": token}).first() is not None
 
     def record_processed(
         self,
@@ -1053,7 +1058,7 @@ class PostgresStore:
         params = {"id": row_id, "token": token}
         if connection is not None:
             with storage_errors():
-                return connection.execute(statement, params).rowcount == 1
+                return _exec(connection, statement, params).rowcount == 1
         return self._run(statement, params, ack=True).rowcount == 1
 
     def start_effects(
@@ -1112,7 +1117,7 @@ class PostgresStore:
         if not items:
             return set()
         with storage_errors():
-            rows = connection.execute(sql.MARK_EFFECTS_PROCESSED, _many_params(items))
+            rows = _exec(connection, sql.MARK_EFFECTS_PROCESSED, _many_params(items))
             return {r.id for r in rows}
 
     def record_failed_attempt(
@@ -1377,7 +1382,7 @@ class PostgresStore:
     def lock_idempotency_key(self, lock: str, *, connection: Connection) -> None:
         """Queue on a transaction advisory lock named `lock` (released at commit)."""
         with storage_errors():
-            connection.execute(sql.LOCK_IDEMPOTENCY_KEY, {"lock": lock})
+            _exec(connection, sql.LOCK_IDEMPOTENCY_KEY, {"lock": lock})
 
     def record_execute(
         self,
@@ -1402,7 +1407,7 @@ class PostgresStore:
             "rejection": dumps(rejection) if rejected else None,
         }
         with storage_errors():
-            connection.execute(sql.INSERT_OBSERVATION, params)
+            _exec(connection, sql.INSERT_OBSERVATION, params)
 
     def find_execute_record(
         self,
@@ -1421,7 +1426,7 @@ class PostgresStore:
             "key": idempotency_key,
         }
         with storage_errors():
-            return connection.execute(sql.FIND_EXECUTE_RECORD, params).scalar()
+            return _exec(connection, sql.FIND_EXECUTE_RECORD, params).scalar()
 
     # -- projections -------------------------------------------------------------------------
     def fetch_events_since(self, after: int, limit: int = 100) -> list[StoredEvent]:
