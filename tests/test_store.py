@@ -712,6 +712,34 @@ def test_claim_effect_returns_pending_effect(store: PostgresStore, db: sa.Engine
     assert started.created_at == claimed.created_at
 
 
+def test_the_relay_learns_which_published_rows_no_longer_wait(
+    store: PostgresStore, db: sa.Engine
+) -> None:
+    """Back-pressure's question, over two claims' tokens: of the rows a relay published,
+    those started, finished, released or re-claimed by another relay no longer wait under
+    its claim; the rest (and nothing else) still do."""
+    for i in range(8):
+        add_effects(store, f"wf-{i}", {"type": "Notify", "message": str(i)})
+    a = store.claim("effect", "relay-a", [T], lease_seconds=LEASE, max_attempts=MAX, limit=4)
+    b = store.claim("effect", "relay-b", [T], lease_seconds=LEASE, max_attempts=MAX, limit=4)
+    items = [(r.id, "relay-a") for r in a] + [(r.id, "relay-b") for r in b]
+    assert store.no_longer_dispatched("effect", items) == set()
+
+    started = store.start_effects([(a[0].id, "relay-a", "run-1")], lease_seconds=LEASE)
+    store.start_effects([(b[0].id, "relay-b", "run-2")], lease_seconds=LEASE)
+    assert store.mark_many_processed([(b[0].id, "run-2")]) == {b[0].id}
+    store.release("effect", [a[1].id], "relay-a")
+    expire_lease(db, "outbox", b[1].id)
+    c = store.claim("effect", "relay-c", [T], lease_seconds=LEASE, max_attempts=MAX, limit=8)
+    assert b[1].id in {r.id for r in c}
+    assert set(started) == {a[0].id}
+
+    left = store.no_longer_dispatched("effect", items)
+    assert left == {a[0].id, a[1].id, b[0].id, b[1].id}
+    assert store.no_longer_dispatched("effect", [(a[2].id, "relay-x")]) == {a[2].id}
+    assert store.no_longer_dispatched("effect", []) == set()
+
+
 def test_claim_effect_returns_none_when_empty(store: PostgresStore) -> None:
     assert store.claim("effect", "w", [T], lease_seconds=LEASE, max_attempts=MAX) == []
     add_effects(store, "wf-1", {"type": "Notify", "message": "m"})

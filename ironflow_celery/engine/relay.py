@@ -938,10 +938,10 @@ class Relay:
 
     def _finished(self, ids: list[uuid.UUID]) -> list[uuid.UUID]:
         """Those of `ids` that no longer wait under our claim (started, finished, released)."""
-        still = self.store.still_dispatched(
+        left = self.store.no_longer_dispatched(
             self.row_kind, [(row_id, self.in_flight[row_id].token) for row_id in ids]
         )
-        return [row_id for row_id in ids if row_id not in still]
+        return [row_id for row_id in ids if row_id in left]
 
     @staticmethod
     def _messages(messages: Sequence[Sequence[ClaimedRow]]) -> dict[uuid.UUID, uuid.UUID]:

@@ -1200,18 +1200,24 @@ class PostgresStore:
         }
         return {r.id for r in self._run(statement, params, relaxed=True)}
 
-    def still_dispatched(
+    def no_longer_dispatched(
         self, kind: Kind | RowKind, items: Sequence[tuple[uuid.UUID, str]]
     ) -> set[uuid.UUID]:
-        """Which of these published rows still wait to start under their claim tokens."""
+        """Which of these published rows no longer wait to start under their claim tokens
+        (started, finished, released, or re-claimed by another relay)."""
         if not items:
             return set()
-        statement = kind_of(kind).statements.still_dispatched
-        params = {"ids": [i for i, _ in items], "tokens": [t for _, t in items]}
+        by_token: dict[str, list[bytes]] = {}
+        for row_id, token in items:
+            by_token.setdefault(token, []).append(row_id.bytes)
+        params = {
+            "tokens": list(by_token),
+            "ids": [b"".join(ids) for ids in by_token.values()],
+        }
         # A read: nothing to relax. Bound on the server (and prepared), not inlined as the
-        # relaxed statements are: a busy relay sends a few hundred ids a round, and
-        # inlining them cost PostgreSQL a parse and plan of that literal each time (half
-        # its CPU for the statement) and the relay their quoting.
+        # relaxed statements are: inlining a few hundred ids cost PostgreSQL a parse and
+        # plan of that literal each time.
+        statement = kind_of(kind).statements.no_longer_dispatched
         return {r.id for r in self._run(statement, params)}
 
     def describe_stale(self, kind: Kind | RowKind, row_id: uuid.UUID) -> StaleRow | None:
