@@ -18,7 +18,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.e2e
+# Minutes of test time: a step of its own in CI (`-m scale`), out of the README command.
+pytestmark = [pytest.mark.e2e, pytest.mark.scale]
 ROWS = ",".join(str(r) for r in range(1, 10))
 
 FIELDS = {

@@ -224,6 +224,7 @@ def test_backpressure_bounds_the_broker_queue(
 # -- 4. many relays, many workers --------------------------------------------------------
 
 
+@pytest.mark.scale  # several relays and workers at once: CI's `-m scale` step
 @pytest.mark.timeout(600)  # waits for progress (90 s stall), not for a wall time
 def test_two_relays_three_workers_2000_effects_each_once(
     database_url: str, procs: Processes, queue: str

@@ -116,12 +116,12 @@ def test_the_relay_names_a_worker_that_would_reject_its_messages_as_unregistered
         app.conf.update(task_default_queue=queue, ironflow_relay_enabled=False)
         install(app, workflows=[OpsDemoWorkflow], database_url=database_url)
 
-        found = unregistered_consumers(app, [T], timeout=10)
+        found = unregistered_consumers(app, [T], timeout=5)
         assert [w.split("@")[0].rsplit("-", 1)[0] for w in found] == ["old"], found
         [(worker, queues)] = found.items()
         assert queues == {queue: [f"ironflow.{T}.effect", f"ironflow.{T}.timer"]}
         with caplog.at_level(logging.ERROR, logger="ironflow_celery.queue_check"):
-            assert check_unregistered(app, [T], timeout=10) == 1
+            assert check_unregistered(app, [T], timeout=5) == 1
         [record] = [r for r in caplog.records if r.name == "ironflow_celery.queue_check"]
         assert worker in record.getMessage() and "rejects" in record.getMessage()
         assert f"ironflow.{T}.effect" in record.getMessage()
