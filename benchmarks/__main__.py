@@ -13,7 +13,8 @@ Rows (what is measured, and how):
 2. N no-op effects inserted into the outbox in one ``INSERT … SELECT generate_series``;
    relay (inside the worker) + worker; rate from the first to the last ``processed_at``.
 3. N full cycles (input → decide → effect → follow-up input → terminal); inputs submitted
-   from 2 threads of this process; N / (last ``completed_at`` - first submit).
+   from 2 threads of this process; N / (last ``completed_at`` - first submit); in rounds
+   (median), with a ``VACUUM ANALYZE`` between them (outside the timed window).
 4. inputs submitted at a steady rate; latency = handler start (``time.time()`` in the
    handler) - decision commit (``time.time()`` after ``execute`` returned).
 5. N timers inserted with ``fire_at`` spread over S seconds; lateness = the firing
