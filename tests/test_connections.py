@@ -325,3 +325,17 @@ def test_a_dead_pooled_connection_is_replaced_on_the_fast_path(database_url: str
         assert store._run(pid).first().pid not in old
     finally:
         store.dispose()
+
+
+def test_statements_built_per_call_do_not_grow_the_compiled_cache(database_url: str) -> None:
+    """A statement built anew for each call (not the store's constants) is compiled each
+    time, and the cache of compiled statements stays bounded."""
+    from ironflow_celery.storage import db as storage_db
+
+    store = PostgresStore.from_url(database_url)
+    try:
+        for i in range(storage_db.DRIVER_SQL_CACHE + 50):
+            assert store._run(sa.text(f"SELECT {i} AS n")).first().n == i
+            assert len(storage_db._driver_sql) <= storage_db.DRIVER_SQL_CACHE
+    finally:
+        store.dispose()

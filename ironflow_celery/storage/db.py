@@ -225,7 +225,10 @@ def _relaxed_statements(engine: Engine) -> None:
 
 # A text statement's SQL as psycopg receives it, compiled once per statement and dialect.
 # Keyed by id(): the statement is kept in the value, so its id cannot be reused meanwhile.
+# The store's statements are module constants (a few dozen); the bound only keeps a caller
+# that builds a statement per call from growing the cache without end.
 _driver_sql: dict[tuple[int, str], tuple[Any, str]] = {}
+DRIVER_SQL_CACHE = 500
 
 
 def _compiled(statement: Any, dialect: sa.Dialect) -> str | None:
@@ -242,6 +245,8 @@ def _compiled(statement: Any, dialect: sa.Dialect) -> str | None:
         not isinstance(b.type, sa.types.NullType) for b in compiled.binds.values()
     ):
         return None
+    if len(_driver_sql) >= DRIVER_SQL_CACHE:
+        _driver_sql.clear()
     _driver_sql[key] = (statement, compiled.string)
     return compiled.string
 
