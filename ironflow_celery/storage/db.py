@@ -19,7 +19,7 @@ import threading
 import time
 import weakref
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, cast
 
 import psycopg
@@ -274,7 +274,7 @@ def run_statement(
     query = _compiled(statement, conn.dialect)
     raw = conn.connection.driver_connection
     if query is None or not isinstance(raw, psycopg.Connection) or _instrumented(conn):
-        with relaxed_commits(conn) if relaxed else _as_is(conn) as run_on:
+        with relaxed_commits(conn) if relaxed else nullcontext(conn) as run_on:
             result = run_on.execute(statement, params)
             return (list(result.fetchall()) if result.returns_rows else []), result.rowcount
     cursor: psycopg.Cursor[Any]
@@ -306,11 +306,6 @@ def _instrumented(conn: Connection) -> bool:
     return any(fn not in _OWN_LISTENERS for fn in dispatch.before_cursor_execute) or any(
         fn not in _OWN_LISTENERS for fn in dispatch.after_cursor_execute
     )
-
-
-@contextmanager
-def _as_is(conn: Connection) -> Iterator[Connection]:
-    yield conn
 
 
 # -- transaction poolers -------------------------------------------------------------------

@@ -393,10 +393,16 @@ def _json_array(texts: Sequence[str]) -> str:
     return f"[{','.join(texts)}]"
 
 
-def _exec(conn: Connection, statement: Any, params: dict[str, Any] | None = None) -> _Buffered:
+def _exec(
+    conn: Connection,
+    statement: Any,
+    params: dict[str, Any] | None = None,
+    *,
+    relaxed: bool = False,
+) -> _Buffered:
     """`statement` on `conn`, in the caller's transaction if one is open (`run_statement`:
     the hot path's statements skip SQLAlchemy's execution overhead)."""
-    return _Buffered(*run_statement(conn, statement, params or {}))
+    return _Buffered(*run_statement(conn, statement, params or {}, relaxed=relaxed))
 
 
 def _end_autocommit(conn: Connection, raw: psycopg.Connection[Any]) -> None:
@@ -686,14 +692,10 @@ class PostgresStore:
                     raw = plain.connection.driver_connection
                     assert isinstance(raw, psycopg.Connection)
                     if raw.autocommit:  # an engine made with isolation_level="AUTOCOMMIT"
-                        return _Buffered(
-                            *run_statement(plain, statement, params or {}, relaxed=relaxed)
-                        )
+                        return _exec(plain, statement, params, relaxed=relaxed)
                     raw.autocommit = True
                     try:
-                        return _Buffered(
-                            *run_statement(plain, statement, params or {}, relaxed=relaxed)
-                        )
+                        return _exec(plain, statement, params, relaxed=relaxed)
                     finally:
                         _end_autocommit(plain, raw)
             except DatabaseUnavailable as error:
