@@ -247,8 +247,9 @@ def test_one_sentry_event_per_dead_letter_with_default_integrations(
     on_dead_letter: Received,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Issue 23 §2: with sentry-sdk's default integrations (logging included; Celery's is
-    auto-enabled) each dead letter is one error event, not two (the ERROR log line was a
+    """Issue 23 §2: with sentry-sdk's default integrations (Celery's is auto-enabled) and
+    its logging integration sending ERROR lines as events (a default in sentry-sdk 2, to be
+    asked for in 3), each dead letter is one error event, not two (the ERROR log line was a
     second one, titled by its format string, grouping every type into one issue); grouped
     by workflow type and effect type, with the row id as a tag. A real in-thread worker;
     the transport keeps envelopes in memory instead of sending them."""
@@ -265,7 +266,11 @@ def test_one_sentry_event_per_dead_letter_with_default_integrations(
         failed.append(task_id)
 
     celery_signals.task_failure.connect(on_failure, weak=False)
-    sentry_sdk.init(transport=transport, traces_sample_rate=0)  # default integrations
+    sentry_sdk.init(
+        transport=transport,
+        traces_sample_rate=0,
+        integrations=[LoggingIntegration(event_level=logging.ERROR)],  # 2.x: the default
+    )
     client = sentry_sdk.get_client()
     assert client.get_integration(LoggingIntegration) is not None
     assert client.get_integration(CeleryIntegration) is not None
@@ -337,6 +342,51 @@ def test_sentry_failed_attempts_setting_keeps_sentry_to_dead_letters() -> None:
     events = transport.events()
     assert [e["exception"]["values"][0]["value"] for e in events] == ["reported"]
     assert events[0]["level"] == "warning"
+
+
+def test_a_failing_sentry_sdk_changes_no_outcome_and_loses_no_signal(
+    store: PostgresStore,
+    on_dead_letter: Received,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Reporting to Sentry comes after the outcome is committed. An SDK whose API fails
+    (sentry-sdk 3.0 removed ``Scope.level``: every failed attempt raised AttributeError,
+    and the dead letter's ``dead_lettered`` signal was never sent) is logged, and every
+    attempt still ends as its row did."""
+    import sentry_sdk
+
+    from ironflow_celery.engine import tasks
+
+    def broken_scope() -> Any:
+        raise AttributeError("'Scope' object has no attribute 'level'")
+
+    transport = MemoryTransport()
+    sentry_sdk.init(transport=transport, default_integrations=False)
+    monkeypatch.setattr(sentry_sdk, "new_scope", broken_scope)
+
+    app = TestApp(store)
+
+    class Task:
+        app = None  # the failed attempt's task, as `_report_to_sentry` reads it
+
+    Task.app = app.app
+    try:
+        app.service.execute(Start(id="sdk", mode=Mode(mode="PermanentFailure")))
+        with caplog.at_level(logging.WARNING, logger="ironflow_celery.tasks"):
+            results = run_until_final(app)
+            tasks._report_to_sentry(Task(), RuntimeError("a failed attempt"))
+    finally:
+        sentry_sdk.get_client().close()
+        sentry_sdk.get_global_scope().set_client(None)
+        app.stop()
+    assert [r["status"] for r in results] == ["failed-will-retry"] * (MAX - 1) + ["dead-lettered"]
+    [call] = on_dead_letter.calls
+    assert str(call["row_id"]) == results[0]["row_id"]
+    unreported = [r.getMessage() for r in caplog.records if "could not report" in r.getMessage()]
+    assert any(f"dead letter of {results[0]['row_id']}" in text for text in unreported)
+    assert any("failed attempt of this task" in text for text in unreported)
+    assert all("no attribute 'level'" in text for text in unreported)
 
 
 def test_dead_lettered_survives_pickle_and_a_json_result_backend() -> None:

@@ -1041,7 +1041,8 @@ def _report_failure(
             "" if exc is None else "\n" + _traceback_text(exc),
         )  # fmt: skip
         if sentry is not None:
-            _send_dead_letter_to_sentry(sentry, kind, started, ref, attempt, error, exc)
+            with _sentry_guard("dead letter", started.id):
+                _send_dead_letter_to_sentry(sentry, kind, started, ref, attempt, error, exc)
         dead_lettered.send(
             sender=runtime.registry.get(started.workflow_type).workflow,
             kind=kind,
@@ -1060,9 +1061,12 @@ def _active_sentry() -> Any:
     sentry_sdk = sys.modules.get("sentry_sdk")
     if sentry_sdk is None or not sentry_sdk.get_client().is_active():
         return None
-    from sentry_sdk.integrations.logging import ignore_logger
+    from sentry_sdk.integrations import logging as sentry_logging
 
-    ignore_logger(DEAD_LETTER_LOGGER)
+    # sentry-sdk 3 split the 2.x `ignore_logger` (events and breadcrumbs) into
+    # `ignore_logger_for_events` and an `ignore_logger` that only covers Sentry Logs.
+    ignore = getattr(sentry_logging, "ignore_logger_for_events", sentry_logging.ignore_logger)
+    ignore(DEAD_LETTER_LOGGER)
     return sentry_sdk
 
 
@@ -1083,7 +1087,7 @@ def _send_dead_letter_to_sentry(
     dead = DeadLettered(kind, str(started.id), ref, effect_type, attempt, error)
     dead.__cause__ = exc
     with sentry_sdk.new_scope() as scope:  # inherits the Celery task's tags and context
-        scope.level = "error"
+        scope.set_level("error")  # sentry-sdk 3 removed the `level` attribute
         scope.fingerprint = [
             "ironflow-dead-letter",
             kind,
@@ -1246,12 +1250,26 @@ def _report_to_sentry(
         return
     if level == "warning" and not read_settings(task.app.conf)["sentry_failed_attempts"]:
         return
-    with sentry_sdk.new_scope() as scope:  # inherits the Celery task's tags and context
-        scope.level = level  # a failed attempt will be retried; a dead letter is the error
+    with (
+        _sentry_guard("failed attempt", row["row_id"] if row is not None else "this task"),
+        sentry_sdk.new_scope() as scope,  # inherits the Celery task's tags and context
+    ):
+        scope.set_level(level)  # a failed attempt will be retried; a dead letter is the error
         if row is not None:
             scope.set_tag("ironflow.row_id", row["row_id"])
             scope.set_tag("ironflow.workflow", row["workflow"])
         scope.capture_exception(exc)
+
+
+@contextmanager
+def _sentry_guard(what: str, row_id: object) -> Iterator[None]:
+    """Reporting to Sentry runs after the outcome is committed: an SDK that fails (a major
+    version that changed its API, a broken transport) is logged, and the task still ends
+    as its row did, with `signals.dead_lettered` sent."""
+    try:
+        yield
+    except Exception as error:
+        log.warning("ironflow: could not report the %s of %s to Sentry: %r", what, row_id, error)
 
 
 def report_group(
