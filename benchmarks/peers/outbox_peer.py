@@ -28,6 +28,7 @@ because Django binds one database per process and each measurement has a fresh o
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -40,6 +41,7 @@ from celery import Celery
 
 from benchmarks.peers.common import (
     DSN_ENV,
+    ROOT,
     WARM_UP_S,
     Measure,
     PeerRun,
@@ -108,6 +110,21 @@ def describe(worker: dict[str, Any]) -> str:
 # -- the benchmark process's side --------------------------------------------------------
 
 
+def _sentry2() -> str | None:
+    """A directory holding sentry-sdk 2.x for the peer's processes, when this environment
+    has 3.x: django-celery-outbox 0.4.3 calls ``sentry_sdk.start_span(op=...)`` on every
+    submission, which sentry-sdk 3 removed (TypeError). Installed once, with pip."""
+    from importlib.metadata import version
+
+    if int(version("sentry-sdk").split(".")[0]) < 3:
+        return None
+    target = ROOT / ".ironflow" / "peer-sentry2"
+    if not (target / "sentry_sdk").is_dir():
+        pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target"]
+        subprocess.run([*pip, str(target), "sentry-sdk>=2,<3"], check=True)
+    return str(target)
+
+
 def _setup(run: PeerRun) -> tuple[sa.Engine, str, dict[str, str], str]:
     url, dsn = run.database()
     queue = run.bench.queue(f"r10-{run.label}")
@@ -119,6 +136,9 @@ def _setup(run: PeerRun) -> tuple[sa.Engine, str, dict[str, str], str]:
         DONE_DIR_ENV: str(done_dir),
         "CELERY_TASK_DEFAULT_QUEUE": queue,
         "CELERY_BROKER_URL": run.bench.broker_url,
+        "PYTHONPATH": os.pathsep.join(
+            filter(None, [str(ROOT), _sentry2(), os.environ.get("PYTHONPATH")])
+        ),
     }
     migrate = run.start(
         "migrate", [sys.executable, "-m", "django", "migrate", "-v", "0"], run.env(**env)
