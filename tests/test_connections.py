@@ -6,8 +6,10 @@ lease bookkeeping chooses its commit mode per transaction, leaving no session st
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 
 import psutil
 import pytest
@@ -259,15 +261,43 @@ def _one_row_cycle(store: PostgresStore, url: str, workflow_id: str) -> bool:
     return bool(sql(url, query, (claimed.id,))[0][0])
 
 
-def test_hot_statements_skip_sqlalchemy_execution(database_url: str) -> None:
+@pytest.fixture
+def fast_path() -> Iterator[None]:
+    """Detach Sentry's SQLAlchemy listeners for the test. Once a test of this process has
+    initialised sentry-sdk (test_failure_reporting.py), its SQLAlchemy integration listens
+    on every Engine for the rest of the process (integrations set up once per process), and
+    the hot path then goes through SQLAlchemy on purpose (the next test): which tests share
+    a process is up to xdist, so a test of the fast path takes them off first."""
+    module = sys.modules.get("sentry_sdk.integrations.sqlalchemy")
+    listeners = [
+        (ident, getattr(module, f"_{ident}"))
+        for ident in ("before_cursor_execute", "after_cursor_execute")
+        if module is not None
+    ]
+    attached = [(i, fn) for i, fn in listeners if sa.event.contains(sa.engine.Engine, i, fn)]
+    for ident, fn in attached:
+        sa.event.remove(sa.engine.Engine, ident, fn)
+    try:
+        yield
+    finally:
+        for ident, fn in attached:
+            sa.event.listen(sa.engine.Engine, ident, fn)
+
+
+def test_hot_statements_skip_sqlalchemy_execution(database_url: str, fast_path: None) -> None:
     """A new instance's first decision, the claim, the start guard and the acknowledgement
     run on the pooled connection's psycopg cursor, not through `Connection.execute` (its
     per-call cost was as large as PostgreSQL's own): the cycle completes with
-    `Connection.execute` made to fail."""
+    `Connection.execute` made to fail. (Where nothing else listens to statements: see
+    the `fast_path` fixture.)"""
     from unittest import mock
+
+    from ironflow_celery.storage.db import _instrumented
 
     store = PostgresStore.from_url(database_url)
     try:
+        with store.engine.connect() as conn:
+            assert not _instrumented(conn), "another library listens to statements"
         refuse = mock.patch.object(
             sa.engine.Connection, "execute", side_effect=AssertionError("Connection.execute")
         )
@@ -303,7 +333,9 @@ def test_statement_listeners_still_see_every_hot_statement(database_url: str) ->
     assert all(with_context for _, with_context in seen)
 
 
-def test_a_dead_pooled_connection_is_replaced_on_the_fast_path(database_url: str) -> None:
+def test_a_dead_pooled_connection_is_replaced_on_the_fast_path(
+    database_url: str, fast_path: None
+) -> None:
     """Both pooled connections' backends terminated (a server restart, a failover): the
     next statement fails on the first, SQLAlchemy's handling invalidates the whole pool,
     and the statement is sent once more on a new connection, as through
@@ -327,7 +359,9 @@ def test_a_dead_pooled_connection_is_replaced_on_the_fast_path(database_url: str
         store.dispose()
 
 
-def test_statements_built_per_call_do_not_grow_the_compiled_cache(database_url: str) -> None:
+def test_statements_built_per_call_do_not_grow_the_compiled_cache(
+    database_url: str, fast_path: None
+) -> None:
     """A statement built anew for each call (not the store's constants) is compiled each
     time, and the cache of compiled statements stays bounded."""
     from ironflow_celery.storage import db as storage_db
