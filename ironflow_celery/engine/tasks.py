@@ -1034,7 +1034,7 @@ def _report_failure(
         if exc is not None:
             log.debug("handler traceback:\n%s", _traceback_text(exc))
     elif status == "dead-lettered":
-        sentry = _active_sentry()
+        sentry = _active_sentry(started.id)
         dead_letter_log.error(
             "ironflow %s %s of %s (%s) attempt %d dead-lettered after %d attempt(s): %s%s",
             kind, started.id, ref, tag, attempt, attempt, error,
@@ -1055,19 +1055,23 @@ def _report_failure(
         )
 
 
-def _active_sentry() -> Any:
+def _active_sentry(row_id: object) -> Any:
     """sentry-sdk when the app initialised it (never imported here), else None. Its logging
     integration is told to skip the dead-letter log line first (see `DEAD_LETTER_LOGGER`)."""
     sentry_sdk = sys.modules.get("sentry_sdk")
-    if sentry_sdk is None or not sentry_sdk.get_client().is_active():
+    if sentry_sdk is None:
         return None
-    from sentry_sdk.integrations import logging as sentry_logging
+    with _sentry_guard("dead letter", row_id):
+        if not sentry_sdk.get_client().is_active():
+            return None
+        from sentry_sdk.integrations import logging as sentry_logging
 
-    # sentry-sdk 3 split the 2.x `ignore_logger` (events and breadcrumbs) into
-    # `ignore_logger_for_events` and an `ignore_logger` that only covers Sentry Logs.
-    ignore = getattr(sentry_logging, "ignore_logger_for_events", sentry_logging.ignore_logger)
-    ignore(DEAD_LETTER_LOGGER)
-    return sentry_sdk
+        # sentry-sdk 3 split the 2.x `ignore_logger` (events and breadcrumbs) into
+        # `ignore_logger_for_events` and an `ignore_logger` that only covers Sentry Logs.
+        ignore = getattr(sentry_logging, "ignore_logger_for_events", sentry_logging.ignore_logger)
+        ignore(DEAD_LETTER_LOGGER)
+        return sentry_sdk
+    return None
 
 
 def _send_dead_letter_to_sentry(
@@ -1246,26 +1250,26 @@ def _report_to_sentry(
     grouped row's failed attempt comes here too (its group task ends SUCCESS, so the
     integration never sees it); `row` tags the event with the row."""
     sentry_sdk = sys.modules.get("sentry_sdk")
-    if exc is None or sentry_sdk is None or not sentry_sdk.get_client().is_active():
+    if exc is None or sentry_sdk is None:
         return
     if level == "warning" and not read_settings(task.app.conf)["sentry_failed_attempts"]:
         return
-    with (
-        _sentry_guard("failed attempt", row["row_id"] if row is not None else "this task"),
-        sentry_sdk.new_scope() as scope,  # inherits the Celery task's tags and context
-    ):
-        scope.set_level(level)  # a failed attempt will be retried; a dead letter is the error
-        if row is not None:
-            scope.set_tag("ironflow.row_id", row["row_id"])
-            scope.set_tag("ironflow.workflow", row["workflow"])
-        scope.capture_exception(exc)
+    with _sentry_guard("failed attempt", row["row_id"] if row is not None else "this task"):
+        if not sentry_sdk.get_client().is_active():
+            return
+        with sentry_sdk.new_scope() as scope:  # inherits the Celery task's tags and context
+            scope.set_level(level)  # a failed attempt will be retried; a dead letter is the error
+            if row is not None:
+                scope.set_tag("ironflow.row_id", row["row_id"])
+                scope.set_tag("ironflow.workflow", row["workflow"])
+            scope.capture_exception(exc)
 
 
 @contextmanager
 def _sentry_guard(what: str, row_id: object) -> Iterator[None]:
-    """Reporting to Sentry runs after the outcome is committed: an SDK that fails (a major
-    version that changed its API, a broken transport) is logged, and the task still ends
-    as its row did, with `signals.dead_lettered` sent."""
+    """Around every call into sentry-sdk. Reporting runs after the outcome is committed: an
+    SDK that fails (a major version that changed its API, a broken transport) is logged,
+    and the task still ends as its row did, with `signals.dead_lettered` sent."""
     try:
         yield
     except Exception as error:
