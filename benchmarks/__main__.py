@@ -1178,6 +1178,13 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="row 10: interleaved rounds, medians reported (default: r10_rounds of the size)",
     )
+    parser.add_argument(
+        "--effects",
+        type=int,
+        default=None,
+        help="row 2: effects pre-filled and drained (default: r2 of the size; a backlog "
+        "of 150000 shows how the drain holds up behind a big queue)",
+    )
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results.json"))
     parser.add_argument(
         "--concurrency",
@@ -1210,6 +1217,8 @@ def main(argv: list[str] | None = None) -> int:
     sizes = dict(SIZES[mode])
     if args.rounds:
         sizes["r10_rounds"] = args.rounds
+    if args.effects:
+        sizes["r2"] = args.effects
     WORKER["concurrency"] = args.concurrency
 
     from devtools.local_services import resolve_services

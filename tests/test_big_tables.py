@@ -14,6 +14,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -68,6 +69,82 @@ def test_claim_does_not_step_over_leased_rows(
     vacuumed = tables.claim_plan(store, kind, WT)
     assert vacuumed.claimed == 10 and vacuumed.rows_removed_by_filter == 0, vacuumed.text
     assert vacuumed.buffers <= 1.5 * baseline.buffers, (baseline.buffers, vacuumed.text)
+
+
+def _scans_of(plan: dict[str, Any], relation: str) -> list[dict[str, Any]]:
+    """Every node of an EXPLAIN (FORMAT JSON) plan tree that reads `relation` (the
+    UPDATE's own node, which writes it, aside)."""
+    reads = plan.get("Relation Name") == relation and plan["Node Type"] != "ModifyTable"
+    found = [plan] if reads else []
+    for child in plan.get("Plans", []):
+        found += _scans_of(child, relation)
+    return found
+
+
+@pytest.mark.parametrize("kind", [EFFECT, TIMER], ids=["effects", "timers"])
+def test_the_back_pressure_look_up_probes_each_published_row_by_key(
+    kind: RowKind, store: PostgresStore, db: sa.Engine
+) -> None:
+    """A relay at its in-flight limit asks every 50 ms which of its 1,000 published rows
+    have started: the look-up reads those rows by primary key, never the backlog.
+
+    As a NOT EXISTS (8e9ff35) it was planned as a hash anti-join over every unprocessed
+    row: 10,000 rows read here for 1,000 asked about; in a 150,000-row drain it cost 208 ms a
+    call and slowed the drain threefold."""
+    tables.seed_pending(db, kind, LEASED, WT)
+    published = store.claim(kind, "relay-a", [WT], lease_seconds=600, max_attempts=5, limit=1000)
+    assert len(published) == 1000
+    tables.vacuum(db, analyze=True)
+    started = [(r.id, "relay-a", f"run-{i}") for i, r in enumerate(published[:10])]
+    if kind is EFFECT:
+        assert len(store.start_effects(started, lease_seconds=600)) == 10
+    else:
+        for row_id, token, run in started:
+            assert store.start(kind, row_id, token, run, lease_seconds=600) is not None
+    params = {"tokens": ["relay-a"], "ids": [b"".join(r.id.bytes for r in published)]}
+    with db.connect() as conn:
+        (plan,) = conn.execute(
+            sa.text("EXPLAIN (ANALYZE, FORMAT JSON) " + kind.statements.no_longer_dispatched.text),
+            params,
+        ).scalar_one()
+    table = kind.table.split(".")[-1]
+    scans = _scans_of(plan["Plan"], table)
+    assert scans, json.dumps(plan, indent=1)
+    for scan in scans:
+        assert scan.get("Index Name") == f"{table}_pkey", json.dumps(plan, indent=1)
+        assert scan["Actual Rows"] <= 1, json.dumps(plan, indent=1)  # per probe
+    assert sum(s["Actual Loops"] for s in scans) == 1000, json.dumps(plan, indent=1)
+    # and the answer is still right: the ten started rows, nothing else
+    left = store.no_longer_dispatched(kind, [(r.id, "relay-a") for r in published])
+    assert left == {row_id for row_id, _, _ in started}
+
+    # The renewals of the same rows read them by key too (ironflow's statement joined the
+    # pairs to the table, and was planned as a hash join over the backlog), and renew
+    # exactly the rows still held by their tokens.
+    pairs = {
+        "ids": [r.id for r in published],
+        "tokens": ["relay-a"] * len(published),
+        "lease": 600.0,
+        "server_started": published[0].server_started,
+    }
+    for statement in (kind.statements.renew_dispatched, kind.statements.renew_leases):
+        with db.connect() as conn, conn.begin() as tx:
+            (plan,) = conn.execute(
+                sa.text("EXPLAIN (ANALYZE, FORMAT JSON) " + statement.text), pairs
+            ).scalar_one()
+            tx.rollback()
+        scans = _scans_of(plan["Plan"], table)
+        assert scans, json.dumps(plan, indent=1)
+        for scan in scans:
+            assert scan.get("Index Name") == f"{table}_pkey", json.dumps(plan, indent=1)
+        assert plan["Plan"]["Actual Rows"] == 990, json.dumps(plan, indent=1)
+    renewed = store.renew_dispatched(
+        kind,
+        [(r.id, "relay-a") for r in published] + [(started[0][0], started[0][2])],
+        lease_seconds=600,
+        server_started=published[0].server_started,
+    )
+    assert renewed == {r.id for r in published[10:]} | {started[0][0]}
 
 
 # What ironflow (the Rust engine) writes on rows it does not hold: its retry_dead_letter and
