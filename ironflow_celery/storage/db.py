@@ -19,7 +19,7 @@ import threading
 import time
 import weakref
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, cast
 
 import psycopg
@@ -32,6 +32,7 @@ from sqlalchemy.util.queue import Empty, Full
 
 from ironflow_celery.errors import ConfigurationError
 from ironflow_celery.model.settings import SETTINGS, Settings, read_settings
+from ironflow_celery.storage.sql import SETTINGS_OPTION
 
 __all__ = [
     "DATABASE_URL_ENV",
@@ -193,27 +194,58 @@ def relaxed_commits(conn: Connection) -> Iterator[Connection]:
     binding cursor sends both at once), so it costs no round trip and leaves no session
     state behind: the setting ends with the transaction, on whatever backend ran it.
     """
+    with _client_side(conn):
+        yield conn.execution_options(ironflow_relaxed=True)
+
+
+@contextmanager
+def _client_side(conn: Connection) -> Iterator[Connection]:
+    """`conn` with client-side binding cursors: a statement and the ``SET LOCAL``s before
+    it can then travel as one simple query."""
     raw = conn.connection.driver_connection
     assert isinstance(raw, psycopg.Connection)
     previous = raw.cursor_factory
     raw.cursor_factory = psycopg.ClientCursor
     try:
-        yield conn.execution_options(ironflow_relaxed=True)
+        yield conn
     finally:
         raw.cursor_factory = previous
+
+
+def _prefix_of(options: Any, client_side: bool) -> str:
+    """The ``SET LOCAL``s to send before a statement run with these execution options: a
+    relaxed commit's, then the statement's own planner settings (`sql.SETTINGS_OPTION`).
+    Only a client-side binding cursor can send them in one simple query with the
+    statement; run elsewhere, a statement goes without its planner settings (correct,
+    only planned as PostgreSQL chooses)."""
+    if not client_side:
+        return ""
+    prefix = RELAXED_PREFIX if options.get("ironflow_relaxed") else ""
+    return prefix + str(options.get(SETTINGS_OPTION) or "")
 
 
 def _prefix_relaxed(
     conn: Any, cursor: Any, statement: str, params: Any, context: Any, many: bool
 ) -> tuple[str, Any]:
-    if not many and context is not None and context.execution_options.get("ironflow_relaxed"):
-        statement = RELAXED_PREFIX + statement
+    if not many and context is not None:
+        client_side = isinstance(cursor, psycopg.ClientCursor)
+        statement = _prefix_of(context.execution_options, client_side) + statement
     return statement, params
 
 
-def _skip_set(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-    if statement.startswith(RELAXED_PREFIX):
-        cursor.nextset()  # the statement's own result, not the SET's
+def _skip_set(
+    conn: Any, cursor: Any, statement: str, params: Any, context: Any, many: bool
+) -> None:
+    if many or context is None:
+        return
+    prefix = _prefix_of(context.execution_options, isinstance(cursor, psycopg.ClientCursor))
+    for _ in range(_sets_before(prefix)):
+        cursor.nextset()  # the statement's own result, not the SETs' (`_prefix_relaxed`)
+
+
+def _sets_before(prefix: str) -> int:
+    """How many ``SET LOCAL …;`` commands a prefix of `_prefix_of` holds."""
+    return prefix.count("SET LOCAL ")
 
 
 def _relaxed_statements(engine: Engine) -> None:
@@ -268,26 +300,36 @@ def run_statement(
     listeners see every statement as before.
 
     ``relaxed`` (or a connection in `relaxed_commits`): the statement commits with
-    ``synchronous_commit = off``, sent in the same simple query (`RELAXED_PREFIX`).
+    ``synchronous_commit = off``, sent in the same simple query (`RELAXED_PREFIX`). A
+    statement's own planner settings (`sql.SETTINGS_OPTION`, the claims') travel the same
+    way, as ``SET LOCAL``s of its transaction.
     """
     relaxed = relaxed or bool(conn.get_execution_options().get("ironflow_relaxed"))
+    options = statement.get_execution_options() if isinstance(statement, sa.Executable) else {}
+    settings = options.get(SETTINGS_OPTION)
     query = _compiled(statement, conn.dialect)
     raw = conn.connection.driver_connection
     if query is None or not isinstance(raw, psycopg.Connection) or _instrumented(conn):
-        with relaxed_commits(conn) if relaxed else nullcontext(conn) as run_on:
+        context: AbstractContextManager[Connection] = nullcontext(conn)
+        if relaxed:
+            context = relaxed_commits(conn)
+        elif settings and isinstance(raw, psycopg.Connection):
+            context = _client_side(conn)
+        with context as run_on:
             result = run_on.execute(statement, params)
             return (list(result.fetchall()) if result.returns_rows else []), result.rowcount
     cursor: psycopg.Cursor[Any]
-    if relaxed:
-        query = RELAXED_PREFIX + query  # client-side binding: one simple query
+    prefix = _prefix_of({"ironflow_relaxed": relaxed, SETTINGS_OPTION: settings}, True)
+    if prefix:
+        query = prefix + query  # client-side binding: one simple query
         cursor = psycopg.ClientCursor(raw, row_factory=namedtuple_row)
     else:
         cursor = raw.cursor(row_factory=namedtuple_row)
     with cursor:
         try:
             cursor.execute(query, params)
-            if relaxed:
-                cursor.nextset()  # the statement's own result, not the SET's
+            for _ in range(_sets_before(prefix)):
+                cursor.nextset()  # the statement's own result, not the SETs'
             rows = cursor.fetchall() if cursor.description is not None else []
             return rows, cursor.rowcount
         except psycopg.Error as error:
