@@ -605,19 +605,24 @@ _RENEW_DISPATCHED = f"""
 # longer held by the claim's own token (the start guard moves a row to a run token;
 # finishing, failing or releasing it clears the token; another relay's re-claim replaces
 # it). A relay asks about a few hundred rows at a time, mostly still waiting: the ids go
-# as one bytea of 16-byte UUIDs per claim token (psycopg dumps a list of UUIDs element by
-# element, about 4 µs each on a busy host), and only the rows that left come back.
-# The look-up is a LATERAL with LIMIT 1, which the planner cannot turn into a join: each
-# id is one primary-key probe. As NOT EXISTS it was planned as a hash anti-join over
-# every unprocessed row, whose cost grows with the backlog: 208 ms a call (every 50 ms at
-# the in-flight limit) behind 13,000 pending rows and a churned partial index, which
-# slowed a 150,000-row drain threefold; 2 ms now, whatever the backlog.
+# as one bytea of 16-byte UUIDs, grouped by claim token (psycopg dumps a list of UUIDs
+# element by element, about 4 µs each on a busy host); :starts gives, as text, the offset
+# of each token's first id, and `width_bucket` finds an id's token. Only the rows that
+# left come back. Each id is one primary-key probe: a LATERAL with LIMIT 1, which the
+# planner cannot turn into a join, and "still open" in the form no partial index matches
+# (see "Rows found by key"). As a NOT EXISTS it was planned as a hash anti-join over
+# every unprocessed row, a cost that grows with the backlog (208 ms a call behind 13,000
+# pending rows; at the in-flight limit it runs every 50 ms). One generate_series over all
+# the ids, not one per token: the planner counts a thousand rows per call, and with one
+# call per token (a relay tracking 190 lone-row claims) the estimate passed the JIT
+# threshold, and each check spent 100 ms compiling.
 _NO_LONGER_DISPATCHED = """
     SELECT a.id FROM (
-        SELECT CAST(encode(substring(g.ids FROM n * 16 + 1 FOR 16), 'hex') AS uuid) AS id,
-               g.token
-        FROM unnest(CAST(:tokens AS text[]), CAST(:ids AS bytea[])) AS g(token, ids),
-             generate_series(0, length(g.ids) / 16 - 1) AS n
+        SELECT CAST(encode(substring(CAST(:ids AS bytea) FROM n * 16 + 1 FOR 16), 'hex')
+                    AS uuid) AS id,
+               (CAST(:tokens AS text[]))[
+                   width_bucket(n, CAST(string_to_array(:starts, ',') AS int[]))] AS token
+        FROM generate_series(0, length(CAST(:ids AS bytea)) / 16 - 1) AS n
     ) AS a
     LEFT JOIN LATERAL (
         SELECT true AS held FROM {table} AS r

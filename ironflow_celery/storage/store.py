@@ -1212,9 +1212,14 @@ class PostgresStore:
         by_token: dict[str, list[bytes]] = {}
         for row_id, token in items:
             by_token.setdefault(token, []).append(row_id.bytes)
+        starts, at = [], 0
+        for ids in by_token.values():
+            starts.append(str(at))
+            at += len(ids)
         params = {
             "tokens": list(by_token),
-            "ids": [b"".join(ids) for ids in by_token.values()],
+            "starts": ",".join(starts),
+            "ids": b"".join(b"".join(ids) for ids in by_token.values()),
         }
         # A read: nothing to relax. Bound on the server (and prepared), not inlined as the
         # relaxed statements are: inlining a few hundred ids cost PostgreSQL a parse and
