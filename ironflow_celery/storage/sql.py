@@ -471,9 +471,11 @@ _CLAIM = """
 # which held a 150,000-effect drain to 3,356 effects/s). So the claim runs with
 # ``enable_sort = off`` for its own transaction (a ``SET LOCAL`` in the same simple query;
 # `storage.db.run_statement`): a plan that needs a sort is then the planner's last resort.
+# Such a plan (our index missing, say) costs ten billion on paper; ``jit = off`` keeps
+# PostgreSQL from compiling it on every claim.
 SETTINGS_OPTION = "ironflow_settings"
 """A statement's execution option: ``SET LOCAL …; `` text its transaction runs first."""
-CLAIM_SETTINGS = "SET LOCAL enable_sort = off; "
+CLAIM_SETTINGS = "SET LOCAL enable_sort = off; SET LOCAL jit = off; "
 
 # When a claimed row became due (a sub-select sees the row as it was before the claim's
 # UPDATE). An effect: the end of its previous backoff or lease, else its creation. A timer:
