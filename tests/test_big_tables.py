@@ -169,6 +169,20 @@ def test_the_back_pressure_look_up_probes_each_published_row_by_key(
 STALE = 20_000
 
 
+def _burst_after_quiet_spell(db: sa.Engine, kind: RowKind) -> None:
+    """`STALE` open rows the statistics do not know of: seeded, processed, vacuumed while
+    none was open (the partial indexes of open rows look empty), then all reopened, with
+    autovacuum off for the table so that no ANALYZE sees the burst."""
+    with db.begin() as conn:
+        conn.execute(sa.text(f"ALTER TABLE {kind.table} SET (autovacuum_enabled = false)"))
+    tables.seed_pending(db, kind, STALE, WT)
+    with db.begin() as conn:
+        conn.execute(sa.text(f"UPDATE {kind.table} SET processed_at = now()"))
+    tables.vacuum(db, analyze=True)
+    with db.begin() as conn:
+        conn.execute(sa.text(f"UPDATE {kind.table} SET processed_at = NULL"))
+
+
 @pytest.mark.parametrize("kind", [EFFECT, TIMER], ids=["effects", "timers"])
 def test_statements_that_name_their_rows_probe_the_key_when_statistics_lag(
     kind: RowKind, store: PostgresStore, db: sa.Engine
@@ -180,14 +194,7 @@ def test_statements_that_name_their_rows_probe_the_key_when_statistics_lag(
     Written ``processed_at IS NULL`` (8e9ff35), each of them scanned the whole burst
     through ``outbox_immediate_idx`` / ``timers_due_idx`` (20,000 rows for one)."""
     table = kind.table.split(".")[-1]
-    with db.begin() as conn:
-        conn.execute(sa.text(f"ALTER TABLE {kind.table} SET (autovacuum_enabled = false)"))
-    tables.seed_pending(db, kind, STALE, WT)
-    with db.begin() as conn:
-        conn.execute(sa.text(f"UPDATE {kind.table} SET processed_at = now()"))
-    tables.vacuum(db, analyze=True)  # the indexes of open rows are empty now
-    with db.begin() as conn:  # the burst, which no ANALYZE has seen
-        conn.execute(sa.text(f"UPDATE {kind.table} SET processed_at = NULL"))
+    _burst_after_quiet_spell(db, kind)
     claimed = store.claim(kind, "relay-a", [WT], lease_seconds=600, max_attempts=5, limit=100)
     assert len(claimed) == 100
     one = claimed[0]
@@ -270,14 +277,7 @@ def test_the_claim_walks_its_own_index_when_statistics_lag(
     statement takes: relaxed (the default), durable commits, and through SQLAlchemy's
     execution when a listener (Sentry's, OpenTelemetry's) watches the engine."""
     table = kind.table.split(".")[-1]
-    with db.begin() as conn:
-        conn.execute(sa.text(f"ALTER TABLE {kind.table} SET (autovacuum_enabled = false)"))
-    tables.seed_pending(db, kind, STALE, WT)
-    with db.begin() as conn:
-        conn.execute(sa.text(f"UPDATE {kind.table} SET processed_at = now()"))
-    tables.vacuum(db, analyze=True)
-    with db.begin() as conn:
-        conn.execute(sa.text(f"UPDATE {kind.table} SET processed_at = NULL"))
+    _burst_after_quiet_spell(db, kind)
 
     # One pooled connection: the claim runs on it, and so does the flush of its statistics.
     store = PostgresStore.from_url(
