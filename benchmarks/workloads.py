@@ -66,7 +66,7 @@ class NoopState(BaseModel):
 
 def handle_noop(effect: Noop, ctx: EffectContext) -> None:
     """Does nothing (records its start time when the latency row asks for it)."""
-    if _MARKS_DIR is not None and ctx.workflow.workflow_id.startswith("lat-"):
+    if _MARKS_DIR is not None and ctx.workflow.workflow_id.startswith("lat-"):  # row 4
         _mark(ctx.workflow.workflow_id)
     return None
 

@@ -26,7 +26,7 @@ FIELDS = {
     1: {"value", "unit"},
     2: {"value", "unit", "baseline", "ratio"},
     3: {"value", "unit", "baseline", "ratio"},
-    4: {"value", "unit", "p50_ms", "p99_ms"},
+    4: {"value", "unit", "p50_ms", "p99_ms", "burners", "quiet"},
     5: {"value", "unit", "p50_ms", "p99_ms"},
     6: {"value", "unit", "baseline", "ratio"},
     7: {"value", "unit", "baseline"},
@@ -63,6 +63,23 @@ def test_benchmarks_smoke_run_reports_every_row(tmp_path: Path) -> None:
         assert fields <= set(rows[rid]), (rid, rows[rid])
         assert rows[rid]["what"]
         assert isinstance(rows[rid]["value"], (int, float))
+    # Row 4's goal names two CPU burners: the run measures beside them, and quiet first.
+    assert rows[4]["burners"] == 2 and "2 CPU burners running" in rows[4]["what"]
+    assert rows[4]["quiet"]["samples"] == rows[4]["samples"] > 0
+    assert _burners_left() == [], "a CPU burner outlived the benchmark run"
+
+
+def _burners_left() -> list[int]:
+    """Pids of busy-loop processes the benchmark's `cpu_burners` would have started."""
+    left = []
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if argv[1:3] == [b"-c", b"while True: pass"]:
+            left.append(int(proc.name))
+    return left
 
 
 @pytest.mark.scale  # several relays or worker groups at once: its own CI step
