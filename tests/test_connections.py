@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -107,6 +108,75 @@ def test_prefork_worker_holds_one_backend_per_pool_process_and_two_for_its_relay
             return all(not rows for pid, rows in now.items() if pid != relay)
 
         wait_until(pools_released, 60, "the pool processes to release their idle connections")
+
+
+@pytest.mark.e2e
+def test_prefork_pool_processes_connect_as_they_start(
+    database_url: str,
+    procs: Processes,
+    queue: str,
+) -> None:
+    """Each pool process opens its connection when it starts, before any task, so that
+    its first row does not wait for the store to be built and connected (90-150 ms beside
+    a 1-3 ms start guard on the loaded 2-core machine: benchmark row 4's first samples);
+    still one backend each. Fails without the ``worker_process_init`` hook: no pool
+    process touches the database until a task arrives."""
+    prepare_database(database_url)
+    env = make_env(database_url, REDIS_URL, queue)
+    with redis_queue_cleanup(queue):
+        worker = procs.worker("worker", env, concurrency=CONCURRENCY, relay=False)
+        worker.wait_for_output("ready.", 90)
+        pool_pids = {p.pid for p in psutil.Process(worker.pid).children()}
+        assert len(pool_pids) == CONCURRENCY
+
+        def every_pool_process_connected() -> bool:
+            found = backends_by_process(database_url, worker.pid)
+            return all(len(found.get(pid, [])) == 1 for pid in pool_pids)
+
+        wait_until(every_pool_process_connected, 60, "every pool process to connect")
+        assert worker.pid not in backends_by_process(database_url, worker.pid)
+
+
+def test_pool_process_connects_ahead_only_for_a_worker_of_ironflow_queues(
+    database_url: str,
+) -> None:
+    """The ``worker_process_init`` hook, called as a pool process calls it: it connects
+    the store of a worker that consumes a queue ironflow's rows go to, and leaves alone
+    one whose ``-Q`` names other queues only (an ironflow app's worker group for other
+    tasks holds no backend it never uses)."""
+    from ironflow_celery import install
+    from ironflow_celery.integration import app as integration
+    from tests.e2e_apps.workflows import OrderWorkflow
+
+    for consumes, connected in (("other-tasks", 0), ("celery", 1)):
+        app = Celery(f"connect-ahead-{consumes}", set_as_current=False)
+        app.conf.ironflow_database_url = database_url
+        runtime = install(app, workflows=[OrderWorkflow])
+        app.amqp.queues.select([consumes])  # as ``-Q`` does before the pool forks
+        before = {t.ident for t in threading.enumerate()}
+        with app_as_current(app):
+            integration._pool_process_started()
+        for thread in threading.enumerate():
+            if thread.name == "ironflow-connect" and thread.ident not in before:
+                thread.join(30)
+        try:
+            pool = runtime.store.engine.pool
+            assert isinstance(pool, QueuePool)
+            assert pool.checkedin() == connected, consumes
+        finally:
+            runtime.store.dispose()
+
+
+@contextlib.contextmanager
+def app_as_current(app: Celery) -> Iterator[None]:
+    from celery import _state
+
+    previous = _state.get_current_app()
+    app.set_current()
+    try:
+        yield
+    finally:
+        previous.set_current()
 
 
 def test_pool_settings_reach_the_engine(database_url: str) -> None:
