@@ -251,6 +251,49 @@ def test_statements_that_name_their_rows_probe_the_key_when_statistics_lag(
     assert through_other_indexes == {}
 
 
+def test_group_statements_read_only_their_rows_after_an_analyze_of_a_nearly_empty_queue(
+    store: PostgresStore, db: sa.Engine
+) -> None:
+    """A new or quiet outbox analyzed with one processed row, then a burst of 3,000: the
+    planner takes the open rows for one. A group's start guard and its processed mark
+    still read their 100 rows by primary key.
+
+    On da7c8db the start guard joined its items to a scan of every open row in a nested
+    loop (3,000 rows by 100 items, 72 ms a group instead of 2: benchmark row 9's first
+    phases drained at half speed after a VACUUM), and the mark hashed a scan of the table."""
+    n = 3_000
+    with db.begin() as conn:
+        conn.execute(sa.text("ALTER TABLE ironflow.outbox SET (autovacuum_enabled = false)"))
+    tables.seed_pending(db, EFFECT, 1, WT, prefix="quiet")
+    with db.begin() as conn:
+        conn.execute(sa.text("UPDATE ironflow.outbox SET processed_at = now()"))
+    tables.vacuum(db, analyze=True)
+    tables.seed_pending(db, EFFECT, n, WT)
+    claimed = store.claim(EFFECT, "relay-a", [WT], lease_seconds=600, max_attempts=5, limit=100)
+    assert len(claimed) == 100
+    items = json.dumps([{"id": str(r.id), "token": "relay-a", "run_token": "run"} for r in claimed])
+    params = {"items": items, "lease": 600.0, "lost_error": "lost", "worker": "w", "pid": 1}
+    reads: dict[str, list[str]] = {}
+    for name, statement in (
+        ("start_effects", sql.START_EFFECTS),
+        ("mark", sql.MARK_EFFECTS_PROCESSED),
+    ):
+        with db.connect() as conn, conn.begin() as tx:
+            (plan,) = conn.execute(
+                sa.text("EXPLAIN (ANALYZE, FORMAT JSON) " + statement.element.text),
+                {**params, "task_id": "t"},
+            ).scalar_one()
+            tx.rollback()
+        assert plan["Plan"]["Actual Rows"] == 100, name
+        reads[name] = [
+            f"{scan['Node Type']} {scan.get('Index Name', '')}: {scan['Actual Rows']} rows"
+            for scan in _scans_of(plan["Plan"], "outbox")
+            if (scan.get("Index Name") != "outbox_pkey" and "Bitmap Heap" not in scan["Node Type"])
+            or scan["Actual Rows"] > 1_000
+        ]
+    assert reads == {"start_effects": [], "mark": []}
+
+
 def _index_scans(db: sa.Engine, table: str) -> dict[str, int]:
     """idx_scan of each index of `table`, as the statistics collector has them now."""
     with db.connect() as conn:
