@@ -63,6 +63,9 @@ def test_benchmarks_smoke_run_reports_every_row(tmp_path: Path) -> None:
         assert fields <= set(rows[rid]), (rid, rows[rid])
         assert rows[rid]["what"]
         assert isinstance(rows[rid]["value"], (int, float))
+    # Plain Celery before and after the rows that divide by it; they divide by the mean.
+    assert len(rows[1]["rates"]) == 2 and rows[1]["value"] == round(sum(rows[1]["rates"]) / 2, 1)
+    assert rows[2]["baseline"] == rows[3]["baseline"] == rows[1]["value"]
     # Row 4's goal names two CPU burners: the run measures beside them, and quiet first.
     assert rows[4]["burners"] == 2 and "2 CPU burners running" in rows[4]["what"]
     assert rows[4]["quiet"]["samples"] == rows[4]["samples"] > 0
