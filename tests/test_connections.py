@@ -6,6 +6,7 @@ lease bookkeeping chooses its commit mode per transaction, leaving no session st
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import threading
 import time
@@ -119,8 +120,9 @@ def test_prefork_pool_processes_connect_as_they_start(
     """Each pool process opens its connection when it starts, before any task, so that
     its first row does not wait for the store to be built and connected (90-150 ms beside
     a 1-3 ms start guard on the loaded 2-core machine: benchmark row 4's first samples);
-    still one backend each. Fails without the ``worker_process_init`` hook: no pool
-    process touches the database until a task arrives."""
+    still one backend each (the test above counts them under load). Fails without the
+    ``worker_process_init`` hook: no pool process touches the database until a task
+    arrives."""
     prepare_database(database_url)
     env = make_env(database_url, REDIS_URL, queue)
     with redis_queue_cleanup(queue):
@@ -165,6 +167,34 @@ def test_pool_process_connects_ahead_only_for_a_worker_of_ironflow_queues(
             assert pool.checkedin() == connected, consumes
         finally:
             runtime.store.dispose()
+
+
+def test_a_connect_ahead_that_outlasts_its_wait_is_closed(database_url: str) -> None:
+    """A pool process waits for its connection `CONNECT_AHEAD_WAIT` at most, then takes
+    tasks, whose first opens a connection of its own: the one still being opened is closed
+    when it comes, not kept beside it."""
+    from ironflow_celery.integration import app as integration
+
+    def ours() -> int:  # this process's backends (the fixtures' too: compared, not counted)
+        return len(backends_by_process(database_url, os.getpid()).get(os.getpid(), []))
+
+    before = ours()
+    runtime = WorkflowRuntime(database_url=database_url)
+    ahead = integration._ConnectAhead(runtime)
+    assert ahead.wait(0) is False  # not connected yet: given up
+    ahead.run()  # the connect ends after the wait did
+    try:
+        assert ours() == before, "the late connection was kept"
+    finally:
+        runtime.store.dispose()
+    runtime = WorkflowRuntime(database_url=database_url)
+    ahead = integration._ConnectAhead(runtime)
+    threading.Thread(target=ahead.run).start()
+    assert ahead.wait(30) is True
+    try:
+        assert ours() == before + 1  # kept in the pool for the first task
+    finally:
+        runtime.store.dispose()
 
 
 @contextlib.contextmanager

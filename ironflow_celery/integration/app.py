@@ -155,13 +155,17 @@ def install_engine(
 @signals.worker_process_init.connect(weak=False)
 def _pool_process_started(**kwargs: Any) -> None:
     """A prefork pool process starts (the worker's start, ``--max-tasks-per-child``,
-    autoscale): connect it to PostgreSQL in the background now, so its first row does not
-    wait for the store to be built and the connection opened (90-150 ms on a busy 2-core
-    machine, against 1-3 ms for a start guard). Only in a worker that consumes a queue
-    ironflow's rows are sent to; a database it cannot reach is left to the first task,
-    and an unused connection closes after ``ironflow_pool_idle_timeout`` as any other.
-    A thread, not here: Celery kills a pool process that is not up within
-    ``worker_proc_alive_timeout`` (4 s), and a connect may take up to its timeout."""
+    autoscale): connect it to PostgreSQL before it takes its first task, so its first row
+    does not wait for the store to be built and the connection opened (90-150 ms on a
+    busy 2-core machine, against 1-3 ms for a start guard). Only in a worker that
+    consumes a queue ironflow's rows are sent to.
+
+    Here, not in a thread left to run: a task arriving while the thread connected would
+    open a second connection, and the pool would keep both (a pool process holds one).
+    But waited for `CONNECT_AHEAD_WAIT` at most: Celery kills a pool process that is not
+    up within ``worker_proc_alive_timeout`` (4 s), and a connect may take its whole 5 s
+    timeout. A connect that outlasts the wait is closed when it ends, and the first task
+    connects as it always did; so does a database that cannot be reached."""
     from celery import current_app
 
     runtime = getattr(current_app, APP_ATTRIBUTE, None)
@@ -173,18 +177,43 @@ def _pool_process_started(**kwargs: Any) -> None:
     except Exception:  # (a check for a speed-up must never stop a pool process)
         log.debug("ironflow: could not tell this worker's queues", exc_info=True)
         return
-    threading.Thread(
-        target=_connect_ahead, args=(runtime,), name="ironflow-connect", daemon=True
-    ).start()
+    ahead = _ConnectAhead(runtime)
+    threading.Thread(target=ahead.run, name="ironflow-connect", daemon=True).start()
+    ahead.wait(CONNECT_AHEAD_WAIT)
 
 
-def _connect_ahead(runtime: WorkflowRuntime) -> None:
-    """Open one pooled connection of `runtime`'s store and return it to the pool."""
-    try:
-        with runtime.store.connection():
-            pass
-    except Exception as exc:  # the first task connects (and reports) as it always did
-        log.debug("ironflow: pool process could not connect ahead: %s", exc)
+CONNECT_AHEAD_WAIT = 2.0
+"""Seconds a new pool process waits for its connection before it takes tasks, at most."""
+
+
+class _ConnectAhead:
+    """One pooled connection of a runtime's store, opened and returned to the pool; or
+    closed instead when whoever waited for it stopped waiting (`wait`)."""
+
+    def __init__(self, runtime: WorkflowRuntime) -> None:
+        self.runtime = runtime
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self._abandoned = False
+
+    def run(self) -> None:
+        try:
+            with self.runtime.store.connection() as conn, self._lock:
+                if self._abandoned:  # the first task may have opened its own meanwhile
+                    conn.invalidate()  # closed, not kept in the pool
+        except Exception as exc:  # the first task connects (and reports) as it always did
+            log.debug("ironflow: pool process could not connect ahead: %s", exc)
+        finally:
+            self._done.set()
+
+    def wait(self, seconds: float) -> bool:
+        """Wait for the connection; False (and it is closed when it comes) if it did not
+        come within `seconds`."""
+        if self._done.wait(seconds):
+            return True
+        with self._lock:
+            self._abandoned = True
+        return self._done.is_set()
 
 
 @signals.worker_process_shutdown.connect(weak=False)
