@@ -82,7 +82,17 @@ ROOT = Path(__file__).resolve().parents[1]
 console = Console(width=None if sys.stdout.isatty() else 160)
 
 WORKER = {"pool": "prefork", "concurrency": 2, "prefetch_multiplier": 4}
-RELAY = {"claim_batch_size": 100, "max_in_flight": 1000}
+
+
+def relay_settings() -> dict[str, int]:
+    """The relays' claim size and in-flight limit in this run: the defaults, or
+    ``IRONFLOW_CLAIM_BATCH_SIZE`` / ``IRONFLOW_MAX_IN_FLIGHT`` from the environment, which
+    the worker processes read too."""
+    from ironflow_celery.model.settings import read_settings
+
+    settings = read_settings(None)
+    return {name: int(settings[name]) for name in ("claim_batch_size", "max_in_flight")}
+
 
 SIZES: dict[str, dict[str, float]] = {
     "full": dict(
@@ -714,7 +724,7 @@ class Bench:
         self.prefill_effects("bench_raw6", "raw6-", n)
         self.prefill_effects("bench_relay6", "relay6-", n)
         self.execute("VACUUM ANALYZE ironflow.outbox")
-        batch = RELAY["claim_batch_size"]
+        batch = relay_settings()["claim_batch_size"]
         # Baseline: the claim statement alone, back to back on one autocommit connection.
         params = {
             "token": "raw",
@@ -1150,7 +1160,7 @@ def machine(bench: Bench) -> dict[str, Any]:
             "relay": "in the worker (prefork: its own child process); row 7: a separate "
             "relay process (benchmarks.relay_process, as `ironflow-celery relay`)",
         },
-        "relay": RELAY,
+        "relay": relay_settings(),
     }
 
 
@@ -1268,9 +1278,10 @@ def rebase(results: list[dict[str, Any]], after: float) -> None:
 def bench_batch_size(variable: str = "IRONFLOW_BENCH_BATCH") -> int:
     """bench_noop's group size in this run (`variable` ``…_CYCLES``: bench_cycle's):
     ``--batch N``, else the runtime's default."""
-    from ironflow_celery.model.config import RuntimeConfig
+    from ironflow_celery.model.settings import read_settings
 
-    return int(os.environ.get(variable) or 0) or RuntimeConfig().effect_batch_size
+    default = int(read_settings(None)["effect_batch_size"])  # IRONFLOW_EFFECT_BATCH_SIZE too
+    return int(os.environ.get(variable) or 0) or default
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1328,7 +1339,7 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=0,
         help="bench_noop's effect_batch_size: at most this many effects claimed together per "
-        "message (rows 2, 4, 6, 8, 9); 0: the default (ironflow_effect_batch_size, 100); "
+        "message (rows 2, 4, 6, 8, 9); 0: the default (ironflow_effect_batch_size, 200); "
         "1: one message per effect (the default before issue 21)",
     )
     parser.add_argument(

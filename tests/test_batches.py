@@ -86,7 +86,7 @@ def test_a_batch_of_noops_is_started_and_acknowledged_once(store: PostgresStore,
         counter = AckCounter(store)
         # Decided before the relays start: one claim takes all eight, one message carries them.
         app.service.execute(Go(id="b1", jobs=["ok"] * 8))
-        assert app.runtime.effect_batch_sizes == {WT: 100}  # the default
+        assert app.runtime.effect_batch_sizes == {WT: 200}  # the default
         app.start()
         app.wait_until(lambda: all(r.processed_at for r in effects_of(db, "b1")), what="8 acks")
         effects = effects_of(db, "b1")

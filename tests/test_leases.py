@@ -264,11 +264,12 @@ def test_back_pressure_counts_the_rows_that_wait_to_start(
 def test_a_claim_behind_a_backlog_waits_for_rows_to_gather(
     case: str, store: PostgresStore, db: sa.Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Rows arriving while 30 rows the relay published earlier still wait (no worker
-    here) are claimed a moment later than they could be, so that more travel together:
-    at most as long after the last claim as the oldest waiting row has waited. No wait
-    when the rows ahead started (a trickle the workers keep up with), nor for types that
-    travel one row per message (grouping off)."""
+    """Rows arriving while rows the relay published earlier still wait (no worker here;
+    more than the quarter of a claim batch that counts as a backlog) are claimed a moment
+    later than they could be, so that more travel together: at most as long after the
+    last claim as the oldest waiting row has waited. No wait when the rows ahead started
+    (a trickle the workers keep up with), nor for types that travel one row per message
+    (grouping off)."""
     # A long window, and a look at every claim: the test's steps may be slow to come.
     monkeypatch.setattr(relay_module, "CLAIM_DEFER", 60.0)
     monkeypatch.setattr(relay_module, "BACKLOG_CHECK_EVERY", 0.0)
@@ -284,7 +285,8 @@ def test_a_claim_behind_a_backlog_waits_for_rows_to_gather(
         stop=stop,
         group_sizes={} if case == "ungrouped" else {T: 100},
     )
-    backlog = [insert_effect(db, T, f"backlog-{i}", FIRE_AND_FORGET) for i in range(30)]
+    waiting = RuntimeConfig().claim_batch_size // 4 + 5  # `Relay._min_claim` and more
+    backlog = [insert_effect(db, T, f"backlog-{i}", FIRE_AND_FORGET) for i in range(waiting)]
     assert relay.step() is True  # the backlog: every due row, fewer than a batch
     time.sleep(2.0)  # it waits in the broker: nobody consumes
     for i in range(2):

@@ -131,7 +131,7 @@ def test_a_types_rows_fill_few_messages_evenly() -> None:
 
 def test_the_default_groups_and_one_turns_it_off(store: PostgresStore) -> None:
     app = TestApp(store, workflows=((BatchWorkflow, handle_job),), config=test_config())
-    assert app.runtime.effect_batch_sizes == {WT: 100}
+    assert app.runtime.effect_batch_sizes == {WT: 200}
     app.stop()
     app = make_app(store, 1)
     assert app.runtime.effect_batch_sizes == {WT: 1}

@@ -136,9 +136,9 @@ class RuntimeConfig:
     effect_workers: int = 1
     timer_workers: int = 1
     # -- beyond ironflow ---------------------------------------------------------
-    claim_batch_size: int = 100
+    claim_batch_size: int = 200
     """Rows one claim statement takes (ironflow: always 1)."""
-    effect_batch_size: int = 100
+    effect_batch_size: int = 200
     """At most this many effects of one type, claimed together, travel in one message and
     are acknowledged together (a lone row travels alone; 1: one message per effect). A
     workflow's own ``effect_batch_size`` overrides it."""

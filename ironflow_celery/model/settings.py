@@ -231,14 +231,14 @@ _TABLE: tuple[Setting, ...] = (
     Setting(
         "claim_batch_size",
         int,
-        100,
+        200,
         "rows per claim statement (ironflow: 1)",
         field="RuntimeConfig.claim_batch_size",
     ),
     Setting(
         "effect_batch_size",
         int,
-        100,
+        200,
         "at most this many effects of one type claimed together travel in one message and "
         "are acknowledged together; a lone row travels alone; 1: one message per effect; a "
         "workflow's `effect_batch_size` overrides it (a type with a `concurrency_limit`: 1) "

@@ -383,7 +383,7 @@ class Workflow:
     """At most this many of this type's effects claimed together travel in one message (to
     its ``ironflow.<type>.effect`` task), which starts them with one statement, runs their
     handlers in turn and acknowledges them together. None (the default): the runtime's
-    ``ironflow_effect_batch_size`` (100); 1: one message per effect (for long handlers)."""
+    ``ironflow_effect_batch_size`` (200); 1: one message per effect (for long handlers)."""
 
     inputs: ClassVar[TaggedUnion]
     events: ClassVar[TaggedUnion]
