@@ -2,7 +2,7 @@
 
 A group runs its handlers one after another in one process: cheap for handlers of
 microseconds (one message, one start guard and one commit for many rows), but for slow
-handlers it would keep work from idle processes -- a group of 100 one-second rows is 100
+handlers it would keep work from idle processes -- a group of 200 one-second rows is 200
 seconds in one process. So a process takes on at most ``group_run_budget`` seconds of
 handler time from a group, by the handler time of the type it measured itself
 (`HandlerTimes`), and publishes the rest back to the broker in messages of that many rows
