@@ -140,7 +140,7 @@ SIZES: dict[str, dict[str, float]] = {
         # session (2026-12-07), the same work costing up to 1.6 times the CPU in the slow
         # ones: a drain of half a second catches whatever the shared cores do then. One
         # round could not tell rows 9 and 10 from a 10 % line; medians of five and three
-        # rounds can (about 7 minutes for the quick table instead of 4).
+        # rounds average more of that out (about 8 minutes for the quick table, was 4).
         r9_rounds=5,
         r10_drain=5_000,
         r10_cycle=1_000,
@@ -1160,8 +1160,8 @@ def machine(bench: Bench) -> dict[str, Any]:
         "redis": redis_version,
         "celery": celery.__version__,
         "python": platform.python_version(),
-        # Rows 3 and 4 hang on how the kernel's scheduler wakes a process beside busy ones,
-        # and machines of one kind differ in kernel from session to session.
+        # Rows 3 and 4 hang on how the kernel's scheduler wakes a process beside busy ones:
+        # a table's machine includes its kernel.
         "kernel": platform.release(),
         "worker": {
             **WORKER,
@@ -1297,7 +1297,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m benchmarks", description=__doc__.split("\n")[0]
     )
     size = parser.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="every row at a small size (~7 min)")
+    size.add_argument("--quick", action="store_true", help="every row at a small size (~8 min)")
     size.add_argument("--smoke", action="store_true", help="tiny sizes, for the test suite")
     parser.add_argument(
         "--rows", default="1,2,3,4,5,6,7,8,9,10,11", help="comma-separated row numbers"
