@@ -17,6 +17,7 @@ databases of runs that were killed outright are dropped by the next run, which s
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import random
 import signal
@@ -248,10 +249,31 @@ def main(argv: list[str] | None = None) -> int:
         return run(args, stack, run_id)
 
 
+class _InterruptedReset(logging.Filter):
+    """Drops a log record whose exception is a KeyboardInterrupt.
+
+    Ctrl-C can land while SQLAlchemy's pool resets a returned connection; the pool logs
+    that reset's failure, traceback included, before the KeyboardInterrupt goes on to stop
+    the run, which then says so in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, KeyboardInterrupt)
+
+
+def quiet_interrupted_resets() -> None:
+    """`_InterruptedReset` on the handlers a record of this process can reach: logging's
+    last resort (stderr; nothing configures logging here) and any root handler."""
+    for handler in [logging.lastResort, *logging.getLogger().handlers]:
+        if handler is not None:
+            handler.addFilter(_InterruptedReset())
+
+
 def run_interruptibly(argv: list[str] | None = None) -> int:
     """`main`, with Ctrl-C ending in one line: the ExitStack has stopped what it started."""
     # Started from a script with `&`, SIGINT arrives ignored; Ctrl-C must still stop us.
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    quiet_interrupted_resets()
     try:
         return main(argv)
     except KeyboardInterrupt:
