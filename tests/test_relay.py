@@ -7,6 +7,7 @@ benchmarks/.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -19,6 +20,7 @@ from typing import Any
 import pytest
 import redis
 import sqlalchemy as sa
+from kombu import Connection
 from runtime_helpers import (
     BROKER_URL,
     CLOSED_BROKER_URL,
@@ -44,6 +46,7 @@ from ironflow_celery.engine.relay import (
     Relay,
     RelayGroup,
     celery_publisher,
+    celery_queue_depth,
     task_name,
 )
 from ironflow_celery.storage.store import ClaimedRow, PostgresStore
@@ -52,6 +55,7 @@ T = TestWorkflow.type
 TT = TimerTestWorkflow.type
 TYPES = [T, TT]
 FIRE_AND_FORGET = {"type": "Process", "mode": {"mode": "FireAndForget"}}
+AMQP_URL = os.environ.get("IRONFLOW_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
 
 
 def make_relay(
@@ -398,3 +402,60 @@ def test_routed_queue_is_declared_before_any_worker_consumes_it(
     finally:
         delete_queue(routed)
         delete_queue(default_queue)
+
+
+def reconnect(app: Any) -> None:
+    """Close the broker connection the app's producers publish on: the next publish
+    connects again (what a broker restart or a dropped connection leads to)."""
+    with app.producer_or_acquire() as producer:
+        producer.connection.close()
+
+
+def drop_queue(app: Any, queue: str) -> None:
+    """Delete a queue, its messages and (Redis) its binding, as a broker restart without
+    persistence would."""
+    with app.connection_for_write() as conn, contextlib.suppress(Exception):
+        conn.default_channel.queue_delete(queue)
+    delete_queue(queue)
+
+
+@pytest.mark.parametrize("broker", ["redis", "amqp"])
+def test_a_new_broker_connection_declares_the_queue_again(
+    store: PostgresStore, db: sa.Engine, broker: str
+) -> None:
+    """The publisher skips a declaration only while the connection that made it lives: a
+    lone row published on a new connection, after its queue was deleted (a broker that
+    restarted empty), still reaches the queue, and so does a message of several rows. On
+    RabbitMQ a message for a queue that does not exist is dropped."""
+    url = BROKER_URL if broker == "redis" else AMQP_URL
+    if broker == "amqp":
+        try:
+            with Connection(AMQP_URL, connect_timeout=3) as conn:
+                conn.ensure_connection(max_retries=1)
+        except Exception as exc:  # pragma: no cover - depends on the environment
+            pytest.skip(f"RabbitMQ is not reachable at {AMQP_URL}: {exc}")
+    default_queue = f"ironflow-test-default-{uuid.uuid4().hex[:8]}"
+    routed = f"ironflow-test-redeclared-{uuid.uuid4().hex[:8]}"
+    app = celery_app(default_queue, url)
+    app.conf.task_routes = {task_name(T, "effect"): {"queue": routed}}
+    depth = celery_queue_depth(app)
+    relay = make_relay(store, celery_publisher(app))
+    relay.group_sizes = {T: 10}
+    try:
+        insert_effect(db, T, "lone-1", FIRE_AND_FORGET)
+        assert relay.step()
+        wait_until(lambda: depth(routed) == 1, 30, what="the first lone message queued")
+        drop_queue(app, routed)
+        reconnect(app)
+        insert_effect(db, T, "lone-2", FIRE_AND_FORGET)
+        assert relay.step()
+        wait_until(lambda: depth(routed) == 1, 30, what="the lone message after a reconnect")
+        drop_queue(app, routed)
+        reconnect(app)
+        for i in range(3):
+            insert_effect(db, T, f"group-{i}", FIRE_AND_FORGET)
+        assert relay.step() and relay.published_total == 5
+        wait_until(lambda: depth(routed) == 1, 30, what="one message of three rows")
+    finally:
+        drop_queue(app, routed)
+        drop_queue(app, default_queue)

@@ -192,6 +192,7 @@ def celery_publisher(app: Any, *, forward_traces: bool = True) -> Publisher:
     }
     # The app's result settings decide, so AsyncResult(row_id).get() works with a backend.
     ignore_result = results_ignored(app.conf)
+    routes: dict[str, Any] = {}  # task name -> its queue (`declare_queues`)
 
     def send(
         producer: Any,
@@ -235,12 +236,14 @@ def celery_publisher(app: Any, *, forward_traces: bool = True) -> Publisher:
                 # kombu >= 5.7 pipelines a batch into one broker round trip (Redis) instead
                 # of one per message. Its flush is all-or-nothing for us: on failure every
                 # row is given back (a message that did go out then fails its start guard).
-                batch = getattr(producer, "batch", None)
+                # A lone message is one round trip either way, and the batch's set-up and
+                # pipeline would be a sixth of its publish cost (a trickle's every message).
+                batch = getattr(producer, "batch", None) if len(messages) > 1 else None
                 pipelined = batch is not None
                 buffered = batch(max_size=8 * len(rows) + 8) if batch is not None else nullcontext()
                 with buffered:
                     names = {row_kind.task_name(row.workflow_type) for row in rows}
-                    declare_queues(app, producer, names)
+                    declare_queues(app, producer, names, routes)
                     for group in messages:
                         first = group[0]
                         name = row_kind.task_name(first.workflow_type)
@@ -351,18 +354,39 @@ def _kwargs_repr(kwargs: Mapping[str, Any]) -> str:
     return f"{{'rows': <{len(rows)} rows: {', '.join(r[0] for r in rows)}>}}"
 
 
-def declare_queues(app: Any, producer: Any, names: set[str]) -> None:
+def declare_queues(
+    app: Any, producer: Any, names: set[str], routes: dict[str, Any] | None = None
+) -> None:
     """Declare the queue each task routes to, once per batch instead of once per message.
 
     Celery declares the destination queue on every ``send_task`` (kombu caches the
     declaration, but copies and re-binds the queue each time first: a fifth of the relay's
-    publish cost). Declaring still matters: on Redis an undeclared queue has no binding and
-    a message published to it before any worker consumed it would be dropped.
+    publish cost). Declaring still matters: RabbitMQ drops a message for a queue that does
+    not exist yet (no worker has consumed it, or the broker restarted empty), as Redis does
+    one sent through an exchange whose binding is missing.
+
+    `routes` keeps each name's queue between calls (Celery's router is itself built once
+    per app).
     """
+    channel = getattr(producer, "channel", None)
+    client = getattr(getattr(channel, "connection", None), "client", None)
+    declared = getattr(client, "declared_entities", None)
     for name in names:
-        queue = app.amqp.router.route({}, name).get("queue")
-        if queue is not None and not isinstance(queue, str | Broadcast):
-            producer.maybe_declare(queue)
+        if routes is not None and name in routes:
+            queue = routes[name]
+        else:
+            queue = app.amqp.router.route({}, name).get("queue")
+            if routes is not None:
+                routes[name] = queue
+        if queue is None or isinstance(queue, str | Broadcast):
+            continue
+        # kombu's own cache test, made before maybe_declare binds a copy of the queue (and
+        # of its exchange) only to find it there: half of a lone row's declare cost. The
+        # set is the connection's, emptied when it reconnects, so a new broker connection
+        # still declares.
+        if declared is not None and queue.can_cache_declaration and hash(queue) in declared:
+            continue
+        producer.maybe_declare(queue)
 
 
 class Wakeup(threading.Event):
