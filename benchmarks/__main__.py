@@ -19,7 +19,8 @@ Rows (what is measured, and how):
 4. inputs submitted at a steady rate; latency = handler start (``time.time()`` in the
    handler) - decision commit (``time.time()`` after ``execute`` returned); once on a
    quiet machine, then again beside ``--burners`` CPU burners (default 2: the goal's
-   condition), busy-loop processes this run starts and stops (`cpu_burners`).
+   condition), busy-loop processes this run starts and stops (`cpu_burners`); then plain
+   Celery the same way (``send_task`` returned → task start), the machine's reference.
 5. N timers inserted with ``fire_at`` spread over S seconds; lateness = the firing
    transaction's ``now()`` (its event's ``created_at``) - ``fire_at``.
 6. the relay's claim + publish loop alone (no worker, back-pressure lifted) vs the raw
@@ -265,6 +266,27 @@ def cpu_burners(n: int) -> Iterator[None]:
             proc.kill()
         for proc in procs:
             proc.wait()
+
+
+def started_marks(marks: Path, prefix: str) -> dict[str, float]:
+    """Start time of every marked id with `prefix` (the first, should one run twice)."""
+    started: dict[str, float] = {}
+    for path in marks.glob("*.marks"):
+        for line in path.read_text().splitlines():
+            wid, ts = line.split()
+            if wid.startswith(prefix):
+                started.setdefault(wid, float(ts))
+    return started
+
+
+def latency_summary(samples: list[float]) -> dict[str, Any]:
+    """p50, p99, max (ms) and the count of row 4's samples."""
+    return dict(
+        p50_ms=round(percentile(samples, 0.5), 2),
+        p99_ms=round(percentile(samples, 0.99), 2),
+        max_ms=round(max(samples), 2),
+        samples=len(samples),
+    )
 
 
 def vm_hwm_mb(pid: int) -> float:
@@ -606,9 +628,12 @@ class Bench:
             submit_seconds=[round(x, 2) for x in submits],
         )
 
-    def _latencies(self, marks: Path, prefix: str) -> tuple[list[float], float]:
+    def _latencies(
+        self, marks: Path, prefix: str, send: Callable[[str], Any] | None = None
+    ) -> tuple[list[float], float]:
         """Row 4's samples: inputs submitted at the row's rate, each one's decision commit
-        → handler start in ms; and the rate achieved.
+        → handler start in ms; and the rate achieved. `send` submits one id instead of
+        ironflow's ``Kick`` (the plain Celery reference: publish returned → task start).
 
         Four submitting threads share the schedule (input i from thread i % 4): one thread
         fell to 150-170/s beside two CPU burners, as each durable ``execute`` then waits
@@ -619,6 +644,7 @@ class Bench:
         n = int(rate * secs)
         threads = 4
         committed: dict[str, float] = {}
+        submit_one = send or (lambda wid: self.service.execute(Kick(id=wid)))
         t0 = time.monotonic()
 
         def submit(first: int) -> None:
@@ -627,24 +653,23 @@ class Bench:
                 if delay > 0:
                     time.sleep(delay)
                 wid = f"{prefix}{i}"
-                self.service.execute(Kick(id=wid))
+                submit_one(wid)
                 committed[wid] = time.time()
 
         with ThreadPoolExecutor(threads) as pool:
             list(pool.map(submit, range(threads)))
         achieved = n / (time.monotonic() - t0)
-        wait_for(lambda: self.unprocessed(prefix) == 0, 60, "row 4 effects", 0.1)
+        if send is None:
+            wait_for(lambda: self.unprocessed(prefix) == 0, 60, "row 4 effects", 0.1)
+        else:
+            wait_for(lambda: len(started_marks(marks, prefix)) >= n, 60, "row 4's tasks", 0.1)
         time.sleep(0.2)
-        started: dict[str, float] = {}
-        for path in marks.glob("*.marks"):
-            for line in path.read_text().splitlines():
-                wid, ts = line.split()
-                if wid.startswith(prefix):
-                    started.setdefault(wid, float(ts))
+        started = started_marks(marks, prefix)
         return [(started[w] - c) * 1000 for w, c in committed.items() if w in started], achieved
 
     def row4_latency(self, marks: Path) -> dict[str, Any]:
-        """Quiet first, then beside the burners (the goal's condition, and the row's value)."""
+        """Quiet first, then beside the burners (the goal's condition, and the row's value);
+        then plain Celery the same way, as the reference of what the machine allows."""
         burners = int(self.sizes["r4_burners"])
         quiet, achieved = self._latencies(marks, "lat-q")
         busy = quiet
@@ -663,13 +688,37 @@ class Bench:
             p99_ms=round(percentile(busy, 0.99), 2),
             max_ms=round(max(busy), 2),
             samples=len(busy),
-            quiet=dict(
-                p50_ms=round(percentile(quiet, 0.5), 2),
-                p99_ms=round(percentile(quiet, 0.99), 2),
-                max_ms=round(max(quiet), 2),
-                samples=len(quiet),
-            ),
+            quiet=latency_summary(quiet),
+            plain=self._plain_latencies(marks, burners),
         )
+
+    def _plain_latencies(self, marks: Path, burners: int) -> dict[str, Any]:
+        """Row 4's reference: plain Celery tasks at the same rate from the same threads,
+        ``send_task`` returned → task start, quiet and beside as many burners. A worker of
+        its own, started for this and stopped after; ironflow's sits idle meanwhile."""
+        from celery import Celery
+
+        queue = self.queue("plain-latency")
+        app = Celery("bench-publisher-latency", broker=self.broker_url)
+        app.conf.task_default_queue = queue
+        proc = self.worker(
+            "plain-latency", queue, app="benchmarks.plain", IRONFLOW_BENCH_MARKS=str(marks)
+        )
+        try:
+
+            def send(wid: str) -> None:
+                app.send_task("bench.mark", args=[wid], ignore_result=True, queue=queue)
+
+            send("plat-warm")
+            wait_for(lambda: "plat-warm" in started_marks(marks, "plat-warm"), 60, "plain worker")
+            quiet, _ = self._latencies(marks, "plat-q", send)
+            busy = quiet
+            if burners:
+                with cpu_burners(burners):
+                    busy, _ = self._latencies(marks, "plat-b", send)
+        finally:
+            self.stop(proc)
+        return dict(**latency_summary(busy), quiet=latency_summary(quiet))
 
     def row5_timers(self) -> dict[str, Any]:
         n, span = int(self.sizes["r5"]), self.sizes["r5_span"]
@@ -1231,6 +1280,22 @@ def render(result: dict[str, Any], title: str) -> Table:
                 "",
                 "",
             )
+        if row["id"] == 4 and "plain" in row:
+            plain = row["plain"]
+            cells = [("plain Celery tasks, the same", plain)] if row.get("burners") else []
+            for label, cell in [*cells, ("plain Celery, no CPU burner", plain["quiet"])]:
+                table.add_row(
+                    "",
+                    f"  {label}",
+                    f"{cell['p50_ms']}",
+                    row["unit"],
+                    "",
+                    "",
+                    f"{cell['p50_ms']}",
+                    f"{cell['p99_ms']}",
+                    "",
+                    "",
+                )
     return table
 
 

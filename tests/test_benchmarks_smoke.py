@@ -26,7 +26,7 @@ FIELDS = {
     1: {"value", "unit"},
     2: {"value", "unit", "baseline", "ratio"},
     3: {"value", "unit", "baseline", "ratio"},
-    4: {"value", "unit", "p50_ms", "p99_ms", "burners", "quiet"},
+    4: {"value", "unit", "p50_ms", "p99_ms", "burners", "quiet", "plain"},
     5: {"value", "unit", "p50_ms", "p99_ms"},
     6: {"value", "unit", "baseline", "ratio"},
     7: {"value", "unit", "baseline"},
@@ -69,6 +69,10 @@ def test_benchmarks_smoke_run_reports_every_row(tmp_path: Path) -> None:
     # Row 4's goal names two CPU burners: the run measures beside them, and quiet first.
     assert rows[4]["burners"] == 2 and "2 CPU burners running" in rows[4]["what"]
     assert rows[4]["quiet"]["samples"] == rows[4]["samples"] > 0
+    # ... and plain Celery's tasks the same way beside it, the reference.
+    plain = rows[4]["plain"]
+    assert plain["samples"] == plain["quiet"]["samples"] == rows[4]["samples"]
+    assert 0 < plain["p50_ms"] <= plain["p99_ms"]
     assert _burners_left() == [], "a CPU burner outlived the benchmark run"
 
 
