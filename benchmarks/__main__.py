@@ -20,7 +20,7 @@ Rows (what is measured, and how):
    handler) - decision commit (``time.time()`` after ``execute`` returned); once on a
    quiet machine, then again beside ``--burners`` CPU burners (default 2: the goal's
    condition), busy-loop processes this run starts and stops (`cpu_burners`); then plain
-   Celery the same way (``send_task`` returned → task start), the machine's reference.
+   Celery the same way (``send_task`` called → task start), the machine's reference.
 5. N timers inserted with ``fire_at`` spread over S seconds; lateness = the firing
    transaction's ``now()`` (its event's ``created_at``) - ``fire_at``.
 6. the relay's claim + publish loop alone (no worker, back-pressure lifted) vs the raw
@@ -633,7 +633,8 @@ class Bench:
     ) -> tuple[list[float], float]:
         """Row 4's samples: inputs submitted at the row's rate, each one's decision commit
         → handler start in ms; and the rate achieved. `send` submits one id instead of
-        ironflow's ``Kick`` (the plain Celery reference: publish returned → task start).
+        ironflow's ``Kick`` (the plain Celery reference: ``send_task`` called → task start;
+        a task can start before ``send_task`` returns).
 
         Four submitting threads share the schedule (input i from thread i % 4): one thread
         fell to 150-170/s beside two CPU burners, as each durable ``execute`` then waits
@@ -653,8 +654,11 @@ class Bench:
                 if delay > 0:
                     time.sleep(delay)
                 wid = f"{prefix}{i}"
+                if send is not None:  # a task can start before send_task returns
+                    committed[wid] = time.time()
                 submit_one(wid)
-                committed[wid] = time.time()
+                if send is None:  # the decision's commit: execute has returned
+                    committed[wid] = time.time()
 
         with ThreadPoolExecutor(threads) as pool:
             list(pool.map(submit, range(threads)))
@@ -694,7 +698,7 @@ class Bench:
 
     def _plain_latencies(self, marks: Path, burners: int) -> dict[str, Any]:
         """Row 4's reference: plain Celery tasks at the same rate from the same threads,
-        ``send_task`` returned → task start, quiet and beside as many burners. A worker of
+        ``send_task`` called → task start, quiet and beside as many burners. A worker of
         its own, started for this and stopped after; ironflow's sits idle meanwhile."""
         from celery import Celery
 
