@@ -1366,7 +1366,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m benchmarks", description=__doc__.split("\n")[0]
     )
     size = parser.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="every row at a small size (~8 min)")
+    size.add_argument("--quick", action="store_true", help="every row at a small size (~9 min)")
     size.add_argument("--smoke", action="store_true", help="tiny sizes, for the test suite")
     parser.add_argument(
         "--rows", default="1,2,3,4,5,6,7,8,9,10,11", help="comma-separated row numbers"
