@@ -32,13 +32,13 @@ from ironflow_celery.service.workflow_service import Registry, WorkflowService
 from ironflow_celery.storage import schema
 from ironflow_celery.storage.db import create_engine
 from ironflow_celery.storage.store import PostgresStore
+from tests.brokers import AMQP_URL, require_rabbitmq  # noqa: F401  (re-exported for the tests)
 from tests.e2e_apps.workflows import CALLS_TABLE_DDL, OrderWorkflow
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 APP = "tests.e2e_apps.orders_like"
 REDIS_URL = os.environ.get("IRONFLOW_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-AMQP_URL = os.environ.get("IRONFLOW_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
 
 
 def _postgres_bin() -> Path:

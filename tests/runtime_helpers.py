@@ -28,6 +28,7 @@ from workflows import CALLS, TestWorkflow, TimerTestWorkflow, test_handler, time
 
 from ironflow_celery import RetryPolicy, RuntimeConfig, WorkflowRuntime, install
 from ironflow_celery.storage.store import PostgresStore
+from tests.brokers import AMQP_URL, require_rabbitmq  # noqa: F401  (re-exported for the tests)
 from tests.waiting import wait_for_progress  # noqa: F401  (re-exported for the tests)
 
 BROKER_URL = os.environ.get("IRONFLOW_TEST_BROKER_URL", "redis://127.0.0.1:6379/5")

@@ -43,6 +43,7 @@ from tests.e2e import (
     outbox_counts,
     prepare_database,
     redis_queue_cleanup,
+    require_rabbitmq,
     scalar,
     service_for,
     sql,
@@ -322,11 +323,7 @@ def test_end_to_end_over_rabbitmq(database_url: str, procs: Processes, queue: st
     """The same flow (effect, follow-up input, timer) over AMQP."""
     from kombu import Connection
 
-    try:
-        with Connection(AMQP_URL, connect_timeout=3) as conn:
-            conn.ensure_connection(max_retries=1)
-    except Exception as exc:  # pragma: no cover - depends on the environment
-        pytest.skip(f"RabbitMQ is not reachable at {AMQP_URL}: {exc}")
+    require_rabbitmq()
     prepare_database(database_url)
     env = make_env(database_url, AMQP_URL, queue)
     try:

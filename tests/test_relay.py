@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 import redis
 import sqlalchemy as sa
-from kombu import Connection
 from runtime_helpers import (
+    AMQP_URL,
     BROKER_URL,
     CLOSED_BROKER_URL,
     TestApp,
@@ -30,6 +30,7 @@ from runtime_helpers import (
     execute,
     insert_effect,
     outbox,
+    require_rabbitmq,
     rows,
     running_app,
     scalar,
@@ -55,7 +56,6 @@ T = TestWorkflow.type
 TT = TimerTestWorkflow.type
 TYPES = [T, TT]
 FIRE_AND_FORGET = {"type": "Process", "mode": {"mode": "FireAndForget"}}
-AMQP_URL = os.environ.get("IRONFLOW_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
 
 
 def make_relay(
@@ -429,11 +429,7 @@ def test_a_new_broker_connection_declares_the_queue_again(
     RabbitMQ a message for a queue that does not exist is dropped."""
     url = BROKER_URL if broker == "redis" else AMQP_URL
     if broker == "amqp":
-        try:
-            with Connection(AMQP_URL, connect_timeout=3) as conn:
-                conn.ensure_connection(max_retries=1)
-        except Exception as exc:  # pragma: no cover - depends on the environment
-            pytest.skip(f"RabbitMQ is not reachable at {AMQP_URL}: {exc}")
+        require_rabbitmq()
     default_queue = f"ironflow-test-default-{uuid.uuid4().hex[:8]}"
     routed = f"ironflow-test-redeclared-{uuid.uuid4().hex[:8]}"
     app = celery_app(default_queue, url)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import threading
 import time
 import uuid
@@ -25,12 +24,14 @@ import redis
 import sqlalchemy as sa
 from celery import Celery
 from runtime_helpers import (
+    AMQP_URL,
     BROKER_URL,
     DEFAULT_WORKFLOWS,
     celery_app,
     delete_queue,
     insert_effect,
     insert_timer,
+    require_rabbitmq,
     test_config,
     wait_until,
 )
@@ -193,21 +194,12 @@ def _task_ids(client: redis.Redis, queue: str) -> list[str]:
     return [json.loads(m)["headers"]["id"] for m in client.lrange(queue, 0, -1)]
 
 
-AMQP_URL = os.environ.get("IRONFLOW_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
-
-
 @pytest.mark.parametrize("broker", ["redis", "amqp"])
 def test_queue_depth_is_read_from_the_broker(broker: str) -> None:
     """What the hold decision reads: the messages waiting in a queue, on Redis and on
     RabbitMQ; a queue that does not exist holds none; an unreachable broker is unknown."""
     if broker == "amqp":
-        from kombu import Connection
-
-        try:
-            with Connection(AMQP_URL, connect_timeout=3) as conn:
-                conn.ensure_connection(max_retries=1)
-        except Exception as exc:  # pragma: no cover - depends on the environment
-            pytest.skip(f"RabbitMQ is not reachable at {AMQP_URL}: {exc}")
+        require_rabbitmq()
     queue = f"t-{uuid.uuid4().hex}"
     app = celery_app(queue, BROKER_URL if broker == "redis" else AMQP_URL)
     depth = celery_queue_depth(app)
