@@ -792,6 +792,7 @@ class Bench:
             "max_types": [],  # no per-type max_attempts (sql.MAX_ATTEMPTS)
             "max_values": [],
             "limit": batch,
+            "relaxed": False,
         }
         claimed = 0
         with self.engine.connect() as conn:

@@ -18,6 +18,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from ironflow_celery.storage import sql
 from ironflow_celery.storage.kinds import EFFECT, RowKind
 from ironflow_celery.storage.store import PostgresStore
 
@@ -130,8 +131,9 @@ class ClaimPlan:
 def claim_plan(
     store: PostgresStore, kind: RowKind, workflow_type: str, limit: int = 10
 ) -> ClaimPlan:
-    """The claim statement the relay runs, under EXPLAIN (ANALYZE, BUFFERS), rolled back."""
-    statement = kind.statements.claim
+    """The claim the relay runs (the query of its function, migration 0014, with the
+    function's planner settings), under EXPLAIN (ANALYZE, BUFFERS), rolled back."""
+    statement = kind.statements.claim_query
     params: dict[str, Any] = {
         "token": "probe",
         "types": [workflow_type],
@@ -142,6 +144,8 @@ def claim_plan(
         "limit": limit,
     }
     with store.engine.connect() as conn, conn.begin() as tx:
+        for name, value in sql.CLAIM_PLANNER_SETTINGS.items():
+            conn.exec_driver_sql(f"SET LOCAL {name} = {value}")
         lines = conn.execute(
             sa.text("EXPLAIN (ANALYZE, BUFFERS) " + statement.text), params
         ).fetchall()
@@ -171,6 +175,7 @@ def claim_latency(
         "max_types": [],
         "max_values": [],
         "limit": limit,
+        "relaxed": False,
     }
     times = []
     with store.engine.connect() as conn:

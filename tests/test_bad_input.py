@@ -620,3 +620,21 @@ def test_database_with_an_older_schema_says_to_upgrade(database_url: str, functi
         assert [(w.workflow_id, w.event_count) for w in service.list_workflows()] == [("wf-1", 1)]
     finally:
         store.dispose()
+
+
+@pytest.mark.parametrize("kind", ["effect", "timer"])
+def test_a_relay_on_a_database_without_the_claim_functions_says_to_upgrade(
+    database_url: str, kind: str
+) -> None:
+    """A database migrated by an ironflow_celery before migration 0014: the claim names
+    the missing function and the command that adds it, and claims nothing."""
+    store = PostgresStore.from_url(database_url)
+    try:
+        with store.engine.begin() as conn:
+            conn.execute(sa.text(f"DROP FUNCTION ironflow.celery_claim_{kind}s"))
+        with pytest.raises(StorageError) as info:
+            store.claim(kind, "relay", ["t"], lease_seconds=30, max_attempts=3)
+        assert f"celery_claim_{kind}s" in str(info.value)
+        assert re.search(r"run `[^`]*ironflow-celery -A [^`]+ db upgrade", str(info.value))
+    finally:
+        store.dispose()

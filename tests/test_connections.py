@@ -21,10 +21,12 @@ from sqlalchemy.pool import NullPool, QueuePool
 
 from ironflow_celery.engine.runtime import WorkflowRuntime
 from ironflow_celery.errors import StorageError
+from ironflow_celery.storage import sql as sql_
 from ironflow_celery.storage.db import create_engine
 from ironflow_celery.storage.store import PostgresStore
 from tests.e2e import (
     REDIS_URL,
+    WF,
     Processes,
     all_processed,
     insert_effects,
@@ -260,6 +262,101 @@ def test_relaxed_commits_are_chosen_per_transaction(database_url: str) -> None:
         store.dispose()
 
 
+COMMIT_MODES = """
+CREATE TABLE IF NOT EXISTS public.bookkeeping_modes (tbl text, mode text);
+CREATE OR REPLACE FUNCTION public.record_bookkeeping_mode() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO public.bookkeeping_modes VALUES
+        (TG_TABLE_NAME, current_setting('synchronous_commit'));
+    RETURN NULL;
+END $$;
+CREATE OR REPLACE TRIGGER observe_bookkeeping AFTER UPDATE ON ironflow.outbox
+    FOR EACH ROW EXECUTE FUNCTION public.record_bookkeeping_mode();
+CREATE OR REPLACE TRIGGER observe_bookkeeping AFTER UPDATE ON ironflow.timers
+    FOR EACH ROW EXECUTE FUNCTION public.record_bookkeeping_mode();
+"""
+
+
+@pytest.mark.parametrize("relaxed", [True, False], ids=["relaxed", "durable"])
+def test_lease_bookkeeping_sets_its_own_commit_mode_and_is_prepared(
+    database_url: str, relaxed: bool
+) -> None:
+    """The claims, start guards (one row and a group), releases and renewals set
+    ``synchronous_commit`` themselves (`sql.RELAXES_ITSELF`; the claims in migration 0014's
+    functions): each of their writes runs ``off`` in a relaxed store and ``on`` in a
+    durable one, and PostgreSQL prepares them (sent behind a ``SET LOCAL`` they were parsed
+    and planned on every call, about 250 µs of backend CPU each)."""
+    store = PostgresStore.from_url(
+        database_url, relaxed_commits=relaxed, pool_size=1, max_overflow=0
+    )
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql(COMMIT_MODES)
+    insert_effects(database_url, 40, "bk-")
+    for n in range(8):
+        sql(
+            database_url,
+            "INSERT INTO ironflow.timers (workflow_type, workflow_id, key, fire_at, input)"
+            " VALUES (%s, %s, 'k', now(), '{\"type\": \"Tick\"}')",
+            (WF, f"bk-timer-{n}"),
+        )
+    expected = "off" if relaxed else "on"
+    kinds = ("claim", "start", "start group", "release", "renew", "renew dispatched")
+    modes: dict[str, set[str]] = {}
+
+    def recorded(what: str) -> None:
+        with store.engine.begin() as conn:
+            found = conn.exec_driver_sql("DELETE FROM public.bookkeeping_modes RETURNING mode")
+            modes.setdefault(what, set()).update(m for (m,) in found)
+
+    try:
+        for n in range(6):  # psycopg prepares a statement on its sixth execution
+            token = f"relay-{n}"
+            effects = store.claim("effect", token, [WF], lease_seconds=60, max_attempts=5, limit=6)
+            timers = store.claim("timer", token, [WF], lease_seconds=60, max_attempts=5, limit=1)
+            assert len(effects) == 6 and len(timers) == 1
+            recorded("claim")
+            lone, *group = effects[:3]
+            assert store.start("effect", lone.id, token, f"run-{n}", lease_seconds=60)
+            recorded("start")
+            started = store.start_effects(
+                [(r.id, token, f"run-{n}-{i}") for i, r in enumerate(group)], lease_seconds=60
+            )
+            assert len(started) == 2
+            recorded("start group")
+            held = [(r.id, r.token) for r in effects[3:]]
+            assert store.renew_dispatched(
+                "effect", held, lease_seconds=60, server_started=effects[0].server_started
+            ) == {i for i, _ in held}
+            recorded("renew dispatched")
+            running = [(lone.id, f"run-{n}")]
+            assert store.renew_leases("effect", running, lease_seconds=60) == {lone.id}
+            recorded("renew")
+            assert store.release("effect", [i for i, _ in held], token) == 3
+            recorded("release")
+        with store.engine.connect() as conn:
+            prepared = [
+                s for (s,) in conn.exec_driver_sql("SELECT statement FROM pg_prepared_statements")
+            ]
+    finally:
+        store.dispose()
+    assert modes == {what: {expected} for what in kinds}, modes
+    bookkeeping = [
+        sql_.EFFECT_STATEMENTS.claim,
+        sql_.TIMER_STATEMENTS.claim,
+        sql_.EFFECT_STATEMENTS.start,
+        sql_.START_EFFECTS,
+        sql_.EFFECT_STATEMENTS.renew_dispatched,
+        sql_.EFFECT_STATEMENTS.renew_leases,
+        sql_.EFFECT_STATEMENTS.release,
+    ]
+    words = {" ".join(s.split()) for s in prepared}
+    for statement in bookkeeping:
+        text = " ".join(getattr(statement, "element", statement).text.split())
+        first = text.split(":", 1)[0]  # up to the first bind (psycopg numbers them)
+        assert any(w.startswith(first) for w in words), (first, words)
+
+
 def test_one_statement_autocommits_and_the_pool_gets_back_a_transactional_connection(
     database_url: str,
 ) -> None:
@@ -425,7 +522,7 @@ def test_statement_listeners_still_see_every_hot_statement(database_url: str) ->
         store.dispose()
     texts = [text for text, _ in seen]
     assert any("celery_create_with_decision" in t for t in texts)
-    assert any("UPDATE ironflow.outbox AS r SET locked_until" in t for t in texts)  # claim
+    assert any("FROM ironflow.celery_claim_effects(" in t for t in texts)  # claim
     assert any("jsonb_to_recordset" in t and "run_started_at = now()" in t for t in texts)
     assert any(
         t.startswith("UPDATE ironflow.outbox") and "processed_at = now()" in t for t in texts

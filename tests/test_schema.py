@@ -256,6 +256,28 @@ def test_new_instance_creators_queue_on_the_stores_advisory_lock_key() -> None:
     assert f"pg_notify('{sql.EFFECTS_CHANNEL}', p_type)" in creators[1].sql
 
 
+def test_the_claim_functions_run_the_claim_template() -> None:
+    """Migration 0014's claim functions are `sql._CLAIM` for their tables, the binds as
+    ``p_`` arguments: the template stays the one place the claim is written and explained,
+    and a change to it needs a migration that passes this test."""
+    (claims,) = [m for m in schema.migrations() if m.version == 14]
+
+    def words(text: str) -> str:
+        return " ".join(text.split())
+
+    for name, statements in (
+        ("celery_claim_effects", sql.EFFECT_STATEMENTS),
+        ("celery_claim_timers", sql.TIMER_STATEMENTS),
+    ):
+        start = claims.sql.index(f"FUNCTION ironflow.{name}(")
+        body = claims.sql[start : claims.sql.index("END\n$$;", start)]
+        assert f"RETURN QUERY {words(statements.claim_body)};" in words(body)
+        assert f"FROM ironflow.{name}(" in statements.claim.text
+        # the planner settings the claim needs (sql.py: "The claim sorts nothing")
+        for name, value in sql.CLAIM_PLANNER_SETTINGS.items():
+            assert f"\nSET {name} = {value}\n" in body
+
+
 def test_upgrade_applies_all_migrations_to_an_empty_database(empty_engine: sa.Engine) -> None:
     assert schema.current_version(empty_engine) is None
 

@@ -32,7 +32,7 @@ from sqlalchemy.util.queue import Empty, Full
 
 from ironflow_celery.errors import ConfigurationError
 from ironflow_celery.model.settings import SETTINGS, Settings, read_settings
-from ironflow_celery.storage.sql import SETTINGS_OPTION
+from ironflow_celery.storage.sql import RELAXES_ITSELF
 
 __all__ = [
     "DATABASE_URL_ENV",
@@ -213,15 +213,12 @@ def _client_side(conn: Connection) -> Iterator[Connection]:
 
 
 def _prefix_of(options: Any, client_side: bool) -> str:
-    """The ``SET LOCAL``s to send before a statement run with these execution options: a
-    relaxed commit's, then the statement's own planner settings (`sql.SETTINGS_OPTION`).
-    Only a client-side binding cursor can send them in one simple query with the
-    statement; run elsewhere, a statement goes without its planner settings (correct,
-    only planned as PostgreSQL chooses)."""
-    if not client_side:
+    """The ``SET LOCAL`` to send before a statement run with these execution options: a
+    relaxed commit's, unless the statement relaxes itself (`sql.RELAXES_ITSELF`). Only a
+    client-side binding cursor can send it in one simple query with the statement."""
+    if not client_side or options.get(RELAXES_ITSELF):
         return ""
-    prefix = RELAXED_PREFIX if options.get("ironflow_relaxed") else ""
-    return prefix + str(options.get(SETTINGS_OPTION) or "")
+    return RELAXED_PREFIX if options.get("ironflow_relaxed") else ""
 
 
 def _prefix_relaxed(
@@ -300,26 +297,27 @@ def run_statement(
     listeners see every statement as before.
 
     ``relaxed`` (or a connection in `relaxed_commits`): the statement commits with
-    ``synchronous_commit = off``, sent in the same simple query (`RELAXED_PREFIX`). A
-    statement's own planner settings (`sql.SETTINGS_OPTION`, the claims') travel the same
-    way, as ``SET LOCAL``s of its transaction.
+    ``synchronous_commit = off``. A statement that sets it itself (`sql.RELAXES_ITSELF`:
+    the claims, start guards, releases and renewals) gets ``:relaxed`` and stays a
+    statement PostgreSQL can prepare; any other is sent in one simple query after a ``SET
+    LOCAL`` (`RELAXED_PREFIX`), parsed and planned on every call.
     """
     relaxed = relaxed or bool(conn.get_execution_options().get("ironflow_relaxed"))
     options = statement.get_execution_options() if isinstance(statement, sa.Executable) else {}
-    settings = options.get(SETTINGS_OPTION)
+    if options.get(RELAXES_ITSELF):
+        params = {**params, "relaxed": relaxed}
+        relaxed = False
     query = _compiled(statement, conn.dialect)
     raw = conn.connection.driver_connection
     if query is None or not isinstance(raw, psycopg.Connection) or _instrumented(conn):
         context: AbstractContextManager[Connection] = nullcontext(conn)
         if relaxed:
             context = relaxed_commits(conn)
-        elif settings and isinstance(raw, psycopg.Connection):
-            context = _client_side(conn)
         with context as run_on:
             result = run_on.execute(statement, params)
             return (list(result.fetchall()) if result.returns_rows else []), result.rowcount
     cursor: psycopg.Cursor[Any]
-    prefix = _prefix_of({"ironflow_relaxed": relaxed, SETTINGS_OPTION: settings}, True)
+    prefix = RELAXED_PREFIX if relaxed else ""
     if prefix:
         query = prefix + query  # client-side binding: one simple query
         cursor = psycopg.ClientCursor(raw, row_factory=namedtuple_row)

@@ -992,10 +992,10 @@ class PostgresStore:
         statement = kind_of(kind).statements.next_due
         if not workflow_types:
             return None
+        # A read: nothing to commit, so nothing to relax (a SET LOCAL in front would only
+        # keep it from being prepared).
         value = self._run(
-            statement,
-            {"types": list(workflow_types), **AttemptLimits.of(max_attempts).params()},
-            relaxed=True,
+            statement, {"types": list(workflow_types), **AttemptLimits.of(max_attempts).params()}
         ).scalar()
         return None if value is None else float(value)
 
