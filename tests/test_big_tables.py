@@ -361,6 +361,50 @@ def test_the_claim_walks_its_own_index_when_statistics_lag(
     assert used[due_order] == 0 and used[f"{table}_celery_claim_idx"] == CLAIMS, used
 
 
+@pytest.mark.parametrize("kind", [EFFECT, TIMER], ids=["effects", "timers"])
+def test_a_claim_planned_on_an_empty_table_still_reads_by_index(
+    kind: RowKind, database_url: str, db: sa.Engine
+) -> None:
+    """A relay's session keeps its claim's plan (migration 0014's function). Planned while
+    the table was empty, the claim's UPDATE read its rows with a sequential scan, and went
+    on reading the whole table once per claim as the queue grew, until an ANALYZE (in the
+    first run of benchmark row 4 on the function: 3,979 sequential scans and five times the
+    buffers of the previous path). With ``enable_seqscan = off`` among the function's
+    settings, such a plan is the last resort."""
+    table = kind.table.split(".")[-1]
+    store = PostgresStore.from_url(database_url, pool_size=1, max_overflow=0)
+
+    def scans() -> tuple[int, int]:
+        with db.connect() as conn:
+            row = conn.execute(
+                sa.text("SELECT seq_scan, idx_scan FROM pg_stat_user_tables WHERE relname = :t"),
+                {"t": table},
+            ).one()
+        return int(row[0]), int(row[1])
+
+    def flushed(at_least: int) -> tuple[int, int]:
+        with store.engine.connect() as conn:  # the claims' own (only) backend
+            conn.exec_driver_sql("SELECT pg_stat_force_next_flush()")
+            conn.commit()
+        wait_for_progress(lambda: sum(scans()), at_least, "the claims' statistics", stall=60)
+        return scans()
+
+    try:
+        for _ in range(CLAIMS):  # an idle relay's claims: the plan is made, then kept
+            assert store.claim(kind, "relay-a", [WT], lease_seconds=60, max_attempts=5) == []
+        before = flushed(CLAIMS)
+        tables.seed_pending(db, kind, 2_000, WT)
+        for _ in range(20):
+            claimed = store.claim(kind, "relay-a", [WT], lease_seconds=60, max_attempts=5)
+            assert len(claimed) == 1
+        # each claim: its due-order index, then the primary key (the UPDATE, the due time)
+        after = flushed(sum(before) + 40)
+    finally:
+        store.dispose()
+    assert after[0] == before[0], (before, after)  # no sequential scan of the table
+    assert after[1] - before[1] >= 40, (before, after)
+
+
 # What ironflow (the Rust engine) writes on rows it does not hold: its retry_dead_letter and
 # a crashed holder whose lease ran out. Our claim hint must never keep such a row waiting.
 IRONFLOW_RETRY = (

@@ -4,8 +4,14 @@
 -- to read and sort a whole burst), and a planner setting only counts when the statement is
 -- planned. Until 0014 the claim therefore travelled as one simple query behind its
 -- SET LOCALs, parsed and planned every time: about 250 us of backend CPU a claim, against
--- 70 us for these functions, whose SET clauses hold the settings for their own plans.
+-- 70-100 us for these functions, whose SET clauses hold the settings for their own plans.
 -- PL/pgSQL keeps the plan for the session, behind a transaction pooler too.
+--
+-- A kept plan is only as good as the statistics it was made with: planned while the
+-- table was empty, the claim's UPDATE read its rows by a sequential scan, and kept doing
+-- so, one scan of the whole table per claim, until an ANALYZE invalidated the plan.
+-- enable_seqscan = off makes that plan the planner's last resort: a claim reads the table
+-- only through its due-order index and the primary key, whatever the statistics said.
 --
 -- Each body is storage/sql.py's claim template (`_CLAIM`) for its table, the binds turned
 -- into the p_ arguments (a test keeps them the same). p_relaxed commits the claim without
@@ -25,6 +31,7 @@ RETURNS TABLE (
 )
 LANGUAGE plpgsql VOLATILE
 SET enable_sort = off
+SET enable_seqscan = off
 SET jit = off
 AS $$
 #variable_conflict use_column
@@ -66,6 +73,7 @@ RETURNS TABLE (
 )
 LANGUAGE plpgsql VOLATILE
 SET enable_sort = off
+SET enable_seqscan = off
 SET jit = off
 AS $$
 #variable_conflict use_column
