@@ -488,7 +488,7 @@ _CLAIM_CALL = """
 # the function's plan for the session (prepared, in effect, behind any pooler too) and the
 # client sends a short call, prepared in turn. As one simple query with ``SET LOCAL``s in
 # front (until 0014), the claim was parsed and planned on every call: about 250 µs of
-# backend CPU, against 70-100 µs for the function, a claim of an empty queue either way.
+# backend CPU, against 80-125 µs for the function, a claim of an empty queue either way.
 # A kept plan keeps the statistics it was made with: planned on an empty table, the UPDATE
 # read its rows by a sequential scan, once per claim, until an ANALYZE (4,000 scans of the
 # whole table in a 20 s run of benchmark row 4). ``enable_seqscan = off`` makes that plan
@@ -500,7 +500,7 @@ CLAIM_PLANNER_SETTINGS = {"enable_sort": "off", "enable_seqscan": "off", "jit": 
 # Lease bookkeeping commits without waiting for its WAL flush (`PostgresStore._commit_mode`).
 # Sent with ``SET LOCAL synchronous_commit = off`` in front, a statement travels as a simple
 # query, parsed and planned on every call (a start guard: about 250 µs of backend CPU,
-# against 70 µs prepared). The hot path's bookkeeping statements therefore set it
+# against 80-90 µs prepared). The hot path's bookkeeping statements therefore set it
 # themselves from a ``:relaxed`` bind, in a condition PostgreSQL evaluates once, before any
 # row is read (a one-time filter; `set_config(…, true)` is ``SET LOCAL``); they are then
 # prepared like any other statement. Run inside a caller's transaction it relaxes that

@@ -4,7 +4,7 @@
 -- to read and sort a whole burst), and a planner setting only counts when the statement is
 -- planned. Until 0014 the claim therefore travelled as one simple query behind its
 -- SET LOCALs, parsed and planned every time: about 250 us of backend CPU a claim, against
--- 70-100 us for these functions, whose SET clauses hold the settings for their own plans.
+-- 80-125 us for these functions, whose SET clauses hold the settings for their own plans.
 -- PL/pgSQL keeps the plan for the session, behind a transaction pooler too.
 --
 -- A kept plan is only as good as the statistics it was made with: planned while the
