@@ -1164,8 +1164,6 @@ class RowStatements:
     claim_query: TextClause
     """`_CLAIM` for this table, with binds: what the function runs, for EXPLAIN (under
     `CLAIM_PLANNER_SETTINGS`)."""
-    claim_body: str
-    """The claim's UPDATE as that function's body: `_CLAIM`, its binds as ``p_`` arguments."""
     claim_limited: TextClause | None
     """The claim under per-type concurrency limits (effects only; None: not limited)."""
     next_due: TextClause
@@ -1193,6 +1191,12 @@ class RowStatements:
     running_of_instance: TextClause
     cancel_of_instance: TextClause
     purge_processed: TextClause
+
+    @property
+    def claim_body(self) -> str:
+        """The claim's UPDATE as that function's body: `claim_query`, its binds as ``p_``
+        arguments."""
+        return _function_body(self.claim_query.text)
 
 
 def _row_statements(
@@ -1238,7 +1242,6 @@ def _row_statements(
     return RowStatements(
         claim=_relaxes_itself(render(_CLAIM_CALL)),
         claim_query=render(_CLAIM),
-        claim_body=_function_body(_CLAIM.format(**fields)),
         claim_limited=claim_limited,
         next_due=next_due,
         release=_relaxes_itself(render(_RELEASE)),
